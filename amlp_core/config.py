@@ -1,0 +1,302 @@
+"""One configuration schema for the whole product.
+
+A :class:`Config` is built once at the edge (YAML file, command line, Flower run config)
+with :func:`build_config` and then passed around frozen. Unknown keys, wrong types and
+out-of-range values raise :class:`~amlp_core.errors.ConfigError` naming the key.
+
+Flat keys use ``section.field`` (``method.name``, ``train.epochs``); a nested mapping
+``{"method": {"name": ...}}`` is accepted too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+from amlp_core.errors import ConfigError
+
+METHOD_NAMES = ("mae", "mps_ams", "amlp")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The ViT encoder, the MAE decoder and the segmentation decoder."""
+
+    spatial_dims: int = 3
+    in_channels: int = 1
+    img_size: tuple[int, ...] = (48, 64, 48)
+    patch_size: int = 8
+    embed_dim: int = 192  # divisible by 6 (3D sin-cos position embedding) and by num_heads
+    depth: int = 6
+    num_heads: int = 6
+    mlp_ratio: float = 4.0
+    decoder_dim: int = 96
+    decoder_depth: int = 2
+    decoder_heads: int = 4
+    seg_channels: tuple[int, ...] = (16, 32, 64)  # conv skip widths at 1/2, 1/4, 1/8 resolution
+    num_classes: int = 3  # including background
+
+    def __post_init__(self) -> None:
+        _check(self.spatial_dims in (2, 3), "model.spatial_dims", self.spatial_dims, "must be 2 or 3")
+        _check(len(self.img_size) == self.spatial_dims, "model.img_size", self.img_size,
+               f"must have {self.spatial_dims} sizes (model.spatial_dims)")
+        _check(self.patch_size > 0, "model.patch_size", self.patch_size, "must be positive")
+        for s in self.img_size:
+            _check(s % self.patch_size == 0, "model.img_size", self.img_size,
+                   f"every size must be a multiple of model.patch_size={self.patch_size}")
+        _check(self.embed_dim % self.num_heads == 0, "model.embed_dim", self.embed_dim,
+               f"must be divisible by model.num_heads={self.num_heads}")
+        _check(self.decoder_dim % self.decoder_heads == 0, "model.decoder_dim", self.decoder_dim,
+               f"must be divisible by model.decoder_heads={self.decoder_heads}")
+        pos_div = 2 * self.spatial_dims
+        for key, dim in (("model.embed_dim", self.embed_dim), ("model.decoder_dim", self.decoder_dim)):
+            _check(dim % pos_div == 0, key, dim,
+                   f"must be divisible by {pos_div} for the {self.spatial_dims}D sin-cos position embedding")
+        _check(self.num_classes >= 2, "model.num_classes", self.num_classes, "must be at least 2 (with background)")
+        _check(len(self.seg_channels) >= 1, "model.seg_channels", self.seg_channels, "needs at least one level")
+        _check(self.patch_size % 2 ** len(self.seg_channels) == 0, "model.seg_channels", self.seg_channels,
+               f"too many levels for model.patch_size={self.patch_size}")
+
+    @property
+    def grid_size(self) -> tuple[int, ...]:
+        """Number of patches along each spatial axis."""
+        return tuple(s // self.patch_size for s in self.img_size)
+
+    @property
+    def num_patches(self) -> int:
+        n = 1
+        for g in self.grid_size:
+            n *= g
+        return n
+
+
+@dataclass(frozen=True)
+class MethodConfig:
+    """The pretext method and its masking (DESIGN.md section 3; defaults are the spec's)."""
+
+    name: str = "amlp"
+    mask_ratio: float = 0.75  # fixed ratio of mae
+    amr_start: float = 0.25
+    amr_end: float = 0.75
+    amr_schedule: str = "linear"  # linear | cosine
+    mps_clusters: int = 2
+    mps_random_fraction: float = 0.1
+    mps_features: str = "embed"  # embed: patch embedding + intensity mean/std
+    mps_momentum: float = 0.9  # running mean of the per-group loss
+    kmeans_iters: int = 10
+    kmeans_inits: int = 3
+    arl_tau: float = 1.0
+    ccl_weight: float = 0.1
+    ccl_temperature: float = 1.0
+
+    def __post_init__(self) -> None:
+        _check(self.name in METHOD_NAMES, "method.name", self.name, f"must be one of {', '.join(METHOD_NAMES)}")
+        for key in ("mask_ratio", "amr_start", "amr_end"):
+            v = getattr(self, key)
+            _check(0.0 < v < 1.0, f"method.{key}", v, "must be in (0, 1)")
+        _check(self.amr_start <= self.amr_end, "method.amr_start", self.amr_start,
+               f"must not exceed method.amr_end={self.amr_end}")
+        _check(self.amr_schedule in ("linear", "cosine"), "method.amr_schedule", self.amr_schedule,
+               "must be linear or cosine")
+        _check(self.mps_clusters >= 2, "method.mps_clusters", self.mps_clusters, "must be at least 2")
+        _check(0.0 <= self.mps_random_fraction <= 1.0, "method.mps_random_fraction", self.mps_random_fraction,
+               "must be in [0, 1]")
+        _check(self.mps_features == "embed", "method.mps_features", self.mps_features,
+               "only 'embed' is implemented")
+        _check(0.0 <= self.mps_momentum < 1.0, "method.mps_momentum", self.mps_momentum, "must be in [0, 1)")
+        _check(self.kmeans_iters >= 1, "method.kmeans_iters", self.kmeans_iters, "must be at least 1")
+        _check(self.kmeans_inits >= 1, "method.kmeans_inits", self.kmeans_inits, "must be at least 1")
+        _check(self.arl_tau > 0, "method.arl_tau", self.arl_tau, "must be positive")
+        _check(self.ccl_weight >= 0, "method.ccl_weight", self.ccl_weight, "must not be negative")
+        _check(self.ccl_temperature > 0, "method.ccl_temperature", self.ccl_temperature, "must be positive")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the scans are and how they are cut."""
+
+    path: str = "synthetic"  # a dataset folder, or "synthetic" for the built-in phantoms
+    format: str = "auto"  # auto | msd | nifti | png
+    as_slices: bool = False  # use 3D volumes as 2D slices (model.spatial_dims must be 2)
+    slice_axis: int = -1
+    test_fraction: float = 0.2
+    split_seed: int = 0
+    synthetic_cases: int = 48
+    synthetic_size: tuple[int, ...] = (32, 32, 32)
+    synthetic_site: int = 0
+
+    def __post_init__(self) -> None:
+        _check(self.format in ("auto", "msd", "nifti", "png"), "data.format", self.format,
+               "must be auto, msd, nifti or png")
+        _check(0.0 <= self.test_fraction < 1.0, "data.test_fraction", self.test_fraction, "must be in [0, 1)")
+        _check(self.synthetic_cases >= 2, "data.synthetic_cases", self.synthetic_cases, "must be at least 2")
+
+    @property
+    def synthetic(self) -> bool:
+        return self.path == "synthetic"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Local optimisation, shared by pretraining and fine-tuning."""
+
+    epochs: int = 10
+    batch_size: int = 8
+    lr: float = 1.5e-4  # pretraining
+    finetune_lr: float = 1e-3
+    weight_decay: float = 0.05
+    warmup_epochs: int = 1
+    label_fraction: float = 1.0
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    amp: bool = True  # bf16 autocast where the device supports it (CUDA)
+    num_threads: int = 0  # torch CPU threads; 0 keeps torch's default
+    max_minutes: float = 0.0  # stop a command's training after this wall time; 0 = no limit
+
+    def __post_init__(self) -> None:
+        _check(self.epochs >= 1, "train.epochs", self.epochs, "must be at least 1")
+        _check(self.batch_size >= 1, "train.batch_size", self.batch_size, "must be at least 1")
+        _check(self.lr > 0, "train.lr", self.lr, "must be positive")
+        _check(self.finetune_lr > 0, "train.finetune_lr", self.finetune_lr, "must be positive")
+        _check(self.max_minutes >= 0, "train.max_minutes", self.max_minutes, "must not be negative")
+        _check(self.weight_decay >= 0, "train.weight_decay", self.weight_decay, "must not be negative")
+        _check(0.0 < self.label_fraction <= 1.0, "train.label_fraction", self.label_fraction, "must be in (0, 1]")
+        _check(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
+               "train.device", self.device, "must be auto, cpu, cuda or cuda:N")
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self) -> None:
+        if self.data.as_slices:
+            _check(self.model.spatial_dims == 2, "data.as_slices", True, "needs model.spatial_dims=2")
+        if self.data.synthetic:
+            _check(len(self.data.synthetic_size) == self.model.spatial_dims, "data.synthetic_size",
+                   self.data.synthetic_size, f"must have model.spatial_dims={self.model.spatial_dims} sizes")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Nested plain dict (tuples as lists), the form written to YAML and checkpoints."""
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+    def replace(self, **sections: Mapping[str, Any]) -> "Config":
+        """A copy with some fields changed: ``cfg.replace(train={"epochs": 3})``."""
+        return build_config(sections, base=self)
+
+    def digest(self, *sections: str) -> str:
+        """A short hash of the given sections (all when none), to refuse mismatched checkpoints."""
+        d = self.to_dict()
+        chosen = {k: d[k] for k in (sections or d.keys())}
+        return hashlib.sha256(json.dumps(chosen, sort_keys=True).encode()).hexdigest()[:16]
+
+
+SECTIONS: dict[str, type] = {"model": ModelConfig, "method": MethodConfig, "data": DataConfig, "train": TrainConfig}
+
+
+def _check(ok: bool, key: str, value: Any, why: str) -> None:
+    if not ok:
+        raise ConfigError(f"invalid {key}={value!r}: {why}")
+
+
+def _coerce(key: str, value: Any, annotation: Any) -> Any:
+    """Convert one raw value (YAML, CLI string, Flower run config) to the field's type."""
+    origin = typing.get_origin(annotation)
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [v for v in value.replace("x", ",").split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"invalid {key}={value!r}: expected a list of numbers")
+        item_type = typing.get_args(annotation)[0]
+        return tuple(_coerce(key, v, item_type) for v in value)
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
+            return value.lower() in ("true", "1", "yes", "on")
+        if isinstance(value, int) and value in (0, 1):
+            return bool(value)
+        raise ConfigError(f"invalid {key}={value!r}: expected true or false")
+    if annotation in (int, float):
+        try:
+            number = annotation(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"invalid {key}={value!r}: expected {annotation.__name__}") from None
+        if annotation is int and isinstance(value, float) and not value.is_integer():
+            raise ConfigError(f"invalid {key}={value!r}: expected an integer")
+        return number
+    if annotation is str:
+        if not isinstance(value, (str, Path)):
+            raise ConfigError(f"invalid {key}={value!r}: expected a string")
+        return str(value)
+    if isinstance(annotation, types.UnionType):
+        return value
+    return value
+
+
+def _section_updates(raw: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """Split flat ``section.field`` keys and nested sections into per-section dicts."""
+    out: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
+    for key, value in raw.items():
+        key = str(key).replace("-", "_")
+        if key in SECTIONS and isinstance(value, Mapping):
+            for sub, v in value.items():
+                out[key][str(sub).replace("-", "_")] = v
+            continue
+        section, _, name = key.partition(".")
+        if section not in SECTIONS or not name:
+            raise ConfigError(f"unknown configuration key {key!r}: expected section.field with section one of "
+                              f"{', '.join(SECTIONS)}")
+        out[section][name] = value
+    return out
+
+
+def build_config(raw: Mapping[str, Any] | None = None, base: Config | None = None) -> Config:
+    """Build a validated :class:`Config` from a nested or flat mapping, on top of ``base``.
+
+    Raises:
+        ConfigError: for an unknown key, a value of the wrong type or out of range.
+    """
+    base = base or Config()
+    sections = {}
+    for name, updates in _section_updates(raw or {}).items():
+        cls = SECTIONS[name]
+        hints = typing.get_type_hints(cls)
+        current = getattr(base, name)
+        for key in updates:
+            if key not in hints:
+                valid = ", ".join(f.name for f in dataclasses.fields(cls))
+                raise ConfigError(f"unknown configuration key '{name}.{key}'; valid keys: {valid}")
+        coerced = {k: _coerce(f"{name}.{k}", v, hints[k]) for k, v in updates.items()}
+        sections[name] = dataclasses.replace(current, **coerced) if coerced else current
+    return Config(**sections)
+
+
+def load_config(path: str | Path, overrides: Mapping[str, Any] | None = None) -> Config:
+    """Read a YAML config file, apply flat overrides, validate."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {path}: {e.strerror or e}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    cfg = build_config(raw)
+    return build_config(overrides, base=cfg) if overrides else cfg
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

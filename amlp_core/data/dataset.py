@@ -1,0 +1,168 @@
+"""In-memory samples, slicing, splits and the torch Dataset used by the training loops."""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from amlp_core.data.cases import DatasetIndex, read_case_label
+from amlp_core.data.io import data_error, read_image
+from amlp_core.data.transforms import fit_to_roi, normalize_intensity, random_flip
+from amlp_core.errors import ConfigError, DataError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Sample:
+    """One image held in memory."""
+
+    name: str
+    image: np.ndarray  # float32 [C, *spatial], normalised
+    label: np.ndarray | None  # int64 [*spatial]
+    affine: np.ndarray  # float64 (4, 4)
+
+
+def load_samples(index: DatasetIndex, with_labels: bool = True, progress: bool = True) -> list[Sample]:
+    """Read every case of ``index``; images are z-score normalised per channel.
+
+    Returns:
+        Samples with image float32 ``[C, *spatial]`` and label int64 ``[*spatial]`` (None
+        when the case has no label or ``with_labels`` is False).
+
+    Raises:
+        DataError: on the first unreadable file, wrong number of spatial dims or
+            image/label shape mismatch; the message names the file.
+    """
+    samples = []
+    for case in tqdm(index.cases, desc="Loading", unit="case", disable=None if progress else True):
+        image, affine = read_image(case.image)
+        if image.ndim - 1 != index.spatial_dims:
+            raise data_error(case.image, f"has {image.ndim - 1} spatial dims, expected {index.spatial_dims}")
+        label = read_case_label(case) if with_labels and case.label is not None else None
+        if label is not None and label.shape != image.shape[1:]:
+            mismatch = f"label shape {label.shape} does not match image shape {image.shape[1:]}"
+            raise data_error(case.label, mismatch)
+        samples.append(Sample(case.name, normalize_intensity(image), label, affine))
+    return samples
+
+
+def _slice_affine(affine: np.ndarray, axis: int, k: int) -> np.ndarray:
+    """Affine of slice ``k`` along ``axis``: in-plane axes first, the sliced axis third."""
+    kept = [a for a in range(3) if a != axis]
+    out = np.eye(4)
+    out[:3, :3] = affine[:3, [*kept, axis]]
+    out[:3, 3] = affine[:3, 3] + affine[:3, axis] * k
+    return out
+
+
+def to_slices(samples: Sequence[Sample], axis: int = -1, min_foreground: float | None = None) -> list[Sample]:
+    """Cut 3D samples into 2D slices along spatial ``axis`` (names ``name#z012``).
+
+    Image ``[C, X, Y, Z]`` -> slices ``[C, X, Y]`` (for axis -1). 2D samples pass unchanged.
+    With ``min_foreground``, labelled slices whose fraction of nonzero label pixels is below
+    it are dropped; unlabelled slices are always kept.
+    """
+    slices = []
+    for sample in samples:
+        if sample.image.ndim != 4:
+            slices.append(sample)
+            continue
+        ax = axis % 3
+        for k in range(sample.image.shape[ax + 1]):
+            label = np.take(sample.label, k, axis=ax) if sample.label is not None else None
+            if min_foreground is not None and label is not None and (label > 0).mean() < min_foreground:
+                continue
+            image = np.take(sample.image, k, axis=ax + 1)
+            affine = _slice_affine(sample.affine, ax, k)
+            slices.append(Sample(f"{sample.name}#z{k:03d}", image, label, affine))
+    return slices
+
+
+class SegDataset(torch.utils.data.Dataset):
+    """Samples padded/cropped to ``roi_size``, optionally augmented (random crop and flips).
+
+    Items are dicts: ``"image"`` float32 ``[C, *roi_size]``, ``"label"`` int64
+    ``[1, *roi_size]`` (only when the samples are labelled) and ``"index"`` (int).
+    Augmentation draws from a generator seeded by ``(seed, epoch, index)``.
+    """
+
+    def __init__(
+        self, samples: Sequence[Sample], roi_size: Sequence[int], augment: bool = False, seed: int = 0
+    ):
+        if not samples:
+            raise DataError("SegDataset: no samples given")
+        unlabelled = [s.name for s in samples if s.label is None]
+        if unlabelled and len(unlabelled) != len(samples):
+            raise data_error(unlabelled[0], "sample has no label while other samples in the dataset do")
+        spatial_dims = samples[0].image.ndim - 1
+        if len(roi_size) != spatial_dims or any(int(r) < 1 for r in roi_size):
+            raise ConfigError(f"roi_size {tuple(roi_size)} must be {spatial_dims} positive sizes")
+        self.samples = list(samples)
+        self.roi_size = tuple(int(r) for r in roi_size)
+        self.augment = augment
+        self.seed = seed
+        self.epoch = 0
+        self.has_labels = not unlabelled
+
+    def set_epoch(self, epoch: int) -> None:
+        """Choose the augmentation stream for this epoch."""
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> dict:
+        sample = self.samples[i]
+        rng = np.random.default_rng((self.seed, self.epoch, i)) if self.augment else None
+        image, label = fit_to_roi(sample.image, sample.label, self.roi_size, rng)
+        if rng is not None:
+            image, label = random_flip(image, label, rng)
+        item = {"image": torch.from_numpy(image.astype(np.float32, copy=False)), "index": i}
+        if label is not None:
+            item["label"] = torch.from_numpy(label[None].astype(np.int64, copy=False))
+        return item
+
+
+def split_names(names: Sequence[str], test_fraction: float, seed: int) -> tuple[list[str], list[str]]:
+    """Deterministic train/test split of unique ``names`` (independent of their order).
+
+    Returns:
+        ``(train, test)``, each sorted; ``test`` has ``round(test_fraction * n)`` names,
+        at least one when ``test_fraction > 0``, and ``train`` keeps at least one.
+    """
+    if not 0 <= test_fraction < 1:
+        raise ConfigError(f"test_fraction must be in [0, 1), got {test_fraction}")
+    ordered = sorted(set(names))
+    if len(ordered) != len(names):
+        duplicate = next(n for n, count in Counter(names).items() if count > 1)
+        raise DataError(f"split_names: case name {duplicate!r} occurs more than once")
+    n_test = round(test_fraction * len(ordered))
+    if test_fraction > 0 and len(ordered) > 1:
+        n_test = min(max(n_test, 1), len(ordered) - 1)
+    perm = np.random.default_rng(seed).permutation(len(ordered))
+    test = {ordered[j] for j in perm[:n_test]}
+    return [n for n in ordered if n not in test], [n for n in ordered if n in test]
+
+
+def label_subset(samples: Sequence[Sample], fraction: float, seed: int) -> list[Sample]:
+    """Deterministic subset of the labelled samples: ``max(1, round(fraction * n))`` of them.
+
+    Raises:
+        ConfigError: ``fraction`` not in (0, 1].
+        DataError: no sample has a label.
+    """
+    if not 0 < fraction <= 1:
+        raise ConfigError(f"label fraction must be in (0, 1], got {fraction}")
+    labelled = sorted((s for s in samples if s.label is not None), key=lambda s: s.name)
+    if not labelled:
+        raise DataError(f"label_subset: none of the {len(samples)} samples has a label")
+    k = max(1, round(fraction * len(labelled)))
+    chosen = np.sort(np.random.default_rng(seed).permutation(len(labelled))[:k])
+    return [labelled[j] for j in chosen]

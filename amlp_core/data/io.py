@@ -1,0 +1,147 @@
+"""Reading and writing single image files (NIfTI and PNG).
+
+Every failure raises DataError with a one-line message ``"<full path>: <what is wrong>"``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import uuid
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+from PIL import Image
+
+from amlp_core.errors import DataError
+
+logger = logging.getLogger(__name__)
+
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+MAX_CHANNELS = 4
+_UNREADABLE = "cannot read as {}: file is truncated, corrupt or not an image ({}: {})"
+
+
+def file_suffix(path: str | os.PathLike) -> str:
+    """Lower-case suffix of ``path``, with ``.nii.gz`` as one suffix."""
+    name = Path(path).name.lower()
+    return ".nii.gz" if name.endswith(".nii.gz") else Path(name).suffix
+
+
+def strip_suffix(path: str | os.PathLike) -> str:
+    """File name of ``path`` without its (possibly double) suffix."""
+    name = Path(path).name
+    return name[: len(name) - len(file_suffix(name))]
+
+
+def data_error(path: str | os.PathLike, what: str) -> DataError:
+    """DataError with the one-line message ``"<path>: <what>"``."""
+    return DataError(f"{path}: {' '.join(str(what).split())}")
+
+
+def _check_readable(path: Path) -> str:
+    """The suffix of an existing file of a supported type."""
+    if not path.is_file():
+        raise data_error(path, "file does not exist" if not path.exists() else "is not a file")
+    suffix = file_suffix(path)
+    if suffix not in (*NIFTI_SUFFIXES, ".png"):
+        raise data_error(path, f"unsupported file type {suffix!r}; expected .nii, .nii.gz or .png")
+    return suffix
+
+
+def _load_nifti(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Voxels (fully read, scaling applied) and the (4, 4) affine of a NIfTI file."""
+    try:
+        img = nib.load(str(path), mmap=False)
+        data = np.asarray(img.dataobj)  # reads the whole file, so truncated .gz files fail here
+    except Exception as exc:  # nibabel, gzip and numpy raise many different types
+        raise data_error(path, _UNREADABLE.format("NIfTI", type(exc).__name__, exc)) from exc
+    if data.size == 0 or not (np.issubdtype(data.dtype, np.number) or data.dtype == bool):
+        raise data_error(path, f"no numeric voxels (shape {data.shape}, type {data.dtype})")
+    return data, np.asarray(img.affine, dtype=np.float64)
+
+
+def _load_png(path: Path) -> np.ndarray:
+    """Pixels ``[H, W]``; colour images are converted to grayscale."""
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return np.asarray(img if img.mode in ("L", "I", "I;16", "F", "1") else img.convert("L"))
+    except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError, ...
+        raise data_error(path, _UNREADABLE.format("PNG", type(exc).__name__, exc)) from exc
+
+
+def read_image(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
+    """Read a .nii, .nii.gz or .png image.
+
+    Returns:
+        ``(image, affine)``: image float32 ``[C, *spatial]`` (C=1 for grayscale; a 4D NIfTI
+        ``[X, Y, Z, C]`` becomes ``[C, X, Y, Z]``), affine float64 ``(4, 4)`` (identity for PNG).
+
+    Raises:
+        DataError: missing, unreadable, truncated or unsupported file, or NaN/Inf values.
+    """
+    path = Path(path)
+    if _check_readable(path) == ".png":
+        data, affine = _load_png(path), np.eye(4)
+    else:
+        data, affine = _load_nifti(path)
+    if data.ndim == 4 and data.shape[3] <= MAX_CHANNELS:
+        data = np.moveaxis(data, 3, 0)
+    elif data.ndim <= 3:
+        data = data[None]
+    else:
+        raise data_error(path, f"shape {data.shape} is not 2D/3D with at most {MAX_CHANNELS} channels")
+    image = np.ascontiguousarray(data, dtype=np.float32)
+    if not np.isfinite(image).all():
+        raise data_error(path, f"image has {int((~np.isfinite(image)).sum())} NaN/Inf voxels")
+    return image, affine
+
+
+def read_label(path: str | os.PathLike) -> np.ndarray:
+    """Read a label map as int64 ``[*spatial]``; in PNG masks every nonzero pixel becomes 1.
+
+    Raises:
+        DataError: unreadable file, more than 3 dimensions, or non-integer values.
+    """
+    path = Path(path)
+    if _check_readable(path) == ".png":
+        return (_load_png(path) != 0).astype(np.int64)
+    data, _ = _load_nifti(path)
+    if data.ndim == 4 and data.shape[3] == 1:
+        data = data[..., 0]
+    if data.ndim > 3:
+        raise data_error(path, f"label map has shape {data.shape}; expected 2D or 3D")
+    if np.issubdtype(data.dtype, np.floating) and not np.array_equal(data, np.round(data)):
+        raise data_error(path, "label map has non-integer (or NaN/Inf) values")
+    return data.astype(np.int64)
+
+
+def _nifti_array(array: np.ndarray) -> np.ndarray:
+    """NIfTI-friendly dtype: bool/64-bit integers -> uint8 or int32, float64 -> float32."""
+    if array.dtype == bool or (np.issubdtype(array.dtype, np.integer) and array.dtype.itemsize == 8):
+        fits_uint8 = array.size == 0 or (array.min() >= 0 and array.max() <= 255)
+        return array.astype(np.uint8 if fits_uint8 else np.int32)
+    return array.astype(np.float32) if array.dtype == np.float64 else array
+
+
+def write_nifti(array: np.ndarray, affine: np.ndarray, path: str | os.PathLike) -> None:
+    """Write ``array`` ``[*spatial]`` with ``affine`` ``(4, 4)`` to a .nii or .nii.gz ``path``.
+
+    Writes a temporary file in the same folder, then renames it over ``path``, so an
+    interrupted write never replaces a good file.
+    """
+    path = Path(path)
+    if file_suffix(path) not in NIFTI_SUFFIXES:
+        raise data_error(path, "write_nifti needs a .nii or .nii.gz file name")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image = nib.Nifti1Image(_nifti_array(np.asarray(array)), np.asarray(affine, dtype=np.float64))
+    tmp = path.with_name(f".{uuid.uuid4().hex}.{path.name}")  # same folder and suffix
+    try:
+        nib.save(image, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    logger.debug("wrote %s", path)

@@ -1,0 +1,145 @@
+"""Local training and evaluation loops, used alike by the command line and the federation."""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from typing import Callable, Iterable, Sequence
+
+import numpy as np
+import torch
+from monai.inferers import sliding_window_inference
+from monai.metrics import DiceMetric
+from torch import nn
+from tqdm.auto import tqdm
+
+from amlp_core.engine.device import autocast
+from amlp_core.methods import PretrainMethod
+
+log = logging.getLogger(__name__)
+
+
+class MetricMeans:
+    """Running sample-weighted means of scalar metrics."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = defaultdict(float)
+        self.count = 0
+
+    def add(self, metrics: dict[str, float], n: int) -> None:
+        for k, v in metrics.items():
+            self.sums[k] += float(v) * n
+        self.count += n
+
+    def means(self) -> dict[str, float]:
+        return {k: v / max(self.count, 1) for k, v in self.sums.items()}
+
+
+def pretrain_epoch(method: PretrainMethod, loader: Iterable[dict], optimizer: torch.optim.Optimizer,
+                   device: torch.device, progress: tuple[float, float], generator: torch.Generator | None = None,
+                   lr_at: Callable[[float], float] | None = None, amp: bool = True, desc: str = "pretrain"
+                   ) -> dict[str, float]:
+    """One epoch of self-supervised pretraining.
+
+    Args:
+        method: the pretext method (encoder, decoder, masking).
+        loader: batches with ``"image"`` ``[B, C, *S]`` (a ``"label"`` is ignored).
+        progress: training progress ``(t_start, t_end)`` in [0, 1] covered by this epoch;
+            it drives the AMR masking ratio and ``lr_at``.
+        lr_at: learning rate as a function of progress (none: keep the optimizer's).
+
+    Returns:
+        Sample-weighted mean of the step metrics, plus ``num_examples``.
+    """
+    method.train()
+    means = MetricMeans()
+    steps = max(len(loader), 1) if hasattr(loader, "__len__") else 1
+    t0, t1 = progress
+    bar = tqdm(loader, desc=desc, leave=False, disable=None)
+    for step, batch in enumerate(bar):
+        t = t0 + (t1 - t0) * step / steps
+        if lr_at is not None:
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(t)
+        images = batch["image"].to(device, non_blocking=True)
+        with autocast(device, amp):
+            out = method.training_step(images, t, generator)
+        optimizer.zero_grad(set_to_none=True)
+        out.loss.backward()
+        optimizer.step()
+        if not torch.isfinite(out.loss):
+            raise FloatingPointError(f"pretraining loss became {out.loss.item()} at progress {t:.3f}")
+        means.add(out.metrics, images.shape[0])
+        bar.set_postfix(loss=f"{out.metrics['loss']:.4f}", ratio=f"{out.metrics.get('ratio', 0):.2f}")
+    return {**means.means(), "num_examples": means.count}
+
+
+def finetune_epoch(model: nn.Module, loader: Iterable[dict], optimizer: torch.optim.Optimizer,
+                   loss_fn: nn.Module, device: torch.device, amp: bool = True, desc: str = "finetune"
+                   ) -> dict[str, float]:
+    """One epoch of supervised segmentation training.
+
+    ``loader`` yields ``"image"`` ``[B, C, *S]`` and ``"label"`` ``[B, 1, *S]`` int64.
+    Returns the mean loss and ``num_examples``.
+    """
+    model.train()
+    means = MetricMeans()
+    bar = tqdm(loader, desc=desc, leave=False, disable=None)
+    for batch in bar:
+        images = batch["image"].to(device, non_blocking=True)
+        labels = batch["label"].to(device, non_blocking=True)
+        with autocast(device, amp):
+            logits = model(images)  # [B, K, *S]
+        loss = loss_fn(logits.float(), labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"segmentation loss became {loss.item()}")
+        means.add({"loss": loss.item()}, images.shape[0])
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+    return {**means.means(), "num_examples": means.count}
+
+
+@torch.no_grad()
+def predict_volume(model: nn.Module, image: np.ndarray | torch.Tensor, roi_size: Sequence[int],
+                   device: torch.device, amp: bool = True, batch_size: int = 4) -> torch.Tensor:
+    """Segment one whole image of any size by sliding windows of ``roi_size``.
+
+    Args:
+        image: ``[C, *S]`` normalised intensities.
+
+    Returns:
+        Class probabilities ``[K, *S]`` (float32, on the CPU).
+    """
+    model.eval()
+    x = torch.as_tensor(image, dtype=torch.float32).unsqueeze(0).to(device)  # [1, C, *S]
+    with autocast(device, amp):
+        logits = sliding_window_inference(x, tuple(roi_size), batch_size, model, overlap=0.5, mode="gaussian",
+                                          padding_mode="constant", cval=float(x.min()))
+    return torch.softmax(logits.float(), dim=1)[0].cpu()
+
+
+def evaluate_segmentation(model: nn.Module, samples: Sequence, roi_size: Sequence[int], num_classes: int,
+                          device: torch.device, amp: bool = True, desc: str = "evaluate") -> dict[str, float]:
+    """Dice per foreground class on whole images (MONAI ``DiceMetric``).
+
+    Args:
+        samples: objects with ``image`` ``[C, *S]`` and ``label`` ``[*S]``.
+
+    Returns:
+        ``{"dice_1": ..., "dice_K-1": ..., "dice_mean": ..., "num_examples": n}``; a class absent
+        from both the truth and the prediction of a case is left out of that class's mean.
+    """
+    metric = DiceMetric(include_background=False, reduction="mean_batch", ignore_empty=True,
+                        num_classes=num_classes)
+    for sample in tqdm(samples, desc=desc, leave=False, disable=None):
+        probs = predict_volume(model, sample.image, roi_size, device, amp)  # [K, *S]
+        pred = probs.argmax(0, keepdim=True).unsqueeze(0)  # [1, 1, *S]
+        truth = torch.as_tensor(sample.label).long().unsqueeze(0).unsqueeze(0)  # [1, 1, *S]
+        metric(pred, truth)
+    per_class = metric.aggregate().tolist()  # [K-1]
+    out = {f"dice_{k + 1}": float(v) for k, v in enumerate(per_class)}
+    out["dice_mean"] = float(np.nanmean(per_class)) if per_class else float("nan")
+    out["num_examples"] = len(samples)
+    return out

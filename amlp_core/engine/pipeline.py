@@ -1,0 +1,333 @@
+"""Whole jobs at one site: load data, pretrain, fine-tune, evaluate, predict.
+
+The command line calls these directly; the federation's client calls the same pieces
+round by round. A run folder holds ``config.yaml``, ``checkpoint.pt``, ``metrics.jsonl``
+and, after evaluation, ``evaluation.json``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from amlp_core.config import Config, ModelConfig, build_config, save_config
+from amlp_core.data import (Sample, SegDataset, discover, label_subset, load_samples, make_phantom_samples,
+                            normalize_intensity, read_image, split_names, to_slices, write_nifti)
+from amlp_core.engine.checkpoint import load_checkpoint, require_meta, save_checkpoint
+from amlp_core.engine.device import make_generator, resolve_device, seed_everything, set_threads
+from amlp_core.engine.loops import evaluate_segmentation, finetune_epoch, predict_volume, pretrain_epoch
+from amlp_core.errors import CheckpointError, ConfigError, DataError
+from amlp_core.losses import dice_ce_loss
+from amlp_core.methods import PretrainMethod, build_method
+from amlp_core.models import SegmentationNet
+from amlp_core.schedules import warmup_cosine
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT = "checkpoint.pt"
+CONFIG = "config.yaml"
+METRICS = "metrics.jsonl"
+EVALUATION = "evaluation.json"
+
+
+@dataclass
+class DataSplit:
+    """A dataset cut into a training and a test part by case (never by slice)."""
+
+    train: list[Sample]
+    test: list[Sample]
+    class_names: dict[int, str]
+
+
+def load_split(cfg: Config) -> DataSplit:
+    """Read (or synthesise) the data named by ``cfg.data`` and split it by case.
+
+    Raises:
+        DataError: unreadable data, naming the file.
+        ConfigError: data that does not fit the model (dimensions, channels).
+    """
+    d, m = cfg.data, cfg.model
+    if d.synthetic:
+        samples = make_phantom_samples(d.synthetic_cases, d.synthetic_size, seed=d.split_seed, site=d.synthetic_site)
+        class_names = {0: "background", 1: "lesion"}
+        dims = len(d.synthetic_size)
+    else:
+        index = discover(d.path, d.format)
+        samples = load_samples(index, with_labels=True)
+        class_names = index.class_names or {k: f"class_{k}" for k in range(m.num_classes)}
+        dims = index.spatial_dims
+    if d.as_slices and dims == 3:
+        dims = 2
+    if dims != m.spatial_dims:
+        raise ConfigError(f"data at {d.path} is {dims}D but model.spatial_dims={m.spatial_dims} "
+                          f"(use --dims {dims}, or data.as_slices for 3D volumes in a 2D model)")
+    channels = {s.image.shape[0] for s in samples}
+    if channels != {m.in_channels}:
+        raise ConfigError(f"data at {d.path} has {sorted(channels)} channel(s) but model.in_channels={m.in_channels}")
+    if len(class_names) != m.num_classes:
+        raise ConfigError(f"data at {d.path} declares {len(class_names)} classes {class_names} "
+                          f"but model.num_classes={m.num_classes}")
+    train_names, test_names = split_names([s.name for s in samples], d.test_fraction, d.split_seed)
+    by_name = {s.name: s for s in samples}
+    train = [by_name[n] for n in train_names]
+    test = [by_name[n] for n in test_names]
+    if d.as_slices:
+        train = to_slices(train, d.slice_axis)
+    return DataSplit(train, test, class_names)
+
+
+def make_loader(samples: list[Sample], cfg: Config, augment: bool, labels: bool) -> DataLoader:
+    """Shuffled batches of ``roi``-sized crops; without ``labels`` the labels are dropped."""
+    if not labels:
+        samples = [dataclasses.replace(s, label=None) for s in samples]
+    dataset = SegDataset(samples, cfg.model.img_size, augment=augment, seed=cfg.train.seed)
+    generator = torch.Generator().manual_seed(cfg.train.seed)
+    return DataLoader(dataset, batch_size=min(cfg.train.batch_size, len(dataset)), shuffle=True,
+                      drop_last=len(dataset) >= cfg.train.batch_size, generator=generator)
+
+
+def _append_metrics(out_dir: Path, record: dict[str, Any]) -> None:
+    with open(out_dir / METRICS, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def _prepare(cfg: Config, out_dir: str | Path) -> tuple[Path, torch.device]:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / METRICS).unlink(missing_ok=True)
+    save_config(cfg, out / CONFIG)
+    seed_everything(cfg.train.seed)
+    set_threads(cfg.train.num_threads)
+    return out, resolve_device(cfg.train.device)
+
+
+def _out_of_time(start: float, cfg: Config) -> bool:
+    return cfg.train.max_minutes > 0 and time.monotonic() - start > 60 * cfg.train.max_minutes
+
+
+def pretrain(cfg: Config, out_dir: str | Path, split: DataSplit | None = None) -> dict[str, Any]:
+    """Self-supervised pretraining of ``cfg.method.name`` on the training cases' images.
+
+    Writes ``checkpoint.pt`` (kind ``pretrain``) after every epoch. Returns the last epoch's metrics.
+    """
+    out, device = _prepare(cfg, out_dir)
+    split = split or load_split(cfg)
+    method = build_method(cfg.model, cfg.method).to(device)
+    loader = make_loader(split.train, cfg, augment=True, labels=False)
+    optimizer = torch.optim.AdamW(method.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
+                                  betas=(0.9, 0.95))
+    generator = make_generator(cfg.train.seed, device)
+    epochs = cfg.train.epochs
+    warmup = min(cfg.train.warmup_epochs / epochs, 0.5)
+    log.info("pretraining %s on %d images for %d epochs on %s", cfg.method.name, len(loader.dataset), epochs, device)
+    start, metrics = time.monotonic(), {}
+    for epoch in range(epochs):
+        loader.dataset.set_epoch(epoch)
+        metrics = pretrain_epoch(method, loader, optimizer, device, (epoch / epochs, (epoch + 1) / epochs), generator,
+                                 lr_at=lambda t: cfg.train.lr * warmup_cosine(t, warmup), amp=cfg.train.amp,
+                                 desc=f"pretrain {epoch + 1}/{epochs}")
+        metrics.update(epoch=epoch + 1, seconds=round(time.monotonic() - start, 2))
+        _append_metrics(out, metrics)
+        log.info("epoch %d/%d loss %.4f ratio %.2f", epoch + 1, epochs, metrics["loss"], metrics.get("ratio", 0))
+        save_pretrained(out / CHECKPOINT, method, cfg, epoch + 1)
+        if _out_of_time(start, cfg):
+            log.info("stopping after %d epochs: train.max_minutes=%s reached", epoch + 1, cfg.train.max_minutes)
+            break
+    return metrics
+
+
+def save_pretrained(path: Path, method: PretrainMethod, cfg: Config, epoch: int) -> None:
+    meta = {"kind": "pretrain", "method": cfg.method.name, "epoch": epoch, "config": cfg.to_dict(),
+            "spatial_dims": cfg.model.spatial_dims, "patch_size": cfg.model.patch_size,
+            "model_digest": cfg.digest("model")}
+    save_checkpoint(path, {"method": method.state_dict()}, meta)
+
+
+def _checkpoint_path(run: str | Path) -> Path:
+    run = Path(run)
+    return run / CHECKPOINT if run.is_dir() else run
+
+
+def load_pretrained_encoder(run: str | Path, model_cfg: ModelConfig) -> tuple[dict[str, torch.Tensor], dict]:
+    """The encoder's weights from a pretraining run (folder or checkpoint file).
+
+    Raises:
+        CheckpointError: not a pretraining checkpoint, or made for another model configuration.
+    """
+    path = _checkpoint_path(run)
+    state, meta = load_checkpoint(path)
+    require_meta(meta, path, kind="pretrain")
+    have = build_config({"model": meta["config"]["model"]}).model
+    if have != model_cfg:
+        raise CheckpointError(f"checkpoint {path} was made for model {have}, not {model_cfg}")
+    prefix = "encoder."
+    encoder = {k[len(prefix):]: v for k, v in state["method"].items() if k.startswith(prefix)}
+    if not encoder:
+        raise CheckpointError(f"checkpoint {path} holds no encoder weights")
+    return encoder, meta
+
+
+def model_config_of(run: str | Path) -> ModelConfig:
+    """The model configuration a run's checkpoint was made with."""
+    _, meta = load_checkpoint(_checkpoint_path(run))
+    return build_config({"model": meta["config"]["model"]}).model
+
+
+def finetune(cfg: Config, out_dir: str | Path, init: str | Path | None = None,
+             split: DataSplit | None = None) -> dict[str, Any]:
+    """Segmentation fine-tuning on ``train.label_fraction`` of the labelled training cases.
+
+    The encoder starts from the pretraining run ``init`` (strict load) or from scratch.
+    Writes ``checkpoint.pt`` (kind ``segmentation``) after every epoch and evaluates on the
+    test cases at the end. Returns the evaluation.
+    """
+    model = SegmentationNet(cfg.model)
+    init_meta: dict = {}
+    if init is not None:
+        encoder_state, init_meta = load_pretrained_encoder(init, cfg.model)
+        model.encoder.load_state_dict(encoder_state, strict=True)
+    return train_segmentation(model, cfg, out_dir, split, init_method=init_meta.get("method", "scratch"))
+
+
+def train_segmentation(model: torch.nn.Module, cfg: Config, out_dir: str | Path, split: DataSplit | None = None,
+                       init_method: str = "scratch") -> dict[str, Any]:
+    """Train any segmentation network ``[B, C, *S] -> [B, K, *S]`` with Dice + CE, then evaluate.
+
+    With ``train.max_minutes`` the learning-rate decay follows the elapsed share of that time
+    budget (or of the epochs, whichever is further), so a time-limited run still anneals.
+    """
+    out, device = _prepare(cfg, out_dir)
+    split = split or load_split(cfg)
+    labelled = [s for s in split.train if s.label is not None]
+    if not labelled:
+        raise DataError(f"no labelled training cases in {cfg.data.path}: fine-tuning needs labels")
+    subset = label_subset(labelled, cfg.train.label_fraction, cfg.train.seed)
+    model.to(device)
+    loader = make_loader(subset, cfg, augment=True, labels=True)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.finetune_lr, weight_decay=cfg.train.weight_decay)
+    loss_fn = dice_ce_loss()
+    log.info("fine-tuning on %d of %d labelled cases (%s) for %d epochs on %s", len(subset), len(labelled),
+             init_method, cfg.train.epochs, device)
+    meta = {"kind": "segmentation", "config": cfg.to_dict(), "class_names": {str(k): v for k, v in
+            split.class_names.items()}, "init_method": init_method, "labelled_cases": len(subset)}
+    start = time.monotonic()
+    for epoch in range(cfg.train.epochs):
+        t = _progress(epoch, start, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = cfg.train.finetune_lr * warmup_cosine(t, 0.0)
+        loader.dataset.set_epoch(epoch)
+        metrics = finetune_epoch(model, loader, optimizer, loss_fn, device, cfg.train.amp,
+                                 desc=f"finetune {epoch + 1}/{cfg.train.epochs}")
+        metrics.update(epoch=epoch + 1, seconds=round(time.monotonic() - start, 2))
+        _append_metrics(out, metrics)
+        log.info("epoch %d/%d loss %.4f", epoch + 1, cfg.train.epochs, metrics["loss"])
+        if isinstance(model, SegmentationNet):
+            save_checkpoint(out / CHECKPOINT, {"model": model.state_dict()}, {**meta, "epoch": epoch + 1})
+        if _out_of_time(start, cfg):
+            log.info("stopping after %d epochs: train.max_minutes=%s reached", epoch + 1, cfg.train.max_minutes)
+            break
+    result = evaluate_segmentation(model, split.test, cfg.model.img_size, cfg.model.num_classes, device,
+                                   cfg.train.amp)
+    result.update(train_seconds=round(time.monotonic() - start, 2), epochs=metrics["epoch"],
+                  labelled_cases=len(subset))
+    (out / EVALUATION).write_text(json.dumps(result, indent=2))
+    return result
+
+
+def _progress(epoch: int, start: float, cfg: Config) -> float:
+    """Training progress in [0, 1]: share of epochs done, or of the time budget if that is further."""
+    t = epoch / cfg.train.epochs
+    if cfg.train.max_minutes > 0:
+        t = max(t, (time.monotonic() - start) / (60 * cfg.train.max_minutes))
+    return min(t, 1.0)
+
+
+def load_segmentation(run: str | Path, device: torch.device | None = None) -> tuple[SegmentationNet, dict]:
+    """A fine-tuned segmentation model and its checkpoint metadata."""
+    path = _checkpoint_path(run)
+    state, meta = load_checkpoint(path)
+    require_meta(meta, path, kind="segmentation")
+    cfg = build_config(meta["config"])
+    model = SegmentationNet(cfg.model)
+    try:
+        model.load_state_dict(state["model"], strict=True)
+    except RuntimeError as e:
+        raise CheckpointError(f"checkpoint {path} does not fit its own model configuration: {e}") from None
+    model.to(device or torch.device("cpu")).eval()
+    return model, meta
+
+
+def evaluate(run: str | Path, data_cfg_overrides: dict[str, Any] | None = None,
+             device: str = "auto", all_cases: bool = False) -> dict[str, Any]:
+    """Dice per class of a fine-tuned model on the test cases of the data it names (or overrides)."""
+    dev = resolve_device(device)
+    model, meta = load_segmentation(run, dev)
+    cfg = build_config(meta["config"])
+    if data_cfg_overrides:
+        cfg = build_config({f"data.{k}": v for k, v in data_cfg_overrides.items()}, base=cfg)
+    split = load_split(cfg)
+    cases = split.train + split.test if all_cases else split.test
+    if not cases:
+        raise DataError(f"no cases to evaluate in {cfg.data.path} (data.test_fraction={cfg.data.test_fraction})")
+    result = evaluate_segmentation(model, cases, cfg.model.img_size, cfg.model.num_classes, dev, cfg.train.amp)
+    result["class_names"] = meta.get("class_names", {})
+    return result
+
+
+def predict_file(run: str | Path, input_path: str | Path, output_path: str | Path, device: str = "auto") -> Path:
+    """Segment one scan: NIfTI (or PNG) in, NIfTI label map out with the input's shape and affine.
+
+    A 2D model segments a 3D volume slice by slice along ``data.slice_axis``.
+    """
+    dev = resolve_device(device)
+    model, meta = load_segmentation(run, dev)
+    cfg = build_config(meta["config"])
+    image, affine = read_image(input_path)  # [C, *S]
+    if image.shape[0] != cfg.model.in_channels:
+        raise DataError(f"{input_path}: has {image.shape[0]} channel(s), the model expects {cfg.model.in_channels}")
+    image = normalize_intensity(image)
+    dims = image.ndim - 1
+    if dims == cfg.model.spatial_dims:
+        labels = predict_volume(model, image, cfg.model.img_size, dev, cfg.train.amp).argmax(0).numpy()
+    elif dims == 3 and cfg.model.spatial_dims == 2:
+        axis = cfg.data.slice_axis % 3 + 1  # spatial axis -> array axis of [C, *S]
+        slices = [predict_volume(model, np.take(image, k, axis=axis), cfg.model.img_size, dev, cfg.train.amp)
+                  .argmax(0).numpy() for k in range(image.shape[axis])]
+        labels = np.stack(slices, axis=axis - 1)
+    else:
+        raise DataError(f"{input_path}: is a {dims}D image, the model segments {cfg.model.spatial_dims}D images")
+    write_nifti(labels.astype(np.uint8), affine, output_path)
+    return Path(output_path)
+
+
+def data_defaults(path: str, fmt: str = "auto", dims: int | None = None, as_slices: bool = False) -> dict[str, Any]:
+    """Model and data settings that follow from the data, as flat config overrides.
+
+    The built-in phantoms get a model of their own size with two classes; a dataset gets its
+    class count from its labels and a region of interest that holds its scans.
+    """
+    if path == "synthetic":
+        dims = dims or 3
+        size = (32, 32, 32) if dims == 3 else (64, 64)
+        return {"model.spatial_dims": dims, "model.img_size": size, "data.synthetic_size": size,
+                "model.num_classes": 2}
+    index = discover(path, fmt)
+    if index.class_names is None:
+        raise DataError(f"{path}: no class names found; pass --set model.num_classes=K")
+    data_dims = index.spatial_dims
+    if dims is None:
+        dims = 2 if as_slices else data_dims
+    if dims == 2 and data_dims == 3:
+        as_slices = True
+    size = (48, 64, 48) if dims == 3 else ((48, 64) if as_slices else (256, 256))
+    return {"model.spatial_dims": dims, "model.img_size": size, "model.num_classes": len(index.class_names),
+            "data.as_slices": as_slices, "data.path": path, "data.format": fmt}

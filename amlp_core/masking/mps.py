@@ -1,0 +1,152 @@
+"""MPS, Masked Patch Selection: cluster each image's patches and mask the likely lesions first.
+
+DESIGN.md section 3. Per image the N patches are described by a feature vector (the
+encoder's patch embedding joined with the patch's intensity mean and standard deviation),
+clustered into K groups by batched k-means, and the *lesion* group, the one whose patches
+were hardest to reconstruct so far, is masked first.
+
+Cluster indices from k-means are arbitrary, so groups are named by their size rank within
+the image (rank 0 = smallest). The policy keeps a running mean of the reconstruction loss
+per rank; the lesion rank is the one with the highest running loss, and the smallest group
+until any loss is known.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from amlp_core.masking.base import Mask, _lowest, num_masked
+from amlp_core.masking.kmeans import batched_kmeans
+
+
+def patch_features(tokens: torch.Tensor, patches: torch.Tensor) -> torch.Tensor:
+    """Raw MPS features of every patch.
+
+    Args:
+        tokens: ``[B, N, D]`` patch embedding (encoder's ``embed``).
+        patches: ``[B, N, P]`` the patches' pixels (``patchify`` of the image).
+
+    Returns:
+        ``[B, N, D + 2]``: embedding, intensity mean, intensity standard deviation.
+    """
+    stats = torch.stack([patches.mean(-1), patches.std(-1)], dim=-1).to(tokens.dtype)  # [B, N, 2]
+    return torch.cat([tokens, stats], dim=-1)
+
+
+@dataclass(frozen=True)
+class FeatureScale:
+    """Per-image standardisation of the feature columns, fitted without gradient.
+
+    Each column gets zero mean and unit variance over the image's patches; the embedding
+    block is then divided by sqrt(D), so that the embedding, the mean and the standard
+    deviation weigh alike in the distances.
+    """
+
+    mean: torch.Tensor  # [B, 1, F]
+    scale: torch.Tensor  # [B, 1, F]
+
+    @classmethod
+    def fit(cls, feats: torch.Tensor) -> "FeatureScale":
+        feats = feats.detach().float()
+        d = feats.shape[-1] - 2
+        block = torch.ones(feats.shape[-1], device=feats.device)
+        block[:d] = d ** 0.5
+        std = feats.std(dim=1, keepdim=True).clamp_min(1e-6)
+        return cls(mean=feats.mean(dim=1, keepdim=True), scale=std * block)
+
+    def __call__(self, feats: torch.Tensor) -> torch.Tensor:
+        return (feats.float() - self.mean) / self.scale
+
+
+@dataclass(frozen=True)
+class Clustering:
+    """One image batch's clustering, with groups named by size rank.
+
+    Attributes:
+        rank: ``[B, N]`` size rank of each patch's group (0 = smallest group).
+        centroids: ``[B, K, F]`` centroids in rank order (standardised feature space).
+        scale: the standardisation the centroids live in.
+    """
+
+    rank: torch.Tensor
+    centroids: torch.Tensor
+    scale: FeatureScale
+
+
+def cluster_patches(feats: torch.Tensor, k: int, iters: int, inits: int,
+                    generator: torch.Generator | None = None) -> Clustering:
+    """Cluster ``[B, N, F]`` raw features into ``k`` groups per image, groups ordered by size."""
+    scale = FeatureScale.fit(feats)
+    labels, centroids = batched_kmeans(scale(feats), k, iters=iters, inits=inits, generator=generator)
+    sizes = torch.nn.functional.one_hot(labels, k).sum(1)  # [B, K]
+    order = torch.argsort(sizes, dim=1, stable=True)  # order[b, r] = cluster of rank r
+    rank_of = torch.argsort(order, dim=1)  # rank_of[b, cluster] = rank
+    rank = torch.gather(rank_of, 1, labels)  # [B, N]
+    centroids = torch.gather(centroids, 1, order.unsqueeze(-1).expand(-1, -1, centroids.shape[-1]))
+    return Clustering(rank=rank, centroids=centroids, scale=scale)
+
+
+class MPSMasking(nn.Module):
+    """Lesion-first masking policy with a running per-group difficulty estimate.
+
+    Args:
+        clusters: K, groups per image.
+        random_fraction: share of the masking budget always drawn uniformly at random.
+        momentum: of the running mean of the per-group reconstruction loss.
+        kmeans_iters, kmeans_inits: k-means settings.
+    """
+
+    def __init__(self, clusters: int = 2, random_fraction: float = 0.1, momentum: float = 0.9,
+                 kmeans_iters: int = 10, kmeans_inits: int = 3) -> None:
+        super().__init__()
+        self.clusters = clusters
+        self.random_fraction = random_fraction
+        self.momentum = momentum
+        self.kmeans_iters = kmeans_iters
+        self.kmeans_inits = kmeans_inits
+        # Running mean loss per size rank; NaN until observed. Saved with the method's state.
+        self.register_buffer("group_loss", torch.full((clusters,), float("nan")))
+
+    @property
+    def lesion_rank(self) -> int:
+        """The size rank taken as the lesion group: hardest so far, else the smallest."""
+        if torch.isnan(self.group_loss).all():
+            return 0
+        return int(torch.nan_to_num(self.group_loss, nan=-float("inf")).argmax())
+
+    def cluster(self, feats: torch.Tensor, generator: torch.Generator | None = None) -> Clustering:
+        return cluster_patches(feats, self.clusters, self.kmeans_iters, self.kmeans_inits, generator)
+
+    def select(self, clustering: Clustering, ratio: float, generator: torch.Generator | None = None) -> Mask:
+        """Mask ``round(ratio * N)`` patches per image, lesion group first.
+
+        A share ``random_fraction`` of the budget is drawn uniformly among the patches not
+        yet chosen; the rest goes to lesion-group patches in random order, then to random
+        background patches when the lesion group is smaller than that.
+        """
+        rank = clustering.rank
+        b, n = rank.shape
+        budget = num_masked(n, ratio)
+        n_random = int(round(self.random_fraction * budget))
+        n_lesion_first = budget - n_random
+        is_lesion = rank == self.lesion_rank
+        priority = torch.rand(b, n, generator=generator, device=rank.device) + (~is_lesion).float()  # lesion < 1 <= bg
+        masked = _lowest(priority, n_lesion_first)
+        if n_random:
+            rest = torch.rand(b, n, generator=generator, device=rank.device).masked_fill(masked, float("inf"))
+            masked |= _lowest(rest, n_random)
+        return Mask.from_bool(masked)
+
+    @torch.no_grad()
+    def update(self, clustering: Clustering, mask: Mask, patch_loss: torch.Tensor) -> None:
+        """Fold this batch's per-patch losses ``[B, N]`` (masked patches only) into the group means."""
+        loss = patch_loss.detach().float()
+        for r in range(self.clusters):
+            sel = mask.masked & (clustering.rank == r)
+            if bool(sel.any()):
+                value = loss[sel].mean()
+                old = self.group_loss[r]
+                self.group_loss[r] = value if torch.isnan(old) else self.momentum * old + (1 - self.momentum) * value

@@ -1,0 +1,62 @@
+"""MPS-AMS and AMLP: lesion-first masking by clustering, with the AMR ratio schedule.
+
+- ``mps_ams``: MPS + AMR with the plain reconstruction loss.
+- ``amlp``: MPS + AMR + ARL/RRL + ``ccl_weight`` * CCL.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from amlp_core.config import MethodConfig, ModelConfig
+from amlp_core.losses import category_consistency_loss, plain_reconstruction_loss, relative_reconstruction_loss
+from amlp_core.masking import MPSMasking, patch_features
+from amlp_core.methods.base import PretrainMethod, StepOutput, register_method
+
+
+@register_method("mps_ams")
+class MPSAMS(PretrainMethod):
+    uses_amr = True
+
+    def __init__(self, model_cfg: ModelConfig, method_cfg: MethodConfig) -> None:
+        super().__init__(model_cfg, method_cfg)
+        m = method_cfg
+        self.mps = MPSMasking(m.mps_clusters, m.mps_random_fraction, m.mps_momentum, m.kmeans_iters, m.kmeans_inits)
+
+    def training_step(self, images: torch.Tensor, progress: float,
+                      generator: torch.Generator | None = None) -> StepOutput:
+        ratio = self.masking_ratio(progress)
+        tokens = self.encoder.embed(images)  # [B, N, D], with gradient
+        patches = self.patchify(images)  # [B, N, P]
+        feats = patch_features(tokens, patches)  # [B, N, D + 2]
+        clustering = self.mps.cluster(feats.detach(), generator)  # per-image groups, by size rank
+        lesion = self.mps.lesion_rank
+        mask = self.mps.select(clustering, ratio, generator)  # lesion group first
+        per_patch = self.reconstruct(tokens, patches, mask)  # [B, N]
+        l_masked = self.masked(per_patch, mask)  # [B, M]
+        rec = self.reconstruction_loss(l_masked)
+        extra, metrics = self.extra_loss(feats, clustering, lesion, mask, l_masked)
+        self.mps.update(clustering, mask, per_patch)
+        loss = rec + extra
+        metrics.update(loss=loss.item(), rec=rec.item(), ratio=mask.ratio, lesion_rank=float(lesion))
+        return StepOutput(loss, metrics, mask)
+
+    def reconstruction_loss(self, l_masked: torch.Tensor) -> torch.Tensor:
+        return plain_reconstruction_loss(l_masked)
+
+    def extra_loss(self, feats, clustering, lesion, mask, l_masked) -> tuple[torch.Tensor, dict[str, float]]:
+        return l_masked.new_zeros(()), {}
+
+
+@register_method("amlp")
+class AMLP(MPSAMS):
+    def reconstruction_loss(self, l_masked: torch.Tensor) -> torch.Tensor:
+        return relative_reconstruction_loss(l_masked, self.method_cfg.arl_tau)
+
+    def extra_loss(self, feats, clustering, lesion, mask, l_masked) -> tuple[torch.Tensor, dict[str, float]]:
+        """CCL on the masked patches, with gradient through the patch embedding."""
+        m = self.method_cfg
+        scaled = clustering.scale(feats)  # [B, N, F], standardised with detached statistics
+        masked_feats = torch.gather(scaled, 1, mask.ids_masked.unsqueeze(-1).expand(-1, -1, scaled.shape[-1]))
+        ccl = category_consistency_loss(masked_feats, clustering.centroids, lesion, l_masked, m.ccl_temperature)
+        return m.ccl_weight * ccl, {"ccl": ccl.item()}

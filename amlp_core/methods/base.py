@@ -1,0 +1,109 @@
+"""Pretext methods: one object per method, ``images -> loss, metrics``.
+
+A method owns the encoder (what the federation shares), its MAE decoder and whatever
+state the method needs; :func:`build_method` picks one by name from :data:`METHODS`,
+which new methods join with :func:`register_method` without touching the others.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, ClassVar
+
+import torch
+from torch import nn
+
+from amlp_core.config import MethodConfig, ModelConfig
+from amlp_core.errors import ConfigError
+from amlp_core.losses import masked_losses, normalize_patches, patch_losses
+from amlp_core.masking import Mask
+from amlp_core.models import MAEDecoder, ViTEncoder, patchify
+from amlp_core.schedules import amr_ratio
+
+
+@dataclass
+class StepOutput:
+    """What one training step returns: the loss to minimise, scalar metrics, the mask used."""
+
+    loss: torch.Tensor
+    metrics: dict[str, float] = field(default_factory=dict)
+    mask: Mask | None = None
+
+
+class PretrainMethod(nn.Module):
+    """Base of the masked-image-modelling methods: encoder + MAE decoder + a masking rule."""
+
+    name: ClassVar[str] = ""
+    uses_amr: ClassVar[bool] = False
+    #: State-dict prefixes that a federation aggregates (the rest stays at the site).
+    shared_prefixes: ClassVar[tuple[str, ...]] = ("encoder.",)
+
+    def __init__(self, model_cfg: ModelConfig, method_cfg: MethodConfig) -> None:
+        super().__init__()
+        self.model_cfg = model_cfg
+        self.method_cfg = method_cfg
+        self.encoder = ViTEncoder(model_cfg)
+        self.decoder = MAEDecoder(model_cfg)
+
+    def masking_ratio(self, progress: float) -> float:
+        """Ratio at training progress ``progress`` in [0, 1]: AMR, or the fixed ratio."""
+        m = self.method_cfg
+        if self.uses_amr:
+            return amr_ratio(progress, m.amr_start, m.amr_end, m.amr_schedule)
+        return m.mask_ratio
+
+    def reconstruct(self, tokens: torch.Tensor, patches: torch.Tensor, mask: Mask) -> torch.Tensor:
+        """Encode the visible patches, decode all, score each patch.
+
+        Args:
+            tokens: ``[B, N, D]`` patch embedding of the images.
+            patches: ``[B, N, P]`` the images' pixels, patch by patch.
+            mask: which patches are hidden.
+
+        Returns:
+            ``[B, N]`` per-patch loss ``l_i`` (meaningful on the masked patches).
+        """
+        latent = self.encoder.encode(tokens, mask.ids_keep)  # [B, N_keep, D]
+        pred = self.decoder(latent, mask.ids_restore)  # [B, N, P]
+        return patch_losses(pred, normalize_patches(patches))  # [B, N]
+
+    def training_step(self, images: torch.Tensor, progress: float,
+                      generator: torch.Generator | None = None) -> StepOutput:
+        """One step on ``images`` ``[B, C, *S]`` at training progress ``progress`` in [0, 1]."""
+        raise NotImplementedError
+
+    def shared_state_dict(self) -> dict[str, torch.Tensor]:
+        """The weights a federation aggregates (encoder, plus what a method must share)."""
+        return {k: v for k, v in self.state_dict().items() if k.startswith(self.shared_prefixes)}
+
+    def patchify(self, images: torch.Tensor) -> torch.Tensor:
+        return patchify(images, self.model_cfg.patch_size)  # [B, N, P]
+
+    @staticmethod
+    def masked(per_patch: torch.Tensor, mask: Mask) -> torch.Tensor:
+        return masked_losses(per_patch, mask.ids_masked)  # [B, M]
+
+
+METHODS: dict[str, type[PretrainMethod]] = {}
+
+
+def register_method(name: str) -> Callable[[type[PretrainMethod]], type[PretrainMethod]]:
+    """Class decorator adding a method to :data:`METHODS` under ``name``."""
+
+    def add(cls: type[PretrainMethod]) -> type[PretrainMethod]:
+        if name in METHODS:
+            raise ValueError(f"pretraining method {name!r} is registered twice")
+        cls.name = name
+        METHODS[name] = cls
+        return cls
+
+    return add
+
+
+def build_method(model_cfg: ModelConfig, method_cfg: MethodConfig) -> PretrainMethod:
+    """The method named ``method_cfg.name``, freshly initialised."""
+    try:
+        cls = METHODS[method_cfg.name]
+    except KeyError:
+        raise ConfigError(f"unknown pretraining method {method_cfg.name!r}; available: {', '.join(METHODS)}") from None
+    return cls(model_cfg, method_cfg)

@@ -1,0 +1,22 @@
+"""MAE baseline: uniformly random masking at a fixed ratio, plain reconstruction loss."""
+
+from __future__ import annotations
+
+import torch
+
+from amlp_core.losses import plain_reconstruction_loss
+from amlp_core.masking import random_mask
+from amlp_core.methods.base import PretrainMethod, StepOutput, register_method
+
+
+@register_method("mae")
+class MAE(PretrainMethod):
+    def training_step(self, images: torch.Tensor, progress: float,
+                      generator: torch.Generator | None = None) -> StepOutput:
+        ratio = self.masking_ratio(progress)
+        tokens = self.encoder.embed(images)  # [B, N, D]
+        patches = self.patchify(images)  # [B, N, P]
+        mask = random_mask(images.shape[0], tokens.shape[1], ratio, generator, device=images.device)
+        l_masked = self.masked(self.reconstruct(tokens, patches, mask), mask)  # [B, M]
+        loss = plain_reconstruction_loss(l_masked)
+        return StepOutput(loss, {"loss": loss.item(), "rec": loss.item(), "ratio": mask.ratio}, mask)

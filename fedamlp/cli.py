@@ -1,0 +1,222 @@
+"""The ``fedamlp`` command line.
+
+Every command turns its arguments into one flat set of config overrides, builds the
+:class:`~amlp_core.config.Config` once and calls :mod:`amlp_core.engine.pipeline`.
+Expected failures (bad data, bad values, bad checkpoints) end with one line on stderr and
+exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+from amlp_core.config import METHOD_NAMES, Config, build_config, load_config
+from amlp_core.errors import AMLPError
+
+log = logging.getLogger("fedamlp")
+
+
+def _parse_set(items: Sequence[str]) -> dict[str, Any]:
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"fedamlp: error: --set expects KEY=VALUE, got {item!r}")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def _config(args: argparse.Namespace, data_path: str, extra: dict[str, Any]) -> Config:
+    """Config file < data-derived defaults < explicit flags < --set."""
+    from amlp_core.engine.pipeline import data_defaults
+
+    overrides: dict[str, Any] = {}
+    if not getattr(args, "config", None):
+        overrides.update(data_defaults(data_path, args.format, args.dims))
+    overrides["data.path"] = data_path
+    overrides["data.format"] = args.format
+    for flag, key in (("epochs", "train.epochs"), ("batch_size", "train.batch_size"), ("seed", "train.seed"),
+                      ("device", "train.device"), ("max_minutes", "train.max_minutes")):
+        if getattr(args, flag, None) is not None:
+            overrides[key] = getattr(args, flag)
+    overrides.update(extra)
+    overrides.update(_parse_set(args.set))
+    if getattr(args, "config", None):
+        return load_config(args.config, overrides)
+    return build_config(overrides)
+
+
+def _add_common(p: argparse.ArgumentParser, data_required: bool = True) -> None:
+    p.add_argument("--data", required=data_required, help="dataset folder, or 'synthetic' for built-in phantoms")
+    p.add_argument("--format", default="auto", choices=["auto", "msd", "nifti", "png"], help="dataset layout")
+    p.add_argument("--dims", type=int, choices=[2, 3], help="2D or 3D model (default: the data's)")
+    p.add_argument("--config", help="YAML config file (see simulations/configs)")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--device", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--max-minutes", type=float, help="stop training after this wall time")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="any config value, e.g. --set method.ccl_weight=0.2 (repeatable)")
+
+
+def _print_dice(result: dict[str, Any], class_names: dict[str, str] | None = None) -> None:
+    class_names = class_names or {}
+    print(f"{'class':<24}{'Dice':>8}")
+    for key, value in result.items():
+        if key.startswith("dice_") and key != "dice_mean":
+            k = key.removeprefix("dice_")
+            print(f"{class_names.get(k, 'class ' + k):<24}{value:>8.4f}")
+    print(f"{'mean':<24}{result['dice_mean']:>8.4f}")
+    print(f"({result['num_examples']} test cases)")
+
+
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    from amlp_core.engine.pipeline import pretrain
+
+    cfg = _config(args, args.data, {"method.name": args.method})
+    metrics = pretrain(cfg, args.out)
+    print(f"pretrained {cfg.method.name} for {metrics['epoch']} epochs: loss {metrics['loss']:.4f} -> {args.out}")
+    return 0
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from amlp_core.engine.pipeline import finetune, model_config_of
+
+    extra: dict[str, Any] = {"train.label_fraction": args.label_fraction}
+    if args.init:
+        model = model_config_of(args.init)  # the encoder's architecture comes from the pretraining run
+        extra.update({f"model.{k}": v for k, v in Config(model=model).to_dict()["model"].items()})
+    cfg = _config(args, args.data, extra)
+    result = finetune(cfg, args.out, init=args.init)
+    from amlp_core.engine.pipeline import load_segmentation
+
+    _print_dice(result, load_segmentation(args.out)[1].get("class_names"))
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from amlp_core.engine.pipeline import evaluate
+
+    overrides = {"path": args.data, "format": args.format} if args.data else None
+    result = evaluate(args.model, overrides, device=args.device, all_cases=args.all_cases)
+    _print_dice(result, result.get("class_names"))
+    out = Path(args.json) if args.json else Path(args.model) / "evaluation.json"
+    out.write_text(json.dumps(result, indent=2))
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from amlp_core.engine.pipeline import predict_file
+
+    out = predict_file(args.model, args.input, args.output, device=args.device)
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_data_check(args: argparse.Namespace) -> int:
+    from amlp_core.data import check_dataset
+
+    report = check_dataset(args.path, fmt=args.format, num_classes=args.num_classes)
+    print(report.render())
+    if args.json:
+        Path(args.json).write_text(json.dumps(report.to_dict(), indent=2))
+    return 0 if report.ok else 1
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Pretrain AMLP on synthetic phantoms, fine-tune with 25 % of the labels, print Dice."""
+    from amlp_core.engine.pipeline import finetune, pretrain
+
+    out = Path(args.out)
+    base = build_config({**_demo_defaults(), "train.seed": args.seed, "train.device": args.device})
+    pretrain(base.replace(train={"epochs": args.pretrain_epochs}), out / "pretrain")
+    cfg = base.replace(train={"epochs": args.finetune_epochs, "label_fraction": 0.25})
+    result = finetune(cfg, out / "finetune", init=out / "pretrain")
+    _print_dice(result, {"1": "lesion"})
+    print(f"model: {out / 'finetune'}  (use: fedamlp predict --model {out / 'finetune'} --input X --output Y)")
+    return 0
+
+
+def _demo_defaults() -> dict[str, Any]:
+    from amlp_core.engine.pipeline import data_defaults
+
+    return {**data_defaults("synthetic", dims=3), "data.synthetic_cases": 40, "method.name": "amlp",
+            "train.batch_size": 8, "model.depth": 4}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fedamlp", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("pretrain", help="self-supervised pretraining at one site")
+    _add_common(p)
+    p.add_argument("--method", default="amlp", choices=METHOD_NAMES)
+    p.add_argument("--out", required=True, help="run folder to write")
+    p.set_defaults(func=cmd_pretrain)
+
+    p = sub.add_parser("finetune", help="segmentation fine-tuning (from a pretraining run or from scratch)")
+    _add_common(p)
+    p.add_argument("--init", help="pretraining run folder (omit to train from scratch)")
+    p.add_argument("--label-fraction", type=float, default=1.0, help="share of labelled cases to use")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_finetune)
+
+    p = sub.add_parser("evaluate", help="Dice per class of a fine-tuned model on the test split")
+    p.add_argument("--model", required=True, help="fine-tuning run folder")
+    p.add_argument("--data", help="dataset (default: the one the model was trained on)")
+    p.add_argument("--format", default="auto", choices=["auto", "msd", "nifti", "png"])
+    p.add_argument("--all-cases", action="store_true", help="evaluate every case, not only the test split")
+    p.add_argument("--json", help="where to write the result (default: MODEL/evaluation.json)")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("predict", help="segment one scan (NIfTI in, NIfTI out)")
+    p.add_argument("--model", required=True)
+    p.add_argument("--input", required=True)
+    p.add_argument("--output", required=True)
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("data", help="dataset tools")
+    data_sub = p.add_subparsers(dest="data_command", required=True)
+    c = data_sub.add_parser("check", help="validate a dataset and report every problem")
+    c.add_argument("path")
+    c.add_argument("--format", default="auto", choices=["auto", "msd", "nifti", "png"])
+    c.add_argument("--num-classes", type=int, help="declared classes (when the dataset does not say)")
+    c.add_argument("--json", help="also write the report as JSON")
+    c.set_defaults(func=cmd_data_check)
+
+    p = sub.add_parser("demo", help="pretrain + fine-tune on synthetic phantoms (the quick first try)")
+    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--pretrain-epochs", type=int, default=8)
+    p.add_argument("--finetune-epochs", type=int, default=15)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    try:
+        return args.func(args)
+    except AMLPError as e:
+        print(f"fedamlp: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("fedamlp: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

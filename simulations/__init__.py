@@ -1,0 +1,1 @@
+"""Experiment configs and the single-machine simulation and benchmark runners."""

@@ -1,0 +1,98 @@
+import numpy as np
+import pytest
+import torch
+
+from amlp_core.data import (
+    SegDataset,
+    discover,
+    label_subset,
+    load_samples,
+    make_phantom_samples,
+    split_names,
+    to_slices,
+)
+from amlp_core.data.dataset import Sample
+from amlp_core.errors import DataError
+
+from .helpers import label_map, save_nii
+
+
+def test_load_samples(msd_root):
+    samples = load_samples(discover(msd_root), progress=False)
+    assert [s.name for s in samples] == ["case_000", "case_001", "case_002"]
+    assert samples[0].image.shape == (1, 8, 10, 6) and samples[0].label.dtype == np.int64
+    assert abs(samples[0].image.mean()) < 1e-4
+    assert all(s.label is None for s in load_samples(discover(msd_root), with_labels=False, progress=False))
+
+
+def test_load_samples_shape_mismatch_named(msd_root):
+    bad = save_nii(msd_root / "labelsTr" / "case_002.nii.gz", label_map(shape=(8, 10, 7)))
+    with pytest.raises(DataError, match="does not match") as exc_info:
+        load_samples(discover(msd_root), progress=False)
+    assert str(bad) in str(exc_info.value)
+
+
+def test_seg_dataset_shapes():
+    samples = make_phantom_samples(3, (20, 14, 10), seed=0)
+    item = SegDataset(samples, (16, 16, 8))[1]
+    assert item["image"].shape == (1, 16, 16, 8) and item["image"].dtype == torch.float32
+    assert item["label"].shape == (1, 16, 16, 8) and item["label"].dtype == torch.int64
+    assert item["index"] == 1
+    unlabelled = [Sample(s.name, s.image, None, s.affine) for s in samples]
+    assert "label" not in SegDataset(unlabelled, (16, 16, 8))[0]
+    batch = next(iter(torch.utils.data.DataLoader(SegDataset(samples, (16, 16, 8)), batch_size=3)))
+    assert batch["image"].shape == (3, 1, 16, 16, 8) and batch["label"].shape == (3, 1, 16, 16, 8)
+
+
+def test_seg_dataset_augmentation_is_reproducible():
+    samples = make_phantom_samples(2, (24, 24), seed=0)
+    a = SegDataset(samples, (16, 16), augment=True, seed=3)
+    b = SegDataset(samples, (16, 16), augment=True, seed=3)
+    assert torch.equal(a[0]["image"], b[0]["image"]) and torch.equal(a[0]["label"], b[0]["label"])
+    first = a[0]["image"]
+    a.set_epoch(1)
+    assert not torch.equal(a[0]["image"], first)
+    plain = SegDataset(samples, (16, 16))
+    assert torch.equal(plain[0]["image"], plain[0]["image"])
+
+
+def test_seg_dataset_mixed_labels_rejected():
+    samples = make_phantom_samples(2, (16, 16), seed=0)
+    samples[1] = Sample(samples[1].name, samples[1].image, None, samples[1].affine)
+    with pytest.raises(DataError, match="phantom_s0_0001"):
+        SegDataset(samples, (16, 16))
+
+
+def test_to_slices():
+    volume = make_phantom_samples(1, (12, 10, 8), seed=0)[0]
+    slices = to_slices([volume])
+    assert len(slices) == 8 and slices[3].name == "phantom_s0_0000#z003"
+    assert slices[3].image.shape == (1, 12, 10) and slices[3].label.shape == (12, 10)
+    assert np.array_equal(slices[3].image, volume.image[..., 3])
+    assert np.allclose(slices[3].affine[:3, 3], [0, 0, 3])
+    assert len(to_slices([volume], axis=0)) == 12 and to_slices([volume], axis=0)[0].image.shape == (1, 10, 8)
+    kept = to_slices([volume], min_foreground=0.01)
+    assert 0 < len(kept) < 8 and all((s.label > 0).mean() >= 0.01 for s in kept)
+    unlabelled = Sample(volume.name, volume.image, None, volume.affine)
+    assert len(to_slices([unlabelled], min_foreground=0.5)) == 8
+
+
+def test_split_names_deterministic():
+    names = [f"case_{i:02d}" for i in range(20)]
+    train, test = split_names(names, 0.25, seed=1)
+    assert len(test) == 5 and sorted(train + test) == names
+    assert split_names(names[::-1], 0.25, seed=1) == (train, test)
+    assert split_names(names, 0.25, seed=2) != (train, test)
+    assert split_names(["a", "b"], 0.1, seed=0)[1] != []
+    with pytest.raises(ValueError, match="1.5"):
+        split_names(names, 1.5, seed=0)
+
+
+def test_label_subset():
+    samples = make_phantom_samples(10, (16, 16), seed=0)
+    subset = label_subset(samples, 0.3, seed=0)
+    assert len(subset) == 3 and subset == label_subset(samples[::-1], 0.3, seed=0)
+    assert len(label_subset(samples, 0.01, seed=0)) == 1 and len(label_subset(samples, 1.0, seed=0)) == 10
+    for bad in (0, 1.2, -0.5):
+        with pytest.raises(ValueError, match=str(bad)):
+            label_subset(samples, bad, seed=0)
