@@ -1,6 +1,6 @@
 """Synthetic lesion phantoms in 2D and 3D, with known lesion masks and per-site styles.
 
-A phantom is a dim background, an ellipsoidal "organ" with smooth low-frequency texture and
+A phantom is an ellipsoidal "organ" that fills most of the view (dim corners outside it), with smooth low-frequency texture and
 a few small lesions inside it that are brighter and carry a high-frequency texture. A
 :class:`SiteStyle` then changes intensities the way scanners of different hospitals do.
 """
@@ -77,7 +77,7 @@ def _lesion_mask(
     ``grid`` ``[D, *shape]`` holds voxel coordinates, ``organ_rho`` ``[*shape]`` the organ distance.
     """
     shape = grid.shape[1:]
-    inner = np.flatnonzero(organ_rho <= 0.6)
+    inner = np.flatnonzero(organ_rho <= 0.5)
     mask = np.zeros(shape, dtype=bool)
     for _ in range(int(rng.integers(n_lesions[0], n_lesions[1] + 1))):
         center = grid.reshape(len(shape), -1)[:, rng.choice(inner)]
@@ -123,7 +123,7 @@ def make_phantom(
     sides = np.array(shape, dtype=np.float32)
     grid = np.stack(np.meshgrid(*[np.arange(n, dtype=np.float32) for n in shape], indexing="ij"))
     organ_center = (sides - 1) / 2 + rng.uniform(-0.05, 0.05, size=len(shape)) * sides
-    organ_rho = _ellipsoid(grid, organ_center, rng.uniform(0.35, 0.45, size=len(shape)) * sides)
+    organ_rho = _ellipsoid(grid, organ_center, rng.uniform(0.55, 0.65, size=len(shape)) * sides)  # fills most of the view
     lesions = _lesion_mask(grid, organ_rho, rng, n_lesions, radius)
 
     image = 0.1 + 0.02 * smooth_noise(shape, rng, sigma=2.0)

@@ -55,10 +55,12 @@ class SegmentationNet(nn.Module):
             for i in range(levels)
         )
         self.up = nn.ModuleList(_conv_transpose(dims, chans[i], chans[i - 1], 2) for i in range(1, levels))
-        # Full resolution: upsample, join the image itself for edges, one light conv to the classes.
-        self.to_full = _conv_transpose(dims, chans[0], chans[0], 2)
+        # Full resolution: upsample to a few channels, join the image itself, a 1x1 conv to the classes.
+        # (A 3x3 conv here would cost more than the whole ViT on a CPU.)
+        full = max(chans[0] // 2, cfg.num_classes)
+        self.to_full = _conv_transpose(dims, chans[0], full, 2)
         conv = nn.Conv3d if dims == 3 else nn.Conv2d
-        self.head = conv(chans[0] + cfg.in_channels, cfg.num_classes, kernel_size=3, padding=1)
+        self.head = nn.Sequential(nn.LeakyReLU(0.01), conv(full + cfg.in_channels, cfg.num_classes, kernel_size=1))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """``[B, C, *S]`` -> class logits ``[B, num_classes, *S]``."""
@@ -73,5 +75,5 @@ class SegmentationNet(nn.Module):
             x = self.fuse[i](torch.cat([x, skips[i]], dim=1))  # [B, c_i, *S / 2**(i+1)]
             if i > 0:
                 x = self.up[i - 1](x)  # [B, c_{i-1}, *S / 2**i]
-        x = self.to_full(x)  # [B, c_0, *S]
+        x = self.to_full(x)  # [B, c_0 / 2, *S]
         return self.head(torch.cat([x, images], dim=1))  # [B, K, *S]

@@ -7,7 +7,7 @@ Shapes: ``B`` batch, ``C`` channels, ``N`` patches, ``D`` embedding size,
 from __future__ import annotations
 
 import torch
-from monai.networks.blocks import TransformerBlock
+import torch.nn.functional as F
 from monai.networks.blocks.pos_embed_utils import build_sincos_position_embedding
 from torch import nn
 
@@ -21,12 +21,34 @@ def sincos_position_embedding(grid_size: tuple[int, ...], dim: int) -> nn.Parame
     return pos
 
 
+class TransformerBlock(nn.Module):
+    """Pre-norm transformer block: ``x + MHSA(LN(x))``, then ``x + MLP(LN(x))``.
+
+    Built from Linear and LayerNorm only (every parameter used, per-sample gradients
+    available to Opacus); attention by ``scaled_dot_product_attention``.
+    """
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0) -> None:
+        super().__init__()
+        self.heads = heads
+        self.norm1 = nn.LayerNorm(dim)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.norm2 = nn.LayerNorm(dim)
+        hidden = int(dim * mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``[B, N, D]`` -> ``[B, N, D]``."""
+        b, n, d = x.shape
+        qkv = self.qkv(self.norm1(x)).reshape(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        attn = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])  # [B, H, N, D/H]
+        x = x + self.proj(attn.transpose(1, 2).reshape(b, n, d))
+        return x + self.mlp(self.norm2(x))
+
+
 def transformer_stack(dim: int, depth: int, heads: int, mlp_ratio: float) -> nn.ModuleList:
-    return nn.ModuleList(
-        TransformerBlock(hidden_size=dim, mlp_dim=int(dim * mlp_ratio), num_heads=heads, qkv_bias=True,
-                         use_flash_attention=True)
-        for _ in range(depth)
-    )
+    return nn.ModuleList(TransformerBlock(dim, heads, mlp_ratio) for _ in range(depth))
 
 
 class ViTEncoder(nn.Module):

@@ -36,11 +36,13 @@ def main() -> None:
     p.add_argument("--label-fractions", default="1.0")
     p.add_argument("--models", default="unet,ours")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--out", default="results/seg_baseline.json")
     args = p.parse_args()
 
     cfg = build_config({**data_defaults(args.data), **HIPPOCAMPUS_SPLIT, "train.epochs": 10_000,
-                        "train.max_minutes": args.minutes, "train.seed": args.seed, "train.batch_size": 8})
+                        "train.max_minutes": args.minutes, "train.seed": args.seed, "train.batch_size": 8,
+                        "train.num_threads": args.threads})
     split = load_split(cfg)
     rows = []
     for fraction in [float(f) for f in args.label_fractions.split(",")]:
@@ -58,7 +60,8 @@ def main() -> None:
     cols = ["model", "label_fraction", "labelled_cases", "epochs", "train_seconds", "params_M", "dice_1", "dice_2",
             "dice_mean"]
     print(table(rows, cols))
-    path = write_json(args.out, {"benchmark": "seg_baseline", "minutes": args.minutes, "machine": machine(),
+    path = write_json(args.out, {"benchmark": "seg_baseline", "minutes": args.minutes, "threads": args.threads,
+                                 "machine": machine(),
                                  "split": HIPPOCAMPUS_SPLIT, "test_cases": len(split.test), "rows": rows})
     print(f"wrote {path}")
 

@@ -1,15 +1,10 @@
 """Shared fixtures for the data tests: small real NIfTI/PNG datasets written to tmp_path."""
 
-import sys
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
-if str(REPO) not in sys.path:  # lets `pytest tests/data` import amlp_core without an install
-    sys.path.insert(0, str(REPO))
-
-from .helpers import write_msd  # noqa: E402
+from .helpers import write_msd
 
 
 @pytest.fixture

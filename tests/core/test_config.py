@@ -1,0 +1,54 @@
+import pytest
+import yaml
+
+from amlp_core.config import Config, build_config, load_config
+from amlp_core.errors import ConfigError
+
+
+def test_defaults_are_valid_and_round_trip():
+    cfg = Config()
+    assert build_config(cfg.to_dict()) == cfg
+    assert cfg.model.grid_size == (6, 8, 6) and cfg.model.num_patches == 288
+
+
+def test_flat_and_nested_keys_agree():
+    a = build_config({"method.name": "mae", "train.epochs": "3"})
+    b = build_config({"method": {"name": "mae"}, "train": {"epochs": 3}})
+    assert a == b and a.train.epochs == 3
+
+
+@pytest.mark.parametrize("raw, needle", [
+    ({"train.epochz": 3}, "train.epochz"),
+    ({"bogus.x": 1}, "bogus.x"),
+    ({"method.name": "nope"}, "method.name='nope'"),
+    ({"train.epochs": "many"}, "train.epochs='many'"),
+    ({"model.img_size": [50, 64, 48]}, "model.img_size"),
+    ({"model.embed_dim": 100}, "model.embed_dim=100"),
+    ({"method.amr_start": 0.9, "method.amr_end": 0.5}, "method.amr_start=0.9"),
+    ({"train.label_fraction": 0}, "train.label_fraction=0"),
+    ({"data.as_slices": True}, "data.as_slices"),
+])
+def test_bad_values_name_the_key(raw, needle):
+    with pytest.raises(ConfigError, match=needle.replace("[", r"\[").replace("(", r"\(")):
+        build_config(raw)
+
+
+def test_tuple_from_string_and_bool_from_string():
+    cfg = build_config({"model.img_size": "32x32x32", "data.synthetic_size": "32,32,32", "train.amp": "false"})
+    assert cfg.model.img_size == (32, 32, 32) and cfg.train.amp is False
+
+
+def test_yaml_file_with_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"method": {"name": "mps_ams"}, "train": {"epochs": 2}}))
+    cfg = load_config(path, {"train.epochs": 5})
+    assert cfg.method.name == "mps_ams" and cfg.train.epochs == 5
+    path.write_text("- a list")
+    with pytest.raises(ConfigError, match=str(path)):
+        load_config(path)
+
+
+def test_digest_changes_with_the_section():
+    a, b = Config(), build_config({"method.ccl_weight": 0.2})
+    assert a.digest("model") == b.digest("model")
+    assert a.digest() != b.digest()

@@ -1,0 +1,121 @@
+import numpy as np
+import pytest
+import torch
+from sklearn.cluster import KMeans
+from sklearn.metrics import adjusted_rand_score
+
+from amlp_core.data import make_phantom_samples
+from amlp_core.masking import Mask, MPSMasking, batched_kmeans, num_masked, patch_features, random_mask
+from amlp_core.masking.mps import FeatureScale
+from amlp_core.models import ViTEncoder, patchify
+from tests.conftest import tiny_model
+
+
+def test_mask_from_bool_indices_are_consistent():
+    masked = torch.tensor([[True, False, True, False], [False, True, True, False]])
+    m = Mask.from_bool(masked)
+    assert m.ids_keep.tolist() == [[1, 3], [0, 3]] and m.ids_masked.tolist() == [[0, 2], [1, 2]]
+    order = torch.cat([m.ids_keep, m.ids_masked], 1)
+    assert torch.equal(torch.gather(order, 1, m.ids_restore), torch.arange(4).expand(2, 4))
+    with pytest.raises(ValueError, match="same number"):
+        Mask.from_bool(torch.tensor([[True, False], [True, True]]))
+
+
+def test_random_mask_counts_and_seeding():
+    a = random_mask(3, 100, 0.75, torch.Generator().manual_seed(1))
+    b = random_mask(3, 100, 0.75, torch.Generator().manual_seed(1))
+    assert torch.equal(a.masked, b.masked) and a.masked.sum(1).tolist() == [75, 75, 75]
+    assert num_masked(10, 0.99) == 9 and num_masked(10, 0.01) == 1
+
+
+def _sklearn_reference(x: np.ndarray, k: int):
+    km = KMeans(n_clusters=k, n_init=10, random_state=0).fit(x)
+    return km.labels_, km.inertia_
+
+
+def _inertia(x: torch.Tensor, labels: torch.Tensor, centroids: torch.Tensor) -> float:
+    return float((x - centroids[labels]).pow(2).sum())
+
+
+def test_batched_kmeans_matches_sklearn_on_blobs():
+    rng = np.random.default_rng(0)
+    batch = []
+    for b in range(4):
+        centers = rng.normal(0, 6, size=(3, 5))
+        batch.append(np.concatenate([c + rng.normal(0, 1, size=(40, 5)) for c in centers]))
+    x = torch.tensor(np.stack(batch), dtype=torch.float32)
+    labels, centroids = batched_kmeans(x, 3, iters=20, inits=3, generator=torch.Generator().manual_seed(0))
+    for b in range(4):
+        ref_labels, ref_inertia = _sklearn_reference(batch[b], 3)
+        assert adjusted_rand_score(ref_labels, labels[b].numpy()) > 0.99
+        assert _inertia(x[b], labels[b], centroids[b]) <= ref_inertia * 1.001
+
+
+def test_batched_kmeans_matches_sklearn_on_mps_features():
+    """The check the spec asks for: same features, k-means batched on the device vs scikit-learn."""
+    cfg = tiny_model(2)
+    samples = make_phantom_samples(6, cfg.img_size, seed=3)
+    images = torch.tensor(np.stack([s.image for s in samples]))
+    enc = ViTEncoder(cfg)
+    with torch.no_grad():
+        feats = patch_features(enc.embed(images), patchify(images, cfg.patch_size))
+    scaled = FeatureScale.fit(feats)(feats)
+    labels, centroids = batched_kmeans(scaled, 2, iters=30, inits=10, generator=torch.Generator().manual_seed(0))
+    for b in range(len(samples)):
+        ref_labels, ref_inertia = _sklearn_reference(scaled[b].numpy(), 2)
+        ours = _inertia(scaled[b], labels[b], centroids[b])
+        assert ours <= ref_inertia * 1.01, f"image {b}: inertia {ours:.3f} vs scikit-learn {ref_inertia:.3f}"
+        ari = adjusted_rand_score(ref_labels, labels[b].numpy())
+        assert ari > 0.8, f"image {b}: adjusted Rand index {ari:.3f} against scikit-learn"
+
+
+def _lesion_patches(samples, patch):
+    labels = torch.tensor(np.stack([s.label for s in samples]))[:, None].float()
+    return patchify(labels, patch).amax(-1) > 0  # [B, N]
+
+
+def test_mps_masks_the_budget_lesion_group_first():
+    cfg = tiny_model(2)
+    samples = make_phantom_samples(8, cfg.img_size, seed=0)
+    images = torch.tensor(np.stack([s.image for s in samples]))
+    feats = patch_features(ViTEncoder(cfg).embed(images).detach(), patchify(images, cfg.patch_size))
+    mps = MPSMasking(random_fraction=0.0)
+    clustering = mps.cluster(feats, torch.Generator().manual_seed(0))
+    ratio = 0.25
+    mask = mps.select(clustering, ratio, torch.Generator().manual_seed(0))
+    assert mask.masked.sum(1).tolist() == [num_masked(cfg.num_patches, ratio)] * 8
+    lesion_group = clustering.rank == mps.lesion_rank
+    for b in range(8):  # with no random share, background is masked only once the lesion group is used up
+        if int(lesion_group[b].sum()) >= int(mask.masked[b].sum()):
+            assert bool(lesion_group[b][mask.masked[b]].all())
+        else:
+            assert bool(mask.masked[b][lesion_group[b]].all())
+
+
+def test_mps_finds_more_lesion_patches_than_random_masking():
+    cfg = tiny_model(2)
+    samples = make_phantom_samples(16, cfg.img_size, seed=1)
+    images = torch.tensor(np.stack([s.image for s in samples]))
+    truth = _lesion_patches(samples, cfg.patch_size)
+    feats = patch_features(ViTEncoder(cfg).embed(images).detach(), patchify(images, cfg.patch_size))
+    mps = MPSMasking()
+    g = torch.Generator().manual_seed(0)
+    mask = mps.select(mps.cluster(feats, g), 0.25, g)
+    share = float((truth & mask.masked).sum() / mask.masked.sum())
+    random_share = float(truth.float().mean())  # the expected share of a uniformly random mask
+    assert share >= 2 * random_share, (share, random_share)
+
+
+def test_lesion_group_follows_the_running_loss():
+    mps = MPSMasking(clusters=2, momentum=0.5)
+    assert mps.lesion_rank == 0  # smallest group until any loss is known
+    rank = torch.tensor([[0, 0, 1, 1, 1, 1]])
+    from amlp_core.masking.mps import Clustering
+
+    c = Clustering(rank=rank, centroids=torch.zeros(1, 2, 3), scale=None)
+    mask = Mask.from_bool(torch.tensor([[True, False, True, True, False, False]]))
+    mps.update(c, mask, torch.tensor([[0.1, 9.0, 2.0, 4.0, 9.0, 9.0]]))  # unmasked losses are ignored
+    assert torch.allclose(mps.group_loss, torch.tensor([0.1, 3.0]))
+    assert mps.lesion_rank == 1
+    mps.update(c, mask, torch.tensor([[10.0, 0.0, 0.0, 0.0, 0.0, 0.0]]))
+    assert torch.allclose(mps.group_loss, torch.tensor([5.05, 1.5])) and mps.lesion_rank == 0

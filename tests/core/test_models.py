@@ -1,0 +1,80 @@
+import torch
+
+from amlp_core.masking import random_mask
+from amlp_core.methods import build_method
+from amlp_core.config import MethodConfig
+from amlp_core.models import MAEDecoder, SegmentationNet, ViTEncoder, patchify, unpatchify
+from tests.conftest import tiny_model
+
+
+def _images(cfg, b=2, seed=0):
+    return torch.randn(b, cfg.in_channels, *cfg.img_size, generator=torch.Generator().manual_seed(seed))
+
+
+def test_patchify_round_trip_and_matches_token_order(dims):
+    cfg = tiny_model(dims)
+    x = _images(cfg)
+    patches = patchify(x, cfg.patch_size)  # [B, N, P]
+    assert patches.shape == (2, cfg.num_patches, cfg.patch_size ** dims)
+    assert torch.equal(unpatchify(patches, cfg.patch_size, cfg.grid_size, 1), x)
+    # The encoder's patch embedding is a linear map of exactly these patches, in this order.
+    enc = ViTEncoder(cfg)
+    w = enc.patch_embed.weight.reshape(cfg.embed_dim, -1)  # [D, P] (C=1)
+    expected = patches @ w.T + enc.patch_embed.bias
+    assert torch.allclose(enc.embed(x), expected, atol=1e-5)
+
+
+def test_encoder_and_mae_decoder_shapes_and_backward(dims):
+    cfg = tiny_model(dims)
+    enc, dec = ViTEncoder(cfg), MAEDecoder(cfg)
+    x = _images(cfg)
+    mask = random_mask(2, cfg.num_patches, 0.75)
+    latent = enc(x, mask.ids_keep)
+    assert latent.shape == (2, mask.ids_keep.shape[1], cfg.embed_dim)
+    pred = dec(latent, mask.ids_restore)
+    assert pred.shape == (2, cfg.num_patches, cfg.patch_size ** dims)
+    pred.pow(2).mean().backward()
+    assert enc.patch_embed.weight.grad is not None and enc.patch_embed.weight.grad.abs().sum() > 0
+    assert dec.mask_token.grad is not None
+
+
+def test_segmentation_shapes_and_backward(dims):
+    cfg = tiny_model(dims)
+    net = SegmentationNet(cfg)
+    x = _images(cfg)
+    logits = net(x)
+    assert logits.shape == (2, cfg.num_classes, *cfg.img_size)
+    logits.mean().backward()
+    assert all(p.grad is not None for p in net.encoder.parameters() if p.requires_grad)
+
+
+def test_wrong_input_shape_is_refused(dims):
+    cfg = tiny_model(dims)
+    enc = ViTEncoder(cfg)
+    bad = torch.zeros(1, 1, *[s + 4 for s in cfg.img_size])
+    try:
+        enc(bad)
+    except ValueError as e:
+        assert "encoder expects images of shape" in str(e)
+    else:
+        raise AssertionError("a wrongly sized image was accepted")
+
+
+def test_strict_encoder_hand_off_from_pretraining(dims):
+    """The segmentation network takes the pretraining encoder's weights with strict=True, no renaming."""
+    cfg = tiny_model(dims)
+    method = build_method(cfg, MethodConfig(name="amlp"))
+    with torch.no_grad():
+        for p in method.encoder.parameters():
+            p.add_(0.1)
+    encoder_state = {k.removeprefix("encoder."): v for k, v in method.state_dict().items()
+                     if k.startswith("encoder.")}
+    net = SegmentationNet(cfg)
+    missing = net.encoder.load_state_dict(encoder_state, strict=True)
+    assert not missing.missing_keys and not missing.unexpected_keys
+    x = _images(cfg)
+    method.eval(), net.eval()
+    assert torch.allclose(method.encoder(x), net.encoder(x))
+    # The segmentation net's encoder keys are exactly the pretraining encoder's, prefixed.
+    seg_keys = {k.removeprefix("encoder.") for k in net.state_dict() if k.startswith("encoder.")}
+    assert seg_keys == set(encoder_state)
