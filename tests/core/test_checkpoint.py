@@ -1,0 +1,44 @@
+import pytest
+import torch
+
+from amlp_core.engine.checkpoint import load_checkpoint, require_meta, save_checkpoint
+from amlp_core.errors import CheckpointError
+
+
+def test_round_trip_with_weights_only(tmp_path):
+    state = {"model": {"w": torch.arange(4.0)}}
+    path = save_checkpoint(tmp_path / "c.pt", state, {"kind": "pretrain", "epoch": 3, "dims": [1, 2]})
+    loaded, meta = load_checkpoint(path)
+    assert torch.equal(loaded["model"]["w"], state["model"]["w"]) and meta["epoch"] == 3
+    require_meta(meta, path, kind="pretrain")
+    with pytest.raises(CheckpointError, match="kind='pretrain', expected 'segmentation'"):
+        require_meta(meta, path, kind="segmentation")
+
+
+def test_a_failed_write_keeps_the_old_checkpoint(tmp_path, monkeypatch):
+    path = save_checkpoint(tmp_path / "c.pt", {"m": {"w": torch.ones(2)}}, {"epoch": 1})
+
+    def broken_save(obj, f):
+        f.write(b"half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint(path, {"m": {"w": torch.zeros(2)}}, {"epoch": 2})
+    monkeypatch.undo()
+    state, meta = load_checkpoint(path)
+    assert meta["epoch"] == 1 and torch.equal(state["m"]["w"], torch.ones(2))
+    assert [p.name for p in tmp_path.iterdir()] == ["c.pt"]  # no temporary file left behind
+
+
+def test_corrupt_missing_and_foreign_files_are_named(tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_checkpoint(tmp_path / "nope.pt")
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"\x00garbage")
+    with pytest.raises(CheckpointError, match=str(bad)):
+        load_checkpoint(bad)
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"weights": torch.ones(1)}, foreign)
+    with pytest.raises(CheckpointError, match="not a fedamlp checkpoint"):
+        load_checkpoint(foreign)

@@ -1,0 +1,120 @@
+"""End to end through the command line, on real files: pretrain -> fine-tune -> evaluate -> predict."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from amlp_core.data import make_phantom, write_phantom_dataset
+from fedamlp.cli import main
+from tests.conftest import tiny_config
+
+
+def _yaml(tmp_path: Path, dims: int) -> str:
+    path = tmp_path / f"tiny{dims}d.yaml"
+    cfg = tiny_config(dims).to_dict()
+    cfg["data"].update(test_fraction=0.3)
+    path.write_text(yaml.safe_dump(cfg))
+    return str(path)
+
+
+def _run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "fedamlp.cli", *args], capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.slow
+def test_pretrain_finetune_evaluate_predict_3d(tmp_path, capsys):
+    data = write_phantom_dataset(tmp_path / "data", n=10, shape=(16, 16, 16), seed=0)
+    config = _yaml(tmp_path, 3)
+    pre, fine = tmp_path / "pre", tmp_path / "fine"
+    assert main(["pretrain", "--data", str(data), "--config", config, "--method", "amlp", "--epochs", "2",
+                 "--out", str(pre)]) == 0
+    assert (pre / "checkpoint.pt").is_file()
+    lines = (pre / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(l)["epoch"] for l in lines] == [1, 2]
+    assert main(["finetune", "--data", str(data), "--config", config, "--init", str(pre), "--label-fraction",
+                 "0.5", "--epochs", "2", "--out", str(fine)]) == 0
+    assert "mean" in capsys.readouterr().out
+
+    assert main(["evaluate", "--model", str(fine), "--data", str(data)]) == 0
+    result = json.loads((fine / "evaluation.json").read_text())
+    assert 0.0 <= result["dice_1"] <= 1.0 and result["num_examples"] == 3
+
+    # Predict on a scan of another size with a non-trivial affine: same shape and affine out.
+    image, _ = make_phantom((20, 18, 16), np.random.default_rng(5))
+    affine = np.diag([0.8, 0.9, 1.5, 1.0])
+    affine[:3, 3] = [10.0, -4.0, 2.5]
+    scan = tmp_path / "scan.nii.gz"
+    nib.save(nib.Nifti1Image(image, affine), scan)
+    out = tmp_path / "seg.nii.gz"
+    assert main(["predict", "--model", str(fine), "--input", str(scan), "--output", str(out)]) == 0
+    seg = nib.load(out)
+    assert seg.shape == (20, 18, 16) and np.allclose(seg.affine, affine)
+    assert set(np.unique(np.asarray(seg.dataobj))) <= {0, 1}
+
+
+@pytest.mark.slow
+def test_png_2d_pipeline_and_scratch_finetune(tmp_path):
+    folder = tmp_path / "busi"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(8):
+        image, mask = make_phantom((32, 32), rng)
+        Image.fromarray((255 * (image - image.min()) / np.ptp(image)).astype(np.uint8)).save(folder / f"c{i}.png")
+        Image.fromarray(mask * 255).save(folder / f"c{i}_mask.png")
+    config = _yaml(tmp_path, 2)
+    assert main(["pretrain", "--data", str(folder), "--config", config, "--method", "mps_ams", "--epochs", "1",
+                 "--out", str(tmp_path / "pre")]) == 0
+    assert main(["finetune", "--data", str(folder), "--config", config, "--epochs", "1",
+                 "--out", str(tmp_path / "fine")]) == 0  # from scratch: no --init
+    out = tmp_path / "seg.nii.gz"
+    assert main(["predict", "--model", str(tmp_path / "fine"), "--input", str(folder / "c0.png"),
+                 "--output", str(out)]) == 0
+    assert nib.load(out).shape == (32, 32)
+
+
+def test_data_check_exit_codes_and_report(tmp_path):
+    data = write_phantom_dataset(tmp_path / "data", n=3, shape=(12, 12, 12), seed=0)
+    ok = _run_cli("data", "check", str(data))
+    assert ok.returncode == 0, ok.stderr
+    assert "3 cases, 3 labelled" in ok.stdout and "0 errors" in ok.stdout
+    victim = sorted((data / "imagesTr").iterdir())[1]
+    victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
+    bad = _run_cli("data", "check", str(data))
+    assert bad.returncode == 1
+    assert str(victim) in bad.stdout and "Traceback" not in bad.stdout + bad.stderr
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["pretrain", "--data", "/nonexistent/scans", "--out", "x"], "/nonexistent/scans"),
+    (["pretrain", "--data", "synthetic", "--out", "x", "--set", "train.epochz=3"], "train.epochz"),
+    (["finetune", "--data", "synthetic", "--init", "/nonexistent/run", "--out", "x"], "/nonexistent/run"),
+    (["predict", "--model", "/nonexistent/model", "--input", "a.nii.gz", "--output", "b.nii.gz"],
+     "/nonexistent/model"),
+])
+def test_bad_arguments_give_one_line_without_traceback(args, needle, tmp_path):
+    result = _run_cli(*args)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    lines = [l for l in result.stderr.splitlines() if l.startswith("fedamlp: error:")]
+    assert len(lines) == 1 and needle in lines[0], result.stderr
+
+
+def test_predict_refuses_an_image_of_the_wrong_dimension(tmp_path):
+    data = write_phantom_dataset(tmp_path / "data", n=6, shape=(16, 16, 16), seed=0)
+    config = _yaml(tmp_path, 3)
+    assert main(["finetune", "--data", str(data), "--config", config, "--epochs", "1", "--out",
+                 str(tmp_path / "fine")]) == 0
+    flat = tmp_path / "flat.png"
+    Image.fromarray(np.zeros((16, 16), dtype=np.uint8)).save(flat)
+    result = _run_cli("predict", "--model", str(tmp_path / "fine"), "--input", str(flat), "--output",
+                      str(tmp_path / "o.nii.gz"))
+    assert result.returncode == 2 and str(flat) in result.stderr and "2D image" in result.stderr
