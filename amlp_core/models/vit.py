@@ -6,6 +6,8 @@ Shapes: ``B`` batch, ``C`` channels, ``N`` patches, ``D`` embedding size,
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 from monai.networks.blocks.pos_embed_utils import build_sincos_position_embedding
@@ -16,7 +18,9 @@ from amlp_core.config import ModelConfig
 
 def sincos_position_embedding(grid_size: tuple[int, ...], dim: int) -> nn.Parameter:
     """Fixed sin-cos position embedding ``[1, N, dim]`` (not trained)."""
-    pos = build_sincos_position_embedding(list(grid_size), dim, spatial_dims=len(grid_size))
+    with warnings.catch_warnings():  # MONAI calls torch.meshgrid without indexing=; its default is what it wants
+        warnings.filterwarnings("ignore", message="torch.meshgrid", category=UserWarning)
+        pos = build_sincos_position_embedding(list(grid_size), dim, spatial_dims=len(grid_size))
     pos.requires_grad_(False)
     return pos
 
