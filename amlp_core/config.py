@@ -173,12 +173,65 @@ class TrainConfig:
                "train.device", self.device, "must be auto, cpu, cuda or cuda:N")
 
 
+STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedmedian", "fedtrimmedavg")
+PARTITIONS = ("iid", "dirichlet")
+
+
+@dataclass(frozen=True)
+class FederationConfig:
+    """The federated plan: rounds of each phase, aggregation, and how long to wait for sites."""
+
+    sites: int = 2  # simulation: number of sites cut from one dataset
+    pretrain_rounds: int = 2
+    finetune_rounds: int = 2
+    local_epochs: int = 1  # per round, in both phases
+    strategy: str = "fedavg"
+    proximal_mu: float = 0.01  # fedprox
+    server_lr: float = 0.01  # fedadam
+    trim_beta: float = 0.2  # fedtrimmedavg: share cut at each end
+    min_sites: int = 2  # a round with fewer successful replies fails the run
+    round_timeout: float = 1800.0  # seconds to wait for the replies of one round
+    connect_timeout: float = 300.0  # seconds to wait for min_sites sites to be connected
+    partition: str = "iid"  # simulation: iid | dirichlet (quantity skew)
+    dirichlet_alpha: float = 0.5
+    run_dir: str = "runs/federated"  # server: checkpoints and results
+    resume: bool = False  # continue from run_dir's checkpoint
+    stop_after_rounds: int = 0  # stop (resumably) after this many rounds in this process; 0 = run to the end
+
+    def __post_init__(self) -> None:
+        _check(self.sites >= 1, "federation.sites", self.sites, "must be at least 1")
+        _check(self.pretrain_rounds >= 0, "federation.pretrain_rounds", self.pretrain_rounds, "must not be negative")
+        _check(self.finetune_rounds >= 1, "federation.finetune_rounds", self.finetune_rounds, "must be at least 1")
+        _check(self.local_epochs >= 1, "federation.local_epochs", self.local_epochs, "must be at least 1")
+        _check(self.strategy in STRATEGIES, "federation.strategy", self.strategy,
+               f"must be one of {', '.join(STRATEGIES)}")
+        _check(0.0 <= self.trim_beta < 0.5, "federation.trim_beta", self.trim_beta, "must be in [0, 0.5)")
+        _check(self.min_sites >= 1, "federation.min_sites", self.min_sites, "must be at least 1")
+        _check(self.round_timeout > 0, "federation.round_timeout", self.round_timeout, "must be positive")
+        _check(self.connect_timeout > 0, "federation.connect_timeout", self.connect_timeout, "must be positive")
+        _check(self.partition in PARTITIONS, "federation.partition", self.partition,
+               f"must be one of {', '.join(PARTITIONS)}")
+        _check(self.dirichlet_alpha > 0, "federation.dirichlet_alpha", self.dirichlet_alpha, "must be positive")
+        _check(self.stop_after_rounds >= 0, "federation.stop_after_rounds", self.stop_after_rounds,
+               "must not be negative")
+
+
+@dataclass(frozen=True)
+class SiteConfig:
+    """One hospital's own settings (from its site YAML; in a simulation, derived per site)."""
+
+    name: str = ""
+    state_dir: str = ""  # where the site keeps what must outlive a message or a restart
+
+
 @dataclass(frozen=True)
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
+    site: SiteConfig = field(default_factory=SiteConfig)
 
     def __post_init__(self) -> None:
         if self.data.as_slices:
@@ -202,7 +255,12 @@ class Config:
         return hashlib.sha256(json.dumps(chosen, sort_keys=True).encode()).hexdigest()[:16]
 
 
-SECTIONS: dict[str, type] = {"model": ModelConfig, "method": MethodConfig, "data": DataConfig, "train": TrainConfig}
+SECTIONS: dict[str, type] = {"model": ModelConfig, "method": MethodConfig, "data": DataConfig, "train": TrainConfig,
+                             "federation": FederationConfig, "site": SiteConfig}
+#: Keys a site may set for itself in its site file; everything else comes from the run.
+SITE_KEYS = ("data.path", "data.format", "data.as_slices", "data.slice_axis", "data.test_fraction",
+             "data.split_seed", "train.device", "train.batch_size", "train.label_fraction", "train.num_threads",
+             "train.amp", "site.name", "site.state_dir")
 
 
 def _check(ok: bool, key: str, value: Any, why: str) -> None:
@@ -296,6 +354,41 @@ def load_config(path: str | Path, overrides: Mapping[str, Any] | None = None) ->
         raise ConfigError(f"config file {path} must hold a mapping at the top level")
     cfg = build_config(raw)
     return build_config(overrides, base=cfg) if overrides else cfg
+
+
+def flat_dict(cfg: Config) -> dict[str, Any]:
+    """``{"section.field": value}`` with tuples as ``"a,b,c"`` strings: the Flower run-config form."""
+    out = {}
+    for section, values in cfg.to_dict().items():
+        for key, value in values.items():
+            out[f"{section}.{key}"] = ",".join(map(str, value)) if isinstance(value, list) else value
+    return out
+
+
+def apply_site_file(cfg: Config, path: str | Path) -> Config:
+    """Apply a hospital's site YAML (only :data:`SITE_KEYS`) on top of the run's config.
+
+    Raises:
+        ConfigError: unreadable file, or a key a site may not set, naming both.
+    """
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except OSError as e:
+        raise ConfigError(f"cannot read site file {path}: {e.strerror or e}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"site file {path} is not valid YAML: {e}") from None
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"site file {path} must hold a mapping at the top level")
+    flat = {}
+    for section, values in _section_updates(raw).items():
+        for key, value in values.items():
+            flat[f"{section}.{key}"] = value
+    for key in flat:
+        if key not in SITE_KEYS:
+            raise ConfigError(f"site file {path} sets {key!r}, which the run decides; a site may set: "
+                              f"{', '.join(SITE_KEYS)}")
+    return build_config(flat, base=cfg)
 
 
 def save_config(cfg: Config, path: str | Path) -> None:

@@ -3,6 +3,7 @@
 from amlp_core.data.cases import Case, DatasetIndex, discover, read_case_label
 from amlp_core.data.dataset import Sample, SegDataset, label_subset, load_samples, split_names, to_slices
 from amlp_core.data.io import read_image, read_label, write_nifti
+from amlp_core.data.partition import partition_names
 from amlp_core.data.phantoms import (
     SiteStyle,
     make_phantom,

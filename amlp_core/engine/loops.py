@@ -37,16 +37,17 @@ class MetricMeans:
 
 def pretrain_epoch(method: PretrainMethod, loader: Iterable[dict], optimizer: torch.optim.Optimizer,
                    device: torch.device, progress: tuple[float, float], generator: torch.Generator | None = None,
-                   lr_at: Callable[[float], float] | None = None, amp: bool = True, desc: str = "pretrain"
-                   ) -> dict[str, float]:
+                   lr_at: Callable[[float], float] | None = None, amp: bool = True, desc: str = "pretrain",
+                   regularizer: Callable[[], torch.Tensor] | None = None) -> dict[str, float]:
     """One epoch of self-supervised pretraining.
 
     Args:
         method: the pretext method (encoder, decoder, masking).
         loader: batches with ``"image"`` ``[B, C, *S]`` (a ``"label"`` is ignored).
         progress: training progress ``(t_start, t_end)`` in [0, 1] covered by this epoch;
-            it drives the AMR masking ratio and ``lr_at``.
+            it drives the AMR masking ratio and ``lr_at`` (equal ends: one ratio all epoch).
         lr_at: learning rate as a function of progress (none: keep the optimizer's).
+        regularizer: extra loss added at every step (e.g. FedProx's proximal term).
 
     Returns:
         Sample-weighted mean of the step metrics, plus ``num_examples``.
@@ -64,8 +65,9 @@ def pretrain_epoch(method: PretrainMethod, loader: Iterable[dict], optimizer: to
         images = batch["image"].to(device, non_blocking=True)
         with autocast(device, amp):
             out = method.training_step(images, t, generator)
+        loss = out.loss + regularizer() if regularizer is not None else out.loss
         optimizer.zero_grad(set_to_none=True)
-        out.loss.backward()
+        loss.backward()
         optimizer.step()
         if not torch.isfinite(out.loss):
             raise FloatingPointError(f"pretraining loss became {out.loss.item()} at progress {t:.3f}")
@@ -75,12 +77,12 @@ def pretrain_epoch(method: PretrainMethod, loader: Iterable[dict], optimizer: to
 
 
 def finetune_epoch(model: nn.Module, loader: Iterable[dict], optimizer: torch.optim.Optimizer,
-                   loss_fn: nn.Module, device: torch.device, amp: bool = True, desc: str = "finetune"
-                   ) -> dict[str, float]:
+                   loss_fn: nn.Module, device: torch.device, amp: bool = True, desc: str = "finetune",
+                   regularizer: Callable[[], torch.Tensor] | None = None) -> dict[str, float]:
     """One epoch of supervised segmentation training.
 
-    ``loader`` yields ``"image"`` ``[B, C, *S]`` and ``"label"`` ``[B, 1, *S]`` int64.
-    Returns the mean loss and ``num_examples``.
+    ``loader`` yields ``"image"`` ``[B, C, *S]`` and ``"label"`` ``[B, 1, *S]`` int64;
+    ``regularizer`` is an extra loss added at every step. Returns the mean loss and ``num_examples``.
     """
     model.train()
     means = MetricMeans()
@@ -91,8 +93,9 @@ def finetune_epoch(model: nn.Module, loader: Iterable[dict], optimizer: torch.op
         with autocast(device, amp):
             logits = model(images)  # [B, K, *S]
         loss = loss_fn(logits.float(), labels)
+        total = loss + regularizer() if regularizer is not None else loss
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        total.backward()
         optimizer.step()
         if not torch.isfinite(loss):
             raise FloatingPointError(f"segmentation loss became {loss.item()}")

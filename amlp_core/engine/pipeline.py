@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader
 
 from amlp_core.config import Config, ModelConfig, build_config, save_config
 from amlp_core.data import (Sample, SegDataset, discover, label_subset, load_samples, make_phantom_samples,
-                            normalize_intensity, read_image, split_names, to_slices, write_nifti)
+                            normalize_intensity, partition_names, read_image, split_names, to_slices, write_nifti)
 from amlp_core.engine.checkpoint import load_checkpoint, require_meta, save_checkpoint
 from amlp_core.engine.device import make_generator, resolve_device, seed_everything, set_threads
 from amlp_core.engine.loops import evaluate_segmentation, finetune_epoch, predict_volume, pretrain_epoch
@@ -48,35 +48,36 @@ class DataSplit:
     class_names: dict[int, str]
 
 
-def load_split(cfg: Config) -> DataSplit:
+def load_split(cfg: Config, site: int = 0, num_sites: int = 1) -> DataSplit:
     """Read (or synthesise) the data named by ``cfg.data`` and split it by case.
+
+    With ``num_sites > 1`` (a simulated federation) the fixed train/test split is cut into
+    sites by ``cfg.federation.partition`` and only site ``site``'s cases are read; synthetic
+    phantoms are generated per site instead, each site with its own scanner style.
 
     Raises:
         DataError: unreadable data, naming the file.
-        ConfigError: data that does not fit the model (dimensions, channels).
+        ConfigError: data that does not fit the model (dimensions, channels, classes).
     """
     d, m = cfg.data, cfg.model
     if d.synthetic:
-        samples = make_phantom_samples(d.synthetic_cases, d.synthetic_size, seed=d.split_seed, site=d.synthetic_site)
-        class_names = {0: "background", 1: "lesion"}
-        dims = len(d.synthetic_size)
+        samples = make_phantom_samples(d.synthetic_cases, d.synthetic_size, seed=d.split_seed,
+                                       site=site if num_sites > 1 else d.synthetic_site)
+        class_names, dims = {0: "background", 1: "lesion"}, len(d.synthetic_size)
+        train_names, test_names = split_names([s.name for s in samples], d.test_fraction, d.split_seed)
     else:
         index = discover(d.path, d.format)
-        samples = load_samples(index, with_labels=True)
         class_names = index.class_names or {k: f"class_{k}" for k in range(m.num_classes)}
         dims = index.spatial_dims
-    if d.as_slices and dims == 3:
-        dims = 2
-    if dims != m.spatial_dims:
-        raise ConfigError(f"data at {d.path} is {dims}D but model.spatial_dims={m.spatial_dims} "
-                          f"(use --dims {dims}, or data.as_slices for 3D volumes in a 2D model)")
-    channels = {s.image.shape[0] for s in samples}
-    if channels != {m.in_channels}:
-        raise ConfigError(f"data at {d.path} has {sorted(channels)} channel(s) but model.in_channels={m.in_channels}")
-    if len(class_names) != m.num_classes:
-        raise ConfigError(f"data at {d.path} declares {len(class_names)} classes {class_names} "
-                          f"but model.num_classes={m.num_classes}")
-    train_names, test_names = split_names([s.name for s in samples], d.test_fraction, d.split_seed)
+        train_names, test_names = split_names([c.name for c in index.cases], d.test_fraction, d.split_seed)
+        if num_sites > 1:
+            f = cfg.federation
+            train_names = partition_names(train_names, num_sites, f.partition, f.dirichlet_alpha, d.split_seed)[site]
+            test_names = partition_names(test_names, num_sites, "iid", seed=d.split_seed)[site] if test_names else []
+        wanted = set(train_names) | set(test_names)
+        index = dataclasses.replace(index, cases=tuple(c for c in index.cases if c.name in wanted))
+        samples = load_samples(index, with_labels=True)
+    _check_fits(samples, class_names, dims, cfg)
     by_name = {s.name: s for s in samples}
     train = [by_name[n] for n in train_names]
     test = [by_name[n] for n in test_names]
@@ -85,12 +86,29 @@ def load_split(cfg: Config) -> DataSplit:
     return DataSplit(train, test, class_names)
 
 
-def make_loader(samples: list[Sample], cfg: Config, augment: bool, labels: bool) -> DataLoader:
+def _check_fits(samples: list[Sample], class_names: dict[int, str], dims: int, cfg: Config) -> None:
+    d, m = cfg.data, cfg.model
+    if d.as_slices and dims == 3:
+        dims = 2
+    if dims != m.spatial_dims:
+        raise ConfigError(f"data at {d.path} is {dims}D but model.spatial_dims={m.spatial_dims} "
+                          f"(use --dims {dims}, or data.as_slices for 3D volumes in a 2D model)")
+    channels = {s.image.shape[0] for s in samples}
+    if channels and channels != {m.in_channels}:
+        raise ConfigError(f"data at {d.path} has {sorted(channels)} channel(s) but model.in_channels={m.in_channels}")
+    if len(class_names) != m.num_classes:
+        raise ConfigError(f"data at {d.path} declares {len(class_names)} classes {class_names} "
+                          f"but model.num_classes={m.num_classes}")
+
+
+def make_loader(samples: list[Sample], cfg: Config, augment: bool, labels: bool, seed: int | None = None
+                ) -> DataLoader:
     """Shuffled batches of ``roi``-sized crops; without ``labels`` the labels are dropped."""
+    seed = cfg.train.seed if seed is None else seed
     if not labels:
         samples = [dataclasses.replace(s, label=None) for s in samples]
-    dataset = SegDataset(samples, cfg.model.img_size, augment=augment, seed=cfg.train.seed)
-    generator = torch.Generator().manual_seed(cfg.train.seed)
+    dataset = SegDataset(samples, cfg.model.img_size, augment=augment, seed=seed)
+    generator = torch.Generator().manual_seed(seed)
     return DataLoader(dataset, batch_size=min(cfg.train.batch_size, len(dataset)), shuffle=True,
                       drop_last=len(dataset) >= cfg.train.batch_size, generator=generator)
 

@@ -45,12 +45,16 @@ class PretrainMethod(nn.Module):
         self.encoder = ViTEncoder(model_cfg)
         self.decoder = MAEDecoder(model_cfg)
 
-    def masking_ratio(self, progress: float) -> float:
-        """Ratio at training progress ``progress`` in [0, 1]: AMR, or the fixed ratio."""
-        m = self.method_cfg
-        if self.uses_amr:
+    @classmethod
+    def ratio_at(cls, method_cfg: MethodConfig, progress: float) -> float:
+        """Masking ratio at training progress ``progress`` in [0, 1]: AMR, or the fixed ratio."""
+        m = method_cfg
+        if cls.uses_amr:
             return amr_ratio(progress, m.amr_start, m.amr_end, m.amr_schedule)
         return m.mask_ratio
+
+    def masking_ratio(self, progress: float) -> float:
+        return self.ratio_at(self.method_cfg, progress)
 
     def reconstruct(self, tokens: torch.Tensor, patches: torch.Tensor, mask: Mask) -> torch.Tensor:
         """Encode the visible patches, decode all, score each patch.
@@ -100,10 +104,18 @@ def register_method(name: str) -> Callable[[type[PretrainMethod]], type[Pretrain
     return add
 
 
+def method_class(name: str) -> type[PretrainMethod]:
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise ConfigError(f"unknown pretraining method {name!r}; available: {', '.join(METHODS)}") from None
+
+
 def build_method(model_cfg: ModelConfig, method_cfg: MethodConfig) -> PretrainMethod:
     """The method named ``method_cfg.name``, freshly initialised."""
-    try:
-        cls = METHODS[method_cfg.name]
-    except KeyError:
-        raise ConfigError(f"unknown pretraining method {method_cfg.name!r}; available: {', '.join(METHODS)}") from None
-    return cls(model_cfg, method_cfg)
+    return method_class(method_cfg.name)(model_cfg, method_cfg)
+
+
+def mask_ratio_at(method_cfg: MethodConfig, progress: float) -> float:
+    """The masking ratio method ``method_cfg.name`` uses at training progress ``progress``."""
+    return method_class(method_cfg.name).ratio_at(method_cfg, progress)

@@ -1,0 +1,18 @@
+"""FedProx's proximal term, which keeps local training near the round's global weights."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+
+def proximal_term(model: nn.Module, mu: float) -> Callable[[], torch.Tensor]:
+    """``mu / 2 * sum ||w - w_global||^2`` over ``model``'s parameters, ``w_global`` taken now."""
+    anchors = [(p, p.detach().clone()) for p in model.parameters() if p.requires_grad]
+
+    def term() -> torch.Tensor:
+        return 0.5 * mu * sum((p - a).pow(2).sum() for p, a in anchors)
+
+    return term

@@ -1,0 +1,76 @@
+"""The hospital's Flower ClientApp: messages in, amlp_core calls, weights and aggregate metrics out.
+
+One train handler serves both phases (the instruction ``phase`` says which), so that
+Flower's strategies and their wrappers work unchanged. A site problem (bad data, refused
+round) is answered with an error reply that names the site; the server counts it as that
+site's failure and the other sites go on.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from amlp_core.errors import AMLPError
+from client import tasks
+from client.site import Site, get_site, site_config
+from fedamlp import protocol as P
+
+log = logging.getLogger(__name__)
+SITE_ERROR = 1  # Error.code of a site's refusal or data problem
+
+app = ClientApp()
+
+
+def _site(context: Context) -> Site:
+    return get_site(context.run_id, context.node_id, context.run_config, context.node_config)
+
+
+def _site_record(site: Site) -> ConfigRecord:
+    names = {str(k): v for k, v in site.split.class_names.items()}
+    return ConfigRecord({P.SITE_NAME: site.name, P.CLASS_NAMES: json.dumps(names)})
+
+
+def _error_reply(msg: Message, context: Context, error: AMLPError) -> Message:
+    try:
+        name = site_config(context.run_config, context.node_config)[0].site.name
+    except AMLPError:
+        name = f"node {context.node_id}"
+    reason = f"site {name}: {error}"
+    log.error(reason)
+    return Message(error=Error(code=SITE_ERROR, reason=reason), reply_to=msg)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Pretraining or fine-tuning round: global weights in, local weights and metrics out."""
+    try:
+        site = _site(context)
+        ins = tasks.Instructions.parse(msg.content[P.CONFIG])
+        global_state = msg.content[P.ARRAYS].to_torch_state_dict()
+        if ins.phase == P.PRETRAIN:
+            state, metrics = tasks.pretrain_round(site, global_state, ins)
+        elif ins.phase == P.FINETUNE:
+            state, metrics = tasks.finetune_round(site, global_state, ins)
+        else:
+            raise tasks.RoundRefused(f"unknown phase {ins.phase!r}: server and site versions differ")
+    except AMLPError as e:
+        return _error_reply(msg, context, e)
+    content = RecordDict({P.ARRAYS: ArrayRecord(state), P.METRICS: MetricRecord(metrics),
+                          P.SITE: _site_record(site)})
+    return Message(content=content, reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """Dice of the global segmentation model on the site's test cases."""
+    try:
+        site = _site(context)
+        metrics = tasks.evaluate_round(site, msg.content[P.ARRAYS].to_torch_state_dict())
+    except AMLPError as e:
+        return _error_reply(msg, context, e)
+    return Message(content=RecordDict({P.METRICS: MetricRecord(metrics), P.SITE: _site_record(site)}),
+                   reply_to=msg)

@@ -1,0 +1,76 @@
+"""A site's configuration and data, built once per process from the Flower context.
+
+- Deployment: the node config names a site file (``site-config``, YAML with the keys of
+  :data:`amlp_core.config.SITE_KEYS`) that says where the hospital's data is.
+- Simulation: the node config carries ``partition-id`` / ``num-partitions``; the site's share
+  of one dataset (or its own synthetic phantoms) follows from the run config.
+
+The data is read and checked at the first message; a problem becomes that site's error
+(:class:`~amlp_core.errors.DataError`) and is not cached, so a fixed dataset is picked up.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+from amlp_core.config import Config, apply_site_file, build_config
+from amlp_core.engine.pipeline import DataSplit, load_split
+from amlp_core.errors import DataError
+from client.state import SiteState
+
+log = logging.getLogger(__name__)
+
+SITE_CONFIG = "site-config"  # node config key: path of the site YAML
+PARTITION_ID = "partition-id"  # node config keys set by Flower's simulation engine
+NUM_PARTITIONS = "num-partitions"
+
+
+@dataclass
+class Site:
+    """Everything one hospital needs to answer messages."""
+
+    cfg: Config
+    index: int
+    num_sites: int
+    split: DataSplit
+    state: SiteState
+
+    @property
+    def name(self) -> str:
+        return self.cfg.site.name
+
+
+def site_config(run_config: Mapping[str, Any], node_config: Mapping[str, Any]) -> tuple[Config, int, int]:
+    """The site's :class:`Config` (run config + site settings), its index and the number of sites."""
+    cfg = build_config(dict(run_config))
+    if SITE_CONFIG in node_config:
+        path = Path(str(node_config[SITE_CONFIG]))
+        cfg = apply_site_file(cfg, path)
+        name = cfg.site.name or path.stem
+        state_dir = cfg.site.state_dir or str(Path(cfg.federation.run_dir) / "sites" / name)
+        return cfg.replace(site={"name": name, "state_dir": state_dir}), 0, 1
+    index, count = int(node_config.get(PARTITION_ID, 0)), int(node_config.get(NUM_PARTITIONS, 1))
+    name = f"site{index}"
+    state_dir = str(Path(cfg.federation.run_dir) / "sites" / name)
+    return cfg.replace(site={"name": name, "state_dir": state_dir}), index, count
+
+
+_SITES: dict[tuple[int, int], Site] = {}
+
+
+def get_site(run_id: int, node_id: int, run_config: Mapping[str, Any], node_config: Mapping[str, Any]) -> Site:
+    """The site of this node in this run, loading and checking its data on first use."""
+    key = (run_id, node_id)
+    if key not in _SITES:
+        cfg, index, count = site_config(run_config, node_config)
+        log.info("%s: loading data from %s", cfg.site.name, cfg.data.path)
+        split = load_split(cfg, site=index, num_sites=count)
+        if not split.train:
+            raise DataError(f"site {cfg.site.name} has no training cases in {cfg.data.path}")
+        _SITES[key] = Site(cfg, index, count, split, SiteState(cfg.site.state_dir))
+        log.info("%s: %d training and %d test cases", cfg.site.name, len(split.train), len(split.test))
+    return _SITES[key]
+

@@ -1,0 +1,187 @@
+"""One round of work at a site: the translation between round instructions and amlp_core.
+
+Every function here takes the site, the global weights as a state dict and the server's
+instructions, and returns what may leave the site: weights and aggregate numbers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import torch
+
+from amlp_core.engine.device import make_generator, resolve_device, seed_everything
+from amlp_core.engine.loops import evaluate_segmentation, finetune_epoch, pretrain_epoch
+from amlp_core.engine.pipeline import make_loader
+from amlp_core.data import label_subset
+from amlp_core.errors import AMLPError
+from amlp_core.losses import dice_ce_loss, proximal_term
+from amlp_core.methods import build_method, mask_ratio_at
+from amlp_core.models import SegmentationNet
+from amlp_core.schedules import federated_progress, warmup_cosine
+from client.site import Site
+from fedamlp import protocol as P
+
+log = logging.getLogger(__name__)
+RATIO_TOLERANCE = 1e-6
+
+
+class RoundRefused(AMLPError):
+    """The site will not run this round (configuration or version skew); the message says why."""
+
+
+@dataclass(frozen=True)
+class Instructions:
+    """The server's instructions for one round, read from the message's ConfigRecord."""
+
+    phase: str
+    round: int
+    total_rounds: int
+    local_epochs: int
+    expected_ratio: float
+    digest: str
+    proximal_mu: float
+
+    @classmethod
+    def parse(cls, record: Mapping[str, Any]) -> "Instructions":
+        try:
+            return cls(phase=str(record[P.PHASE]), round=int(record[P.GLOBAL_ROUND]),
+                       total_rounds=int(record[P.TOTAL_ROUNDS]), local_epochs=int(record[P.LOCAL_EPOCHS]),
+                       expected_ratio=float(record.get(P.EXPECTED_RATIO, -1.0)), digest=str(record[P.CONFIG_DIGEST]),
+                       proximal_mu=float(record.get(P.PROXIMAL_MU, 0.0)))
+        except KeyError as e:
+            raise RoundRefused(f"the server's message lacks {e.args[0]!r}: server and site versions differ") from None
+
+
+def round_seed(seed: int, site: int, phase: str, round_: int) -> int:
+    """A seed per (run seed, site, phase, round): a re-run round repeats exactly."""
+    key = f"{seed}/{site}/{phase}/{round_}".encode()
+    return int.from_bytes(hashlib.sha256(key).digest()[:4], "little")
+
+
+def _check(site: Site, ins: Instructions) -> None:
+    cfg, fed = site.cfg, site.cfg.federation
+    if ins.digest != P.config_digest(cfg):
+        raise RoundRefused(f"model/method configuration differs from the server's (digest {ins.digest} at the "
+                           f"server, {P.config_digest(cfg)} here): update the site or the run config")
+    planned = fed.pretrain_rounds if ins.phase == P.PRETRAIN else fed.finetune_rounds
+    if (ins.total_rounds, ins.local_epochs) != (planned, fed.local_epochs):
+        raise RoundRefused(f"the server plans {ins.total_rounds} {ins.phase} rounds of {ins.local_epochs} local "
+                           f"epochs, this site {planned} of {fed.local_epochs}")
+
+
+def site_mask_ratio(site: Site, round_: int, local_epoch: int = 0) -> float:
+    """The masking ratio this site computes for a pretraining round, from the round counter alone."""
+    fed = site.cfg.federation
+    t = federated_progress(round_, local_epoch, fed.local_epochs, fed.pretrain_rounds)
+    return mask_ratio_at(site.cfg.method, t)
+
+
+def pretrain_round(site: Site, global_state: dict[str, torch.Tensor], ins: Instructions
+                   ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """Local pretraining for ``local_epochs`` epochs from the global encoder.
+
+    The masking ratio is the AMR value of the federated progress
+    ``t = (round - 1 + epoch / local_epochs) / total_rounds``, constant within a local epoch, so
+    every site masks alike in the same round. The site refuses the round when the ratio the
+    server expects differs from its own.
+    """
+    _check(site, ins)
+    own = site_mask_ratio(site, ins.round)
+    if abs(own - ins.expected_ratio) > RATIO_TOLERANCE:
+        raise RoundRefused(f"masking ratio mismatch in pretraining round {ins.round}: the server expects "
+                           f"{ins.expected_ratio:.6f}, this site computes {own:.6f} (AMR schedule or version skew)")
+    cfg, device = site.cfg, resolve_device(site.cfg.train.device)
+    seed = round_seed(cfg.train.seed, site.index, ins.phase, ins.round)
+    seed_everything(seed)
+    method = build_method(cfg.model, cfg.method)
+    previous = site.state.load_before(P.PRETRAIN, ins.round)
+    if previous is not None:
+        method.load_state_dict(previous["method"])  # decoder, running statistics (encoder replaced next)
+    _load_shared(method, global_state)
+    method.to(device)
+    optimizer = torch.optim.AdamW(method.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
+                                  betas=(0.9, 0.95))
+    if previous is not None:
+        optimizer.load_state_dict(previous["optimizer"])
+    loader = make_loader(site.split.train, cfg, augment=True, labels=False, seed=seed)
+    generator = make_generator(seed, device)
+    regularizer = proximal_term(method.encoder, ins.proximal_mu) if ins.proximal_mu > 0 else None
+    warmup = min(cfg.train.warmup_epochs / (ins.total_rounds * ins.local_epochs), 0.5)
+    metrics: dict[str, float] = {}
+    for epoch in range(ins.local_epochs):
+        t = federated_progress(ins.round, epoch, ins.local_epochs, ins.total_rounds)
+        loader.dataset.set_epoch((ins.round - 1) * ins.local_epochs + epoch)
+        metrics = pretrain_epoch(method, loader, optimizer, device, (t, t), generator,
+                                 lr_at=lambda p: cfg.train.lr * warmup_cosine(p, warmup), amp=cfg.train.amp,
+                                 desc=f"{site.name} pretrain r{ins.round}", regularizer=regularizer)
+    site.state.save(P.PRETRAIN, ins.round, {"method": method.state_dict(), "optimizer": optimizer.state_dict()})
+    shared = {k: v.detach().cpu() for k, v in method.shared_state_dict().items()}
+    return shared, {P.NUM_EXAMPLES: metrics["num_examples"], P.LOSS: metrics["loss"],
+                    P.MASK_RATIO: metrics["ratio"]}
+
+
+def _load_shared(method: torch.nn.Module, global_state: dict[str, torch.Tensor]) -> None:
+    """Put the global weights (exactly the method's shared keys) into the local method."""
+    expected = set(method.shared_state_dict())
+    if set(global_state) != expected:
+        missing, extra = sorted(expected - set(global_state)), sorted(set(global_state) - expected)
+        raise RoundRefused(f"the global weights do not fit this site's model (missing {missing[:3]}, "
+                           f"unexpected {extra[:3]}): server and site versions differ")
+    method.load_state_dict(global_state, strict=False)
+
+
+def finetune_round(site: Site, global_state: dict[str, torch.Tensor], ins: Instructions
+                   ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """Local segmentation training for ``local_epochs`` epochs from the global model."""
+    _check(site, ins)
+    cfg, device = site.cfg, resolve_device(site.cfg.train.device)
+    seed = round_seed(cfg.train.seed, site.index, ins.phase, ins.round)
+    seed_everything(seed)
+    model = _segmentation_model(site, global_state).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.finetune_lr, weight_decay=cfg.train.weight_decay)
+    previous = site.state.load_before(P.FINETUNE, ins.round)
+    if previous is not None:
+        optimizer.load_state_dict(previous["optimizer"])
+    labelled = [s for s in site.split.train if s.label is not None]
+    if not labelled:
+        raise RoundRefused(f"site {site.name} has no labelled training cases for fine-tuning")
+    subset = label_subset(labelled, cfg.train.label_fraction, cfg.train.seed)
+    loader = make_loader(subset, cfg, augment=True, labels=True, seed=seed)
+    regularizer = proximal_term(model, ins.proximal_mu) if ins.proximal_mu > 0 else None
+    loss_fn = dice_ce_loss()
+    metrics: dict[str, float] = {}
+    for epoch in range(ins.local_epochs):
+        t = federated_progress(ins.round, epoch, ins.local_epochs, ins.total_rounds)
+        for group in optimizer.param_groups:
+            group["lr"] = cfg.train.finetune_lr * warmup_cosine(t, 0.0)
+        loader.dataset.set_epoch((ins.round - 1) * ins.local_epochs + epoch)
+        metrics = finetune_epoch(model, loader, optimizer, loss_fn, device, cfg.train.amp,
+                                 desc=f"{site.name} finetune r{ins.round}", regularizer=regularizer)
+    site.state.save(P.FINETUNE, ins.round, {"optimizer": optimizer.state_dict()})
+    return ({k: v.detach().cpu() for k, v in model.state_dict().items()},
+            {P.NUM_EXAMPLES: metrics["num_examples"], P.LOSS: metrics["loss"]})
+
+
+def evaluate_round(site: Site, global_state: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Dice per class of the global model on the site's test cases (their mean over cases only)."""
+    cfg, device = site.cfg, resolve_device(site.cfg.train.device)
+    if not site.split.test:
+        raise RoundRefused(f"site {site.name} has no test cases to evaluate on")
+    model = _segmentation_model(site, global_state).to(device)
+    result = evaluate_segmentation(model, site.split.test, cfg.model.img_size, cfg.model.num_classes, device,
+                                   cfg.train.amp, desc=f"{site.name} evaluate")
+    result[P.NUM_EXAMPLES] = result.pop("num_examples")
+    return result
+
+
+def _segmentation_model(site: Site, global_state: dict[str, torch.Tensor]) -> SegmentationNet:
+    model = SegmentationNet(site.cfg.model)
+    try:
+        model.load_state_dict(global_state, strict=True)
+    except RuntimeError as e:
+        raise RoundRefused(f"the global segmentation model does not fit this site's model: {e}") from None
+    return model

@@ -1,0 +1,41 @@
+"""Names of everything that travels between the server and the sites, defined once.
+
+A training or evaluation message holds one :class:`ArrayRecord` under :data:`ARRAYS`
+(the weights), one :class:`ConfigRecord` under :data:`CONFIG` (the instructions below).
+A reply holds the weights (train only), one :class:`MetricRecord` under :data:`METRICS`
+(aggregate numbers only, never per-case values) and one :class:`ConfigRecord` under
+:data:`SITE` (the site's name). Nothing else leaves a site.
+"""
+
+# Record keys (Flower's strategies use "arrays" and "config"; kept so that they work unchanged).
+ARRAYS = "arrays"
+CONFIG = "config"
+METRICS = "metrics"
+SITE = "site"
+
+# Instructions in CONFIG.
+PHASE = "phase"  # PRETRAIN | FINETUNE
+PRETRAIN = "pretrain"
+FINETUNE = "finetune"
+GLOBAL_ROUND = "global-round"  # this phase's round, 1-based, continuing across restarts
+TOTAL_ROUNDS = "total-rounds"  # rounds of this phase in the whole run
+LOCAL_EPOCHS = "local-epochs"
+EXPECTED_RATIO = "expected-mask-ratio"  # AMR ratio the server expects at the round's start
+CONFIG_DIGEST = "config-digest"  # hash of the model and method config the server runs
+PROXIMAL_MU = "proximal-mu"  # set by Flower's FedProx
+
+# Metrics in METRICS (Flower weights by NUM_EXAMPLES: the number of samples, not batches).
+NUM_EXAMPLES = "num-examples"
+LOSS = "loss"
+MASK_RATIO = "mask-ratio"
+EPSILON = "epsilon"
+
+# Site description in SITE.
+SITE_NAME = "name"
+CLASS_NAMES = "class-names"  # JSON {"0": "background", ...}
+
+
+def config_digest(cfg) -> str:
+    """What the server and every site must agree on: the model and the method (a
+    :class:`amlp_core.config.Config`)."""
+    return cfg.digest("model", "method")

@@ -1,0 +1,1 @@
+"""The aggregation server: a Flower ServerApp running the two-phase federation."""

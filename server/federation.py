@@ -1,0 +1,197 @@
+"""The two-phase federation: pretraining rounds on the encoder, then fine-tuning rounds.
+
+After every round the global weights, the phase and round, the strategy's own state and
+the run's record are checkpointed atomically in ``federation.run_dir``. With
+``federation.resume`` a stopped run continues from there and ends where an uninterrupted
+run with the same seeds ends; a checkpoint made with another configuration is refused.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord
+from flwr.serverapp import Grid
+
+from amlp_core.config import Config, save_config
+from amlp_core.engine.checkpoint import load_checkpoint, save_checkpoint
+from amlp_core.engine.device import seed_everything
+from amlp_core.errors import CheckpointError
+from amlp_core.methods import build_method, mask_ratio_at
+from amlp_core.models import SegmentationNet
+from amlp_core.schedules import federated_progress
+from fedamlp import protocol as P
+from server import rounds
+from server.results import ALL_SITES, RunResults
+from server.strategies import build_strategy, restore_strategy_state, strategy_state
+
+log = logging.getLogger(__name__)
+CHECKPOINT = "server_checkpoint.pt"
+MODEL_DIR = "model"
+#: Settings that may change between a stopped run and its resumption.
+RESUMABLE = ("resume", "stop_after_rounds", "round_timeout", "connect_timeout", "run_dir")
+
+
+def run_digest(cfg: Config) -> str:
+    """Hash of everything that determines the run's result (not where it is or how long it waits)."""
+    d = cfg.to_dict()
+    d["federation"] = {k: v for k, v in d["federation"].items() if k not in RESUMABLE}
+    d["train"] = {k: v for k, v in d["train"].items() if k not in ("device", "num_threads")}
+    del d["site"]
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+class StopRequested(Exception):
+    """``federation.stop_after_rounds`` rounds are done; the checkpoint allows resuming."""
+
+
+@dataclasses.dataclass
+class Progress:
+    phase: str = P.PRETRAIN
+    done: int = 0  # rounds of ``phase`` completed
+
+
+def _bytes(arrays: ArrayRecord) -> int:
+    return sum(a.numpy().nbytes for a in arrays.values())
+
+
+class Federation:
+    """Runs the two phases on a Flower grid, one explicit round at a time."""
+
+    def __init__(self, grid: Grid, cfg: Config) -> None:
+        self.grid, self.cfg, self.fed = grid, cfg, cfg.federation
+        self.run_dir = Path(self.fed.run_dir)
+        self.results = RunResults(self.run_dir / "results")
+        self.rounds_this_process = 0
+        self.class_names: dict[str, str] = {}
+
+    # -- checkpoint ----------------------------------------------------------------------
+    def _save(self, progress: Progress, arrays: ArrayRecord, strategy) -> None:
+        state = {"arrays": arrays.to_torch_state_dict(), "strategy": strategy_state(strategy)}
+        meta = {"kind": "server", "phase": progress.phase, "round": progress.done, "digest": run_digest(self.cfg),
+                "rows": self.results.rows, "class_names": self.class_names}
+        save_checkpoint(self.run_dir / CHECKPOINT, state, meta)
+
+    def _load(self) -> tuple[Progress, ArrayRecord, dict] | None:
+        path = self.run_dir / CHECKPOINT
+        if not path.exists():
+            log.info("federation.resume is set but %s has no checkpoint: starting afresh", self.run_dir)
+            return None
+        state, meta = load_checkpoint(path)
+        if meta.get("digest") != run_digest(self.cfg):
+            raise CheckpointError(f"checkpoint {path} was made with a different configuration; refusing to resume "
+                                  "(start a new run_dir, or restore the original settings)")
+        self.results.rows = list(meta.get("rows", []))
+        self.class_names = dict(meta.get("class_names", {}))
+        log.info("resuming after %s round %d from %s", meta["phase"], meta["round"], path)
+        return Progress(meta["phase"], meta["round"]), ArrayRecord(state["arrays"]), state["strategy"]
+
+    # -- rounds --------------------------------------------------------------------------
+    def _instructions(self, phase: str, rnd: int, total: int) -> ConfigRecord:
+        record = {P.PHASE: phase, P.GLOBAL_ROUND: rnd, P.TOTAL_ROUNDS: total,
+                  P.LOCAL_EPOCHS: self.fed.local_epochs, P.CONFIG_DIGEST: P.config_digest(self.cfg)}
+        if phase == P.PRETRAIN:
+            t = federated_progress(rnd, 0, self.fed.local_epochs, total)
+            record[P.EXPECTED_RATIO] = mask_ratio_at(self.cfg.method, t)
+        return ConfigRecord(record)
+
+    def _record(self, phase: str, rnd: int, kind: str, outcome: rounds.RoundOutcome, aggregated: dict,
+                bytes_down: int) -> None:
+        for r in outcome.replies:
+            row = {"phase": phase, "round": rnd, "kind": kind, "site": r.site, "status": r.status, **r.metrics}
+            if r.error:
+                row["error"] = r.error
+            if kind == "train" and r.status == "ok":
+                row.update(bytes_down=bytes_down, bytes_up=_bytes(r.message.content[P.ARRAYS]))
+            self.results.add(**row)
+            if r.status == "ok" and not self.class_names and P.SITE in r.message.content.config_records:
+                self.class_names = json.loads(str(r.message.content[P.SITE][P.CLASS_NAMES]))
+        self.results.add(phase=phase, round=rnd, kind=kind, site=ALL_SITES, status="ok",
+                         sites_ok=len(outcome.ok), sites_asked=len(outcome.replies),
+                         seconds=round(outcome.seconds, 2), **aggregated)
+        summary = ", ".join(f"{k}={v:.4f}" for k, v in aggregated.items() if isinstance(v, float))
+        log.info("%s round %d %s: %d/%d sites ok; %s", phase, rnd, kind, len(outcome.ok), len(outcome.replies),
+                 summary)
+
+    def _phase(self, phase: str, arrays: ArrayRecord, start: int, total: int, strategy_saved: dict | None
+               ) -> ArrayRecord:
+        strategy = build_strategy(self.fed, evaluate=phase == P.FINETUNE)
+        if strategy_saved:
+            restore_strategy_state(strategy, strategy_saved)
+        f = self.fed
+        for rnd in range(start, total + 1):
+            if f.stop_after_rounds and self.rounds_this_process >= f.stop_after_rounds:
+                raise StopRequested
+            arrays, metrics, outcome = rounds.train_round(self.grid, strategy, rnd, arrays,
+                                                          self._instructions(phase, rnd, total), f.min_sites,
+                                                          f.connect_timeout, f.round_timeout)
+            self._record(phase, rnd, "train", outcome, metrics, _bytes(arrays))
+            if phase == P.FINETUNE:
+                metrics, outcome = rounds.evaluate_round(self.grid, strategy, rnd, arrays,
+                                                         self._instructions(phase, rnd, total), f.min_sites,
+                                                         f.connect_timeout, f.round_timeout)
+                self._record(phase, rnd, "evaluate", outcome, metrics, 0)
+            self.rounds_this_process += 1
+            self._save(Progress(phase, rnd), arrays, strategy)
+            self.results.write()
+        return arrays
+
+    # -- initial weights -----------------------------------------------------------------
+    def initial_encoder(self) -> ArrayRecord:
+        seed_everything(self.cfg.train.seed)
+        method = build_method(self.cfg.model, self.cfg.method)
+        return ArrayRecord(method.shared_state_dict())
+
+    def initial_segmentation(self, encoder_arrays: ArrayRecord) -> ArrayRecord:
+        """A segmentation network holding the aggregated encoder and a seeded fresh decoder."""
+        seed_everything(self.cfg.train.seed + 1)
+        model = SegmentationNet(self.cfg.model)
+        prefix = "encoder."
+        encoder = {k[len(prefix):]: v for k, v in encoder_arrays.to_torch_state_dict().items()
+                   if k.startswith(prefix)}
+        model.encoder.load_state_dict(encoder, strict=True)
+        return ArrayRecord(model.state_dict())
+
+    # -- the run -------------------------------------------------------------------------
+    def run(self) -> Path | None:
+        """Both phases; returns the final model folder, or None when stopped early (resumable)."""
+        cfg, f = self.cfg, self.fed
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, self.run_dir / "config.yaml")
+        resumed = self._load() if f.resume else None
+        progress, arrays, strategy_saved = resumed or (Progress(), None, None)
+        self.results.info = {"method": cfg.method.name, "strategy": f.strategy, "sites (min)": f.min_sites,
+                             "pretrain rounds": f.pretrain_rounds, "finetune rounds": f.finetune_rounds,
+                             "local epochs": f.local_epochs, "label fraction": cfg.train.label_fraction}
+        started = time.monotonic()
+        try:
+            if progress.phase == P.PRETRAIN:
+                arrays = arrays or self.initial_encoder()
+                if f.pretrain_rounds:
+                    arrays = self._phase(P.PRETRAIN, arrays, progress.done + 1, f.pretrain_rounds, strategy_saved)
+                arrays, progress, strategy_saved = self.initial_segmentation(arrays), Progress(P.FINETUNE), None
+            arrays = self._phase(P.FINETUNE, arrays, progress.done + 1, f.finetune_rounds, strategy_saved)
+        except StopRequested:
+            log.info("stopped after %d rounds (federation.stop_after_rounds); resume with federation.resume=true",
+                     self.rounds_this_process)
+            return None
+        self.results.info["server seconds"] = round(time.monotonic() - started, 1)
+        self.results.write()
+        return self.save_model(arrays)
+
+    def save_model(self, arrays: ArrayRecord) -> Path:
+        """The final segmentation model, loadable by ``fedamlp predict --model RUN_DIR/model``."""
+        folder = self.run_dir / MODEL_DIR
+        meta = {"kind": "segmentation", "config": self.cfg.to_dict(), "class_names": self.class_names,
+                "init_method": f"federated {self.cfg.method.name}", "epoch": self.fed.finetune_rounds}
+        save_checkpoint(folder / "checkpoint.pt", {"model": arrays.to_torch_state_dict()}, meta)
+        save_config(self.cfg, folder / "config.yaml")
+        log.info("final model: %s", folder)
+        return folder

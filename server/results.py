@@ -1,0 +1,82 @@
+"""The run's record: per round and per site, as JSON, CSV and a short Markdown summary."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+ALL_SITES = "ALL"
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+class RunResults:
+    """Rows ``{phase, round, kind, site, status, ...metrics}``; rewritten to disk after every round."""
+
+    def __init__(self, folder: str | Path, rows: list[dict[str, Any]] | None = None) -> None:
+        self.folder = Path(folder)
+        self.rows: list[dict[str, Any]] = list(rows or [])
+        self.info: dict[str, Any] = {}
+
+    def add(self, **row: Any) -> None:
+        self.rows.append(row)
+
+    def write(self) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        _atomic_write(self.folder / "rounds.json", json.dumps({"info": self.info, "rows": self.rows}, indent=1))
+        columns: list[str] = []
+        for row in self.rows:
+            columns += [c for c in row if c not in columns]
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(self.rows)
+        _atomic_write(self.folder / "rounds.csv", buffer.getvalue())
+        _atomic_write(self.folder / "summary.md", self.summary())
+
+    def final_dice(self) -> list[dict[str, Any]]:
+        """The last evaluation round's rows (each site, then all sites)."""
+        evals = [r for r in self.rows if r["kind"] == "evaluate"]
+        if not evals:
+            return []
+        last = max(r["round"] for r in evals)
+        return [r for r in evals if r["round"] == last]
+
+    def summary(self) -> str:
+        lines = ["# Federated run", ""]
+        for key, value in self.info.items():
+            lines.append(f"- {key}: {value}")
+        dice = self.final_dice()
+        if dice:
+            classes = sorted(k for k in dice[0] if k.startswith("dice_") and k != "dice_mean")
+            lines += ["", f"## Dice after fine-tuning round {dice[0]['round']}", "",
+                      "| site | cases | " + " | ".join(classes) + " | mean |", "|---" * (len(classes) + 3) + "|"]
+            for r in dice:
+                values = " | ".join(_fmt(r.get(c)) for c in classes + ["dice_mean"])
+                lines.append(f"| {r['site']} | {r.get('num-examples', '')} | {values} |")
+        failures = [r for r in self.rows if r.get("status") not in (None, "ok")]
+        if failures:
+            lines += ["", "## Site failures", ""]
+            lines += [f"- {r['phase']} round {r['round']} ({r['kind']}): {r['site']}: {r['status']}: "
+                      f"{r.get('error', '')}" for r in failures]
+        train = [r for r in self.rows if r["kind"] == "train" and r["site"] == ALL_SITES]
+        if train:
+            lines += ["", "## Training rounds", "", "| phase | round | loss | sites ok | seconds |", "|---|---|---|---|---|"]
+            lines += [f"| {r['phase']} | {r['round']} | {_fmt(r.get('loss'))} | {r.get('sites_ok', '')} | "
+                      f"{_fmt(r.get('seconds'))} |" for r in train]
+        return "\n".join(lines) + "\n"
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return "nan" if math.isnan(value) else f"{value:.4f}"
+    return "" if value is None else str(value)

@@ -1,0 +1,162 @@
+"""Run the whole federation on one machine with Flower's simulation engine.
+
+``fedamlp simulate`` starts a private ``flower-superlink --simulation`` on a free loopback
+port (its own process session), submits this project with ``flwr run`` and streams the
+run's log until the run ends. Whatever happens (success, error, Ctrl-C), every process it
+started is stopped afterwards: the SuperLink's session and any process that carries this
+simulation's marker in its environment (the ServerApp, the simulation engine, Ray).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Mapping
+
+import tomli_w
+
+from amlp_core.config import Config, flat_dict
+from amlp_core.errors import AMLPError
+
+log = logging.getLogger(__name__)
+REPO = Path(__file__).resolve().parents[1]
+MARKER = "FEDAMLP_SIMULATION_ID"
+
+
+class SimulationError(AMLPError):
+    """The simulation could not start or did not finish; the message says where to look."""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_for_port(port: int, proc: subprocess.Popen, timeout: float, log_file: Path) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SimulationError(f"flower-superlink exited with code {proc.returncode}; see {log_file}")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.2)
+    raise SimulationError(f"flower-superlink did not open port {port} within {timeout:.0f} s; see {log_file}")
+
+
+def _marked_pids(marker: str) -> list[int]:
+    """Processes whose environment carries ``MARKER=marker`` (Linux /proc)."""
+    needle = f"{MARKER}={marker}".encode()
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            if needle in (entry / "environ").read_bytes().split(b"\0"):
+                pids.append(int(entry.name))
+        except OSError:
+            continue
+    return pids
+
+
+def stop_processes(marker: str, sessions: list[subprocess.Popen], grace: float = 5.0) -> None:
+    """SIGTERM, then SIGKILL after ``grace`` s, every started session and every marked process."""
+    for proc in sessions:
+        if proc.poll() is None:
+            try:
+                os.killpg(proc.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+    for pid in _marked_pids(marker):
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline and (_marked_pids(marker) or any(p.poll() is None for p in sessions)):
+        time.sleep(0.2)
+    for pid in _marked_pids(marker):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    for proc in sessions:
+        if proc.poll() is None:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        proc.wait(timeout=grace)
+
+
+def _run_config_file(cfg: Config, path: Path) -> Path:
+    nested: dict[str, dict[str, Any]] = {}
+    for key, value in flat_dict(cfg).items():
+        section, name = key.split(".", 1)
+        nested.setdefault(section, {})[name] = value
+    path.write_text(tomli_w.dumps(nested))
+    return path
+
+
+def simulate(cfg: Config, project: Path = REPO, timeout: float | None = None, stream_to=None,
+             cpus_per_site: int = 1) -> Path:
+    """Run ``cfg``'s federation with ``cfg.federation.sites`` simulated sites; returns the run folder.
+
+    Raises:
+        SimulationError: Flower could not start, the run failed or exceeded ``timeout`` seconds.
+    """
+    run_dir = Path(cfg.federation.run_dir).resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cfg = cfg.replace(federation={"run_dir": str(run_dir)})
+    flwr_home = run_dir / ".flwr"
+    flwr_home.mkdir(exist_ok=True)
+    marker = uuid.uuid4().hex
+    port = free_port()
+    bin_dir = str(Path(sys.executable).parent)
+    env = {**os.environ, MARKER: marker, "FLWR_HOME": str(flwr_home), "PATH": f"{bin_dir}{os.pathsep}"
+           f"{os.environ.get('PATH', '')}", "FLWR_DISABLE_UPDATE_CHECK": "1", "RAY_DEDUP_LOGS": "0",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(project), os.environ.get("PYTHONPATH", "")]))}
+    (flwr_home / "config.toml").write_text(
+        f'[superlink]\ndefault = "fedamlp"\n\n[superlink.fedamlp]\naddress = "127.0.0.1:{port}"\ninsecure = true\n')
+    superlink_log = run_dir / "superlink.log"
+    sessions: list[subprocess.Popen] = []
+    started = time.monotonic()
+    try:
+        with open(superlink_log, "wb") as out:
+            sessions.append(subprocess.Popen(
+                ["flower-superlink", "--insecure", "--simulation", "--isolation", "subprocess", "--host", "127.0.0.1",
+                 "--port", str(port), "--disable-runtime-dependency-installation"],
+                env=env, cwd=run_dir, stdout=out, stderr=subprocess.STDOUT, start_new_session=True))
+        _wait_for_port(port, sessions[0], 60, superlink_log)
+        fed_config = [f"num-supernodes={cfg.federation.sites}", f"client-resources-num-cpus={cpus_per_site}"]
+        command = ["flwr", "run", str(project), "fedamlp", "--run-config",
+                   str(_run_config_file(cfg, run_dir / "run_config.toml")), "--stream"]
+        for item in fed_config:
+            command += ["--federation-config", item]
+        log.info("simulating %d sites; run folder %s", cfg.federation.sites, run_dir)
+        runner = subprocess.Popen(command, env=env, cwd=project, stdout=stream_to, stderr=subprocess.STDOUT,
+                                  start_new_session=True)
+        sessions.append(runner)
+        try:
+            code = runner.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise SimulationError(f"the simulation did not finish within {timeout:.0f} s; log: {superlink_log}") from None
+        if code != 0:
+            raise SimulationError(f"flwr run exited with code {code}; see {superlink_log}")
+        model = run_dir / "model" / "checkpoint.pt"
+        if not model.exists() and not cfg.federation.stop_after_rounds:
+            raise SimulationError(f"the run ended without a final model in {run_dir}: see {run_dir / 'results'} and "
+                                  f"{superlink_log}")
+        log.info("simulation finished in %.0f s", time.monotonic() - started)
+        return run_dir
+    finally:
+        stop_processes(marker, sessions)
