@@ -35,7 +35,7 @@ class ModelConfig:
     img_size: tuple[int, ...] = (48, 64, 48)
     patch_size: int = 8
     embed_dim: int = 192  # divisible by 6 (3D sin-cos position embedding) and by num_heads
-    depth: int = 6
+    depth: int = 4
     num_heads: int = 6
     mlp_ratio: float = 4.0
     decoder_dim: int = 96
@@ -152,6 +152,7 @@ class TrainConfig:
     batch_size: int = 8
     lr: float = 1.5e-4  # pretraining
     finetune_lr: float = 1e-3
+    encoder_lr_scale: float = 0.1  # fine-tuning: the encoder learns at finetune_lr * this
     weight_decay: float = 0.05
     warmup_epochs: int = 1
     label_fraction: float = 1.0
@@ -166,6 +167,7 @@ class TrainConfig:
         _check(self.batch_size >= 1, "train.batch_size", self.batch_size, "must be at least 1")
         _check(self.lr > 0, "train.lr", self.lr, "must be positive")
         _check(self.finetune_lr > 0, "train.finetune_lr", self.finetune_lr, "must be positive")
+        _check(self.encoder_lr_scale >= 0, "train.encoder_lr_scale", self.encoder_lr_scale, "must not be negative")
         _check(self.max_minutes >= 0, "train.max_minutes", self.max_minutes, "must not be negative")
         _check(self.weight_decay >= 0, "train.weight_decay", self.weight_decay, "must not be negative")
         _check(0.0 < self.label_fraction <= 1.0, "train.label_fraction", self.label_fraction, "must be in (0, 1]")

@@ -14,6 +14,7 @@ from typing import Any, Mapping
 import torch
 
 from amlp_core.engine.device import make_generator, resolve_device, seed_everything
+from amlp_core.engine.optim import finetune_optimizer, pretrain_optimizer, set_lr
 from amlp_core.engine.loops import evaluate_segmentation, finetune_epoch, pretrain_epoch
 from amlp_core.engine.pipeline import make_loader
 from amlp_core.data import label_subset
@@ -103,8 +104,7 @@ def pretrain_round(site: Site, global_state: dict[str, torch.Tensor], ins: Instr
         method.load_state_dict(previous["method"])  # decoder, running statistics (encoder replaced next)
     _load_shared(method, global_state)
     method.to(device)
-    optimizer = torch.optim.AdamW(method.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
-                                  betas=(0.9, 0.95))
+    optimizer = pretrain_optimizer(method, cfg.train)
     if previous is not None:
         optimizer.load_state_dict(previous["optimizer"])
     loader = make_loader(site.split.train, cfg, augment=True, labels=False, seed=seed)
@@ -142,7 +142,7 @@ def finetune_round(site: Site, global_state: dict[str, torch.Tensor], ins: Instr
     seed = round_seed(cfg.train.seed, site.index, ins.phase, ins.round)
     seed_everything(seed)
     model = _segmentation_model(site, global_state).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.finetune_lr, weight_decay=cfg.train.weight_decay)
+    optimizer = finetune_optimizer(model, cfg.train)
     previous = site.state.load_before(P.FINETUNE, ins.round)
     if previous is not None:
         optimizer.load_state_dict(previous["optimizer"])
@@ -156,8 +156,7 @@ def finetune_round(site: Site, global_state: dict[str, torch.Tensor], ins: Instr
     metrics: dict[str, float] = {}
     for epoch in range(ins.local_epochs):
         t = federated_progress(ins.round, epoch, ins.local_epochs, ins.total_rounds)
-        for group in optimizer.param_groups:
-            group["lr"] = cfg.train.finetune_lr * warmup_cosine(t, 0.0)
+        set_lr(optimizer, cfg.train.finetune_lr * warmup_cosine(t, 0.0))
         loader.dataset.set_epoch((ins.round - 1) * ins.local_epochs + epoch)
         metrics = finetune_epoch(model, loader, optimizer, loss_fn, device, cfg.train.amp,
                                  desc=f"{site.name} finetune r{ins.round}", regularizer=regularizer)

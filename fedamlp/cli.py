@@ -144,6 +144,31 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_simulate(args: argparse.Namespace) -> int:
+    """The whole two-phase federation on this machine (Flower's simulation engine)."""
+    from amlp_core.engine.pipeline import data_defaults
+    from simulations.simulate import default_run_config, simulate
+
+    overrides: dict[str, Any] = dict(default_run_config())
+    if args.data or args.dims:
+        overrides.update(data_defaults(args.data or "synthetic", args.format, args.dims))
+    for flag, key in (("sites", "federation.sites"), ("method", "method.name"),
+                      ("pretrain_rounds", "federation.pretrain_rounds"),
+                      ("finetune_rounds", "federation.finetune_rounds"), ("local_epochs", "federation.local_epochs"),
+                      ("strategy", "federation.strategy"), ("label_fraction", "train.label_fraction"),
+                      ("out", "federation.run_dir"), ("seed", "train.seed"), ("device", "train.device")):
+        if getattr(args, flag, None) is not None:
+            overrides[key] = getattr(args, flag)
+    if args.resume:
+        overrides["federation.resume"] = True
+    overrides.update(_parse_set(args.set))
+    cfg = load_config(args.config, overrides) if args.config else build_config(overrides)
+    run_dir = simulate(cfg, timeout=args.timeout)
+    print((run_dir / "results" / "summary.md").read_text())
+    print(f"model: {run_dir / 'model'}  (fedamlp predict --model {run_dir / 'model'} --input X --output Y)")
+    return 0
+
+
 def _demo_defaults() -> dict[str, Any]:
     from amlp_core.engine.pipeline import data_defaults
 
@@ -193,6 +218,26 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--num-classes", type=int, help="declared classes (when the dataset does not say)")
     c.add_argument("--json", help="also write the report as JSON")
     c.set_defaults(func=cmd_data_check)
+
+    p = sub.add_parser("simulate", help="the two-phase federation on this machine (Flower simulation)")
+    p.add_argument("--data", help="dataset folder, or 'synthetic' (the default: built-in phantoms, one style per site)")
+    p.add_argument("--format", default="auto", choices=["auto", "msd", "nifti", "png"])
+    p.add_argument("--dims", type=int, choices=[2, 3])
+    p.add_argument("--config", help="YAML config file")
+    p.add_argument("--sites", type=int)
+    p.add_argument("--method", choices=METHOD_NAMES)
+    p.add_argument("--pretrain-rounds", type=int)
+    p.add_argument("--finetune-rounds", type=int)
+    p.add_argument("--local-epochs", type=int)
+    p.add_argument("--strategy", choices=["fedavg", "fedprox", "fedadam", "fedmedian", "fedtrimmedavg"])
+    p.add_argument("--label-fraction", type=float)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--device")
+    p.add_argument("--out", help="run folder (default: runs/simulation)")
+    p.add_argument("--resume", action="store_true", help="continue a stopped run from its checkpoint")
+    p.add_argument("--timeout", type=float, help="give up after this many seconds")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.set_defaults(func=cmd_simulate)
 
     p = sub.add_parser("demo", help="pretrain + fine-tune on synthetic phantoms (the quick first try)")
     p.add_argument("--out", default="runs/demo")

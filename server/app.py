@@ -3,21 +3,47 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from amlp_core.config import build_config
-from server.federation import Federation
+from amlp_core.errors import AMLPError
+from server.federation import FAILED, Federation
 
 log = logging.getLogger(__name__)
 
 app = ServerApp()
 
 
+def _setup_logging() -> None:
+    """Our packages log at INFO to stderr (Flower keeps its own handlers)."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+    for name in ("server", "client", "amlp_core", "fedamlp"):
+        logger = logging.getLogger(name)
+        if not logger.handlers:
+            logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    """Build the configuration once from the run config and run the federation."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    """Build the configuration once from the run config and run the federation.
+
+    A failure is also written to ``RUN_DIR/FAILED`` (one line), so that whoever started the
+    run can say what went wrong without reading the log.
+    """
+    _setup_logging()
     cfg = build_config(dict(context.run_config))
-    Federation(grid, cfg).run()
+    failed = Path(cfg.federation.run_dir) / FAILED
+    failed.unlink(missing_ok=True)
+    try:
+        Federation(grid, cfg).run()
+    except AMLPError as e:
+        log.error("the federation failed: %s", e)
+        failed.parent.mkdir(parents=True, exist_ok=True)
+        failed.write_text(f"{type(e).__name__}: {e}\n")
+        raise

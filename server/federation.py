@@ -35,6 +35,7 @@ from server.strategies import build_strategy, restore_strategy_state, strategy_s
 log = logging.getLogger(__name__)
 CHECKPOINT = "server_checkpoint.pt"
 MODEL_DIR = "model"
+FAILED = "FAILED"  # written by the ServerApp when the run fails: one line saying why
 #: Settings that may change between a stopped run and its resumption.
 RESUMABLE = ("resume", "stop_after_rounds", "round_timeout", "connect_timeout", "run_dir")
 

@@ -25,6 +25,7 @@ import tomli_w
 
 from amlp_core.config import Config, flat_dict
 from amlp_core.errors import AMLPError
+from server.federation import FAILED, MODEL_DIR
 
 log = logging.getLogger(__name__)
 REPO = Path(__file__).resolve().parents[1]
@@ -53,9 +54,9 @@ def _wait_for_port(port: int, proc: subprocess.Popen, timeout: float, log_file: 
     raise SimulationError(f"flower-superlink did not open port {port} within {timeout:.0f} s; see {log_file}")
 
 
-def _marked_pids(marker: str) -> list[int]:
-    """Processes whose environment carries ``MARKER=marker`` (Linux /proc)."""
-    needle = f"{MARKER}={marker}".encode()
+def _marked_pids(marker: str, key: str = MARKER) -> list[int]:
+    """Processes whose environment carries ``key=marker`` (Linux /proc)."""
+    needle = f"{key}={marker}".encode()
     pids = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit() or int(entry.name) == os.getpid():
@@ -150,9 +151,12 @@ def simulate(cfg: Config, project: Path = REPO, timeout: float | None = None, st
             code = runner.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             raise SimulationError(f"the simulation did not finish within {timeout:.0f} s; log: {superlink_log}") from None
+        failed = run_dir / FAILED
+        if failed.exists():
+            raise SimulationError(f"the federation failed: {failed.read_text().strip()}")
         if code != 0:
             raise SimulationError(f"flwr run exited with code {code}; see {superlink_log}")
-        model = run_dir / "model" / "checkpoint.pt"
+        model = run_dir / MODEL_DIR / "checkpoint.pt"
         if not model.exists() and not cfg.federation.stop_after_rounds:
             raise SimulationError(f"the run ended without a final model in {run_dir}: see {run_dir / 'results'} and "
                                   f"{superlink_log}")
@@ -160,3 +164,13 @@ def simulate(cfg: Config, project: Path = REPO, timeout: float | None = None, st
         return run_dir
     finally:
         stop_processes(marker, sessions)
+
+
+def default_run_config(project: Path = REPO) -> dict[str, Any]:
+    """The app's run configuration from ``pyproject.toml`` (flat keys): the embedded default."""
+    import tomllib
+
+    from flwr.common.config import flatten_dict
+
+    with open(project / "pyproject.toml", "rb") as f:
+        return flatten_dict(tomllib.load(f)["tool"]["flwr"]["app"]["config"])

@@ -14,6 +14,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from amlp_core.engine.device import autocast
+from amlp_core.engine.optim import set_lr
 from amlp_core.methods import PretrainMethod
 
 log = logging.getLogger(__name__)
@@ -60,8 +61,7 @@ def pretrain_epoch(method: PretrainMethod, loader: Iterable[dict], optimizer: to
     for step, batch in enumerate(bar):
         t = t0 + (t1 - t0) * step / steps
         if lr_at is not None:
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(t)
+            set_lr(optimizer, lr_at(t))
         images = batch["image"].to(device, non_blocking=True)
         with autocast(device, amp):
             out = method.training_step(images, t, generator)

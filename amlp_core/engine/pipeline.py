@@ -24,6 +24,7 @@ from amlp_core.data import (Sample, SegDataset, discover, label_subset, load_sam
                             normalize_intensity, partition_names, read_image, split_names, to_slices, write_nifti)
 from amlp_core.engine.checkpoint import load_checkpoint, require_meta, save_checkpoint
 from amlp_core.engine.device import make_generator, resolve_device, seed_everything, set_threads
+from amlp_core.engine.optim import finetune_optimizer, pretrain_optimizer, set_lr
 from amlp_core.engine.loops import evaluate_segmentation, finetune_epoch, predict_volume, pretrain_epoch
 from amlp_core.errors import CheckpointError, ConfigError, DataError
 from amlp_core.losses import dice_ce_loss
@@ -141,8 +142,7 @@ def pretrain(cfg: Config, out_dir: str | Path, split: DataSplit | None = None) -
     split = split or load_split(cfg)
     method = build_method(cfg.model, cfg.method).to(device)
     loader = make_loader(split.train, cfg, augment=True, labels=False)
-    optimizer = torch.optim.AdamW(method.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
-                                  betas=(0.9, 0.95))
+    optimizer = pretrain_optimizer(method, cfg.train)
     generator = make_generator(cfg.train.seed, device)
     epochs = cfg.train.epochs
     warmup = min(cfg.train.warmup_epochs / epochs, 0.5)
@@ -231,7 +231,7 @@ def train_segmentation(model: torch.nn.Module, cfg: Config, out_dir: str | Path,
     subset = label_subset(labelled, cfg.train.label_fraction, cfg.train.seed)
     model.to(device)
     loader = make_loader(subset, cfg, augment=True, labels=True)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.finetune_lr, weight_decay=cfg.train.weight_decay)
+    optimizer = finetune_optimizer(model, cfg.train)
     loss_fn = dice_ce_loss()
     log.info("fine-tuning on %d of %d labelled cases (%s) for %d epochs on %s", len(subset), len(labelled),
              init_method, cfg.train.epochs, device)
@@ -240,8 +240,7 @@ def train_segmentation(model: torch.nn.Module, cfg: Config, out_dir: str | Path,
     start = time.monotonic()
     for epoch in range(cfg.train.epochs):
         t = _progress(epoch, start, cfg)
-        for group in optimizer.param_groups:
-            group["lr"] = cfg.train.finetune_lr * warmup_cosine(t, 0.0)
+        set_lr(optimizer, cfg.train.finetune_lr * warmup_cosine(t, 0.0))
         loader.dataset.set_epoch(epoch)
         metrics = finetune_epoch(model, loader, optimizer, loss_fn, device, cfg.train.amp,
                                  desc=f"finetune {epoch + 1}/{cfg.train.epochs}")

@@ -52,6 +52,9 @@ class SegmentationNet(nn.Module):
             for i in range(levels)
         )
         self.tokens_in = _tokens_to_level(dims, cfg.embed_dim, chans[-1], cfg.patch_size // 2 ** levels)
+        # Zero start: the network begins as a plain conv U-Net and learns how much of the ViT to use.
+        nn.init.zeros_(self.tokens_in.weight)
+        nn.init.zeros_(self.tokens_in.bias)
         bottom = 2 * chans[-1]
         self.bottom = ResidualUnit(dims, 2 * chans[-1], bottom, strides=1, subunits=2, act=ACT, norm=NORM)
         self.up = nn.ModuleList()
