@@ -11,6 +11,7 @@ The data is read and checked at the first message; a problem becomes that site's
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,12 +59,12 @@ def site_config(run_config: Mapping[str, Any], node_config: Mapping[str, Any]) -
     return cfg.replace(site={"name": name, "state_dir": state_dir}), index, count
 
 
-_SITES: dict[tuple[int, int], Site] = {}
+_SITES: dict[tuple[int, int, str], Site] = {}
 
 
 def get_site(run_id: int, node_id: int, run_config: Mapping[str, Any], node_config: Mapping[str, Any]) -> Site:
     """The site of this node in this run, loading and checking its data on first use."""
-    key = (run_id, node_id)
+    key = (run_id, node_id, json.dumps([dict(run_config), dict(node_config)], sort_keys=True, default=str))
     if key not in _SITES:
         cfg, index, count = site_config(run_config, node_config)
         log.info("%s: loading data from %s", cfg.site.name, cfg.data.path)

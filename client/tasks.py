@@ -120,7 +120,7 @@ def pretrain_round(site: Site, global_state: dict[str, torch.Tensor], ins: Instr
                                  desc=f"{site.name} pretrain r{ins.round}", regularizer=regularizer)
     site.state.save(P.PRETRAIN, ins.round, {"method": method.state_dict(), "optimizer": optimizer.state_dict()})
     shared = {k: v.detach().cpu() for k, v in method.shared_state_dict().items()}
-    return shared, {P.NUM_EXAMPLES: metrics["num_examples"], P.LOSS: metrics["loss"],
+    return shared, {P.NUM_EXAMPLES: len(loader.dataset), P.LOSS: metrics["loss"],
                     P.MASK_RATIO: metrics["ratio"]}
 
 
@@ -162,7 +162,7 @@ def finetune_round(site: Site, global_state: dict[str, torch.Tensor], ins: Instr
                                  desc=f"{site.name} finetune r{ins.round}", regularizer=regularizer)
     site.state.save(P.FINETUNE, ins.round, {"optimizer": optimizer.state_dict()})
     return ({k: v.detach().cpu() for k, v in model.state_dict().items()},
-            {P.NUM_EXAMPLES: metrics["num_examples"], P.LOSS: metrics["loss"]})
+            {P.NUM_EXAMPLES: len(loader.dataset), P.LOSS: metrics["loss"]})
 
 
 def evaluate_round(site: Site, global_state: dict[str, torch.Tensor]) -> dict[str, float]:

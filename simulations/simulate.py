@@ -54,9 +54,9 @@ def _wait_for_port(port: int, proc: subprocess.Popen, timeout: float, log_file: 
     raise SimulationError(f"flower-superlink did not open port {port} within {timeout:.0f} s; see {log_file}")
 
 
-def _marked_pids(marker: str, key: str = MARKER) -> list[int]:
-    """Processes whose environment carries ``key=marker`` (Linux /proc)."""
-    needle = f"{key}={marker}".encode()
+def processes_with_env(key: str, value: str) -> list[int]:
+    """Processes (not this one) whose environment carries ``key=value`` (Linux /proc)."""
+    needle = f"{key}={value}".encode()
     pids = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit() or int(entry.name) == os.getpid():
@@ -77,15 +77,15 @@ def stop_processes(marker: str, sessions: list[subprocess.Popen], grace: float =
                 os.killpg(proc.pid, signal.SIGTERM)
             except ProcessLookupError:
                 pass
-    for pid in _marked_pids(marker):
+    for pid in processes_with_env(MARKER, marker):
         try:
             os.kill(pid, signal.SIGTERM)
         except ProcessLookupError:
             pass
     deadline = time.monotonic() + grace
-    while time.monotonic() < deadline and (_marked_pids(marker) or any(p.poll() is None for p in sessions)):
+    while time.monotonic() < deadline and (processes_with_env(MARKER, marker) or any(p.poll() is None for p in sessions)):
         time.sleep(0.2)
-    for pid in _marked_pids(marker):
+    for pid in processes_with_env(MARKER, marker):
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:

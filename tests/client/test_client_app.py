@@ -1,0 +1,180 @@
+"""The hospital ClientApp, driven with real Flower messages (no simulation engine needed)."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, Metadata, RecordDict
+
+from amlp_core.config import apply_site_file, flat_dict
+from amlp_core.data import write_phantom_dataset
+from amlp_core.errors import ConfigError
+from amlp_core.methods import build_method
+from amlp_core.models import SegmentationNet
+from client.app import app
+from client.state import SiteState
+from client.tasks import site_mask_ratio
+from fedamlp import protocol as P
+from tests.conftest import tiny_config
+
+
+def _cfg(tmp_path, **overrides):
+    base = {"federation.run_dir": str(tmp_path / "run"), "federation.pretrain_rounds": 3, "data.synthetic_cases": 8,
+            "federation.sites": 2}
+    return tiny_config(2, **{**base, **overrides})
+
+
+def _context(cfg, site: int, node_id: int | None = None, node_config=None) -> Context:
+    return Context(run_id=1, node_id=node_id if node_id is not None else 100 + site,
+                   node_config=node_config or {"partition-id": site, "num-partitions": 2}, state=RecordDict(),
+                   run_config=flat_dict(cfg))
+
+
+def _instructions(cfg, phase=P.PRETRAIN, rnd=1, **changes) -> ConfigRecord:
+    fed = cfg.federation
+    total = fed.pretrain_rounds if phase == P.PRETRAIN else fed.finetune_rounds
+    record = {P.PHASE: phase, P.GLOBAL_ROUND: rnd, P.TOTAL_ROUNDS: total, P.LOCAL_EPOCHS: fed.local_epochs,
+              P.CONFIG_DIGEST: P.config_digest(cfg)}
+    if phase == P.PRETRAIN:
+        from amlp_core.methods import mask_ratio_at
+        from amlp_core.schedules import federated_progress
+
+        record[P.EXPECTED_RATIO] = mask_ratio_at(cfg.method, federated_progress(rnd, 0, fed.local_epochs, total))
+    record.update(changes)
+    return ConfigRecord(record)
+
+
+def _message(content: RecordDict, node_id: int, kind: str) -> Message:
+    """A message as the SuperLink delivers it to a SuperNode (metadata filled in)."""
+    meta = Metadata(run_id=1, message_id=f"m-{time.monotonic_ns()}", src_node_id=0, dst_node_id=node_id,
+                    reply_to_message_id="", group_id="", created_at=time.time(), ttl=3600.0, message_type=kind)
+    return Message(content=content, metadata=meta)
+
+
+def _train_message(cfg, arrays: dict, config: ConfigRecord, node_id: int) -> Message:
+    return _message(RecordDict({P.ARRAYS: ArrayRecord(arrays), P.CONFIG: config}), node_id, "train")
+
+
+def _encoder_state(cfg) -> dict[str, torch.Tensor]:
+    torch.manual_seed(0)
+    return build_method(cfg.model, cfg.method).shared_state_dict()
+
+
+def test_pretraining_reply_holds_the_encoder_and_aggregates_only(tmp_path):
+    cfg = _cfg(tmp_path)
+    sent = _encoder_state(cfg)
+    ctx = _context(cfg, 0)
+    reply = app(_train_message(cfg, sent, _instructions(cfg), ctx.node_id), ctx)
+    assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
+    arrays = reply.content[P.ARRAYS].to_torch_state_dict()
+    assert set(arrays) == set(sent) and all(k.startswith("encoder.") for k in arrays)  # no decoder weights
+    assert all(arrays[k].shape == sent[k].shape for k in sent)  # parameter-shaped arrays only
+    assert any(not torch.equal(arrays[k], sent[k]) for k in sent)  # it trained
+    metrics = dict(reply.content[P.METRICS])
+    assert set(metrics) == {P.NUM_EXAMPLES, P.LOSS, P.MASK_RATIO}
+    assert all(isinstance(v, (int, float)) for v in metrics.values())  # aggregate scalars, never per-case values
+    assert metrics[P.NUM_EXAMPLES] == 6  # the site's training cases (8 phantoms, 20 % held out)
+    site = dict(reply.content[P.SITE])
+    assert set(site) == {P.SITE_NAME, P.CLASS_NAMES} and site[P.SITE_NAME] == "site0"
+    assert json.loads(site[P.CLASS_NAMES]) == {"0": "background", "1": "lesion"}
+    assert set(reply.content.config_records) == {P.SITE} and set(reply.content.array_records) == {P.ARRAYS}
+    # The decoder and the MPS statistics stayed at the site, on disk.
+    local = SiteState(cfg.federation.run_dir + "/sites/site0").load_before(P.PRETRAIN, 2)
+    assert any(k.startswith("decoder.") for k in local["method"]) and "mps.group_loss" in local["method"]
+
+
+def test_all_sites_use_the_servers_ratio_in_every_round(tmp_path):
+    cfg = _cfg(tmp_path)
+    sent = _encoder_state(cfg)
+    ratios = {}
+    for site in (0, 1):
+        ctx = _context(cfg, site)
+        for rnd in (1, 2):
+            reply = app(_train_message(cfg, sent, _instructions(cfg, rnd=rnd), ctx.node_id), ctx)
+            assert not reply.has_error()
+            ratios[site, rnd] = reply.content[P.METRICS][P.MASK_RATIO]
+    assert ratios[0, 1] == ratios[1, 1] and ratios[0, 2] == ratios[1, 2]
+    assert ratios[0, 2] > ratios[0, 1]  # AMR grows with the server's round counter
+    assert ratios[0, 1] == pytest.approx(0.25, abs=1 / cfg.model.num_patches)
+
+
+def test_a_masking_ratio_mismatch_is_refused(tmp_path):
+    cfg = _cfg(tmp_path)
+    ctx = _context(cfg, 1)
+    skewed = _instructions(cfg, rnd=2, **{P.EXPECTED_RATIO: 0.6})
+    reply = app(_train_message(cfg, _encoder_state(cfg), skewed, ctx.node_id), ctx)
+    assert reply.has_error()
+    reason = reply.error.reason
+    assert reason.startswith("site site1: masking ratio mismatch in pretraining round 2")
+    assert "0.600000" in reason and "0.416667" in reason
+
+
+def test_a_configuration_skew_is_refused(tmp_path):
+    cfg = _cfg(tmp_path)
+    ctx = _context(cfg, 0)
+    reply = app(_train_message(cfg, _encoder_state(cfg), _instructions(cfg, **{P.CONFIG_DIGEST: "0" * 16}),
+                               ctx.node_id), ctx)
+    assert reply.has_error() and "configuration differs from the server's" in reply.error.reason
+
+
+def test_finetune_and_evaluate_round(tmp_path):
+    cfg = _cfg(tmp_path)
+    ctx = _context(cfg, 0)
+    model = SegmentationNet(cfg.model).state_dict()
+    reply = app(_train_message(cfg, model, _instructions(cfg, phase=P.FINETUNE), ctx.node_id), ctx)
+    assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
+    assert set(reply.content[P.ARRAYS].to_torch_state_dict()) == set(model)
+    ev = _message(RecordDict({P.ARRAYS: reply.content[P.ARRAYS], P.CONFIG: _instructions(cfg, P.FINETUNE)}),
+                  ctx.node_id, "evaluate")
+    answer = app(ev, ctx)
+    metrics = dict(answer.content[P.METRICS])
+    assert 0.0 <= metrics["dice_1"] <= 1.0 and metrics[P.NUM_EXAMPLES] == 2
+
+
+def test_a_broken_dataset_is_that_sites_error_naming_the_file(tmp_path):
+    data = write_phantom_dataset(tmp_path / "data", n=4, shape=(32, 32), seed=0)
+    victim = sorted((data / "imagesTr").iterdir())[0]
+    victim.write_bytes(b"not a nifti")
+    site_file = tmp_path / "hospital.yaml"
+    site_file.write_text(yaml.safe_dump({"site": {"name": "st-mary", "state_dir": str(tmp_path / "state")},
+                                         "data": {"path": str(data)}}))
+    cfg = _cfg(tmp_path)
+    ctx = _context(cfg, 0, node_config={"site-config": str(site_file)})
+    reply = app(_train_message(cfg, _encoder_state(cfg), _instructions(cfg), ctx.node_id), ctx)
+    assert reply.has_error()
+    assert reply.error.reason.startswith("site st-mary:") and str(victim) in reply.error.reason
+
+
+def test_site_files_may_set_only_site_keys(tmp_path):
+    cfg = _cfg(tmp_path)
+    path = tmp_path / "site.yaml"
+    path.write_text(yaml.safe_dump({"train": {"device": "cpu", "batch_size": 2}, "site": {"name": "a"}}))
+    local = apply_site_file(cfg, path)
+    assert local.train.batch_size == 2 and local.site.name == "a" and local.model == cfg.model
+    path.write_text(yaml.safe_dump({"model": {"depth": 12}}))
+    with pytest.raises(ConfigError, match="model.depth"):
+        apply_site_file(cfg, path)
+
+
+def test_site_state_keeps_the_newest_two_rounds(tmp_path):
+    state = SiteState(tmp_path)
+    for rnd in (1, 2, 3):
+        state.save(P.PRETRAIN, rnd, {"x": {"w": torch.full((1,), float(rnd))}})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pretrain_r0002.pt", "pretrain_r0003.pt"]
+    assert state.load_before(P.PRETRAIN, 3)["x"]["w"].item() == 2.0  # a re-run of round 3 starts from round 2
+    assert state.load_before(P.PRETRAIN, 2) is None and state.load_before(P.FINETUNE, 9) is None
+
+
+def test_site_mask_ratio_depends_only_on_the_round(tmp_path):
+    from client.site import get_site
+
+    cfg = _cfg(tmp_path)
+    a = get_site(9, 1, flat_dict(cfg), {"partition-id": 0, "num-partitions": 2})
+    b = get_site(9, 2, flat_dict(cfg), {"partition-id": 1, "num-partitions": 2})
+    assert not np.array_equal(a.split.train[0].image, b.split.train[0].image)  # different hospitals' data
+    assert [site_mask_ratio(a, r) for r in (1, 2, 3)] == [site_mask_ratio(b, r) for r in (1, 2, 3)]
