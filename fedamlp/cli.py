@@ -149,7 +149,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     from amlp_core.engine.pipeline import data_defaults
     from simulations.simulate import default_run_config, simulate
 
-    overrides: dict[str, Any] = dict(default_run_config())
+    overrides: dict[str, Any] = {}
     if args.data or args.dims:
         overrides.update(data_defaults(args.data or "synthetic", args.format, args.dims))
     for flag, key in (("sites", "federation.sites"), ("method", "method.name"),
@@ -162,7 +162,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     if args.resume:
         overrides["federation.resume"] = True
     overrides.update(_parse_set(args.set))
-    cfg = load_config(args.config, overrides) if args.config else build_config(overrides)
+    # Precedence: the app's embedded default < --config FILE < data-derived settings < flags and --set.
+    cfg = load_config(args.config, overrides) if args.config else build_config({**default_run_config(), **overrides})
     run_dir = simulate(cfg, timeout=args.timeout)
     print((run_dir / "results" / "summary.md").read_text())
     print(f"model: {run_dir / 'model'}  (fedamlp predict --model {run_dir / 'model'} --input X --output Y)")

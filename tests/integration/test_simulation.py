@@ -1,0 +1,135 @@
+"""Real Flower simulations of the two-phase federation (SuperLink, simulation engine, Ray).
+
+Each run takes 20-40 s on two cores, most of it Flower's and Ray's start-up.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from amlp_core.data import make_phantom, partition_names, split_names, write_phantom_dataset
+from amlp_core.engine.pipeline import load_segmentation, predict_file
+from amlp_core.methods import build_method
+from simulations.simulate import SimulationError, processes_with_env, simulate
+from tests.conftest import tiny_config
+
+pytestmark = pytest.mark.slow
+
+
+def _cfg(run_dir: Path, **overrides):
+    base = {"data.synthetic_cases": 10, "federation.sites": 2, "federation.pretrain_rounds": 1,
+            "federation.finetune_rounds": 1, "federation.run_dir": str(run_dir), "federation.connect_timeout": 60,
+            "federation.round_timeout": 300, "train.device": "cpu"}
+    return tiny_config(3, **{**base, **overrides})
+
+
+def _rows(run_dir: Path) -> list[dict]:
+    return json.loads((run_dir / "results" / "rounds.json").read_text())["rows"]
+
+
+def _no_process_left(run_dir: Path) -> None:
+    assert processes_with_env("FLWR_HOME", str(run_dir / ".flwr")) == []
+
+
+def test_two_phase_federation_end_to_end(tmp_path):
+    run = tmp_path / "run"
+    cfg = _cfg(run)
+    simulate(cfg, timeout=600)
+    _no_process_left(run)
+    rows = _rows(run)
+    pre = [r for r in rows if r["phase"] == "pretrain" and r["site"] != "ALL"]
+    assert sorted(r["site"] for r in pre) == ["site0", "site1"] and all(r["status"] == "ok" for r in pre)
+    assert len({r["mask-ratio"] for r in pre}) == 1  # every site masked alike
+    # Pretraining messages carry the encoder only: what each site sent is exactly the encoder's size.
+    encoder = build_method(cfg.model, cfg.method).shared_state_dict()
+    encoder_bytes = sum(v.numel() * v.element_size() for v in encoder.values())
+    assert all(r["bytes_up"] == encoder_bytes and r["bytes_down"] == encoder_bytes for r in pre)
+    evaluation = [r for r in rows if r["kind"] == "evaluate" and r["site"] == "ALL"]
+    assert len(evaluation) == 1 and 0.0 <= evaluation[0]["dice_mean"] <= 1.0
+    assert "Dice after fine-tuning round 1" in (run / "results" / "summary.md").read_text()
+    assert (run / "results" / "rounds.csv").read_text().startswith("phase,round,kind,site,status")
+    # The final model is what `fedamlp predict` loads.
+    model, meta = load_segmentation(run / "model")
+    assert meta["kind"] == "segmentation" and meta["class_names"] == {"0": "background", "1": "lesion"}
+    image, _ = make_phantom((16, 16, 16), np.random.default_rng(0))
+    import nibabel as nib
+
+    nib.save(nib.Nifti1Image(image, np.eye(4)), tmp_path / "scan.nii.gz")
+    out = predict_file(run / "model", tmp_path / "scan.nii.gz", tmp_path / "seg.nii.gz", device="cpu")
+    assert nib.load(out).shape == (16, 16, 16)
+
+
+def test_resume_reaches_the_uninterrupted_final_state(tmp_path):
+    plan = {"federation.pretrain_rounds": 2, "federation.finetune_rounds": 1}
+    straight = tmp_path / "straight"
+    simulate(_cfg(straight, **plan), timeout=600)
+    stopped = tmp_path / "stopped"
+    simulate(_cfg(stopped, **plan, **{"federation.stop_after_rounds": 1}), timeout=600)
+    assert not (stopped / "model").exists() and (stopped / "server_checkpoint.pt").exists()
+    with pytest.raises(SimulationError, match="different configuration"):  # a changed plan is refused
+        simulate(_cfg(stopped, **{**plan, "federation.finetune_rounds": 2}, **{"federation.resume": True}),
+                 timeout=600)
+    simulate(_cfg(stopped, **plan, **{"federation.resume": True}), timeout=600)
+    a, _ = load_segmentation(straight / "model")
+    b, _ = load_segmentation(stopped / "model")
+    for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.allclose(x, y, atol=1e-6), name
+    ratios = {(r["round"], r["site"]): r["mask-ratio"] for r in _rows(stopped)
+              if r["phase"] == "pretrain" and r["site"] != "ALL"}
+    assert ratios[1, "site0"] == ratios[1, "site1"] < ratios[2, "site0"] == ratios[2, "site1"]
+    _no_process_left(stopped)
+
+
+def test_a_broken_site_is_reported_and_the_others_finish(tmp_path):
+    data = write_phantom_dataset(tmp_path / "data", n=15, shape=(16, 16, 16), seed=0)
+    cfg = _cfg(tmp_path / "run", **{"data.path": str(data), "federation.sites": 3, "federation.min_sites": 2})
+    train, _ = split_names([p.name.removesuffix(".nii.gz") for p in (data / "imagesTr").iterdir()],
+                           cfg.data.test_fraction, cfg.data.split_seed)
+    victim_name = partition_names(train, 3, "iid", seed=cfg.data.split_seed)[1][0]
+    victim = data / "imagesTr" / f"{victim_name}.nii.gz"
+    victim.write_bytes(victim.read_bytes()[:100])  # truncated
+    simulate(cfg, timeout=600)
+    rows = _rows(tmp_path / "run")
+    errors = [r for r in rows if r["status"] == "error"]
+    assert errors and all(r["site"] == "site1" and str(victim) in r["error"] for r in errors)
+    assert all(r["status"] == "ok" for r in rows if r["site"] in ("site0", "site2"))
+    assert "site1" in (tmp_path / "run" / "results" / "summary.md").read_text()
+    assert (tmp_path / "run" / "model" / "checkpoint.pt").exists()
+
+
+def test_too_few_sites_fail_the_run_with_a_clear_message(tmp_path):
+    cfg = _cfg(tmp_path / "run", **{"federation.min_sites": 3, "federation.connect_timeout": 5})
+    started = time.monotonic()
+    with pytest.raises(SimulationError, match=r"only 2 of the 3 sites needed .* connected within 5 s"):
+        simulate(cfg, timeout=300)
+    assert time.monotonic() - started < 120
+    _no_process_left(tmp_path / "run")
+
+
+def test_ctrl_c_leaves_no_process(tmp_path):
+    run = tmp_path / "run"
+    cfg = _cfg(run, **{"federation.pretrain_rounds": 20})
+    config = tmp_path / "c.yaml"
+    import yaml
+
+    config.write_text(yaml.safe_dump(cfg.to_dict()))
+    proc = subprocess.Popen([sys.executable, "-m", "fedamlp.cli", "simulate", "--config", str(config)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not (run / "sites").exists():  # wait until sites are training
+        time.sleep(0.5)
+    assert (run / "sites").exists(), "the simulation never started"
+    proc.send_signal(signal.SIGINT)
+    proc.wait(timeout=60)
+    assert proc.returncode == 130
+    _no_process_left(run)
