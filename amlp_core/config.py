@@ -343,18 +343,22 @@ def build_config(raw: Mapping[str, Any] | None = None, base: Config | None = Non
     return Config(**sections)
 
 
-def load_config(path: str | Path, overrides: Mapping[str, Any] | None = None) -> Config:
-    """Read a YAML config file, apply flat overrides, validate."""
-    path = Path(path)
+def _read_yaml(path: Path, what: str) -> Mapping[str, Any]:
+    """A YAML mapping from ``path``; ConfigError naming the file otherwise."""
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except OSError as e:
-        raise ConfigError(f"cannot read config file {path}: {e.strerror or e}") from None
+        raise ConfigError(f"cannot read {what} {path}: {e.strerror or e}") from None
     except yaml.YAMLError as e:
-        raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+        raise ConfigError(f"{what} {path} is not valid YAML: {e}") from None
     if not isinstance(raw, Mapping):
-        raise ConfigError(f"config file {path} must hold a mapping at the top level")
-    cfg = build_config(raw)
+        raise ConfigError(f"{what} {path} must hold a mapping at the top level")
+    return raw
+
+
+def load_config(path: str | Path, overrides: Mapping[str, Any] | None = None) -> Config:
+    """Read a YAML config file, apply flat overrides, validate."""
+    cfg = build_config(_read_yaml(Path(path), "config file"))
     return build_config(overrides, base=cfg) if overrides else cfg
 
 
@@ -374,14 +378,7 @@ def apply_site_file(cfg: Config, path: str | Path) -> Config:
         ConfigError: unreadable file, or a key a site may not set, naming both.
     """
     path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except OSError as e:
-        raise ConfigError(f"cannot read site file {path}: {e.strerror or e}") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"site file {path} is not valid YAML: {e}") from None
-    if not isinstance(raw, Mapping):
-        raise ConfigError(f"site file {path} must hold a mapping at the top level")
+    raw = _read_yaml(path, "site file")
     flat = {}
     for section, values in _section_updates(raw).items():
         for key, value in values.items():

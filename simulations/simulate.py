@@ -69,33 +69,24 @@ def processes_with_env(key: str, value: str) -> list[int]:
     return pids
 
 
+def _signal_all(sessions: list[subprocess.Popen], pids: list[int], sig: int) -> None:
+    targets = [(os.killpg, p.pid) for p in sessions if p.poll() is None] + [(os.kill, pid) for pid in pids]
+    for kill, target in targets:
+        try:
+            kill(target, sig)
+        except ProcessLookupError:
+            pass
+
+
 def stop_processes(marker: str, sessions: list[subprocess.Popen], grace: float = 5.0) -> None:
     """SIGTERM, then SIGKILL after ``grace`` s, every started session and every marked process."""
-    for proc in sessions:
-        if proc.poll() is None:
-            try:
-                os.killpg(proc.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-    for pid in processes_with_env(MARKER, marker):
-        try:
-            os.kill(pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
+    _signal_all(sessions, processes_with_env(MARKER, marker), signal.SIGTERM)
     deadline = time.monotonic() + grace
-    while time.monotonic() < deadline and (processes_with_env(MARKER, marker) or any(p.poll() is None for p in sessions)):
+    while time.monotonic() < deadline and (processes_with_env(MARKER, marker) or
+                                            any(p.poll() is None for p in sessions)):
         time.sleep(0.2)
-    for pid in processes_with_env(MARKER, marker):
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+    _signal_all(sessions, processes_with_env(MARKER, marker), signal.SIGKILL)
     for proc in sessions:
-        if proc.poll() is None:
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
         proc.wait(timeout=grace)
 
 

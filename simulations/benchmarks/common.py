@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import platform
@@ -41,6 +42,16 @@ def table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in columns) + " |" for r in rows]
     return "\n".join(lines)
+
+
+def benchmark_parser(doc: str, out: str) -> argparse.ArgumentParser:
+    """The arguments every real-data benchmark takes: the data, the method, the JSON output."""
+    setup_logging()
+    p = argparse.ArgumentParser(description=doc.splitlines()[0])
+    p.add_argument("--data", default=str(HIPPOCAMPUS), help="MSD-layout dataset (default: ../shared hippocampus)")
+    p.add_argument("--method", default="amlp")
+    p.add_argument("--out", default=out, help="JSON file to write")
+    return p
 
 
 def setup_logging() -> None:

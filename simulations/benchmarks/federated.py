@@ -13,7 +13,6 @@ writes JSON.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import time
@@ -21,24 +20,20 @@ from pathlib import Path
 
 from amlp_core.config import build_config
 from amlp_core.engine.pipeline import data_defaults, finetune, load_split, pretrain
-from simulations.benchmarks.common import HIPPOCAMPUS, HIPPOCAMPUS_SPLIT, machine, setup_logging, table, write_json
+from simulations.benchmarks.common import HIPPOCAMPUS_SPLIT, benchmark_parser, machine, table, write_json
 from simulations.simulate import default_run_config, simulate
 
 log = logging.getLogger(__name__)
 
 
 def main() -> None:
-    setup_logging()
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--data", default=str(HIPPOCAMPUS))
-    p.add_argument("--method", default="amlp")
+    p = benchmark_parser(__doc__, "results/federated.json")
     p.add_argument("--sites", type=int, default=4)
     p.add_argument("--pretrain-rounds", type=int, default=4)
     p.add_argument("--finetune-rounds", type=int, default=10)
     p.add_argument("--local-epochs", type=int, default=2)
     p.add_argument("--label-fraction", type=float, default=1.0)
     p.add_argument("--runs", default="runs/federated_bench")
-    p.add_argument("--out", default="results/federated.json")
     args = p.parse_args()
 
     runs = Path(args.runs).resolve()

@@ -11,22 +11,18 @@ change the result; the wall time of each part is reported beside it.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import time
 
 from amlp_core.config import build_config
 from amlp_core.engine.pipeline import data_defaults, finetune, load_split, pretrain
-from simulations.benchmarks.common import HIPPOCAMPUS, HIPPOCAMPUS_SPLIT, machine, setup_logging, table, write_json
+from simulations.benchmarks.common import HIPPOCAMPUS_SPLIT, benchmark_parser, machine, table, write_json
 
 log = logging.getLogger(__name__)
 
 
 def main() -> None:
-    setup_logging()
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--data", default=str(HIPPOCAMPUS))
-    p.add_argument("--method", default="amlp")
+    p = benchmark_parser(__doc__, "results/hippocampus.json")
     p.add_argument("--pretrain-epochs", type=int, default=100)
     p.add_argument("--finetune-steps", type=int, default=800, help="optimiser steps of each fine-tuning run")
     p.add_argument("--fractions", default="1.0,0.1")
@@ -34,7 +30,6 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--runs", default="runs/hippocampus")
-    p.add_argument("--out", default="results/hippocampus.json")
     args = p.parse_args()
 
     cfg = build_config({**data_defaults(args.data), **HIPPOCAMPUS_SPLIT, "method.name": args.method,
