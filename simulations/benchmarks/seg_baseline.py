@@ -102,12 +102,12 @@ def main() -> None:
                          "params_M": round(params / 1e6, 2), **{k: v for k, v in result.items()
                                                                   if k.startswith("dice_")}})
             log.info("%s at %.0f %% labels: mean Dice %.4f", name, 100 * fraction, result["dice_mean"])
+            path = write_json(args.out, {"benchmark": "seg_baseline", "minutes": args.minutes, "threads": args.threads,
+                                         "machine": machine(), "split": HIPPOCAMPUS_SPLIT,
+                                         "test_cases": len(split.test), "rows": rows})  # after every row
     cols = ["model", "label_fraction", "labelled_cases", "step_seconds", "epochs", "train_seconds", "params_M",
             "dice_1", "dice_2", "dice_mean"]
     print(table(rows, cols))
-    path = write_json(args.out, {"benchmark": "seg_baseline", "minutes": args.minutes, "threads": args.threads,
-                                 "machine": machine(),
-                                 "split": HIPPOCAMPUS_SPLIT, "test_cases": len(split.test), "rows": rows})
     print(f"wrote {path}")
 
 
