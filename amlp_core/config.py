@@ -322,6 +322,16 @@ def _section_updates(raw: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     return out
 
 
+def build_section(name: str, values: Mapping[str, Any]) -> Any:
+    """One section on its own (e.g. the model config stored in a checkpoint), validated."""
+    cls = SECTIONS[name]
+    hints = typing.get_type_hints(cls)
+    unknown = set(values) - set(hints)
+    if unknown:
+        raise ConfigError(f"unknown configuration key '{name}.{sorted(unknown)[0]}'")
+    return cls(**{k: _coerce(f"{name}.{k}", v, hints[k]) for k, v in values.items()})
+
+
 def build_config(raw: Mapping[str, Any] | None = None, base: Config | None = None) -> Config:
     """Build a validated :class:`Config` from a nested or flat mapping, on top of ``base``.
 

@@ -172,7 +172,7 @@ def evaluate_round(site: Site, global_state: dict[str, torch.Tensor]) -> dict[st
         raise RoundRefused(f"site {site.name} has no test cases to evaluate on")
     model = _segmentation_model(site, global_state).to(device)
     result = evaluate_segmentation(model, site.split.test, cfg.model.img_size, cfg.model.num_classes, device,
-                                   cfg.train.amp, desc=f"{site.name} evaluate")
+                                   cfg.train.amp, desc=f"{site.name} evaluate", slice_axis=cfg.data.slice_axis)
     result[P.NUM_EXAMPLES] = result.pop("num_examples")
     return result
 

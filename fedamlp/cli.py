@@ -9,6 +9,7 @@ exit code 2, never a traceback.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -91,7 +92,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     extra: dict[str, Any] = {"train.label_fraction": args.label_fraction}
     if args.init:
         model = model_config_of(args.init)  # the encoder's architecture comes from the pretraining run
-        extra.update({f"model.{k}": v for k, v in Config(model=model).to_dict()["model"].items()})
+        extra.update({f"model.{k}": v for k, v in dataclasses.asdict(model).items()})
     cfg = _config(args, args.data, extra)
     result = finetune(cfg, args.out, init=args.init)
     from amlp_core.engine.pipeline import load_segmentation

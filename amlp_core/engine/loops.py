@@ -106,8 +106,12 @@ def finetune_epoch(model: nn.Module, loader: Iterable[dict], optimizer: torch.op
 
 @torch.no_grad()
 def predict_volume(model: nn.Module, image: np.ndarray | torch.Tensor, roi_size: Sequence[int],
-                   device: torch.device, amp: bool = True, batch_size: int = 4) -> torch.Tensor:
+                   device: torch.device, amp: bool = True, batch_size: int = 4, slice_axis: int = -1
+                   ) -> torch.Tensor:
     """Segment one whole image of any size by sliding windows of ``roi_size``.
+
+    A 3D image given to a 2D model (``len(roi_size) == 2``) is segmented slice by slice
+    along the spatial axis ``slice_axis``.
 
     Args:
         image: ``[C, *S]`` normalised intensities.
@@ -115,8 +119,16 @@ def predict_volume(model: nn.Module, image: np.ndarray | torch.Tensor, roi_size:
     Returns:
         Class probabilities ``[K, *S]`` (float32, on the CPU).
     """
+    image = torch.as_tensor(image, dtype=torch.float32)
+    if image.ndim - 1 == len(roi_size) + 1:
+        axis = slice_axis % (image.ndim - 1) + 1  # spatial axis -> axis of [C, *S]
+        slices = [predict_volume(model, image.select(axis, k), roi_size, device, amp, batch_size)
+                  for k in range(image.shape[axis])]
+        return torch.stack(slices, dim=axis)  # [K, *S]
+    if image.ndim - 1 != len(roi_size):
+        raise ValueError(f"a {image.ndim - 1}D image cannot be segmented by a {len(roi_size)}D model")
     model.eval()
-    x = torch.as_tensor(image, dtype=torch.float32).unsqueeze(0).to(device)  # [1, C, *S]
+    x = image.unsqueeze(0).to(device)  # [1, C, *S]
     with autocast(device, amp):
         logits = sliding_window_inference(x, tuple(roi_size), batch_size, model, overlap=0.5, mode="gaussian",
                                           padding_mode="constant", cval=float(x.min()))
@@ -124,7 +136,8 @@ def predict_volume(model: nn.Module, image: np.ndarray | torch.Tensor, roi_size:
 
 
 def evaluate_segmentation(model: nn.Module, samples: Sequence, roi_size: Sequence[int], num_classes: int,
-                          device: torch.device, amp: bool = True, desc: str = "evaluate") -> dict[str, float]:
+                          device: torch.device, amp: bool = True, desc: str = "evaluate", slice_axis: int = -1
+                          ) -> dict[str, float]:
     """Dice per foreground class on whole images (MONAI ``DiceMetric``).
 
     Args:
@@ -137,7 +150,7 @@ def evaluate_segmentation(model: nn.Module, samples: Sequence, roi_size: Sequenc
     metric = DiceMetric(include_background=False, reduction="mean_batch", ignore_empty=True,
                         num_classes=num_classes)
     for sample in tqdm(samples, desc=desc, leave=False, disable=None):
-        probs = predict_volume(model, sample.image, roi_size, device, amp)  # [K, *S]
+        probs = predict_volume(model, sample.image, roi_size, device, amp, slice_axis=slice_axis)  # [K, *S]
         pred = probs.argmax(0, keepdim=True).unsqueeze(0)  # [1, 1, *S]
         truth = torch.as_tensor(sample.label).long().unsqueeze(0).unsqueeze(0)  # [1, 1, *S]
         metric(pred, truth)

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from amlp_core.config import Config, ModelConfig, build_config, save_config
+from amlp_core.config import Config, ModelConfig, build_config, build_section, save_config
 from amlp_core.data import (Sample, SegDataset, discover, label_subset, load_samples, make_phantom_samples,
                             normalize_intensity, partition_names, read_image, split_names, to_slices, write_nifti)
 from amlp_core.engine.checkpoint import load_checkpoint, require_meta, save_checkpoint
@@ -184,7 +184,7 @@ def load_pretrained_encoder(run: str | Path, model_cfg: ModelConfig) -> tuple[di
     path = _checkpoint_path(run)
     state, meta = load_checkpoint(path)
     require_meta(meta, path, kind="pretrain")
-    have = build_config({"model": meta["config"]["model"]}).model
+    have = build_section("model", meta["config"]["model"])
     if have != model_cfg:
         raise CheckpointError(f"checkpoint {path} was made for model {have}, not {model_cfg}")
     prefix = "encoder."
@@ -197,7 +197,7 @@ def load_pretrained_encoder(run: str | Path, model_cfg: ModelConfig) -> tuple[di
 def model_config_of(run: str | Path) -> ModelConfig:
     """The model configuration a run's checkpoint was made with."""
     _, meta = load_checkpoint(_checkpoint_path(run))
-    return build_config({"model": meta["config"]["model"]}).model
+    return build_section("model", meta["config"]["model"])
 
 
 def finetune(cfg: Config, out_dir: str | Path, init: str | Path | None = None,
@@ -236,7 +236,8 @@ def train_segmentation(model: torch.nn.Module, cfg: Config, out_dir: str | Path,
     log.info("fine-tuning on %d of %d labelled cases (%s) for %d epochs on %s", len(subset), len(labelled),
              init_method, cfg.train.epochs, device)
     meta = {"kind": "segmentation", "config": cfg.to_dict(), "class_names": {str(k): v for k, v in
-            split.class_names.items()}, "init_method": init_method, "labelled_cases": len(subset)}
+            split.class_names.items()}, "init_method": init_method, "labelled_cases": len(subset),
+            "spatial_dims": cfg.model.spatial_dims, "patch_size": cfg.model.patch_size}
     start = time.monotonic()
     for epoch in range(cfg.train.epochs):
         t = _progress(epoch, start, cfg)
@@ -253,7 +254,7 @@ def train_segmentation(model: torch.nn.Module, cfg: Config, out_dir: str | Path,
             log.info("stopping after %d epochs: train.max_minutes=%s reached", epoch + 1, cfg.train.max_minutes)
             break
     result = evaluate_segmentation(model, split.test, cfg.model.img_size, cfg.model.num_classes, device,
-                                   cfg.train.amp)
+                                   cfg.train.amp, slice_axis=cfg.data.slice_axis)
     result.update(train_seconds=round(time.monotonic() - start, 2), epochs=metrics["epoch"],
                   labelled_cases=len(subset))
     (out / EVALUATION).write_text(json.dumps(result, indent=2))
@@ -295,7 +296,8 @@ def evaluate(run: str | Path, data_cfg_overrides: dict[str, Any] | None = None,
     cases = split.train + split.test if all_cases else split.test
     if not cases:
         raise DataError(f"no cases to evaluate in {cfg.data.path} (data.test_fraction={cfg.data.test_fraction})")
-    result = evaluate_segmentation(model, cases, cfg.model.img_size, cfg.model.num_classes, dev, cfg.train.amp)
+    result = evaluate_segmentation(model, cases, cfg.model.img_size, cfg.model.num_classes, dev, cfg.train.amp,
+                                   slice_axis=cfg.data.slice_axis)
     result["class_names"] = meta.get("class_names", {})
     return result
 
@@ -313,15 +315,10 @@ def predict_file(run: str | Path, input_path: str | Path, output_path: str | Pat
         raise DataError(f"{input_path}: has {image.shape[0]} channel(s), the model expects {cfg.model.in_channels}")
     image = normalize_intensity(image)
     dims = image.ndim - 1
-    if dims == cfg.model.spatial_dims:
-        labels = predict_volume(model, image, cfg.model.img_size, dev, cfg.train.amp).argmax(0).numpy()
-    elif dims == 3 and cfg.model.spatial_dims == 2:
-        axis = cfg.data.slice_axis % 3 + 1  # spatial axis -> array axis of [C, *S]
-        slices = [predict_volume(model, np.take(image, k, axis=axis), cfg.model.img_size, dev, cfg.train.amp)
-                  .argmax(0).numpy() for k in range(image.shape[axis])]
-        labels = np.stack(slices, axis=axis - 1)
-    else:
+    if not (dims == cfg.model.spatial_dims or (dims, cfg.model.spatial_dims) == (3, 2)):  # 2D models go slice-wise
         raise DataError(f"{input_path}: is a {dims}D image, the model segments {cfg.model.spatial_dims}D images")
+    probs = predict_volume(model, image, cfg.model.img_size, dev, cfg.train.amp, slice_axis=cfg.data.slice_axis)
+    labels = probs.argmax(0).numpy()
     write_nifti(labels.astype(np.uint8), affine, output_path)
     return Path(output_path)
 

@@ -118,3 +118,23 @@ def test_predict_refuses_an_image_of_the_wrong_dimension(tmp_path):
     result = _run_cli("predict", "--model", str(tmp_path / "fine"), "--input", str(flat), "--output",
                       str(tmp_path / "o.nii.gz"))
     assert result.returncode == 2 and str(flat) in result.stderr and "2D image" in result.stderr
+
+
+@pytest.mark.slow
+def test_3d_volumes_as_2d_slices(tmp_path):
+    """A 2D model trained on the slices of 3D volumes; evaluation and prediction go slice by slice."""
+    data = write_phantom_dataset(tmp_path / "data", n=6, shape=(24, 24, 12), seed=0)
+    path = tmp_path / "slices.yaml"
+    cfg = tiny_config(2).to_dict()
+    cfg["data"].update(as_slices=True, slice_axis=-1, test_fraction=0.34)
+    path.write_text(yaml.safe_dump(cfg))
+    assert main(["pretrain", "--data", str(data), "--config", str(path), "--epochs", "1",
+                 "--out", str(tmp_path / "pre")]) == 0
+    assert main(["finetune", "--data", str(data), "--config", str(path), "--init", str(tmp_path / "pre"),
+                 "--epochs", "1", "--out", str(tmp_path / "fine")]) == 0
+    result = json.loads((tmp_path / "fine" / "evaluation.json").read_text())
+    assert result["num_examples"] == 2  # whole test volumes, not slices
+    scan = sorted((data / "imagesTr").iterdir())[0]
+    out = tmp_path / "seg.nii.gz"
+    assert main(["predict", "--model", str(tmp_path / "fine"), "--input", str(scan), "--output", str(out)]) == 0
+    assert nib.load(out).shape == (24, 24, 12)
