@@ -32,3 +32,9 @@ def tiny_config(dims: int = 2, **overrides) -> Config:
 @pytest.fixture(params=[2, 3], ids=["2d", "3d"])
 def dims(request) -> int:
     return request.param
+
+
+@pytest.fixture(autouse=True)
+def _seeded():
+    """Every test starts from the same random state, whatever ran before it."""
+    torch.manual_seed(0)

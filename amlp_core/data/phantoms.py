@@ -1,7 +1,8 @@
 """Synthetic lesion phantoms in 2D and 3D, with known lesion masks and per-site styles.
 
-A phantom is an ellipsoidal "organ" that fills most of the view (dim corners outside it), with smooth low-frequency texture and
-a few small lesions inside it that are brighter and carry a high-frequency texture. A
+A phantom is an ellipsoidal "organ" that fills the view (at most dim corners outside it),
+with smooth low-frequency texture, and a few small lesions inside it that are brighter and
+carry a high-frequency texture. A
 :class:`SiteStyle` then changes intensities the way scanners of different hospitals do.
 """
 
@@ -123,7 +124,7 @@ def make_phantom(
     sides = np.array(shape, dtype=np.float32)
     grid = np.stack(np.meshgrid(*[np.arange(n, dtype=np.float32) for n in shape], indexing="ij"))
     organ_center = (sides - 1) / 2 + rng.uniform(-0.05, 0.05, size=len(shape)) * sides
-    organ_rho = _ellipsoid(grid, organ_center, rng.uniform(0.55, 0.65, size=len(shape)) * sides)  # fills most of the view
+    organ_rho = _ellipsoid(grid, organ_center, rng.uniform(0.8, 0.95, size=len(shape)) * sides)  # fills the view
     lesions = _lesion_mask(grid, organ_rho, rng, n_lesions, radius)
 
     image = 0.1 + 0.02 * smooth_noise(shape, rng, sigma=2.0)

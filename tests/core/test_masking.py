@@ -56,6 +56,7 @@ def test_batched_kmeans_matches_sklearn_on_mps_features():
     cfg = tiny_model(2)
     samples = make_phantom_samples(6, cfg.img_size, seed=3)
     images = torch.tensor(np.stack([s.image for s in samples]))
+    torch.manual_seed(0)
     enc = ViTEncoder(cfg)
     with torch.no_grad():
         feats = patch_features(enc.embed(images), patchify(images, cfg.patch_size))
@@ -64,9 +65,11 @@ def test_batched_kmeans_matches_sklearn_on_mps_features():
     for b in range(len(samples)):
         ref_labels, ref_inertia = _sklearn_reference(scaled[b].numpy(), 2)
         ours = _inertia(scaled[b], labels[b], centroids[b])
+        # Patch features have near-equal optima, so the labels may differ where the clustering is as good:
+        # the check is that ours is never a worse clustering than scikit-learn's.
         assert ours <= ref_inertia * 1.01, f"image {b}: inertia {ours:.3f} vs scikit-learn {ref_inertia:.3f}"
-        ari = adjusted_rand_score(ref_labels, labels[b].numpy())
-        assert ari > 0.8, f"image {b}: adjusted Rand index {ari:.3f} against scikit-learn"
+        if ours >= ref_inertia * 0.999:  # the same optimum: the same partition
+            assert adjusted_rand_score(ref_labels, labels[b].numpy()) > 0.95
 
 
 def _lesion_patches(samples, patch):
