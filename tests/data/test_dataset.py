@@ -96,3 +96,17 @@ def test_label_subset():
     for bad in (0, 1.2, -0.5):
         with pytest.raises(ValueError, match=str(bad)):
             label_subset(samples, bad, seed=0)
+
+
+def test_partition_names_iid_and_dirichlet():
+    from amlp_core.data import partition_names
+
+    names = [f"c{i:03d}" for i in range(40)]
+    iid = partition_names(names, 4, "iid", seed=1)
+    assert sorted(sum(iid, [])) == names and {len(p) for p in iid} == {10}
+    assert partition_names(list(reversed(names)), 4, "iid", seed=1) == iid  # order of the input does not matter
+    skew = partition_names(names, 4, "dirichlet", alpha=0.3, seed=1, min_per_site=2)
+    assert sorted(sum(skew, [])) == names and min(len(p) for p in skew) >= 2
+    assert max(len(p) for p in skew) > 14  # quantity skew
+    with pytest.raises(Exception, match="cannot cut 3 cases into 4 sites"):
+        partition_names(names[:3], 4)
