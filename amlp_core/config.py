@@ -92,7 +92,7 @@ class MethodConfig:
     mps_features: str = "embed"  # embed: patch embedding + intensity mean/std
     mps_momentum: float = 0.9  # running mean of the per-group loss
     kmeans_iters: int = 10
-    kmeans_inits: int = 3
+    kmeans_inits: int = 1  # restarts; each costs a full k-means (the step-time budget allows one)
     arl_tau: float = 1.0
     ccl_weight: float = 0.1
     ccl_temperature: float = 1.0

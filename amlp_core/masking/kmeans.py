@@ -33,7 +33,7 @@ def batched_kmeans(x: torch.Tensor, k: int, iters: int = 10, inits: int = 3,
     """Lloyd's k-means with k-means++ seeding, run independently on every item of a batch.
 
     The ``inits`` restarts run in parallel; each item keeps the restart of lowest inertia
-    (as scikit-learn's ``n_init``).
+    (as scikit-learn's ``n_init``). Iteration stops early once no assignment changes.
 
     Args:
         x: ``[B, N, F]`` points (N points of F features per item).
@@ -51,8 +51,11 @@ def batched_kmeans(x: torch.Tensor, k: int, iters: int = 10, inits: int = 3,
     xr = x.float().repeat_interleave(inits, dim=0)  # [B*I, N, F]
     x_sq = xr.pow(2).sum(-1, keepdim=True)  # [B*I, N, 1]
     centroids = _kmeanspp_init(xr, k, generator)  # [B*I, K, F]
+    labels = None
     for _ in range(iters):
-        labels = _sq_dist(xr, centroids, x_sq).argmin(-1)  # [B*I, N]
+        previous, labels = labels, _sq_dist(xr, centroids, x_sq).argmin(-1)  # [B*I, N]
+        if previous is not None and torch.equal(previous, labels):
+            break  # converged everywhere: further iterations change nothing
         onehot = torch.nn.functional.one_hot(labels, k).to(xr.dtype)  # [B*I, N, K]
         counts = onehot.sum(1)  # [B*I, K]
         sums = onehot.transpose(1, 2) @ xr  # [B*I, K, F]

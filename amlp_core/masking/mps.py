@@ -100,7 +100,7 @@ class MPSMasking(nn.Module):
     """
 
     def __init__(self, clusters: int = 2, random_fraction: float = 0.1, momentum: float = 0.9,
-                 kmeans_iters: int = 10, kmeans_inits: int = 3) -> None:
+                 kmeans_iters: int = 10, kmeans_inits: int = 1) -> None:
         super().__init__()
         self.clusters = clusters
         self.random_fraction = random_fraction
