@@ -51,7 +51,13 @@ def benchmark_parser(doc: str, out: str) -> argparse.ArgumentParser:
     p.add_argument("--data", default=str(HIPPOCAMPUS), help="MSD-layout dataset (default: ../shared hippocampus)")
     p.add_argument("--method", default="amlp")
     p.add_argument("--out", default=out, help="JSON file to write")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any other config value")
     return p
+
+
+def set_overrides(items: list[str]) -> dict[str, str]:
+    """``--set KEY=VALUE`` items as config overrides."""
+    return dict(item.split("=", 1) for item in items)
 
 
 def setup_logging() -> None:

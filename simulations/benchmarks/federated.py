@@ -20,7 +20,8 @@ from pathlib import Path
 
 from amlp_core.config import build_config
 from amlp_core.engine.pipeline import data_defaults, finetune, load_split, pretrain
-from simulations.benchmarks.common import HIPPOCAMPUS_SPLIT, benchmark_parser, machine, table, write_json
+from simulations.benchmarks.common import (HIPPOCAMPUS_SPLIT, benchmark_parser, machine, set_overrides, table,
+                                           write_json)
 from simulations.simulate import default_run_config, simulate
 
 log = logging.getLogger(__name__)
@@ -42,7 +43,7 @@ def main() -> None:
                  "federation.sites": args.sites, "federation.min_sites": args.sites,
                  "federation.pretrain_rounds": args.pretrain_rounds, "federation.finetune_rounds": args.finetune_rounds,
                  "federation.local_epochs": args.local_epochs, "federation.run_dir": str(runs / "federated"),
-                 "train.device": "cpu"}
+                 "train.device": "cpu", **set_overrides(args.set)}
     cfg = build_config(overrides)
 
     # Centralized: the same epochs over all the training cases.
