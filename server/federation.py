@@ -59,6 +59,10 @@ class Progress:
     done: int = 0  # rounds of ``phase`` completed
 
 
+def _fmt_metrics(metrics: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())
+
+
 def _bytes(arrays: ArrayRecord) -> int:
     return sum(a.numpy().nbytes for a in arrays.values())
 
@@ -107,6 +111,8 @@ class Federation:
                 bytes_down: int) -> None:
         for r in outcome.replies:
             row = {"phase": phase, "round": rnd, "kind": kind, "site": r.site, "status": r.status, **r.metrics}
+            log.info("%s round %d %s, %s: %s", phase, rnd, kind, r.site, _fmt_metrics(r.metrics) if r.status == "ok"
+                     else f"{r.status}: {r.error}")
             if r.error:
                 row["error"] = r.error
             if kind == "train" and r.status == "ok":
@@ -117,9 +123,8 @@ class Federation:
         self.results.add(phase=phase, round=rnd, kind=kind, site=ALL_SITES, status="ok",
                          sites_ok=len(outcome.ok), sites_asked=len(outcome.replies),
                          seconds=round(outcome.seconds, 2), **aggregated)
-        summary = ", ".join(f"{k}={v:.4f}" for k, v in aggregated.items() if isinstance(v, float))
-        log.info("%s round %d %s: %d/%d sites ok; %s", phase, rnd, kind, len(outcome.ok), len(outcome.replies),
-                 summary)
+        log.info("%s round %d %s, all sites: %d/%d ok; %s", phase, rnd, kind, len(outcome.ok), len(outcome.replies),
+                 _fmt_metrics(aggregated))
 
     def _phase(self, phase: str, arrays: ArrayRecord, start: int, total: int, strategy_saved: dict | None
                ) -> ArrayRecord:
