@@ -178,3 +178,13 @@ def test_site_mask_ratio_depends_only_on_the_round(tmp_path):
     b = get_site(9, 2, flat_dict(cfg), {"partition-id": 1, "num-partitions": 2})
     assert not np.array_equal(a.split.train[0].image, b.split.train[0].image)  # different hospitals' data
     assert [site_mask_ratio(a, r) for r in (1, 2, 3)] == [site_mask_ratio(b, r) for r in (1, 2, 3)]
+
+
+def test_the_example_site_file_is_valid():
+    from pathlib import Path
+
+    from amlp_core.config import Config
+
+    example = Path(__file__).resolve().parents[2] / "deploy" / "site.example.yaml"
+    cfg = apply_site_file(Config(), example)
+    assert cfg.site.name == "st-mary" and cfg.train.label_fraction == 0.1
