@@ -17,8 +17,11 @@ from torch import nn
 from amlp_core.config import ModelConfig
 from amlp_core.models.vit import ViTEncoder, tokens_to_grid
 
-NORM = ("instance", {"affine": True})  # no BatchNorm: Opacus's per-sample gradients need it
-ACT = ("leakyrelu", {"negative_slope": 0.01})
+# MONAI UNet's defaults. No BatchNorm (Opacus's per-sample gradients need that). Measured on the
+# hippocampus data: with LeakyReLU(0.01) and affine instance norm the same network stalled at a
+# Dice+CE loss of about 0.75 where these settings go on down with the plain U-Net.
+NORM = "instance"
+ACT = "PRELU"
 
 
 def _tokens_to_level(dims: int, cin: int, cout: int, factor: int) -> nn.Module:
