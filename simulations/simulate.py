@@ -9,7 +9,6 @@ simulation's marker in its environment (the ServerApp, the simulation engine, Ra
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import signal
@@ -19,7 +18,7 @@ import sys
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import tomli_w
 

@@ -17,6 +17,6 @@ from amlp_core.data.validate import DataReport, Problem, check_dataset
 __all__ = [
     "Case", "DataReport", "DatasetIndex", "Problem", "Sample", "SegDataset", "SiteStyle",
     "check_dataset", "discover", "fit_to_roi", "label_subset", "load_samples", "make_phantom",
-    "make_phantom_samples", "normalize_intensity", "random_flip", "read_case_label", "read_image",
+    "make_phantom_samples", "normalize_intensity", "partition_names", "random_flip", "read_case_label", "read_image",
     "read_label", "site_style", "split_names", "to_slices", "write_nifti", "write_phantom_dataset",
 ]  # fmt: skip

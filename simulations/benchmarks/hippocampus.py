@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from pathlib import Path
 
 from amlp_core.config import build_config
@@ -49,7 +48,6 @@ def main() -> None:
     cfg = build_config({**data_defaults(args.data), **HIPPOCAMPUS_SPLIT, "method.name": args.method,
                         "train.seed": args.seed, "train.num_threads": args.threads, **set_overrides(args.set)})
     split = load_split(cfg)
-    start = time.monotonic()
     pre_cfg = cfg.replace(train={"epochs": args.pretrain_epochs})
     pre_dir = Path(f"{args.runs}/pretrain_{args.method}")
     if _finished(pre_dir, pre_cfg):

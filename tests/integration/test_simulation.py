@@ -6,7 +6,6 @@ Each run takes 20-40 s on two cores, most of it Flower's and Ray's start-up.
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
