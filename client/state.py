@@ -39,8 +39,9 @@ class SiteState:
 
     def save(self, phase: str, round_: int, state: dict[str, Any], meta: dict[str, Any] | None = None) -> Path:
         path = save_checkpoint(self.root / f"{phase}_r{round_:04d}.pt", state, {**(meta or {}), "round": round_})
-        for old in sorted(self._files(phase))[:-KEEP]:
-            self._files(phase)[old].unlink(missing_ok=True)
+        files = self._files(phase)
+        for old in sorted(files)[:-KEEP]:
+            files[old].unlink(missing_ok=True)
         return path
 
     def load_before(self, phase: str, round_: int) -> dict[str, Any] | None:

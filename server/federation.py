@@ -24,7 +24,7 @@ from amlp_core.engine.checkpoint import load_checkpoint, save_checkpoint
 from amlp_core.engine.device import seed_everything
 from amlp_core.errors import CheckpointError
 from amlp_core.methods import build_method, mask_ratio_at
-from amlp_core.models import SegmentationNet
+from amlp_core.models import SegmentationNet, encoder_state
 from amlp_core.schedules import federated_progress
 from fedamlp import protocol as P
 from server import rounds
@@ -158,10 +158,7 @@ class Federation:
         """A segmentation network holding the aggregated encoder and a seeded fresh decoder."""
         seed_everything(self.cfg.train.seed + 1)
         model = SegmentationNet(self.cfg.model)
-        prefix = "encoder."
-        encoder = {k[len(prefix):]: v for k, v in encoder_arrays.to_torch_state_dict().items()
-                   if k.startswith(prefix)}
-        model.encoder.load_state_dict(encoder, strict=True)
+        model.encoder.load_state_dict(encoder_state(encoder_arrays.to_torch_state_dict()), strict=True)
         return ArrayRecord(model.state_dict())
 
     # -- the run -------------------------------------------------------------------------

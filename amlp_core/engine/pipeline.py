@@ -29,7 +29,7 @@ from amlp_core.engine.loops import evaluate_segmentation, finetune_epoch, predic
 from amlp_core.errors import CheckpointError, ConfigError, DataError
 from amlp_core.losses import dice_ce_loss
 from amlp_core.methods import PretrainMethod, build_method
-from amlp_core.models import SegmentationNet
+from amlp_core.models import SegmentationNet, encoder_state
 from amlp_core.schedules import warmup_cosine
 
 log = logging.getLogger(__name__)
@@ -187,8 +187,7 @@ def load_pretrained_encoder(run: str | Path, model_cfg: ModelConfig) -> tuple[di
     have = build_section("model", meta["config"]["model"])
     if have != model_cfg:
         raise CheckpointError(f"checkpoint {path} was made for model {have}, not {model_cfg}")
-    prefix = "encoder."
-    encoder = {k[len(prefix):]: v for k, v in state["method"].items() if k.startswith(prefix)}
+    encoder = encoder_state(state["method"])
     if not encoder:
         raise CheckpointError(f"checkpoint {path} holds no encoder weights")
     return encoder, meta

@@ -2,6 +2,6 @@
 
 from amlp_core.models.mae import MAEDecoder
 from amlp_core.models.segmentation import SegmentationNet
-from amlp_core.models.vit import ViTEncoder, patchify, tokens_to_grid, unpatchify
+from amlp_core.models.vit import ViTEncoder, encoder_state, patchify, tokens_to_grid, unpatchify
 
-__all__ = ["MAEDecoder", "SegmentationNet", "ViTEncoder", "patchify", "tokens_to_grid", "unpatchify"]
+__all__ = ["MAEDecoder", "SegmentationNet", "ViTEncoder", "encoder_state", "patchify", "tokens_to_grid", "unpatchify"]

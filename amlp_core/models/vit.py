@@ -143,3 +143,8 @@ def tokens_to_grid(tokens: torch.Tensor, grid_size: tuple[int, ...]) -> torch.Te
     """``[B, N, D]`` -> feature map ``[B, D, *G]``."""
     b, _, d = tokens.shape
     return tokens.transpose(1, 2).reshape(b, d, *grid_size)
+
+
+def encoder_state(state: dict[str, torch.Tensor], prefix: str = "encoder.") -> dict[str, torch.Tensor]:
+    """The encoder's own weights out of a model's state dict (keys under ``prefix``, prefix removed)."""
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
