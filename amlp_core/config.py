@@ -91,6 +91,8 @@ class MethodConfig:
     mps_random_fraction: float = 0.1
     mps_features: str = "embed"  # embed: patch embedding + intensity mean/std
     mps_momentum: float = 0.9  # running mean of the per-group loss
+    mps_margin: float = 0.05  # relative loss lead a group needs over the smallest to be the lesion group
+    mps_proj_dim: int = 16  # fixed random projection of the embedding before k-means; 0: none
     kmeans_iters: int = 10
     kmeans_inits: int = 1  # restarts; each costs a full k-means (the step-time budget allows one)
     arl_tau: float = 1.0
@@ -111,6 +113,8 @@ class MethodConfig:
                "must be in [0, 1]")
         _check(self.mps_features == "embed", "method.mps_features", self.mps_features,
                "only 'embed' is implemented")
+        _check(self.mps_margin >= 0, "method.mps_margin", self.mps_margin, "must not be negative")
+        _check(self.mps_proj_dim >= 0, "method.mps_proj_dim", self.mps_proj_dim, "must not be negative")
         _check(0.0 <= self.mps_momentum < 1.0, "method.mps_momentum", self.mps_momentum, "must be in [0, 1)")
         _check(self.kmeans_iters >= 1, "method.kmeans_iters", self.kmeans_iters, "must be at least 1")
         _check(self.kmeans_inits >= 1, "method.kmeans_inits", self.kmeans_inits, "must be at least 1")

@@ -16,24 +16,54 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from amlp_core.masking.base import Mask, _lowest, num_masked
 from amlp_core.masking.kmeans import batched_kmeans
 
 
-def patch_features(tokens: torch.Tensor, patches: torch.Tensor) -> torch.Tensor:
+def patch_stats(images: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """Intensity mean and standard deviation of every patch, by pooling (no patch copy).
+
+    Args:
+        images: ``[B, C, *S]`` images, ``S`` divisible by ``patch_size``.
+        patch_size: patch side ``p``.
+
+    Returns:
+        ``[B, N, 2]`` in :func:`~amlp_core.models.patchify` order: mean and (unbiased) standard
+        deviation over each patch's ``C * p**dims`` values.
+    """
+    pool = F.avg_pool2d if images.dim() == 4 else F.avg_pool3d
+    x = images.float()
+    mean = pool(x, patch_size).mean(1).flatten(1)  # [B, N]
+    mean_sq = pool(x * x, patch_size).mean(1).flatten(1)  # [B, N]
+    n = images.shape[1] * patch_size ** (images.dim() - 2)
+    var = (mean_sq - mean * mean).clamp_min(0) * (n / max(n - 1, 1))
+    return torch.stack([mean, var.sqrt()], dim=-1)
+
+
+def patch_features(tokens: torch.Tensor, stats: torch.Tensor, projection: torch.Tensor | None = None) -> torch.Tensor:
     """Raw MPS features of every patch.
 
     Args:
         tokens: ``[B, N, D]`` patch embedding (encoder's ``embed``).
-        patches: ``[B, N, P]`` the patches' pixels (``patchify`` of the image).
+        stats: ``[B, N, 2]`` the patches' intensity mean and standard deviation (:func:`patch_stats`).
+        projection: optional fixed ``[D, R]`` random projection of the embedding (R << D keeps
+            distances nearly unchanged, Johnson-Lindenstrauss, and makes k-means cheaper).
 
     Returns:
-        ``[B, N, D + 2]``: embedding, intensity mean, intensity standard deviation.
+        ``[B, N, R + 2]`` (``R = D`` without projection): embedding, intensity mean, standard deviation.
     """
-    stats = torch.stack([patches.mean(-1), patches.std(-1)], dim=-1).to(tokens.dtype)  # [B, N, 2]
-    return torch.cat([tokens, stats], dim=-1)
+    if projection is not None:
+        tokens = tokens @ projection.to(tokens.dtype)  # [B, N, R]
+    return torch.cat([tokens, stats.to(tokens.dtype)], dim=-1)
+
+
+def random_projection(dim: int, rank: int, seed: int = 0) -> torch.Tensor:
+    """A fixed Gaussian ``[dim, rank]`` projection, scaled to keep squared norms in expectation."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(dim, rank, generator=g) / rank ** 0.5
 
 
 @dataclass(frozen=True)
@@ -97,11 +127,16 @@ class MPSMasking(nn.Module):
         random_fraction: share of the masking budget always drawn uniformly at random.
         momentum: of the running mean of the per-group reconstruction loss.
         kmeans_iters, kmeans_inits: k-means settings.
+        margin: relative loss lead a group needs over the smallest group to become the lesion group.
+        embed_dim, proj_dim: project the ``embed_dim`` patch embedding to ``proj_dim`` columns
+            with a fixed random matrix before clustering (0: no projection).
     """
 
     def __init__(self, clusters: int = 2, random_fraction: float = 0.1, momentum: float = 0.9,
-                 kmeans_iters: int = 10, kmeans_inits: int = 1) -> None:
+                 kmeans_iters: int = 10, kmeans_inits: int = 1, margin: float = 0.0, embed_dim: int = 0,
+                 proj_dim: int = 0) -> None:
         super().__init__()
+        self.margin = margin
         self.clusters = clusters
         self.random_fraction = random_fraction
         self.momentum = momentum
@@ -109,13 +144,29 @@ class MPSMasking(nn.Module):
         self.kmeans_inits = kmeans_inits
         # Running mean loss per size rank; NaN until observed. Saved with the method's state.
         self.register_buffer("group_loss", torch.full((clusters,), float("nan")))
+        # Fixed, seeded, identical at every site: rebuilt from the seed, never saved.
+        projection = random_projection(embed_dim, proj_dim) if proj_dim and embed_dim > proj_dim else None
+        self.register_buffer("projection", projection, persistent=False)
+
+    def features(self, tokens: torch.Tensor, images: torch.Tensor, patch_size: int) -> torch.Tensor:
+        """MPS features ``[B, N, R + 2]`` of ``images`` ``[B, C, *S]`` from their patch embedding ``[B, N, D]``."""
+        return patch_features(tokens, patch_stats(images, patch_size), self.projection)
 
     @property
     def lesion_rank(self) -> int:
-        """The size rank taken as the lesion group: hardest so far, else the smallest."""
-        if torch.isnan(self.group_loss).all():
+        """The size rank taken as the lesion group.
+
+        The smallest group (rank 0) until the running losses tell the groups apart: another
+        group takes over only when its running loss exceeds the smallest group's by more than
+        ``margin`` (relative), so that noise between near-equal losses does not flip the choice.
+        """
+        loss = self.group_loss
+        if torch.isnan(loss).all():
             return 0
-        return int(torch.nan_to_num(self.group_loss, nan=-float("inf")).argmax())
+        hardest = int(torch.nan_to_num(loss, nan=-float("inf")).argmax())
+        if torch.isnan(loss[0]) or loss[hardest] > (1 + self.margin) * loss[0]:
+            return hardest
+        return 0
 
     def cluster(self, feats: torch.Tensor, generator: torch.Generator | None = None) -> Clustering:
         return cluster_patches(feats, self.clusters, self.kmeans_iters, self.kmeans_inits, generator)

@@ -10,7 +10,7 @@ import torch
 
 from amlp_core.config import MethodConfig, ModelConfig
 from amlp_core.losses import category_consistency_loss, plain_reconstruction_loss, relative_reconstruction_loss
-from amlp_core.masking import MPSMasking, patch_features
+from amlp_core.masking import MPSMasking
 from amlp_core.methods.base import PretrainMethod, StepOutput, register_method
 
 
@@ -21,14 +21,15 @@ class MPSAMS(PretrainMethod):
     def __init__(self, model_cfg: ModelConfig, method_cfg: MethodConfig) -> None:
         super().__init__(model_cfg, method_cfg)
         m = method_cfg
-        self.mps = MPSMasking(m.mps_clusters, m.mps_random_fraction, m.mps_momentum, m.kmeans_iters, m.kmeans_inits)
+        self.mps = MPSMasking(m.mps_clusters, m.mps_random_fraction, m.mps_momentum, m.kmeans_iters, m.kmeans_inits,
+                              margin=m.mps_margin, embed_dim=model_cfg.embed_dim, proj_dim=m.mps_proj_dim)
 
     def training_step(self, images: torch.Tensor, progress: float,
                       generator: torch.Generator | None = None) -> StepOutput:
         ratio = self.masking_ratio(progress)
         tokens = self.encoder.embed(images)  # [B, N, D], with gradient
         patches = self.patchify(images)  # [B, N, P]
-        feats = patch_features(tokens, patches)  # [B, N, D + 2]
+        feats = self.mps.features(tokens, images, self.model_cfg.patch_size)  # [B, N, R + 2]
         clustering = self.mps.cluster(feats.detach(), generator)  # per-image groups, by size rank
         lesion = self.mps.lesion_rank
         mask = self.mps.select(clustering, ratio, generator)  # lesion group first

@@ -28,7 +28,7 @@ from amlp_core.config import MethodConfig, ModelConfig, build_config
 from amlp_core.data import make_phantom_samples
 from amlp_core.engine.pipeline import data_defaults, make_loader
 from amlp_core.engine.loops import pretrain_epoch
-from amlp_core.masking import patch_features, random_mask
+from amlp_core.masking import random_mask
 from amlp_core.methods import build_method
 from amlp_core.models import patchify
 from simulations.benchmarks.common import machine, setup_logging, table, write_json
@@ -63,7 +63,7 @@ def lesion_shares(method, samples, patch: int, ratios, seed: int = 0) -> list[di
     labels = torch.tensor(np.stack([s.label for s in samples]))[:, None].float()
     truth = patchify(labels, patch).amax(-1) > 0  # [B, N]
     with torch.no_grad():
-        feats = patch_features(method.encoder.embed(images), patchify(images, patch))
+        feats = method.mps.features(method.encoder.embed(images), images, patch)
     rows = []
     for ratio in ratios:
         g = torch.Generator().manual_seed(seed)

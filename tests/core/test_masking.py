@@ -5,7 +5,7 @@ from sklearn.cluster import KMeans
 from sklearn.metrics import adjusted_rand_score
 
 from amlp_core.data import make_phantom_samples
-from amlp_core.masking import Mask, MPSMasking, batched_kmeans, num_masked, patch_features, random_mask
+from amlp_core.masking import Mask, MPSMasking, batched_kmeans, num_masked, patch_features, patch_stats, random_mask
 from amlp_core.masking.mps import FeatureScale
 from amlp_core.models import ViTEncoder, patchify
 from tests.conftest import tiny_model
@@ -59,7 +59,7 @@ def test_batched_kmeans_matches_sklearn_on_mps_features():
     torch.manual_seed(0)
     enc = ViTEncoder(cfg)
     with torch.no_grad():
-        feats = patch_features(enc.embed(images), patchify(images, cfg.patch_size))
+        feats = patch_features(enc.embed(images), patch_stats(images, cfg.patch_size))
     scaled = FeatureScale.fit(feats)(feats)
     labels, centroids = batched_kmeans(scaled, 2, iters=30, inits=10, generator=torch.Generator().manual_seed(0))
     for b in range(len(samples)):
@@ -81,7 +81,7 @@ def test_mps_masks_the_budget_lesion_group_first():
     cfg = tiny_model(2)
     samples = make_phantom_samples(8, cfg.img_size, seed=0)
     images = torch.tensor(np.stack([s.image for s in samples]))
-    feats = patch_features(ViTEncoder(cfg).embed(images).detach(), patchify(images, cfg.patch_size))
+    feats = patch_features(ViTEncoder(cfg).embed(images).detach(), patch_stats(images, cfg.patch_size))
     mps = MPSMasking(random_fraction=0.0)
     clustering = mps.cluster(feats, torch.Generator().manual_seed(0))
     ratio = 0.25
@@ -95,13 +95,16 @@ def test_mps_masks_the_budget_lesion_group_first():
             assert bool(mask.masked[b][lesion_group[b]].all())
 
 
-def test_mps_finds_more_lesion_patches_than_random_masking():
+@pytest.mark.parametrize("proj_dim", [0, 16])
+def test_mps_finds_more_lesion_patches_than_random_masking(proj_dim):
     cfg = tiny_model(2)
     samples = make_phantom_samples(16, cfg.img_size, seed=1)
     images = torch.tensor(np.stack([s.image for s in samples]))
     truth = _lesion_patches(samples, cfg.patch_size)
-    feats = patch_features(ViTEncoder(cfg).embed(images).detach(), patchify(images, cfg.patch_size))
-    mps = MPSMasking()
+    torch.manual_seed(0)
+    mps = MPSMasking(embed_dim=cfg.embed_dim, proj_dim=proj_dim)
+    feats = mps.features(ViTEncoder(cfg).embed(images).detach(), images, cfg.patch_size)
+    assert feats.shape[-1] == (proj_dim or cfg.embed_dim) + 2
     g = torch.Generator().manual_seed(0)
     mask = mps.select(mps.cluster(feats, g), 0.25, g)
     share = float((truth & mask.masked).sum() / mask.masked.sum())
@@ -122,3 +125,32 @@ def test_lesion_group_follows_the_running_loss():
     assert mps.lesion_rank == 1
     mps.update(c, mask, torch.tensor([[10.0, 0.0, 0.0, 0.0, 0.0, 0.0]]))
     assert torch.allclose(mps.group_loss, torch.tensor([5.05, 1.5])) and mps.lesion_rank == 0
+
+
+@pytest.mark.parametrize("shape", [(2, 1, 16, 24), (2, 2, 8, 16, 8)])
+def test_patch_stats_equal_the_patches_mean_and_std(shape):
+    images = torch.randn(*shape) * 3 + 1
+    patches = patchify(images, 4)  # [B, N, C * p**dims]
+    stats = patch_stats(images, 4)
+    assert stats.shape == (*patches.shape[:2], 2)
+    assert torch.allclose(stats[..., 0], patches.mean(-1), atol=1e-5)
+    assert torch.allclose(stats[..., 1], patches.std(-1), atol=1e-4)
+
+
+def test_random_projection_is_fixed_and_not_saved():
+    a, b = MPSMasking(embed_dim=32, proj_dim=8), MPSMasking(embed_dim=32, proj_dim=8)
+    assert a.projection.shape == (32, 8) and torch.equal(a.projection, b.projection)  # same at every site
+    assert "projection" not in a.state_dict()
+    assert MPSMasking(embed_dim=8, proj_dim=16).projection is None  # nothing to gain: kept whole
+
+
+def test_lesion_group_needs_a_clear_lead_to_leave_the_smallest_group():
+    from amlp_core.masking.mps import Clustering
+
+    mps = MPSMasking(clusters=2, momentum=0.0, margin=0.05)
+    c = Clustering(rank=torch.tensor([[0, 1]]), centroids=torch.zeros(1, 2, 3), scale=None)
+    both = Mask.from_bool(torch.tensor([[True, True]]))
+    mps.update(c, both, torch.tensor([[1.00, 1.04]]))  # 4 % harder: within the noise margin
+    assert mps.lesion_rank == 0
+    mps.update(c, both, torch.tensor([[1.00, 1.20]]))  # 20 % harder: a clear lead
+    assert mps.lesion_rank == 1
