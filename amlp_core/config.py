@@ -23,7 +23,7 @@ import yaml
 
 from amlp_core.errors import ConfigError
 
-METHOD_NAMES = ("mae", "mps_ams", "amlp")
+METHOD_NAMES = ("mae", "mps_ams", "amlp", "ahm", "ace")
 
 
 @dataclass(frozen=True)
@@ -98,6 +98,13 @@ class MethodConfig:
     arl_tau: float = 1.0
     ccl_weight: float = 0.1
     ccl_temperature: float = 1.0
+    ahm_entropy_weight: float = 0.01  # beta of the masking agent's entropy bonus
+    ahm_agent_lr_scale: float = 10.0  # the agent learns at train.lr times this
+    ace_momentum: float = 0.996  # teacher EMA momentum at the start; cosine to 1 over training
+    ace_teacher_temp: float = 0.04
+    ace_student_temp: float = 0.1
+    ace_global_weight: float = 0.1  # total = this * global + (composition + decomposition) / 2
+    ace_head_dim: int = 256  # prototypes of the DINO-style head of the global loss
 
     def __post_init__(self) -> None:
         _check(self.name in METHOD_NAMES, "method.name", self.name, f"must be one of {', '.join(METHOD_NAMES)}")
@@ -121,6 +128,14 @@ class MethodConfig:
         _check(self.arl_tau > 0, "method.arl_tau", self.arl_tau, "must be positive")
         _check(self.ccl_weight >= 0, "method.ccl_weight", self.ccl_weight, "must not be negative")
         _check(self.ccl_temperature > 0, "method.ccl_temperature", self.ccl_temperature, "must be positive")
+        _check(self.ahm_entropy_weight >= 0, "method.ahm_entropy_weight", self.ahm_entropy_weight,
+               "must not be negative")
+        _check(self.ahm_agent_lr_scale > 0, "method.ahm_agent_lr_scale", self.ahm_agent_lr_scale, "must be positive")
+        _check(0.0 <= self.ace_momentum <= 1.0, "method.ace_momentum", self.ace_momentum, "must be in [0, 1]")
+        for key in ("ace_teacher_temp", "ace_student_temp"):
+            _check(getattr(self, key) > 0, f"method.{key}", getattr(self, key), "must be positive")
+        _check(self.ace_global_weight >= 0, "method.ace_global_weight", self.ace_global_weight, "must not be negative")
+        _check(self.ace_head_dim >= 2, "method.ace_head_dim", self.ace_head_dim, "must be at least 2")
 
 
 @dataclass(frozen=True)
@@ -180,6 +195,9 @@ class TrainConfig:
 
 
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedmedian", "fedtrimmedavg")
+#: Strategies that need each site's own update, which SecAgg+ hides from the server.
+SECAGG_REFUSED = ("fedmedian", "fedtrimmedavg")
+SECAGG_MODULUS = 2**32  # Flower's SecAggPlusWorkflow modulus_range (its default, kept)
 PARTITIONS = ("iid", "dirichlet")
 
 
@@ -203,6 +221,13 @@ class FederationConfig:
     run_dir: str = "runs/federated"  # server: checkpoints and results
     resume: bool = False  # continue from run_dir's checkpoint
     stop_after_rounds: int = 0  # stop (resumably) after this many rounds in this process; 0 = run to the end
+    # SecAgg+ (Flower's legacy workflow) for the training rounds; docs/privacy.md "Secure aggregation".
+    secure_aggregation: bool = False  # the server sees only the weighted sum of the sites' updates
+    secagg_num_shares: float = 1.0  # share of a round's sites each site's mask secrets are split among
+    secagg_reconstruction_threshold: float = 0.67  # share of those shares needed to unmask; > 0.5
+    secagg_clipping_range: float = 1.0  # bound on |update * weight / max_weight|; a site refuses an update beyond
+    secagg_quantization_range: int = 67108864  # 2**26 levels over [-clipping, clipping]; sites * this < 2**32
+    secagg_max_weight: float = 1000.0  # >= every site's weight (training examples); a site above it refuses
 
     def __post_init__(self) -> None:
         _check(self.sites >= 1, "federation.sites", self.sites, "must be at least 1")
@@ -220,6 +245,75 @@ class FederationConfig:
         _check(self.dirichlet_alpha > 0, "federation.dirichlet_alpha", self.dirichlet_alpha, "must be positive")
         _check(self.stop_after_rounds >= 0, "federation.stop_after_rounds", self.stop_after_rounds,
                "must not be negative")
+        if self.secure_aggregation:
+            _check(self.strategy not in SECAGG_REFUSED, "federation.strategy", self.strategy,
+                   "cannot combine with federation.secure_aggregation=true: SecAgg+ shows the server only the "
+                   "weighted sum of the updates, and a robust strategy needs every site's own update "
+                   f"(use one of {', '.join(s for s in STRATEGIES if s not in SECAGG_REFUSED)})")
+            _check(self.min_sites >= 2, "federation.min_sites", self.min_sites,
+                   "must be at least 2 with federation.secure_aggregation=true (a sum of one update is that update)")
+        _check(0.0 < self.secagg_num_shares <= 1.0, "federation.secagg_num_shares", self.secagg_num_shares,
+               "must be in (0, 1]: the share of a round's sites")
+        _check(0.5 < self.secagg_reconstruction_threshold <= 1.0, "federation.secagg_reconstruction_threshold",
+               self.secagg_reconstruction_threshold,
+               "must be in (0.5, 1]: with half or fewer, a server that lies about dropouts could unmask a site")
+        _check(self.secagg_clipping_range > 0, "federation.secagg_clipping_range", self.secagg_clipping_range,
+               "must be positive")
+        _check(1 <= self.secagg_quantization_range < SECAGG_MODULUS // 2, "federation.secagg_quantization_range",
+               self.secagg_quantization_range, "must be in [1, 2**31)")
+        if self.secure_aggregation:  # (a deployment's number of sites is checked again in every round)
+            _check(self.secagg_quantization_range * self.sites < SECAGG_MODULUS, "federation.secagg_quantization_range",
+                   self.secagg_quantization_range, f"times federation.sites={self.sites} must stay below 2**32, "
+                   "SecAgg+'s modulus (the sum of the quantized updates would overflow)")
+        _check(self.secagg_max_weight > 0, "federation.secagg_max_weight", self.secagg_max_weight, "must be positive")
+
+
+PRIVACY_PHASES = ("finetune", "both")
+#: Strategies whose aggregation Flower's accounted server-side DP wrapper accepts (FedAvg's).
+SERVER_DP_STRATEGIES = ("fedavg", "fedprox")
+
+
+@dataclass(frozen=True)
+class PrivacyConfig:
+    """Differential privacy: record-level DP-SGD at each site (Opacus), client-level DP at the server.
+
+    Site DP (``site_dp``): every site clips each case's gradient to ``max_grad_norm`` and adds
+    Gaussian noise; one RDP accountant per site covers the whole run, is kept in the site's
+    state directory, and a round that would take the site's epsilon (at ``delta``) past
+    ``budget`` is refused. ``noise_multiplier`` 0 calibrates the noise once, so that the run's
+    planned rounds spend exactly ``budget``.
+
+    Server DP (``server_dp``): Flower's fixed-clipping wrapper clips each site's update to
+    ``server_clipping_norm`` and noises the sum (``server_noise_multiplier``), with Flower's RDP
+    accountant at ``delta`` over the sites; ``server_budget`` > 0 stops the run before it is exceeded.
+    """
+
+    site_dp: bool = False
+    server_dp: bool = False
+    phases: str = "finetune"  # which phases are private: finetune | both
+    budget: float = 8.0  # site: epsilon the whole run may spend at each site
+    delta: float = 1e-5
+    max_grad_norm: float = 1.0  # site: per-case gradient clipping
+    noise_multiplier: float = 0.0  # site: 0 = calibrate to spend `budget` over the planned rounds
+    server_noise_multiplier: float = 1.0
+    server_clipping_norm: float = 5.0  # L2 norm of one site's update
+    server_budget: float = 0.0  # 0 = report epsilon without a cap
+
+    def __post_init__(self) -> None:
+        _check(self.phases in PRIVACY_PHASES, "privacy.phases", self.phases, f"must be one of {', '.join(PRIVACY_PHASES)}")
+        _check(self.budget > 0, "privacy.budget", self.budget, "must be positive")
+        _check(0.0 < self.delta < 1.0, "privacy.delta", self.delta, "must be in (0, 1)")
+        _check(self.max_grad_norm > 0, "privacy.max_grad_norm", self.max_grad_norm, "must be positive")
+        _check(self.noise_multiplier >= 0, "privacy.noise_multiplier", self.noise_multiplier, "must not be negative")
+        _check(self.server_noise_multiplier > 0, "privacy.server_noise_multiplier", self.server_noise_multiplier,
+               "must be positive (the accountant needs noise)")
+        _check(self.server_clipping_norm > 0, "privacy.server_clipping_norm", self.server_clipping_norm,
+               "must be positive")
+        _check(self.server_budget >= 0, "privacy.server_budget", self.server_budget, "must not be negative")
+
+    def private(self, phase: str) -> bool:
+        """Whether training in ``phase`` ("pretrain" or "finetune") is private."""
+        return phase == "finetune" or self.phases == "both"
 
 
 @dataclass(frozen=True)
@@ -237,6 +331,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     site: SiteConfig = field(default_factory=SiteConfig)
 
     def __post_init__(self) -> None:
@@ -245,6 +340,18 @@ class Config:
         if self.data.synthetic:
             _check(len(self.data.synthetic_size) == self.model.spatial_dims, "data.synthetic_size",
                    self.data.synthetic_size, f"must have model.spatial_dims={self.model.spatial_dims} sizes")
+        if self.privacy.site_dp:
+            _check(self.federation.strategy != "fedprox", "federation.strategy", "fedprox",
+                   "cannot combine with privacy.site_dp: the proximal term's gradient is not per case, so DP-SGD "
+                   "would drop it (use fedavg)")
+        if self.privacy.server_dp and self.federation.secure_aggregation:
+            raise ConfigError("invalid privacy.server_dp=True with federation.secure_aggregation=True: server-side "
+                              "clipping clips each site's update at the server, and SecAgg+ shows the server only "
+                              "their sum (clip at the sites instead; see docs/privacy.md)")
+        if self.privacy.server_dp:
+            _check(self.federation.strategy in SERVER_DP_STRATEGIES, "federation.strategy", self.federation.strategy,
+                   f"cannot combine with privacy.server_dp: Flower's accounted DP wrapper needs FedAvg's "
+                   f"aggregation (use one of {', '.join(SERVER_DP_STRATEGIES)})")
 
     def to_dict(self) -> dict[str, Any]:
         """Nested plain dict (tuples as lists), the form written to YAML and checkpoints."""
@@ -254,6 +361,15 @@ class Config:
         """A copy with some fields changed: ``cfg.replace(train={"epochs": 3})``."""
         return build_config(sections, base=self)
 
+    def run_digest(self) -> str:
+        """Hash of everything that decides a run's result: not where it is kept, how long it waits
+        for sites, where it runs, nor the site's own name and folder. A resumed run keeps it."""
+        d = self.to_dict()
+        d["federation"] = {k: v for k, v in d["federation"].items() if k not in RESUMABLE_KEYS}
+        d["train"] = {k: v for k, v in d["train"].items() if k not in ("device", "num_threads")}
+        del d["site"]
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
     def digest(self, *sections: str) -> str:
         """A short hash of the given sections (all when none), to refuse mismatched checkpoints."""
         d = self.to_dict()
@@ -261,12 +377,14 @@ class Config:
         return hashlib.sha256(json.dumps(chosen, sort_keys=True).encode()).hexdigest()[:16]
 
 
+#: Federation settings that may change between a stopped run and its resumption.
+RESUMABLE_KEYS = ("resume", "stop_after_rounds", "round_timeout", "connect_timeout", "run_dir")
 SECTIONS: dict[str, type] = {"model": ModelConfig, "method": MethodConfig, "data": DataConfig, "train": TrainConfig,
-                             "federation": FederationConfig, "site": SiteConfig}
+                             "federation": FederationConfig, "privacy": PrivacyConfig, "site": SiteConfig}
 #: Keys a site may set for itself in its site file; everything else comes from the run.
 SITE_KEYS = ("data.path", "data.format", "data.as_slices", "data.slice_axis", "data.test_fraction",
              "data.split_seed", "train.device", "train.batch_size", "train.label_fraction", "train.num_threads",
-             "train.amp", "site.name", "site.state_dir")
+             "train.amp", "privacy.budget", "site.name", "site.state_dir")
 
 
 def _check(ok: bool, key: str, value: Any, why: str) -> None:

@@ -16,6 +16,7 @@ from flwr.clientapp import ClientApp
 
 from amlp_core.errors import AMLPError
 from client import tasks
+from client.secagg import secagg_mod
 from client.site import Site, get_site, site_config
 from fedamlp import protocol as P
 
@@ -44,7 +45,7 @@ def _error_reply(msg: Message, context: Context, error: AMLPError) -> Message:
     return Message(error=Error(code=SITE_ERROR, reason=reason), reply_to=msg)
 
 
-@app.train()
+@app.train(mods=[secagg_mod])  # first: the mods after it see ordinary train messages (client/secagg.py)
 def train(msg: Message, context: Context) -> Message:
     """Pretraining or fine-tuning round: global weights in, local weights and metrics out."""
     try:

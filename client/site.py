@@ -1,7 +1,9 @@
 """A site's configuration and data, built once per process from the Flower context.
 
 - Deployment: the node config names a site file (``site-config``, YAML with the keys of
-  :data:`amlp_core.config.SITE_KEYS`) that says where the hospital's data is.
+  :data:`amlp_core.config.SITE_KEYS`) that says where the hospital's data is. The site keeps
+  each run's state (decoder, optimizer, privacy ledger) in ``STATE_DIR/run-<digest>``, the
+  digest of the run's configuration: a resumed run finds its state, another run starts clean.
 - Simulation: the node config carries ``partition-id`` / ``num-partitions``; the site's share
   of one dataset (or its own synthetic phantoms) follows from the run config.
 
@@ -49,10 +51,11 @@ def site_config(run_config: Mapping[str, Any], node_config: Mapping[str, Any]) -
     cfg = build_config(dict(run_config))
     if SITE_CONFIG in node_config:
         path = Path(str(node_config[SITE_CONFIG]))
+        run = f"run-{cfg.run_digest()}"  # the server's checkpoint digest: same for a resumed run
         cfg = apply_site_file(cfg, path)
         name = cfg.site.name or path.stem
-        state_dir = cfg.site.state_dir or str(Path(cfg.federation.run_dir) / "sites" / name)
-        return cfg.replace(site={"name": name, "state_dir": state_dir}), 0, 1
+        base = Path(cfg.site.state_dir) if cfg.site.state_dir else Path(cfg.federation.run_dir) / "sites" / name
+        return cfg.replace(site={"name": name, "state_dir": str(base / run)}), 0, 1
     index, count = int(node_config.get(PARTITION_ID, 0)), int(node_config.get(NUM_PARTITIONS, 1))
     name = f"site{index}"
     state_dir = str(Path(cfg.federation.run_dir) / "sites" / name)

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import torch
 
@@ -20,8 +21,9 @@ from amlp_core.engine.pipeline import make_loader
 from amlp_core.data import label_subset
 from amlp_core.errors import AMLPError
 from amlp_core.losses import dice_ce_loss, proximal_term
-from amlp_core.methods import build_method, mask_ratio_at
+from amlp_core.methods import PretrainMethod, build_method, mask_ratio_at
 from amlp_core.models import SegmentationNet
+from amlp_core.privacy import PrivacyLedger, PrivateTraining, calibrate_noise, sample_rate, steps_per_epoch
 from amlp_core.schedules import federated_progress, warmup_cosine
 from client.site import Site
 from fedamlp import protocol as P
@@ -112,16 +114,17 @@ def pretrain_round(site: Site, global_state: dict[str, torch.Tensor], ins: Instr
     regularizer = proximal_term(method.encoder, ins.proximal_mu) if ins.proximal_mu > 0 else None
     warmup = min(cfg.train.warmup_epochs / (ins.total_rounds * ins.local_epochs), 0.5)
     metrics: dict[str, float] = {}
-    for epoch in range(ins.local_epochs):
-        t = federated_progress(ins.round, epoch, ins.local_epochs, ins.total_rounds)
-        loader.dataset.set_epoch((ins.round - 1) * ins.local_epochs + epoch)
-        metrics = pretrain_epoch(method, loader, optimizer, device, (t, t), generator,
-                                 lr_at=lambda p: cfg.train.lr * warmup_cosine(p, warmup), amp=cfg.train.amp,
-                                 desc=f"{site.name} pretrain r{ins.round}", regularizer=regularizer)
+    with _private(site, ins, method, optimizer, loader, seed) as (opt, batches, privacy):
+        for epoch in range(ins.local_epochs):
+            t = federated_progress(ins.round, epoch, ins.local_epochs, ins.total_rounds)
+            loader.dataset.set_epoch((ins.round - 1) * ins.local_epochs + epoch)
+            metrics = pretrain_epoch(method, batches, opt, device, (t, t), generator,
+                                     lr_at=lambda p: cfg.train.lr * warmup_cosine(p, warmup), amp=cfg.train.amp,
+                                     desc=f"{site.name} pretrain r{ins.round}", regularizer=regularizer)
     site.state.save(P.PRETRAIN, ins.round, {"method": method.state_dict(), "optimizer": optimizer.state_dict()})
     shared = {k: v.detach().cpu() for k, v in method.shared_state_dict().items()}
-    return shared, {P.NUM_EXAMPLES: len(loader.dataset), P.LOSS: metrics["loss"],
-                    P.MASK_RATIO: metrics["ratio"]}
+    return shared, {P.NUM_EXAMPLES: len(loader.dataset), P.UNIT_WEIGHT: 1, P.LOSS: metrics.get("loss", float("nan")),
+                    P.MASK_RATIO: metrics.get("ratio", own), **privacy}
 
 
 def _load_shared(method: torch.nn.Module, global_state: dict[str, torch.Tensor]) -> None:
@@ -154,15 +157,72 @@ def finetune_round(site: Site, global_state: dict[str, torch.Tensor], ins: Instr
     regularizer = proximal_term(model, ins.proximal_mu) if ins.proximal_mu > 0 else None
     loss_fn = dice_ce_loss()
     metrics: dict[str, float] = {}
-    for epoch in range(ins.local_epochs):
-        t = federated_progress(ins.round, epoch, ins.local_epochs, ins.total_rounds)
-        set_lr(optimizer, cfg.train.finetune_lr * warmup_cosine(t, 0.0))
-        loader.dataset.set_epoch((ins.round - 1) * ins.local_epochs + epoch)
-        metrics = finetune_epoch(model, loader, optimizer, loss_fn, device, cfg.train.amp,
-                                 desc=f"{site.name} finetune r{ins.round}", regularizer=regularizer)
+    with _private(site, ins, model, optimizer, loader, seed) as (opt, batches, privacy):
+        for epoch in range(ins.local_epochs):
+            t = federated_progress(ins.round, epoch, ins.local_epochs, ins.total_rounds)
+            set_lr(opt, cfg.train.finetune_lr * warmup_cosine(t, 0.0))
+            loader.dataset.set_epoch((ins.round - 1) * ins.local_epochs + epoch)
+            metrics = finetune_epoch(model, batches, opt, loss_fn, device, cfg.train.amp,
+                                     desc=f"{site.name} finetune r{ins.round}", regularizer=regularizer)
     site.state.save(P.FINETUNE, ins.round, {"optimizer": optimizer.state_dict()})
     return ({k: v.detach().cpu() for k, v in model.state_dict().items()},
-            {P.NUM_EXAMPLES: len(loader.dataset), P.LOSS: metrics["loss"]})
+            {P.NUM_EXAMPLES: len(loader.dataset), P.UNIT_WEIGHT: 1, P.LOSS: metrics.get("loss", float("nan")),
+             **privacy})
+
+
+def _phase_cases(site: Site, phase: str) -> int:
+    """How many cases a site trains on in ``phase`` (all its training cases, or its labelled subset)."""
+    if phase == P.PRETRAIN:
+        return len(site.split.train)
+    labelled = [s for s in site.split.train if s.label is not None]
+    return len(label_subset(labelled, site.cfg.train.label_fraction, site.cfg.train.seed)) if labelled else 0
+
+
+def _privacy_plan(site: Site, ins: Instructions) -> list[tuple[float, int]]:
+    """The private stretches still to come in this run, ``(sample_rate, steps)``, from this round on."""
+    cfg, fed = site.cfg, site.cfg.federation
+    plan = []
+    for phase, total in ((P.PRETRAIN, fed.pretrain_rounds), (P.FINETUNE, fed.finetune_rounds)):
+        if not cfg.privacy.private(phase) or (phase == P.PRETRAIN and ins.phase == P.FINETUNE):
+            continue
+        rounds = total - ins.round + 1 if phase == ins.phase else total
+        cases = _phase_cases(site, phase)
+        if cases and rounds > 0:
+            rate = sample_rate(cases, cfg.train.batch_size)
+            plan.append((rate, rounds * fed.local_epochs * steps_per_epoch(rate)))
+    return plan
+
+
+@contextmanager
+def _private(site: Site, ins: Instructions, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+             loader, seed: int) -> Iterator[tuple[Any, Any, dict[str, float]]]:
+    """``(optimizer, batches, metrics)`` for one round: DP-SGD when the run asks for site DP in
+    this phase, the plain ones otherwise (``metrics`` is filled after the block).
+
+    Under DP the site's ledger is checked before any step (a round past the budget is refused:
+    :class:`~amlp_core.privacy.PrivacyBudgetExceeded`), and the steps taken are recorded, on
+    disk, before the weights leave the site; ``metrics`` then holds the cumulative epsilon.
+    """
+    p = site.cfg.privacy
+    if not (p.site_dp and p.private(ins.phase)):
+        yield optimizer, loader, {}
+        return
+    ledger = PrivacyLedger.open(site.state.root, p.budget, p.delta)
+    if ledger.noise_multiplier is None:
+        ledger.noise_multiplier = p.noise_multiplier or calibrate_noise(p.budget, p.delta, _privacy_plan(site, ins),
+                                                                        ledger.history)
+        ledger.save()
+        log.info("%s: DP-SGD noise multiplier %.3f for a budget of epsilon %g at delta %g", site.name,
+                 ledger.noise_multiplier, p.budget, p.delta)
+    rate = sample_rate(len(loader.dataset), site.cfg.train.batch_size)
+    ledger.check(rate, ins.local_epochs * steps_per_epoch(rate), f"site {site.name}: {ins.phase} round {ins.round}")
+    if isinstance(model, PretrainMethod):
+        model.private = True
+    metrics: dict[str, float] = {}  # filled once the round's steps are on the ledger
+    with PrivateTraining(model, optimizer, loader.dataset, site.cfg.train.batch_size, ledger.noise_multiplier,
+                         p.max_grad_norm, seed) as dp:
+        yield dp.optimizer, dp.loader, metrics
+    metrics[P.EPSILON] = ledger.record(ins.phase, ins.round, dp.stretches)
 
 
 def evaluate_round(site: Site, global_state: dict[str, torch.Tensor]) -> dict[str, float]:

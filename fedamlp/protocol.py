@@ -23,12 +23,15 @@ LOCAL_EPOCHS = "local-epochs"
 EXPECTED_RATIO = "expected-mask-ratio"  # AMR ratio the server expects at the round's start
 CONFIG_DIGEST = "config-digest"  # hash of the model and method config the server runs
 PROXIMAL_MU = "proximal-mu"  # set by Flower's FedProx
+ARRAY_KEYS = "array-keys"  # SecAgg+ rounds: JSON list naming the legacy FitIns arrays, in order
+WEIGHT_KEY = "weight-key"  # SecAgg+ rounds: the metric the site weights its update by (the strategy's)
 
 # Metrics in METRICS (Flower weights by NUM_EXAMPLES: the number of samples, not batches).
 NUM_EXAMPLES = "num-examples"
 LOSS = "loss"
 MASK_RATIO = "mask-ratio"
-EPSILON = "epsilon"
+EPSILON = "epsilon"  # site DP: the site's cumulative epsilon after this round (at privacy.delta)
+UNIT_WEIGHT = "unit-weight"  # always 1: equal site weights, which Flower's accounted server DP requires
 
 # Site description in SITE.
 SITE_NAME = "name"

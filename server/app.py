@@ -11,6 +11,7 @@ from flwr.serverapp import Grid, ServerApp
 from amlp_core.config import build_config
 from amlp_core.errors import AMLPError
 from server.federation import FAILED, Federation
+from server.inbox import maybe_record
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +42,7 @@ def main(grid: Grid, context: Context) -> None:
     failed = Path(cfg.federation.run_dir) / FAILED
     failed.unlink(missing_ok=True)
     try:
-        Federation(grid, cfg).run()
+        Federation(maybe_record(grid), cfg).run()  # FEDAMLP_SERVER_INBOX: audit log (server/inbox.py)
     except AMLPError as e:
         log.error("the federation failed: %s", e)
         failed.parent.mkdir(parents=True, exist_ok=True)

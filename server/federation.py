@@ -9,7 +9,6 @@ run with the same seeds ends; a checkpoint made with another configuration is re
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import time
@@ -18,6 +17,7 @@ from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord
 from flwr.serverapp import Grid
+from flwr.serverapp.exception import PrivacyBudgetExhausted
 
 from amlp_core.config import Config, save_config
 from amlp_core.engine.checkpoint import load_checkpoint, save_checkpoint
@@ -29,23 +29,20 @@ from amlp_core.schedules import federated_progress
 from fedamlp import protocol as P
 from server import rounds
 from server.results import ALL_SITES, RunResults
-from server.strategies import build_strategy, restore_strategy_state, strategy_state
+from server.secagg import SecAggRound
+from server.strategies import build_strategy, restore_strategy_state, server_accountant, strategy_state
 
 log = logging.getLogger(__name__)
 CHECKPOINT = "server_checkpoint.pt"
 MODEL_DIR = "model"
 FAILED = "FAILED"  # written by the ServerApp when the run fails: one line saying why
 #: Settings that may change between a stopped run and its resumption.
-RESUMABLE = ("resume", "stop_after_rounds", "round_timeout", "connect_timeout", "run_dir")
+SERVER_EPSILON = "server_epsilon"  # results: client-level epsilon spent so far by server DP
 
 
 def run_digest(cfg: Config) -> str:
-    """Hash of everything that determines the run's result (not where it is or how long it waits)."""
-    d = cfg.to_dict()
-    d["federation"] = {k: v for k, v in d["federation"].items() if k not in RESUMABLE}
-    d["train"] = {k: v for k, v in d["train"].items() if k not in ("device", "num_threads")}
-    del d["site"]
-    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+    """The checkpoint's guard: :meth:`Config.run_digest` (a resumed run must have the same)."""
+    return cfg.run_digest()
 
 
 class StopRequested(Exception):
@@ -56,6 +53,24 @@ class StopRequested(Exception):
 class Progress:
     phase: str = P.PRETRAIN
     done: int = 0  # rounds of ``phase`` completed
+
+
+def privacy_info(cfg: Config) -> dict[str, str]:
+    """The run's privacy settings, as the results' summary states them."""
+    p, f, info = cfg.privacy, cfg.federation, {}
+    if f.secure_aggregation:
+        info["secure aggregation"] = (f"SecAgg+ on every training round (secrets shared with "
+                                      f"{f.secagg_num_shares:.0%} of the sites, {f.secagg_reconstruction_threshold:.0%} "
+                                      f"of the shares needed)")
+    if p.site_dp:
+        noise = f"noise multiplier {p.noise_multiplier}" if p.noise_multiplier else "noise calibrated to the budget"
+        info["site DP"] = (f"DP-SGD ({p.phases}), budget epsilon {p.budget:g} per site at delta {p.delta:g}, "
+                           f"clip {p.max_grad_norm:g}, {noise}")
+    if p.server_dp:
+        cap = f", cap epsilon {p.server_budget:g}" if p.server_budget else ""
+        info["server DP"] = (f"client-level, fixed clipping {p.server_clipping_norm:g}, noise multiplier "
+                             f"{p.server_noise_multiplier:g} ({p.phases}){cap}, delta {p.delta:g}")
+    return info
 
 
 def _fmt_metrics(metrics: dict[str, Any]) -> str:
@@ -75,12 +90,14 @@ class Federation:
         self.results = RunResults(self.run_dir / "results")
         self.rounds_this_process = 0
         self.class_names: dict[str, str] = {}
+        self.accountant = server_accountant(self.fed, cfg.privacy)  # server DP: one for the whole run
 
     # -- checkpoint ----------------------------------------------------------------------
     def _save(self, progress: Progress, arrays: ArrayRecord, strategy) -> None:
         state = {"arrays": arrays.to_torch_state_dict(), "strategy": strategy_state(strategy)}
         meta = {"kind": "server", "phase": progress.phase, "round": progress.done, "digest": run_digest(self.cfg),
-                "rows": self.results.rows, "class_names": self.class_names}
+                "rows": self.results.rows, "class_names": self.class_names,
+                "accountant": json.dumps(self.accountant.state_dict()) if self.accountant else None}
         save_checkpoint(self.run_dir / CHECKPOINT, state, meta)
 
     def _load(self) -> tuple[Progress, ArrayRecord, dict] | None:
@@ -94,6 +111,8 @@ class Federation:
                                   "(start a new run_dir, or restore the original settings)")
         self.results.rows = list(meta.get("rows", []))
         self.class_names = dict(meta.get("class_names", {}))
+        if self.accountant is not None and meta.get("accountant"):
+            self.accountant.load_state_dict(json.loads(meta["accountant"]))
         log.info("resuming after %s round %d from %s", meta["phase"], meta["round"], path)
         return Progress(meta["phase"], meta["round"]), ArrayRecord(state["arrays"]), state["strategy"]
 
@@ -127,16 +146,26 @@ class Federation:
 
     def _phase(self, phase: str, arrays: ArrayRecord, start: int, total: int, strategy_saved: dict | None
                ) -> ArrayRecord:
-        strategy = build_strategy(self.fed, evaluate=phase == P.FINETUNE)
+        private = self.accountant is not None and self.cfg.privacy.private(phase)
+        strategy = build_strategy(self.fed, evaluate=phase == P.FINETUNE, privacy=self.cfg.privacy,
+                                  accountant=self.accountant if private else None)
+        train_round = SecAggRound(self.fed) if self.fed.secure_aggregation else rounds.train_round
         if strategy_saved:
             restore_strategy_state(strategy, strategy_saved)
         f = self.fed
         for rnd in range(start, total + 1):
             if f.stop_after_rounds and self.rounds_this_process >= f.stop_after_rounds:
                 raise StopRequested
-            arrays, metrics, outcome = rounds.train_round(self.grid, strategy, rnd, arrays,
-                                                          self._instructions(phase, rnd, total), f.min_sites,
-                                                          f.connect_timeout, f.round_timeout)
+            try:
+                arrays, metrics, outcome = train_round(self.grid, strategy, rnd, arrays,
+                                                       self._instructions(phase, rnd, total), f.min_sites,
+                                                       f.connect_timeout, f.round_timeout)
+            except PrivacyBudgetExhausted as e:
+                raise rounds.FederationError(
+                    f"{phase} round {rnd}: server-side DP stops the run before it overspends "
+                    f"(privacy.server_budget={self.cfg.privacy.server_budget:g}): {e}") from None
+            if private:
+                metrics[SERVER_EPSILON] = self.accountant.get_privacy_spent().epsilon
             self._record(phase, rnd, "train", outcome, metrics, _bytes(arrays))
             if phase == P.FINETUNE:
                 metrics, outcome = rounds.evaluate_round(self.grid, strategy, rnd, arrays,
@@ -171,7 +200,8 @@ class Federation:
         progress, arrays, strategy_saved = resumed or (Progress(), None, None)
         self.results.info = {"method": cfg.method.name, "strategy": f.strategy, "sites (min)": f.min_sites,
                              "pretrain rounds": f.pretrain_rounds, "finetune rounds": f.finetune_rounds,
-                             "local epochs": f.local_epochs, "label fraction": cfg.train.label_fraction}
+                             "local epochs": f.local_epochs, "label fraction": cfg.train.label_fraction,
+                             **privacy_info(cfg)}
         started = time.monotonic()
         try:
             if progress.phase == P.PRETRAIN:

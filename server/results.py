@@ -6,17 +6,12 @@ import csv
 import io
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any
 
+from amlp_core.engine.checkpoint import atomic_write_text as _atomic_write
+
 ALL_SITES = "ALL"
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 class RunResults:
@@ -63,6 +58,7 @@ class RunResults:
             for r in dice:
                 values = " | ".join(_fmt(r.get(c)) for c in classes + ["dice_mean"])
                 lines.append(f"| {r['site']} | {r.get('num-examples', '')} | {values} |")
+        lines += self._privacy_lines()
         failures = [r for r in self.rows if r.get("status") not in (None, "ok")]
         if failures:
             lines += ["", "## Site failures", ""]
@@ -74,6 +70,21 @@ class RunResults:
             lines += [f"| {r['phase']} | {r['round']} | {_fmt(r.get('loss'))} | {r.get('sites_ok', '')} | "
                       f"{_fmt(r.get('seconds'))} |" for r in train]
         return "\n".join(lines) + "\n"
+
+
+    def _privacy_lines(self) -> list[str]:
+        """Epsilon spent: each site's last value (site DP) and the server's (server DP)."""
+        last: dict[str, Any] = {}
+        for r in self.rows:
+            if r["kind"] == "train" and r.get("status") == "ok":
+                if "epsilon" in r and r["site"] != ALL_SITES:
+                    last[r["site"]] = r["epsilon"]
+                if "server_epsilon" in r:
+                    last["server (client-level DP)"] = r["server_epsilon"]
+        if not last:
+            return []
+        return ["", "## Privacy spent (epsilon at privacy.delta)", "", "| who | epsilon |", "|---|---|",
+                *(f"| {who} | {_fmt(eps)} |" for who, eps in sorted(last.items()))]
 
 
 def _fmt(value: Any) -> str:

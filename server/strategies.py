@@ -6,24 +6,77 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx, FedTrimmedAvg, Strategy
+from flwr.serverapp import RdpAccountant
+from flwr.serverapp.strategy import (DifferentialPrivacyServerSideFixedClipping, FedAdam, FedAvg, FedMedian, FedProx,
+                                     FedTrimmedAvg, Strategy)
+from flwr.supercore.privacy_accounting import NeighboringRelation, PrivacyConfig as FlowerPrivacyConfig, SamplingMethod
 
-from amlp_core.config import FederationConfig
+from amlp_core.config import FederationConfig, PrivacyConfig
 from amlp_core.errors import ConfigError
+from fedamlp import protocol as P
 
 #: Attributes of server-side optimiser state that a checkpoint must carry (FedOpt family).
 STATEFUL_ATTRS = ("m_t", "v_t")
 
 
-def build_strategy(fed: FederationConfig, evaluate: bool) -> Strategy:
+def server_accountant(fed: FederationConfig, privacy: PrivacyConfig) -> RdpAccountant | None:
+    """Flower's RDP accountant for client-level DP over the whole run (None without server DP).
+
+    Every round takes all ``federation.sites`` sites (no sampling, so no amplification is claimed);
+    neighbouring federations differ by one site's whole data.
+    """
+    if not privacy.server_dp:
+        return None
+    return RdpAccountant(FlowerPrivacyConfig(
+        target_delta=privacy.delta, population_size=fed.sites,
+        neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE, sampling_method=SamplingMethod.NO_AMPLIFICATION,
+        max_epsilon=privacy.server_budget or None))
+
+
+def build_strategy(fed: FederationConfig, evaluate: bool, privacy: PrivacyConfig | None = None,
+                   accountant: RdpAccountant | None = None) -> Strategy:
     """The aggregation strategy ``fed.strategy``, sampling every connected site.
 
     Waiting for sites is done (with a deadline) before each round, so the strategy's own
-    wait for ``min_available_nodes`` returns at once.
+    wait for ``min_available_nodes`` returns at once. With an ``accountant`` (server DP in
+    this phase) the strategy is wrapped in Flower's server-side fixed-clipping DP, which
+    clips each site's update, noises the average and composes each release in the accountant;
+    sites then weigh equally, as that accounting requires.
     """
     common: dict[str, Any] = dict(fraction_train=1.0, fraction_evaluate=1.0 if evaluate else 0.0,
                                   min_train_nodes=fed.min_sites, min_evaluate_nodes=fed.min_sites if evaluate else 0,
                                   min_available_nodes=fed.min_sites)
+    if accountant is None:
+        return _base_strategy(fed, common)
+    equal = {"fedavg": _EqualSitesFedAvg, "fedprox": _EqualSitesFedProx}[fed.strategy]
+    extra = {"proximal_mu": fed.proximal_mu} if fed.strategy == "fedprox" else {}
+    strategy = equal(**common, **extra, weighted_by_key=P.UNIT_WEIGHT)
+    return DifferentialPrivacyServerSideFixedClipping(
+        strategy, noise_multiplier=privacy.server_noise_multiplier, clipping_norm=privacy.server_clipping_norm,
+        num_sampled_clients=fed.sites, accountant=accountant)
+
+
+class _EvaluateByCases:
+    """Training averages weigh sites equally (``weighted_by_key`` = unit weight, as Flower's
+    accounted DP requires); evaluation metrics stay weighted by each site's number of cases."""
+
+    def aggregate_evaluate(self, server_round, replies):
+        key, self.weighted_by_key = self.weighted_by_key, P.NUM_EXAMPLES
+        try:
+            return super().aggregate_evaluate(server_round, replies)
+        finally:
+            self.weighted_by_key = key
+
+
+class _EqualSitesFedAvg(_EvaluateByCases, FedAvg):
+    pass
+
+
+class _EqualSitesFedProx(_EvaluateByCases, FedProx):
+    pass
+
+
+def _base_strategy(fed: FederationConfig, common: dict[str, Any]) -> Strategy:
     if fed.strategy == "fedavg":
         return FedAvg(**common)
     if fed.strategy == "fedprox":
@@ -39,6 +92,7 @@ def build_strategy(fed: FederationConfig, evaluate: bool) -> Strategy:
 
 def strategy_state(strategy: Strategy) -> dict[str, dict[str, torch.Tensor]]:
     """Server optimiser state (e.g. FedAdam's moments) as tensors, for a checkpoint."""
+    strategy = getattr(strategy, "strategy", strategy)  # inside a DP wrapper
     state = {}
     for attr in STATEFUL_ATTRS:
         value = getattr(strategy, attr, None)
@@ -48,5 +102,6 @@ def strategy_state(strategy: Strategy) -> dict[str, dict[str, torch.Tensor]]:
 
 
 def restore_strategy_state(strategy: Strategy, state: dict[str, dict[str, torch.Tensor]]) -> None:
+    strategy = getattr(strategy, "strategy", strategy)  # inside a DP wrapper
     for attr, arrays in state.items():
         setattr(strategy, attr, {k: v.numpy() for k, v in arrays.items()})

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Mapping
+from typing import IO, Any, Callable, Mapping
 
 import torch
 
@@ -20,15 +20,13 @@ from amlp_core.errors import CheckpointError
 FORMAT_VERSION = 1
 
 
-def save_checkpoint(path: str | Path, state: Mapping[str, Any], meta: Mapping[str, Any]) -> Path:
-    """Atomically write ``state`` (named state dicts) and ``meta`` (plain values) to ``path``."""
-    path = Path(path)
+def _atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> Path:
+    """Write through ``write`` to a temporary file beside ``path``, fsync, then rename over ``path``."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    payload = {"format": FORMAT_VERSION, "meta": dict(meta), "state": dict(state)}
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -36,6 +34,17 @@ def save_checkpoint(path: str | Path, state: Mapping[str, Any], meta: Mapping[st
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def save_checkpoint(path: str | Path, state: Mapping[str, Any], meta: Mapping[str, Any]) -> Path:
+    """Atomically write ``state`` (named state dicts) and ``meta`` (plain values) to ``path``."""
+    payload = {"format": FORMAT_VERSION, "meta": dict(meta), "state": dict(state)}
+    return _atomic_write(Path(path), lambda f: torch.save(payload, f))
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """Atomically replace the text file ``path`` (a crash leaves the old file whole)."""
+    return _atomic_write(Path(path), lambda f: f.write(text.encode()))
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[dict, dict]:

@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 from amlp_core.engine.device import autocast
 from amlp_core.engine.optim import set_lr
 from amlp_core.methods import PretrainMethod
+from amlp_core.privacy import noise_only_step
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +63,9 @@ def pretrain_epoch(method: PretrainMethod, loader: Iterable[dict], optimizer: to
         t = t0 + (t1 - t0) * step / steps
         if lr_at is not None:
             set_lr(optimizer, lr_at(t))
+        if batch is None:  # an empty Poisson batch of DP-SGD: still a step, of noise only
+            noise_only_step(optimizer)
+            continue
         images = batch["image"].to(device, non_blocking=True)
         with autocast(device, amp):
             out = method.training_step(images, t, generator)
@@ -88,6 +92,9 @@ def finetune_epoch(model: nn.Module, loader: Iterable[dict], optimizer: torch.op
     means = MetricMeans()
     bar = tqdm(loader, desc=desc, leave=False, disable=None)
     for batch in bar:
+        if batch is None:  # an empty Poisson batch of DP-SGD: still a step, of noise only
+            noise_only_step(optimizer)
+            continue
         images = batch["image"].to(device, non_blocking=True)
         labels = batch["label"].to(device, non_blocking=True)
         with autocast(device, amp):

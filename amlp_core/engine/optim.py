@@ -9,9 +9,13 @@ from amlp_core.config import TrainConfig
 
 
 def pretrain_optimizer(method: nn.Module, train: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW (betas 0.9, 0.95, as MAE) over the whole method."""
-    return torch.optim.AdamW([{"params": list(method.parameters()), "lr_scale": 1.0}], lr=train.lr,
-                             weight_decay=train.weight_decay, betas=(0.9, 0.95))
+    """AdamW (betas 0.9, 0.95, as MAE) over the method's parameter groups (``param_groups()``, each
+    with its ``lr_scale``; the whole module at the base rate when it has none)."""
+    groups = method.param_groups() if hasattr(method, "param_groups") else [
+        {"params": list(method.parameters()), "lr_scale": 1.0}]
+    for group in groups:
+        group.setdefault("lr", train.lr * group.get("lr_scale", 1.0))
+    return torch.optim.AdamW(groups, lr=train.lr, weight_decay=train.weight_decay, betas=(0.9, 0.95))
 
 
 def finetune_optimizer(model: nn.Module, train: TrainConfig) -> torch.optim.Optimizer:

@@ -11,6 +11,7 @@ import dataclasses
 import json
 import logging
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ from amlp_core.errors import CheckpointError, ConfigError, DataError
 from amlp_core.losses import dice_ce_loss
 from amlp_core.methods import PretrainMethod, build_method
 from amlp_core.models import SegmentationNet, encoder_state
+from amlp_core.privacy import PrivacyLedger, PrivateTraining, calibrate_noise, sample_rate, steps_per_epoch
 from amlp_core.schedules import warmup_cosine
 
 log = logging.getLogger(__name__)
@@ -215,6 +217,25 @@ def finetune(cfg: Config, out_dir: str | Path, init: str | Path | None = None,
     return train_segmentation(model, cfg, out_dir, split, init_method=init_meta.get("method", "scratch"))
 
 
+def _privacy_ledger(cfg: Config, out: Path, num_cases: int) -> PrivacyLedger | None:
+    """With ``privacy.site_dp``: the ledger in ``out`` (noise fixed for the planned epochs), checked
+    against the budget before any step; None otherwise."""
+    p = cfg.privacy
+    if not p.site_dp:
+        return None
+    ledger = PrivacyLedger.open(out, p.budget, p.delta)
+    rate = sample_rate(num_cases, cfg.train.batch_size)
+    steps = cfg.train.epochs * steps_per_epoch(rate)
+    if ledger.noise_multiplier is None:
+        ledger.noise_multiplier = p.noise_multiplier or calibrate_noise(p.budget, p.delta, [(rate, steps)],
+                                                                        ledger.history)
+        ledger.save()
+    ledger.check(rate, steps, f"fine-tuning {cfg.train.epochs} epochs in {out}")
+    log.info("DP-SGD: noise multiplier %.3f, clip %g, sample rate %.3f, budget epsilon %g at delta %g",
+             ledger.noise_multiplier, p.max_grad_norm, rate, p.budget, p.delta)
+    return ledger
+
+
 def train_segmentation(model: torch.nn.Module, cfg: Config, out_dir: str | Path, split: DataSplit | None = None,
                        init_method: str = "scratch") -> dict[str, Any]:
     """Train any segmentation network ``[B, C, *S] -> [B, K, *S]`` with Dice + CE, then evaluate.
@@ -237,25 +258,31 @@ def train_segmentation(model: torch.nn.Module, cfg: Config, out_dir: str | Path,
     meta = {"kind": "segmentation", "config": cfg.to_dict(), "class_names": {str(k): v for k, v in
             split.class_names.items()}, "init_method": init_method, "labelled_cases": len(subset),
             "spatial_dims": cfg.model.spatial_dims, "patch_size": cfg.model.patch_size}
+    ledger = _privacy_ledger(cfg, out, len(subset))
+    private = (PrivateTraining(model, optimizer, loader.dataset, cfg.train.batch_size, ledger.noise_multiplier,
+                               cfg.privacy.max_grad_norm, cfg.train.seed) if ledger else nullcontext(None))
     start = time.monotonic()
-    for epoch in range(cfg.train.epochs):
-        t = _progress(epoch, start, cfg)
-        set_lr(optimizer, cfg.train.finetune_lr * warmup_cosine(t, 0.0))
-        loader.dataset.set_epoch(epoch)
-        metrics = finetune_epoch(model, loader, optimizer, loss_fn, device, cfg.train.amp,
-                                 desc=f"finetune {epoch + 1}/{cfg.train.epochs}")
-        metrics.update(epoch=epoch + 1, seconds=round(time.monotonic() - start, 2))
-        _append_metrics(out, metrics)
-        log.info("epoch %d/%d loss %.4f", epoch + 1, cfg.train.epochs, metrics["loss"])
-        if isinstance(model, SegmentationNet):
-            save_checkpoint(out / CHECKPOINT, {"model": model.state_dict()}, {**meta, "epoch": epoch + 1})
-        if _out_of_time(start, cfg):
-            log.info("stopping after %d epochs: train.max_minutes=%s reached", epoch + 1, cfg.train.max_minutes)
-            break
+    with private as dp:
+        opt, batches = (dp.optimizer, dp.loader) if dp else (optimizer, loader)
+        for epoch in range(cfg.train.epochs):
+            t = _progress(epoch, start, cfg)
+            set_lr(opt, cfg.train.finetune_lr * warmup_cosine(t, 0.0))
+            loader.dataset.set_epoch(epoch)
+            metrics = finetune_epoch(model, batches, opt, loss_fn, device, cfg.train.amp,
+                                     desc=f"finetune {epoch + 1}/{cfg.train.epochs}")
+            metrics.update(epoch=epoch + 1, seconds=round(time.monotonic() - start, 2))
+            _append_metrics(out, metrics)
+            log.info("epoch %d/%d loss %.4f", epoch + 1, cfg.train.epochs, metrics["loss"])
+            if isinstance(model, SegmentationNet):
+                save_checkpoint(out / CHECKPOINT, {"model": model.state_dict()}, {**meta, "epoch": epoch + 1})
+            if _out_of_time(start, cfg):
+                log.info("stopping after %d epochs: train.max_minutes=%s reached", epoch + 1, cfg.train.max_minutes)
+                break
+    privacy = {"epsilon": ledger.record("finetune", 1, dp.stretches), "delta": cfg.privacy.delta} if ledger else {}
     result = evaluate_segmentation(model, split.test, cfg.model.img_size, cfg.model.num_classes, device,
                                    cfg.train.amp, slice_axis=cfg.data.slice_axis)
     result.update(train_seconds=round(time.monotonic() - start, 2), epochs=metrics["epoch"],
-                  labelled_cases=len(subset))
+                  labelled_cases=len(subset), **privacy)
     (out / EVALUATION).write_text(json.dumps(result, indent=2))
     return result
 

@@ -37,7 +37,8 @@ class MPSAMS(PretrainMethod):
         l_masked = self.masked(per_patch, mask)  # [B, M]
         rec = self.reconstruction_loss(l_masked)
         extra, metrics = self.extra_loss(feats, clustering, lesion, mask, l_masked)
-        self.mps.update(clustering, mask, per_patch)
+        if not self.private:  # under DP the lesion group stays the spec's prior (the smallest)
+            self.mps.update(clustering, mask, per_patch)
         loss = rec + extra
         metrics.update(loss=loss.item(), rec=rec.item(), ratio=mask.ratio, lesion_rank=float(lesion))
         return StepOutput(loss, metrics, mask)

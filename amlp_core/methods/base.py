@@ -37,13 +37,18 @@ class PretrainMethod(nn.Module):
     uses_amr: ClassVar[bool] = False
     #: State-dict prefixes that a federation aggregates (the rest stays at the site).
     shared_prefixes: ClassVar[tuple[str, ...]] = ("encoder.",)
+    #: Whether the method reconstructs pixels with the MAE decoder (one that does not gets none).
+    uses_decoder: ClassVar[bool] = True
+    #: Set under DP-SGD: no statistic of the cases may then steer training outside the noised
+    #: gradients, so a method freezes such state (e.g. MPS's running per-group loss).
+    private: bool = False
 
     def __init__(self, model_cfg: ModelConfig, method_cfg: MethodConfig) -> None:
         super().__init__()
         self.model_cfg = model_cfg
         self.method_cfg = method_cfg
         self.encoder = ViTEncoder(model_cfg)
-        self.decoder = MAEDecoder(model_cfg)
+        self.decoder = MAEDecoder(model_cfg) if self.uses_decoder else None
 
     @classmethod
     def ratio_at(cls, method_cfg: MethodConfig, progress: float) -> float:
@@ -75,6 +80,10 @@ class PretrainMethod(nn.Module):
                       generator: torch.Generator | None = None) -> StepOutput:
         """One step on ``images`` ``[B, C, *S]`` at training progress ``progress`` in [0, 1]."""
         raise NotImplementedError
+
+    def param_groups(self) -> list[dict]:
+        """The optimiser's parameter groups, each with an ``lr_scale`` of the base learning rate."""
+        return [{"params": list(self.parameters()), "lr_scale": 1.0}]
 
     def shared_state_dict(self) -> dict[str, torch.Tensor]:
         """The weights a federation aggregates (encoder, plus what a method must share)."""

@@ -9,6 +9,23 @@ from amlp_core.config import ModelConfig
 from amlp_core.models.vit import sincos_position_embedding, transformer_stack
 
 
+class LearnedToken(nn.Module):
+    """One learned ``[D]`` vector, repeated wherever it is needed.
+
+    A module of its own (rather than a bare parameter of the decoder) so that per-case
+    gradients, which DP-SGD needs, are taken through its own forward.
+    """
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(dim))
+        nn.init.normal_(self.weight, std=0.02)
+
+    def forward(self, like: torch.Tensor) -> torch.Tensor:
+        """``[B, M, D]`` (only its shape and dtype count) -> the token at each of the ``B * M`` places."""
+        return like + self.weight.to(like.dtype)
+
+
 class MAEDecoder(nn.Module):
     """Lightweight transformer decoder of masked autoencoding.
 
@@ -20,8 +37,7 @@ class MAEDecoder(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.proj = nn.Linear(cfg.embed_dim, cfg.decoder_dim)
-        self.mask_token = nn.Parameter(torch.zeros(1, 1, cfg.decoder_dim))
-        nn.init.normal_(self.mask_token, std=0.02)
+        self.mask_token = LearnedToken(cfg.decoder_dim)
         self.pos_embed = sincos_position_embedding(cfg.grid_size, cfg.decoder_dim)
         self.blocks = transformer_stack(cfg.decoder_dim, cfg.decoder_depth, cfg.decoder_heads, cfg.mlp_ratio)
         self.norm = nn.LayerNorm(cfg.decoder_dim)
@@ -40,7 +56,7 @@ class MAEDecoder(nn.Module):
         b, n_keep, _ = latent.shape
         n = ids_restore.shape[1]
         x = self.proj(latent)  # [B, N_keep, Dd]
-        mask_tokens = self.mask_token.to(x.dtype).expand(b, n - n_keep, -1)  # [B, N_mask, Dd]
+        mask_tokens = self.mask_token(x.new_zeros(b, n - n_keep, x.shape[-1]))  # [B, N_mask, Dd]
         x = torch.cat([x, mask_tokens], dim=1)  # [B, N, Dd] in [kept..., masked...] order
         x = torch.gather(x, 1, ids_restore.unsqueeze(-1).expand(-1, -1, x.shape[-1]))  # [B, N, Dd] patch order
         x = x + self.pos_embed.to(x.dtype)

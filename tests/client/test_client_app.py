@@ -76,7 +76,7 @@ def test_pretraining_reply_holds_the_encoder_and_aggregates_only(tmp_path):
     assert all(arrays[k].shape == sent[k].shape for k in sent)  # parameter-shaped arrays only
     assert any(not torch.equal(arrays[k], sent[k]) for k in sent)  # it trained
     metrics = dict(reply.content[P.METRICS])
-    assert set(metrics) == {P.NUM_EXAMPLES, P.LOSS, P.MASK_RATIO}
+    assert set(metrics) == {P.NUM_EXAMPLES, P.UNIT_WEIGHT, P.LOSS, P.MASK_RATIO}
     assert all(isinstance(v, (int, float)) for v in metrics.values())  # aggregate scalars, never per-case values
     assert metrics[P.NUM_EXAMPLES] == 6  # the site's training cases (8 phantoms, 20 % held out)
     site = dict(reply.content[P.SITE])

@@ -81,6 +81,19 @@ def test_png_2d_pipeline_and_scratch_finetune(tmp_path):
     assert nib.load(out).shape == (32, 32)
 
 
+@pytest.mark.filterwarnings("ignore:Full backward hook is firing:UserWarning")
+def test_private_finetune_reports_epsilon_and_refuses_to_overspend(tmp_path):
+    config = _yaml(tmp_path, 2)
+    dp = ["--set", "privacy.site_dp=true", "--set", "privacy.budget=5"]
+    assert main(["finetune", "--data", "synthetic", "--config", config, "--epochs", "2", "--out",
+                 str(tmp_path / "fine"), *dp]) == 0
+    result = json.loads((tmp_path / "fine" / "evaluation.json").read_text())
+    assert 0 < result["epsilon"] <= 5.0 and result["delta"] == 1e-5
+    # The same output folder holds the same cases' ledger: another run would overspend, and is refused.
+    assert main(["finetune", "--data", "synthetic", "--config", config, "--epochs", "2", "--out",
+                 str(tmp_path / "fine"), *dp]) != 0
+
+
 def test_data_check_exit_codes_and_report(tmp_path):
     data = write_phantom_dataset(tmp_path / "data", n=3, shape=(12, 12, 12), seed=0)
     ok = _run_cli("data", "check", str(data))

@@ -35,7 +35,7 @@ def test_encoder_and_mae_decoder_shapes_and_backward(dims):
     assert pred.shape == (2, cfg.num_patches, cfg.patch_size ** dims)
     pred.pow(2).mean().backward()
     assert enc.patch_embed.weight.grad is not None and enc.patch_embed.weight.grad.abs().sum() > 0
-    assert dec.mask_token.grad is not None
+    assert dec.mask_token.weight.grad is not None
 
 
 def test_segmentation_shapes_and_backward(dims):

@@ -132,3 +132,26 @@ def test_ctrl_c_leaves_no_process(tmp_path):
     proc.wait(timeout=60)
     assert proc.returncode == 130
     _no_process_left(run)
+
+
+def test_private_federation_reports_the_epsilon_of_every_site_and_the_server(tmp_path):
+    """Site DP (Opacus, both phases) and server DP (Flower's wrapper) in one real simulation."""
+    run = tmp_path / "run"
+    cfg = _cfg(run, **{"privacy.site_dp": True, "privacy.phases": "both", "privacy.budget": 8.0,
+                       "privacy.server_dp": True, "privacy.server_noise_multiplier": 0.5,
+                       "privacy.server_clipping_norm": 50.0})
+    simulate(cfg, timeout=600)
+    _no_process_left(run)
+    rows = _rows(run)
+    train = [r for r in rows if r["kind"] == "train" and r["site"] != "ALL"]
+    assert {(r["phase"], r["site"]) for r in train} == {(p, s) for p in ("pretrain", "finetune")
+                                                         for s in ("site0", "site1")}
+    for site in ("site0", "site1"):
+        eps = [r["epsilon"] for r in train if r["site"] == site]
+        assert 0 < eps[0] < eps[1] <= 8.0  # grows over the run, never past the budget
+        ledger = json.loads((run / "sites" / site / "privacy_ledger.json").read_text())
+        assert ledger["epsilon"] == pytest.approx(eps[1], abs=1e-5)
+    server = [r["server_epsilon"] for r in rows if r["kind"] == "train" and r["site"] == "ALL"]
+    assert len(server) == 2 and 0 < server[0] < server[1]  # one client-level release per round
+    summary = (run / "results" / "summary.md").read_text()
+    assert "Privacy spent" in summary and "site DP" in summary and "server DP" in summary

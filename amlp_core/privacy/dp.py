@@ -1,0 +1,137 @@
+"""Record-level DP-SGD with Opacus around the project's own models and loops.
+
+:class:`PrivateTraining` turns a model, its optimizer and its training cases into their
+private counterparts for one stretch of training (a federated round, or a whole local run):
+
+- per-case gradients by Opacus' hooks, attached to the model itself (no wrapper, so state
+  dict keys do not change and the same encoder still loads strictly into the other head);
+- Poisson sampling of the cases (each case joins each batch with probability ``q``), the
+  sampling the RDP analysis assumes; an empty batch is still a step, of noise only;
+- Opacus' DP optimizer: clip each case's gradient to ``max_grad_norm``, add Gaussian noise;
+- an RDP accountant that counts the steps actually taken, for the caller's ledger.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from opacus.accountants import RDPAccountant
+from opacus.grad_sample.grad_sample_module import GradSampleHooks
+from opacus.optimizers import DPOptimizer
+from opacus.utils.uniform_sampler import UniformWithReplacementSampler
+from opacus.validators import ModuleValidator
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, default_collate
+
+from amlp_core.errors import ConfigError
+from amlp_core.privacy.ledger import Stretch
+
+log = logging.getLogger(__name__)
+
+
+def check_private(model: nn.Module, what: str = "model") -> None:
+    """Refuse a model Opacus cannot train privately (e.g. BatchNorm mixes cases in a batch).
+
+    Raises:
+        ConfigError: listing what Opacus' validator found.
+    """
+    errors = ModuleValidator.validate(model, strict=False)
+    if errors:
+        found = "; ".join(str(e) for e in errors[:5])
+        raise ConfigError(f"the {what} cannot be trained with DP-SGD: {found}")
+
+
+def sample_rate(num_cases: int, batch_size: int) -> float:
+    """Poisson sampling rate giving ``batch_size`` cases per batch on average."""
+    if num_cases < 1:
+        raise ValueError("private training needs at least one case")
+    return min(1.0, batch_size / num_cases)
+
+
+def steps_per_epoch(rate: float) -> int:
+    """Batches in one pass of Poisson sampling at ``rate`` (as Opacus' sampler counts them)."""
+    return max(int(1 / rate), 1)
+
+
+def _collate_or_none(items: list) -> dict | None:
+    return default_collate(items) if items else None  # None: an empty Poisson batch
+
+
+def poisson_loader(dataset: Dataset, batch_size: int, generator: torch.Generator) -> DataLoader:
+    """Batches where every case takes part independently with probability ``batch_size / N``.
+
+    Yields the dataset's collated items, or ``None`` for an empty batch.
+    """
+    rate = sample_rate(len(dataset), batch_size)
+    sampler = UniformWithReplacementSampler(num_samples=len(dataset), sample_rate=rate, generator=generator)
+    return DataLoader(dataset, batch_sampler=sampler, collate_fn=_collate_or_none)
+
+
+def noise_only_step(optimizer: DPOptimizer) -> None:
+    """The DP step of an empty batch: no case's gradient, the noise only (and one step counted)."""
+    for p in optimizer.params:
+        p.grad_sample = p.new_zeros((0, *p.shape))
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+class PrivateTraining:
+    """Context manager: private optimizer and loader for one stretch of training.
+
+    Args:
+        model: trained in place (Opacus hooks are attached on entry, removed on exit).
+        optimizer: the model's optimizer; wrapped, not replaced (its state stays usable).
+        dataset: the training cases (any map-style dataset).
+        batch_size: expected cases per batch.
+        noise_multiplier: Gaussian noise std / ``max_grad_norm``.
+        max_grad_norm: per-case gradient clipping bound (L2 over all parameters).
+        seed: seeds the sampling and the noise (seeded runs repeat; Opacus' secure mode is not used).
+
+    Usage::
+
+        with PrivateTraining(model, opt, dataset, 8, sigma, 1.0, seed) as dp:
+            for batch in dp.loader: ... dp.optimizer.step() ...
+        ledger.record(phase, round, dp.stretches)
+    """
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, dataset: Dataset, batch_size: int,
+                 noise_multiplier: float, max_grad_norm: float, seed: int) -> None:
+        check_private(model)
+        self.model, self.base_optimizer, self.dataset = model, optimizer, dataset
+        self.rate = sample_rate(len(dataset), batch_size)
+        self.noise_multiplier, self.max_grad_norm, self.seed = noise_multiplier, max_grad_norm, seed
+        self.accountant = RDPAccountant()
+        self.hooks: GradSampleHooks | None = None
+        self.optimizer: DPOptimizer | None = None
+        self.loader: DataLoader | None = None
+
+    def __enter__(self) -> "PrivateTraining":
+        device = next(self.model.parameters()).device
+        self.hooks = GradSampleHooks(self.model, batch_first=True, loss_reduction="mean", strict=False)
+        noise = torch.Generator(device=device).manual_seed(self.seed)
+        self.optimizer = DPOptimizer(self.base_optimizer, noise_multiplier=self.noise_multiplier,
+                                     max_grad_norm=self.max_grad_norm,
+                                     expected_batch_size=max(1, round(self.rate * len(self.dataset))),
+                                     loss_reduction="mean", generator=noise)
+        self.optimizer.attach_step_hook(self.accountant.get_optimizer_hook_fn(sample_rate=self.rate))
+        self.loader = poisson_loader(self.dataset, round(self.rate * len(self.dataset)),
+                                     torch.Generator().manual_seed(self.seed + 1))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.hooks is not None:
+            self.hooks.cleanup()
+            self.hooks = None
+        for p in self.model.parameters():  # no per-case gradients left behind
+            p.grad_sample = None
+            p.grad = None
+
+    @property
+    def stretches(self) -> list[Stretch]:
+        """What the accountant counted: ``(noise_multiplier, sample_rate, steps)`` stretches."""
+        return [(float(s), float(q), int(n)) for s, q, n in self.accountant.history]
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return steps_per_epoch(self.rate)

@@ -1,0 +1,160 @@
+"""DP-SGD with Opacus on the project's models, and the site's privacy ledger."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from amlp_core.config import MethodConfig, build_config
+from amlp_core.data import make_phantom_samples
+from amlp_core.data.dataset import SegDataset
+from amlp_core.errors import ConfigError
+from amlp_core.losses import dice_ce_loss
+from amlp_core.methods import METHODS, build_method
+from amlp_core.models import SegmentationNet
+from amlp_core.privacy import (PrivacyBudgetExceeded, PrivacyError, PrivacyLedger, PrivateTraining, calibrate_noise,
+                               check_private, epsilon_of, steps_per_epoch)
+from tests.conftest import tiny_config
+
+# Opacus' hooks on the first layer fire with respect to module outputs (images need no gradient).
+pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook is firing:UserWarning")
+
+
+def _dataset(cfg, n=6, labels=True):
+    samples = make_phantom_samples(n, cfg.model.img_size, seed=0)
+    if not labels:
+        samples = [s.__class__(**{**s.__dict__, "label": None}) for s in samples]
+    return SegDataset(samples, cfg.model.img_size, augment=False, seed=0)
+
+
+def _private_steps(model, step_loss, dataset, noise=1.0, clip=1.0, lr=0.05):
+    """Run one private pass; returns (stretches, parameters that changed, all trainable parameters)."""
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr)
+    seen_per_case = []
+    with PrivateTraining(model, opt, dataset, 3, noise, clip, seed=0) as dp:
+        for batch in dp.loader:
+            if batch is None:
+                continue
+            loss = step_loss(batch)
+            dp.optimizer.zero_grad()
+            loss.backward()
+            seen_per_case.append(all(p.grad_sample is not None and p.grad_sample.shape[0] == batch["image"].shape[0]
+                                     for p in model.parameters() if p.requires_grad))
+            dp.optimizer.step()
+    changed = [n for n, p in model.named_parameters() if p.requires_grad and not torch.equal(before[n], p.detach())]
+    assert all(p.grad_sample is None for p in model.parameters())  # hooks and per-case gradients removed
+    return dp.stretches, changed, list(before), seen_per_case
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_a_private_pretraining_step_for_every_method(name, dims):
+    cfg = tiny_config(dims)
+    method = build_method(cfg.model, MethodConfig(name=name))
+    method.private = True
+    check_private(method)  # Opacus' validator accepts it
+    g = torch.Generator().manual_seed(0)
+    stretches, changed, trainable, per_case = _private_steps(
+        method, lambda b: method.training_step(b["image"], 0.5, g).loss, _dataset(cfg, labels=False))
+    assert per_case and all(per_case)  # every trainable parameter had one gradient per case
+    assert set(changed) == set(trainable)  # every parameter got its (noised) update
+    assert stretches == [(1.0, 0.5, steps_per_epoch(0.5))]  # the accountant counted every step
+
+
+def test_a_private_finetuning_step(dims):
+    cfg = tiny_config(dims)
+    model = SegmentationNet(cfg.model)
+    check_private(model)
+    loss_fn = dice_ce_loss()
+    stretches, changed, trainable, per_case = _private_steps(model, lambda b: loss_fn(model(b["image"]), b["label"]),
+                                                             _dataset(cfg))
+    assert per_case and all(per_case) and set(changed) == set(trainable)
+    assert sum(n for _, _, n in stretches) == 2
+
+
+def test_clipping_bounds_every_update_without_noise():
+    """With no noise, one step of SGD (lr 1) moves the weights by at most the clipping bound."""
+    cfg = tiny_config(2)
+    model = SegmentationNet(cfg.model)
+    loss_fn = dice_ce_loss()
+    before = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
+    clip = 1e-3
+    dataset = _dataset(cfg, n=3)
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    with PrivateTraining(model, opt, dataset, 3, 0.0, clip, seed=0) as dp:
+        batch = next(b for b in dp.loader if b is not None)
+        dp.optimizer.zero_grad()
+        loss_fn(model(batch["image"]), batch["label"]).backward()
+        dp.optimizer.step()
+    moved = torch.linalg.vector_norm(torch.cat([p.detach().flatten() for p in model.parameters()]) - before)
+    # mean of per-case gradients each clipped to `clip`, divided by the expected batch size (3)
+    assert 0 < moved <= clip * batch["image"].shape[0] / 3 + 1e-7
+
+
+def test_opacus_refuses_batch_norm():
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4))
+    with pytest.raises(ConfigError, match="cannot be trained with DP-SGD"):
+        check_private(model)
+
+
+def test_mps_running_loss_is_frozen_under_dp():
+    cfg = tiny_config(2)
+    method = build_method(cfg.model, MethodConfig(name="amlp"))
+    images = torch.stack([_dataset(cfg, labels=False)[i]["image"] for i in range(4)])
+    method.private = True
+    method.training_step(images, 0.5, torch.Generator().manual_seed(0))
+    assert torch.isnan(method.mps.group_loss).all()  # no statistic of the cases steers later masks
+    method.private = False
+    method.training_step(images, 0.5, torch.Generator().manual_seed(0))
+    assert not torch.isnan(method.mps.group_loss).all()
+
+
+def test_ledger_grows_survives_a_restart_and_refuses_overspending(tmp_path):
+    ledger = PrivacyLedger.open(tmp_path, budget=10.0, delta=1e-5)
+    ledger.noise_multiplier = 1.2
+    eps = []
+    for rnd in (1, 2, 3):
+        ledger.check(0.2, 10, f"round {rnd}")
+        eps.append(ledger.record("finetune", rnd, [(1.2, 0.2, 10)]))
+    assert eps[0] < eps[1] < eps[2] < 10.0  # epsilon grows across rounds
+
+    again = PrivacyLedger.open(tmp_path, budget=10.0, delta=1e-5)  # a restarted site reads it back
+    assert again.noise_multiplier == 1.2 and again.epsilon == pytest.approx(eps[-1])
+    assert [r["round"] for r in again.rounds] == [1, 2, 3]
+
+    with pytest.raises(PrivacyBudgetExceeded, match=r"round 9 would take epsilon from .* past the budget 10"):
+        again.check(0.2, 400, "round 9")
+    assert again.epsilon == pytest.approx(eps[-1])  # a refused round spends nothing
+
+
+def test_ledger_is_never_silently_reset(tmp_path):
+    ledger = PrivacyLedger.open(tmp_path, 8.0, 1e-5)
+    ledger.noise_multiplier = 1.0
+    ledger.record("finetune", 1, [(1.0, 0.5, 4)])
+    with pytest.raises(PrivacyError, match="delta"):
+        PrivacyLedger.open(tmp_path, 8.0, 1e-3)
+    ledger.path.write_text(ledger.path.read_text()[:20])  # damaged
+    with pytest.raises(PrivacyError, match=str(ledger.path)):
+        PrivacyLedger.open(tmp_path, 8.0, 1e-5)
+
+
+def test_calibrated_noise_spends_the_budget_over_the_plan():
+    plan = [(0.2, 50), (0.25, 40)]
+    for budget in (8.0, 3.0):
+        sigma = calibrate_noise(budget, 1e-5, plan)
+        spent = epsilon_of([(sigma, q, n) for q, n in plan], 1e-5)
+        assert budget * 0.97 <= spent <= budget  # close to the budget, never above
+    assert calibrate_noise(3.0, 1e-5, plan) > calibrate_noise(8.0, 1e-5, plan)  # tighter budget, more noise
+
+
+def test_privacy_config_refuses_combinations_that_would_break_the_guarantee():
+    with pytest.raises(ConfigError, match="federation.strategy.*fedprox"):
+        build_config({"privacy.site_dp": True, "federation.strategy": "fedprox"})
+    with pytest.raises(ConfigError, match="federation.strategy.*fedmedian"):
+        build_config({"privacy.server_dp": True, "federation.strategy": "fedmedian"})
+    with pytest.raises(ConfigError, match="privacy.phases"):
+        build_config({"privacy.phases": "pretrain"})
+    assert json.dumps(build_config({"privacy.site_dp": True}).to_dict()["privacy"])
