@@ -209,6 +209,7 @@ class FederationConfig:
     pretrain_rounds: int = 2
     finetune_rounds: int = 2
     local_epochs: int = 1  # per round, in both phases
+    init_encoder: str = ""  # a pretraining checkpoint (folder or file) to fine-tune from; needs pretrain_rounds=0
     strategy: str = "fedavg"
     proximal_mu: float = 0.01  # fedprox
     server_lr: float = 0.01  # fedadam
@@ -234,6 +235,9 @@ class FederationConfig:
         _check(self.pretrain_rounds >= 0, "federation.pretrain_rounds", self.pretrain_rounds, "must not be negative")
         _check(self.finetune_rounds >= 1, "federation.finetune_rounds", self.finetune_rounds, "must be at least 1")
         _check(self.local_epochs >= 1, "federation.local_epochs", self.local_epochs, "must be at least 1")
+        _check(not self.init_encoder or self.pretrain_rounds == 0, "federation.pretrain_rounds", self.pretrain_rounds,
+               f"must be 0 with federation.init_encoder={self.init_encoder!r}: the run fine-tunes from that "
+               "pretrained encoder, so it has no pretraining phase (set one or the other)")
         _check(self.strategy in STRATEGIES, "federation.strategy", self.strategy,
                f"must be one of {', '.join(STRATEGIES)}")
         _check(0.0 <= self.trim_beta < 0.5, "federation.trim_beta", self.trim_beta, "must be in [0, 0.5)")
@@ -365,7 +369,8 @@ class Config:
         """Hash of everything that decides a run's result: not where it is kept, how long it waits
         for sites, where it runs, nor the site's own name and folder. A resumed run keeps it."""
         d = self.to_dict()
-        d["federation"] = {k: v for k, v in d["federation"].items() if k not in RESUMABLE_KEYS}
+        d["federation"] = {k: v for k, v in d["federation"].items() if k not in RESUMABLE_KEYS
+                           and not (k == "init_encoder" and not v)}  # unset: runs stopped before the key existed resume
         d["train"] = {k: v for k, v in d["train"].items() if k not in ("device", "num_threads")}
         del d["site"]
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]

@@ -22,6 +22,7 @@ from flwr.serverapp.exception import PrivacyBudgetExhausted
 from amlp_core.config import Config, save_config
 from amlp_core.engine.checkpoint import load_checkpoint, save_checkpoint
 from amlp_core.engine.device import seed_everything
+from amlp_core.engine.pipeline import load_pretrained_encoder, pretrained_meta
 from amlp_core.errors import CheckpointError
 from amlp_core.methods import build_method, mask_ratio_at
 from amlp_core.models import SegmentationNet, encoder_state
@@ -35,6 +36,7 @@ from server.strategies import build_strategy, restore_strategy_state, server_acc
 log = logging.getLogger(__name__)
 CHECKPOINT = "server_checkpoint.pt"
 MODEL_DIR = "model"
+ENCODER_DIR = "encoder"  # the aggregated encoder after pretraining, a pretraining checkpoint folder
 FAILED = "FAILED"  # written by the ServerApp when the run fails: one line saying why
 #: Settings that may change between a stopped run and its resumption.
 SERVER_EPSILON = "server_epsilon"  # results: client-level epsilon spent so far by server DP
@@ -183,12 +185,41 @@ class Federation:
         method = build_method(self.cfg.model, self.cfg.method)
         return ArrayRecord(method.shared_state_dict())
 
+    def pretrained_encoder(self) -> ArrayRecord:
+        """The encoder of the pretraining checkpoint ``federation.init_encoder``, keys under ``encoder.``.
+
+        Raises:
+            CheckpointError: not a pretraining checkpoint, or one for another model configuration
+                (the message names the file).
+        """
+        path = self.fed.init_encoder
+        encoder, meta = load_pretrained_encoder(path, self.cfg.model)
+        log.info("fine-tuning from the pretrained encoder in %s (%s, %s epochs)", path,
+                 meta.get("method"), meta.get("epoch"))
+        return ArrayRecord({f"encoder.{k}": v for k, v in encoder.items()})
+
     def initial_segmentation(self, encoder_arrays: ArrayRecord) -> ArrayRecord:
-        """A segmentation network holding the aggregated encoder and a seeded fresh decoder."""
+        """A segmentation network holding the aggregated encoder and a seeded fresh decoder (strict load)."""
         seed_everything(self.cfg.train.seed + 1)
         model = SegmentationNet(self.cfg.model)
-        model.encoder.load_state_dict(encoder_state(encoder_arrays.to_torch_state_dict()), strict=True)
+        try:
+            model.encoder.load_state_dict(encoder_state(encoder_arrays.to_torch_state_dict()), strict=True)
+        except RuntimeError as e:
+            where = self.fed.init_encoder or "the aggregated encoder"
+            raise CheckpointError(f"encoder from {where} does not fit model {self.cfg.model}: {e}") from None
         return ArrayRecord(model.state_dict())
+
+    def save_encoder(self, arrays: ArrayRecord) -> Path:
+        """The aggregated encoder after pretraining, as a pretraining checkpoint folder (``RUN_DIR/encoder``)
+        that ``fedamlp finetune --init`` and ``federation.init_encoder`` accept."""
+        folder = self.run_dir / ENCODER_DIR
+        f = self.fed  # epoch: passes over each site's data
+        meta = {**pretrained_meta(self.cfg, f.pretrain_rounds * f.local_epochs), "federated": True,
+                "pretrain_rounds": f.pretrain_rounds, "local_epochs": f.local_epochs}
+        save_checkpoint(folder / "checkpoint.pt", {"method": arrays.to_torch_state_dict()}, meta)
+        save_config(self.cfg, folder / "config.yaml")
+        log.info("pretrained encoder: %s", folder)
+        return folder
 
     # -- the run -------------------------------------------------------------------------
     def run(self) -> Path | None:
@@ -201,13 +232,18 @@ class Federation:
         self.results.info = {"method": cfg.method.name, "strategy": f.strategy, "sites (min)": f.min_sites,
                              "pretrain rounds": f.pretrain_rounds, "finetune rounds": f.finetune_rounds,
                              "local epochs": f.local_epochs, "label fraction": cfg.train.label_fraction,
-                             **privacy_info(cfg)}
+                             **({"initial encoder": f.init_encoder} if f.init_encoder else {}), **privacy_info(cfg)}
         started = time.monotonic()
         try:
             if progress.phase == P.PRETRAIN:
-                arrays = arrays or self.initial_encoder()
-                if f.pretrain_rounds:
-                    arrays = self._phase(P.PRETRAIN, arrays, progress.done + 1, f.pretrain_rounds, strategy_saved)
+                if f.init_encoder:  # no pretraining phase (the config requires pretrain_rounds=0)
+                    arrays = self.pretrained_encoder()
+                else:
+                    arrays = arrays or self.initial_encoder()
+                    if f.pretrain_rounds:
+                        arrays = self._phase(P.PRETRAIN, arrays, progress.done + 1, f.pretrain_rounds,
+                                             strategy_saved)
+                        self.save_encoder(arrays)  # a resumed run that had finished pretraining writes it again
                 arrays, progress, strategy_saved = self.initial_segmentation(arrays), Progress(P.FINETUNE), None
             arrays = self._phase(P.FINETUNE, arrays, progress.done + 1, f.finetune_rounds, strategy_saved)
         except StopRequested:
@@ -221,8 +257,11 @@ class Federation:
     def save_model(self, arrays: ArrayRecord) -> Path:
         """The final segmentation model, loadable by ``fedamlp predict --model RUN_DIR/model``."""
         folder = self.run_dir / MODEL_DIR
+        f = self.fed
+        init = (f"pretrained encoder {f.init_encoder}" if f.init_encoder else
+                f"federated {self.cfg.method.name}" if f.pretrain_rounds else "scratch")
         meta = {"kind": "segmentation", "config": self.cfg.to_dict(), "class_names": self.class_names,
-                "init_method": f"federated {self.cfg.method.name}", "epoch": self.fed.finetune_rounds}
+                "init_method": init, "epoch": f.finetune_rounds}
         save_checkpoint(folder / "checkpoint.pt", {"model": arrays.to_torch_state_dict()}, meta)
         save_config(self.cfg, folder / "config.yaml")
         log.info("final model: %s", folder)

@@ -99,15 +99,19 @@ def _run_config_file(cfg: Config, path: Path) -> Path:
 
 
 def simulate(cfg: Config, project: Path = REPO, timeout: float | None = None, stream_to=None,
-             cpus_per_site: int = 1) -> Path:
+             cpus_per_site: int = 1, gpus_per_site: float = 0.0) -> Path:
     """Run ``cfg``'s federation with ``cfg.federation.sites`` simulated sites; returns the run folder.
+
+    Each site's ClientApp gets ``cpus_per_site`` CPUs and, when positive, ``gpus_per_site`` of a
+    GPU (a share: 0.25 lets four sites train on one GPU at once).
 
     Raises:
         SimulationError: Flower could not start, the run failed or exceeded ``timeout`` seconds.
     """
     run_dir = Path(cfg.federation.run_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
-    cfg = cfg.replace(federation={"run_dir": str(run_dir)})
+    init = cfg.federation.init_encoder  # the ServerApp runs elsewhere: paths must be absolute
+    cfg = cfg.replace(federation={"run_dir": str(run_dir), "init_encoder": str(Path(init).resolve()) if init else ""})
     flwr_home = run_dir / ".flwr"
     flwr_home.mkdir(exist_ok=True)
     marker = uuid.uuid4().hex
@@ -129,6 +133,8 @@ def simulate(cfg: Config, project: Path = REPO, timeout: float | None = None, st
                 env=env, cwd=run_dir, stdout=out, stderr=subprocess.STDOUT, start_new_session=True))
         _wait_for_port(port, sessions[0], 60, superlink_log)
         fed_config = [f"num-supernodes={cfg.federation.sites}", f"client-resources-num-cpus={cpus_per_site}"]
+        if gpus_per_site > 0:
+            fed_config.append(f"client-resources-num-gpus={gpus_per_site:g}")
         command = ["flwr", "run", str(project), "fedamlp", "--run-config",
                    str(_run_config_file(cfg, run_dir / "run_config.toml")), "--stream"]
         for item in fed_config:

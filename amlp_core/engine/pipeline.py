@@ -165,11 +165,15 @@ def pretrain(cfg: Config, out_dir: str | Path, split: DataSplit | None = None) -
     return metrics
 
 
-def save_pretrained(path: Path, method: PretrainMethod, cfg: Config, epoch: int) -> None:
-    meta = {"kind": "pretrain", "method": cfg.method.name, "epoch": epoch, "config": cfg.to_dict(),
+def pretrained_meta(cfg: Config, epoch: int) -> dict[str, Any]:
+    """The metadata of a pretraining checkpoint (kind ``pretrain``), as :func:`load_pretrained_encoder` reads it."""
+    return {"kind": "pretrain", "method": cfg.method.name, "epoch": epoch, "config": cfg.to_dict(),
             "spatial_dims": cfg.model.spatial_dims, "patch_size": cfg.model.patch_size,
             "model_digest": cfg.digest("model")}
-    save_checkpoint(path, {"method": method.state_dict()}, meta)
+
+
+def save_pretrained(path: Path, method: PretrainMethod, cfg: Config, epoch: int) -> None:
+    save_checkpoint(path, {"method": method.state_dict()}, pretrained_meta(cfg, epoch))
 
 
 def _checkpoint_path(run: str | Path) -> Path:

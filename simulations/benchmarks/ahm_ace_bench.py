@@ -17,51 +17,20 @@ from __future__ import annotations
 
 import argparse
 import logging
-import statistics
-import time
 
-import numpy as np
 import torch
 
-from amlp_core.config import MethodConfig, ModelConfig, TrainConfig, build_config
-from amlp_core.data import make_phantom_samples
-from amlp_core.engine.loops import pretrain_epoch
-from amlp_core.engine.optim import pretrain_optimizer
-from amlp_core.engine.pipeline import data_defaults, make_loader
-from amlp_core.methods import build_method
-from amlp_core.models import patchify
+from amlp_core.config import ModelConfig
 from simulations.benchmarks.common import machine, setup_logging, table, write_json
+from simulations.benchmarks.mps_bench import before_and_after_pretraining, lesion_patches, step_times
 
 log = logging.getLogger(__name__)
 METHODS = ("mae", "ahm", "ace")
 
 
-def step_times(model_cfg: ModelConfig, batch: int, repeats: int, warmup: int = 2,
-               methods: tuple[str, ...] = METHODS) -> dict[str, float]:
-    """Median seconds of one optimisation step per method, methods interleaved step by step."""
-    torch.manual_seed(0)
-    images = torch.tensor(np.stack([s.image for s in make_phantom_samples(batch, model_cfg.img_size, seed=0)]))
-    built = {m: build_method(model_cfg, MethodConfig(name=m)) for m in methods}
-    optims = {m: pretrain_optimizer(built[m], TrainConfig()) for m in methods}
-    gens = {m: torch.Generator().manual_seed(0) for m in methods}
-    times: dict[str, list[float]] = {m: [] for m in methods}
-    for rep in range(warmup + repeats):
-        for m in methods:
-            start = time.perf_counter()
-            out = built[m].training_step(images, progress=1.0, generator=gens[m])
-            optims[m].zero_grad()
-            out.loss.backward()
-            optims[m].step()
-            if rep >= warmup:
-                times[m].append(time.perf_counter() - start)
-    return {m: statistics.median(t) for m, t in times.items()}
-
-
 def agent_lesion_shares(method, samples, patch: int, ratios, seed: int = 0) -> list[dict]:
     """Share of true lesion patches among the agent's masked patches, per ratio."""
-    images = torch.tensor(np.stack([s.image for s in samples]))
-    labels = torch.tensor(np.stack([s.label for s in samples]))[:, None].float()
-    truth = patchify(labels, patch).amax(-1) > 0  # [B, N]
+    images, truth = lesion_patches(samples, patch)  # [B, C, *S], [B, N]
     with torch.no_grad():
         scores = method.agent(images)
     expected = float(truth.float().mean())
@@ -76,26 +45,10 @@ def agent_lesion_shares(method, samples, patch: int, ratios, seed: int = 0) -> l
 
 
 def lesion_share_rows(dims: int, epochs: int) -> list[dict]:
-    """AHM's lesion shares on held-out phantoms (the demo's model size), at init and after ``epochs``."""
-    torch.manual_seed(0)
-    cfg = build_config({**data_defaults("synthetic", dims=dims), "method.name": "ahm", "train.batch_size": 8,
-                        "train.device": "cpu"})
-    label = f"{dims}D {'x'.join(map(str, cfg.model.img_size))}, patch {cfg.model.patch_size}"
-    held_out = make_phantom_samples(32, cfg.model.img_size, seed=123)
-    method = build_method(cfg.model, cfg.method)
-    ratios = (0.25, 0.5, 0.75)
-    rows = [{"phantoms": label, "agent": "init", **r}
-            for r in agent_lesion_shares(method, held_out, cfg.model.patch_size, ratios)]
-    loader = make_loader(make_phantom_samples(64, cfg.model.img_size, seed=0), cfg, augment=True, labels=False)
-    opt = pretrain_optimizer(method, cfg.train)
-    g = torch.Generator().manual_seed(0)
-    for epoch in range(epochs):
-        loader.dataset.set_epoch(epoch)
-        metrics = pretrain_epoch(method, loader, opt, torch.device("cpu"), (epoch / epochs, (epoch + 1) / epochs), g)
-        log.info("%s epoch %d: %s", label, epoch + 1, {k: round(v, 4) for k, v in metrics.items()})
-    rows += [{"phantoms": label, "agent": f"ahm {epochs} epochs", **r}
-             for r in agent_lesion_shares(method, held_out, cfg.model.patch_size, ratios)]
-    return rows
+    """AHM's lesion shares on held-out phantoms, at init and after ``epochs`` of AHM pretraining."""
+    def measure(method, samples, patch):
+        return agent_lesion_shares(method, samples, patch, (0.25, 0.5, 0.75))
+    return before_and_after_pretraining("ahm", dims, epochs, measure, key="agent")
 
 
 def main() -> None:
@@ -110,7 +63,7 @@ def main() -> None:
     payload: dict = {"benchmark": "ahm_ace_bench", "machine": machine()}
 
     label = "3D 48x64x48, patch 8 (hippocampus model)"
-    t = step_times(ModelConfig(), args.batch, args.repeats)
+    t = step_times(ModelConfig(), args.batch, args.repeats, methods=METHODS)
     timing = [{"model": label, "batch": args.batch, **{f"{m}_s": t[m] for m in METHODS},
                "ahm/mae": t["ahm"] / t["mae"], "ace/mae": t["ace"] / t["mae"]}]
     log.info("%s: %s", label, timing[-1])

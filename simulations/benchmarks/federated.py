@@ -18,7 +18,7 @@ import logging
 import time
 from pathlib import Path
 
-from amlp_core.config import build_config
+from amlp_core.config import build_config, load_config
 from amlp_core.engine.pipeline import data_defaults, finetune, load_split, pretrain
 from simulations.benchmarks.common import (HIPPOCAMPUS_SPLIT, benchmark_parser, machine, set_overrides, table,
                                            write_json)
@@ -34,6 +34,11 @@ def main() -> None:
     p.add_argument("--finetune-rounds", type=int, default=10)
     p.add_argument("--local-epochs", type=int, default=2)
     p.add_argument("--label-fraction", type=float, default=1.0)
+    p.add_argument("--site-batch-size", type=int, default=0,
+                   help="each site's batch (default: the centralized batch); batch / sites makes one round of "
+                        "averaged local steps see as many cases per step as one centralized step")
+    p.add_argument("--reuse-central", action="store_true",
+                   help="take the centralized result from an earlier run in --runs with the same settings")
     p.add_argument("--runs", default="runs/federated_bench")
     args = p.parse_args()
 
@@ -47,16 +52,25 @@ def main() -> None:
     cfg = build_config(overrides)
 
     # Centralized: the same epochs over all the training cases.
-    split = load_split(cfg)
-    start = time.monotonic()
     pre_epochs, ft_epochs = args.pretrain_rounds * args.local_epochs, args.finetune_rounds * args.local_epochs
-    pretrain(cfg.replace(train={"epochs": pre_epochs}), runs / "central_pretrain", split)
-    central = finetune(cfg.replace(train={"epochs": ft_epochs}), runs / "central_finetune",
-                       init=runs / "central_pretrain", split=split)
-    central_seconds = time.monotonic() - start
+    central_cfg = cfg.replace(train={"epochs": ft_epochs})
+    done = runs / "central_finetune" / "evaluation.json"
+    if args.reuse_central and done.exists() and load_config(runs / "central_finetune" / "config.yaml") == central_cfg:
+        central = json.loads(done.read_text())
+        central_seconds = float(json.loads((runs / "central_seconds.json").read_text())["seconds"])
+        log.info("reusing the centralized result in %s", done.parent)
+    else:
+        split = load_split(cfg)
+        start = time.monotonic()
+        pretrain(cfg.replace(train={"epochs": pre_epochs}), runs / "central_pretrain", split)
+        central = finetune(central_cfg, runs / "central_finetune", init=runs / "central_pretrain", split=split)
+        central_seconds = time.monotonic() - start
+        (runs / "central_seconds.json").write_text(json.dumps({"seconds": central_seconds}))
     log.info("centralized: Dice %.4f in %.0f s", central["dice_mean"], central_seconds)
 
     # Federated.
+    if args.site_batch_size:
+        cfg = cfg.replace(train={"batch_size": args.site_batch_size})
     start = time.monotonic()
     simulate(cfg, timeout=3 * 3600)
     federated_seconds = time.monotonic() - start
@@ -83,7 +97,8 @@ def main() -> None:
     path = write_json(args.out, {"benchmark": "federated", "machine": machine(), "split": HIPPOCAMPUS_SPLIT,
                                  "sites": args.sites, "method": args.method, "pretrain_rounds": args.pretrain_rounds,
                                  "finetune_rounds": args.finetune_rounds, "local_epochs": args.local_epochs,
-                                 "label_fraction": args.label_fraction, **result})
+                                 "label_fraction": args.label_fraction, "central_batch_size": central_cfg.train.batch_size,
+                                 "site_batch_size": cfg.train.batch_size, **result})
     print(f"wrote {path}")
 
 

@@ -24,8 +24,9 @@ import time
 import numpy as np
 import torch
 
-from amlp_core.config import MethodConfig, ModelConfig, build_config
+from amlp_core.config import MethodConfig, ModelConfig, TrainConfig, build_config
 from amlp_core.data import make_phantom_samples
+from amlp_core.engine.optim import pretrain_optimizer
 from amlp_core.engine.pipeline import data_defaults, make_loader
 from amlp_core.engine.loops import pretrain_epoch
 from amlp_core.masking import random_mask
@@ -37,18 +38,19 @@ log = logging.getLogger(__name__)
 METHODS = ("mae", "mps_ams", "amlp")
 
 
-def step_times(model_cfg: ModelConfig, batch: int, repeats: int, warmup: int = 2) -> dict[str, float]:
+def step_times(model_cfg: ModelConfig, batch: int, repeats: int, warmup: int = 2,
+               methods: tuple[str, ...] = METHODS) -> dict[str, float]:
     """Median seconds of one optimisation step per method, methods interleaved step by step."""
     torch.manual_seed(0)
     images = torch.tensor(np.stack([s.image for s in make_phantom_samples(batch, model_cfg.img_size, seed=0)]))
-    methods = {m: build_method(model_cfg, MethodConfig(name=m)) for m in METHODS}
-    optims = {m: torch.optim.AdamW(methods[m].parameters(), lr=1e-4) for m in METHODS}
-    gens = {m: torch.Generator().manual_seed(0) for m in METHODS}
-    times: dict[str, list[float]] = {m: [] for m in METHODS}
+    built = {m: build_method(model_cfg, MethodConfig(name=m)) for m in methods}
+    optims = {m: pretrain_optimizer(built[m], TrainConfig()) for m in methods}
+    gens = {m: torch.Generator().manual_seed(0) for m in methods}
+    times: dict[str, list[float]] = {m: [] for m in methods}
     for rep in range(warmup + repeats):
-        for m in METHODS:
+        for m in methods:
             start = time.perf_counter()
-            out = methods[m].training_step(images, progress=1.0, generator=gens[m])  # ratio 0.75 for all
+            out = built[m].training_step(images, progress=1.0, generator=gens[m])  # ratio 0.75 for MAE and MPS
             optims[m].zero_grad()
             out.loss.backward()
             optims[m].step()
@@ -57,11 +59,16 @@ def step_times(model_cfg: ModelConfig, batch: int, repeats: int, warmup: int = 2
     return {m: statistics.median(t) for m, t in times.items()}
 
 
-def lesion_shares(method, samples, patch: int, ratios, seed: int = 0) -> list[dict]:
-    """Share of true lesion patches among MPS-masked and randomly masked patches, per ratio."""
+def lesion_patches(samples, patch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images ``[B, C, *S]`` and which of their patches hold any lesion voxel ``[B, N]``."""
     images = torch.tensor(np.stack([s.image for s in samples]))
     labels = torch.tensor(np.stack([s.label for s in samples]))[:, None].float()
-    truth = patchify(labels, patch).amax(-1) > 0  # [B, N]
+    return images, patchify(labels, patch).amax(-1) > 0
+
+
+def lesion_shares(method, samples, patch: int, ratios, seed: int = 0) -> list[dict]:
+    """Share of true lesion patches among MPS-masked and randomly masked patches, per ratio."""
+    images, truth = lesion_patches(samples, patch)  # [B, C, *S], [B, N]
     with torch.no_grad():
         feats = method.mps.features(method.encoder.embed(images), images, patch)
     rows = []
@@ -77,28 +84,36 @@ def lesion_shares(method, samples, patch: int, ratios, seed: int = 0) -> list[di
     return rows
 
 
-def lesion_share_rows(dims: int, pretrain_epochs: int) -> list[dict]:
-    """Lesion shares on held-out phantoms (the demo's model size): at initialisation, then after
-    ``pretrain_epochs`` of AMLP on other phantoms, whose running group losses then pick the lesion group."""
+def before_and_after_pretraining(method_name: str, dims: int, epochs: int, measure, key: str = "encoder"
+                                 ) -> list[dict]:
+    """``measure(method, held_out_samples, patch) -> rows`` on 32 held-out phantoms (the demo's model
+    size), at initialisation and after ``epochs`` of ``method_name`` pretraining on 64 other phantoms."""
     torch.manual_seed(0)
-    cfg = build_config({**data_defaults("synthetic", dims=dims), "method.name": "amlp", "train.batch_size": 8,
+    cfg = build_config({**data_defaults("synthetic", dims=dims), "method.name": method_name, "train.batch_size": 8,
                         "train.device": "cpu"})
     label = f"{dims}D {'x'.join(map(str, cfg.model.img_size))}, patch {cfg.model.patch_size}"
     held_out = make_phantom_samples(32, cfg.model.img_size, seed=123)
     method = build_method(cfg.model, cfg.method)
-    rows = [{"phantoms": label, "encoder": "init", **r}
-            for r in lesion_shares(method, held_out, cfg.model.patch_size, (0.25, 0.5, 0.75))]
+    rows = [{"phantoms": label, key: "init", **r} for r in measure(method, held_out, cfg.model.patch_size)]
     loader = make_loader(make_phantom_samples(64, cfg.model.img_size, seed=0), cfg, augment=True, labels=False)
-    opt = torch.optim.AdamW(method.parameters(), lr=cfg.train.lr)
+    opt = pretrain_optimizer(method, cfg.train)
     g = torch.Generator().manual_seed(0)
-    for epoch in range(pretrain_epochs):
+    for epoch in range(epochs):
         loader.dataset.set_epoch(epoch)
-        pretrain_epoch(method, loader, opt, torch.device("cpu"), (epoch / pretrain_epochs,
-                                                                  (epoch + 1) / pretrain_epochs), g)
-    rows += [{"phantoms": label, "encoder": f"amlp {pretrain_epochs} epochs",
-              "group_loss": method.mps.group_loss.tolist(), **r}
-             for r in lesion_shares(method, held_out, cfg.model.patch_size, (0.25, 0.5, 0.75))]
+        metrics = pretrain_epoch(method, loader, opt, torch.device("cpu"), (epoch / epochs, (epoch + 1) / epochs), g)
+        log.info("%s %s epoch %d: %s", label, method_name, epoch + 1, {k: round(v, 4) for k, v in metrics.items()})
+    rows += [{"phantoms": label, key: f"{method_name} {epochs} epochs", **r}
+             for r in measure(method, held_out, cfg.model.patch_size)]
     return rows
+
+
+def lesion_share_rows(dims: int, pretrain_epochs: int) -> list[dict]:
+    """MPS's lesion shares at initialisation and after AMLP pretraining (whose running group
+    losses may then pick another group)."""
+    def measure(method, samples, patch):
+        return [{**r, "group_loss": method.mps.group_loss.tolist()}
+                for r in lesion_shares(method, samples, patch, (0.25, 0.5, 0.75))]
+    return before_and_after_pretraining("amlp", dims, pretrain_epochs, measure)
 
 
 def main() -> None:

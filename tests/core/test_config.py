@@ -52,3 +52,11 @@ def test_digest_changes_with_the_section():
     a, b = Config(), build_config({"method.ccl_weight": 0.2})
     assert a.digest("model") == b.digest("model")
     assert a.digest() != b.digest()
+
+
+def test_init_encoder_needs_no_pretraining_rounds():
+    with pytest.raises(ConfigError, match=r"federation\.pretrain_rounds=2.*federation\.init_encoder='runs/x/encoder'"):
+        build_config({"federation.init_encoder": "runs/x/encoder", "federation.pretrain_rounds": 2})
+    cfg = build_config({"federation.init_encoder": "runs/x/encoder", "federation.pretrain_rounds": 0})
+    assert cfg.federation.init_encoder == "runs/x/encoder"
+    assert cfg.run_digest() != build_config({"federation.pretrain_rounds": 0}).run_digest()

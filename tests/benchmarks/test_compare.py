@@ -1,0 +1,153 @@
+"""The method comparison benchmark: its table, plot and resumption, and one tiny end-to-end run."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+
+from simulations.benchmarks import compare
+
+#: A tiny model on 16^3 phantoms (as tests.conftest.tiny_config(3)), CPU, short waits.
+TINY = ["model.img_size=16,16,16", "model.patch_size=4", "model.embed_dim=48", "model.depth=2", "model.num_heads=4",
+        "model.decoder_dim=24", "model.decoder_depth=1", "model.decoder_heads=4", "model.seg_channels=8,16",
+        "data.synthetic_size=16,16,16", "data.synthetic_cases=8", "train.batch_size=4", "train.device=cpu",
+        "federation.connect_timeout=60", "federation.round_timeout=300"]
+
+
+def _args(tmp_path, *extra):
+    sets = [item for kv in TINY for item in ("--set", kv)]
+    return ["--data", "synthetic", "--sites", "2", "--pretrain-rounds", "1", "--finetune-rounds", "1",
+            "--local-epochs", "1", "--seeds", "1", "--runs", str(tmp_path / "runs"),
+            "--out", str(tmp_path / "compare.json"), *sets, *extra]
+
+
+def _fake_rows():
+    rows = []
+    for seed, shift in ((0, 0.0), (1, 0.02), (2, 0.04)):
+        for method, base in (("scratch", 0.5), ("amlp", 0.6)):
+            for fraction in (0.1, 1.0):
+                d1, d2 = base + fraction * 0.2 + shift, base + fraction * 0.1 + shift
+                rows.append({"seed": seed, "method": method, "label_fraction": fraction, "dice_1": d1, "dice_2": d2,
+                             "dice_mean": (d1 + d2) / 2, "seconds": 10.0 + seed})
+    return rows
+
+
+def test_table_markdown_and_plot_from_rows():
+    rows = _fake_rows()
+    cells = compare.aggregate(rows, ["scratch", "amlp"], [0.1, 1.0])
+    assert [(c["method"], c["label_fraction"]) for c in cells] == [("scratch", 0.1), ("scratch", 1.0),
+                                                                    ("amlp", 0.1), ("amlp", 1.0)]
+    first = cells[0]
+    assert first["seeds"] == [0, 1, 2] and first["dice_1_mean"] == pytest.approx(0.54)
+    assert first["dice_1_std"] == pytest.approx(0.02) and first["seconds_mean"] == 11.0
+    payload = {"budget": {"data": "hippocampus", "sites": 4, "split": {}, "pretrain_rounds": 2, "finetune_rounds": 3,
+                          "local_epochs": 1, "set": {}},
+               "machine": {"processor": "x86_64"}, "seeds": [0, 1, 2], "reduced_budget": "reduced budget on CPU",
+               "class_names": {"0": "background", "1": "Anterior", "2": "Posterior"}, "rows": rows, "table": cells}
+    md = compare.markdown(payload)
+    assert "| init | labels | seeds | Dice anterior | Dice posterior | mean Dice | seconds per run |" in md
+    assert "| scratch | 10 % | 3 | 0.5400 ± 0.0200 |" in md and "**reduced budget on CPU**" in md
+    assert "| init | 10 % | 100 % |" in md
+    svg = ET.fromstring(compare.svg_plot(cells, "title & <more>", "sub"))
+    ns = "{http://www.w3.org/2000/svg}"
+    assert len([r for r in svg.iter(f"{ns}rect") if r.get("class") == "bar"]) == 4
+    assert len([g for g in svg.iter(f"{ns}g") if g.get("class") == "errorbar"]) == 4
+
+
+def test_run_configurations_of_the_three_kinds(tmp_path):
+    args = compare.parse_args(_args(tmp_path))
+    base = compare.base_config(args)
+    pre = compare.run_config(base, tmp_path / "a", "ace", 1.0, 2, 3)
+    assert (pre.method.name, pre.train.seed, pre.federation.pretrain_rounds) == ("ace", 2, 3)
+    assert pre.federation.sites == pre.federation.min_sites == 2 and pre.model.embed_dim == 48
+    init = compare.run_config(base, tmp_path / "b", "ace", 0.5, 2, 0, str(tmp_path / "a" / "encoder"))
+    assert init.federation.init_encoder.endswith("encoder") and init.train.label_fraction == 0.5
+    scratch = compare.run_config(base, tmp_path / "c", "scratch", 0.5, 0, 0)
+    assert scratch.federation.pretrain_rounds == 0 and not scratch.federation.init_encoder
+    assert pre.data.split_seed == init.data.split_seed == scratch.data.split_seed  # seeds never move the split
+    with pytest.raises(SystemExit):
+        compare.parse_args(_args(tmp_path, "--methods", "mae,bogus"))
+
+
+def test_resume_refuses_rows_of_another_budget(tmp_path):
+    out = tmp_path / "compare.json"
+    out.write_text(json.dumps({"budget": {"pretrain_rounds": 99}, "rows": []}))
+    with pytest.raises(SystemExit, match="another budget"):
+        compare.main(_args(tmp_path, "--resume-rows"))
+
+
+def _fake_runs(monkeypatch):
+    """Replace the simulation by a stand-in that records each run's plan and writes the encoder folder."""
+    calls = []
+
+    def run_once(cfg, args, label):
+        f = cfg.federation
+        calls.append((cfg.method.name if f.pretrain_rounds or f.init_encoder else "-", cfg.train.label_fraction,
+                      cfg.train.seed, f.pretrain_rounds, f.init_encoder))
+        if f.pretrain_rounds:
+            (Path(f.run_dir) / "encoder").mkdir(parents=True)
+            (Path(f.run_dir) / "encoder" / "checkpoint.pt").write_text("x")
+        dice = 0.5 + 0.1 * cfg.train.label_fraction + 0.01 * cfg.train.seed
+        return {"dice_1": dice, "dice_mean": dice, "seconds": 1.0}, {"0": "background", "1": "lesion"}
+
+    monkeypatch.setattr(compare, "run_once", run_once)
+    return calls
+
+
+def test_plan_of_runs_and_resumption(tmp_path, monkeypatch):
+    calls = _fake_runs(monkeypatch)
+    argv = _args(tmp_path, "--methods", "scratch,mae,ace", "--fractions", "0.5,1.0", "--seeds", "2",
+                 "--pretrain-rounds", "3")
+    payload = compare.main(argv)
+    enc = {m: {s: str(tmp_path / "runs" / f"seed{s}" / f"{m}_100pct" / "encoder") for s in (0, 1)}
+           for m in ("mae", "ace")}
+    assert calls == [c for s in (0, 1) for c in [
+        ("-", 1.0, s, 0, ""), ("-", 0.5, s, 0, ""),  # scratch
+        ("mae", 1.0, s, 3, ""), ("mae", 0.5, s, 0, enc["mae"][s]),  # pretraining run, then its encoder
+        ("ace", 1.0, s, 3, ""), ("ace", 0.5, s, 0, enc["ace"][s])]]
+    assert len(payload["table"]) == 6 and all(c["seeds"] == [0, 1] for c in payload["table"])
+    cell = next(c for c in payload["table"] if c["method"] == "mae" and c["label_fraction"] == 0.5)
+    assert cell["dice_mean_mean"] == pytest.approx(0.555) and cell["dice_mean_std"] == pytest.approx(0.00707, abs=1e-4)
+    md = (tmp_path / "compare.md").read_text()
+    assert all(f"| {m} | {p} | 2 |" in md for m in ("scratch", "mae", "ace") for p in ("50 %", "100 %"))
+    svg = ET.parse(tmp_path / "compare.svg").getroot()
+    assert len([r for r in svg.iter("{http://www.w3.org/2000/svg}rect") if r.get("class") == "bar"]) == 6
+
+    # Continue after an interruption: only the missing runs are made; a missing encoder is made again first.
+    out = tmp_path / "compare.json"
+    saved = json.loads(out.read_text())
+    saved["rows"] = [r for r in saved["rows"] if not (r["seed"] == 1 and r["label_fraction"] == 0.5
+                                                       and r["method"] in ("mae", "ace"))]
+    out.write_text(json.dumps(saved))
+    shutil.rmtree(tmp_path / "runs" / "seed1" / "ace_100pct")
+    calls.clear()
+    again = compare.main([*argv, "--resume-rows"])
+    assert calls == [("mae", 0.5, 1, 0, enc["mae"][1]), ("ace", 1.0, 1, 3, ""), ("ace", 0.5, 1, 0, enc["ace"][1])]
+    assert len(again["rows"]) == 12 and again["table"] == payload["table"]
+
+
+@pytest.mark.slow
+def test_tiny_comparison_end_to_end(tmp_path, capsys):
+    """Real simulations: scratch and ACE at two fractions, 1 seed, 2 sites; every cell in the JSON, .md, .svg."""
+    argv = _args(tmp_path, "--methods", "scratch,ace", "--fractions", "0.5,1.0")
+    payload = compare.main(argv)
+    cells = {(c["method"], c["label_fraction"]) for c in payload["table"]}
+    assert cells == {(m, f) for m in ("scratch", "ace") for f in (0.5, 1.0)}
+    saved = json.loads((tmp_path / "compare.json").read_text())
+    assert len(saved["rows"]) == 4 and saved["reduced_budget"] and saved["machine"]
+    by = {(r["method"], r["label_fraction"]): r for r in saved["rows"]}
+    assert by["ace", 1.0]["init"] == "federated pretraining" and by["ace", 1.0]["pretrain_seconds"] > 0
+    assert by["ace", 0.5]["init"] == "pretrained encoder" and by["ace", 0.5]["pretrain_seconds"] == 0
+    assert by["scratch", 0.5]["init"] == "scratch" and by["scratch", 0.5]["labelled_cases"] < by["scratch", 1.0][
+        "labelled_cases"]
+    assert all(0.0 <= r["dice_mean"] <= 1.0 and r["seconds"] > 0 for r in saved["rows"])
+    assert (tmp_path / "runs" / "seed0" / "ace_100pct" / "encoder" / "checkpoint.pt").exists()
+    md = (tmp_path / "compare.md").read_text()
+    assert all(f"| {m} | {p} | 1 |" in md for m in ("scratch", "ace") for p in ("50 %", "100 %"))
+    assert "Dice lesion" in md and md in capsys.readouterr().out
+    svg = ET.parse(tmp_path / "compare.svg").getroot()
+    assert len([r for r in svg.iter("{http://www.w3.org/2000/svg}rect") if r.get("class") == "bar"]) == 4

@@ -1,0 +1,42 @@
+"""A federated run's pretrained encoder, saved as a checkpoint folder, starts another run's fine-tuning.
+
+Two real simulations (20-40 s each on two cores).
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from amlp_core.engine.pipeline import load_pretrained_encoder, load_segmentation
+from tests.integration.test_simulation import _cfg, _no_process_left, _rows
+from simulations.simulate import simulate
+
+pytestmark = pytest.mark.slow
+
+
+def test_saved_encoder_starts_a_fine_tuning_only_run(tmp_path):
+    first = tmp_path / "first"
+    cfg = _cfg(first)
+    simulate(cfg, timeout=600)
+    encoder, meta = load_pretrained_encoder(first / "encoder", cfg.model)
+    assert meta["kind"] == "pretrain" and meta["method"] == cfg.method.name and meta["pretrain_rounds"] == 1
+    assert encoder and (first / "encoder" / "config.yaml").exists()
+
+    second = tmp_path / "second"
+    simulate(_cfg(second, **{"federation.pretrain_rounds": 0, "federation.init_encoder": str(first / "encoder")}),
+             timeout=600)
+    _no_process_left(second)
+    assert not (second / "encoder").exists()  # no pretraining phase, nothing new to save
+    assert {r["phase"] for r in _rows(second)} == {"finetune"}
+    info = json.loads((second / "results" / "rounds.json").read_text())["info"]
+    assert info["initial encoder"] == str(first / "encoder")
+    # The same fine-tuning (seeds, rounds, sites) from the same encoder ends with the same model: the
+    # second run's fine-tuning started from exactly the first run's aggregated encoder.
+    a, _ = load_segmentation(first / "model")
+    b, meta_b = load_segmentation(second / "model")
+    assert meta_b["init_method"] == f"pretrained encoder {first / 'encoder'}"
+    for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.allclose(x, y, atol=1e-6), name
