@@ -23,7 +23,7 @@ from amlp_core.errors import AMLPError
 from amlp_core.losses import dice_ce_loss, proximal_term
 from amlp_core.methods import PretrainMethod, build_method, mask_ratio_at
 from amlp_core.models import SegmentationNet
-from amlp_core.privacy import PrivacyLedger, PrivateTraining, calibrate_noise, sample_rate, steps_per_epoch
+from amlp_core.privacy import PrivacyLedger, PrivateTraining, sample_rate, steps_per_epoch
 from amlp_core.schedules import federated_progress, warmup_cosine
 from client.site import Site
 from fedamlp import protocol as P
@@ -208,12 +208,7 @@ def _private(site: Site, ins: Instructions, model: torch.nn.Module, optimizer: t
         yield optimizer, loader, {}
         return
     ledger = PrivacyLedger.open(site.state.root, p.budget, p.delta)
-    if ledger.noise_multiplier is None:
-        ledger.noise_multiplier = p.noise_multiplier or calibrate_noise(p.budget, p.delta, _privacy_plan(site, ins),
-                                                                        ledger.history)
-        ledger.save()
-        log.info("%s: DP-SGD noise multiplier %.3f for a budget of epsilon %g at delta %g", site.name,
-                 ledger.noise_multiplier, p.budget, p.delta)
+    ledger.fix_noise(p.noise_multiplier, _privacy_plan(site, ins))
     rate = sample_rate(len(loader.dataset), site.cfg.train.batch_size)
     ledger.check(rate, ins.local_epochs * steps_per_epoch(rate), f"site {site.name}: {ins.phase} round {ins.round}")
     if isinstance(model, PretrainMethod):

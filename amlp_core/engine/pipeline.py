@@ -31,7 +31,7 @@ from amlp_core.errors import CheckpointError, ConfigError, DataError
 from amlp_core.losses import dice_ce_loss
 from amlp_core.methods import PretrainMethod, build_method
 from amlp_core.models import SegmentationNet, encoder_state
-from amlp_core.privacy import PrivacyLedger, PrivateTraining, calibrate_noise, sample_rate, steps_per_epoch
+from amlp_core.privacy import PrivacyLedger, PrivateTraining, sample_rate, steps_per_epoch
 from amlp_core.schedules import warmup_cosine
 
 log = logging.getLogger(__name__)
@@ -230,10 +230,7 @@ def _privacy_ledger(cfg: Config, out: Path, num_cases: int) -> PrivacyLedger | N
     ledger = PrivacyLedger.open(out, p.budget, p.delta)
     rate = sample_rate(num_cases, cfg.train.batch_size)
     steps = cfg.train.epochs * steps_per_epoch(rate)
-    if ledger.noise_multiplier is None:
-        ledger.noise_multiplier = p.noise_multiplier or calibrate_noise(p.budget, p.delta, [(rate, steps)],
-                                                                        ledger.history)
-        ledger.save()
+    ledger.fix_noise(p.noise_multiplier, [(rate, steps)])
     ledger.check(rate, steps, f"fine-tuning {cfg.train.epochs} epochs in {out}")
     log.info("DP-SGD: noise multiplier %.3f, clip %g, sample rate %.3f, budget epsilon %g at delta %g",
              ledger.noise_multiplier, p.max_grad_norm, rate, p.budget, p.delta)

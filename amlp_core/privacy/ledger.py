@@ -119,6 +119,17 @@ class PrivacyLedger:
         ledger.noise_multiplier = None if sigma is None else float(sigma)
         return ledger
 
+    def fix_noise(self, configured: float, plan: Sequence[tuple[float, int]]) -> float:
+        """The run's noise multiplier, fixed (and saved) at its first private round: ``configured``,
+        or, when that is 0, calibrated so that ``plan`` (``(sample_rate, steps)`` stretches still
+        to come) spends the rest of the budget."""
+        if self.noise_multiplier is None:
+            self.noise_multiplier = configured or calibrate_noise(self.budget, self.delta, plan, self.history)
+            self.save()
+            log.info("privacy: noise multiplier %.3f for a budget of epsilon %g at delta %g",
+                     self.noise_multiplier, self.budget, self.delta)
+        return self.noise_multiplier
+
     @property
     def epsilon(self) -> float:
         """Epsilon spent so far, at the ledger's delta."""
