@@ -149,10 +149,9 @@ def finetune_round(site: Site, global_state: dict[str, torch.Tensor], ins: Instr
     previous = site.state.load_before(P.FINETUNE, ins.round)
     if previous is not None:
         optimizer.load_state_dict(previous["optimizer"])
-    labelled = [s for s in site.split.train if s.label is not None]
-    if not labelled:
+    subset = _labelled_subset(site)
+    if not subset:
         raise RoundRefused(f"site {site.name} has no labelled training cases for fine-tuning")
-    subset = label_subset(labelled, cfg.train.label_fraction, cfg.train.seed)
     loader = make_loader(subset, cfg, augment=True, labels=True, seed=seed)
     regularizer = proximal_term(model, ins.proximal_mu) if ins.proximal_mu > 0 else None
     loss_fn = dice_ce_loss()
@@ -170,12 +169,15 @@ def finetune_round(site: Site, global_state: dict[str, torch.Tensor], ins: Instr
              **privacy})
 
 
+def _labelled_subset(site: Site) -> list:
+    """The site's fine-tuning cases: ``train.label_fraction`` of its labelled training cases (may be empty)."""
+    labelled = [s for s in site.split.train if s.label is not None]
+    return label_subset(labelled, site.cfg.train.label_fraction, site.cfg.train.seed) if labelled else []
+
+
 def _phase_cases(site: Site, phase: str) -> int:
     """How many cases a site trains on in ``phase`` (all its training cases, or its labelled subset)."""
-    if phase == P.PRETRAIN:
-        return len(site.split.train)
-    labelled = [s for s in site.split.train if s.label is not None]
-    return len(label_subset(labelled, site.cfg.train.label_fraction, site.cfg.train.seed)) if labelled else 0
+    return len(site.split.train) if phase == P.PRETRAIN else len(_labelled_subset(site))
 
 
 def _privacy_plan(site: Site, ins: Instructions) -> list[tuple[float, int]]:
