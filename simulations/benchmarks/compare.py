@@ -6,7 +6,9 @@ For every seed and every pretraining method (mae, mps_ams, amlp, ahm, ace) one f
 label fraction (100 % by default); its aggregated encoder (``RUN_DIR/encoder``) is then
 fine-tuned alone (``federation.init_encoder``, no pretraining rounds) with each smaller
 fraction. ``scratch`` fine-tunes a freshly initialised encoder (no pretraining) with each
-fraction. Every run has the same fine-tuning budget. Seeds change ``train.seed`` (model
+fraction. Every run has the same fine-tuning budget in optimiser steps: a run with a smaller
+fraction f trains ``local_epochs x largest / f`` local epochs per round (rounded), so a site
+takes about as many steps per round over its few labelled cases as over all of them. Seeds change ``train.seed`` (model
 initialisation, masks, sampling, the labelled subset), never the test split, which is fixed
 before any result is seen (48 of the 208 hippocampus cases, ``data.split_seed=0``).
 
@@ -98,6 +100,7 @@ def budget_of(args: argparse.Namespace) -> dict[str, Any]:
     """Everything that decides the numbers (rows made with another budget are not mixed in)."""
     return {"data": args.data, "sites": args.sites, "partition": "iid", "pretrain_rounds": args.pretrain_rounds,
             "finetune_rounds": args.finetune_rounds, "local_epochs": args.local_epochs,
+            "fine_tuning_steps": "equal: local epochs x largest fraction / fraction",
             "split": HIPPOCAMPUS_SPLIT if args.data == "hippocampus" else "data.test_fraction / data.split_seed",
             "set": set_overrides(args.set)}
 
@@ -111,12 +114,22 @@ def base_config(args: argparse.Namespace) -> dict[str, Any]:
             "federation.resume": False, "federation.stop_after_rounds": 0, **set_overrides(args.set)}
 
 
+def local_epochs_for(local_epochs: int, fraction: float, largest: float) -> int:
+    """Local epochs per round at label ``fraction``: as many optimiser steps as ``local_epochs`` at ``largest``."""
+    return max(1, round(local_epochs * largest / fraction))
+
+
 def run_config(base: dict[str, Any], run_dir: Path, method: str, fraction: float, seed: int, pretrain_rounds: int,
-               init_encoder: str = "") -> Config:
-    """One run's configuration; ``scratch`` keeps the default method, which no round uses."""
+               init_encoder: str = "", local_epochs: int | None = None) -> Config:
+    """One run's configuration; ``scratch`` keeps the default method, which no round uses.
+
+    ``local_epochs`` (when given) replaces the base's, for a fine-tuning-only run at a small fraction.
+    """
     overrides = {**base, "train.label_fraction": fraction, "train.seed": seed,
                  "federation.pretrain_rounds": pretrain_rounds, "federation.init_encoder": init_encoder,
                  "federation.run_dir": str(run_dir)}
+    if local_epochs is not None:
+        overrides["federation.local_epochs"] = local_epochs
     if method != SCRATCH:
         overrides["method.name"] = method
     return build_config(overrides)
@@ -216,6 +229,7 @@ def markdown(payload: dict[str, Any]) -> str:
              f"- budget: pretraining rounds {b['pretrain_rounds']}, fine-tuning rounds {b['finetune_rounds']}, "
              f"local epochs per round {b['local_epochs']}; seeds (train.seed) {', '.join(map(str, payload['seeds']))}"
              + (f"; --set {' '.join(f'{k}={v}' for k, v in b['set'].items())}" if b["set"] else ""),
+             f"- fine-tuning steps: {b.get('fine_tuning_steps', 'equal local epochs at every fraction')}",
              f"- machine: {_machine_line(payload['machine'])}"]
     if payload.get("reduced_budget"):
         lines.append(f"- **{payload['reduced_budget']}**")
@@ -387,9 +401,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                         result, names = run_once(cfg, args, f"{label} (pretraining, {pct(largest)} labels)")
                         record(method, largest, seed, "federated pretraining", args.pretrain_rounds, result, names,
                                big_dir)
-                cfg = run_config(base, run_dir, method, fraction, seed, pre_rounds, init_encoder)
+                # A run with pretraining rounds shares local_epochs with them; the others scale it.
+                epochs = args.local_epochs if pre_rounds else local_epochs_for(args.local_epochs, fraction, largest)
+                cfg = run_config(base, run_dir, method, fraction, seed, pre_rounds, init_encoder, epochs)
                 result, names = run_once(cfg, args, label)
-                record(method, fraction, seed, init, pre_rounds, result, names, run_dir)
+                record(method, fraction, seed, init, pre_rounds, {**result, "local_epochs": epochs}, names, run_dir)
     payload["table"] = aggregate(rows, args.methods, args.fractions)
     md = write_outputs(out, payload)
     log.info("wrote %s, %s and %s", out, out.with_suffix(".md"), out.with_suffix(".svg"))

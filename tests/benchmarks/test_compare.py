@@ -87,7 +87,7 @@ def _fake_runs(monkeypatch):
     def run_once(cfg, args, label):
         f = cfg.federation
         calls.append((cfg.method.name if f.pretrain_rounds or f.init_encoder else "-", cfg.train.label_fraction,
-                      cfg.train.seed, f.pretrain_rounds, f.init_encoder))
+                      cfg.train.seed, f.pretrain_rounds, f.init_encoder, f.local_epochs))
         if f.pretrain_rounds:
             (Path(f.run_dir) / "encoder").mkdir(parents=True)
             (Path(f.run_dir) / "encoder" / "checkpoint.pt").write_text("x")
@@ -105,10 +105,11 @@ def test_plan_of_runs_and_resumption(tmp_path, monkeypatch):
     payload = compare.main(argv)
     enc = {m: {s: str(tmp_path / "runs" / f"seed{s}" / f"{m}_100pct" / "encoder") for s in (0, 1)}
            for m in ("mae", "ace")}
+    # Half the labels: twice the local epochs (the same optimiser steps per round).
     assert calls == [c for s in (0, 1) for c in [
-        ("-", 1.0, s, 0, ""), ("-", 0.5, s, 0, ""),  # scratch
-        ("mae", 1.0, s, 3, ""), ("mae", 0.5, s, 0, enc["mae"][s]),  # pretraining run, then its encoder
-        ("ace", 1.0, s, 3, ""), ("ace", 0.5, s, 0, enc["ace"][s])]]
+        ("-", 1.0, s, 0, "", 1), ("-", 0.5, s, 0, "", 2),  # scratch
+        ("mae", 1.0, s, 3, "", 1), ("mae", 0.5, s, 0, enc["mae"][s], 2),  # pretraining run, then its encoder
+        ("ace", 1.0, s, 3, "", 1), ("ace", 0.5, s, 0, enc["ace"][s], 2)]]
     assert len(payload["table"]) == 6 and all(c["seeds"] == [0, 1] for c in payload["table"])
     cell = next(c for c in payload["table"] if c["method"] == "mae" and c["label_fraction"] == 0.5)
     assert cell["dice_mean_mean"] == pytest.approx(0.555) and cell["dice_mean_std"] == pytest.approx(0.00707, abs=1e-4)
@@ -126,7 +127,8 @@ def test_plan_of_runs_and_resumption(tmp_path, monkeypatch):
     shutil.rmtree(tmp_path / "runs" / "seed1" / "ace_100pct")
     calls.clear()
     again = compare.main([*argv, "--resume-rows"])
-    assert calls == [("mae", 0.5, 1, 0, enc["mae"][1]), ("ace", 1.0, 1, 3, ""), ("ace", 0.5, 1, 0, enc["ace"][1])]
+    assert calls == [("mae", 0.5, 1, 0, enc["mae"][1], 2), ("ace", 1.0, 1, 3, "", 1),
+                     ("ace", 0.5, 1, 0, enc["ace"][1], 2)]
     assert len(again["rows"]) == 12 and again["table"] == payload["table"]
 
 
