@@ -24,11 +24,19 @@ import yaml
 from amlp_core.errors import ConfigError
 
 METHOD_NAMES = ("mae", "mps_ams", "amlp", "ahm", "ace")
+#: Segmentation networks: the ViT encoder + light conv decoder, or a plain conv U-Net (no encoder).
+SEG_ARCHS = ("vit", "unet")
+UNET_FACTOR = 8  # the plain U-Net halves the resolution three times
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """The ViT encoder, the MAE decoder and the segmentation decoder."""
+    """The ViT encoder, the MAE decoder and the segmentation network.
+
+    ``seg_arch`` picks the segmentation network: ``vit`` (the pretrained encoder inside a light
+    conv U-Net, :class:`~amlp_core.models.SegmentationNet`) or ``unet`` (a plain conv U-Net,
+    channels 16-128, trained from scratch only: it has no encoder to pretrain or load).
+    """
 
     spatial_dims: int = 3
     in_channels: int = 1
@@ -43,6 +51,7 @@ class ModelConfig:
     decoder_heads: int = 4
     seg_channels: tuple[int, ...] = (16, 32, 64)  # conv skip widths at 1/2, 1/4, 1/8 resolution
     num_classes: int = 3  # including background
+    seg_arch: str = "vit"  # segmentation network: vit (encoder + conv decoder) | unet (plain conv U-Net, scratch)
 
     def __post_init__(self) -> None:
         _check(self.spatial_dims in (2, 3), "model.spatial_dims", self.spatial_dims, "must be 2 or 3")
@@ -64,6 +73,10 @@ class ModelConfig:
         _check(len(self.seg_channels) >= 1, "model.seg_channels", self.seg_channels, "needs at least one level")
         _check(self.patch_size % 2 ** len(self.seg_channels) == 0, "model.seg_channels", self.seg_channels,
                f"too many levels for model.patch_size={self.patch_size}")
+        _check(self.seg_arch in SEG_ARCHS, "model.seg_arch", self.seg_arch, f"must be one of {', '.join(SEG_ARCHS)}")
+        if self.seg_arch == "unet":
+            _check(all(s % UNET_FACTOR == 0 for s in self.img_size), "model.img_size", self.img_size,
+                   f"every size must be a multiple of {UNET_FACTOR} with model.seg_arch=unet (three stride-2 levels)")
 
     @property
     def grid_size(self) -> tuple[int, ...]:
@@ -352,10 +365,26 @@ class Config:
             raise ConfigError("invalid privacy.server_dp=True with federation.secure_aggregation=True: server-side "
                               "clipping clips each site's update at the server, and SecAgg+ shows the server only "
                               "their sum (clip at the sites instead; see docs/privacy.md)")
+        if self.model.seg_arch == "unet":  # a plain U-Net has no encoder to load (pretraining: check_federation)
+            _check(not self.federation.init_encoder, "federation.init_encoder", self.federation.init_encoder,
+                   "must be empty with model.seg_arch=unet: a plain U-Net has no encoder to load "
+                   "(it trains from scratch; use model.seg_arch=vit to fine-tune a pretrained encoder)")
         if self.privacy.server_dp:
             _check(self.federation.strategy in SERVER_DP_STRATEGIES, "federation.strategy", self.federation.strategy,
                    f"cannot combine with privacy.server_dp: Flower's accounted DP wrapper needs FedAvg's "
                    f"aggregation (use one of {', '.join(SERVER_DP_STRATEGIES)})")
+
+    def check_federation(self) -> "Config":
+        """Checks that only a federated run needs (a single-site run ignores the federation's plan).
+
+        Raises:
+            ConfigError: a plain U-Net (``model.seg_arch=unet``) with pretraining rounds.
+        """
+        if self.model.seg_arch == "unet":
+            _check(self.federation.pretrain_rounds == 0, "federation.pretrain_rounds", self.federation.pretrain_rounds,
+                   "must be 0 with model.seg_arch=unet: a plain U-Net has no encoder to pretrain "
+                   "(set federation.pretrain_rounds=0, or use model.seg_arch=vit)")
+        return self
 
     def to_dict(self) -> dict[str, Any]:
         """Nested plain dict (tuples as lists), the form written to YAML and checkpoints."""
@@ -372,6 +401,8 @@ class Config:
         d["federation"] = {k: v for k, v in d["federation"].items() if k not in RESUMABLE_KEYS
                            and not (k == "init_encoder" and not v)}  # unset: runs stopped before the key existed resume
         d["train"] = {k: v for k, v in d["train"].items() if k not in ("device", "num_threads")}
+        if d["model"]["seg_arch"] == "vit":  # the default: runs stopped before the key existed resume
+            del d["model"]["seg_arch"]
         del d["site"]
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 

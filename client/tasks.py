@@ -22,7 +22,7 @@ from amlp_core.data import label_subset
 from amlp_core.errors import AMLPError
 from amlp_core.losses import dice_ce_loss, proximal_term
 from amlp_core.methods import PretrainMethod, build_method, mask_ratio_at
-from amlp_core.models import SegmentationNet
+from amlp_core.models import build_segmentation_model
 from amlp_core.privacy import PrivacyLedger, PrivateTraining, sample_rate, steps_per_epoch
 from amlp_core.schedules import federated_progress, warmup_cosine
 from client.site import Site
@@ -234,8 +234,10 @@ def evaluate_round(site: Site, global_state: dict[str, torch.Tensor]) -> dict[st
     return result
 
 
-def _segmentation_model(site: Site, global_state: dict[str, torch.Tensor]) -> SegmentationNet:
-    model = SegmentationNet(site.cfg.model)
+def _segmentation_model(site: Site, global_state: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """The run's segmentation network (``model.seg_arch``: ViT + conv decoder, or a plain U-Net) holding
+    the global weights: the server sends the whole network in fine-tuning, so every key loads strictly."""
+    model = build_segmentation_model(site.cfg.model)
     try:
         model.load_state_dict(global_state, strict=True)
     except RuntimeError as e:

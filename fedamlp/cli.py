@@ -92,7 +92,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     extra: dict[str, Any] = {"train.label_fraction": args.label_fraction}
     if args.init:
         model = model_config_of(args.init)  # the encoder's architecture comes from the pretraining run
-        extra.update({f"model.{k}": v for k, v in dataclasses.asdict(model).items()})
+        extra.update({f"model.{k}": v for k, v in dataclasses.asdict(model).items()
+                      if k != "seg_arch"})  # not the encoder's: model.seg_arch=unet with --init is refused
     cfg = _config(args, args.data, extra)
     result = finetune(cfg, args.out, init=args.init)
     from amlp_core.engine.pipeline import load_segmentation
@@ -253,8 +254,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # force: importing Opacus already called basicConfig (root at WARNING), which would hide our INFO lines.
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S", force=True)
     try:
         return args.func(args)
     except AMLPError as e:

@@ -38,7 +38,7 @@ def main(grid: Grid, context: Context) -> None:
     run can say what went wrong without reading the log.
     """
     _setup_logging()
-    cfg = build_config(dict(context.run_config))
+    cfg = build_config(dict(context.run_config)).check_federation()
     failed = Path(cfg.federation.run_dir) / FAILED
     failed.unlink(missing_ok=True)
     try:

@@ -23,9 +23,9 @@ from amlp_core.config import Config, save_config
 from amlp_core.engine.checkpoint import load_checkpoint, save_checkpoint
 from amlp_core.engine.device import seed_everything
 from amlp_core.engine.pipeline import load_pretrained_encoder, pretrained_meta
-from amlp_core.errors import CheckpointError
+from amlp_core.errors import CheckpointError, ConfigError
 from amlp_core.methods import build_method, mask_ratio_at
-from amlp_core.models import SegmentationNet, encoder_state
+from amlp_core.models import build_segmentation_model, encoder_state, has_encoder
 from amlp_core.schedules import federated_progress
 from fedamlp import protocol as P
 from server import rounds
@@ -198,10 +198,18 @@ class Federation:
                  meta.get("method"), meta.get("epoch"))
         return ArrayRecord({f"encoder.{k}": v for k, v in encoder.items()})
 
-    def initial_segmentation(self, encoder_arrays: ArrayRecord) -> ArrayRecord:
-        """A segmentation network holding the aggregated encoder and a seeded fresh decoder (strict load)."""
+    def initial_segmentation(self, encoder_arrays: ArrayRecord | None) -> ArrayRecord:
+        """The first global segmentation network (``model.seg_arch``), seeded.
+
+        ``vit``: the aggregated (or initial, or ``init_encoder``'s) encoder and a fresh decoder, strict
+        load. ``unet``: a fresh plain U-Net; it has no encoder, so ``encoder_arrays`` must be None.
+        """
         seed_everything(self.cfg.train.seed + 1)
-        model = SegmentationNet(self.cfg.model)
+        model = build_segmentation_model(self.cfg.model)
+        if not has_encoder(self.cfg.model):
+            if encoder_arrays is not None:  # the config refuses pretraining rounds and init_encoder for it
+                raise ConfigError(f"model.seg_arch={self.cfg.model.seg_arch} has no encoder to load")
+            return ArrayRecord(model.state_dict())
         try:
             model.encoder.load_state_dict(encoder_state(encoder_arrays.to_torch_state_dict()), strict=True)
         except RuntimeError as e:
@@ -232,12 +240,16 @@ class Federation:
         self.results.info = {"method": cfg.method.name, "strategy": f.strategy, "sites (min)": f.min_sites,
                              "pretrain rounds": f.pretrain_rounds, "finetune rounds": f.finetune_rounds,
                              "local epochs": f.local_epochs, "label fraction": cfg.train.label_fraction,
-                             **({"initial encoder": f.init_encoder} if f.init_encoder else {}), **privacy_info(cfg)}
+                             **({"initial encoder": f.init_encoder} if f.init_encoder else {}),
+                             **({} if has_encoder(cfg.model) else {"segmentation network": "plain U-Net (scratch)"}),
+                             **privacy_info(cfg)}
         started = time.monotonic()
         try:
             if progress.phase == P.PRETRAIN:
                 if f.init_encoder:  # no pretraining phase (the config requires pretrain_rounds=0)
                     arrays = self.pretrained_encoder()
+                elif not has_encoder(cfg.model):  # a plain U-Net: no encoder, no pretraining (the config checks)
+                    arrays = None
                 else:
                     arrays = arrays or self.initial_encoder()
                     if f.pretrain_rounds:

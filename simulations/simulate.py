@@ -106,8 +106,10 @@ def simulate(cfg: Config, project: Path = REPO, timeout: float | None = None, st
     GPU (a share: 0.25 lets four sites train on one GPU at once).
 
     Raises:
+        ConfigError: a configuration no federation can run (:meth:`Config.check_federation`).
         SimulationError: Flower could not start, the run failed or exceeded ``timeout`` seconds.
     """
+    cfg.check_federation()
     run_dir = Path(cfg.federation.run_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     init = cfg.federation.init_encoder  # the ServerApp runs elsewhere: paths must be absolute

@@ -30,7 +30,7 @@ from amlp_core.engine.loops import evaluate_segmentation, finetune_epoch, predic
 from amlp_core.errors import CheckpointError, ConfigError, DataError
 from amlp_core.losses import dice_ce_loss
 from amlp_core.methods import PretrainMethod, build_method
-from amlp_core.models import SegmentationNet, encoder_state
+from amlp_core.models import SEG_ARCH_CLASSES, build_segmentation_model, encoder_state, has_encoder
 from amlp_core.privacy import PrivacyLedger, PrivateTraining, sample_rate, steps_per_epoch
 from amlp_core.schedules import warmup_cosine
 
@@ -139,7 +139,13 @@ def pretrain(cfg: Config, out_dir: str | Path, split: DataSplit | None = None) -
     """Self-supervised pretraining of ``cfg.method.name`` on the training cases' images.
 
     Writes ``checkpoint.pt`` (kind ``pretrain``) after every epoch. Returns the last epoch's metrics.
+
+    Raises:
+        ConfigError: ``model.seg_arch=unet``, whose plain U-Net has no encoder to pretrain.
     """
+    if not has_encoder(cfg.model):
+        raise ConfigError(f"model.seg_arch={cfg.model.seg_arch} has no encoder to pretrain (a plain U-Net trains "
+                          "from scratch with `fedamlp finetune`); pretrain with model.seg_arch=vit")
     out, device = _prepare(cfg, out_dir)
     split = split or load_split(cfg)
     method = build_method(cfg.model, cfg.method).to(device)
@@ -209,11 +215,20 @@ def finetune(cfg: Config, out_dir: str | Path, init: str | Path | None = None,
              split: DataSplit | None = None) -> dict[str, Any]:
     """Segmentation fine-tuning on ``train.label_fraction`` of the labelled training cases.
 
-    The encoder starts from the pretraining run ``init`` (strict load) or from scratch.
-    Writes ``checkpoint.pt`` (kind ``segmentation``) after every epoch and evaluates on the
-    test cases at the end. Returns the evaluation.
+    The network is ``model.seg_arch``'s (:func:`~amlp_core.models.build_segmentation_model`). The
+    ViT's encoder starts from the pretraining run ``init`` (strict load) or from scratch; the plain
+    U-Net (``unet``) has no encoder and always starts from scratch. Writes ``checkpoint.pt`` (kind
+    ``segmentation``) after every epoch and evaluates on the test cases at the end. Returns the evaluation.
+
+    Raises:
+        ConfigError: ``init`` given with ``model.seg_arch=unet``.
+        CheckpointError: ``init`` is not a pretraining checkpoint for this model.
     """
-    model = SegmentationNet(cfg.model)
+    if init is not None and not has_encoder(cfg.model):
+        raise ConfigError(f"cannot fine-tune model.seg_arch={cfg.model.seg_arch} from the pretraining run {init}: "
+                          "a plain U-Net has no encoder to load (omit --init to train it from scratch, or use "
+                          "model.seg_arch=vit)")
+    model = build_segmentation_model(cfg.model)
     init_meta: dict = {}
     if init is not None:
         encoder_state, init_meta = load_pretrained_encoder(init, cfg.model)
@@ -240,6 +255,9 @@ def _privacy_ledger(cfg: Config, out: Path, num_cases: int) -> PrivacyLedger | N
 def train_segmentation(model: torch.nn.Module, cfg: Config, out_dir: str | Path, split: DataSplit | None = None,
                        init_method: str = "scratch") -> dict[str, Any]:
     """Train any segmentation network ``[B, C, *S] -> [B, K, *S]`` with Dice + CE, then evaluate.
+
+    ``checkpoint.pt`` is written only for the class ``model.seg_arch`` names (what
+    :func:`load_segmentation` rebuilds); another network is trained and evaluated without one.
 
     With ``train.max_minutes`` the learning-rate decay follows the elapsed share of that time
     budget (or of the epochs, whichever is further), so a time-limited run still anneals.
@@ -274,7 +292,7 @@ def train_segmentation(model: torch.nn.Module, cfg: Config, out_dir: str | Path,
             metrics.update(epoch=epoch + 1, seconds=round(time.monotonic() - start, 2))
             _append_metrics(out, metrics)
             log.info("epoch %d/%d loss %.4f", epoch + 1, cfg.train.epochs, metrics["loss"])
-            if isinstance(model, SegmentationNet):
+            if isinstance(model, SEG_ARCH_CLASSES[cfg.model.seg_arch]):  # what load_segmentation rebuilds
                 save_checkpoint(out / CHECKPOINT, {"model": model.state_dict()}, {**meta, "epoch": epoch + 1})
             if _out_of_time(start, cfg):
                 log.info("stopping after %d epochs: train.max_minutes=%s reached", epoch + 1, cfg.train.max_minutes)
@@ -296,13 +314,13 @@ def _progress(epoch: int, start: float, cfg: Config) -> float:
     return min(t, 1.0)
 
 
-def load_segmentation(run: str | Path, device: torch.device | None = None) -> tuple[SegmentationNet, dict]:
-    """A fine-tuned segmentation model and its checkpoint metadata."""
+def load_segmentation(run: str | Path, device: torch.device | None = None) -> tuple[torch.nn.Module, dict]:
+    """A fine-tuned segmentation model (the architecture its saved config names) and its checkpoint metadata."""
     path = _checkpoint_path(run)
     state, meta = load_checkpoint(path)
     require_meta(meta, path, kind="segmentation")
     cfg = build_config(meta["config"])
-    model = SegmentationNet(cfg.model)
+    model = build_segmentation_model(cfg.model)
     try:
         model.load_state_dict(state["model"], strict=True)
     except RuntimeError as e:

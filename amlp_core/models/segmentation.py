@@ -6,12 +6,17 @@ full resolution. At its deepest level (1/2**L of the image) the encoder's tokens
 projected to that level's grid and joined to the conv features, so the pretrained ViT gives
 every voxel global context. UNETR-style decoders, with their full-resolution feature maps,
 cost far more on a CPU and learn more slowly (DESIGN.md section 6).
+
+:func:`build_segmentation_model` picks the network named by ``model.seg_arch``: this one
+(``vit``) or MONAI's plain conv ``UNet`` (``unet``), the baseline every pretraining gain is
+measured against.
 """
 
 from __future__ import annotations
 
 import torch
 from monai.networks.blocks import Convolution, ResidualUnit
+from monai.networks.nets import UNet
 from torch import nn
 
 from amlp_core.config import ModelConfig
@@ -22,6 +27,8 @@ from amlp_core.models.vit import ViTEncoder, tokens_to_grid
 # Dice+CE loss of about 0.75 where these settings go on down with the plain U-Net.
 NORM = "instance"
 ACT = "PRELU"
+#: The plain U-Net (DESIGN.md section 6, the floor to beat): widths at full, 1/2, 1/4 and 1/8 resolution.
+UNET_CHANNELS = (16, 32, 64, 128)
 
 
 def _tokens_to_level(dims: int, cin: int, cout: int, factor: int) -> nn.Module:
@@ -84,3 +91,39 @@ class SegmentationNet(nn.Module):
         for i in reversed(range(len(skips))):
             x = self.up[i](torch.cat([skips[i], x], dim=1))  # [B, c_{i-1} (K at i=0), *S / 2**i]
         return x
+
+
+def plain_unet(cfg: ModelConfig) -> UNet:
+    """MONAI's residual ``UNet``: channels 16-128, three stride-2 levels, instance norm (no BatchNorm,
+    so Opacus' per-case gradients work), no encoder. Sizes must be multiples of 8 (the config checks)."""
+    strides = (2,) * (len(UNET_CHANNELS) - 1)  # 2 ** len(strides) == config.UNET_FACTOR (its size check)
+    return UNet(spatial_dims=cfg.spatial_dims, in_channels=cfg.in_channels, out_channels=cfg.num_classes,
+                channels=UNET_CHANNELS, strides=strides, num_res_units=2, norm=NORM)
+
+
+#: ``model.seg_arch`` -> the class :func:`build_segmentation_model` returns for it.
+SEG_ARCH_CLASSES: dict[str, type[nn.Module]] = {"vit": SegmentationNet, "unet": UNet}
+
+
+def build_segmentation_model(cfg: ModelConfig) -> nn.Module:
+    """The segmentation network named by ``cfg.seg_arch``, freshly initialised.
+
+    ``vit``: :class:`SegmentationNet` (its ``encoder`` takes a pretrained ViT's weights);
+    ``unet``: :func:`plain_unet` (no encoder: trained from scratch only).
+
+    Both map images ``[B, in_channels, *img_size]`` to class logits ``[B, num_classes, *img_size]``,
+    in 2D and 3D (``cfg.spatial_dims``).
+
+    Raises:
+        ValueError: an unknown ``seg_arch`` (a validated :class:`ModelConfig` never has one).
+    """
+    if cfg.seg_arch == "vit":
+        return SegmentationNet(cfg)
+    if cfg.seg_arch == "unet":
+        return plain_unet(cfg)
+    raise ValueError(f"unknown model.seg_arch={cfg.seg_arch!r}: expected one of {', '.join(SEG_ARCH_CLASSES)}")
+
+
+def has_encoder(cfg: ModelConfig) -> bool:
+    """Whether the segmentation network of ``cfg`` has a ViT encoder (pretrainable, loadable)."""
+    return cfg.seg_arch == "vit"

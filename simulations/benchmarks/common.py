@@ -61,5 +61,6 @@ def set_overrides(items: list[str]) -> dict[str, str]:
 
 
 def setup_logging() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    # force: importing Opacus already called basicConfig (root at WARNING), which would hide our INFO lines.
+    logging.basicConfig(force=True, level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")

@@ -1,4 +1,4 @@
-"""The method comparison table: federated pretraining methods against scratch, at several label fractions.
+"""The method comparison table: federated pretraining against scratch and a plain U-Net, at several label fractions.
 
 For every seed and every pretraining method (mae, mps_ams, amlp, ahm, ace) one federated run
 (``--sites`` simulated hospitals, the training cases dealt IID) pretrains for
@@ -6,9 +6,11 @@ For every seed and every pretraining method (mae, mps_ams, amlp, ahm, ace) one f
 label fraction (100 % by default); its aggregated encoder (``RUN_DIR/encoder``) is then
 fine-tuned alone (``federation.init_encoder``, no pretraining rounds) with each smaller
 fraction. ``scratch`` fine-tunes a freshly initialised encoder (no pretraining) with each
-fraction. Every run has the same fine-tuning budget in optimiser steps: a run with a smaller
-fraction f trains ``local_epochs x largest / f`` local epochs per round (rounded), so a site
-takes about as many steps per round over its few labelled cases as over all of them. Seeds change ``train.seed`` (model
+fraction; ``unet`` does the same with a plain conv U-Net (``model.seg_arch=unet``, no encoder:
+the floor to beat of DESIGN.md section 6). Every run has the same fine-tuning budget in
+optimiser steps: a run with a smaller fraction f trains ``local_epochs x largest / f`` local
+epochs per round (rounded), so a site takes about as many steps per round over its few
+labelled cases as over all of them. Seeds change ``train.seed`` (model
 initialisation, masks, sampling, the labelled subset), never the test split, which is fixed
 before any result is seen (48 of the 208 hippocampus cases, ``data.split_seed=0``).
 
@@ -49,8 +51,11 @@ from simulations.simulate import default_run_config, simulate
 
 log = logging.getLogger(__name__)
 SCRATCH = "scratch"
-ALL_METHODS = (SCRATCH, *METHOD_NAMES)
-COLORS = ("#7f7f7f", "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2")
+UNET = "unet"  # fine-tuned from scratch like SCRATCH, with model.seg_arch=unet (a plain conv U-Net)
+#: Methods without pretraining: one fine-tuning-only run per fraction, no encoder needed.
+SCRATCH_LIKE = (SCRATCH, UNET)
+ALL_METHODS = (*SCRATCH_LIKE, *METHOD_NAMES)
+COLORS = ("#7f7f7f", "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#17becf")
 
 
 # -- arguments and configuration --------------------------------------------------------------
@@ -59,7 +64,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", default="hippocampus",
                    help="'hippocampus' (../shared/data/msd_hippocampus, fixed split), 'synthetic', or a dataset folder")
-    p.add_argument("--methods", default=",".join(ALL_METHODS), help="comma-separated, 'scratch' included")
+    p.add_argument("--methods", default=",".join(ALL_METHODS), help="comma-separated, 'scratch' and 'unet' included")
     p.add_argument("--fractions", default="0.1,0.25,1.0", help="label fractions, comma-separated")
     p.add_argument("--seeds", type=int, default=3, help="number of seeds (train.seed = 0 .. N-1)")
     p.add_argument("--sites", type=int, default=4)
@@ -85,8 +90,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         p.error("--fractions: label fractions in (0, 1]")
     if args.seeds < 1:
         p.error("--seeds: at least 1")
-    if args.pretrain_rounds < 1 and any(m != SCRATCH for m in args.methods):
-        p.error("--pretrain-rounds: at least 1 for a pretraining method (scratch alone needs none)")
+    if args.pretrain_rounds < 1 and any(m not in SCRATCH_LIKE for m in args.methods):
+        p.error(f"--pretrain-rounds: at least 1 for a pretraining method ({' and '.join(SCRATCH_LIKE)} need none)")
     if args.gpus_per_site is None:
         args.gpus_per_site = round(1 / args.sites, 4) if torch.cuda.is_available() else 0.0
     return args
@@ -121,7 +126,8 @@ def local_epochs_for(local_epochs: int, fraction: float, largest: float) -> int:
 
 def run_config(base: dict[str, Any], run_dir: Path, method: str, fraction: float, seed: int, pretrain_rounds: int,
                init_encoder: str = "", local_epochs: int | None = None) -> Config:
-    """One run's configuration; ``scratch`` keeps the default method, which no round uses.
+    """One run's configuration; ``scratch`` and ``unet`` keep the default method, which no round uses,
+    and ``unet`` sets ``model.seg_arch=unet``.
 
     ``local_epochs`` (when given) replaces the base's, for a fine-tuning-only run at a small fraction.
     """
@@ -130,7 +136,9 @@ def run_config(base: dict[str, Any], run_dir: Path, method: str, fraction: float
                  "federation.run_dir": str(run_dir)}
     if local_epochs is not None:
         overrides["federation.local_epochs"] = local_epochs
-    if method != SCRATCH:
+    if method == UNET:
+        overrides["model.seg_arch"] = "unet"
+    elif method != SCRATCH:
         overrides["method.name"] = method
     return build_config(overrides)
 
@@ -348,7 +356,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     budget, base = budget_of(args), base_config(args)
     seeds = list(range(args.seeds))
     rows, class_names = _load_earlier(out, budget) if args.resume_rows else ([], {})
-    pretrained = [m for m in args.methods if m != SCRATCH]
+    pretrained = [m for m in args.methods if m not in SCRATCH_LIKE]
     largest = max(args.fractions)
     total = len(seeds) * len(args.methods) * len(args.fractions)
     reduced = None
@@ -388,7 +396,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 if done(method, fraction, seed):
                     log.info("%s: already in %s, skipped", label, out)
                     continue
-                if method == SCRATCH:
+                if method in SCRATCH_LIKE:
                     init, pre_rounds, init_encoder = "scratch", 0, ""
                 elif not needs_encoder:
                     init, pre_rounds, init_encoder = "federated pretraining", args.pretrain_rounds, ""

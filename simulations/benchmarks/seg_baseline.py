@@ -2,7 +2,10 @@
 
 DESIGN.md section 6: a MONAI ``UNet`` (channels 16-128, Dice+CE, flips, no pretraining)
 reached about 0.85 mean Dice after 10 minutes on the 2-core CPU with all labels. The
-product's segmentation network must not lose to it. Prints a table and writes JSON.
+product's segmentation network must not lose to it. Prints a table and writes JSON. ``unet``
+is the product's ``model.seg_arch=unet`` (:func:`amlp_core.models.plain_unet`), ``ours`` its
+``model.seg_arch=vit`` (:class:`amlp_core.models.SegmentationNet`), both built by
+:func:`amlp_core.models.build_segmentation_model`.
 
 Equal CPU time is enforced by epochs, not by the wall clock, so that other load on the
 machine cannot favour either model: the step time of each model is measured first,
@@ -22,20 +25,21 @@ import time
 
 import torch
 
-from monai.networks.nets import UNet
-
-from amlp_core.config import build_config
+from amlp_core.config import Config, build_config
 from amlp_core.engine.pipeline import data_defaults, load_split, train_segmentation
-from amlp_core.models import SegmentationNet
+from amlp_core.models import build_segmentation_model
 from simulations.benchmarks.common import HIPPOCAMPUS, HIPPOCAMPUS_SPLIT, machine, setup_logging, table, write_json
 
 log = logging.getLogger(__name__)
 
 
-def conv_unet(num_classes: int) -> UNet:
-    """The floor to beat: plain 3D U-Net, channels 16-128, instance norm, two residual units."""
-    return UNet(spatial_dims=3, in_channels=1, out_channels=num_classes, channels=(16, 32, 64, 128),
-                strides=(2, 2, 2), num_res_units=2, norm="instance")
+#: Benchmark model name -> ``model.seg_arch``.
+ARCHS = {"unet": "unet", "ours": "vit"}
+
+
+def arch_config(cfg: Config, name: str) -> Config:
+    """``cfg`` with the segmentation network of benchmark model ``name`` (the floor to beat: ``unet``)."""
+    return cfg.replace(model={"seg_arch": ARCHS[name]})
 
 
 def step_seconds(models: dict[str, torch.nn.Module], batch: int, size, num_classes: int, repeats: int = 5
@@ -78,12 +82,15 @@ def main() -> None:
                         "train.batch_size": 8, "train.num_threads": args.threads})
     if args.threads:
         torch.set_num_threads(args.threads)
-    split = load_split(cfg)
     names = args.models.split(",")
+    unknown = [n for n in names if n not in ARCHS]
+    if unknown:
+        p.error(f"--models: unknown {unknown}; choose from {', '.join(ARCHS)}")
+    split = load_split(cfg)
 
     def build(name: str) -> torch.nn.Module:
         torch.manual_seed(args.seed)
-        return conv_unet(cfg.model.num_classes) if name == "unet" else SegmentationNet(cfg.model)
+        return build_segmentation_model(arch_config(cfg, name).model)
 
     if args.step_seconds:
         steps = {k: float(v) for k, v in (item.split("=") for item in args.step_seconds.split(","))}
@@ -97,7 +104,7 @@ def main() -> None:
             model = build(name)
             batches = math.floor(round(fraction * len(split.train)) / cfg.train.batch_size) or 1
             epochs = max(1, int(60 * args.minutes / (steps[name] * batches)))
-            run_cfg = cfg.replace(train={"label_fraction": fraction, "epochs": epochs})
+            run_cfg = arch_config(cfg, name).replace(train={"label_fraction": fraction, "epochs": epochs})
             result = train_segmentation(model, run_cfg, f"runs/seg_baseline/{name}_{fraction}", split,
                                         init_method="scratch")
             params = sum(p.numel() for p in model.parameters())

@@ -69,6 +69,12 @@ def test_run_configurations_of_the_three_kinds(tmp_path):
     scratch = compare.run_config(base, tmp_path / "c", "scratch", 0.5, 0, 0)
     assert scratch.federation.pretrain_rounds == 0 and not scratch.federation.init_encoder
     assert pre.data.split_seed == init.data.split_seed == scratch.data.split_seed  # seeds never move the split
+    unet = compare.run_config(base, tmp_path / "d", "unet", 0.5, 0, 0)  # scratch with a plain U-Net
+    assert unet.model.seg_arch == "unet" and unet.federation.pretrain_rounds == 0 and not unet.federation.init_encoder
+    assert (pre.model.seg_arch, init.model.seg_arch, scratch.model.seg_arch) == ("vit",) * 3
+    assert compare.ALL_METHODS[:3] == ("scratch", "unet", "mae")
+    assert compare.parse_args(_args(tmp_path, "--methods", "scratch,unet", "--pretrain-rounds", "0")).methods == [
+        "scratch", "unet"]  # neither needs pretraining rounds
     with pytest.raises(SystemExit):
         compare.parse_args(_args(tmp_path, "--methods", "mae,bogus"))
 
@@ -86,7 +92,8 @@ def _fake_runs(monkeypatch):
 
     def run_once(cfg, args, label):
         f = cfg.federation
-        calls.append((cfg.method.name if f.pretrain_rounds or f.init_encoder else "-", cfg.train.label_fraction,
+        init = cfg.method.name if f.pretrain_rounds or f.init_encoder else "-"  # "-": from scratch
+        calls.append((init if cfg.model.seg_arch == "vit" else cfg.model.seg_arch, cfg.train.label_fraction,
                       cfg.train.seed, f.pretrain_rounds, f.init_encoder, f.local_epochs))
         if f.pretrain_rounds:
             (Path(f.run_dir) / "encoder").mkdir(parents=True)
@@ -100,7 +107,7 @@ def _fake_runs(monkeypatch):
 
 def test_plan_of_runs_and_resumption(tmp_path, monkeypatch):
     calls = _fake_runs(monkeypatch)
-    argv = _args(tmp_path, "--methods", "scratch,mae,ace", "--fractions", "0.5,1.0", "--seeds", "2",
+    argv = _args(tmp_path, "--methods", "scratch,unet,mae,ace", "--fractions", "0.5,1.0", "--seeds", "2",
                  "--pretrain-rounds", "3")
     payload = compare.main(argv)
     enc = {m: {s: str(tmp_path / "runs" / f"seed{s}" / f"{m}_100pct" / "encoder") for s in (0, 1)}
@@ -108,15 +115,16 @@ def test_plan_of_runs_and_resumption(tmp_path, monkeypatch):
     # Half the labels: twice the local epochs (the same optimiser steps per round).
     assert calls == [c for s in (0, 1) for c in [
         ("-", 1.0, s, 0, "", 1), ("-", 0.5, s, 0, "", 2),  # scratch
+        ("unet", 1.0, s, 0, "", 1), ("unet", 0.5, s, 0, "", 2),  # scratch with a plain U-Net, the same steps
         ("mae", 1.0, s, 3, "", 1), ("mae", 0.5, s, 0, enc["mae"][s], 2),  # pretraining run, then its encoder
         ("ace", 1.0, s, 3, "", 1), ("ace", 0.5, s, 0, enc["ace"][s], 2)]]
-    assert len(payload["table"]) == 6 and all(c["seeds"] == [0, 1] for c in payload["table"])
+    assert len(payload["table"]) == 8 and all(c["seeds"] == [0, 1] for c in payload["table"])
     cell = next(c for c in payload["table"] if c["method"] == "mae" and c["label_fraction"] == 0.5)
     assert cell["dice_mean_mean"] == pytest.approx(0.555) and cell["dice_mean_std"] == pytest.approx(0.00707, abs=1e-4)
     md = (tmp_path / "compare.md").read_text()
-    assert all(f"| {m} | {p} | 2 |" in md for m in ("scratch", "mae", "ace") for p in ("50 %", "100 %"))
+    assert all(f"| {m} | {p} | 2 |" in md for m in ("scratch", "unet", "mae", "ace") for p in ("50 %", "100 %"))
     svg = ET.parse(tmp_path / "compare.svg").getroot()
-    assert len([r for r in svg.iter("{http://www.w3.org/2000/svg}rect") if r.get("class") == "bar"]) == 6
+    assert len([r for r in svg.iter("{http://www.w3.org/2000/svg}rect") if r.get("class") == "bar"]) == 8
 
     # Continue after an interruption: only the missing runs are made; a missing encoder is made again first.
     out = tmp_path / "compare.json"
@@ -129,7 +137,7 @@ def test_plan_of_runs_and_resumption(tmp_path, monkeypatch):
     again = compare.main([*argv, "--resume-rows"])
     assert calls == [("mae", 0.5, 1, 0, enc["mae"][1], 2), ("ace", 1.0, 1, 3, "", 1),
                      ("ace", 0.5, 1, 0, enc["ace"][1], 2)]
-    assert len(again["rows"]) == 12 and again["table"] == payload["table"]
+    assert len(again["rows"]) == 16 and again["table"] == payload["table"]
 
 
 @pytest.mark.slow

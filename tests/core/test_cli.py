@@ -124,8 +124,11 @@ def test_bad_arguments_give_one_line_without_traceback(args, needle, tmp_path):
 def test_predict_refuses_an_image_of_the_wrong_dimension(tmp_path):
     data = write_phantom_dataset(tmp_path / "data", n=6, shape=(16, 16, 16), seed=0)
     config = _yaml(tmp_path, 3)
-    assert main(["finetune", "--data", str(data), "--config", config, "--epochs", "1", "--out",
-                 str(tmp_path / "fine")]) == 0
+    fine = _run_cli("finetune", "--data", str(data), "--config", config, "--epochs", "1", "--out",
+                    str(tmp_path / "fine"))
+    assert fine.returncode == 0, fine.stderr
+    # Our INFO progress reaches the terminal (importing Opacus configures the root logger at WARNING).
+    assert "INFO amlp_core.engine.pipeline: fine-tuning on" in fine.stderr, fine.stderr
     flat = tmp_path / "flat.png"
     Image.fromarray(np.zeros((16, 16), dtype=np.uint8)).save(flat)
     result = _run_cli("predict", "--model", str(tmp_path / "fine"), "--input", str(flat), "--output",
@@ -151,3 +154,41 @@ def test_3d_volumes_as_2d_slices(tmp_path):
     out = tmp_path / "seg.nii.gz"
     assert main(["predict", "--model", str(tmp_path / "fine"), "--input", str(scan), "--output", str(out)]) == 0
     assert nib.load(out).shape == (24, 24, 12)
+
+
+def test_plain_unet_finetune_predict_and_refusals(tmp_path, capsys):
+    """``model.seg_arch=unet``: trained from scratch, saved, rebuilt from its checkpoint's config by
+    evaluate and predict; a pretraining run to start from is refused, and so is pretraining it."""
+    from monai.networks.nets import UNet
+
+    from amlp_core.config import build_config
+    from amlp_core.engine.pipeline import load_segmentation, save_pretrained
+    from amlp_core.methods import build_method
+
+    data = write_phantom_dataset(tmp_path / "data", n=6, shape=(16, 16, 16), seed=0)
+    config = _yaml(tmp_path, 3)
+    unet = ["--set", "model.seg_arch=unet"]  # one site: the federation's pretraining rounds do not matter
+    fine = tmp_path / "fine"
+    assert main(["finetune", "--data", str(data), "--config", config, "--epochs", "1", "--out", str(fine), *unet]) == 0
+    model, meta = load_segmentation(fine)
+    assert isinstance(model, UNet) and meta["init_method"] == "scratch"
+    assert meta["config"]["model"]["seg_arch"] == "unet"
+    assert main(["evaluate", "--model", str(fine), "--data", str(data)]) == 0
+    image, _ = make_phantom((20, 18, 16), np.random.default_rng(5))
+    nib.save(nib.Nifti1Image(image, np.eye(4)), tmp_path / "scan.nii.gz")
+    out = tmp_path / "seg.nii.gz"
+    assert main(["predict", "--model", str(fine), "--input", str(tmp_path / "scan.nii.gz"), "--output", str(out)]) == 0
+    assert nib.load(out).shape == (20, 18, 16)
+
+    capsys.readouterr()
+    pre_cfg = build_config(yaml.safe_load(Path(config).read_text()))  # a (ViT) pretraining checkpoint
+    save_pretrained(tmp_path / "pre" / "checkpoint.pt", build_method(pre_cfg.model, pre_cfg.method), pre_cfg, 1)
+    unet_yaml = tmp_path / "unet.yaml"  # the architecture from the config file, not the pretraining run's
+    unet_yaml.write_text(yaml.safe_dump(pre_cfg.replace(model={"seg_arch": "unet"},
+                                                        federation={"pretrain_rounds": 0}).to_dict()))
+    assert main(["finetune", "--data", str(data), "--config", str(unet_yaml), "--init", str(tmp_path / "pre"),
+                 "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert "model.seg_arch=unet" in err and "no encoder to load" in err and str(tmp_path / "pre") in err
+    assert main(["pretrain", "--data", str(data), "--config", config, "--out", str(tmp_path / "y"), *unet]) == 2
+    assert "no encoder to pretrain" in capsys.readouterr().err

@@ -60,3 +60,22 @@ def test_init_encoder_needs_no_pretraining_rounds():
     cfg = build_config({"federation.init_encoder": "runs/x/encoder", "federation.pretrain_rounds": 0})
     assert cfg.federation.init_encoder == "runs/x/encoder"
     assert cfg.run_digest() != build_config({"federation.pretrain_rounds": 0}).run_digest()
+
+
+def test_seg_arch_is_checked_and_a_plain_unet_refuses_an_encoder():
+    with pytest.raises(ConfigError, match=r"model\.seg_arch='resnet'.*vit, unet"):
+        build_config({"model.seg_arch": "resnet"})
+    single_site = build_config({"model.seg_arch": "unet"})  # the federation's plan does not concern one site
+    with pytest.raises(ConfigError, match=r"federation\.pretrain_rounds=2.*seg_arch=unet.*no encoder to pretrain"):
+        single_site.check_federation()  # but a federation with the default plan would pretrain
+    with pytest.raises(ConfigError, match=r"federation\.init_encoder='runs/x/encoder'.*seg_arch=unet"):
+        build_config({"model.seg_arch": "unet", "federation.pretrain_rounds": 0,
+                      "federation.init_encoder": "runs/x/encoder"})
+    with pytest.raises(ConfigError, match=r"model\.img_size=\(36, 36, 36\).*multiple of 8"):
+        build_config({"model.seg_arch": "unet", "federation.pretrain_rounds": 0, "model.img_size": "36,36,36",
+                      "model.patch_size": 4, "model.seg_channels": "8,16"})
+    unet = build_config({"model.seg_arch": "unet", "federation.pretrain_rounds": 0})
+    vit = build_config({"federation.pretrain_rounds": 0})
+    assert Config().model.seg_arch == "vit" and unet.model.seg_arch == "unet"
+    assert build_config(unet.to_dict()) == unet
+    assert unet.run_digest() != vit.run_digest() and unet.digest("model") != vit.digest("model")

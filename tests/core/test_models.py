@@ -1,9 +1,15 @@
+import dataclasses
+
+import pytest
 import torch
+from monai.networks.nets import UNet
+from torch import nn
 
 from amlp_core.masking import random_mask
 from amlp_core.methods import build_method
 from amlp_core.config import MethodConfig
-from amlp_core.models import MAEDecoder, SegmentationNet, ViTEncoder, patchify, unpatchify
+from amlp_core.models import (MAEDecoder, SegmentationNet, ViTEncoder, build_segmentation_model, patchify,
+                              unpatchify)
 from tests.conftest import tiny_model
 
 
@@ -78,3 +84,19 @@ def test_strict_encoder_hand_off_from_pretraining(dims):
     # The segmentation net's encoder keys are exactly the pretraining encoder's, prefixed.
     seg_keys = {k.removeprefix("encoder.") for k in net.state_dict() if k.startswith("encoder.")}
     assert seg_keys == set(encoder_state)
+
+
+@pytest.mark.parametrize("arch, cls", [("vit", SegmentationNet), ("unet", UNet)])
+def test_segmentation_factory_builds_either_network(arch, cls, dims):
+    """``model.seg_arch`` picks the network; both map [B, C, *S] to [B, K, *S] in 2D and 3D."""
+    cfg = dataclasses.replace(tiny_model(dims), seg_arch=arch)
+    net = build_segmentation_model(cfg)
+    assert type(net) is cls
+    x = _images(cfg)
+    logits = net(x)
+    assert logits.shape == (2, cfg.num_classes, *cfg.img_size)
+    logits.mean().backward()
+    assert all(p.grad is not None for p in net.parameters() if p.requires_grad)
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in net.modules())  # Opacus needs none
+    has_encoder = any(k.startswith("encoder.") for k in net.state_dict())
+    assert has_encoder == (arch == "vit")

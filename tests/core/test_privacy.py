@@ -14,7 +14,7 @@ from amlp_core.data.dataset import SegDataset
 from amlp_core.errors import ConfigError
 from amlp_core.losses import dice_ce_loss
 from amlp_core.methods import METHODS, build_method
-from amlp_core.models import SegmentationNet
+from amlp_core.models import SegmentationNet, build_segmentation_model
 from amlp_core.privacy import (PrivacyBudgetExceeded, PrivacyError, PrivacyLedger, PrivateTraining, calibrate_noise,
                                check_private, epsilon_of, steps_per_epoch)
 from tests.conftest import tiny_config
@@ -67,6 +67,18 @@ def test_a_private_pretraining_step_for_every_method(name, dims):
 def test_a_private_finetuning_step(dims):
     cfg = tiny_config(dims)
     model = SegmentationNet(cfg.model)
+    check_private(model)
+    loss_fn = dice_ce_loss()
+    stretches, changed, trainable, per_case = _private_steps(model, lambda b: loss_fn(model(b["image"]), b["label"]),
+                                                             _dataset(cfg))
+    assert per_case and all(per_case) and set(changed) == set(trainable)
+    assert sum(n for _, _, n in stretches) == 2
+
+
+def test_a_private_finetuning_step_of_the_plain_unet():
+    """``model.seg_arch=unet`` (MONAI UNet, instance norm) trains under DP-SGD like the ViT network."""
+    cfg = tiny_config(3, **{"model.seg_arch": "unet", "federation.pretrain_rounds": 0})
+    model = build_segmentation_model(cfg.model)
     check_private(model)
     loss_fn = dice_ce_loss()
     stretches, changed, trainable, per_case = _private_steps(model, lambda b: loss_fn(model(b["image"]), b["label"]),

@@ -18,6 +18,7 @@ import torch
 
 from amlp_core.data import make_phantom, partition_names, split_names, write_phantom_dataset
 from amlp_core.engine.pipeline import load_segmentation, predict_file
+from amlp_core.errors import ConfigError
 from amlp_core.methods import build_method
 from simulations.simulate import SimulationError, processes_with_env, simulate
 from tests.conftest import tiny_config
@@ -60,6 +61,39 @@ def test_two_phase_federation_end_to_end(tmp_path):
     # The final model is what `fedamlp predict` loads.
     model, meta = load_segmentation(run / "model")
     assert meta["kind"] == "segmentation" and meta["class_names"] == {"0": "background", "1": "lesion"}
+    image, _ = make_phantom((16, 16, 16), np.random.default_rng(0))
+    import nibabel as nib
+
+    nib.save(nib.Nifti1Image(image, np.eye(4)), tmp_path / "scan.nii.gz")
+    out = predict_file(run / "model", tmp_path / "scan.nii.gz", tmp_path / "seg.nii.gz", device="cpu")
+    assert nib.load(out).shape == (16, 16, 16)
+
+
+def test_plain_unet_federation_trains_from_scratch(tmp_path):
+    """``model.seg_arch=unet``: no pretraining phase, the whole U-Net goes round, `predict` loads it."""
+    from monai.networks.nets import UNet
+
+    from amlp_core.models import build_segmentation_model
+
+    run = tmp_path / "run"
+    with pytest.raises(ConfigError, match="federation.pretrain_rounds"):  # refused before anything starts
+        simulate(_cfg(run, **{"model.seg_arch": "unet"}), timeout=600)
+    assert not run.exists()
+    cfg = _cfg(run, **{"model.seg_arch": "unet", "federation.pretrain_rounds": 0})
+    simulate(cfg, timeout=600)
+    _no_process_left(run)
+    rows = _rows(run)
+    assert not [r for r in rows if r["phase"] == "pretrain"]
+    train = [r for r in rows if r["kind"] == "train" and r["site"] != "ALL"]
+    assert sorted(r["site"] for r in train) == ["site0", "site1"] and all(r["status"] == "ok" for r in train)
+    unet = build_segmentation_model(cfg.model).state_dict()
+    unet_bytes = sum(v.numel() * v.element_size() for v in unet.values())
+    assert all(r["bytes_up"] == unet_bytes == r["bytes_down"] for r in train)  # the whole U-Net, no encoder
+    evaluation = [r for r in rows if r["kind"] == "evaluate" and r["site"] == "ALL"]
+    assert len(evaluation) == 1 and 0.0 <= evaluation[0]["dice_mean"] <= 1.0
+    assert "plain U-Net" in (run / "results" / "summary.md").read_text()
+    model, meta = load_segmentation(run / "model")
+    assert isinstance(model, UNet) and meta["init_method"] == "scratch"
     image, _ = make_phantom((16, 16, 16), np.random.default_rng(0))
     import nibabel as nib
 
