@@ -64,20 +64,10 @@ def test_a_private_pretraining_step_for_every_method(name, dims):
     assert stretches == [(1.0, 0.5, steps_per_epoch(0.5))]  # the accountant counted every step
 
 
-def test_a_private_finetuning_step(dims):
-    cfg = tiny_config(dims)
-    model = SegmentationNet(cfg.model)
-    check_private(model)
-    loss_fn = dice_ce_loss()
-    stretches, changed, trainable, per_case = _private_steps(model, lambda b: loss_fn(model(b["image"]), b["label"]),
-                                                             _dataset(cfg))
-    assert per_case and all(per_case) and set(changed) == set(trainable)
-    assert sum(n for _, _, n in stretches) == 2
-
-
-def test_a_private_finetuning_step_of_the_plain_unet():
-    """``model.seg_arch=unet`` (MONAI UNet, instance norm) trains under DP-SGD like the ViT network."""
-    cfg = tiny_config(3, **{"model.seg_arch": "unet", "federation.pretrain_rounds": 0})
+@pytest.mark.parametrize("arch", ["vit", "unet"])
+def test_a_private_finetuning_step(dims, arch):
+    """Both segmentation networks (``model.seg_arch``; the U-Net is MONAI's, instance norm) train under DP-SGD."""
+    cfg = tiny_config(dims, **{"model.seg_arch": arch})
     model = build_segmentation_model(cfg.model)
     check_private(model)
     loss_fn = dice_ce_loss()
