@@ -9,14 +9,19 @@ start-up itself, and the bytes each site sends and receives per round. Prints a 
 writes JSON.
 
     python -m simulations.benchmarks.federated --out results/federated.json
+    python -m simulations.benchmarks.federated --set train.seed=1 --runs runs/federated_s1 --out results/federated_s1.json
+    python -m simulations.benchmarks.federated --combine results/federated.json results/federated_s1.json \
+        --out results/federated_seeds.json    # mean and spread over the seeds' runs
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import statistics
 import time
 from pathlib import Path
+from typing import Any, Sequence
 
 from amlp_core.config import build_config, load_config
 from amlp_core.engine.pipeline import data_defaults, finetune, load_split, pretrain
@@ -25,6 +30,42 @@ from simulations.benchmarks.common import (HIPPOCAMPUS_SPLIT, benchmark_parser, 
 from simulations.simulate import default_run_config, simulate
 
 log = logging.getLogger(__name__)
+#: What must be equal in runs combined over seeds.
+BUDGET_KEYS = ("sites", "method", "pretrain_rounds", "finetune_rounds", "local_epochs", "label_fraction",
+               "central_batch_size", "site_batch_size")
+
+
+def _mean_std(values: Sequence[float]) -> tuple[float, float]:
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def combine(paths: Sequence[str | Path]) -> dict[str, Any]:
+    """Mean and spread over seeds of earlier runs of this benchmark: one JSON per seed, the same budget.
+
+    Returns the per-run Dice and ratios, the mean and standard deviation of each, and the ratio of
+    the mean Dice (federated over centralized), which is what the target is checked against.
+
+    Raises:
+        SystemExit: a file is missing, or the files were made with different budgets.
+    """
+    runs = []
+    for path in paths:
+        if not Path(path).is_file():
+            raise SystemExit(f"--combine: {path} does not exist")
+        runs.append(json.loads(Path(path).read_text()))
+    budgets = [{k: r.get(k) for k in BUDGET_KEYS} for r in runs]
+    if any(b != budgets[0] for b in budgets):
+        raise SystemExit("--combine: the files were made with different budgets: "
+                         + "; ".join(f"{p}: {b}" for p, b in zip(paths, budgets)))
+    per_run = [{"file": str(p), "seed": r.get("seed", ""), "centralized": r["centralized_dice"]["dice_mean"],
+                "federated": r["federated_dice"]["dice_mean"], "ratio": r["dice_ratio"]}
+               for p, r in zip(paths, runs)]
+    out: dict[str, Any] = {"benchmark": "federated_seeds", "machine": runs[0]["machine"], "budget": budgets[0],
+                           "runs": per_run}
+    for key in ("centralized", "federated", "ratio"):
+        out[f"{key}_mean"], out[f"{key}_std"] = _mean_std([r[key] for r in per_run])
+    out["ratio_of_means"] = out["federated_mean"] / out["centralized_mean"]
+    return out
 
 
 def main() -> None:
@@ -40,7 +81,17 @@ def main() -> None:
     p.add_argument("--reuse-central", action="store_true",
                    help="take the centralized result from an earlier run in --runs with the same settings")
     p.add_argument("--runs", default="runs/federated_bench")
+    p.add_argument("--combine", nargs="+", metavar="JSON", help="combine earlier runs (one per seed) instead of running")
     args = p.parse_args()
+    if args.combine:
+        result = combine(args.combine)
+        print(table([*result["runs"], {"file": "mean", "centralized": result["centralized_mean"],
+                                       "federated": result["federated_mean"], "ratio": result["ratio_mean"]},
+                     {"file": "std", "centralized": result["centralized_std"], "federated": result["federated_std"],
+                      "ratio": result["ratio_std"]}], ["file", "seed", "centralized", "federated", "ratio"]))
+        print(f"ratio of the mean Dice: {result['ratio_of_means']:.4f}")
+        print(f"wrote {write_json(args.out, result)}")
+        return
 
     runs = Path(args.runs).resolve()
     overrides = {**default_run_config(), **data_defaults(args.data), **HIPPOCAMPUS_SPLIT,
@@ -95,7 +146,7 @@ def main() -> None:
                   "seconds": round(federated_seconds, 1)}], ["run", "dice_mean", "seconds"]))
     print(json.dumps(result, indent=2))
     path = write_json(args.out, {"benchmark": "federated", "machine": machine(), "split": HIPPOCAMPUS_SPLIT,
-                                 "sites": args.sites, "method": args.method, "pretrain_rounds": args.pretrain_rounds,
+                                 "seed": cfg.train.seed, "set": set_overrides(args.set), "sites": args.sites, "method": args.method, "pretrain_rounds": args.pretrain_rounds,
                                  "finetune_rounds": args.finetune_rounds, "local_epochs": args.local_epochs,
                                  "label_fraction": args.label_fraction, "central_batch_size": central_cfg.train.batch_size,
                                  "site_batch_size": cfg.train.batch_size, **result})
