@@ -2,8 +2,8 @@
 
 ``fedamlp simulate`` starts a private ``flower-superlink --simulation`` on a free loopback
 port (its own process session), submits this project with ``flwr run`` and streams the
-run's log until the run ends. Whatever happens (success, error, Ctrl-C), every process it
-started is stopped afterwards: the SuperLink's session and any process that carries this
+run's log until the run ends. Whatever happens (success, error, Ctrl-C, SIGTERM), every
+process it started is stopped afterwards: the SuperLink's session and any process that carries this
 simulation's marker in its environment (the ServerApp, the simulation engine, Ray).
 """
 
@@ -15,10 +15,12 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import tomli_w
 
@@ -89,6 +91,24 @@ def stop_processes(marker: str, sessions: list[subprocess.Popen], grace: float =
         proc.wait(timeout=grace)
 
 
+@contextmanager
+def _sigterm_exits() -> Iterator[None]:
+    """While the run lasts, SIGTERM (``kill``, ``timeout``, a service stop) raises ``SystemExit(143)``
+    like Ctrl-C raises KeyboardInterrupt, so the cleanup runs before the process ends."""
+    if threading.current_thread() is not threading.main_thread():  # handlers live in the main thread only
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def _run_config_file(cfg: Config, path: Path) -> Path:
     nested: dict[str, dict[str, Any]] = {}
     for key, value in flat_dict(cfg).items():
@@ -127,41 +147,43 @@ def simulate(cfg: Config, project: Path = REPO, timeout: float | None = None, st
     superlink_log = run_dir / "superlink.log"
     sessions: list[subprocess.Popen] = []
     started = time.monotonic()
-    try:
-        with open(superlink_log, "wb") as out:
-            sessions.append(subprocess.Popen(
-                ["flower-superlink", "--insecure", "--simulation", "--isolation", "subprocess", "--host", "127.0.0.1",
-                 "--port", str(port), "--disable-runtime-dependency-installation"],
-                env=env, cwd=run_dir, stdout=out, stderr=subprocess.STDOUT, start_new_session=True))
-        _wait_for_port(port, sessions[0], 60, superlink_log)
-        fed_config = [f"num-supernodes={cfg.federation.sites}", f"client-resources-num-cpus={cpus_per_site}"]
-        if gpus_per_site > 0:
-            fed_config.append(f"client-resources-num-gpus={gpus_per_site:g}")
-        command = ["flwr", "run", str(project), "fedamlp", "--run-config",
-                   str(_run_config_file(cfg, run_dir / "run_config.toml")), "--stream"]
-        for item in fed_config:
-            command += ["--federation-config", item]
-        log.info("simulating %d sites; run folder %s", cfg.federation.sites, run_dir)
-        runner = subprocess.Popen(command, env=env, cwd=project, stdout=stream_to, stderr=subprocess.STDOUT,
-                                  start_new_session=True)
-        sessions.append(runner)
+    with _sigterm_exits():  # a SIGTERM ends the run through the finally below, like Ctrl-C
         try:
-            code = runner.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            raise SimulationError(f"the simulation did not finish within {timeout:.0f} s; log: {superlink_log}") from None
-        failed = run_dir / FAILED
-        if failed.exists():
-            raise SimulationError(f"the federation failed: {failed.read_text().strip()}")
-        if code != 0:
-            raise SimulationError(f"flwr run exited with code {code}; see {superlink_log}")
-        model = run_dir / MODEL_DIR / "checkpoint.pt"
-        if not model.exists() and not cfg.federation.stop_after_rounds:
-            raise SimulationError(f"the run ended without a final model in {run_dir}: see {run_dir / 'results'} and "
-                                  f"{superlink_log}")
-        log.info("simulation finished in %.0f s", time.monotonic() - started)
-        return run_dir
-    finally:
-        stop_processes(marker, sessions)
+            with open(superlink_log, "wb") as out:
+                sessions.append(subprocess.Popen(
+                    ["flower-superlink", "--insecure", "--simulation", "--isolation", "subprocess",
+                     "--host", "127.0.0.1", "--port", str(port), "--disable-runtime-dependency-installation"],
+                    env=env, cwd=run_dir, stdout=out, stderr=subprocess.STDOUT, start_new_session=True))
+            _wait_for_port(port, sessions[0], 60, superlink_log)
+            fed_config = [f"num-supernodes={cfg.federation.sites}", f"client-resources-num-cpus={cpus_per_site}"]
+            if gpus_per_site > 0:
+                fed_config.append(f"client-resources-num-gpus={gpus_per_site:g}")
+            command = ["flwr", "run", str(project), "fedamlp", "--run-config",
+                       str(_run_config_file(cfg, run_dir / "run_config.toml")), "--stream"]
+            for item in fed_config:
+                command += ["--federation-config", item]
+            log.info("simulating %d sites; run folder %s", cfg.federation.sites, run_dir)
+            runner = subprocess.Popen(command, env=env, cwd=project, stdout=stream_to, stderr=subprocess.STDOUT,
+                                      start_new_session=True)
+            sessions.append(runner)
+            try:
+                code = runner.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                raise SimulationError(f"the simulation did not finish within {timeout:.0f} s; "
+                                      f"log: {superlink_log}") from None
+            failed = run_dir / FAILED
+            if failed.exists():
+                raise SimulationError(f"the federation failed: {failed.read_text().strip()}")
+            if code != 0:
+                raise SimulationError(f"flwr run exited with code {code}; see {superlink_log}")
+            model = run_dir / MODEL_DIR / "checkpoint.pt"
+            if not model.exists() and not cfg.federation.stop_after_rounds:
+                raise SimulationError(f"the run ended without a final model in {run_dir}: see "
+                                      f"{run_dir / 'results'} and {superlink_log}")
+            log.info("simulation finished in %.0f s", time.monotonic() - started)
+            return run_dir
+        finally:
+            stop_processes(marker, sessions)
 
 
 def default_run_config(project: Path = REPO) -> dict[str, Any]:

@@ -149,7 +149,13 @@ def test_too_few_sites_fail_the_run_with_a_clear_message(tmp_path):
     _no_process_left(tmp_path / "run")
 
 
-def test_ctrl_c_leaves_no_process(tmp_path):
+def _default_sigint() -> None:
+    """A job started in the background (``cmd &``, some CI runners) inherits SIGINT ignored; a terminal's is not."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["ctrl-c", "sigterm"])
+def test_an_interrupted_simulation_leaves_no_process(tmp_path, sig, code):
     run = tmp_path / "run"
     cfg = _cfg(run, **{"federation.pretrain_rounds": 20})
     config = tmp_path / "c.yaml"
@@ -157,14 +163,14 @@ def test_ctrl_c_leaves_no_process(tmp_path):
 
     config.write_text(yaml.safe_dump(cfg.to_dict()))
     proc = subprocess.Popen([sys.executable, "-m", "fedamlp.cli", "simulate", "--config", str(config)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, preexec_fn=_default_sigint)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and not (run / "sites").exists():  # wait until sites are training
         time.sleep(0.5)
     assert (run / "sites").exists(), "the simulation never started"
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     proc.wait(timeout=60)
-    assert proc.returncode == 130
+    assert proc.returncode == code, proc.stderr.read()[-2000:]
     _no_process_left(run)
 
 
