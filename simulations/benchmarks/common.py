@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import platform
+import statistics
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -32,6 +33,11 @@ def write_json(path: str | Path, payload: dict[str, Any]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload, indent=2))
     return path
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single value), e.g. over seeds."""
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
 def table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:

@@ -45,8 +45,8 @@ from amlp_core.config import METHOD_NAMES, Config, build_config
 from amlp_core.engine.checkpoint import load_checkpoint
 from amlp_core.engine.pipeline import data_defaults
 from server.federation import ENCODER_DIR, MODEL_DIR
-from simulations.benchmarks.common import (HIPPOCAMPUS, HIPPOCAMPUS_SPLIT, machine, set_overrides, setup_logging,
-                                           table, write_json)
+from simulations.benchmarks.common import (HIPPOCAMPUS, HIPPOCAMPUS_SPLIT, machine, mean_std, set_overrides,
+                                           setup_logging, table, write_json)
 from simulations.simulate import default_run_config, simulate
 
 log = logging.getLogger(__name__)
@@ -194,11 +194,6 @@ def dice_keys(rows: Sequence[dict[str, Any]]) -> list[str]:
     return sorted(keys, key=lambda k: int(k.split("_")[1]) if k.split("_")[1].isdigit() else 0) + ["dice_mean"]
 
 
-def _mean_std(values: list[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (0 for a single value)."""
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
-
-
 def aggregate(rows: Sequence[dict[str, Any]], methods: Sequence[str], fractions: Sequence[float]
               ) -> list[dict[str, Any]]:
     """One entry per (method, fraction) that has rows: mean and std over the seeds of every Dice, seconds."""
@@ -212,7 +207,7 @@ def aggregate(rows: Sequence[dict[str, Any]], methods: Sequence[str], fractions:
                                      "seeds": sorted(r["seed"] for r in cell)}
             for key in keys:
                 values = [r[key] for r in cell if key in r]
-                entry[f"{key}_mean"], entry[f"{key}_std"] = _mean_std(values)
+                entry[f"{key}_mean"], entry[f"{key}_std"] = mean_std(values)
             entry["seconds_mean"] = round(statistics.fmean(r["seconds"] for r in cell), 1)
             out.append(entry)
     return out
@@ -407,8 +402,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                         big_dir = runs / run_name(method, largest, seed)
                         cfg = run_config(base, big_dir, method, largest, seed, args.pretrain_rounds)
                         result, names = run_once(cfg, args, f"{label} (pretraining, {pct(largest)} labels)")
-                        record(method, largest, seed, "federated pretraining", args.pretrain_rounds, result, names,
-                               big_dir)
+                        record(method, largest, seed, "federated pretraining", args.pretrain_rounds,
+                               {**result, "local_epochs": args.local_epochs}, names, big_dir)
                 # A run with pretraining rounds shares local_epochs with them; the others scale it.
                 epochs = args.local_epochs if pre_rounds else local_epochs_for(args.local_epochs, fraction, largest)
                 cfg = run_config(base, run_dir, method, fraction, seed, pre_rounds, init_encoder, epochs)

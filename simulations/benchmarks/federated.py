@@ -18,25 +18,20 @@ from __future__ import annotations
 
 import json
 import logging
-import statistics
 import time
 from pathlib import Path
 from typing import Any, Sequence
 
 from amlp_core.config import build_config, load_config
 from amlp_core.engine.pipeline import data_defaults, finetune, load_split, pretrain
-from simulations.benchmarks.common import (HIPPOCAMPUS_SPLIT, benchmark_parser, machine, set_overrides, table,
-                                           write_json)
+from simulations.benchmarks.common import (HIPPOCAMPUS_SPLIT, benchmark_parser, machine, mean_std, set_overrides,
+                                           table, write_json)
 from simulations.simulate import default_run_config, simulate
 
 log = logging.getLogger(__name__)
 #: What must be equal in runs combined over seeds.
 BUDGET_KEYS = ("sites", "method", "pretrain_rounds", "finetune_rounds", "local_epochs", "label_fraction",
                "central_batch_size", "site_batch_size")
-
-
-def _mean_std(values: Sequence[float]) -> tuple[float, float]:
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
 def combine(paths: Sequence[str | Path]) -> dict[str, Any]:
@@ -63,7 +58,7 @@ def combine(paths: Sequence[str | Path]) -> dict[str, Any]:
     out: dict[str, Any] = {"benchmark": "federated_seeds", "machine": runs[0]["machine"], "budget": budgets[0],
                            "runs": per_run}
     for key in ("centralized", "federated", "ratio"):
-        out[f"{key}_mean"], out[f"{key}_std"] = _mean_std([r[key] for r in per_run])
+        out[f"{key}_mean"], out[f"{key}_std"] = mean_std([r[key] for r in per_run])
     out["ratio_of_means"] = out["federated_mean"] / out["centralized_mean"]
     return out
 
