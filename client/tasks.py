@@ -118,9 +118,12 @@ def pretrain_round(site: Site, global_state: dict[str, torch.Tensor], ins: Instr
         for epoch in range(ins.local_epochs):
             t = federated_progress(ins.round, epoch, ins.local_epochs, ins.total_rounds)
             loader.dataset.set_epoch((ins.round - 1) * ins.local_epochs + epoch)
+            # The ratio is the round's for every step (all sites alike); the rate follows the steps.
+            t_next = federated_progress(ins.round, epoch + 1, ins.local_epochs, ins.total_rounds)
             metrics = pretrain_epoch(method, batches, opt, device, (t, t), generator,
                                      lr_at=lambda p: cfg.train.lr * warmup_cosine(p, warmup), amp=cfg.train.amp,
-                                     desc=f"{site.name} pretrain r{ins.round}", regularizer=regularizer)
+                                     desc=f"{site.name} pretrain r{ins.round}", regularizer=regularizer,
+                                     lr_progress=(t, t_next))
     site.state.save(P.PRETRAIN, ins.round, {"method": method.state_dict(), "optimizer": optimizer.state_dict()})
     shared = {k: v.detach().cpu() for k, v in method.shared_state_dict().items()}
     return shared, {P.NUM_EXAMPLES: len(loader.dataset), P.UNIT_WEIGHT: 1, P.LOSS: metrics.get("loss", float("nan")),

@@ -40,7 +40,8 @@ class MetricMeans:
 def pretrain_epoch(method: PretrainMethod, loader: Iterable[dict], optimizer: torch.optim.Optimizer,
                    device: torch.device, progress: tuple[float, float], generator: torch.Generator | None = None,
                    lr_at: Callable[[float], float] | None = None, amp: bool = True, desc: str = "pretrain",
-                   regularizer: Callable[[], torch.Tensor] | None = None) -> dict[str, float]:
+                   regularizer: Callable[[], torch.Tensor] | None = None,
+                   lr_progress: tuple[float, float] | None = None) -> dict[str, float]:
     """One epoch of self-supervised pretraining.
 
     Args:
@@ -49,6 +50,8 @@ def pretrain_epoch(method: PretrainMethod, loader: Iterable[dict], optimizer: to
         progress: training progress ``(t_start, t_end)`` in [0, 1] covered by this epoch;
             it drives the AMR masking ratio and ``lr_at`` (equal ends: one ratio all epoch).
         lr_at: learning rate as a function of progress (none: keep the optimizer's).
+        lr_progress: the progress ``lr_at`` follows over the epoch's steps, when it is not
+            ``progress`` (a federated round holds the ratio fixed but still warms the rate up).
         regularizer: extra loss added at every step (e.g. FedProx's proximal term).
 
     Returns:
@@ -58,11 +61,12 @@ def pretrain_epoch(method: PretrainMethod, loader: Iterable[dict], optimizer: to
     means = MetricMeans()
     steps = max(len(loader), 1) if hasattr(loader, "__len__") else 1
     t0, t1 = progress
+    l0, l1 = lr_progress or progress
     bar = tqdm(loader, desc=desc, leave=False, disable=None)
     for step, batch in enumerate(bar):
         t = t0 + (t1 - t0) * step / steps
-        if lr_at is not None:
-            set_lr(optimizer, lr_at(t))
+        if lr_at is not None:  # the rate at the end of the step: a warm-up's first step is not a zero step
+            set_lr(optimizer, lr_at(l0 + (l1 - l0) * (step + 1) / steps))
         if batch is None:  # an empty Poisson batch of DP-SGD: still a step, of noise only
             noise_only_step(optimizer)
             continue

@@ -43,7 +43,9 @@ import torch
 
 from amlp_core.config import METHOD_NAMES, Config, build_config
 from amlp_core.engine.checkpoint import load_checkpoint
+from amlp_core.engine.device import seed_everything
 from amlp_core.engine.pipeline import data_defaults
+from amlp_core.methods import build_method
 from server.federation import ENCODER_DIR, MODEL_DIR
 from simulations.benchmarks.common import (HIPPOCAMPUS, HIPPOCAMPUS_SPLIT, machine, mean_std, set_overrides,
                                            setup_logging, table, write_json)
@@ -186,6 +188,25 @@ def run_once(cfg: Config, args: argparse.Namespace, label: str) -> tuple[dict[st
     return row, dict(meta.get("class_names", {}))
 
 
+def encoder_change(run_dir: str | Path) -> float | None:
+    """How far federated pretraining moved the encoder: ``||w - w0|| / ||w0||`` over the encoder's
+    weights (position embedding excluded: fixed sin-cos), ``w`` the aggregated encoder in
+    ``RUN_DIR/encoder``, ``w0`` the initial one the server sent (seeded by ``train.seed``).
+    None when the run left no encoder (scratch, unet, a fine-tuning-only run).
+    """
+    path = Path(run_dir) / ENCODER_DIR / "checkpoint.pt"
+    if not path.exists():
+        return None
+    state, meta = load_checkpoint(path)
+    cfg = build_config(meta["config"])
+    seed_everything(cfg.train.seed)  # as Federation.initial_encoder
+    initial = build_method(cfg.model, cfg.method).shared_state_dict()
+    keys = sorted(k for k in initial if k.startswith("encoder.") and k != "encoder.pos_embed")
+    w = torch.cat([state["method"][k].float().flatten() for k in keys])
+    w0 = torch.cat([initial[k].float().flatten() for k in keys])
+    return round(float((w - w0).norm() / w0.norm()), 5)
+
+
 # -- the table -------------------------------------------------------------------------------
 
 def dice_keys(rows: Sequence[dict[str, Any]]) -> list[str]:
@@ -209,6 +230,9 @@ def aggregate(rows: Sequence[dict[str, Any]], methods: Sequence[str], fractions:
                 values = [r[key] for r in cell if key in r]
                 entry[f"{key}_mean"], entry[f"{key}_std"] = mean_std(values)
             entry["seconds_mean"] = round(statistics.fmean(r["seconds"] for r in cell), 1)
+            changes = [r["encoder_change"] for r in cell if r.get("encoder_change") is not None]
+            if changes:
+                entry["encoder_change_mean"] = round(statistics.fmean(changes), 5)
             out.append(entry)
     return out
 
@@ -251,6 +275,10 @@ def markdown(payload: dict[str, Any]) -> str:
         by = {pct(c["label_fraction"]): _pm(c, "dice_mean") for c in cells if c["method"] == m}
         pivot.append({"init": m, **by})
     lines += [table(pivot, ["init", *[pct(f) for f in fractions]]), ""]
+    changes = [f"{c['method']} {c['encoder_change_mean']:.3f}" for c in cells if "encoder_change_mean" in c]
+    if changes:
+        lines += ["How far federated pretraining moved the encoder from its initialisation (relative L2 change of "
+                  "its weights, mean over the seeds): " + ", ".join(changes) + ".", ""]
     return "\n".join(lines)
 
 
@@ -351,6 +379,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     budget, base = budget_of(args), base_config(args)
     seeds = list(range(args.seeds))
     rows, class_names = _load_earlier(out, budget) if args.resume_rows else ([], {})
+    for row in rows:  # rows from before the measure existed
+        if row.get("pretrain_rounds") and "encoder_change" not in row:
+            row["encoder_change"] = encoder_change(row["run_dir"])
     pretrained = [m for m in args.methods if m not in SCRATCH_LIKE]
     largest = max(args.fractions)
     total = len(seeds) * len(args.methods) * len(args.fractions)
@@ -373,7 +404,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         rows[:] = [r for r in rows if not (r["method"] == method and r["label_fraction"] == fraction
                                             and r["seed"] == seed)]
         rows.append({"seed": seed, "method": method, "label_fraction": fraction, "init": init,
-                     "pretrain_rounds": pretrain_rounds, **result, "run_dir": str(run_dir)})
+                     "pretrain_rounds": pretrain_rounds, **result, "run_dir": str(run_dir),
+                     "encoder_change": encoder_change(run_dir) if pretrain_rounds else None})
         payload["class_names"] = payload["class_names"] or names
         payload["table"] = aggregate(rows, args.methods, args.fractions)
         write_outputs(out, payload)

@@ -102,6 +102,7 @@ def _fake_runs(monkeypatch):
         return {"dice_1": dice, "dice_mean": dice, "seconds": 1.0}, {"0": "background", "1": "lesion"}
 
     monkeypatch.setattr(compare, "run_once", run_once)
+    monkeypatch.setattr(compare, "encoder_change", lambda run_dir: 0.25)  # its stand-in encoder is no checkpoint
     return calls
 
 
@@ -122,6 +123,9 @@ def test_plan_of_runs_and_resumption(tmp_path, monkeypatch):
     cell = next(c for c in payload["table"] if c["method"] == "mae" and c["label_fraction"] == 0.5)
     assert cell["dice_mean_mean"] == pytest.approx(0.555) and cell["dice_mean_std"] == pytest.approx(0.00707, abs=1e-4)
     md = (tmp_path / "compare.md").read_text()
+    assert next(c for c in payload["table"] if c["method"] == "mae" and c["label_fraction"] == 1.0)[
+        "encoder_change_mean"] == 0.25 and "mae 0.250, ace 0.250." in md  # pretraining runs only
+    assert "unet 0.250" not in md
     assert all(f"| {m} | {p} | 2 |" in md for m in ("scratch", "unet", "mae", "ace") for p in ("50 %", "100 %"))
     svg = ET.parse(tmp_path / "compare.svg").getroot()
     assert len([r for r in svg.iter("{http://www.w3.org/2000/svg}rect") if r.get("class") == "bar"]) == 8
@@ -152,6 +156,9 @@ def test_tiny_comparison_end_to_end(tmp_path, capsys):
     by = {(r["method"], r["label_fraction"]): r for r in saved["rows"]}
     assert by["ace", 1.0]["init"] == "federated pretraining" and by["ace", 1.0]["pretrain_seconds"] > 0
     assert by["ace", 0.5]["init"] == "pretrained encoder" and by["ace", 0.5]["pretrain_seconds"] == 0
+    # Pretraining moved the encoder away from the initial one the server sent, by a measured amount.
+    assert 0.0 < by["ace", 1.0]["encoder_change"] < 1.0
+    assert by["ace", 0.5]["encoder_change"] is None and by["scratch", 1.0]["encoder_change"] is None
     assert by["scratch", 0.5]["init"] == "scratch" and by["scratch", 0.5]["labelled_cases"] < by["scratch", 1.0][
         "labelled_cases"]
     assert all(0.0 <= r["dice_mean"] <= 1.0 and r["seconds"] > 0 for r in saved["rows"])
@@ -159,5 +166,6 @@ def test_tiny_comparison_end_to_end(tmp_path, capsys):
     md = (tmp_path / "compare.md").read_text()
     assert all(f"| {m} | {p} | 1 |" in md for m in ("scratch", "ace") for p in ("50 %", "100 %"))
     assert "Dice lesion" in md and md in capsys.readouterr().out
+    assert f"ace {by['ace', 1.0]['encoder_change']:.3f}" in md
     svg = ET.parse(tmp_path / "compare.svg").getroot()
     assert len([r for r in svg.iter("{http://www.w3.org/2000/svg}rect") if r.get("class") == "bar"]) == 4

@@ -29,3 +29,29 @@ def test_federated_progress_depends_only_on_the_round_counter():
 def test_warmup_cosine():
     assert warmup_cosine(0.0, 0.1) < 0.01 and warmup_cosine(0.1, 0.1) == pytest.approx(1.0)
     assert warmup_cosine(1.0, 0.1) == pytest.approx(0.01)
+
+
+def test_a_federated_round_warms_the_rate_up_over_its_steps_at_a_fixed_masking_ratio():
+    """Round 1 of a federated pretraining: the masking ratio is the round's, the rate follows the steps."""
+    import torch
+
+    from amlp_core.engine.loops import pretrain_epoch
+    from amlp_core.methods import build_method
+    from tests.conftest import tiny_config
+
+    cfg = tiny_config(2, **{"method.name": "mps_ams"})
+    torch.manual_seed(0)
+    method = build_method(cfg.model, cfg.method)
+    batches = [{"image": torch.randn(2, 1, *cfg.model.img_size)} for _ in range(4)]
+    optimizer = torch.optim.AdamW(method.parameters(), lr=1.0)
+    rates: list[float] = []
+
+    def lr_at(p: float) -> float:
+        rates.append(p)
+        return 1e-3 * warmup_cosine(p, 0.1)
+
+    metrics = pretrain_epoch(method, batches, optimizer, torch.device("cpu"), (0.0, 0.0), lr_at=lr_at,
+                             lr_progress=(0.0, 0.1))
+    assert rates == pytest.approx([0.025, 0.05, 0.075, 0.1])  # no step at a zero rate
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(1e-3)  # warmed up by the end of the epoch
+    assert metrics["ratio"] == pytest.approx(amr_ratio(0.0))  # the ratio stayed the round's
