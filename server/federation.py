@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
 from flwr.app import ArrayRecord, ConfigRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.exception import PrivacyBudgetExhausted
@@ -81,6 +82,13 @@ def _fmt_metrics(metrics: dict[str, Any]) -> str:
 
 def _bytes(arrays: ArrayRecord) -> int:
     return sum(a.numpy().nbytes for a in arrays.values())
+
+
+def initial_shared_state(cfg: Config) -> dict[str, torch.Tensor]:
+    """What the server sends in the first pretraining round: the method's shared weights (the
+    encoder, plus what the method shares), freshly initialised with ``train.seed``."""
+    seed_everything(cfg.train.seed)
+    return build_method(cfg.model, cfg.method).shared_state_dict()
 
 
 class Federation:
@@ -181,9 +189,7 @@ class Federation:
 
     # -- initial weights -----------------------------------------------------------------
     def initial_encoder(self) -> ArrayRecord:
-        seed_everything(self.cfg.train.seed)
-        method = build_method(self.cfg.model, self.cfg.method)
-        return ArrayRecord(method.shared_state_dict())
+        return ArrayRecord(initial_shared_state(self.cfg))
 
     def pretrained_encoder(self) -> ArrayRecord:
         """The encoder of the pretraining checkpoint ``federation.init_encoder``, keys under ``encoder.``.

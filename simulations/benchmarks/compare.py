@@ -43,10 +43,8 @@ import torch
 
 from amlp_core.config import METHOD_NAMES, Config, build_config
 from amlp_core.engine.checkpoint import load_checkpoint
-from amlp_core.engine.device import seed_everything
 from amlp_core.engine.pipeline import data_defaults
-from amlp_core.methods import build_method
-from server.federation import ENCODER_DIR, MODEL_DIR
+from server.federation import ENCODER_DIR, MODEL_DIR, initial_shared_state
 from simulations.benchmarks.common import (HIPPOCAMPUS, HIPPOCAMPUS_SPLIT, machine, mean_std, set_overrides,
                                            setup_logging, table, write_json)
 from simulations.simulate import default_run_config, simulate
@@ -199,8 +197,7 @@ def encoder_change(run_dir: str | Path) -> float | None:
         return None
     state, meta = load_checkpoint(path)
     cfg = build_config(meta["config"])
-    seed_everything(cfg.train.seed)  # as Federation.initial_encoder
-    initial = build_method(cfg.model, cfg.method).shared_state_dict()
+    initial = initial_shared_state(cfg)
     keys = sorted(k for k in initial if k.startswith("encoder.") and k != "encoder.pos_embed")
     w = torch.cat([state["method"][k].float().flatten() for k in keys])
     w0 = torch.cat([initial[k].float().flatten() for k in keys])
