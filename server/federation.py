@@ -235,6 +235,14 @@ class Federation:
         log.info("pretrained encoder: %s", folder)
         return folder
 
+    def pretraining_label(self) -> str:
+        """What made the encoder that fine-tuning starts from, for the run's summary."""
+        if not has_encoder(self.cfg.model):
+            return "none (plain U-Net, no encoder)"
+        if self.fed.init_encoder:
+            return "initial encoder given (federation.init_encoder)"
+        return self.cfg.method.name if self.fed.pretrain_rounds else "none (encoder from scratch)"
+
     # -- the run -------------------------------------------------------------------------
     def run(self) -> Path | None:
         """Both phases; returns the final model folder, or None when stopped early (resumable)."""
@@ -243,11 +251,10 @@ class Federation:
         save_config(cfg, self.run_dir / "config.yaml")
         resumed = self._load() if f.resume else None
         progress, arrays, strategy_saved = resumed or (Progress(), None, None)
-        self.results.info = {"method": cfg.method.name, "strategy": f.strategy, "sites (min)": f.min_sites,
+        self.results.info = {"pretraining": self.pretraining_label(), "strategy": f.strategy, "sites (min)": f.min_sites,
                              "pretrain rounds": f.pretrain_rounds, "finetune rounds": f.finetune_rounds,
                              "local epochs": f.local_epochs, "label fraction": cfg.train.label_fraction,
                              **({"initial encoder": f.init_encoder} if f.init_encoder else {}),
-                             **({} if has_encoder(cfg.model) else {"segmentation network": "plain U-Net (scratch)"}),
                              **privacy_info(cfg)}
         started = time.monotonic()
         try:

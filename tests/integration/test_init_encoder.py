@@ -33,6 +33,7 @@ def test_saved_encoder_starts_a_fine_tuning_only_run(tmp_path):
     assert {r["phase"] for r in _rows(second)} == {"finetune"}
     info = json.loads((second / "results" / "rounds.json").read_text())["info"]
     assert info["initial encoder"] == str(first / "encoder")
+    assert info["pretraining"].startswith("initial encoder given")  # not the config's method name
     # The same fine-tuning (seeds, rounds, sites) from the same encoder ends with the same model: the
     # second run's fine-tuning started from exactly the first run's aggregated encoder.
     a, _ = load_segmentation(first / "model")

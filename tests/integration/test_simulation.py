@@ -56,7 +56,8 @@ def test_two_phase_federation_end_to_end(tmp_path):
     assert all(r["bytes_up"] == encoder_bytes and r["bytes_down"] == encoder_bytes for r in pre)
     evaluation = [r for r in rows if r["kind"] == "evaluate" and r["site"] == "ALL"]
     assert len(evaluation) == 1 and 0.0 <= evaluation[0]["dice_mean"] <= 1.0
-    assert "Dice after fine-tuning round 1" in (run / "results" / "summary.md").read_text()
+    summary = (run / "results" / "summary.md").read_text()
+    assert "Dice after fine-tuning round 1" in summary and f"- pretraining: {cfg.method.name}\n" in summary
     assert (run / "results" / "rounds.csv").read_text().startswith("phase,round,kind,site,status")
     # The final model is what `fedamlp predict` loads.
     model, meta = load_segmentation(run / "model")
@@ -91,7 +92,7 @@ def test_plain_unet_federation_trains_from_scratch(tmp_path):
     assert all(r["bytes_up"] == unet_bytes == r["bytes_down"] for r in train)  # the whole U-Net, no encoder
     evaluation = [r for r in rows if r["kind"] == "evaluate" and r["site"] == "ALL"]
     assert len(evaluation) == 1 and 0.0 <= evaluation[0]["dice_mean"] <= 1.0
-    assert "plain U-Net" in (run / "results" / "summary.md").read_text()
+    assert "- pretraining: none (plain U-Net, no encoder)" in (run / "results" / "summary.md").read_text()
     model, meta = load_segmentation(run / "model")
     assert isinstance(model, UNet) and meta["init_method"] == "scratch"
     image, _ = make_phantom((16, 16, 16), np.random.default_rng(0))

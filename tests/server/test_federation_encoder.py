@@ -73,3 +73,15 @@ def test_encoder_for_another_model_is_refused_naming_the_file(tmp_path):
     missing = cfg.replace(federation={"init_encoder": str(tmp_path / "nowhere")})
     with pytest.raises(CheckpointError, match="nowhere"):
         Federation(None, missing).pretrained_encoder()
+
+
+@pytest.mark.parametrize("overrides, label", [
+    ({}, "amlp"),
+    ({"federation.pretrain_rounds": 0}, "none (encoder from scratch)"),
+    ({"federation.pretrain_rounds": 0, "federation.init_encoder": "enc"}, "initial encoder given"),
+    ({"federation.pretrain_rounds": 0, "model.seg_arch": "unet"}, "none (plain U-Net, no encoder)"),
+])
+def test_summary_names_what_made_the_encoder(tmp_path, overrides, label):
+    """The run's summary says which pretraining the model had, not just the config's method name."""
+    server = Federation(None, _cfg(tmp_path, **{"method.name": "amlp", **overrides}))
+    assert server.pretraining_label().startswith(label)
