@@ -23,8 +23,8 @@ run, so an interrupted table continues with ``--resume-rows``. A Markdown table 
 next to it. Without CUDA the result is labelled a reduced budget.
 
     python -m simulations.benchmarks.compare --out results/compare.json --resume-rows    # the table (GPU)
-    python -m simulations.benchmarks.compare --pretrain-rounds 2 --finetune-rounds 6 --local-epochs 2 \\
-        --out results/compare.json --resume-rows                                   # reduced budget (CPU)
+    python -m simulations.benchmarks.compare --pretrain-rounds 10 --finetune-rounds 4 --local-epochs 1 \\
+        --set train.batch_size=2 --out results/compare.json --resume-rows          # reduced budget (CPU)
 """
 
 from __future__ import annotations
@@ -212,6 +212,19 @@ def dice_keys(rows: Sequence[dict[str, Any]]) -> list[str]:
     return sorted(keys, key=lambda k: int(k.split("_")[1]) if k.split("_")[1].isdigit() else 0) + ["dice_mean"]
 
 
+def paired_differences(rows: Sequence[dict[str, Any]], method: str, fraction: float) -> list[float]:
+    """Mean Dice of ``method`` minus that of ``scratch``, one value per seed that has both runs.
+
+    Pairing by seed compares runs with the same labelled subset and the same fine-tuning sampling, so
+    the seed-to-seed spread they share cancels out.
+    """
+    def by_seed(m: str) -> dict[int, float]:
+        return {r["seed"]: r["dice_mean"] for r in rows if r["method"] == m and r["label_fraction"] == fraction}
+
+    ours, scratch = by_seed(method), by_seed(SCRATCH)
+    return [ours[s] - scratch[s] for s in sorted(ours) if s in scratch]
+
+
 def aggregate(rows: Sequence[dict[str, Any]], methods: Sequence[str], fractions: Sequence[float]
               ) -> list[dict[str, Any]]:
     """One entry per (method, fraction) that has rows: mean and std over the seeds of every Dice, seconds."""
@@ -227,6 +240,11 @@ def aggregate(rows: Sequence[dict[str, Any]], methods: Sequence[str], fractions:
                 values = [r[key] for r in cell if key in r]
                 entry[f"{key}_mean"], entry[f"{key}_std"] = mean_std(values)
             entry["seconds_mean"] = round(statistics.fmean(r["seconds"] for r in cell), 1)
+            if method != SCRATCH:
+                deltas = paired_differences(rows, method, fraction)
+                if deltas:
+                    entry["vs_scratch_mean"], entry["vs_scratch_std"] = mean_std(deltas)
+                    entry["vs_scratch_seeds"] = len(deltas)
             changes = [r["encoder_change"] for r in cell if r.get("encoder_change") is not None]
             if changes:
                 entry["encoder_change_mean"] = round(statistics.fmean(changes), 5)
@@ -272,6 +290,15 @@ def markdown(payload: dict[str, Any]) -> str:
         by = {pct(c["label_fraction"]): _pm(c, "dice_mean") for c in cells if c["method"] == m}
         pivot.append({"init": m, **by})
     lines += [table(pivot, ["init", *[pct(f) for f in fractions]]), ""]
+    paired = [c for c in cells if "vs_scratch_mean" in c]
+    if paired:
+        lines += ["Mean Dice minus scratch's, paired by seed (same labelled cases and sampling), mean ± standard "
+                  "deviation over the seeds:", ""]
+        diff = []
+        for m in dict.fromkeys(c["method"] for c in paired):
+            diff.append({"init": m, **{pct(c["label_fraction"]): f"{c['vs_scratch_mean']:+.4f} ± {c['vs_scratch_std']:.4f}"
+                                       for c in paired if c["method"] == m}})
+        lines += [table(diff, ["init", *[pct(f) for f in fractions]]), ""]
     changes = [f"{c['method']} {c['encoder_change_mean']:.3f}" for c in cells if "encoder_change_mean" in c]
     if changes:
         lines += ["How far federated pretraining moved the encoder from its initialisation (relative L2 change of "

@@ -52,6 +52,16 @@ def test_table_markdown_and_plot_from_rows():
     assert "| init | labels | seeds | Dice anterior | Dice posterior | mean Dice | seconds per run |" in md
     assert "| scratch | 10 % | 3 | 0.5400 ± 0.0200 |" in md and "**reduced budget on CPU**" in md
     assert "| init | 10 % | 100 % |" in md
+    # amlp is scratch + 0.1 at every seed: paired by seed the difference has no spread, while each
+    # method's own spread over the seeds is 0.02.
+    amlp = cells[2]
+    assert amlp["vs_scratch_mean"] == pytest.approx(0.1) and amlp["vs_scratch_std"] == pytest.approx(0.0)
+    assert amlp["vs_scratch_seeds"] == 3 and "vs_scratch_mean" not in cells[0]
+    assert "| amlp | +0.1000 ± 0.0000 | +0.1000 ± 0.0000 |" in md
+    # A seed without its scratch run is left out of the pairing.
+    partial = compare.aggregate([r for r in rows if not (r["method"] == "scratch" and r["seed"] == 2)],
+                                ["scratch", "amlp"], [0.1, 1.0])
+    assert partial[2]["vs_scratch_seeds"] == 2
     svg = ET.fromstring(compare.svg_plot(cells, "title & <more>", "sub"))
     ns = "{http://www.w3.org/2000/svg}"
     assert len([r for r in svg.iter(f"{ns}rect") if r.get("class") == "bar"]) == 4
