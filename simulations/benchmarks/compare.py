@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import shutil
 import statistics
 import time
@@ -316,16 +317,22 @@ def svg_plot(cells: Sequence[dict[str, Any]], title: str, subtitle: str = "") ->
     group_w = plot_w / max(len(fractions), 1)
     bar_w = group_w * 0.8 / max(len(methods), 1)
 
+    # The y axis starts at 0 and ends at the first tick above every bar and error bar (at most 1),
+    # so that small differences stay visible without a truncated axis.
+    highest = max((c["dice_mean_mean"] + c["dice_mean_std"] for c in cells), default=1.0)
+    step = 0.1 if highest <= 0.5 else 0.2
+    y_max = min(1.0, max(1, math.ceil(round(highest / step, 6))) * step)
+
     def y(v: float) -> float:
-        return top + plot_h * (1 - min(max(v, 0.0), 1.0))
+        return top + plot_h * (1 - min(max(v, 0.0), y_max) / y_max)
 
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
              f'viewBox="0 0 {width} {height}" font-family="sans-serif" font-size="12">',
              f'<rect x="0" y="0" width="{width}" height="{height}" fill="white"/>',
              f'<text x="{left}" y="22" font-size="15" font-weight="bold">{escape(title)}</text>',
              f'<text x="{left}" y="40" fill="#444">{escape(subtitle)}</text>']
-    for i in range(6):  # y axis: 0 .. 1 in steps of 0.2
-        v = i / 5
+    for i in range(round(y_max / step) + 1):
+        v = i * step
         parts.append(f'<line x1="{left}" y1="{y(v):.1f}" x2="{left + plot_w}" y2="{y(v):.1f}" stroke="#ddd"/>')
         parts.append(f'<text x="{left - 6}" y="{y(v) + 4:.1f}" text-anchor="end">{v:.1f}</text>')
     parts.append(f'<text x="16" y="{top + plot_h / 2:.1f}" transform="rotate(-90 16 {top + plot_h / 2:.1f})" '

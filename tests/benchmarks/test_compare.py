@@ -66,6 +66,12 @@ def test_table_markdown_and_plot_from_rows():
     ns = "{http://www.w3.org/2000/svg}"
     assert len([r for r in svg.iter(f"{ns}rect") if r.get("class") == "bar"]) == 4
     assert len([g for g in svg.iter(f"{ns}g") if g.get("class") == "errorbar"]) == 4
+    ticks = [t.text for t in svg.iter(f"{ns}text") if t.get("text-anchor") == "end"]
+    assert ticks == ["0.0", "0.2", "0.4", "0.6", "0.8"]  # the highest bar with its error bar: 0.79
+    # Low Dice values get a shorter axis (still from 0), so their differences stay visible.
+    low = [{**c, "dice_mean_mean": c["dice_mean_mean"] / 3} for c in cells]
+    svg = ET.fromstring(compare.svg_plot(low, "t"))
+    assert [t.text for t in svg.iter(f"{ns}text") if t.get("text-anchor") == "end"] == ["0.0", "0.1", "0.2", "0.3"]
 
 
 def test_run_configurations_of_the_three_kinds(tmp_path):
