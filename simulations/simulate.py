@@ -4,7 +4,8 @@
 port (its own process session), submits this project with ``flwr run`` and streams the
 run's log until the run ends. Whatever happens (success, error, Ctrl-C, SIGTERM), every
 process it started is stopped afterwards: the SuperLink's session and any process that carries this
-simulation's marker in its environment (the ServerApp, the simulation engine, Ray).
+simulation's marker in its environment (the ServerApp, the simulation engine, Ray). If this process
+is killed outright (SIGKILL), Linux sends the SuperLink SIGTERM, and the SuperLink stops the rest.
 """
 
 from __future__ import annotations
@@ -109,6 +110,23 @@ def _sigterm_exits() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+#: Run as ``python -c _DIES_WITH_PARENT PARENT_PID COMMAND...``: asks Linux to send SIGTERM when the
+#: parent dies (``prctl(PR_SET_PDEATHSIG)``, kept across exec), then becomes COMMAND. It covers the
+#: one ending the clean-up below cannot: this process killed by SIGKILL (the OOM killer, ``kill -9``).
+_DIES_WITH_PARENT = (
+    "import ctypes, os, signal, sys; "
+    "ctypes.CDLL(None).prctl(1, int(signal.SIGTERM), 0, 0, 0); "  # 1 = PR_SET_PDEATHSIG
+    "os.getppid() == int(sys.argv[1]) or sys.exit('the simulation ended before this process started'); "
+    "os.execvp(sys.argv[2], sys.argv[2:])")
+
+
+def _dies_with_parent(command: list[str]) -> list[str]:
+    """``command`` wrapped so that it gets SIGTERM when this process dies, even by SIGKILL (Linux only)."""
+    if not sys.platform.startswith("linux"):
+        return command
+    return [sys.executable, "-c", _DIES_WITH_PARENT, str(os.getpid()), *command]
+
+
 def _run_config_file(cfg: Config, path: Path) -> Path:
     nested: dict[str, dict[str, Any]] = {}
     for key, value in flat_dict(cfg).items():
@@ -150,9 +168,9 @@ def simulate(cfg: Config, project: Path = REPO, timeout: float | None = None, st
     with _sigterm_exits():  # a SIGTERM ends the run through the finally below, like Ctrl-C
         try:
             with open(superlink_log, "wb") as out:
-                sessions.append(subprocess.Popen(
+                sessions.append(subprocess.Popen(_dies_with_parent(
                     ["flower-superlink", "--insecure", "--simulation", "--isolation", "subprocess",
-                     "--host", "127.0.0.1", "--port", str(port), "--disable-runtime-dependency-installation"],
+                     "--host", "127.0.0.1", "--port", str(port), "--disable-runtime-dependency-installation"]),
                     env=env, cwd=run_dir, stdout=out, stderr=subprocess.STDOUT, start_new_session=True))
             _wait_for_port(port, sessions[0], 60, superlink_log)
             fed_config = [f"num-supernodes={cfg.federation.sites}", f"client-resources-num-cpus={cpus_per_site}"]
@@ -163,7 +181,7 @@ def simulate(cfg: Config, project: Path = REPO, timeout: float | None = None, st
             for item in fed_config:
                 command += ["--federation-config", item]
             log.info("simulating %d sites; run folder %s", cfg.federation.sites, run_dir)
-            runner = subprocess.Popen(command, env=env, cwd=project, stdout=stream_to, stderr=subprocess.STDOUT,
+            runner = subprocess.Popen(_dies_with_parent(command), env=env, cwd=project, stdout=stream_to, stderr=subprocess.STDOUT,
                                       start_new_session=True)
             sessions.append(runner)
             try:

@@ -6,6 +6,7 @@ Each run takes 20-40 s on two cores, most of it Flower's and Ray's start-up.
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -173,6 +174,51 @@ def test_an_interrupted_simulation_leaves_no_process(tmp_path, sig, code):
     proc.wait(timeout=60)
     assert proc.returncode == code, proc.stderr.read()[-2000:]
     _no_process_left(run)
+
+
+#: Ray's per-node agents: they notice that their raylet is gone and exit by themselves, about two
+#: minutes later (measured), so the test below does not wait for them.
+RAY_AGENTS = (b"ray::DashboardAgent", b"ray::RuntimeEnvAgent")
+
+
+def test_a_killed_simulation_takes_its_superlink_with_it(tmp_path):
+    """SIGKILL runs no clean-up in the killed process: Linux's parent-death signal stops the SuperLink,
+    and the SuperLink the rest. Without it the SuperLink and SuperExec outlived their parent for good."""
+    run = tmp_path / "run"
+    config = tmp_path / "c.yaml"
+    import yaml
+
+    config.write_text(yaml.safe_dump(_cfg(run, **{"federation.pretrain_rounds": 20}).to_dict()))
+    proc = subprocess.Popen([sys.executable, "-m", "fedamlp.cli", "simulate", "--config", str(config)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def left() -> dict[int, bytes]:  # the simulation's processes still running, but Ray's agents
+        out = {}
+        for pid in processes_with_env("FLWR_HOME", str(run / ".flwr")):
+            try:
+                out[pid] = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")[:100]
+            except OSError:
+                continue
+        return out
+
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not (run / "sites").exists():  # wait until sites are training
+            time.sleep(0.5)
+        assert (run / "sites").exists(), "the simulation never started"
+        assert any(b"flower-superlink" in c for c in left().values()), "no SuperLink to stop"
+        proc.kill()
+        proc.wait(timeout=10)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and [c for c in left().values() if not c.startswith(RAY_AGENTS)]:
+            time.sleep(0.5)
+        assert [c for c in left().values() if not c.startswith(RAY_AGENTS)] == []
+    finally:
+        for pid in left():
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
 
 def test_private_federation_reports_the_epsilon_of_every_site_and_the_server(tmp_path):
