@@ -251,8 +251,9 @@ class Federation:
         save_config(cfg, self.run_dir / "config.yaml")
         resumed = self._load() if f.resume else None
         progress, arrays, strategy_saved = resumed or (Progress(), None, None)
-        self.results.info = {"pretraining": self.pretraining_label(), "strategy": f.strategy, "sites (min)": f.min_sites,
-                             "pretrain rounds": f.pretrain_rounds, "finetune rounds": f.finetune_rounds,
+        self.results.info = {"pretraining": self.pretraining_label(), "strategy": f.strategy,
+                             "sites (min)": f.min_sites, "pretrain rounds": f.pretrain_rounds,
+                             "finetune rounds": f.finetune_rounds,
                              "local epochs": f.local_epochs, "label fraction": cfg.train.label_fraction,
                              **({"initial encoder": f.init_encoder} if f.init_encoder else {}),
                              **privacy_info(cfg)}

@@ -181,8 +181,8 @@ def simulate(cfg: Config, project: Path = REPO, timeout: float | None = None, st
             for item in fed_config:
                 command += ["--federation-config", item]
             log.info("simulating %d sites; run folder %s", cfg.federation.sites, run_dir)
-            runner = subprocess.Popen(_dies_with_parent(command), env=env, cwd=project, stdout=stream_to, stderr=subprocess.STDOUT,
-                                      start_new_session=True)
+            runner = subprocess.Popen(_dies_with_parent(command), env=env, cwd=project, stdout=stream_to,
+                                      stderr=subprocess.STDOUT, start_new_session=True)
             sessions.append(runner)
             try:
                 code = runner.wait(timeout=timeout)

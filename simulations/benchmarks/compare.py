@@ -295,10 +295,11 @@ def markdown(payload: dict[str, Any]) -> str:
     if paired:
         lines += ["Mean Dice minus scratch's, paired by seed (same labelled cases and sampling), mean ± standard "
                   "deviation over the seeds:", ""]
-        diff = []
-        for m in dict.fromkeys(c["method"] for c in paired):
-            diff.append({"init": m, **{pct(c["label_fraction"]): f"{c['vs_scratch_mean']:+.4f} ± {c['vs_scratch_std']:.4f}"
-                                       for c in paired if c["method"] == m}})
+        def signed(c: dict[str, Any]) -> str:
+            return f"{c['vs_scratch_mean']:+.4f} ± {c['vs_scratch_std']:.4f}"
+
+        diff = [{"init": m, **{pct(c["label_fraction"]): signed(c) for c in paired if c["method"] == m}}
+                for m in dict.fromkeys(c["method"] for c in paired)]
         lines += [table(diff, ["init", *[pct(f) for f in fractions]]), ""]
     changes = [f"{c['method']} {c['encoder_change_mean']:.3f}" for c in cells if "encoder_change_mean" in c]
     if changes:
