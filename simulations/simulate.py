@@ -71,6 +71,34 @@ def processes_with_env(key: str, value: str) -> list[int]:
     return pids
 
 
+def descendants(roots: list[int]) -> set[int]:
+    """Every living process below ``roots`` in the process tree (Linux /proc), roots excluded."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(entry.name))
+    found, todo = set(), list(roots)
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    return found
+
+
+def _running(pid: int) -> bool:
+    """The process exists and is not a zombie (an exited process its parent has not reaped yet)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
 def _signal_all(sessions: list[subprocess.Popen], pids: list[int], sig: int) -> None:
     targets = [(os.killpg, p.pid) for p in sessions if p.poll() is None] + [(os.kill, pid) for pid in pids]
     for kill, target in targets:
@@ -81,13 +109,23 @@ def _signal_all(sessions: list[subprocess.Popen], pids: list[int], sig: int) -> 
 
 
 def stop_processes(marker: str, sessions: list[subprocess.Popen], grace: float = 5.0) -> None:
-    """SIGTERM, then SIGKILL after ``grace`` s, every started session and every marked process."""
-    _signal_all(sessions, processes_with_env(MARKER, marker), signal.SIGTERM)
+    """SIGTERM, then SIGKILL after ``grace`` s, every started session, every process below them and
+    every marked process.
+
+    The tree is read before any signal: once the SuperLink stops, Ray's agents are re-parented and
+    their environment, which Ray's process titles overwrite, cannot be relied on to show the marker.
+    """
+    tree = descendants([p.pid for p in sessions if p.poll() is None])
+
+    def targets() -> list[int]:
+        alive = [pid for pid in tree if _running(pid)]
+        return sorted(set(alive) | set(processes_with_env(MARKER, marker)))
+
+    _signal_all(sessions, targets(), signal.SIGTERM)
     deadline = time.monotonic() + grace
-    while time.monotonic() < deadline and (processes_with_env(MARKER, marker) or
-                                            any(p.poll() is None for p in sessions)):
+    while time.monotonic() < deadline and (targets() or any(p.poll() is None for p in sessions)):
         time.sleep(0.2)
-    _signal_all(sessions, processes_with_env(MARKER, marker), signal.SIGKILL)
+    _signal_all(sessions, targets(), signal.SIGKILL)
     for proc in sessions:
         proc.wait(timeout=grace)
 

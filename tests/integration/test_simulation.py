@@ -176,6 +176,29 @@ def test_an_interrupted_simulation_leaves_no_process(tmp_path, sig, code):
     _no_process_left(run)
 
 
+def test_stop_processes_reaches_a_child_in_its_own_session(tmp_path):
+    """Ray starts processes in sessions of their own and without a reliable marker: the clean-up
+    follows the process tree, read before the first signal, down to them."""
+    from simulations.simulate import _running, stop_processes
+
+    pid_file = tmp_path / "pid"
+    proc = subprocess.Popen(["bash", "-c", f"setsid sleep 60 & echo $! > {pid_file}; wait"], start_new_session=True)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and not (pid_file.exists() and pid_file.read_text().strip()):
+        time.sleep(0.1)
+    child = int(pid_file.read_text())
+    assert _running(child) and os.getsid(child) != os.getsid(proc.pid)  # out of reach of the session's signal
+    try:
+        stop_processes("no-process-has-this-marker", [proc], grace=2)
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and _running(child):
+            time.sleep(0.1)
+        assert not _running(child)
+    finally:
+        if _running(child):
+            os.kill(child, signal.SIGKILL)
+
+
 #: Ray's per-node agents: they notice that their raylet is gone and exit by themselves, about two
 #: minutes later (measured), so the test below does not wait for them.
 RAY_AGENTS = (b"ray::DashboardAgent", b"ray::RuntimeEnvAgent")
