@@ -71,17 +71,23 @@ def processes_with_env(key: str, value: str) -> list[int]:
     return pids
 
 
+def _stat(pid: int | str) -> list[str]:
+    """The fields of ``/proc/PID/stat`` after the command name: state, ppid, ... ([] if gone)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return []
+
+
 def descendants(roots: list[int]) -> set[int]:
     """Every living process below ``roots`` in the process tree (Linux /proc), roots excluded."""
     children: dict[int, list[int]] = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
-        try:
-            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        children.setdefault(ppid, []).append(int(entry.name))
+        fields = _stat(entry.name)
+        if len(fields) > 1:
+            children.setdefault(int(fields[1]), []).append(int(entry.name))
     found, todo = set(), list(roots)
     while todo:
         for child in children.get(todo.pop(), []):
@@ -93,10 +99,8 @@ def descendants(roots: list[int]) -> set[int]:
 
 def _running(pid: int) -> bool:
     """The process exists and is not a zombie (an exited process its parent has not reaped yet)."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False
+    fields = _stat(pid)
+    return bool(fields) and fields[0] != "Z"
 
 
 def _signal_all(sessions: list[subprocess.Popen], pids: list[int], sig: int) -> None:
