@@ -27,15 +27,20 @@ METHOD_NAMES = ("mae", "mps_ams", "amlp", "ahm", "ace")
 #: Segmentation networks: the ViT encoder + light conv decoder, or a plain conv U-Net (no encoder).
 SEG_ARCHS = ("vit", "unet")
 UNET_FACTOR = 8  # the plain U-Net halves the resolution three times
+#: The layout of the networks' weights. Checkpoints carry it and a run's digest covers it, so a
+#: checkpoint of another layout (before 2: a ViT on raw patches beside a conv U-Net) is refused.
+ARCHITECTURE = 2
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """The ViT encoder, the MAE decoder and the segmentation network.
+    """The encoder (conv stages, then a ViT on the patch grid), the MAE decoder and the segmentation network.
 
-    ``seg_arch`` picks the segmentation network: ``vit`` (the pretrained encoder inside a light
-    conv U-Net, :class:`~amlp_core.models.SegmentationNet`) or ``unet`` (a plain conv U-Net,
-    channels 16-128, trained from scratch only: it has no encoder to pretrain or load).
+    ``conv_channels`` are the widths of the encoder's conv stages at 1/2, 1/4, ... resolution; the
+    segmentation decoder mirrors them. ``seg_arch`` picks the segmentation network: ``vit`` (the
+    pretrained encoder and a light conv U-Net decoder, :class:`~amlp_core.models.SegmentationNet`) or
+    ``unet`` (a plain conv U-Net, channels 16-128, trained from scratch only: it has no encoder to
+    pretrain or load).
     """
 
     spatial_dims: int = 3
@@ -49,7 +54,7 @@ class ModelConfig:
     decoder_dim: int = 96
     decoder_depth: int = 2
     decoder_heads: int = 4
-    seg_channels: tuple[int, ...] = (16, 32, 64)  # conv skip widths at 1/2, 1/4, 1/8 resolution
+    conv_channels: tuple[int, ...] = (16, 32, 64)  # encoder conv stages (the skips) at 1/2, 1/4, 1/8 resolution
     num_classes: int = 3  # including background
     seg_arch: str = "vit"  # segmentation network: vit (encoder + conv decoder) | unet (plain conv U-Net, scratch)
 
@@ -70,9 +75,12 @@ class ModelConfig:
             _check(dim % pos_div == 0, key, dim,
                    f"must be divisible by {pos_div} for the {self.spatial_dims}D sin-cos position embedding")
         _check(self.num_classes >= 2, "model.num_classes", self.num_classes, "must be at least 2 (with background)")
-        _check(len(self.seg_channels) >= 1, "model.seg_channels", self.seg_channels, "needs at least one level")
-        _check(self.patch_size % 2 ** len(self.seg_channels) == 0, "model.seg_channels", self.seg_channels,
-               f"too many levels for model.patch_size={self.patch_size}")
+        _check(len(self.conv_channels) >= 1, "model.conv_channels", self.conv_channels, "needs at least one stage")
+        _check(all(c >= 1 for c in self.conv_channels), "model.conv_channels", self.conv_channels,
+               "every width must be positive")
+        _check(self.patch_size % 2 ** len(self.conv_channels) == 0, "model.conv_channels", self.conv_channels,
+               f"too many stages for model.patch_size={self.patch_size} (each halves the resolution; "
+               f"the patch side must be a multiple of 2 ** stages)")
         _check(self.seg_arch in SEG_ARCHS, "model.seg_arch", self.seg_arch, f"must be one of {', '.join(SEG_ARCHS)}")
         if self.seg_arch == "unet":
             _check(all(s % UNET_FACTOR == 0 for s in self.img_size), "model.img_size", self.img_size,
@@ -102,7 +110,7 @@ class MethodConfig:
     amr_schedule: str = "linear"  # linear | cosine
     mps_clusters: int = 2
     mps_random_fraction: float = 0.1
-    mps_features: str = "embed"  # embed: patch embedding + intensity mean/std
+    mps_features: str = "embed"  # embed: the encoder's stem averaged per patch + intensity mean/std
     mps_momentum: float = 0.9  # running mean of the per-group loss
     mps_margin: float = 0.05  # relative loss lead a group needs over the smallest to be the lesion group
     mps_proj_dim: int = 16  # fixed random projection of the embedding before k-means; 0: none
@@ -184,7 +192,8 @@ class TrainConfig:
     batch_size: int = 8
     lr: float = 1.5e-4  # pretraining
     finetune_lr: float = 1e-3
-    encoder_lr_scale: float = 0.1  # fine-tuning: the encoder learns at finetune_lr * this
+    encoder_lr_scale: float = 0.1  # fine-tuning a pretrained encoder: it learns at finetune_lr * this (scratch: 1)
+    encoder_warmup: float = 0.0  # fine-tuning a pretrained encoder: its rate ramps from 0 over this share of steps
     weight_decay: float = 0.05
     warmup_epochs: int = 1
     label_fraction: float = 1.0
@@ -193,18 +202,30 @@ class TrainConfig:
     amp: bool = True  # bf16 autocast where the device supports it (CUDA)
     num_threads: int = 0  # torch CPU threads; 0 keeps torch's default
     max_minutes: float = 0.0  # stop a command's training after this wall time; 0 = no limit
+    # Fine-tuning budget in optimiser steps; 0 = epochs x the steps of one epoch over ALL the labelled
+    # training cases (before label_fraction), so a small label fraction does not shrink the budget.
+    finetune_steps: int = 0
+    finetune_warmup: float = 0.05  # fine-tuning: share of the steps of linear warm-up, then cosine to 0
+    eval_every: int = 0  # single-site fine-tuning: test Dice every this many steps, into metrics.jsonl (0: at the end)
+    augment: str = "strong"  # training augmentation: strong (nnU-Net-style, then flips) | flip (crop and flips only)
 
     def __post_init__(self) -> None:
         _check(self.epochs >= 1, "train.epochs", self.epochs, "must be at least 1")
         _check(self.batch_size >= 1, "train.batch_size", self.batch_size, "must be at least 1")
         _check(self.lr > 0, "train.lr", self.lr, "must be positive")
         _check(self.finetune_lr > 0, "train.finetune_lr", self.finetune_lr, "must be positive")
+        _check(0.0 <= self.encoder_warmup <= 1.0, "train.encoder_warmup", self.encoder_warmup, "must be in [0, 1]")
         _check(self.encoder_lr_scale >= 0, "train.encoder_lr_scale", self.encoder_lr_scale, "must not be negative")
         _check(self.max_minutes >= 0, "train.max_minutes", self.max_minutes, "must not be negative")
+        _check(self.finetune_steps >= 0, "train.finetune_steps", self.finetune_steps,
+               "must not be negative (0: train.epochs over all the labelled cases)")
+        _check(self.eval_every >= 0, "train.eval_every", self.eval_every, "must not be negative")
+        _check(0.0 <= self.finetune_warmup < 1.0, "train.finetune_warmup", self.finetune_warmup, "must be in [0, 1)")
         _check(self.weight_decay >= 0, "train.weight_decay", self.weight_decay, "must not be negative")
         _check(0.0 < self.label_fraction <= 1.0, "train.label_fraction", self.label_fraction, "must be in (0, 1]")
         _check(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
                "train.device", self.device, "must be auto, cpu, cuda or cuda:N")
+        _check(self.augment in ("strong", "flip"), "train.augment", self.augment, "must be strong or flip")
 
 
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedmedian", "fedtrimmedavg")
@@ -222,6 +243,9 @@ class FederationConfig:
     pretrain_rounds: int = 2
     finetune_rounds: int = 2
     local_epochs: int = 1  # per round, in both phases
+    # Fine-tuning optimiser steps per site per round; 0 = local_epochs x the steps of one epoch over all
+    # the site's labelled training cases (before train.label_fraction).
+    finetune_local_steps: int = 0
     init_encoder: str = ""  # a pretraining checkpoint (folder or file) to fine-tune from; needs pretrain_rounds=0
     strategy: str = "fedavg"
     proximal_mu: float = 0.01  # fedprox
@@ -243,11 +267,18 @@ class FederationConfig:
     secagg_quantization_range: int = 67108864  # 2**26 levels over [-clipping, clipping]; sites * this < 2**32
     secagg_max_weight: float = 1000.0  # >= every site's weight (training examples); a site above it refuses
 
+    @property
+    def encoder_pretrained(self) -> bool:
+        """Whether fine-tuning starts from a pretrained encoder (this run's pretraining, or ``init_encoder``)."""
+        return self.pretrain_rounds > 0 or bool(self.init_encoder)
+
     def __post_init__(self) -> None:
         _check(self.sites >= 1, "federation.sites", self.sites, "must be at least 1")
         _check(self.pretrain_rounds >= 0, "federation.pretrain_rounds", self.pretrain_rounds, "must not be negative")
         _check(self.finetune_rounds >= 1, "federation.finetune_rounds", self.finetune_rounds, "must be at least 1")
         _check(self.local_epochs >= 1, "federation.local_epochs", self.local_epochs, "must be at least 1")
+        _check(self.finetune_local_steps >= 0, "federation.finetune_local_steps", self.finetune_local_steps,
+               "must not be negative (0: federation.local_epochs over the site's labelled cases)")
         _check(not self.init_encoder or self.pretrain_rounds == 0, "federation.pretrain_rounds", self.pretrain_rounds,
                f"must be 0 with federation.init_encoder={self.init_encoder!r}: the run fine-tunes from that "
                "pretrained encoder, so it has no pretraining phase (set one or the other)")
@@ -404,12 +435,14 @@ class Config:
         if d["model"]["seg_arch"] == "vit":  # the default: runs stopped before the key existed resume
             del d["model"]["seg_arch"]
         del d["site"]
+        d["architecture"] = ARCHITECTURE
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
     def digest(self, *sections: str) -> str:
         """A short hash of the given sections (all when none), to refuse mismatched checkpoints."""
         d = self.to_dict()
         chosen = {k: d[k] for k in (sections or d.keys())}
+        chosen["architecture"] = ARCHITECTURE
         return hashlib.sha256(json.dumps(chosen, sort_keys=True).encode()).hexdigest()[:16]
 
 

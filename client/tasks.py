@@ -15,8 +15,8 @@ from typing import Any, Iterator, Mapping
 import torch
 
 from amlp_core.engine.device import make_generator, resolve_device, seed_everything
-from amlp_core.engine.optim import finetune_optimizer, pretrain_optimizer, set_lr
-from amlp_core.engine.loops import evaluate_segmentation, finetune_epoch, pretrain_epoch
+from amlp_core.engine.optim import finetune_optimizer, pretrain_optimizer, set_finetune_lr
+from amlp_core.engine.loops import evaluate_segmentation, finetune_budget, finetune_steps, pretrain_epoch
 from amlp_core.engine.pipeline import make_loader
 from amlp_core.data import label_subset
 from amlp_core.errors import AMLPError
@@ -47,14 +47,17 @@ class Instructions:
     expected_ratio: float
     digest: str
     proximal_mu: float
+    local_steps: int = 0  # fine-tuning: federation.finetune_local_steps (0: local epochs over all labelled cases)
 
     @classmethod
     def parse(cls, record: Mapping[str, Any]) -> "Instructions":
         try:
-            return cls(phase=str(record[P.PHASE]), round=int(record[P.GLOBAL_ROUND]),
+            phase = str(record[P.PHASE])
+            return cls(phase=phase, round=int(record[P.GLOBAL_ROUND]),
                        total_rounds=int(record[P.TOTAL_ROUNDS]), local_epochs=int(record[P.LOCAL_EPOCHS]),
                        expected_ratio=float(record.get(P.EXPECTED_RATIO, -1.0)), digest=str(record[P.CONFIG_DIGEST]),
-                       proximal_mu=float(record.get(P.PROXIMAL_MU, 0.0)))
+                       proximal_mu=float(record.get(P.PROXIMAL_MU, 0.0)),
+                       local_steps=int(record[P.LOCAL_STEPS]) if phase == P.FINETUNE else 0)
         except KeyError as e:
             raise RoundRefused(f"the server's message lacks {e.args[0]!r}: server and site versions differ") from None
 
@@ -74,6 +77,24 @@ def _check(site: Site, ins: Instructions) -> None:
     if (ins.total_rounds, ins.local_epochs) != (planned, fed.local_epochs):
         raise RoundRefused(f"the server plans {ins.total_rounds} {ins.phase} rounds of {ins.local_epochs} local "
                            f"epochs, this site {planned} of {fed.local_epochs}")
+    if ins.phase == P.FINETUNE and ins.local_steps != fed.finetune_local_steps:
+        raise RoundRefused(f"the server plans {_steps_plan(ins.local_steps)} per fine-tuning round "
+                           f"(federation.finetune_local_steps={ins.local_steps}), this site "
+                           f"{_steps_plan(fed.finetune_local_steps)} (federation.finetune_local_steps="
+                           f"{fed.finetune_local_steps}): update the site or the run config")
+
+
+def _steps_plan(steps: int) -> str:
+    return f"{steps} local steps" if steps else "local epochs over all labelled cases"
+
+
+def local_finetune_steps(site: Site) -> int:
+    """This site's optimiser steps per fine-tuning round: ``federation.finetune_local_steps``, or
+    ``local_epochs`` epochs over all its labelled training cases (before ``train.label_fraction``)."""
+    cfg = site.cfg
+    labelled = sum(s.label is not None for s in site.split.train)
+    return finetune_budget(cfg.federation.finetune_local_steps, cfg.federation.local_epochs, labelled,
+                           cfg.train.batch_size)
 
 
 def site_mask_ratio(site: Site, round_: int, local_epoch: int = 0) -> float:
@@ -142,13 +163,19 @@ def _load_shared(method: torch.nn.Module, global_state: dict[str, torch.Tensor])
 
 def finetune_round(site: Site, global_state: dict[str, torch.Tensor], ins: Instructions
                    ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
-    """Local segmentation training for ``local_epochs`` epochs from the global model."""
+    """Local segmentation training from the global model, for this site's local steps
+    (:func:`local_finetune_steps`), cycling over its labelled subset.
+
+    The rate follows the steps over the whole run: step ``k`` of round ``r`` is at the federated progress
+    ``(r - 1 + (k + 1/2) / steps) / total_rounds``, linear warm-up over ``train.finetune_warmup`` of it,
+    then cosine to 0.
+    """
     _check(site, ins)
     cfg, device = site.cfg, resolve_device(site.cfg.train.device)
     seed = round_seed(cfg.train.seed, site.index, ins.phase, ins.round)
     seed_everything(seed)
     model = _segmentation_model(site, global_state).to(device)
-    optimizer = finetune_optimizer(model, cfg.train)
+    optimizer = finetune_optimizer(model, cfg.train, pretrained=cfg.federation.encoder_pretrained)
     previous = site.state.load_before(P.FINETUNE, ins.round)
     if previous is not None:
         optimizer.load_state_dict(previous["optimizer"])
@@ -157,15 +184,16 @@ def finetune_round(site: Site, global_state: dict[str, torch.Tensor], ins: Instr
         raise RoundRefused(f"site {site.name} has no labelled training cases for fine-tuning")
     loader = make_loader(subset, cfg, augment=True, labels=True, seed=seed)
     regularizer = proximal_term(model, ins.proximal_mu) if ins.proximal_mu > 0 else None
-    loss_fn = dice_ce_loss()
-    metrics: dict[str, float] = {}
+    steps = local_finetune_steps(site)
+
     with _private(site, ins, model, optimizer, loader, seed) as (opt, batches, privacy):
-        for epoch in range(ins.local_epochs):
-            t = federated_progress(ins.round, epoch, ins.local_epochs, ins.total_rounds)
-            set_lr(opt, cfg.train.finetune_lr * warmup_cosine(t, 0.0))
-            loader.dataset.set_epoch((ins.round - 1) * ins.local_epochs + epoch)
-            metrics = finetune_epoch(model, batches, opt, loss_fn, device, cfg.train.amp,
-                                     desc=f"{site.name} finetune r{ins.round}", regularizer=regularizer)
+        passes = -(-steps // len(batches))  # passes per round: each round's passes get their own augmentation
+        def schedule(step: int) -> None:  # the rate follows the whole run's steps
+            set_finetune_lr(opt, cfg.train, federated_progress(ins.round, step + 0.5, steps, ins.total_rounds))
+
+        metrics = finetune_steps(model, batches, opt, dice_ce_loss(), device, steps, schedule, cfg.train.amp,
+                                 desc=f"{site.name} finetune r{ins.round}", regularizer=regularizer,
+                                 first_pass=(ins.round - 1) * passes)
     site.state.save(P.FINETUNE, ins.round, {"optimizer": optimizer.state_dict()})
     return ({k: v.detach().cpu() for k, v in model.state_dict().items()},
             {P.NUM_EXAMPLES: len(loader.dataset), P.UNIT_WEIGHT: 1, P.LOSS: metrics.get("loss", float("nan")),
@@ -194,8 +222,16 @@ def _privacy_plan(site: Site, ins: Instructions) -> list[tuple[float, int]]:
         cases = _phase_cases(site, phase)
         if cases and rounds > 0:
             rate = sample_rate(cases, cfg.train.batch_size)
-            plan.append((rate, rounds * fed.local_epochs * steps_per_epoch(rate)))
+            plan.append((rate, rounds * _round_steps(site, phase, rate)))
     return plan
+
+
+def _round_steps(site: Site, phase: str, rate: float) -> int:
+    """Optimiser steps of one round (Poisson draws under DP): pretraining ``local_epochs`` passes at ``rate``,
+    fine-tuning the site's local steps."""
+    if phase == P.PRETRAIN:
+        return site.cfg.federation.local_epochs * steps_per_epoch(rate)
+    return local_finetune_steps(site)
 
 
 @contextmanager
@@ -215,7 +251,7 @@ def _private(site: Site, ins: Instructions, model: torch.nn.Module, optimizer: t
     ledger = PrivacyLedger.open(site.state.root, p.budget, p.delta)
     ledger.fix_noise(p.noise_multiplier, _privacy_plan(site, ins))
     rate = sample_rate(len(loader.dataset), site.cfg.train.batch_size)
-    ledger.check(rate, ins.local_epochs * steps_per_epoch(rate), f"site {site.name}: {ins.phase} round {ins.round}")
+    ledger.check(rate, _round_steps(site, ins.phase, rate), f"site {site.name}: {ins.phase} round {ins.round}")
     if isinstance(model, PretrainMethod):
         model.private = True
     metrics: dict[str, float] = {}  # filled once the round's steps are on the ledger

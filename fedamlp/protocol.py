@@ -20,6 +20,9 @@ FINETUNE = "finetune"
 GLOBAL_ROUND = "global-round"  # this phase's round, 1-based, continuing across restarts
 TOTAL_ROUNDS = "total-rounds"  # rounds of this phase in the whole run
 LOCAL_EPOCHS = "local-epochs"
+#: Fine-tuning rounds: optimiser steps per site per round (federation.finetune_local_steps; 0: the site
+#: takes local-epochs epochs over all its labelled cases, whatever the label fraction keeps).
+LOCAL_STEPS = "local-steps"
 EXPECTED_RATIO = "expected-mask-ratio"  # AMR ratio the server expects at the round's start
 CONFIG_DIGEST = "config-digest"  # hash of the model and method config the server runs
 PROXIMAL_MU = "proximal-mu"  # set by Flower's FedProx

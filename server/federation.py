@@ -20,7 +20,7 @@ from flwr.app import ArrayRecord, ConfigRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.exception import PrivacyBudgetExhausted
 
-from amlp_core.config import Config, save_config
+from amlp_core.config import ARCHITECTURE, Config, save_config
 from amlp_core.engine.checkpoint import load_checkpoint, save_checkpoint
 from amlp_core.engine.device import seed_everything
 from amlp_core.engine.pipeline import load_pretrained_encoder, pretrained_meta
@@ -133,6 +133,8 @@ class Federation:
         if phase == P.PRETRAIN:
             t = federated_progress(rnd, 0, self.fed.local_epochs, total)
             record[P.EXPECTED_RATIO] = mask_ratio_at(self.cfg.method, t)
+        else:  # fine-tuning is counted in optimiser steps (each site checks it plans the same)
+            record[P.LOCAL_STEPS] = self.fed.finetune_local_steps
         return ConfigRecord(record)
 
     def _record(self, phase: str, rnd: int, kind: str, outcome: rounds.RoundOutcome, aggregated: dict,
@@ -255,6 +257,7 @@ class Federation:
                              "sites (min)": f.min_sites, "pretrain rounds": f.pretrain_rounds,
                              "finetune rounds": f.finetune_rounds,
                              "local epochs": f.local_epochs, "label fraction": cfg.train.label_fraction,
+                             "finetune local steps": f.finetune_local_steps or "local epochs, all labelled cases",
                              **({"initial encoder": f.init_encoder} if f.init_encoder else {}),
                              **privacy_info(cfg)}
         started = time.monotonic()
@@ -286,7 +289,8 @@ class Federation:
         f = self.fed
         init = (f"pretrained encoder {f.init_encoder}" if f.init_encoder else
                 f"federated {self.cfg.method.name}" if f.pretrain_rounds else "scratch")
-        meta = {"kind": "segmentation", "config": self.cfg.to_dict(), "class_names": self.class_names,
+        meta = {"kind": "segmentation", "architecture": ARCHITECTURE, "config": self.cfg.to_dict(),
+                "class_names": self.class_names,
                 "init_method": init, "epoch": f.finetune_rounds}
         save_checkpoint(folder / "checkpoint.pt", {"model": arrays.to_torch_state_dict()}, meta)
         save_config(self.cfg, folder / "config.yaml")

@@ -13,7 +13,7 @@ from tqdm import tqdm
 
 from amlp_core.data.cases import DatasetIndex, read_case_label
 from amlp_core.data.io import data_error, read_image
-from amlp_core.data.transforms import fit_to_roi, normalize_intensity, random_flip
+from amlp_core.data.transforms import AUGMENTATIONS, fit_to_roi, normalize_intensity, random_flip, strong_augment
 from amlp_core.errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
@@ -86,15 +86,18 @@ def to_slices(samples: Sequence[Sample], axis: int = -1, min_foreground: float |
 
 
 class SegDataset(torch.utils.data.Dataset):
-    """Samples padded/cropped to ``roi_size``, optionally augmented (random crop and flips).
+    """Samples padded/cropped to ``roi_size``, optionally augmented.
 
     Items are dicts: ``"image"`` float32 ``[C, *roi_size]``, ``"label"`` int64
     ``[1, *roi_size]`` (only when the samples are labelled) and ``"index"`` (int).
-    Augmentation draws from a generator seeded by ``(seed, epoch, index)``.
+    With ``augment``: a random crop, then :func:`strong_augment` when ``strength`` is
+    ``"strong"`` (``"flip"`` skips it), then random flips; every draw comes from a generator
+    seeded by ``(seed, epoch, index)``. Without ``augment``: a center crop only.
     """
 
     def __init__(
-        self, samples: Sequence[Sample], roi_size: Sequence[int], augment: bool = False, seed: int = 0
+        self, samples: Sequence[Sample], roi_size: Sequence[int], augment: bool = False, seed: int = 0,
+        strength: str = "strong",
     ):
         if not samples:
             raise DataError("SegDataset: no samples given")
@@ -104,9 +107,12 @@ class SegDataset(torch.utils.data.Dataset):
         spatial_dims = samples[0].image.ndim - 1
         if len(roi_size) != spatial_dims or any(int(r) < 1 for r in roi_size):
             raise ConfigError(f"roi_size {tuple(roi_size)} must be {spatial_dims} positive sizes")
+        if strength not in AUGMENTATIONS:
+            raise ConfigError(f"augmentation strength {strength!r} must be one of {', '.join(AUGMENTATIONS)}")
         self.samples = list(samples)
         self.roi_size = tuple(int(r) for r in roi_size)
         self.augment = augment
+        self.strength = strength
         self.seed = seed
         self.epoch = 0
         self.has_labels = not unlabelled
@@ -123,6 +129,8 @@ class SegDataset(torch.utils.data.Dataset):
         rng = np.random.default_rng((self.seed, self.epoch, i)) if self.augment else None
         image, label = fit_to_roi(sample.image, sample.label, self.roi_size, rng)
         if rng is not None:
+            if self.strength == "strong":
+                image, label = strong_augment(image, label, rng)
             image, label = random_flip(image, label, rng)
         item = {"image": torch.from_numpy(image.astype(np.float32, copy=False)), "index": i}
         if label is not None:

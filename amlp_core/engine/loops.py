@@ -115,6 +115,91 @@ def finetune_epoch(model: nn.Module, loader: Iterable[dict], optimizer: torch.op
     return {**means.means(), "num_examples": means.count}
 
 
+def epoch_steps(num_cases: int, batch_size: int) -> int:
+    """Optimiser steps of one epoch over ``num_cases`` at ``batch_size``: full batches (the loader drops
+    a short last one), or one batch of all the cases when there are fewer than ``batch_size``. Poisson
+    sampling (DP-SGD) takes as many steps per pass (:func:`~amlp_core.privacy.steps_per_epoch`)."""
+    return max(num_cases // max(batch_size, 1), 1)
+
+
+def finetune_budget(steps: int, epochs: int, num_labelled: int, batch_size: int) -> int:
+    """Fine-tuning optimiser steps: ``steps`` when set (> 0), otherwise ``epochs`` epochs over all
+    ``num_labelled`` labelled cases (counted before a label fraction, so that it does not shrink the budget)."""
+    return steps if steps > 0 else epochs * epoch_steps(num_labelled, batch_size)
+
+
+def finetune_steps(model: nn.Module, loader: Iterable[dict], optimizer: torch.optim.Optimizer,
+                   loss_fn: nn.Module, device: torch.device, steps: int,
+                   schedule: Callable[[int], None] | None = None, amp: bool = True, desc: str = "finetune",
+                   regularizer: Callable[[], torch.Tensor] | None = None, first_pass: int = 0,
+                   on_pass: Callable[[dict[str, float]], bool | None] | None = None) -> dict[str, float]:
+    """``steps`` optimiser steps of supervised segmentation training, cycling through ``loader``.
+
+    Each pass over ``loader`` first calls ``loader.dataset.set_epoch(first_pass + p)`` (when the dataset
+    has it), so every pass is reshuffled and re-augmented. A step is one batch drawn from the loader:
+    under DP-SGD an empty Poisson batch (``None``) is a step too, of noise only, as the accountant counts it.
+
+    Args:
+        loader: ``"image"`` ``[B, C, *S]`` and ``"label"`` ``[B, 1, *S]`` int64 batches (or ``None``).
+        steps: optimiser steps to take (at least 1).
+        schedule: sets the optimizer's rates for step ``k`` in ``[0, steps)``, called before the step (e.g.
+            :func:`~amlp_core.engine.optim.set_finetune_lr`; none: keep the optimizer's).
+        regularizer: extra loss added at every step (e.g. FedProx's proximal term).
+        first_pass: the augmentation epoch of the first pass (a federated round continues the count).
+        on_pass: called after every pass (the last one may be partial) with that pass's mean ``loss``,
+            ``num_examples``, ``pass`` (1-based, in this call) and ``step`` (steps done so far); when it
+            returns True, training stops there.
+
+    Returns:
+        Sample-weighted mean loss of all the steps taken, ``num_examples`` (samples seen), ``steps``, ``passes``.
+    """
+    if steps < 1:
+        raise ValueError(f"fine-tuning needs at least one step, got {steps}")
+    model.train()
+    total, done, passes = MetricMeans(), 0, 0
+    dataset = getattr(loader, "dataset", None)
+    bar = tqdm(total=steps, desc=desc, leave=False, disable=None)
+    try:
+        while done < steps:
+            if hasattr(dataset, "set_epoch"):
+                dataset.set_epoch(first_pass + passes)
+            means, drawn = MetricMeans(), 0
+            for batch in loader:
+                drawn += 1
+                if schedule is not None:
+                    schedule(done)
+                if batch is None:  # an empty Poisson batch of DP-SGD: still a step, of noise only
+                    noise_only_step(optimizer)
+                else:
+                    images = batch["image"].to(device, non_blocking=True)
+                    labels = batch["label"].to(device, non_blocking=True)
+                    with autocast(device, amp):
+                        logits = model(images)  # [B, K, *S]
+                    loss = loss_fn(logits.float(), labels)
+                    full = loss + regularizer() if regularizer is not None else loss
+                    optimizer.zero_grad(set_to_none=True)
+                    full.backward()
+                    optimizer.step()
+                    if not torch.isfinite(loss):
+                        raise FloatingPointError(f"segmentation loss became {loss.item()} at step {done + 1}")
+                    means.add({"loss": loss.item()}, images.shape[0])
+                    total.add({"loss": loss.item()}, images.shape[0])
+                    bar.set_postfix(loss=f"{loss.item():.4f}")
+                done += 1
+                bar.update(1)
+                if done >= steps:
+                    break
+            if not drawn:
+                raise ValueError("the fine-tuning loader yields no batch")
+            passes += 1
+            if on_pass is not None and on_pass({**means.means(), "num_examples": means.count, "pass": passes,
+                                                "step": done}):
+                break
+    finally:
+        bar.close()
+    return {**total.means(), "num_examples": total.count, "steps": done, "passes": passes}
+
+
 @torch.no_grad()
 def predict_volume(model: nn.Module, image: np.ndarray | torch.Tensor, roi_size: Sequence[int],
                    device: torch.device, amp: bool = True, batch_size: int = 4, slice_axis: int = -1

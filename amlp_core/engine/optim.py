@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from amlp_core.config import TrainConfig
+from amlp_core.schedules import warmup_cosine
 
 
 def pretrain_optimizer(method: nn.Module, train: TrainConfig) -> torch.optim.Optimizer:
@@ -18,14 +19,31 @@ def pretrain_optimizer(method: nn.Module, train: TrainConfig) -> torch.optim.Opt
     return torch.optim.AdamW(groups, lr=train.lr, weight_decay=train.weight_decay, betas=(0.9, 0.95))
 
 
-def finetune_optimizer(model: nn.Module, train: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW with the encoder at ``encoder_lr_scale`` of the decoder's learning rate."""
+def finetune_optimizer(model: nn.Module, train: TrainConfig, pretrained: bool) -> torch.optim.Optimizer:
+    """AdamW over the segmentation network.
+
+    A pretrained encoder learns at ``train.encoder_lr_scale`` of the decoder's rate, and its rate ramps
+    up from 0 over the first ``train.encoder_warmup`` of fine-tuning, while the fresh decoder learns
+    (so the decoder's first, random gradients do not wash out the pretrained features); an encoder
+    from scratch is just the network's down path and learns like the rest.
+    """
     encoder = [p for n, p in model.named_parameters() if n.startswith("encoder.")]
     rest = [p for n, p in model.named_parameters() if not n.startswith("encoder.")]
     groups = [{"params": rest, "lr_scale": 1.0}]
     if encoder:
-        groups.append({"params": encoder, "lr_scale": train.encoder_lr_scale})
+        groups.append({"params": encoder, "lr_scale": train.encoder_lr_scale if pretrained else 1.0,
+                       "ramp": train.encoder_warmup if pretrained else 0.0})
     return torch.optim.AdamW(groups, lr=train.finetune_lr, weight_decay=train.weight_decay)
+
+
+def set_finetune_lr(optimizer: torch.optim.Optimizer, train: TrainConfig, progress: float) -> None:
+    """The fine-tuning rates at training progress ``progress`` in [0, 1]: ``train.finetune_lr`` with a
+    linear warm-up over ``train.finetune_warmup`` then a cosine to 0, times each group's ``lr_scale``,
+    and a group with a ``ramp`` (a pretrained encoder) also scaled by ``min(1, progress / ramp)``."""
+    base = train.finetune_lr * warmup_cosine(progress, train.finetune_warmup, floor=0.0)
+    for group in optimizer.param_groups:
+        ramp = group.get("ramp", 0.0)
+        group["lr"] = base * group.get("lr_scale", 1.0) * (min(1.0, progress / ramp) if ramp > 0 else 1.0)
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:

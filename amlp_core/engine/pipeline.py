@@ -20,18 +20,19 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from amlp_core.config import Config, ModelConfig, build_config, build_section, save_config
+from amlp_core.config import ARCHITECTURE, Config, ModelConfig, build_config, build_section, save_config
 from amlp_core.data import (Sample, SegDataset, discover, label_subset, load_samples, make_phantom_samples,
                             normalize_intensity, partition_names, read_image, split_names, to_slices, write_nifti)
 from amlp_core.engine.checkpoint import load_checkpoint, require_meta, save_checkpoint
 from amlp_core.engine.device import make_generator, resolve_device, seed_everything, set_threads
-from amlp_core.engine.optim import finetune_optimizer, pretrain_optimizer, set_lr
-from amlp_core.engine.loops import evaluate_segmentation, finetune_epoch, predict_volume, pretrain_epoch
+from amlp_core.engine.optim import finetune_optimizer, pretrain_optimizer, set_finetune_lr
+from amlp_core.engine.loops import (evaluate_segmentation, finetune_budget, finetune_steps, predict_volume,
+                                    pretrain_epoch)
 from amlp_core.errors import CheckpointError, ConfigError, DataError
 from amlp_core.losses import dice_ce_loss
 from amlp_core.methods import PretrainMethod, build_method
 from amlp_core.models import SEG_ARCH_CLASSES, build_segmentation_model, encoder_state, has_encoder
-from amlp_core.privacy import PrivacyLedger, PrivateTraining, sample_rate, steps_per_epoch
+from amlp_core.privacy import PrivacyLedger, PrivateTraining, sample_rate
 from amlp_core.schedules import warmup_cosine
 
 log = logging.getLogger(__name__)
@@ -39,6 +40,7 @@ log = logging.getLogger(__name__)
 CHECKPOINT = "checkpoint.pt"
 CONFIG = "config.yaml"
 METRICS = "metrics.jsonl"
+CHECKPOINT_STEPS = 10  # fine-tuning: a checkpoint after a pass at most this often (in steps), and at the end
 EVALUATION = "evaluation.json"
 
 
@@ -110,7 +112,7 @@ def make_loader(samples: list[Sample], cfg: Config, augment: bool, labels: bool,
     seed = cfg.train.seed if seed is None else seed
     if not labels:
         samples = [dataclasses.replace(s, label=None) for s in samples]
-    dataset = SegDataset(samples, cfg.model.img_size, augment=augment, seed=seed)
+    dataset = SegDataset(samples, cfg.model.img_size, augment=augment, seed=seed, strength=cfg.train.augment)
     generator = torch.Generator().manual_seed(seed)
     return DataLoader(dataset, batch_size=min(cfg.train.batch_size, len(dataset)), shuffle=True,
                       drop_last=len(dataset) >= cfg.train.batch_size, generator=generator)
@@ -173,13 +175,27 @@ def pretrain(cfg: Config, out_dir: str | Path, split: DataSplit | None = None) -
 
 def pretrained_meta(cfg: Config, epoch: int) -> dict[str, Any]:
     """The metadata of a pretraining checkpoint (kind ``pretrain``), as :func:`load_pretrained_encoder` reads it."""
-    return {"kind": "pretrain", "method": cfg.method.name, "epoch": epoch, "config": cfg.to_dict(),
+    return {"kind": "pretrain", "architecture": ARCHITECTURE, "method": cfg.method.name, "epoch": epoch,
+            "config": cfg.to_dict(),
             "spatial_dims": cfg.model.spatial_dims, "patch_size": cfg.model.patch_size,
             "model_digest": cfg.digest("model")}
 
 
 def save_pretrained(path: Path, method: PretrainMethod, cfg: Config, epoch: int) -> None:
     save_checkpoint(path, {"method": method.state_dict()}, pretrained_meta(cfg, epoch))
+
+
+def require_architecture(meta: dict, path: str | Path) -> None:
+    """Refuse a checkpoint whose network layout is not this version's (:data:`~amlp_core.config.ARCHITECTURE`).
+
+    Raises:
+        CheckpointError: naming the file and both layouts.
+    """
+    have = meta.get("architecture", 1)  # layout 1 (a ViT on raw patches beside a conv U-Net) wrote no tag
+    if have != ARCHITECTURE:
+        raise CheckpointError(f"checkpoint {path} holds network layout {have}, this version needs layout "
+                              f"{ARCHITECTURE} (the encoder is now conv stages + ViT, the segmentation network's "
+                              "whole down path): pretrain or fine-tune it again with this version")
 
 
 def _checkpoint_path(run: str | Path) -> Path:
@@ -196,6 +212,7 @@ def load_pretrained_encoder(run: str | Path, model_cfg: ModelConfig) -> tuple[di
     path = _checkpoint_path(run)
     state, meta = load_checkpoint(path)
     require_meta(meta, path, kind="pretrain")
+    require_architecture(meta, path)
     have = build_section("model", meta["config"]["model"])
     if have != model_cfg:
         raise CheckpointError(f"checkpoint {path} was made for model {have}, not {model_cfg}")
@@ -217,8 +234,9 @@ def finetune(cfg: Config, out_dir: str | Path, init: str | Path | None = None,
 
     The network is ``model.seg_arch``'s (:func:`~amlp_core.models.build_segmentation_model`). The
     ViT's encoder starts from the pretraining run ``init`` (strict load) or from scratch; the plain
-    U-Net (``unet``) has no encoder and always starts from scratch. Writes ``checkpoint.pt`` (kind
-    ``segmentation``) after every epoch and evaluates on the test cases at the end. Returns the evaluation.
+    U-Net (``unet``) has no encoder and always starts from scratch. Trains for the steps of
+    :func:`train_segmentation`, writes ``checkpoint.pt`` (kind ``segmentation``) as it goes and at the end,
+    and evaluates on the test cases at the end. Returns the evaluation.
 
     Raises:
         ConfigError: ``init`` given with ``model.seg_arch=unet``.
@@ -236,17 +254,16 @@ def finetune(cfg: Config, out_dir: str | Path, init: str | Path | None = None,
     return train_segmentation(model, cfg, out_dir, split, init_method=init_meta.get("method", "scratch"))
 
 
-def _privacy_ledger(cfg: Config, out: Path, num_cases: int) -> PrivacyLedger | None:
-    """With ``privacy.site_dp``: the ledger in ``out`` (noise fixed for the planned epochs), checked
-    against the budget before any step; None otherwise."""
+def _privacy_ledger(cfg: Config, out: Path, num_cases: int, steps: int) -> PrivacyLedger | None:
+    """With ``privacy.site_dp``: the ledger in ``out`` (noise fixed for the planned ``steps`` Poisson
+    draws over ``num_cases``), checked against the budget before any step; None otherwise."""
     p = cfg.privacy
     if not p.site_dp:
         return None
     ledger = PrivacyLedger.open(out, p.budget, p.delta)
     rate = sample_rate(num_cases, cfg.train.batch_size)
-    steps = cfg.train.epochs * steps_per_epoch(rate)
     ledger.fix_noise(p.noise_multiplier, [(rate, steps)])
-    ledger.check(rate, steps, f"fine-tuning {cfg.train.epochs} epochs in {out}")
+    ledger.check(rate, steps, f"fine-tuning {steps} steps in {out}")
     log.info("DP-SGD: noise multiplier %.3f, clip %g, sample rate %.3f, budget epsilon %g at delta %g",
              ledger.noise_multiplier, p.max_grad_norm, rate, p.budget, p.delta)
     return ledger
@@ -259,8 +276,13 @@ def train_segmentation(model: torch.nn.Module, cfg: Config, out_dir: str | Path,
     ``checkpoint.pt`` is written only for the class ``model.seg_arch`` names (what
     :func:`load_segmentation` rebuilds); another network is trained and evaluated without one.
 
-    With ``train.max_minutes`` the learning-rate decay follows the elapsed share of that time
-    budget (or of the epochs, whichever is further), so a time-limited run still anneals.
+    The budget is in optimiser steps (:func:`~amlp_core.engine.loops.finetune_budget`):
+    ``train.finetune_steps``, or ``train.epochs`` epochs over all the labelled training cases, whatever
+    ``train.label_fraction`` keeps; the loader cycles over the subset until they are done. The rate is
+    set every step: linear warm-up over ``train.finetune_warmup`` of the steps, then cosine to 0. With
+    ``train.max_minutes`` the schedule follows the elapsed share of that time budget (or of the steps,
+    whichever is further), so a time-limited run still anneals. Under ``privacy.site_dp`` a step is one
+    Poisson draw (an empty one included), and the ledger is planned and charged in those steps.
     """
     out, device = _prepare(cfg, out_dir)
     split = split or load_split(cfg)
@@ -270,45 +292,65 @@ def train_segmentation(model: torch.nn.Module, cfg: Config, out_dir: str | Path,
     subset = label_subset(labelled, cfg.train.label_fraction, cfg.train.seed)
     model.to(device)
     loader = make_loader(subset, cfg, augment=True, labels=True)
-    optimizer = finetune_optimizer(model, cfg.train)
+    optimizer = finetune_optimizer(model, cfg.train, pretrained=init_method != "scratch")
     loss_fn = dice_ce_loss()
-    log.info("fine-tuning on %d of %d labelled cases (%s) for %d epochs on %s", len(subset), len(labelled),
-             init_method, cfg.train.epochs, device)
-    meta = {"kind": "segmentation", "config": cfg.to_dict(), "class_names": {str(k): v for k, v in
-            split.class_names.items()}, "init_method": init_method, "labelled_cases": len(subset),
+    steps = finetune_budget(cfg.train.finetune_steps, cfg.train.epochs, len(labelled), cfg.train.batch_size)
+    log.info("fine-tuning on %d of %d labelled cases (%s) for %d steps on %s", len(subset), len(labelled),
+             init_method, steps, device)
+    meta = {"kind": "segmentation", "architecture": ARCHITECTURE, "config": cfg.to_dict(),
+            "class_names": {str(k): v for k, v in split.class_names.items()}, "init_method": init_method,
+            "labelled_cases": len(subset),
             "spatial_dims": cfg.model.spatial_dims, "patch_size": cfg.model.patch_size}
-    ledger = _privacy_ledger(cfg, out, len(subset))
+    saveable = isinstance(model, SEG_ARCH_CLASSES[cfg.model.seg_arch])  # what load_segmentation rebuilds
+    ledger = _privacy_ledger(cfg, out, len(subset), steps)
     private = (PrivateTraining(model, optimizer, loader.dataset, cfg.train.batch_size, ledger.noise_multiplier,
                                cfg.privacy.max_grad_norm, cfg.train.seed) if ledger else nullcontext(None))
-    start = time.monotonic()
+    start, saved_at, evaluated_at = time.monotonic(), [0], [0]
+    every = cfg.train.eval_every if ledger is None else 0  # a private run evaluates at the end only
+
+
+    def on_pass(metrics: dict[str, Any]) -> bool:
+        """After every pass over the subset: metrics line, log, checkpoint (at most every CHECKPOINT_STEPS
+        steps, and always at the end), and the time budget."""
+        done, stop = metrics["step"], _out_of_time(start, cfg)
+        record = {"loss": metrics.get("loss", float("nan")), "num_examples": metrics["num_examples"],
+                  "epoch": metrics["pass"], "step": done, "seconds": round(time.monotonic() - start, 2)}
+        if every and split.test and done - evaluated_at[0] >= every and done < steps:  # the curve
+            curve = evaluate_segmentation(model, split.test, cfg.model.img_size, cfg.model.num_classes, device,
+                                          cfg.train.amp, slice_axis=cfg.data.slice_axis)
+            model.train()
+            record.update({f"test_{k}": v for k, v in curve.items() if k.startswith("dice_")})
+            evaluated_at[0] = done
+        _append_metrics(out, record)
+        log.info("pass %d, step %d/%d loss %.4f%s", record["epoch"], done, steps, record["loss"],
+                 f" test Dice {record['test_dice_mean']:.4f}" if "test_dice_mean" in record else "")
+        if saveable and (done >= steps or stop or done - saved_at[0] >= CHECKPOINT_STEPS):
+            save_checkpoint(out / CHECKPOINT, {"model": model.state_dict()},
+                            {**meta, "epoch": record["epoch"], "step": done})
+            saved_at[0] = done
+        if stop and done < steps:
+            log.info("stopping after %d of %d steps: train.max_minutes=%s reached", done, steps, cfg.train.max_minutes)
+        return stop
+
     with private as dp:
         opt, batches = (dp.optimizer, dp.loader) if dp else (optimizer, loader)
-        for epoch in range(cfg.train.epochs):
-            t = _progress(epoch, start, cfg)
-            set_lr(opt, cfg.train.finetune_lr * warmup_cosine(t, 0.0))
-            loader.dataset.set_epoch(epoch)
-            metrics = finetune_epoch(model, batches, opt, loss_fn, device, cfg.train.amp,
-                                     desc=f"finetune {epoch + 1}/{cfg.train.epochs}")
-            metrics.update(epoch=epoch + 1, seconds=round(time.monotonic() - start, 2))
-            _append_metrics(out, metrics)
-            log.info("epoch %d/%d loss %.4f", epoch + 1, cfg.train.epochs, metrics["loss"])
-            if isinstance(model, SEG_ARCH_CLASSES[cfg.model.seg_arch]):  # what load_segmentation rebuilds
-                save_checkpoint(out / CHECKPOINT, {"model": model.state_dict()}, {**meta, "epoch": epoch + 1})
-            if _out_of_time(start, cfg):
-                log.info("stopping after %d epochs: train.max_minutes=%s reached", epoch + 1, cfg.train.max_minutes)
-                break
+        schedule = lambda step: set_finetune_lr(opt, cfg.train, _progress(step, steps, start, cfg))  # noqa: E731
+        metrics = finetune_steps(model, batches, opt, loss_fn, device, steps, schedule, cfg.train.amp,
+                                 desc="finetune", on_pass=on_pass)
     privacy = {"epsilon": ledger.record("finetune", 1, dp.stretches), "delta": cfg.privacy.delta} if ledger else {}
     result = evaluate_segmentation(model, split.test, cfg.model.img_size, cfg.model.num_classes, device,
                                    cfg.train.amp, slice_axis=cfg.data.slice_axis)
-    result.update(train_seconds=round(time.monotonic() - start, 2), epochs=metrics["epoch"],
-                  labelled_cases=len(subset), **privacy)
+    result.update(train_seconds=round(time.monotonic() - start, 2), epochs=metrics["passes"],
+                  steps=metrics["steps"], labelled_cases=len(subset), **privacy)
     (out / EVALUATION).write_text(json.dumps(result, indent=2))
     return result
 
 
-def _progress(epoch: int, start: float, cfg: Config) -> float:
-    """Training progress in [0, 1]: share of epochs done, or of the time budget if that is further."""
-    t = epoch / cfg.train.epochs
+def _progress(step: int, steps: int, start: float, cfg: Config) -> float:
+    """Training progress in [0, 1] of fine-tuning step ``step`` of ``steps``: the share of the steps at the
+    step's middle (so neither the first warm-up step nor the last decay step has a zero rate), or of the
+    time budget ``train.max_minutes`` if that is further."""
+    t = (step + 0.5) / steps
     if cfg.train.max_minutes > 0:
         t = max(t, (time.monotonic() - start) / (60 * cfg.train.max_minutes))
     return min(t, 1.0)
@@ -319,6 +361,7 @@ def load_segmentation(run: str | Path, device: torch.device | None = None) -> tu
     path = _checkpoint_path(run)
     state, meta = load_checkpoint(path)
     require_meta(meta, path, kind="segmentation")
+    require_architecture(meta, path)
     cfg = build_config(meta["config"])
     model = build_segmentation_model(cfg.model)
     try:

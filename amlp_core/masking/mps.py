@@ -1,7 +1,8 @@
 """MPS, Masked Patch Selection: cluster each image's patches and mask the likely lesions first.
 
 DESIGN.md section 3. Per image the N patches are described by a feature vector (the
-encoder's patch embedding joined with the patch's intensity mean and standard deviation),
+encoder's stem, its first downsampling conv, averaged over each patch, joined with the patch's
+intensity mean and standard deviation),
 clustered into K groups by batched k-means, and the *lesion* group, the one whose patches
 were hardest to reconstruct so far, is masked first.
 
@@ -43,11 +44,19 @@ def patch_stats(images: torch.Tensor, patch_size: int) -> torch.Tensor:
     return torch.stack([mean, var.sqrt()], dim=-1)
 
 
+def pool_to_patches(feature_map: torch.Tensor, grid_size: tuple[int, ...]) -> torch.Tensor:
+    """Average a feature map ``[B, c, *S_i]`` over each patch: ``[B, N, c]`` in patch order."""
+    pool = F.avg_pool3d if feature_map.dim() == 5 else F.avg_pool2d
+    factor = feature_map.shape[2] // grid_size[0]
+    pooled = feature_map if factor == 1 else pool(feature_map, factor)  # [B, c, *G]
+    return pooled.flatten(2).transpose(1, 2)
+
+
 def patch_features(tokens: torch.Tensor, stats: torch.Tensor, projection: torch.Tensor | None = None) -> torch.Tensor:
     """Raw MPS features of every patch.
 
     Args:
-        tokens: ``[B, N, D]`` patch embedding (encoder's ``embed``).
+        tokens: ``[B, N, D]`` the encoder's description of each patch (its stem, :func:`pool_to_patches`).
         stats: ``[B, N, 2]`` the patches' intensity mean and standard deviation (:func:`patch_stats`).
         projection: optional fixed ``[D, R]`` random projection of the embedding (R << D keeps
             distances nearly unchanged, Johnson-Lindenstrauss, and makes k-means cheaper).
@@ -128,8 +137,8 @@ class MPSMasking(nn.Module):
         momentum: of the running mean of the per-group reconstruction loss.
         kmeans_iters, kmeans_inits: k-means settings.
         margin: relative loss lead a group needs over the smallest group to become the lesion group.
-        embed_dim, proj_dim: project the ``embed_dim`` patch embedding to ``proj_dim`` columns
-            with a fixed random matrix before clustering (0: no projection).
+        embed_dim, proj_dim: project the ``embed_dim`` columns of the encoder's patch description to
+            ``proj_dim`` with a fixed random matrix before clustering (0, or not fewer: no projection).
     """
 
     def __init__(self, clusters: int = 2, random_fraction: float = 0.1, momentum: float = 0.9,
@@ -148,9 +157,16 @@ class MPSMasking(nn.Module):
         projection = random_projection(embed_dim, proj_dim) if proj_dim and embed_dim > proj_dim else None
         self.register_buffer("projection", projection, persistent=False)
 
-    def features(self, tokens: torch.Tensor, images: torch.Tensor, patch_size: int) -> torch.Tensor:
-        """MPS features ``[B, N, R + 2]`` of ``images`` ``[B, C, *S]`` from their patch embedding ``[B, N, D]``."""
-        return patch_features(tokens, patch_stats(images, patch_size), self.projection)
+    def features(self, stem: torch.Tensor, images: torch.Tensor, patch_size: int) -> torch.Tensor:
+        """MPS features ``[B, N, R + 2]`` of ``images`` ``[B, C, *S]``.
+
+        Args:
+            stem: ``[B, c, *S / 2]`` the encoder's stem on the whole image (with gradient for CCL).
+            images: the images, for the patches' intensity mean and standard deviation.
+            patch_size: the patch side ``p``.
+        """
+        grid = tuple(s // patch_size for s in images.shape[2:])
+        return patch_features(pool_to_patches(stem, grid), patch_stats(images, patch_size), self.projection)
 
     @property
     def lesion_rank(self) -> int:

@@ -180,10 +180,10 @@ class ACE(PretrainMethod):
         ids = overlap_ids(offsets, grid)  # [B, M]
 
         # Student: each view on its own (batch-first per case, as DP-SGD's per-case gradients need).
-        s_large = self._gather(self.encoder(images), ids)  # [B, M, D] the overlap tokens
-        s_small = self.encoder(small)  # [B, N, D]
+        s_large = self._gather(self.encoder(images).tokens, ids)  # [B, M, D] the overlap tokens
+        s_small = self.encoder(small).tokens  # [B, N, D]
         with torch.no_grad():
-            t_large, t_small = self.teacher["encoder"](torch.cat([images, small])).chunk(2)  # [B, N, D] each
+            t_large, t_small = self.teacher["encoder"](torch.cat([images, small])).tokens.chunk(2)  # [B, N, D] each
             t_large = self._gather(t_large, ids)  # [B, M, D]
 
         # Global: pooled overlap, both ways (each head call batch-first, for per-case gradients).

@@ -42,9 +42,7 @@ class AHM(PretrainMethod):
         scores = self.agent(images)  # logits, predicted losses [B, N]
         draw = self.agent.select(scores, ratio, generator)  # the policy's draw, no gradient
         mask = draw.mask
-        tokens = self.encoder.embed(images)  # [B, N, D]
-        patches = self.patchify(images)  # [B, N, P]
-        per_patch = self.reconstruct(tokens, patches, mask)  # [B, N]
+        per_patch = self.reconstruct(images, mask)  # [B, N]
         rec = plain_reconstruction_loss(self.masked(per_patch, mask))
         agent = self.agent.losses(scores, draw, per_patch)
         loss = rec + agent.total

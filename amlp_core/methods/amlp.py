@@ -17,23 +17,25 @@ from amlp_core.methods.base import PretrainMethod, StepOutput, register_method
 @register_method("mps_ams")
 class MPSAMS(PretrainMethod):
     uses_amr = True
+    #: Whether a loss reaches the MPS features (CCL does): otherwise the stem runs without gradient.
+    feature_gradient: bool = False
 
     def __init__(self, model_cfg: ModelConfig, method_cfg: MethodConfig) -> None:
         super().__init__(model_cfg, method_cfg)
         m = method_cfg
         self.mps = MPSMasking(m.mps_clusters, m.mps_random_fraction, m.mps_momentum, m.kmeans_iters, m.kmeans_inits,
-                              margin=m.mps_margin, embed_dim=model_cfg.embed_dim, proj_dim=m.mps_proj_dim)
+                              margin=m.mps_margin, embed_dim=model_cfg.conv_channels[0], proj_dim=m.mps_proj_dim)
 
     def training_step(self, images: torch.Tensor, progress: float,
                       generator: torch.Generator | None = None) -> StepOutput:
         ratio = self.masking_ratio(progress)
-        tokens = self.encoder.embed(images)  # [B, N, D], with gradient
-        patches = self.patchify(images)  # [B, N, P]
-        feats = self.mps.features(tokens, images, self.model_cfg.patch_size)  # [B, N, R + 2]
+        with torch.set_grad_enabled(self.feature_gradient and torch.is_grad_enabled()):
+            stem = self.encoder.stem(images)  # [B, c_1, *S/2] on the whole image (with gradient for CCL)
+        feats = self.mps.features(stem, images, self.model_cfg.patch_size)  # [B, N, c_1 + 2]
         clustering = self.mps.cluster(feats.detach(), generator)  # per-image groups, by size rank
         lesion = self.mps.lesion_rank
         mask = self.mps.select(clustering, ratio, generator)  # lesion group first
-        per_patch = self.reconstruct(tokens, patches, mask)  # [B, N]
+        per_patch = self.reconstruct(images, mask)  # [B, N], hidden patches zeroed at every scale
         l_masked = self.masked(per_patch, mask)  # [B, M]
         rec = self.reconstruction_loss(l_masked)
         extra, metrics = self.extra_loss(feats, clustering, lesion, mask, l_masked)
@@ -52,11 +54,13 @@ class MPSAMS(PretrainMethod):
 
 @register_method("amlp")
 class AMLP(MPSAMS):
+    feature_gradient = True
+
     def reconstruction_loss(self, l_masked: torch.Tensor) -> torch.Tensor:
         return relative_reconstruction_loss(l_masked, self.method_cfg.arl_tau)
 
     def extra_loss(self, feats, clustering, lesion, mask, l_masked) -> tuple[torch.Tensor, dict[str, float]]:
-        """CCL on the masked patches, with gradient through the patch embedding."""
+        """CCL on the masked patches, with gradient through the encoder's stem."""
         m = self.method_cfg
         scaled = clustering.scale(feats)  # [B, N, F], standardised with detached statistics
         masked_feats = torch.gather(scaled, 1, mask.ids_masked.unsqueeze(-1).expand(-1, -1, scaled.shape[-1]))

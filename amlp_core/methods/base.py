@@ -17,7 +17,7 @@ from amlp_core.config import MethodConfig, ModelConfig
 from amlp_core.errors import ConfigError
 from amlp_core.losses import masked_losses, normalize_patches, patch_losses
 from amlp_core.masking import Mask
-from amlp_core.models import MAEDecoder, ViTEncoder, patchify
+from amlp_core.models import HybridEncoder, MAEDecoder, patchify
 from amlp_core.schedules import amr_ratio
 
 
@@ -47,7 +47,7 @@ class PretrainMethod(nn.Module):
         super().__init__()
         self.model_cfg = model_cfg
         self.method_cfg = method_cfg
-        self.encoder = ViTEncoder(model_cfg)
+        self.encoder = HybridEncoder(model_cfg)
         self.decoder = MAEDecoder(model_cfg) if self.uses_decoder else None
 
     @classmethod
@@ -61,20 +61,24 @@ class PretrainMethod(nn.Module):
     def masking_ratio(self, progress: float) -> float:
         return self.ratio_at(self.method_cfg, progress)
 
-    def reconstruct(self, tokens: torch.Tensor, patches: torch.Tensor, mask: Mask) -> torch.Tensor:
-        """Encode the visible patches, decode all, score each patch.
+    def predict_patches(self, images: torch.Tensor, mask: Mask) -> torch.Tensor:
+        """Encode what the mask shows (hidden patches zeroed at every scale), decode every patch.
 
         Args:
-            tokens: ``[B, N, D]`` patch embedding of the images.
-            patches: ``[B, N, P]`` the images' pixels, patch by patch.
+            images: ``[B, C, *S]``.
             mask: which patches are hidden.
 
         Returns:
-            ``[B, N]`` per-patch loss ``l_i`` (meaningful on the masked patches).
+            ``[B, N, P]`` the predicted (per-patch normalised) pixels of every patch, ``P = C * p**dims``.
         """
-        latent = self.encoder.encode(tokens, mask.ids_keep)  # [B, N_keep, D]
-        pred = self.decoder(latent, mask.ids_restore)  # [B, N, P]
-        return patch_losses(pred, normalize_patches(patches))  # [B, N]
+        latent = self.encoder(images, visible=~mask.masked, ids_keep=mask.ids_keep).tokens  # [B, N_keep, D]
+        return self.decoder(latent, mask.ids_restore)  # [B, N, P]
+
+    def reconstruct(self, images: torch.Tensor, mask: Mask) -> torch.Tensor:
+        """Per-patch reconstruction loss ``l_i`` ``[B, N]`` of ``images`` ``[B, C, *S]`` under ``mask``
+        (meaningful on the masked patches)."""
+        pred = self.predict_patches(images, mask)  # [B, N, P]
+        return patch_losses(pred, normalize_patches(self.patchify(images)))  # [B, N]
 
     def training_step(self, images: torch.Tensor, progress: float,
                       generator: torch.Generator | None = None) -> StepOutput:

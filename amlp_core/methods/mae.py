@@ -14,9 +14,7 @@ class MAE(PretrainMethod):
     def training_step(self, images: torch.Tensor, progress: float,
                       generator: torch.Generator | None = None) -> StepOutput:
         ratio = self.masking_ratio(progress)
-        tokens = self.encoder.embed(images)  # [B, N, D]
-        patches = self.patchify(images)  # [B, N, P]
-        mask = random_mask(images.shape[0], tokens.shape[1], ratio, generator, device=images.device)
-        l_masked = self.masked(self.reconstruct(tokens, patches, mask), mask)  # [B, M]
+        mask = random_mask(images.shape[0], self.model_cfg.num_patches, ratio, generator, device=images.device)
+        l_masked = self.masked(self.reconstruct(images, mask), mask)  # [B, M]
         loss = plain_reconstruction_loss(l_masked)
         return StepOutput(loss, {"loss": loss.item(), "rec": loss.item(), "ratio": mask.ratio}, mask)

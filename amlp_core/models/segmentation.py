@@ -1,11 +1,11 @@
-"""Segmentation network: the pretrained ViT encoder inside a light convolutional U-Net.
+"""Segmentation network: the pretrained encoder and a light convolutional U-Net decoder.
 
-The conv path is a plain residual U-Net (as MONAI's ``UNet``: strided residual units down,
-transposed conv + residual unit up, skip connections by concatenation), with nothing heavy at
-full resolution. At its deepest level (1/2**L of the image) the encoder's tokens (1/p) are
-projected to that level's grid and joined to the conv features, so the pretrained ViT gives
-every voxel global context. UNETR-style decoders, with their full-resolution feature maps,
-cost far more on a CPU and learn more slowly (DESIGN.md section 6).
+The encoder (:class:`~amlp_core.models.encoder.HybridEncoder`) is the whole down path: its conv
+stages give the skip features at 1/2, ..., 1/2**L and its ViT the tokens on the patch grid. Only
+the decoder is new at fine-tuning: the tokens are projected to the deepest stage's grid and joined
+to its features, then each level upsamples (transposed conv + residual unit, as MONAI's ``UNet``)
+and takes the skip of its resolution. Nothing is wide at full resolution: UNETR-style decoders
+with full-resolution feature maps cost far more on a CPU (DESIGN.md section 6).
 
 :func:`build_segmentation_model` picks the network named by ``model.seg_arch``: this one
 (``vit``) or MONAI's plain conv ``UNet`` (``unet``), the baseline every pretraining gain is
@@ -20,7 +20,7 @@ from monai.networks.nets import UNet
 from torch import nn
 
 from amlp_core.config import ModelConfig
-from amlp_core.models.vit import ViTEncoder, tokens_to_grid
+from amlp_core.models.encoder import HybridEncoder
 
 # MONAI UNet's defaults. No BatchNorm (Opacus's per-sample gradients need that). Measured on the
 # hippocampus data: with LeakyReLU(0.01) and affine instance norm the same network stalled at a
@@ -40,57 +40,53 @@ def _tokens_to_level(dims: int, cin: int, cout: int, factor: int) -> nn.Module:
     return conv_t(cin, cout, kernel_size=factor, stride=factor)
 
 
-class SegmentationNet(nn.Module):
-    """ViT encoder + residual conv U-Net.
+class UNetDecoder(nn.Module):
+    """Skips ``[B, c_i, *S / 2**i]`` (i = 1..L) and the token map ``[B, D, *G]`` -> logits ``[B, K, *S]``.
 
-    ``seg_channels`` ``(c_1, ..., c_L)`` are the conv widths at 1/2, ..., 1/2**L resolution; the
-    bottom unit at 1/2**L is ``2 * c_L`` wide and takes the conv features and the tokens.
-
-    Args:
-        cfg: model configuration.
-        encoder: the encoder to use (the pretrained one); a fresh one when None.
+    The bottom unit at 1/2**L is ``2 * c_L`` wide and takes the deepest skip and the projected tokens.
     """
 
-    def __init__(self, cfg: ModelConfig, encoder: ViTEncoder | None = None) -> None:
+    def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.cfg = cfg
-        self.encoder = encoder if encoder is not None else ViTEncoder(cfg)
-        dims, chans, levels = cfg.spatial_dims, cfg.seg_channels, len(cfg.seg_channels)
-        self.down = nn.ModuleList(
-            ResidualUnit(dims, cfg.in_channels if i == 0 else chans[i - 1], chans[i], strides=2, subunits=2,
-                         act=ACT, norm=NORM)
-            for i in range(levels)
-        )
+        dims, chans, levels = cfg.spatial_dims, cfg.conv_channels, len(cfg.conv_channels)
         self.tokens_in = _tokens_to_level(dims, cfg.embed_dim, chans[-1], cfg.patch_size // 2 ** levels)
-        # Zero start: the network begins as a plain conv U-Net and learns how much of the ViT to use.
-        nn.init.zeros_(self.tokens_in.weight)
-        nn.init.zeros_(self.tokens_in.bias)
         bottom = 2 * chans[-1]
         self.bottom = ResidualUnit(dims, 2 * chans[-1], bottom, strides=1, subunits=2, act=ACT, norm=NORM)
         self.up = nn.ModuleList()
         for i in range(levels):  # up[i] takes cat(skip_i, x) at 1/2**(i+1) and returns 1/2**i
             cin = chans[i] + (bottom if i == levels - 1 else chans[i])
             cout = cfg.num_classes if i == 0 else chans[i - 1]
-            top = i == 0
             self.up.append(nn.Sequential(
                 Convolution(dims, cin, cout, strides=2, kernel_size=3, act=ACT, norm=NORM, is_transposed=True,
                             conv_only=False),
-                ResidualUnit(dims, cout, cout, strides=1, subunits=1, act=ACT, norm=NORM, last_conv_only=top),
+                ResidualUnit(dims, cout, cout, strides=1, subunits=1, act=ACT, norm=NORM, last_conv_only=i == 0),
             ))
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """``[B, C, *S]`` -> class logits ``[B, num_classes, *S]``."""
-        skips = []
-        x = images
-        for block in self.down:
-            x = block(x)  # [B, c_i, *S / 2**(i+1)]
-            skips.append(x)
-        tokens = self.encoder(images)  # [B, N, D]
-        context = self.tokens_in(tokens_to_grid(tokens, self.encoder.grid_size))  # [B, c_L, *S / 2**L]
-        x = self.bottom(torch.cat([x, context], dim=1))  # [B, 2 c_L, *S / 2**L]
+    def forward(self, skips: list[torch.Tensor], token_map: torch.Tensor) -> torch.Tensor:
+        x = self.bottom(torch.cat([skips[-1], self.tokens_in(token_map)], dim=1))  # [B, 2 c_L, *S / 2**L]
         for i in reversed(range(len(skips))):
             x = self.up[i](torch.cat([skips[i], x], dim=1))  # [B, c_{i-1} (K at i=0), *S / 2**i]
         return x
+
+
+class SegmentationNet(nn.Module):
+    """The encoder (pretrained, or fresh) and a fresh :class:`UNetDecoder`.
+
+    Args:
+        cfg: model configuration.
+        encoder: the encoder to use (the pretrained one); a fresh one when None.
+    """
+
+    def __init__(self, cfg: ModelConfig, encoder: HybridEncoder | None = None) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = encoder if encoder is not None else HybridEncoder(cfg)
+        self.decoder = UNetDecoder(cfg)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """``[B, C, *S]`` -> class logits ``[B, num_classes, *S]``."""
+        features = self.encoder(images)  # skips [B, c_i, *S / 2**i], tokens [B, N, D]
+        return self.decoder(features.skips, self.encoder.token_grid(features.tokens))
 
 
 def plain_unet(cfg: ModelConfig) -> UNet:
@@ -108,7 +104,7 @@ SEG_ARCH_CLASSES: dict[str, type[nn.Module]] = {"vit": SegmentationNet, "unet": 
 def build_segmentation_model(cfg: ModelConfig) -> nn.Module:
     """The segmentation network named by ``cfg.seg_arch``, freshly initialised.
 
-    ``vit``: :class:`SegmentationNet` (its ``encoder`` takes a pretrained ViT's weights);
+    ``vit``: :class:`SegmentationNet` (its ``encoder`` takes a pretrained encoder's weights);
     ``unet``: :func:`plain_unet` (no encoder: trained from scratch only).
 
     Both map images ``[B, in_channels, *img_size]`` to class logits ``[B, num_classes, *img_size]``,
@@ -125,5 +121,5 @@ def build_segmentation_model(cfg: ModelConfig) -> nn.Module:
 
 
 def has_encoder(cfg: ModelConfig) -> bool:
-    """Whether the segmentation network of ``cfg`` has a ViT encoder (pretrainable, loadable)."""
+    """Whether the segmentation network of ``cfg`` has the pretrainable encoder (loadable)."""
     return cfg.seg_arch == "vit"

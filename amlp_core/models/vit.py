@@ -1,6 +1,7 @@
-"""The one ViT encoder, for 2D and 3D images, shared by the MAE and segmentation heads.
+"""Transformer pieces (blocks, fixed position embedding) and the patch <-> image reshapes.
 
-Shapes: ``B`` batch, ``C`` channels, ``N`` patches, ``D`` embedding size,
+The encoder's ViT (:class:`~amlp_core.models.encoder.HybridEncoder`) and the MAE decoder are
+built from these. Shapes: ``B`` batch, ``C`` channels, ``N`` patches, ``D`` embedding size,
 ``*S`` the spatial size (H, W) or (H, W, D), ``*G`` the patch grid (S / patch_size).
 """
 
@@ -13,7 +14,6 @@ import torch.nn.functional as F
 from monai.networks.blocks.pos_embed_utils import build_sincos_position_embedding
 from torch import nn
 
-from amlp_core.config import ModelConfig
 
 
 def sincos_position_embedding(grid_size: tuple[int, ...], dim: int) -> nn.Parameter:
@@ -53,60 +53,6 @@ class TransformerBlock(nn.Module):
 
 def transformer_stack(dim: int, depth: int, heads: int, mlp_ratio: float) -> nn.ModuleList:
     return nn.ModuleList(TransformerBlock(dim, heads, mlp_ratio) for _ in range(depth))
-
-
-class ViTEncoder(nn.Module):
-    """Patch embedding + fixed position embedding + transformer blocks.
-
-    The forward is split into named stages so that the pretext methods can reuse the
-    patch embedding (MPS features, CCL) without a second pass:
-
-    - :meth:`embed`: image ``[B, C, *S]`` -> patch tokens ``[B, N, D]`` (no position)
-    - :meth:`encode`: patch tokens, optional kept indices ``[B, N_keep]`` -> ``[B, N_keep, D]``
-    - :meth:`forward`: both, on the whole image or on the kept patches only.
-    """
-
-    def __init__(self, cfg: ModelConfig) -> None:
-        super().__init__()
-        self.cfg = cfg
-        conv = nn.Conv3d if cfg.spatial_dims == 3 else nn.Conv2d
-        self.patch_embed = conv(cfg.in_channels, cfg.embed_dim, kernel_size=cfg.patch_size, stride=cfg.patch_size)
-        self.pos_embed = sincos_position_embedding(cfg.grid_size, cfg.embed_dim)
-        self.blocks = transformer_stack(cfg.embed_dim, cfg.depth, cfg.num_heads, cfg.mlp_ratio)
-        self.norm = nn.LayerNorm(cfg.embed_dim)
-
-    @property
-    def grid_size(self) -> tuple[int, ...]:
-        return self.cfg.grid_size
-
-    def embed(self, images: torch.Tensor) -> torch.Tensor:
-        """``[B, C, *S]`` -> patch tokens ``[B, N, D]`` (before the position embedding)."""
-        expected = (self.cfg.in_channels, *self.cfg.img_size)
-        if tuple(images.shape[1:]) != expected:
-            raise ValueError(f"encoder expects images of shape [B, {', '.join(map(str, expected))}], "
-                             f"got {list(images.shape)}")
-        return self.patch_embed(images).flatten(2).transpose(1, 2)
-
-    def encode(self, tokens: torch.Tensor, ids_keep: torch.Tensor | None = None) -> torch.Tensor:
-        """Add positions, keep the visible patches, run the transformer.
-
-        Args:
-            tokens: ``[B, N, D]`` from :meth:`embed`.
-            ids_keep: ``[B, N_keep]`` indices of the visible patches, or None for all.
-
-        Returns:
-            ``[B, N_keep, D]`` (``N_keep = N`` when ``ids_keep`` is None), layer-normalised.
-        """
-        x = tokens + self.pos_embed.to(tokens.dtype)  # [B, N, D]
-        if ids_keep is not None:
-            x = torch.gather(x, 1, ids_keep.unsqueeze(-1).expand(-1, -1, x.shape[-1]))  # [B, N_keep, D]
-        for block in self.blocks:
-            x = block(x)
-        return self.norm(x)
-
-    def forward(self, images: torch.Tensor, ids_keep: torch.Tensor | None = None) -> torch.Tensor:
-        """``[B, C, *S]`` -> ``[B, N_keep, D]``."""
-        return self.encode(self.embed(images), ids_keep)
 
 
 def patchify(images: torch.Tensor, patch_size: int) -> torch.Tensor:

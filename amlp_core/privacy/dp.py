@@ -69,7 +69,10 @@ def poisson_loader(dataset: Dataset, batch_size: int, generator: torch.Generator
 
 
 def noise_only_step(optimizer: DPOptimizer) -> None:
-    """The DP step of an empty batch: no case's gradient, the noise only (and one step counted)."""
+    """The DP step of an empty batch: no case's gradient, the noise only (and one step counted).
+
+    The previous step's clipped sum is cleared first: it must not be added again (Opacus refuses it)."""
+    optimizer.zero_grad(set_to_none=True)
     for p in optimizer.params:
         p.grad_sample = p.new_zeros((0, *p.shape))
     optimizer.step()

@@ -120,11 +120,6 @@ def base_config(args: argparse.Namespace) -> dict[str, Any]:
             "federation.resume": False, "federation.stop_after_rounds": 0, **set_overrides(args.set)}
 
 
-def local_epochs_for(local_epochs: int, fraction: float, largest: float) -> int:
-    """Local epochs per round at label ``fraction``: as many optimiser steps as ``local_epochs`` at ``largest``."""
-    return max(1, round(local_epochs * largest / fraction))
-
-
 def run_config(base: dict[str, Any], run_dir: Path, method: str, fraction: float, seed: int, pretrain_rounds: int,
                init_encoder: str = "", local_epochs: int | None = None) -> Config:
     """One run's configuration; ``scratch`` and ``unet`` keep the default method, which no round uses,
@@ -468,8 +463,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                         result, names = run_once(cfg, args, f"{label} (pretraining, {pct(largest)} labels)")
                         record(method, largest, seed, "federated pretraining", args.pretrain_rounds,
                                {**result, "local_epochs": args.local_epochs}, names, big_dir)
-                # A run with pretraining rounds shares local_epochs with them; the others scale it.
-                epochs = args.local_epochs if pre_rounds else local_epochs_for(args.local_epochs, fraction, largest)
+                # Fine-tuning is counted in steps (federation.finetune_local_steps): every fraction gets the same.
+                epochs = args.local_epochs
                 cfg = run_config(base, run_dir, method, fraction, seed, pre_rounds, init_encoder, epochs)
                 result, names = run_once(cfg, args, label)
                 record(method, fraction, seed, init, pre_rounds, {**result, "local_epochs": epochs}, names, run_dir)

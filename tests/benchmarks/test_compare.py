@@ -13,7 +13,7 @@ from simulations.benchmarks import compare
 
 #: A tiny model on 16^3 phantoms (as tests.conftest.tiny_config(3)), CPU, short waits.
 TINY = ["model.img_size=16,16,16", "model.patch_size=4", "model.embed_dim=48", "model.depth=2", "model.num_heads=4",
-        "model.decoder_dim=24", "model.decoder_depth=1", "model.decoder_heads=4", "model.seg_channels=8,16",
+        "model.decoder_dim=24", "model.decoder_depth=1", "model.decoder_heads=4", "model.conv_channels=8,16",
         "data.synthetic_size=16,16,16", "data.synthetic_cases=8", "train.batch_size=4", "train.device=cpu",
         "federation.connect_timeout=60", "federation.round_timeout=300"]
 
@@ -129,12 +129,12 @@ def test_plan_of_runs_and_resumption(tmp_path, monkeypatch):
     payload = compare.main(argv)
     enc = {m: {s: str(tmp_path / "runs" / f"seed{s}" / f"{m}_100pct" / "encoder") for s in (0, 1)}
            for m in ("mae", "ace")}
-    # Half the labels: twice the local epochs (the same optimiser steps per round).
+    # Half the labels: the same local epochs, which count steps over all the labelled cases (the same steps).
     assert calls == [c for s in (0, 1) for c in [
-        ("-", 1.0, s, 0, "", 1), ("-", 0.5, s, 0, "", 2),  # scratch
-        ("unet", 1.0, s, 0, "", 1), ("unet", 0.5, s, 0, "", 2),  # scratch with a plain U-Net, the same steps
-        ("mae", 1.0, s, 3, "", 1), ("mae", 0.5, s, 0, enc["mae"][s], 2),  # pretraining run, then its encoder
-        ("ace", 1.0, s, 3, "", 1), ("ace", 0.5, s, 0, enc["ace"][s], 2)]]
+        ("-", 1.0, s, 0, "", 1), ("-", 0.5, s, 0, "", 1),  # scratch
+        ("unet", 1.0, s, 0, "", 1), ("unet", 0.5, s, 0, "", 1),  # scratch with a plain U-Net, the same steps
+        ("mae", 1.0, s, 3, "", 1), ("mae", 0.5, s, 0, enc["mae"][s], 1),  # pretraining run, then its encoder
+        ("ace", 1.0, s, 3, "", 1), ("ace", 0.5, s, 0, enc["ace"][s], 1)]]
     assert len(payload["table"]) == 8 and all(c["seeds"] == [0, 1] for c in payload["table"])
     cell = next(c for c in payload["table"] if c["method"] == "mae" and c["label_fraction"] == 0.5)
     assert cell["dice_mean_mean"] == pytest.approx(0.555) and cell["dice_mean_std"] == pytest.approx(0.00707, abs=1e-4)
@@ -155,8 +155,8 @@ def test_plan_of_runs_and_resumption(tmp_path, monkeypatch):
     shutil.rmtree(tmp_path / "runs" / "seed1" / "ace_100pct")
     calls.clear()
     again = compare.main([*argv, "--resume-rows"])
-    assert calls == [("mae", 0.5, 1, 0, enc["mae"][1], 2), ("ace", 1.0, 1, 3, "", 1),
-                     ("ace", 0.5, 1, 0, enc["ace"][1], 2)]
+    assert calls == [("mae", 0.5, 1, 0, enc["mae"][1], 1), ("ace", 1.0, 1, 3, "", 1),
+                     ("ace", 0.5, 1, 0, enc["ace"][1], 1)]
     assert len(again["rows"]) == 16 and again["table"] == payload["table"]
 
 

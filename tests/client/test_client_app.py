@@ -45,6 +45,8 @@ def _instructions(cfg, phase=P.PRETRAIN, rnd=1, **changes) -> ConfigRecord:
         from amlp_core.schedules import federated_progress
 
         record[P.EXPECTED_RATIO] = mask_ratio_at(cfg.method, federated_progress(rnd, 0, fed.local_epochs, total))
+    else:
+        record[P.LOCAL_STEPS] = fed.finetune_local_steps
     record.update(changes)
     return ConfigRecord(record)
 
@@ -188,3 +190,69 @@ def test_the_example_site_file_is_valid():
     example = Path(__file__).resolve().parents[2] / "deploy" / "site.example.yaml"
     cfg = apply_site_file(Config(), example)
     assert cfg.site.name == "st-mary" and cfg.train.label_fraction == 0.1
+
+
+@pytest.fixture
+def steps_taken(monkeypatch):
+    """The base rate of every optimiser step taken (DP-SGD's optimizer steps the wrapped AdamW too)."""
+    lrs: list[float] = []
+    step = torch.optim.AdamW.step
+
+    def counting(self, *args, **kwargs):
+        lrs.append(self.param_groups[0]["lr"])  # the decoder's group: scale 1
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", counting)
+    return lrs
+
+
+def _server_instructions(cfg, rnd: int) -> ConfigRecord:
+    from server.federation import Federation
+
+    return Federation(None, cfg)._instructions(P.FINETUNE, rnd, cfg.federation.finetune_rounds)
+
+
+@pytest.mark.parametrize("fraction, local_steps, planned", [(0.25, 0, 8), (1.0, 0, 8), (0.25, 5, 5), (1.0, 5, 5)])
+def test_a_finetuning_round_takes_the_planned_local_steps(tmp_path, steps_taken, fraction, local_steps, planned):
+    # 20 phantoms a site, 16 for training; batch 4: an epoch over all of them is 4 steps, two local epochs 8,
+    # whether the site keeps all 16 labelled cases or 4 (one batch a pass).
+    cfg = _cfg(tmp_path, **{"data.synthetic_cases": 20, "train.label_fraction": fraction,
+                            "federation.local_epochs": 2, "federation.finetune_local_steps": local_steps})
+    ctx = _context(cfg, 0)
+    reply = app(_train_message(cfg, SegmentationNet(cfg.model).state_dict(), _server_instructions(cfg, 1),
+                               ctx.node_id), ctx)
+    assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
+    assert len(steps_taken) == planned
+    assert dict(reply.content[P.METRICS])[P.NUM_EXAMPLES] == round(16 * fraction)  # samples, not batches
+
+
+def test_the_finetuning_rate_follows_the_steps_over_the_whole_run(tmp_path, steps_taken):
+    cfg = _cfg(tmp_path, **{"federation.finetune_rounds": 2, "federation.finetune_local_steps": 6,
+                            "train.finetune_warmup": 0.25})
+    ctx = _context(cfg, 0)
+    model = SegmentationNet(cfg.model).state_dict()
+    for rnd in (1, 2):
+        reply = app(_train_message(cfg, model, _server_instructions(cfg, rnd), ctx.node_id), ctx)
+        assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
+        model = reply.content[P.ARRAYS].to_torch_state_dict()
+    from amlp_core.schedules import warmup_cosine
+
+    expected = [cfg.train.finetune_lr * warmup_cosine((k + 0.5) / 12, 0.25, floor=0.0) for k in range(12)]
+    assert steps_taken == pytest.approx(expected)  # warm-up in round 1, then cosine to 0 over both rounds
+
+
+def test_a_local_steps_mismatch_is_refused(tmp_path):
+    cfg = _cfg(tmp_path, **{"federation.finetune_local_steps": 4})
+    ctx = _context(cfg, 0)
+    model = SegmentationNet(cfg.model).state_dict()
+    for sent, needle in ((7, "the server plans 7 local steps per fine-tuning round"),
+                         (0, "the server plans local epochs over all labelled cases per fine-tuning round")):
+        reply = app(_train_message(cfg, model, _instructions(cfg, phase=P.FINETUNE, **{P.LOCAL_STEPS: sent}),
+                                   ctx.node_id), ctx)
+        assert reply.has_error()
+        assert reply.error.reason.startswith("site site0: " + needle), reply.error.reason
+        assert "this site 4 local steps" in reply.error.reason
+    old = _instructions(cfg, phase=P.FINETUNE)
+    del old[P.LOCAL_STEPS]  # a server from before the key
+    reply = app(_train_message(cfg, model, old, ctx.node_id), ctx)
+    assert reply.has_error() and f"lacks {P.LOCAL_STEPS!r}" in reply.error.reason

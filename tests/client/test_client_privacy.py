@@ -78,3 +78,21 @@ def test_without_site_dp_nothing_is_accounted(tmp_path):
     reply = _round(cfg, ctx, P.FINETUNE, 1, SegmentationNet(cfg.model).state_dict())
     assert P.EPSILON not in dict(reply.content[P.METRICS])  # no privacy claim without the accountant
     assert not (tmp_path / "run" / "sites" / "site0" / LEDGER_FILE).exists()
+
+
+def test_the_site_ledger_is_planned_and_charged_in_the_local_steps(tmp_path):
+    # 6 training cases, 3 labelled (half), batch 4: sample rate 1, one draw a pass; 5 steps a round.
+    cfg = _cfg(tmp_path, **{"privacy.site_dp": True, "privacy.budget": 8.0, "train.label_fraction": 0.5,
+                            "federation.finetune_rounds": 2, "federation.finetune_local_steps": 5})
+    ctx = _context(cfg, 0)
+    model = SegmentationNet(cfg.model).state_dict()
+    eps = []
+    for rnd in (1, 2):
+        reply = _round(cfg, ctx, P.FINETUNE, rnd, model)
+        assert not reply.has_error(), reply.error.reason
+        eps.append(dict(reply.content[P.METRICS])[P.EPSILON])
+    ledger = json.loads((tmp_path / "run" / "sites" / "site0" / LEDGER_FILE).read_text())
+    assert [r["steps"] for r in ledger["rounds"]] == [5, 5]
+    assert [(q, n) for _, q, n in ledger["history"]] == [(1.0, 5), (1.0, 5)]
+    # The noise was calibrated for the planned 2 x 5 steps: the run spends its budget, no more.
+    assert eps[0] < eps[1] and eps[1] == pytest.approx(8.0, rel=0.03) and eps[1] <= 8.0

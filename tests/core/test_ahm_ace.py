@@ -203,7 +203,7 @@ def test_ace_needs_an_even_patch_grid():
     from amlp_core.config import ModelConfig
 
     cfg = ModelConfig(spatial_dims=2, img_size=(24, 32), patch_size=8, embed_dim=48, num_heads=4, decoder_dim=24,
-                      decoder_heads=4, seg_channels=(8,))
+                      decoder_heads=4, conv_channels=(8,))
     with pytest.raises(ConfigError, match="model.img_size"):
         build_method(cfg, MethodConfig(name="ace"))
 

@@ -73,7 +73,7 @@ def test_seg_arch_is_checked_and_a_plain_unet_refuses_an_encoder():
                       "federation.init_encoder": "runs/x/encoder"})
     with pytest.raises(ConfigError, match=r"model\.img_size=\(36, 36, 36\).*multiple of 8"):
         build_config({"model.seg_arch": "unet", "federation.pretrain_rounds": 0, "model.img_size": "36,36,36",
-                      "model.patch_size": 4, "model.seg_channels": "8,16"})
+                      "model.patch_size": 4, "model.conv_channels": "8,16"})
     unet = build_config({"model.seg_arch": "unet", "federation.pretrain_rounds": 0})
     vit = build_config({"federation.pretrain_rounds": 0})
     assert Config().model.seg_arch == "vit" and unet.model.seg_arch == "unet"

@@ -8,7 +8,8 @@ from torch import nn
 from amlp_core.masking import random_mask
 from amlp_core.methods import build_method
 from amlp_core.config import MethodConfig
-from amlp_core.models import (MAEDecoder, SegmentationNet, ViTEncoder, build_segmentation_model, patchify,
+from amlp_core.config import ARCHITECTURE
+from amlp_core.models import (HybridEncoder, MAEDecoder, SegmentationNet, build_segmentation_model, patchify,
                               unpatchify)
 from tests.conftest import tiny_model
 
@@ -23,19 +24,23 @@ def test_patchify_round_trip_and_matches_token_order(dims):
     patches = patchify(x, cfg.patch_size)  # [B, N, P]
     assert patches.shape == (2, cfg.num_patches, cfg.patch_size ** dims)
     assert torch.equal(unpatchify(patches, cfg.patch_size, cfg.grid_size, 1), x)
-    # The encoder's patch embedding is a linear map of exactly these patches, in this order.
-    enc = ViTEncoder(cfg)
-    w = enc.patch_embed.weight.reshape(cfg.embed_dim, -1)  # [D, P] (C=1)
-    expected = patches @ w.T + enc.patch_embed.bias
-    assert torch.allclose(enc.embed(x), expected, atol=1e-5)
+    # The encoder's tokens follow the same order: a token changes when (and only when) its own patch is
+    # the one hidden, since hidden patches are zeroed at every scale.
+    enc = HybridEncoder(cfg).eval()
+    visible = torch.ones(2, cfg.num_patches, dtype=torch.bool)
+    visible[:, 3] = False
+    full = enc(x).tokens
+    masked = enc(x, visible=visible).tokens
+    changed = (full - masked).abs().amax(-1)  # [B, N]
+    assert bool((changed[:, 3] > 1e-4).all())
 
 
 def test_encoder_and_mae_decoder_shapes_and_backward(dims):
     cfg = tiny_model(dims)
-    enc, dec = ViTEncoder(cfg), MAEDecoder(cfg)
+    enc, dec = HybridEncoder(cfg), MAEDecoder(cfg)
     x = _images(cfg)
     mask = random_mask(2, cfg.num_patches, 0.75)
-    latent = enc(x, mask.ids_keep)
+    latent = enc(x, visible=~mask.masked, ids_keep=mask.ids_keep).tokens
     assert latent.shape == (2, mask.ids_keep.shape[1], cfg.embed_dim)
     pred = dec(latent, mask.ids_restore)
     assert pred.shape == (2, cfg.num_patches, cfg.patch_size ** dims)
@@ -56,7 +61,7 @@ def test_segmentation_shapes_and_backward(dims):
 
 def test_wrong_input_shape_is_refused(dims):
     cfg = tiny_model(dims)
-    enc = ViTEncoder(cfg)
+    enc = HybridEncoder(cfg)
     bad = torch.zeros(1, 1, *[s + 4 for s in cfg.img_size])
     try:
         enc(bad)
@@ -80,7 +85,9 @@ def test_strict_encoder_hand_off_from_pretraining(dims):
     assert not missing.missing_keys and not missing.unexpected_keys
     x = _images(cfg)
     method.eval(), net.eval()
-    assert torch.allclose(method.encoder(x), net.encoder(x))
+    assert torch.allclose(method.encoder(x).tokens, net.encoder(x).tokens)
+    for a, b in zip(method.encoder(x).skips, net.encoder(x).skips):
+        assert torch.allclose(a, b)
     # The segmentation net's encoder keys are exactly the pretraining encoder's, prefixed.
     seg_keys = {k.removeprefix("encoder.") for k in net.state_dict() if k.startswith("encoder.")}
     assert seg_keys == set(encoder_state)
@@ -100,3 +107,26 @@ def test_segmentation_factory_builds_either_network(arch, cls, dims):
     assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in net.modules())  # Opacus needs none
     has_encoder = any(k.startswith("encoder.") for k in net.state_dict())
     assert has_encoder == (arch == "vit")
+
+
+def test_checkpoint_of_the_previous_layout_is_refused(tmp_path):
+    """A pretraining or segmentation checkpoint written before the hierarchical encoder (layout 1, no
+    ``architecture`` tag) is refused with a message naming the file and the mismatch."""
+    from amlp_core.engine.checkpoint import save_checkpoint
+    from amlp_core.engine.pipeline import load_pretrained_encoder, load_segmentation, pretrained_meta
+    from amlp_core.errors import CheckpointError
+    from tests.conftest import tiny_config
+    cfg = tiny_config(2)
+    method = build_method(cfg.model, cfg.method)
+    meta = pretrained_meta(cfg, 1)
+    good = save_checkpoint(tmp_path / "good.pt", {"method": method.state_dict()}, meta)
+    encoder, _ = load_pretrained_encoder(good, cfg.model)
+    assert set(encoder) == set(method.encoder.state_dict())
+    old = {k: v for k, v in meta.items() if k != "architecture"}
+    old_path = save_checkpoint(tmp_path / "old.pt", {"method": method.state_dict()}, old)
+    wanted = rf"old.pt holds network layout 1, this version needs layout {ARCHITECTURE}"
+    with pytest.raises(CheckpointError, match=wanted):
+        load_pretrained_encoder(old_path, cfg.model)
+    seg_old = save_checkpoint(tmp_path / "seg_old.pt", {"model": {}}, {"kind": "segmentation", "config": cfg.to_dict()})
+    with pytest.raises(CheckpointError, match="seg_old.pt holds network layout 1"):
+        load_segmentation(seg_old)

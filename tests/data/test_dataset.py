@@ -11,8 +11,10 @@ from amlp_core.data import (
     split_names,
     to_slices,
 )
+from amlp_core.config import TrainConfig, build_config
 from amlp_core.data.dataset import Sample
-from amlp_core.errors import DataError
+from amlp_core.data.transforms import fit_to_roi, random_flip
+from amlp_core.errors import ConfigError, DataError
 
 from .helpers import label_map, save_nii
 
@@ -54,6 +56,63 @@ def test_seg_dataset_augmentation_is_reproducible():
     assert not torch.equal(a[0]["image"], first)
     plain = SegDataset(samples, (16, 16))
     assert torch.equal(plain[0]["image"], plain[0]["image"])
+
+
+@pytest.mark.parametrize("shape, roi", [((35, 50, 35), (48, 64, 48)), ((30, 26), (24, 32))])
+def test_seg_dataset_strong_augmentation_deterministic(shape, roi):
+    samples = make_phantom_samples(2, shape, seed=0)
+    a = SegDataset(samples, roi, augment=True, seed=3, strength="strong")
+    b = SegDataset(samples, roi, augment=True, seed=3, strength="strong")
+    for i in range(2):
+        assert torch.equal(a[i]["image"], b[i]["image"]) and torch.equal(a[i]["label"], b[i]["label"])
+    first = a[1]
+    a.set_epoch(1)
+    assert not torch.equal(a[1]["image"], first["image"])
+    for epoch in range(6):
+        a.set_epoch(epoch)
+        item = a[1]
+        assert item["image"].shape == (1, *roi) and item["image"].dtype == torch.float32
+        assert item["label"].shape == (1, *roi) and item["label"].dtype == torch.int64
+        assert item["image"].is_contiguous() and item["label"].is_contiguous()
+        assert set(item["label"].unique().tolist()) <= set(np.unique(samples[1].label).tolist())
+    unlabelled = [Sample(s.name, s.image, None, s.affine) for s in samples]
+    item = SegDataset(unlabelled, roi, augment=True, seed=3)[1]
+    assert "label" not in item and torch.equal(item["image"], first["image"])  # same draws without labels
+
+
+def test_seg_dataset_flip_is_crop_and_flips_only():
+    samples = make_phantom_samples(2, (20, 14, 10), seed=0)
+    flip = SegDataset(samples, (16, 16, 8), augment=True, seed=5, strength="flip")
+    strong = SegDataset(samples, (16, 16, 8), augment=True, seed=5)
+    differs = False
+    for epoch in range(10):
+        flip.set_epoch(epoch)
+        strong.set_epoch(epoch)
+        rng = np.random.default_rng((5, epoch, 1))
+        image, label = random_flip(*fit_to_roi(samples[1].image, samples[1].label, (16, 16, 8), rng), rng)
+        assert np.array_equal(flip[1]["image"].numpy(), image) and np.array_equal(flip[1]["label"][0].numpy(), label)
+        differs |= not torch.equal(strong[1]["image"], flip[1]["image"])
+    assert differs
+    plain = SegDataset(samples, (16, 16, 8), strength="strong")  # augment=False: a center crop, nothing else
+    assert np.array_equal(plain[1]["image"].numpy(), fit_to_roi(samples[1].image, None, (16, 16, 8))[0])
+
+
+def test_seg_dataset_and_config_reject_unknown_augmentation():
+    samples = make_phantom_samples(1, (16, 16), seed=0)
+    with pytest.raises(ConfigError, match="'heavy'.*strong, flip"):
+        SegDataset(samples, (16, 16), augment=True, strength="heavy")
+    assert TrainConfig().augment == "strong" and build_config({"train.augment": "flip"}).train.augment == "flip"
+    with pytest.raises(ConfigError, match=r"train\.augment='heavy'.*strong or flip"):
+        build_config({"train.augment": "heavy"})
+
+
+def test_make_loader_passes_train_augment():
+    from amlp_core.engine.pipeline import make_loader
+
+    cfg = build_config({"model.img_size": "16,16,8", "train.augment": "flip"})
+    samples = make_phantom_samples(2, (20, 14, 10), seed=0)
+    assert make_loader(samples, cfg, augment=True, labels=True).dataset.strength == "flip"
+    assert make_loader(samples, build_config(), augment=True, labels=False).dataset.strength == "strong"
 
 
 def test_seg_dataset_mixed_labels_rejected():
