@@ -29,13 +29,14 @@ class MPSAMS(PretrainMethod):
     def training_step(self, images: torch.Tensor, progress: float,
                       generator: torch.Generator | None = None) -> StepOutput:
         ratio = self.masking_ratio(progress)
+        first = self.encoder.first_conv(images)  # [B, c_1, *S/2], shared with the masked pass
         with torch.set_grad_enabled(self.feature_gradient and torch.is_grad_enabled()):
-            stem = self.encoder.stem(images)  # [B, c_1, *S/2] on the whole image (with gradient for CCL)
-        feats = self.mps.features(stem, images, self.model_cfg.patch_size)  # [B, N, c_1 + 2]
+            stem = self.encoder.stem(first if self.feature_gradient else first.detach())  # whole image
+        feats = self.mps.features(stem, images, self.model_cfg.patch_size)  # [B, N, c_1 + 2], grad for CCL
         clustering = self.mps.cluster(feats.detach(), generator)  # per-image groups, by size rank
         lesion = self.mps.lesion_rank
         mask = self.mps.select(clustering, ratio, generator)  # lesion group first
-        per_patch = self.reconstruct(images, mask)  # [B, N], hidden patches zeroed at every scale
+        per_patch = self.reconstruct(images, mask, first)  # [B, N], hidden patches zeroed at every scale
         l_masked = self.masked(per_patch, mask)  # [B, M]
         rec = self.reconstruction_loss(l_masked)
         extra, metrics = self.extra_loss(feats, clustering, lesion, mask, l_masked)

@@ -61,23 +61,24 @@ class PretrainMethod(nn.Module):
     def masking_ratio(self, progress: float) -> float:
         return self.ratio_at(self.method_cfg, progress)
 
-    def predict_patches(self, images: torch.Tensor, mask: Mask) -> torch.Tensor:
+    def predict_patches(self, images: torch.Tensor, mask: Mask, first: torch.Tensor | None = None) -> torch.Tensor:
         """Encode what the mask shows (hidden patches zeroed at every scale), decode every patch.
 
         Args:
             images: ``[B, C, *S]``.
             mask: which patches are hidden.
+            first: the encoder's first conv of the unmasked images, when already computed (MPS).
 
         Returns:
             ``[B, N, P]`` the predicted (per-patch normalised) pixels of every patch, ``P = C * p**dims``.
         """
-        latent = self.encoder(images, visible=~mask.masked, ids_keep=mask.ids_keep).tokens  # [B, N_keep, D]
+        latent = self.encoder(images, ~mask.masked, mask.ids_keep, first).tokens  # [B, N_keep, D]
         return self.decoder(latent, mask.ids_restore)  # [B, N, P]
 
-    def reconstruct(self, images: torch.Tensor, mask: Mask) -> torch.Tensor:
+    def reconstruct(self, images: torch.Tensor, mask: Mask, first: torch.Tensor | None = None) -> torch.Tensor:
         """Per-patch reconstruction loss ``l_i`` ``[B, N]`` of ``images`` ``[B, C, *S]`` under ``mask``
         (meaningful on the masked patches)."""
-        pred = self.predict_patches(images, mask)  # [B, N, P]
+        pred = self.predict_patches(images, mask, first)  # [B, N, P]
         return patch_losses(pred, normalize_patches(self.patchify(images)))  # [B, N]
 
     def training_step(self, images: torch.Tensor, progress: float,

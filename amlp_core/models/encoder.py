@@ -83,14 +83,21 @@ class ConvStage(nn.Module):
         self.conv2 = conv(cout, cout, kernel_size=3, padding=1)
         self.act0, self.act1, self.act2 = nn.PReLU(), nn.PReLU(), nn.PReLU()
 
-    def stem(self, x: torch.Tensor, vis: torch.Tensor | None = None) -> torch.Tensor:
-        """The downsampling conv alone: ``[B, cin, *S]`` -> ``[B, cout, *S / 2]``."""
-        return self.act0(masked_instance_norm(self.down(x), vis))
+    def normalized(self, down: torch.Tensor, vis: torch.Tensor | None = None) -> torch.Tensor:
+        """The downsampling conv's output ``[B, cout, *S / 2]`` normalised (over ``vis``) and activated."""
+        return self.act0(masked_instance_norm(down, vis))
 
-    def forward(self, x: torch.Tensor, visible: torch.Tensor | None, grid_size: tuple[int, ...]) -> torch.Tensor:
-        """``[B, cin, *S]`` (hidden positions 0) -> ``[B, cout, *S / 2]`` (hidden positions 0)."""
-        vis = visible_map(visible, grid_size, tuple(s // 2 for s in x.shape[2:]), x.dtype)
-        x = self.stem(x, vis)  # [B, cout, *S/2]
+    def forward(self, x: torch.Tensor, visible: torch.Tensor | None, grid_size: tuple[int, ...],
+                down: torch.Tensor | None = None) -> torch.Tensor:
+        """``[B, cin, *S]`` (hidden positions 0) -> ``[B, cout, *S / 2]`` (hidden positions 0).
+
+        ``down``: ``self.down`` of the *unmasked* input, when the caller has it already. The conv is
+        patch-local, so on the visible positions it equals the conv of the masked input, and the
+        masked norm zeroes the hidden ones: the result is the same, one conv cheaper.
+        """
+        down = self.down(x) if down is None else down  # [B, cout, *S/2]
+        vis = visible_map(visible, grid_size, tuple(down.shape[2:]), down.dtype)
+        x = self.normalized(down, vis)  # [B, cout, *S/2]
         h = self.act1(masked_instance_norm(self.conv1(x), vis))
         h = masked_instance_norm(self.conv2(h), vis)
         return self.act2(x + h)
@@ -115,7 +122,8 @@ class HybridEncoder(nn.Module):
 
     The stages read like the method:
 
-    - :meth:`stem`: the first stage's downsampling conv on the whole image (MPS's patch features);
+    - :meth:`first_conv` and :meth:`stem`: the first stage's downsampling conv on the whole image,
+      normalised (MPS's patch features); the first conv is shared with the masked pass;
     - :meth:`conv_stages`: the image with hidden patches zeroed, through every stage;
     - :meth:`embed`: the last stage's map to patch tokens ``[B, N, D]`` (a ``p / 2**L`` strided conv);
     - :meth:`encode`: positions, the visible tokens only, the transformer.
@@ -148,23 +156,30 @@ class HybridEncoder(nn.Module):
             raise ValueError(f"encoder expects images of shape [B, {', '.join(map(str, expected))}], "
                              f"got {list(images.shape)}")
 
-    def stem(self, images: torch.Tensor) -> torch.Tensor:
-        """``[B, C, *S]`` -> ``[B, c_1, *S / 2]``: the first downsampling conv on the unmasked image."""
+    def first_conv(self, images: torch.Tensor) -> torch.Tensor:
+        """``[B, C, *S]`` -> ``[B, c_1, *S / 2]``: the first stage's ``2 x 2`` stride-2 conv of the unmasked image."""
         self.check_images(images)
-        return self.stages[0].stem(images)
+        return self.stages[0].down(images)
 
-    def conv_stages(self, images: torch.Tensor, visible: torch.Tensor | None = None) -> list[torch.Tensor]:
+    def stem(self, first: torch.Tensor) -> torch.Tensor:
+        """The first conv's output ``[B, c_1, *S / 2]`` (:meth:`first_conv`), normalised over the whole
+        image and activated: the encoder's own description of every position, which MPS clusters."""
+        return self.stages[0].normalized(first)
+
+    def conv_stages(self, images: torch.Tensor, visible: torch.Tensor | None = None,
+                    first: torch.Tensor | None = None) -> list[torch.Tensor]:
         """``[B, C, *S]`` -> ``[[B, c_i, *S / 2**i] for i = 1..L]``, hidden patches zeroed at every scale.
 
         Args:
             visible: ``[B, N]`` bool (True = shown), or None for the whole image.
+            first: :meth:`first_conv` of the same (unmasked) images, when the caller has it already.
         """
         self.check_images(images)
         vis = visible_map(visible, self.grid_size, tuple(images.shape[2:]), images.dtype)
         x = images if vis is None else images * vis  # [B, C, *S], hidden voxels 0
         skips = []
-        for stage in self.stages:
-            x = stage(x, visible, self.grid_size)  # [B, c_i, *S / 2**i]
+        for i, stage in enumerate(self.stages):
+            x = stage(x, visible, self.grid_size, first if i == 0 else None)  # [B, c_i, *S / 2**i]
             skips.append(x)
         return skips
 
@@ -190,13 +205,14 @@ class HybridEncoder(nn.Module):
         return self.norm(x)
 
     def forward(self, images: torch.Tensor, visible: torch.Tensor | None = None,
-                ids_keep: torch.Tensor | None = None) -> EncoderOutput:
+                ids_keep: torch.Tensor | None = None, first: torch.Tensor | None = None) -> EncoderOutput:
         """``[B, C, *S]`` -> skips ``[B, c_i, *S / 2**i]`` and tokens ``[B, N_keep, D]``.
 
         ``visible`` ``[B, N]`` and ``ids_keep`` ``[B, N_keep]`` describe the same mask (see
-        :class:`~amlp_core.masking.Mask`); both None: the whole image.
+        :class:`~amlp_core.masking.Mask`); both None: the whole image. ``first``: :meth:`first_conv`
+        of the unmasked images, when the caller has it already (MPS).
         """
-        skips = self.conv_stages(images, visible)  # [B, c_i, *S / 2**i]
+        skips = self.conv_stages(images, visible, first)  # [B, c_i, *S / 2**i]
         tokens = self.embed(skips[-1])  # [B, N, D]
         return EncoderOutput(skips, self.encode(tokens, ids_keep))
 

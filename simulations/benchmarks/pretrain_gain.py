@@ -7,7 +7,8 @@ the segmentation network for the same optimiser steps and reports the test Dice;
 compared with scratch (and AMLP with MAE) *paired by seed*: runs with the same seed share the
 labelled subset, the decoder's initialisation and the sampling, so the spread they share cancels.
 
-- Initialisations: ``scratch`` (no pretraining) and each pretraining method at each of
+- Initialisations: ``scratch`` (no pretraining), ``unet`` (the plain conv U-Net, also from scratch)
+  and each pretraining method at each of
   ``--pretrain-epochs`` (self-supervised epochs over all 160 training images, labels unused). One
   pretraining per method and budget serves every fine-tuning seed (``--pretrain-seed``).
 - The fine-tuning curve (test Dice every ``--curve-every`` steps) is kept, so a reader can see
@@ -38,6 +39,7 @@ from simulations.benchmarks.common import (HIPPOCAMPUS_SPLIT, benchmark_parser, 
 
 log = logging.getLogger(__name__)
 SCRATCH = "scratch"
+UNET = "unet"  # the plain conv U-Net from scratch (model.seg_arch=unet): the floor every gain is measured against
 
 
 def _ints(text: str) -> list[int]:
@@ -141,6 +143,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--pretrain-seed", type=int, default=0)
     p.add_argument("--finetune-steps", type=int, default=800, help="optimiser steps of every fine-tuning run")
     p.add_argument("--curve-every", type=int, default=100, help="test Dice every this many steps (0: end only)")
+    p.add_argument("--variant", default="", help="a name for this invocation's --set (e.g. a fine-tuning recipe): "
+                   "appended to the pretrained rows' names and run folders, so variants share one --out")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--runs", default="runs/pretrain_gain")
     args = p.parse_args(argv)
@@ -157,15 +161,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     done = {(r["init"], r["label_fraction"], r["seed"]) for r in rows}
     header = {"benchmark": "pretrain_gain", "machine": machine(), "split": HIPPOCAMPUS_SPLIT,
               "train_cases": len(split.train), "test_cases": len(split.test), "finetune_steps": args.finetune_steps,
-              "batch_size": cfg.train.batch_size, "overrides": args.set, "pretrain_seed": args.pretrain_seed,
+              "batch_size": cfg.train.batch_size, "pretrain_seed": args.pretrain_seed,
               "pretraining": previous.get("pretraining", {})}
 
     inits: list[tuple[str, str | None, int]] = []  # (row name, method, pretraining epochs)
+    suffix = f" [{args.variant}]" if args.variant else ""
     for method in methods:
-        if method == SCRATCH:
-            inits.append((SCRATCH, None, 0))
+        if method in (SCRATCH, UNET):
+            inits.append((method, None, 0))
         else:
-            inits += [(f"{method} {e} ep", method, e) for e in budgets]
+            inits += [(f"{method} {e} ep{suffix}", method, e) for e in budgets]
     for fraction in fractions:
         for seed in seeds:
             for name, method, epochs in inits:
@@ -178,10 +183,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                                    "final_loss": pre["final_loss"]}
                     init = pre["folder"]
                 ft_cfg = cfg.replace(train={"label_fraction": fraction, "seed": seed,
-                                            "finetune_steps": args.finetune_steps, "eval_every": args.curve_every})
-                run = runs / f"finetune_{name.replace(' ', '_')}_f{fraction}_s{seed}"
+                                            "finetune_steps": args.finetune_steps, "eval_every": args.curve_every},
+                                     model={"seg_arch": "unet" if name == UNET else cfg.model.seg_arch})
+                slug = "".join(c if c.isalnum() or c in "._-" else "_" for c in name)
+                run = runs / f"finetune_{slug}_f{fraction}_s{seed}"
                 result = finetune(ft_cfg, run, init=init, split=split)
-                rows.append({"init": name, "method": method or SCRATCH, "pretrain_epochs": epochs,
+                rows.append({"init": name, "method": method or name, "pretrain_epochs": epochs,
+                             "overrides": args.set,
                              "label_fraction": fraction, "seed": seed, "labelled_cases": result["labelled_cases"],
                              "steps": args.finetune_steps, "train_seconds": result["train_seconds"],
                              **{k: v for k, v in result.items() if k.startswith("dice_")}, "curve": curve(run)})

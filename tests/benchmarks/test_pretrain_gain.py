@@ -16,7 +16,7 @@ TINY = ["model.spatial_dims=2", "model.img_size=32,32", "data.synthetic_size=32,
 def _args(tmp_path, *extra):
     sets = [a for s in TINY for a in ("--set", s)]
     return ["--data", "synthetic", "--out", str(tmp_path / "gain.json"), "--runs", str(tmp_path / "runs"),
-            "--methods", "scratch,mae", "--fractions", "0.5", "--seeds", "0,1", "--pretrain-epochs", "1",
+            "--methods", "scratch,unet,mae", "--fractions", "0.5", "--seeds", "0,1", "--pretrain-epochs", "1",
             "--finetune-steps", "4", "--curve-every", "2", *sets, *extra]
 
 
@@ -24,7 +24,7 @@ def _args(tmp_path, *extra):
 def test_benchmark_runs_pairs_and_resumes(tmp_path, monkeypatch):
     payload = pretrain_gain.main(_args(tmp_path))
     rows = payload["rows"]
-    assert [(r["init"], r["seed"]) for r in rows] == [("scratch", 0), ("mae 1 ep", 0), ("scratch", 1), ("mae 1 ep", 1)]
+    assert [(r["init"], r["seed"]) for r in rows] == [(i, s) for s in (0, 1) for i in ("scratch", "unet", "mae 1 ep")]
     assert all(r["steps"] == 4 and 0 <= r["dice_mean"] <= 1 for r in rows)
     assert any("test_dice_mean" in point for point in rows[0]["curve"])  # the curve before the end
     cell = next(c for c in payload["summary"] if c["init"] == "mae 1 ep")
@@ -37,6 +37,13 @@ def test_benchmark_runs_pairs_and_resumes(tmp_path, monkeypatch):
     monkeypatch.setattr(pretrain_gain, "pretrain", lambda *a, **k: pytest.fail("a finished pretraining was re-run"))
     again = pretrain_gain.main(_args(tmp_path))
     assert again["rows"] == json.loads((tmp_path / "gain.json").read_text())["rows"] == rows
+    # A variant (another fine-tuning recipe) adds its own rows beside, reusing the pretraining.
+    monkeypatch.undo()
+    monkeypatch.setattr(pretrain_gain, "pretrain", lambda *a, **k: pytest.fail("a finished pretraining was re-run"))
+    third = pretrain_gain.main(_args(tmp_path, "--methods", "mae", "--seeds", "0", "--variant", "lr1",
+                                     "--set", "train.encoder_lr_scale=1.0"))
+    assert [r["init"] for r in third["rows"]][-1] == "mae 1 ep [lr1]" and len(third["rows"]) == 7
+    assert third["rows"][-1]["overrides"][-1] == "train.encoder_lr_scale=1.0"
 
 
 def test_paired_differences_use_common_seeds_only():

@@ -93,3 +93,15 @@ def test_encoder_is_hierarchical(dims):
     for i, (skip, width) in enumerate(zip(out.skips, cfg.conv_channels)):
         assert skip.shape == (2, width, *[s // 2 ** (i + 1) for s in cfg.img_size])
     assert out.tokens.shape == (2, cfg.num_patches, cfg.embed_dim)
+
+
+def test_the_shared_first_conv_gives_the_masked_pass_exactly(dims):
+    """MPS computes the first conv once on the unmasked image and hands it to the masked pass: the same result."""
+    cfg = tiny_model(dims)
+    enc = HybridEncoder(cfg).eval()
+    x = _images(cfg)
+    mask = random_mask(2, cfg.num_patches, 0.5, torch.Generator().manual_seed(0))
+    plain = enc(x, ~mask.masked, mask.ids_keep)
+    shared = enc(x, ~mask.masked, mask.ids_keep, first=enc.first_conv(x))
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(plain.skips, shared.skips))
+    assert torch.allclose(plain.tokens, shared.tokens, atol=1e-6)

@@ -59,7 +59,7 @@ def test_batched_kmeans_matches_sklearn_on_mps_features():
     torch.manual_seed(0)
     mps = MPSMasking()
     with torch.no_grad():
-        feats = mps.features(HybridEncoder(cfg).stem(images), images, cfg.patch_size)
+        feats = mps.features(_stem(cfg, images), images, cfg.patch_size)
     scaled = FeatureScale.fit(feats)(feats)
     labels, centroids = batched_kmeans(scaled, 2, iters=30, inits=10, generator=torch.Generator().manual_seed(0))
     for b in range(len(samples)):
@@ -72,6 +72,11 @@ def test_batched_kmeans_matches_sklearn_on_mps_features():
             assert adjusted_rand_score(ref_labels, labels[b].numpy()) > 0.95
 
 
+def _stem(cfg, images):
+    enc = HybridEncoder(cfg)
+    return enc.stem(enc.first_conv(images))
+
+
 def _lesion_patches(samples, patch):
     labels = torch.tensor(np.stack([s.label for s in samples]))[:, None].float()
     return patchify(labels, patch).amax(-1) > 0  # [B, N]
@@ -81,7 +86,7 @@ def test_mps_masks_the_budget_lesion_group_first():
     cfg = tiny_model(2)
     samples = make_phantom_samples(8, cfg.img_size, seed=0)
     images = torch.tensor(np.stack([s.image for s in samples]))
-    feats = MPSMasking().features(HybridEncoder(cfg).stem(images).detach(), images, cfg.patch_size)
+    feats = MPSMasking().features(_stem(cfg, images).detach(), images, cfg.patch_size)
     mps = MPSMasking(random_fraction=0.0)
     clustering = mps.cluster(feats, torch.Generator().manual_seed(0))
     ratio = 0.25
@@ -104,7 +109,7 @@ def test_mps_finds_more_lesion_patches_than_random_masking(proj_dim):
     torch.manual_seed(0)
     width = cfg.conv_channels[0]
     mps = MPSMasking(embed_dim=width, proj_dim=proj_dim)
-    feats = mps.features(HybridEncoder(cfg).stem(images).detach(), images, cfg.patch_size)
+    feats = mps.features(_stem(cfg, images).detach(), images, cfg.patch_size)
     assert feats.shape[-1] == (proj_dim if 0 < proj_dim < width else width) + 2
     g = torch.Generator().manual_seed(0)
     mask = mps.select(mps.cluster(feats, g), 0.25, g)
