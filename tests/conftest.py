@@ -38,3 +38,17 @@ def dims(request) -> int:
 def _seeded():
     """Every test starts from the same random state, whatever ran before it."""
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def steps_taken(monkeypatch) -> list[float]:
+    """The base rate of every optimiser step taken (DP-SGD's optimizer steps the wrapped AdamW too)."""
+    lrs: list[float] = []
+    step = torch.optim.AdamW.step
+
+    def counting(self, *args, **kwargs):
+        lrs.append(self.param_groups[0]["lr"])  # the decoder's group: scale 1
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", counting)
+    return lrs

@@ -84,37 +84,6 @@ def pretrain_epoch(method: PretrainMethod, loader: Iterable[dict], optimizer: to
     return {**means.means(), "num_examples": means.count}
 
 
-def finetune_epoch(model: nn.Module, loader: Iterable[dict], optimizer: torch.optim.Optimizer,
-                   loss_fn: nn.Module, device: torch.device, amp: bool = True, desc: str = "finetune",
-                   regularizer: Callable[[], torch.Tensor] | None = None) -> dict[str, float]:
-    """One epoch of supervised segmentation training.
-
-    ``loader`` yields ``"image"`` ``[B, C, *S]`` and ``"label"`` ``[B, 1, *S]`` int64;
-    ``regularizer`` is an extra loss added at every step. Returns the mean loss and ``num_examples``.
-    """
-    model.train()
-    means = MetricMeans()
-    bar = tqdm(loader, desc=desc, leave=False, disable=None)
-    for batch in bar:
-        if batch is None:  # an empty Poisson batch of DP-SGD: still a step, of noise only
-            noise_only_step(optimizer)
-            continue
-        images = batch["image"].to(device, non_blocking=True)
-        labels = batch["label"].to(device, non_blocking=True)
-        with autocast(device, amp):
-            logits = model(images)  # [B, K, *S]
-        loss = loss_fn(logits.float(), labels)
-        total = loss + regularizer() if regularizer is not None else loss
-        optimizer.zero_grad(set_to_none=True)
-        total.backward()
-        optimizer.step()
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"segmentation loss became {loss.item()}")
-        means.add({"loss": loss.item()}, images.shape[0])
-        bar.set_postfix(loss=f"{loss.item():.4f}")
-    return {**means.means(), "num_examples": means.count}
-
-
 def epoch_steps(num_cases: int, batch_size: int) -> int:
     """Optimiser steps of one epoch over ``num_cases`` at ``batch_size``: full batches (the loader drops
     a short last one), or one batch of all the cases when there are fewer than ``batch_size``. Poisson

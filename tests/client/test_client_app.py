@@ -192,20 +192,6 @@ def test_the_example_site_file_is_valid():
     assert cfg.site.name == "st-mary" and cfg.train.label_fraction == 0.1
 
 
-@pytest.fixture
-def steps_taken(monkeypatch):
-    """The base rate of every optimiser step taken (DP-SGD's optimizer steps the wrapped AdamW too)."""
-    lrs: list[float] = []
-    step = torch.optim.AdamW.step
-
-    def counting(self, *args, **kwargs):
-        lrs.append(self.param_groups[0]["lr"])  # the decoder's group: scale 1
-        return step(self, *args, **kwargs)
-
-    monkeypatch.setattr(torch.optim.AdamW, "step", counting)
-    return lrs
-
-
 def _server_instructions(cfg, rnd: int) -> ConfigRecord:
     from server.federation import Federation
 

@@ -25,16 +25,22 @@ def _restart_site():
     site_module._SITES.clear()  # what a SuperNode restart loses: everything but the state directory
 
 
+def _epsilons_of_rounds(cfg, ctx, rounds) -> list[float]:
+    """Run fine-tuning ``rounds`` at the site of ``ctx``; the cumulative epsilon each reply reports."""
+    model = SegmentationNet(cfg.model).state_dict()
+    eps = []
+    for rnd in rounds:
+        reply = _round(cfg, ctx, P.FINETUNE, rnd, model)
+        assert not reply.has_error(), reply.error.reason
+        eps.append(dict(reply.content[P.METRICS])[P.EPSILON])
+    return eps
+
+
 def test_site_dp_epsilon_grows_survives_a_restart_and_stops_at_the_budget(tmp_path):
     cfg = _cfg(tmp_path, **{"privacy.site_dp": True, "privacy.budget": 30.0, "privacy.noise_multiplier": 0.8,
                             "federation.finetune_rounds": 3})
     ctx = _context(cfg, 0)
-    model = SegmentationNet(cfg.model).state_dict()
-    eps = []
-    for rnd in (1, 2):
-        reply = _round(cfg, ctx, P.FINETUNE, rnd, model)
-        assert not reply.has_error(), reply.error.reason
-        eps.append(dict(reply.content[P.METRICS])[P.EPSILON])
+    eps = _epsilons_of_rounds(cfg, ctx, (1, 2))
     assert 0 < eps[0] < eps[1] <= 30.0
 
     _restart_site()
@@ -44,6 +50,7 @@ def test_site_dp_epsilon_grows_survives_a_restart_and_stops_at_the_budget(tmp_pa
     assert epsilon_of(ledger["history"], 1e-5) == pytest.approx(eps[1], rel=1e-6)  # the accountant behind it
 
     # Round 3 after the restart goes on from the ledger; then a budget that round 4 would pass stops the site.
+    model = SegmentationNet(cfg.model).state_dict()
     reply = _round(cfg, ctx, P.FINETUNE, 3, model)
     eps3 = dict(reply.content[P.METRICS])[P.EPSILON]
     assert eps3 > eps[1]
@@ -85,12 +92,7 @@ def test_the_site_ledger_is_planned_and_charged_in_the_local_steps(tmp_path):
     cfg = _cfg(tmp_path, **{"privacy.site_dp": True, "privacy.budget": 8.0, "train.label_fraction": 0.5,
                             "federation.finetune_rounds": 2, "federation.finetune_local_steps": 5})
     ctx = _context(cfg, 0)
-    model = SegmentationNet(cfg.model).state_dict()
-    eps = []
-    for rnd in (1, 2):
-        reply = _round(cfg, ctx, P.FINETUNE, rnd, model)
-        assert not reply.has_error(), reply.error.reason
-        eps.append(dict(reply.content[P.METRICS])[P.EPSILON])
+    eps = _epsilons_of_rounds(cfg, ctx, (1, 2))
     ledger = json.loads((tmp_path / "run" / "sites" / "site0" / LEDGER_FILE).read_text())
     assert [r["steps"] for r in ledger["rounds"]] == [5, 5]
     assert [(q, n) for _, q, n in ledger["history"]] == [(1.0, 5), (1.0, 5)]

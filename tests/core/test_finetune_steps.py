@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from amlp_core.engine.checkpoint import load_checkpoint
 from amlp_core.engine.loops import epoch_steps, finetune_budget
@@ -20,20 +19,6 @@ TRAIN_CASES = 32  # 40 phantoms, 20 % held out
 
 def _cfg(**overrides):
     return tiny_config(2, **{"data.synthetic_cases": 40, "train.batch_size": 4, **overrides})
-
-
-@pytest.fixture
-def steps_taken(monkeypatch):
-    """Every optimiser step (DP-SGD's included: its optimizer steps the wrapped AdamW), with its base rate."""
-    lrs: list[float] = []
-    step = torch.optim.AdamW.step
-
-    def counting(self, *args, **kwargs):
-        lrs.append(self.param_groups[0]["lr"])  # the decoder's group: scale 1
-        return step(self, *args, **kwargs)
-
-    monkeypatch.setattr(torch.optim.AdamW, "step", counting)
-    return lrs
 
 
 def _metrics(out) -> list[dict]:
