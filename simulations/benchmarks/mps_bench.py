@@ -122,22 +122,26 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--pretrain-epochs", type=int, default=5)
+    p.add_argument("--parts", default="timing,shares", help="timing (needs an idle machine), shares, or both")
     p.add_argument("--out", default="results/mps_bench.json")
     args = p.parse_args()
+    parts = set(args.parts.split(","))
     payload: dict = {"benchmark": "mps_bench", "machine": machine()}
 
     timing_rows = []
-    for label, model_cfg in (("3D 48x64x48, patch 8 (hippocampus model)", ModelConfig()),
-                             ("2D 128x128, patch 8", ModelConfig(spatial_dims=2, img_size=(128, 128), num_classes=2))):
+    models = (("3D 48x64x48, patch 8 (hippocampus model)", ModelConfig()),
+              ("2D 128x128, patch 8", ModelConfig(spatial_dims=2, img_size=(128, 128), num_classes=2)))
+    for label, model_cfg in models if "timing" in parts else ():
         t = step_times(model_cfg, args.batch, args.repeats)
         timing_rows.append({"model": label, **{f"{m}_s": t[m] for m in METHODS},
                             "mps_ams/mae": t["mps_ams"] / t["mae"], "amlp/mae": t["amlp"] / t["mae"]})
         log.info("%s: %s", label, timing_rows[-1])
     payload["step_time"] = timing_rows
-    print(table(timing_rows, ["model", "mae_s", "mps_ams_s", "amlp_s", "mps_ams/mae", "amlp/mae"]))
+    if timing_rows:
+        print(table(timing_rows, ["model", "mae_s", "mps_ams_s", "amlp_s", "mps_ams/mae", "amlp/mae"]))
 
     share_rows = []
-    for dims in (3, 2):
+    for dims in (3, 2) if "shares" in parts else ():
         share_rows += lesion_share_rows(dims, args.pretrain_epochs)
     payload["lesion_share"] = share_rows
     print(table(share_rows, ["phantoms", "encoder", "ratio", "lesion_patch_fraction", "random_share", "mps_share",

@@ -7,10 +7,10 @@ is the product's ``model.seg_arch=unet`` (:func:`amlp_core.models.plain_unet`), 
 ``model.seg_arch=vit`` (:class:`amlp_core.models.SegmentationNet`), both built by
 :func:`amlp_core.models.build_segmentation_model`.
 
-Equal CPU time is enforced by epochs, not by the wall clock, so that other load on the
+Equal CPU time is enforced by optimiser steps, not by the wall clock, so that other load on the
 machine cannot favour either model: the step time of each model is measured first,
-interleaved in this process, and each model then trains for the number of epochs that
-``--minutes`` of its own step time buys (its learning rate annealed over those epochs).
+interleaved in this process, and each model then trains for the number of steps that
+``--minutes`` of its own step time buys (its learning rate annealed over those steps).
 
     python -m simulations.benchmarks.seg_baseline --minutes 10 --out results/seg_baseline.json
 """
@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import statistics
 import time
 
@@ -102,14 +101,13 @@ def main() -> None:
     for fraction in [float(f) for f in args.label_fractions.split(",")]:
         for name in names:
             model = build(name)
-            batches = math.floor(round(fraction * len(split.train)) / cfg.train.batch_size) or 1
-            epochs = max(1, int(60 * args.minutes / (steps[name] * batches)))
-            run_cfg = arch_config(cfg, name).replace(train={"label_fraction": fraction, "epochs": epochs})
+            budget = max(1, int(60 * args.minutes / steps[name]))  # optimiser steps that --minutes buy
+            run_cfg = arch_config(cfg, name).replace(train={"label_fraction": fraction, "finetune_steps": budget})
             result = train_segmentation(model, run_cfg, f"runs/seg_baseline/{name}_{fraction}", split,
                                         init_method="scratch")
             params = sum(p.numel() for p in model.parameters())
             rows.append({"model": name, "label_fraction": fraction, "labelled_cases": result["labelled_cases"],
-                         "step_seconds": round(steps[name], 3), "epochs": result["epochs"],
+                         "step_seconds": round(steps[name], 3), "steps": result["steps"],
                          "train_seconds": result["train_seconds"],
                          "params_M": round(params / 1e6, 2), **{k: v for k, v in result.items()
                                                                   if k.startswith("dice_")}})
@@ -118,7 +116,7 @@ def main() -> None:
                                          "step_seconds": steps, "step_seconds_given": bool(args.step_seconds),
                                          "machine": machine(), "split": HIPPOCAMPUS_SPLIT,
                                          "test_cases": len(split.test), "rows": rows})  # after every row
-    cols = ["model", "label_fraction", "labelled_cases", "step_seconds", "epochs", "train_seconds", "params_M",
+    cols = ["model", "label_fraction", "labelled_cases", "step_seconds", "steps", "train_seconds", "params_M",
             "dice_1", "dice_2", "dice_mean"]
     print(table(rows, cols))
     print(f"wrote {path}")
