@@ -105,3 +105,20 @@ def test_eval_every_writes_the_test_dice_curve(tmp_path):
     off = _cfg(**{"train.finetune_steps": 4, "train.label_fraction": 0.25})
     finetune(off, tmp_path / "off")
     assert not any("test_dice_mean" in m for m in _metrics(tmp_path / "off"))
+
+
+def test_a_pretrained_encoder_ramps_up_while_the_decoder_learns():
+    """The fine-tuning recipe: a pretrained encoder at encoder_lr_scale, ramped from 0 over encoder_warmup of
+    the steps; an encoder from scratch (the network's down path) at the decoder's rate from the start."""
+    from amlp_core.engine.optim import finetune_optimizer, set_finetune_lr
+    from amlp_core.models import SegmentationNet
+    cfg = _cfg(**{"train.encoder_lr_scale": 0.5, "train.encoder_warmup": 0.2, "train.finetune_warmup": 0.1})
+    net = SegmentationNet(cfg.model)
+    pre, scratch = finetune_optimizer(net, cfg.train, pretrained=True), finetune_optimizer(net, cfg.train, False)
+    for progress, ramp in ((0.05, 0.25), (0.1, 0.5), (0.5, 1.0)):
+        set_finetune_lr(pre, cfg.train, progress)
+        set_finetune_lr(scratch, cfg.train, progress)
+        base = cfg.train.finetune_lr * warmup_cosine(progress, 0.1, floor=0.0)
+        decoder, encoder = (g["lr"] for g in pre.param_groups)
+        assert decoder == pytest.approx(base) and encoder == pytest.approx(base * 0.5 * ramp)
+        assert [g["lr"] for g in scratch.param_groups] == pytest.approx([base, base])
