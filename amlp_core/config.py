@@ -26,6 +26,8 @@ from amlp_core.errors import ConfigError
 METHOD_NAMES = ("mae", "mps_ams", "amlp", "ahm", "ace")
 #: Segmentation networks: the ViT encoder + light conv decoder, or a plain conv U-Net (no encoder).
 SEG_ARCHS = ("vit", "unet")
+#: Pretraining decoders: MAE's light transformer on the tokens, or SparK's multi-scale U-Net decoder.
+PRETRAIN_DECODERS = ("transformer", "unet")
 UNET_FACTOR = 8  # the plain U-Net halves the resolution three times
 #: The layout of the networks' weights. Checkpoints carry it and a run's digest covers it, so a
 #: checkpoint of another layout (before 2: a ViT on raw patches beside a conv U-Net) is refused.
@@ -57,6 +59,7 @@ class ModelConfig:
     conv_channels: tuple[int, ...] = (16, 32, 64)  # encoder conv stages (the skips) at 1/2, 1/4, 1/8 resolution
     num_classes: int = 3  # including background
     seg_arch: str = "vit"  # segmentation network: vit (encoder + conv decoder) | unet (plain conv U-Net, scratch)
+    pretrain_decoder: str = "transformer"  # transformer (MAE, tokens only) | unet (SparK, every scale)
 
     def __post_init__(self) -> None:
         _check(self.spatial_dims in (2, 3), "model.spatial_dims", self.spatial_dims, "must be 2 or 3")
@@ -81,6 +84,8 @@ class ModelConfig:
         _check(self.patch_size % 2 ** len(self.conv_channels) == 0, "model.conv_channels", self.conv_channels,
                f"too many stages for model.patch_size={self.patch_size} (each halves the resolution; "
                f"the patch side must be a multiple of 2 ** stages)")
+        _check(self.pretrain_decoder in PRETRAIN_DECODERS, "model.pretrain_decoder", self.pretrain_decoder,
+               f"must be one of {', '.join(PRETRAIN_DECODERS)}")
         _check(self.seg_arch in SEG_ARCHS, "model.seg_arch", self.seg_arch, f"must be one of {', '.join(SEG_ARCHS)}")
         if self.seg_arch == "unet":
             _check(all(s % UNET_FACTOR == 0 for s in self.img_size), "model.img_size", self.img_size,

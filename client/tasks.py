@@ -248,10 +248,10 @@ def _private(site: Site, ins: Instructions, model: torch.nn.Module, optimizer: t
     if not (p.site_dp and p.private(ins.phase)):
         yield optimizer, loader, {}
         return
-    ledger = PrivacyLedger.open(site.state.root, p.budget, p.delta)
-    ledger.fix_noise(p.noise_multiplier, _privacy_plan(site, ins))
     rate = sample_rate(len(loader.dataset), site.cfg.train.batch_size)
-    ledger.check(rate, _round_steps(site, ins.phase, rate), f"site {site.name}: {ins.phase} round {ins.round}")
+    ledger = PrivacyLedger.planned(site.state.root, p.budget, p.delta, p.noise_multiplier, _privacy_plan(site, ins),
+                                   rate, _round_steps(site, ins.phase, rate),
+                                   f"site {site.name}: {ins.phase} round {ins.round}")
     if isinstance(model, PretrainMethod):
         model.private = True
     metrics: dict[str, float] = {}  # filled once the round's steps are on the ledger

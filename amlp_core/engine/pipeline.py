@@ -260,10 +260,9 @@ def _privacy_ledger(cfg: Config, out: Path, num_cases: int, steps: int) -> Priva
     p = cfg.privacy
     if not p.site_dp:
         return None
-    ledger = PrivacyLedger.open(out, p.budget, p.delta)
     rate = sample_rate(num_cases, cfg.train.batch_size)
-    ledger.fix_noise(p.noise_multiplier, [(rate, steps)])
-    ledger.check(rate, steps, f"fine-tuning {steps} steps in {out}")
+    ledger = PrivacyLedger.planned(out, p.budget, p.delta, p.noise_multiplier, [(rate, steps)], rate, steps,
+                                   f"fine-tuning {steps} steps in {out}")
     log.info("DP-SGD: noise multiplier %.3f, clip %g, sample rate %.3f, budget epsilon %g at delta %g",
              ledger.noise_multiplier, p.max_grad_norm, rate, p.budget, p.delta)
     return ledger

@@ -17,7 +17,7 @@ from amlp_core.config import MethodConfig, ModelConfig
 from amlp_core.errors import ConfigError
 from amlp_core.losses import masked_losses, normalize_patches, patch_losses
 from amlp_core.masking import Mask
-from amlp_core.models import HybridEncoder, MAEDecoder, patchify
+from amlp_core.models import HybridEncoder, build_pretrain_decoder, patchify
 from amlp_core.schedules import amr_ratio
 
 
@@ -48,7 +48,7 @@ class PretrainMethod(nn.Module):
         self.model_cfg = model_cfg
         self.method_cfg = method_cfg
         self.encoder = HybridEncoder(model_cfg)
-        self.decoder = MAEDecoder(model_cfg) if self.uses_decoder else None
+        self.decoder = build_pretrain_decoder(model_cfg) if self.uses_decoder else None
 
     @classmethod
     def ratio_at(cls, method_cfg: MethodConfig, progress: float) -> float:
@@ -72,8 +72,8 @@ class PretrainMethod(nn.Module):
         Returns:
             ``[B, N, P]`` the predicted (per-patch normalised) pixels of every patch, ``P = C * p**dims``.
         """
-        latent = self.encoder(images, ~mask.masked, mask.ids_keep, first).tokens  # [B, N_keep, D]
-        return self.decoder(latent, mask.ids_restore)  # [B, N, P]
+        features = self.encoder(images, ~mask.masked, mask.ids_keep, first)  # skips, tokens [B, N_keep, D]
+        return self.decoder(features, mask)  # [B, N, P]
 
     def reconstruct(self, images: torch.Tensor, mask: Mask, first: torch.Tensor | None = None) -> torch.Tensor:
         """Per-patch reconstruction loss ``l_i`` ``[B, N]`` of ``images`` ``[B, C, *S]`` under ``mask``

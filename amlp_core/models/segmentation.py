@@ -44,10 +44,13 @@ class UNetDecoder(nn.Module):
     """Skips ``[B, c_i, *S / 2**i]`` (i = 1..L) and the token map ``[B, D, *G]`` -> logits ``[B, K, *S]``.
 
     The bottom unit at 1/2**L is ``2 * c_L`` wide and takes the deepest skip and the projected tokens.
+    ``out_channels``: ``K``, the classes (``model.num_classes``) unless given (SparK's pretraining
+    decoder predicts the image's channels).
     """
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, out_channels: int | None = None) -> None:
         super().__init__()
+        out = cfg.num_classes if out_channels is None else out_channels
         dims, chans, levels = cfg.spatial_dims, cfg.conv_channels, len(cfg.conv_channels)
         self.tokens_in = _tokens_to_level(dims, cfg.embed_dim, chans[-1], cfg.patch_size // 2 ** levels)
         bottom = 2 * chans[-1]
@@ -55,7 +58,7 @@ class UNetDecoder(nn.Module):
         self.up = nn.ModuleList()
         for i in range(levels):  # up[i] takes cat(skip_i, x) at 1/2**(i+1) and returns 1/2**i
             cin = chans[i] + (bottom if i == levels - 1 else chans[i])
-            cout = cfg.num_classes if i == 0 else chans[i - 1]
+            cout = out if i == 0 else chans[i - 1]
             self.up.append(nn.Sequential(
                 Convolution(dims, cin, cout, strides=2, kernel_size=3, act=ACT, norm=NORM, is_transposed=True,
                             conv_only=False),

@@ -119,6 +119,22 @@ class PrivacyLedger:
         ledger.noise_multiplier = None if sigma is None else float(sigma)
         return ledger
 
+    @classmethod
+    def planned(cls, folder: str | Path, budget: float, delta: float, configured_noise: float,
+                plan: Sequence[tuple[float, int]], sample_rate: float, steps: int, what: str) -> "PrivacyLedger":
+        """The ledger in ``folder``, ready for ``steps`` Poisson draws at ``sample_rate``: its noise fixed
+        for the whole ``plan`` (:meth:`fix_noise`) and those steps checked against the budget (:meth:`check`),
+        before any step is taken. One place for what a site's round and a local fine-tuning run both do.
+
+        Raises:
+            PrivacyError: an unreadable ledger, or one of another delta.
+            PrivacyBudgetExceeded: the steps would spend more than the budget (``what`` names them).
+        """
+        ledger = cls.open(folder, budget, delta)
+        ledger.fix_noise(configured_noise, plan)
+        ledger.check(sample_rate, steps, what)
+        return ledger
+
     def fix_noise(self, configured: float, plan: Sequence[tuple[float, int]]) -> float:
         """The run's noise multiplier, fixed (and saved) at its first private round: ``configured``,
         or, when that is 0, calibrated so that ``plan`` (``(sample_rate, steps)`` stretches still

@@ -25,6 +25,7 @@ One site only: the federated rows (4 sites) are not made by this script yet.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from pathlib import Path
@@ -33,7 +34,7 @@ from typing import Any
 from amlp_core.config import Config, build_config
 from amlp_core.engine.checkpoint import load_checkpoint
 from amlp_core.engine.pipeline import CHECKPOINT, METRICS, DataSplit, data_defaults, finetune, load_split, pretrain
-from amlp_core.errors import CheckpointError
+from amlp_core.errors import CheckpointError, ConfigError
 from simulations.benchmarks.common import (HIPPOCAMPUS_SPLIT, benchmark_parser, machine, mean_std, set_overrides,
                                            table, write_json)
 
@@ -65,14 +66,21 @@ def _finished(run: Path, cfg: Config) -> bool:
         _, meta = load_checkpoint(run / CHECKPOINT)
     except CheckpointError:
         return False
-    return (meta.get("epoch") == cfg.train.epochs and "config" in meta
-            and _pretraining_settings(meta["config"]) == _pretraining_settings(cfg.to_dict()))
+    if meta.get("epoch") != cfg.train.epochs or "config" not in meta:
+        return False
+    try:  # the saved settings with today's defaults for keys added since
+        saved = build_config(meta["config"]).to_dict()
+    except ConfigError:
+        return False
+    return _pretraining_settings(saved) == _pretraining_settings(cfg.to_dict())
 
 
 def pretrained(cfg: Config, method: str, epochs: int, seed: int, runs: Path, split: DataSplit) -> dict[str, Any]:
     """The pretraining run of ``method`` for ``epochs`` (made, or reused when finished): its folder and cost."""
     pre_cfg = cfg.replace(method={"name": method}, train={"epochs": epochs, "seed": seed})
-    folder = runs / f"pretrain_{method}_e{epochs}_s{seed}"
+    digest = hashlib.sha256(json.dumps(_pretraining_settings(pre_cfg.to_dict()), sort_keys=True,
+                                       default=str).encode()).hexdigest()[:8]
+    folder = runs / f"pretrain_{method}_e{epochs}_s{seed}_{digest}"  # one folder per pretraining setting
     if not _finished(folder, pre_cfg):
         pretrain(pre_cfg, folder, split)
     last = json.loads((folder / METRICS).read_text().splitlines()[-1])

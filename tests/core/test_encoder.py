@@ -1,5 +1,7 @@
 """The hierarchical encoder: the mask is honoured at every scale, and every method trains all of it."""
 
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -42,10 +44,12 @@ def test_hidden_voxels_do_not_reach_visible_features(dims):
     assert not torch.allclose(enc(x).tokens, enc(y).tokens, atol=1e-3)
 
 
-@pytest.mark.parametrize("name", ["mae", "amlp", "ahm"])
-def test_prediction_and_loss_ignore_hidden_voxels(name, dims):
-    """A masked method's prediction, hence its loss against the same target, ignores hidden voxels."""
-    cfg = tiny_model(dims)
+@pytest.mark.parametrize("name, decoder", [("mae", "transformer"), ("amlp", "transformer"), ("ahm", "transformer"),
+                                           ("mae", "unet"), ("amlp", "unet")])
+def test_prediction_and_loss_ignore_hidden_voxels(name, decoder, dims):
+    """A masked method's prediction, hence its loss against the same target, ignores hidden voxels,
+    with either pretraining decoder (SparK's reads every scale's visible features)."""
+    cfg = dataclasses.replace(tiny_model(dims), pretrain_decoder=decoder)
     method = build_method(cfg, MethodConfig(name=name)).eval()
     x = _images(cfg)
     mask = random_mask(2, cfg.num_patches, 0.75, torch.Generator().manual_seed(0))

@@ -9,7 +9,7 @@ from amlp_core.masking import random_mask
 from amlp_core.methods import build_method
 from amlp_core.config import MethodConfig
 from amlp_core.config import ARCHITECTURE
-from amlp_core.models import (HybridEncoder, MAEDecoder, SegmentationNet, build_segmentation_model, patchify,
+from amlp_core.models import (HybridEncoder, build_pretrain_decoder, SegmentationNet, build_segmentation_model, patchify,
                               unpatchify)
 from tests.conftest import tiny_model
 
@@ -35,18 +35,22 @@ def test_patchify_round_trip_and_matches_token_order(dims):
     assert bool((changed[:, 3] > 1e-4).all())
 
 
-def test_encoder_and_mae_decoder_shapes_and_backward(dims):
-    cfg = tiny_model(dims)
-    enc, dec = HybridEncoder(cfg), MAEDecoder(cfg)
+@pytest.mark.parametrize("decoder", ["transformer", "unet"])
+def test_encoder_and_pretrain_decoder_shapes_and_backward(dims, decoder):
+    """Both pretraining decoders predict every patch and train the encoder's every scale."""
+    cfg = dataclasses.replace(tiny_model(dims), pretrain_decoder=decoder)
+    enc, dec = HybridEncoder(cfg), build_pretrain_decoder(cfg)
     x = _images(cfg)
     mask = random_mask(2, cfg.num_patches, 0.75)
-    latent = enc(x, visible=~mask.masked, ids_keep=mask.ids_keep).tokens
-    assert latent.shape == (2, mask.ids_keep.shape[1], cfg.embed_dim)
-    pred = dec(latent, mask.ids_restore)
+    features = enc(x, visible=~mask.masked, ids_keep=mask.ids_keep)
+    assert features.tokens.shape == (2, mask.ids_keep.shape[1], cfg.embed_dim)
+    pred = dec(features, mask)
     assert pred.shape == (2, cfg.num_patches, cfg.patch_size ** dims)
     pred.pow(2).mean().backward()
     assert enc.patch_embed.weight.grad is not None and enc.patch_embed.weight.grad.abs().sum() > 0
-    assert dec.mask_token.weight.grad is not None
+    assert dec.mask_token.weight.grad is not None and dec.mask_token.weight.grad.abs().sum() > 0
+    if decoder == "unet":  # the skips reach the loss directly, and the fills where patches are hidden
+        assert all(f.weight.grad is not None and f.weight.grad.abs().sum() > 0 for f in dec.fills)
 
 
 def test_segmentation_shapes_and_backward(dims):

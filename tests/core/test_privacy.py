@@ -50,9 +50,10 @@ def _private_steps(model, step_loss, dataset, noise=1.0, clip=1.0, lr=0.05):
     return dp.stretches, changed, list(before), seen_per_case
 
 
-@pytest.mark.parametrize("name", sorted(METHODS))
-def test_a_private_pretraining_step_for_every_method(name, dims):
-    cfg = tiny_config(dims)
+@pytest.mark.parametrize("name, decoder", [(n, "transformer") for n in sorted(METHODS)] + [("amlp", "unet")])
+def test_a_private_pretraining_step_for_every_method(name, decoder, dims):
+    """Every method, and SparK's pretraining decoder (its learned fills included), trains under DP-SGD."""
+    cfg = tiny_config(dims, **{"model.pretrain_decoder": decoder})
     method = build_method(cfg.model, MethodConfig(name=name))
     method.private = True
     check_private(method)  # Opacus' validator accepts it

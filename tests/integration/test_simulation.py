@@ -42,15 +42,17 @@ def _no_process_left(run_dir: Path) -> None:
     assert processes_with_env("FLWR_HOME", str(run_dir / ".flwr")) == []
 
 
-def test_two_phase_federation_end_to_end(tmp_path):
-    run = tmp_path / "run"
-    cfg = _cfg(run)
-    simulate(cfg, timeout=600)
+def _check_two_phase_run(run: Path, cfg, tmp_path: Path) -> None:
+    """A finished two-phase federation: its rows, messages, summary and the model `predict` loads."""
     _no_process_left(run)
     rows = _rows(run)
     pre = [r for r in rows if r["phase"] == "pretrain" and r["site"] != "ALL"]
-    assert sorted(r["site"] for r in pre) == ["site0", "site1"] and all(r["status"] == "ok" for r in pre)
-    assert len({r["mask-ratio"] for r in pre}) == 1  # every site masked alike
+    rounds = sorted({r["round"] for r in pre})
+    assert rounds == list(range(1, cfg.federation.pretrain_rounds + 1))
+    for rnd in rounds:
+        this = [r for r in pre if r["round"] == rnd]
+        assert sorted(r["site"] for r in this) == ["site0", "site1"] and all(r["status"] == "ok" for r in this)
+        assert len({r["mask-ratio"] for r in this}) == 1  # every site masked alike
     # Pretraining messages carry the encoder only: what each site sent is exactly the encoder's size.
     encoder = build_method(cfg.model, cfg.method).shared_state_dict()
     encoder_bytes = sum(v.numel() * v.element_size() for v in encoder.values())
@@ -104,10 +106,12 @@ def test_plain_unet_federation_trains_from_scratch(tmp_path):
     assert nib.load(out).shape == (16, 16, 16)
 
 
-def test_resume_reaches_the_uninterrupted_final_state(tmp_path):
+def test_two_phase_federation_end_to_end_and_resume_reaches_its_final_state(tmp_path):
+    """One uninterrupted run (checked end to end), and the same plan stopped after a round and resumed."""
     plan = {"federation.pretrain_rounds": 2, "federation.finetune_rounds": 1}
     straight = tmp_path / "straight"
     simulate(_cfg(straight, **plan), timeout=600)
+    _check_two_phase_run(straight, _cfg(straight, **plan), tmp_path)  # a whole two-phase federation, end to end
     stopped = tmp_path / "stopped"
     simulate(_cfg(stopped, **plan, **{"federation.stop_after_rounds": 1}), timeout=600)
     assert not (stopped / "model").exists() and (stopped / "server_checkpoint.pt").exists()
@@ -187,6 +191,9 @@ def test_stop_processes_reaches_a_child_in_its_own_session(tmp_path):
     while time.monotonic() < deadline and not (pid_file.exists() and pid_file.read_text().strip()):
         time.sleep(0.1)
     child = int(pid_file.read_text())
+    # `setsid` runs in the child after bash wrote its pid: wait until it has left the session.
+    while time.monotonic() < deadline and _running(child) and os.getsid(child) == os.getsid(proc.pid):
+        time.sleep(0.05)
     assert _running(child) and os.getsid(child) != os.getsid(proc.pid)  # out of reach of the session's signal
     try:
         stop_processes("no-process-has-this-marker", [proc], grace=2)
