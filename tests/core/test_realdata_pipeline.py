@@ -26,7 +26,7 @@ def test_hippocampus_pipeline(cfg, tmp_path):
     assert len(split.train) + len(split.test) == 208 and split.class_names[1] == "Anterior"
     assert split.train[0].image.shape[0] == 1 and split.train[0].label.max() <= 2
     pretrain(cfg.replace(train={"epochs": 1}), tmp_path / "pre", split)
-    result = finetune(cfg.replace(train={"epochs": 1, "label_fraction": 0.05}), tmp_path / "fine",
+    result = finetune(cfg.replace(train={"finetune_steps": 5, "label_fraction": 0.05}), tmp_path / "fine",
                       init=tmp_path / "pre", split=split)
     assert result["num_examples"] == len(split.test) == 10
     assert {"dice_1", "dice_2", "dice_mean"} <= set(result) and 0.0 <= result["dice_mean"] <= 1.0
