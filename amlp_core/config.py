@@ -200,6 +200,9 @@ class TrainConfig:
     # Fine-tuning a pretrained encoder (measured, docs/results.md: 0.1 and no ramp lost 3 Dice points):
     encoder_lr_scale: float = 1.0  # it learns at finetune_lr * this (an encoder from scratch: always 1)
     encoder_warmup: float = 0.1  # its rate ramps from 0 over this share of the steps, while the decoder settles
+    # With model.pretrain_decoder=unet: the segmentation decoder starts from the pretraining decoder too
+    # (all but its full-resolution level, which predicts classes, not pixels).
+    init_decoder: bool = False
     weight_decay: float = 0.05
     warmup_epochs: int = 1
     label_fraction: float = 1.0
@@ -402,6 +405,9 @@ class Config:
             raise ConfigError("invalid privacy.server_dp=True with federation.secure_aggregation=True: server-side "
                               "clipping clips each site's update at the server, and SecAgg+ shows the server only "
                               "their sum (clip at the sites instead; see docs/privacy.md)")
+        if self.train.init_decoder:
+            _check(self.model.pretrain_decoder == "unet", "train.init_decoder", True,
+                   "needs model.pretrain_decoder=unet (the transformer pretraining decoder has no U-Net to load)")
         if self.model.seg_arch == "unet":  # a plain U-Net has no encoder to load (pretraining: check_federation)
             _check(not self.federation.init_encoder, "federation.init_encoder", self.federation.init_encoder,
                    "must be empty with model.seg_arch=unet: a plain U-Net has no encoder to load "
@@ -421,6 +427,9 @@ class Config:
             _check(self.federation.pretrain_rounds == 0, "federation.pretrain_rounds", self.federation.pretrain_rounds,
                    "must be 0 with model.seg_arch=unet: a plain U-Net has no encoder to pretrain "
                    "(set federation.pretrain_rounds=0, or use model.seg_arch=vit)")
+        _check(not self.train.init_decoder, "train.init_decoder", True,
+               "is for single-site fine-tuning (fedamlp finetune --init): federated pretraining aggregates the "
+               "encoder only, so there is no federated decoder to start from")
         return self
 
     def to_dict(self) -> dict[str, Any]:

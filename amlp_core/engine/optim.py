@@ -22,16 +22,19 @@ def pretrain_optimizer(method: nn.Module, train: TrainConfig) -> torch.optim.Opt
 def finetune_optimizer(model: nn.Module, train: TrainConfig, pretrained: bool) -> torch.optim.Optimizer:
     """AdamW over the segmentation network.
 
-    A pretrained encoder learns at ``train.encoder_lr_scale`` of the decoder's rate, and its rate ramps
-    up from 0 over the first ``train.encoder_warmup`` of fine-tuning, while the fresh decoder learns
-    (so the decoder's first, random gradients do not wash out the pretrained features); an encoder
-    from scratch is just the network's down path and learns like the rest.
+    What comes from pretraining (the encoder, and with ``train.init_decoder`` the decoder but its
+    output level) learns at ``train.encoder_lr_scale`` of the fresh part's rate, and its rate ramps
+    up from 0 over the first ``train.encoder_warmup`` of fine-tuning, while the fresh part learns
+    (so its first, random gradients do not wash out the pretrained features); an encoder from
+    scratch is just the network's down path and learns like the rest.
     """
-    encoder = [p for n, p in model.named_parameters() if n.startswith("encoder.")]
-    rest = [p for n, p in model.named_parameters() if not n.startswith("encoder.")]
+    names = (model.pretrained_names(pretrained and train.init_decoder) if hasattr(model, "pretrained_names")
+             else set())
+    loaded = [p for n, p in model.named_parameters() if n in names]
+    rest = [p for n, p in model.named_parameters() if n not in names]
     groups = [{"params": rest, "lr_scale": 1.0}]
-    if encoder:
-        groups.append({"params": encoder, "lr_scale": train.encoder_lr_scale if pretrained else 1.0,
+    if loaded:
+        groups.append({"params": loaded, "lr_scale": train.encoder_lr_scale if pretrained else 1.0,
                        "ramp": train.encoder_warmup if pretrained else 0.0})
     return torch.optim.AdamW(groups, lr=train.finetune_lr, weight_decay=train.weight_decay)
 

@@ -31,7 +31,8 @@ from amlp_core.engine.loops import (evaluate_segmentation, finetune_budget, fine
 from amlp_core.errors import CheckpointError, ConfigError, DataError
 from amlp_core.losses import dice_ce_loss
 from amlp_core.methods import PretrainMethod, build_method
-from amlp_core.models import SEG_ARCH_CLASSES, build_segmentation_model, encoder_state, has_encoder
+from amlp_core.models import (SEG_ARCH_CLASSES, SegmentationNet, build_segmentation_model, encoder_state, has_encoder,
+                              pretrained_decoder_state)
 from amlp_core.privacy import PrivacyLedger, PrivateTraining, sample_rate
 from amlp_core.schedules import warmup_cosine
 
@@ -222,6 +223,21 @@ def load_pretrained_encoder(run: str | Path, model_cfg: ModelConfig) -> tuple[di
     return encoder, meta
 
 
+def load_pretrained_decoder(run: str | Path, model: SegmentationNet) -> None:
+    """Start ``model``'s decoder from the U-Net of a pretraining run's SparK decoder (``train.init_decoder``),
+    all but its output level. The run's model configuration was checked by :func:`load_pretrained_encoder`.
+
+    Raises:
+        CheckpointError: naming the file, when its decoder does not fit.
+    """
+    path = _checkpoint_path(run)
+    state, _ = load_checkpoint(path)
+    try:
+        model.load_pretrained_decoder(pretrained_decoder_state(state["method"]))
+    except ValueError as err:
+        raise CheckpointError(f"checkpoint {path}: {err}") from None
+
+
 def model_config_of(run: str | Path) -> ModelConfig:
     """The model configuration a run's checkpoint was made with."""
     _, meta = load_checkpoint(_checkpoint_path(run))
@@ -251,6 +267,8 @@ def finetune(cfg: Config, out_dir: str | Path, init: str | Path | None = None,
     if init is not None:
         encoder_state, init_meta = load_pretrained_encoder(init, cfg.model)
         model.encoder.load_state_dict(encoder_state, strict=True)
+        if cfg.train.init_decoder:
+            load_pretrained_decoder(init, model)
     return train_segmentation(model, cfg, out_dir, split, init_method=init_meta.get("method", "scratch"))
 
 

@@ -72,6 +72,21 @@ class UNetDecoder(nn.Module):
         return x
 
 
+#: Where SparK's pretraining decoder keeps its U-Net in a pretraining method's state (``DenseDecoder.unet``).
+PRETRAIN_UNET_PREFIX = "decoder.unet."
+#: The level of :class:`UNetDecoder` at full resolution: it outputs classes here and image channels in
+#: pretraining, so it always starts fresh.
+OUTPUT_LEVEL = "up.0."
+
+
+def pretrained_decoder_state(method_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """What a segmentation :class:`UNetDecoder` takes from a pretraining method's state dict: the U-Net of
+    SparK's pretraining decoder, all but :data:`OUTPUT_LEVEL` (keys relative to the decoder; empty
+    when the method had the transformer decoder)."""
+    return {k[len(PRETRAIN_UNET_PREFIX):]: v for k, v in method_state.items()
+            if k.startswith(PRETRAIN_UNET_PREFIX) and not k[len(PRETRAIN_UNET_PREFIX):].startswith(OUTPUT_LEVEL)}
+
+
 class SegmentationNet(nn.Module):
     """The encoder (pretrained, or fresh) and a fresh :class:`UNetDecoder`.
 
@@ -85,6 +100,26 @@ class SegmentationNet(nn.Module):
         self.cfg = cfg
         self.encoder = encoder if encoder is not None else HybridEncoder(cfg)
         self.decoder = UNetDecoder(cfg)
+
+    def load_pretrained_decoder(self, state: dict[str, torch.Tensor]) -> None:
+        """Load :func:`pretrained_decoder_state`: every decoder tensor but :data:`OUTPUT_LEVEL`'s, strictly.
+
+        Raises:
+            ValueError: a tensor is missing, unexpected or of another shape (the message names it).
+        """
+        own = {k: v for k, v in self.decoder.state_dict().items() if not k.startswith(OUTPUT_LEVEL)}
+        missing, extra = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+        wrong = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+        if missing or extra or wrong:
+            raise ValueError(f"the pretraining decoder does not fit the segmentation decoder: missing {missing[:3]}, "
+                             f"unexpected {extra[:3]}, other shape {wrong[:3]}")
+        self.decoder.load_state_dict(state, strict=False)
+
+    def pretrained_names(self, with_decoder: bool) -> set[str]:
+        """Names of the parameters a pretraining run gives: the encoder's, and with ``with_decoder`` the
+        decoder's but :data:`OUTPUT_LEVEL`'s."""
+        return {n for n, _ in self.named_parameters() if n.startswith("encoder.") or (
+            with_decoder and n.startswith("decoder.") and not n.startswith("decoder." + OUTPUT_LEVEL))}
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """``[B, C, *S]`` -> class logits ``[B, num_classes, *S]``."""

@@ -134,3 +134,44 @@ def test_checkpoint_of_the_previous_layout_is_refused(tmp_path):
     seg_old = save_checkpoint(tmp_path / "seg_old.pt", {"model": {}}, {"kind": "segmentation", "config": cfg.to_dict()})
     with pytest.raises(CheckpointError, match="seg_old.pt holds network layout 1"):
         load_segmentation(seg_old)
+
+
+def test_sparks_pretraining_decoder_starts_the_segmentation_decoder(tmp_path, dims):
+    """``train.init_decoder``: the segmentation decoder takes the U-Net of SparK's pretraining decoder, all but
+    its output level (classes here, image channels there); that part and nothing else starts fresh, the
+    loaded part learns in the pretrained group, and a checkpoint whose decoder does not fit is refused."""
+    from amlp_core.engine.checkpoint import save_checkpoint
+    from amlp_core.engine.optim import finetune_optimizer
+    from amlp_core.engine.pipeline import load_pretrained_decoder, pretrained_meta
+    from amlp_core.errors import CheckpointError
+    from amlp_core.models.segmentation import OUTPUT_LEVEL
+    from tests.conftest import tiny_config
+    cfg = tiny_config(dims).replace(model={"pretrain_decoder": "unet"}, train={"init_decoder": True})
+    method = build_method(cfg.model, cfg.method)
+    with torch.no_grad():
+        for p in method.parameters():
+            p.add_(0.1)
+    path = save_checkpoint(tmp_path / "pre.pt", {"method": method.state_dict()}, pretrained_meta(cfg, 1))
+    net = SegmentationNet(cfg.model)
+    fresh = {k: v.clone() for k, v in net.decoder.state_dict().items()}
+    load_pretrained_decoder(path, net)
+    pre = method.decoder.unet.state_dict()
+    for key, value in net.decoder.state_dict().items():
+        if key.startswith(OUTPUT_LEVEL):
+            assert torch.equal(value, fresh[key]), key
+        else:
+            assert torch.equal(value, pre[key]), key
+    optimizer = finetune_optimizer(net, cfg.train, pretrained=True)
+    fresh_group, loaded_group = optimizer.param_groups
+    assert loaded_group["ramp"] == cfg.train.encoder_warmup
+    fresh_ids = {id(p) for p in fresh_group["params"]}
+    assert fresh_ids == {id(p) for n, p in net.named_parameters() if n.startswith("decoder." + OUTPUT_LEVEL)}
+    # A decoder of other widths (another run's model) does not fit: refused, naming the file.
+    state = dict(method.state_dict())
+    key = "decoder.unet.bottom.conv.unit0.conv.weight"
+    state[key] = state[key][:1]
+    bad = save_checkpoint(tmp_path / "bad.pt", {"method": state}, pretrained_meta(cfg, 1))
+    with pytest.raises(CheckpointError, match="bad.pt: the pretraining decoder does not fit.*bottom.conv.unit0"):
+        load_pretrained_decoder(bad, SegmentationNet(cfg.model))
+    with pytest.raises(Exception, match="train.init_decoder=True: needs model.pretrain_decoder=unet"):
+        tiny_config(dims).replace(train={"init_decoder": True})
