@@ -23,7 +23,7 @@ from amlp_core.errors import AMLPError
 from amlp_core.losses import dice_ce_loss, proximal_term
 from amlp_core.methods import PretrainMethod, build_method, mask_ratio_at
 from amlp_core.models import build_segmentation_model
-from amlp_core.privacy import PrivacyLedger, PrivateTraining, sample_rate, steps_per_epoch
+from amlp_core.privacy import PrivacyLedger, charged_training, sample_rate, steps_per_epoch
 from amlp_core.schedules import federated_progress, warmup_cosine
 from client.site import Site
 from fedamlp import protocol as P
@@ -244,21 +244,20 @@ def _private(site: Site, ins: Instructions, model: torch.nn.Module, optimizer: t
     :class:`~amlp_core.privacy.PrivacyBudgetExceeded`), and the steps taken are recorded, on
     disk, before the weights leave the site; ``metrics`` then holds the cumulative epsilon.
     """
-    p = site.cfg.privacy
-    if not (p.site_dp and p.private(ins.phase)):
-        yield optimizer, loader, {}
-        return
-    rate = sample_rate(len(loader.dataset), site.cfg.train.batch_size)
-    ledger = PrivacyLedger.planned(site.state.root, p.budget, p.delta, p.noise_multiplier, _privacy_plan(site, ins),
-                                   rate, _round_steps(site, ins.phase, rate),
-                                   f"site {site.name}: {ins.phase} round {ins.round}")
-    if isinstance(model, PretrainMethod):
-        model.private = True
+    p, ledger = site.cfg.privacy, None
+    if p.site_dp and p.private(ins.phase):
+        rate = sample_rate(len(loader.dataset), site.cfg.train.batch_size)
+        ledger = PrivacyLedger.planned(site.state.root, p.budget, p.delta, p.noise_multiplier,
+                                       _privacy_plan(site, ins), rate, _round_steps(site, ins.phase, rate),
+                                       f"site {site.name}: {ins.phase} round {ins.round}")
+        if isinstance(model, PretrainMethod):
+            model.private = True
     metrics: dict[str, float] = {}  # filled once the round's steps are on the ledger
-    with PrivateTraining(model, optimizer, loader.dataset, site.cfg.train.batch_size, ledger.noise_multiplier,
-                         p.max_grad_norm, seed) as dp:
-        yield dp.optimizer, dp.loader, metrics
-    metrics[P.EPSILON] = ledger.record(ins.phase, ins.round, dp.stretches)
+    with charged_training(model, optimizer, loader, ledger, site.cfg.train.batch_size, p.max_grad_norm, seed,
+                          ins.phase, ins.round) as (opt, batches, spent):
+        yield opt, batches, metrics
+    if spent:
+        metrics[P.EPSILON] = spent["epsilon"]
 
 
 def evaluate_round(site: Site, global_state: dict[str, torch.Tensor]) -> dict[str, float]:

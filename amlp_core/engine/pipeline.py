@@ -11,7 +11,6 @@ import dataclasses
 import json
 import logging
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,7 +32,7 @@ from amlp_core.losses import dice_ce_loss
 from amlp_core.methods import PretrainMethod, build_method
 from amlp_core.models import (SEG_ARCH_CLASSES, SegmentationNet, build_segmentation_model, encoder_state, has_encoder,
                               pretrained_decoder_state)
-from amlp_core.privacy import PrivacyLedger, PrivateTraining, sample_rate
+from amlp_core.privacy import PrivacyLedger, charged_training, sample_rate
 from amlp_core.schedules import warmup_cosine
 
 log = logging.getLogger(__name__)
@@ -320,8 +319,6 @@ def train_segmentation(model: torch.nn.Module, cfg: Config, out_dir: str | Path,
             "spatial_dims": cfg.model.spatial_dims, "patch_size": cfg.model.patch_size}
     saveable = isinstance(model, SEG_ARCH_CLASSES[cfg.model.seg_arch])  # what load_segmentation rebuilds
     ledger = _privacy_ledger(cfg, out, len(subset), steps)
-    private = (PrivateTraining(model, optimizer, loader.dataset, cfg.train.batch_size, ledger.noise_multiplier,
-                               cfg.privacy.max_grad_norm, cfg.train.seed) if ledger else nullcontext(None))
     start, saved_at, evaluated_at = time.monotonic(), [0], [0]
     every = cfg.train.eval_every if ledger is None else 0  # a private run evaluates at the end only
 
@@ -349,12 +346,12 @@ def train_segmentation(model: torch.nn.Module, cfg: Config, out_dir: str | Path,
             log.info("stopping after %d of %d steps: train.max_minutes=%s reached", done, steps, cfg.train.max_minutes)
         return stop
 
-    with private as dp:
-        opt, batches = (dp.optimizer, dp.loader) if dp else (optimizer, loader)
+    with charged_training(model, optimizer, loader, ledger, cfg.train.batch_size, cfg.privacy.max_grad_norm,
+                          cfg.train.seed, "finetune", 1) as (opt, batches, spent):
         schedule = lambda step: set_finetune_lr(opt, cfg.train, _progress(step, steps, start, cfg))  # noqa: E731
         metrics = finetune_steps(model, batches, opt, loss_fn, device, steps, schedule, cfg.train.amp,
                                  desc="finetune", on_pass=on_pass)
-    privacy = {"epsilon": ledger.record("finetune", 1, dp.stretches), "delta": cfg.privacy.delta} if ledger else {}
+    privacy = {**spent, "delta": cfg.privacy.delta} if ledger else {}
     result = evaluate_segmentation(model, split.test, cfg.model.img_size, cfg.model.num_classes, device,
                                    cfg.train.amp, slice_axis=cfg.data.slice_axis)
     result.update(train_seconds=round(time.monotonic() - start, 2), epochs=metrics["passes"],

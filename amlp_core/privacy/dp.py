@@ -14,6 +14,8 @@ private counterparts for one stretch of training (a federated round, or a whole 
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
 from opacus.accountants import RDPAccountant
@@ -26,6 +28,9 @@ from torch.utils.data import DataLoader, Dataset, default_collate
 
 from amlp_core.errors import ConfigError
 from amlp_core.privacy.ledger import Stretch
+
+if TYPE_CHECKING:
+    from amlp_core.privacy.ledger import PrivacyLedger
 
 log = logging.getLogger(__name__)
 
@@ -138,3 +143,24 @@ class PrivateTraining:
     @property
     def steps_per_epoch(self) -> int:
         return steps_per_epoch(self.rate)
+
+
+@contextmanager
+def charged_training(model: nn.Module, optimizer: torch.optim.Optimizer, loader: DataLoader,
+                     ledger: "PrivacyLedger | None", batch_size: int, max_grad_norm: float, seed: int, phase: str,
+                     round_: int) -> Iterator[tuple[Any, Any, dict[str, float]]]:
+    """``(optimizer, batches, spent)`` for one stretch of training, private or not.
+
+    With a ledger (already planned and checked: :meth:`PrivacyLedger.planned`): DP-SGD at the
+    ledger's noise (:class:`PrivateTraining`), and after the block the steps the accountant counted
+    are recorded on the ledger as ``phase`` round ``round_``; ``spent`` then holds ``epsilon``, the
+    cumulative epsilon. Without one: the plain optimizer and loader, and ``spent`` stays empty.
+    """
+    if ledger is None:
+        yield optimizer, loader, {}
+        return
+    spent: dict[str, float] = {}
+    with PrivateTraining(model, optimizer, loader.dataset, batch_size, ledger.noise_multiplier, max_grad_norm,
+                         seed) as dp:
+        yield dp.optimizer, dp.loader, spent
+    spent["epsilon"] = ledger.record(phase, round_, dp.stretches)
