@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader
 from amlp_core.config import ARCHITECTURE, Config, ModelConfig, build_config, build_section, save_config
 from amlp_core.data import (Sample, SegDataset, discover, label_subset, load_samples, make_phantom_samples,
                             normalize_intensity, partition_names, read_image, split_names, to_slices, write_nifti)
-from amlp_core.engine.checkpoint import load_checkpoint, require_meta, save_checkpoint
+from amlp_core.engine.checkpoint import atomic_write_text, load_checkpoint, require_meta, save_checkpoint
 from amlp_core.engine.device import make_generator, resolve_device, seed_everything, set_threads
 from amlp_core.engine.optim import finetune_optimizer, pretrain_optimizer, set_finetune_lr
 from amlp_core.engine.loops import (evaluate_segmentation, finetune_budget, finetune_steps, predict_volume,
@@ -42,6 +42,8 @@ CONFIG = "config.yaml"
 METRICS = "metrics.jsonl"
 CHECKPOINT_STEPS = 10  # fine-tuning: a checkpoint after a pass at most this often (in steps), and at the end
 EVALUATION = "evaluation.json"
+#: Pretraining: what an unfinished run needs to go on where it stopped (removed when it finishes).
+RESUME = "resume.pt"
 
 
 @dataclass
@@ -123,14 +125,41 @@ def _append_metrics(out_dir: Path, record: dict[str, Any]) -> None:
         f.write(json.dumps(record) + "\n")
 
 
-def _prepare(cfg: Config, out_dir: str | Path) -> tuple[Path, torch.device]:
+def _prepare(cfg: Config, out_dir: str | Path, keep_metrics: int = 0) -> tuple[Path, torch.device]:
+    """Make ``out_dir``, write the config, seed and set threads. ``metrics.jsonl`` starts empty, or keeps
+    its first ``keep_metrics`` epochs (a resumed pretraining)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / METRICS).unlink(missing_ok=True)
+    metrics = out / METRICS
+    kept = [line for line in (metrics.read_text().splitlines() if keep_metrics and metrics.exists() else [])
+            if json.loads(line).get("epoch", 0) <= keep_metrics]
+    atomic_write_text(metrics, "".join(line + "\n" for line in kept))
     save_config(cfg, out / CONFIG)
     seed_everything(cfg.train.seed)
     set_threads(cfg.train.num_threads)
     return out, resolve_device(cfg.train.device)
+
+
+def _resume_digest(cfg: Config) -> str:
+    """What a resumed pretraining must share with the stopped one: everything but its time limit."""
+    return cfg.replace(train={"max_minutes": 0.0}).run_digest()
+
+
+def _resume_state(out: Path, cfg: Config) -> dict[str, Any] | None:
+    """The saved state of an unfinished pretraining of ``cfg`` in ``out`` (see :data:`RESUME`), or None
+    (none there, or one of other settings: the run starts again, and says so)."""
+    path = out / RESUME
+    if not path.is_file():
+        return None
+    try:
+        state, meta = load_checkpoint(path)
+    except CheckpointError as err:
+        log.warning("%s; pretraining starts again", err)
+        return None
+    if meta.get("digest") != _resume_digest(cfg) or not 0 < meta.get("epoch", 0) < cfg.train.epochs:
+        log.warning("%s is another pretraining's (other settings); this one starts again", path)
+        return None
+    return {**state, "epoch": meta["epoch"]}
 
 
 def _out_of_time(start: float, cfg: Config) -> bool:
@@ -140,7 +169,10 @@ def _out_of_time(start: float, cfg: Config) -> bool:
 def pretrain(cfg: Config, out_dir: str | Path, split: DataSplit | None = None) -> dict[str, Any]:
     """Self-supervised pretraining of ``cfg.method.name`` on the training cases' images.
 
-    Writes ``checkpoint.pt`` (kind ``pretrain``) after every epoch. Returns the last epoch's metrics.
+    Writes ``checkpoint.pt`` (kind ``pretrain``) after every epoch. A run stopped before its last epoch
+    (killed, or ``train.max_minutes``) goes on from its last finished epoch when started again with the
+    same settings in the same folder (:data:`RESUME`), and ends where the uninterrupted run ends.
+    Returns the last epoch's metrics.
 
     Raises:
         ConfigError: ``model.seg_arch=unet``, whose plain U-Net has no encoder to pretrain.
@@ -148,17 +180,26 @@ def pretrain(cfg: Config, out_dir: str | Path, split: DataSplit | None = None) -
     if not has_encoder(cfg.model):
         raise ConfigError(f"model.seg_arch={cfg.model.seg_arch} has no encoder to pretrain (a plain U-Net trains "
                           "from scratch with `fedamlp finetune`); pretrain with model.seg_arch=vit")
-    out, device = _prepare(cfg, out_dir)
+    resumed = _resume_state(Path(out_dir), cfg)
+    first = resumed["epoch"] if resumed else 0
+    out, device = _prepare(cfg, out_dir, keep_metrics=first)
     split = split or load_split(cfg)
     method = build_method(cfg.model, cfg.method).to(device)
     loader = make_loader(split.train, cfg, augment=True, labels=False)
     optimizer = pretrain_optimizer(method, cfg.train)
     generator = make_generator(cfg.train.seed, device)
+    if resumed:  # go on exactly where the stopped run was: weights, optimizer, mask and shuffle streams
+        method.load_state_dict(resumed["method"])
+        optimizer.load_state_dict(resumed["optimizer"])
+        generator.set_state(resumed["generator"])
+        loader.generator.set_state(resumed["shuffle"])
+        torch.set_rng_state(resumed["torch"])
     epochs = cfg.train.epochs
     warmup = min(cfg.train.warmup_epochs / epochs, 0.5)
-    log.info("pretraining %s on %d images for %d epochs on %s", cfg.method.name, len(loader.dataset), epochs, device)
+    log.info("pretraining %s on %d images for %d epochs on %s%s", cfg.method.name, len(loader.dataset), epochs,
+             device, f", resumed after epoch {first}" if first else "")
     start, metrics = time.monotonic(), {}
-    for epoch in range(epochs):
+    for epoch in range(first, epochs):
         loader.dataset.set_epoch(epoch)
         metrics = pretrain_epoch(method, loader, optimizer, device, (epoch / epochs, (epoch + 1) / epochs), generator,
                                  lr_at=lambda t: cfg.train.lr * warmup_cosine(t, warmup), amp=cfg.train.amp,
@@ -167,9 +208,17 @@ def pretrain(cfg: Config, out_dir: str | Path, split: DataSplit | None = None) -
         _append_metrics(out, metrics)
         log.info("epoch %d/%d loss %.4f ratio %.2f", epoch + 1, epochs, metrics["loss"], metrics.get("ratio", 0))
         save_pretrained(out / CHECKPOINT, method, cfg, epoch + 1)
+        if epoch + 1 < epochs:
+            save_checkpoint(out / RESUME, {"method": method.state_dict(), "optimizer": optimizer.state_dict(),
+                                           "generator": generator.get_state(), "shuffle": loader.generator.get_state(),
+                                           "torch": torch.get_rng_state()},
+                            {"kind": "pretrain-resume", "epoch": epoch + 1, "digest": _resume_digest(cfg)})
         if _out_of_time(start, cfg):
-            log.info("stopping after %d epochs: train.max_minutes=%s reached", epoch + 1, cfg.train.max_minutes)
+            log.info("stopping after %d epochs: train.max_minutes=%s reached (run it again to go on)", epoch + 1,
+                     cfg.train.max_minutes)
             break
+    if metrics.get("epoch") == epochs:
+        (out / RESUME).unlink(missing_ok=True)
     return metrics
 
 
