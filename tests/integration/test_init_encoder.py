@@ -1,6 +1,6 @@
 """A federated run's pretrained encoder, saved as a checkpoint folder, starts another run's fine-tuning.
 
-Two real simulations (20-40 s each on two cores).
+A real fine-tuning-only simulation (20-40 s on two cores) from the shared two-phase run's encoder.
 """
 
 from __future__ import annotations
@@ -11,26 +11,25 @@ import pytest
 import torch
 
 from amlp_core.engine.pipeline import load_pretrained_encoder, load_segmentation
-from tests.integration.test_simulation import _cfg, _no_process_left, _rows
+from tests.integration.helpers import sim_config, assert_no_process_left, round_rows
 from simulations.simulate import simulate
 
 pytestmark = pytest.mark.slow
 
 
-def test_saved_encoder_starts_a_fine_tuning_only_run(tmp_path):
-    first = tmp_path / "first"
-    cfg = _cfg(first)
-    simulate(cfg, timeout=600)
+def test_saved_encoder_starts_a_fine_tuning_only_run(two_phase_run, tmp_path):
+    first, cfg = two_phase_run
     encoder, meta = load_pretrained_encoder(first / "encoder", cfg.model)
-    assert meta["kind"] == "pretrain" and meta["method"] == cfg.method.name and meta["pretrain_rounds"] == 1
+    assert meta["kind"] == "pretrain" and meta["method"] == cfg.method.name
+    assert meta["pretrain_rounds"] == cfg.federation.pretrain_rounds == 2
     assert encoder and (first / "encoder" / "config.yaml").exists()
 
     second = tmp_path / "second"
-    simulate(_cfg(second, **{"federation.pretrain_rounds": 0, "federation.init_encoder": str(first / "encoder")}),
+    simulate(sim_config(second, **{"federation.pretrain_rounds": 0, "federation.init_encoder": str(first / "encoder")}),
              timeout=600)
-    _no_process_left(second)
+    assert_no_process_left(second)
     assert not (second / "encoder").exists()  # no pretraining phase, nothing new to save
-    assert {r["phase"] for r in _rows(second)} == {"finetune"}
+    assert {r["phase"] for r in round_rows(second)} == {"finetune"}
     info = json.loads((second / "results" / "rounds.json").read_text())["info"]
     assert info["initial encoder"] == str(first / "encoder")
     assert info["pretraining"].startswith("initial encoder given")  # not the config's method name

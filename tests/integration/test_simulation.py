@@ -22,30 +22,16 @@ from amlp_core.engine.pipeline import load_segmentation, predict_file
 from amlp_core.errors import ConfigError
 from amlp_core.methods import build_method
 from simulations.simulate import SimulationError, processes_with_env, simulate
-from tests.conftest import tiny_config
+
+from tests.integration.helpers import TWO_PHASE_PLAN, sim_config, assert_no_process_left, round_rows
 
 pytestmark = pytest.mark.slow
 
 
-def _cfg(run_dir: Path, **overrides):
-    base = {"data.synthetic_cases": 10, "federation.sites": 2, "federation.pretrain_rounds": 1,
-            "federation.finetune_rounds": 1, "federation.run_dir": str(run_dir), "federation.connect_timeout": 60,
-            "federation.round_timeout": 300, "train.device": "cpu"}
-    return tiny_config(3, **{**base, **overrides})
-
-
-def _rows(run_dir: Path) -> list[dict]:
-    return json.loads((run_dir / "results" / "rounds.json").read_text())["rows"]
-
-
-def _no_process_left(run_dir: Path) -> None:
-    assert processes_with_env("FLWR_HOME", str(run_dir / ".flwr")) == []
-
-
 def _check_two_phase_run(run: Path, cfg, tmp_path: Path) -> None:
     """A finished two-phase federation: its rows, messages, summary and the model `predict` loads."""
-    _no_process_left(run)
-    rows = _rows(run)
+    assert_no_process_left(run)
+    rows = round_rows(run)
     pre = [r for r in rows if r["phase"] == "pretrain" and r["site"] != "ALL"]
     rounds = sorted({r["round"] for r in pre})
     assert rounds == list(range(1, cfg.federation.pretrain_rounds + 1))
@@ -81,12 +67,12 @@ def test_plain_unet_federation_trains_from_scratch(tmp_path):
 
     run = tmp_path / "run"
     with pytest.raises(ConfigError, match="federation.pretrain_rounds"):  # refused before anything starts
-        simulate(_cfg(run, **{"model.seg_arch": "unet"}), timeout=600)
+        simulate(sim_config(run, **{"model.seg_arch": "unet"}), timeout=600)
     assert not run.exists()
-    cfg = _cfg(run, **{"model.seg_arch": "unet", "federation.pretrain_rounds": 0})
+    cfg = sim_config(run, **{"model.seg_arch": "unet", "federation.pretrain_rounds": 0})
     simulate(cfg, timeout=600)
-    _no_process_left(run)
-    rows = _rows(run)
+    assert_no_process_left(run)
+    rows = round_rows(run)
     assert not [r for r in rows if r["phase"] == "pretrain"]
     train = [r for r in rows if r["kind"] == "train" and r["site"] != "ALL"]
     assert sorted(r["site"] for r in train) == ["site0", "site1"] and all(r["status"] == "ok" for r in train)
@@ -106,39 +92,38 @@ def test_plain_unet_federation_trains_from_scratch(tmp_path):
     assert nib.load(out).shape == (16, 16, 16)
 
 
-def test_two_phase_federation_end_to_end_and_resume_reaches_its_final_state(tmp_path):
+def test_two_phase_federation_end_to_end_and_resume_reaches_its_final_state(two_phase_run, tmp_path):
     """One uninterrupted run (checked end to end), and the same plan stopped after a round and resumed."""
-    plan = {"federation.pretrain_rounds": 2, "federation.finetune_rounds": 1}
-    straight = tmp_path / "straight"
-    simulate(_cfg(straight, **plan), timeout=600)
-    _check_two_phase_run(straight, _cfg(straight, **plan), tmp_path)  # a whole two-phase federation, end to end
+    plan = TWO_PHASE_PLAN
+    straight, cfg = two_phase_run
+    _check_two_phase_run(straight, cfg, tmp_path)  # a whole two-phase federation, end to end
     stopped = tmp_path / "stopped"
-    simulate(_cfg(stopped, **plan, **{"federation.stop_after_rounds": 1}), timeout=600)
+    simulate(sim_config(stopped, **plan, **{"federation.stop_after_rounds": 1}), timeout=600)
     assert not (stopped / "model").exists() and (stopped / "server_checkpoint.pt").exists()
     with pytest.raises(SimulationError, match="different configuration"):  # a changed plan is refused
-        simulate(_cfg(stopped, **{**plan, "federation.finetune_rounds": 2}, **{"federation.resume": True}),
+        simulate(sim_config(stopped, **{**plan, "federation.finetune_rounds": 2}, **{"federation.resume": True}),
                  timeout=600)
-    simulate(_cfg(stopped, **plan, **{"federation.resume": True}), timeout=600)
+    simulate(sim_config(stopped, **plan, **{"federation.resume": True}), timeout=600)
     a, _ = load_segmentation(straight / "model")
     b, _ = load_segmentation(stopped / "model")
     for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
         assert torch.allclose(x, y, atol=1e-6), name
-    ratios = {(r["round"], r["site"]): r["mask-ratio"] for r in _rows(stopped)
+    ratios = {(r["round"], r["site"]): r["mask-ratio"] for r in round_rows(stopped)
               if r["phase"] == "pretrain" and r["site"] != "ALL"}
     assert ratios[1, "site0"] == ratios[1, "site1"] < ratios[2, "site0"] == ratios[2, "site1"]
-    _no_process_left(stopped)
+    assert_no_process_left(stopped)
 
 
 def test_a_broken_site_is_reported_and_the_others_finish(tmp_path):
     data = write_phantom_dataset(tmp_path / "data", n=15, shape=(16, 16, 16), seed=0)
-    cfg = _cfg(tmp_path / "run", **{"data.path": str(data), "federation.sites": 3, "federation.min_sites": 2})
+    cfg = sim_config(tmp_path / "run", **{"data.path": str(data), "federation.sites": 3, "federation.min_sites": 2})
     train, _ = split_names([p.name.removesuffix(".nii.gz") for p in (data / "imagesTr").iterdir()],
                            cfg.data.test_fraction, cfg.data.split_seed)
     victim_name = partition_names(train, 3, "iid", seed=cfg.data.split_seed)[1][0]
     victim = data / "imagesTr" / f"{victim_name}.nii.gz"
     victim.write_bytes(victim.read_bytes()[:100])  # truncated
     simulate(cfg, timeout=600)
-    rows = _rows(tmp_path / "run")
+    rows = round_rows(tmp_path / "run")
     errors = [r for r in rows if r["status"] == "error"]
     assert errors and all(r["site"] == "site1" and str(victim) in r["error"] for r in errors)
     assert all(r["status"] == "ok" for r in rows if r["site"] in ("site0", "site2"))
@@ -147,12 +132,12 @@ def test_a_broken_site_is_reported_and_the_others_finish(tmp_path):
 
 
 def test_too_few_sites_fail_the_run_with_a_clear_message(tmp_path):
-    cfg = _cfg(tmp_path / "run", **{"federation.min_sites": 3, "federation.connect_timeout": 5})
+    cfg = sim_config(tmp_path / "run", **{"federation.min_sites": 3, "federation.connect_timeout": 5})
     started = time.monotonic()
     with pytest.raises(SimulationError, match=r"only 2 of the 3 sites needed .* connected within 5 s"):
         simulate(cfg, timeout=300)
     assert time.monotonic() - started < 120
-    _no_process_left(tmp_path / "run")
+    assert_no_process_left(tmp_path / "run")
 
 
 def _default_sigint() -> None:
@@ -163,7 +148,7 @@ def _default_sigint() -> None:
 @pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["ctrl-c", "sigterm"])
 def test_an_interrupted_simulation_leaves_no_process(tmp_path, sig, code):
     run = tmp_path / "run"
-    cfg = _cfg(run, **{"federation.pretrain_rounds": 20})
+    cfg = sim_config(run, **{"federation.pretrain_rounds": 20})
     config = tmp_path / "c.yaml"
     import yaml
 
@@ -177,7 +162,7 @@ def test_an_interrupted_simulation_leaves_no_process(tmp_path, sig, code):
     proc.send_signal(sig)
     proc.wait(timeout=60)
     assert proc.returncode == code, proc.stderr.read()[-2000:]
-    _no_process_left(run)
+    assert_no_process_left(run)
 
 
 def test_stop_processes_reaches_a_child_in_its_own_session(tmp_path):
@@ -218,7 +203,7 @@ def test_a_killed_simulation_takes_its_superlink_with_it(tmp_path):
     config = tmp_path / "c.yaml"
     import yaml
 
-    config.write_text(yaml.safe_dump(_cfg(run, **{"federation.pretrain_rounds": 20}).to_dict()))
+    config.write_text(yaml.safe_dump(sim_config(run, **{"federation.pretrain_rounds": 20}).to_dict()))
     proc = subprocess.Popen([sys.executable, "-m", "fedamlp.cli", "simulate", "--config", str(config)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
@@ -254,12 +239,12 @@ def test_a_killed_simulation_takes_its_superlink_with_it(tmp_path):
 def test_private_federation_reports_the_epsilon_of_every_site_and_the_server(tmp_path):
     """Site DP (Opacus, both phases) and server DP (Flower's wrapper) in one real simulation."""
     run = tmp_path / "run"
-    cfg = _cfg(run, **{"privacy.site_dp": True, "privacy.phases": "both", "privacy.budget": 8.0,
+    cfg = sim_config(run, **{"privacy.site_dp": True, "privacy.phases": "both", "privacy.budget": 8.0,
                        "privacy.server_dp": True, "privacy.server_noise_multiplier": 0.5,
                        "privacy.server_clipping_norm": 50.0})
     simulate(cfg, timeout=600)
-    _no_process_left(run)
-    rows = _rows(run)
+    assert_no_process_left(run)
+    rows = round_rows(run)
     train = [r for r in rows if r["kind"] == "train" and r["site"] != "ALL"]
     assert {(r["phase"], r["site"]) for r in train} == {(p, s) for p in ("pretrain", "finetune")
                                                          for s in ("site0", "site1")}

@@ -1,0 +1,20 @@
+"""The real federation that several integration tests compare against, simulated once per session."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from simulations.simulate import simulate
+from tests.integration.helpers import TWO_PHASE_PLAN, sim_config
+
+
+@pytest.fixture(scope="session")
+def two_phase_run(tmp_path_factory) -> tuple[Path, object]:
+    """An uninterrupted two-phase federation (:data:`TWO_PHASE_PLAN`, 2 sites): its folder and config.
+    Read it, do not write into it: the resume test and the encoder-reuse test both compare against it."""
+    run = tmp_path_factory.mktemp("two_phase") / "run"
+    cfg = sim_config(run, **TWO_PHASE_PLAN)
+    simulate(cfg, timeout=600)
+    return run, cfg

@@ -1,0 +1,27 @@
+"""What the real-simulation tests share: a tiny two-site federation's config and its results."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from simulations.simulate import processes_with_env
+from tests.conftest import tiny_config
+
+#: The two-phase plan of the shared uninterrupted run (conftest ``two_phase_run``).
+TWO_PHASE_PLAN = {"federation.pretrain_rounds": 2, "federation.finetune_rounds": 1}
+
+
+def sim_config(run_dir: Path, **overrides):
+    base = {"data.synthetic_cases": 10, "federation.sites": 2, "federation.pretrain_rounds": 1,
+            "federation.finetune_rounds": 1, "federation.run_dir": str(run_dir), "federation.connect_timeout": 60,
+            "federation.round_timeout": 300, "train.device": "cpu"}
+    return tiny_config(3, **{**base, **overrides})
+
+
+def round_rows(run_dir: Path) -> list[dict]:
+    return json.loads((run_dir / "results" / "rounds.json").read_text())["rows"]
+
+
+def assert_no_process_left(run_dir: Path) -> None:
+    assert processes_with_env("FLWR_HOME", str(run_dir / ".flwr")) == []
