@@ -252,8 +252,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: Flags that name something to read: checked before the heavy imports, so a wrong path fails at once.
+INPUT_FLAGS = ("data", "init", "model", "input", "path")
+
+
+def _missing_input(args: argparse.Namespace) -> str | None:
+    """The first input flag whose file or folder does not exist, as an error line; None when all exist."""
+    for flag in INPUT_FLAGS:
+        value = getattr(args, flag, None)
+        if value and value != "synthetic" and not Path(value).exists():
+            name = "PATH" if flag == "path" else f"--{flag}"
+            return f"{name} {value}: no such file or folder"
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    missing = _missing_input(args)
+    if missing:
+        print(f"fedamlp: error: {missing}", file=sys.stderr)
+        return 2
     # force: importing Opacus already called basicConfig (root at WARNING), which would hide our INFO lines.
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S", force=True)

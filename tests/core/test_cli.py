@@ -112,6 +112,7 @@ def test_data_check_exit_codes_and_report(tmp_path):
     (["finetune", "--data", "synthetic", "--init", "/nonexistent/run", "--out", "x"], "/nonexistent/run"),
     (["predict", "--model", "/nonexistent/model", "--input", "a.nii.gz", "--output", "b.nii.gz"],
      "/nonexistent/model"),
+    (["data", "check", "/nonexistent/folder"], "/nonexistent/folder"),
 ])
 def test_bad_arguments_give_one_line_without_traceback(args, needle, tmp_path):
     result = _run_cli(*args)

@@ -18,7 +18,7 @@ def _method_state(run):
 
 
 def test_a_stopped_pretraining_resumes_and_ends_where_the_uninterrupted_run_ends(tmp_path, caplog):
-    cfg = tiny_config(2, **{"train.epochs": 3, "method.name": "amlp"})
+    cfg = tiny_config(2, **{"train.epochs": 3, "method.name": "amlp", "data.synthetic_cases": 6})
     pretrain(cfg, tmp_path / "whole")
     whole, _ = _method_state(tmp_path / "whole")
     assert not (tmp_path / "whole" / RESUME).exists()  # a finished run leaves no resume state
@@ -39,7 +39,7 @@ def test_a_stopped_pretraining_resumes_and_ends_where_the_uninterrupted_run_ends
 
 
 def test_the_resume_state_of_other_settings_is_not_used(tmp_path, caplog):
-    cfg = tiny_config(2, **{"train.epochs": 2})
+    cfg = tiny_config(2, **{"train.epochs": 2, "data.synthetic_cases": 6})
     run = tmp_path / "run"
     pretrain(cfg.replace(train={"max_minutes": 1e-9}), run)
     state, meta = load_checkpoint(run / RESUME)
