@@ -23,7 +23,7 @@ from amlp_core.errors import AMLPError
 from amlp_core.losses import dice_ce_loss, proximal_term
 from amlp_core.methods import PretrainMethod, build_method, mask_ratio_at
 from amlp_core.models import build_segmentation_model
-from amlp_core.privacy import PrivacyLedger, charged_training, sample_rate, steps_per_epoch
+from amlp_core.privacy import PrivatePhase, charged_training, ready_ledger
 from amlp_core.schedules import federated_progress, warmup_cosine
 from client.site import Site
 from fedamlp import protocol as P
@@ -206,32 +206,20 @@ def _labelled_subset(site: Site) -> list:
     return label_subset(labelled, site.cfg.train.label_fraction, site.cfg.train.seed) if labelled else []
 
 
-def _phase_cases(site: Site, phase: str) -> int:
-    """How many cases a site trains on in ``phase`` (all its training cases, or its labelled subset)."""
-    return len(site.split.train) if phase == P.PRETRAIN else len(_labelled_subset(site))
-
-
-def _privacy_plan(site: Site, ins: Instructions) -> list[tuple[float, int]]:
-    """The private stretches still to come in this run, ``(sample_rate, steps)``, from this round on."""
+def _private_phases(site: Site, ins: Instructions) -> tuple[PrivatePhase, list[PrivatePhase]]:
+    """This round's phase (its rounds from this one on) and the private phases after it, in this site's numbers."""
     cfg, fed = site.cfg, site.cfg.federation
-    plan = []
-    for phase, total in ((P.PRETRAIN, fed.pretrain_rounds), (P.FINETUNE, fed.finetune_rounds)):
-        if not cfg.privacy.private(phase) or (phase == P.PRETRAIN and ins.phase == P.FINETUNE):
-            continue
-        rounds = total - ins.round + 1 if phase == ins.phase else total
-        cases = _phase_cases(site, phase)
-        if cases and rounds > 0:
-            rate = sample_rate(cases, cfg.train.batch_size)
-            plan.append((rate, rounds * _round_steps(site, phase, rate)))
-    return plan
 
+    def phase(name: str, rounds: int) -> PrivatePhase:
+        if name == P.PRETRAIN:
+            return PrivatePhase(rounds, len(site.split.train), epochs=fed.local_epochs)
+        return PrivatePhase(rounds, len(_labelled_subset(site)), steps=local_finetune_steps(site))
 
-def _round_steps(site: Site, phase: str, rate: float) -> int:
-    """Optimiser steps of one round (Poisson draws under DP): pretraining ``local_epochs`` passes at ``rate``,
-    fine-tuning the site's local steps."""
-    if phase == P.PRETRAIN:
-        return site.cfg.federation.local_epochs * steps_per_epoch(rate)
-    return local_finetune_steps(site)
+    total = fed.pretrain_rounds if ins.phase == P.PRETRAIN else fed.finetune_rounds
+    now = phase(ins.phase, total - ins.round + 1)
+    later = ([phase(P.FINETUNE, fed.finetune_rounds)]
+             if ins.phase == P.PRETRAIN and cfg.privacy.private(P.FINETUNE) else [])
+    return now, later
 
 
 @contextmanager
@@ -246,10 +234,9 @@ def _private(site: Site, ins: Instructions, model: torch.nn.Module, optimizer: t
     """
     p, ledger = site.cfg.privacy, None
     if p.site_dp and p.private(ins.phase):
-        rate = sample_rate(len(loader.dataset), site.cfg.train.batch_size)
-        ledger = PrivacyLedger.planned(site.state.root, p.budget, p.delta, p.noise_multiplier,
-                                       _privacy_plan(site, ins), rate, _round_steps(site, ins.phase, rate),
-                                       f"site {site.name}: {ins.phase} round {ins.round}")
+        now, later = _private_phases(site, ins)
+        ledger = ready_ledger(site.state.root, p, site.cfg.train.batch_size, now, later,
+                              f"site {site.name}: {ins.phase} round {ins.round}")
         if isinstance(model, PretrainMethod):
             model.private = True
     metrics: dict[str, float] = {}  # filled once the round's steps are on the ledger

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from amlp_core.config import TrainConfig
+from amlp_core.models.segmentation import SegmentationNet
 from amlp_core.schedules import warmup_cosine
 
 
@@ -28,8 +29,8 @@ def finetune_optimizer(model: nn.Module, train: TrainConfig, pretrained: bool) -
     (so its first, random gradients do not wash out the pretrained features); an encoder from
     scratch is just the network's down path and learns like the rest.
     """
-    names = (model.pretrained_names(pretrained and train.init_decoder) if hasattr(model, "pretrained_names")
-             else set())
+    # The plain U-Net (model.seg_arch=unet) has no encoder: one group, at the fresh rate.
+    names = model.pretrained_names(pretrained and train.init_decoder) if isinstance(model, SegmentationNet) else set()
     loaded = [p for n, p in model.named_parameters() if n in names]
     rest = [p for n, p in model.named_parameters() if n not in names]
     groups = [{"params": rest, "lr_scale": 1.0}]

@@ -32,7 +32,7 @@ from amlp_core.losses import dice_ce_loss
 from amlp_core.methods import PretrainMethod, build_method
 from amlp_core.models import (SEG_ARCH_CLASSES, SegmentationNet, build_segmentation_model, encoder_state, has_encoder,
                               pretrained_decoder_state)
-from amlp_core.privacy import PrivacyLedger, charged_training, sample_rate
+from amlp_core.privacy import PrivacyLedger, PrivatePhase, charged_training, ready_ledger
 from amlp_core.schedules import warmup_cosine
 
 log = logging.getLogger(__name__)
@@ -252,8 +252,8 @@ def _checkpoint_path(run: str | Path) -> Path:
     return run / CHECKPOINT if run.is_dir() else run
 
 
-def load_pretrained_encoder(run: str | Path, model_cfg: ModelConfig) -> tuple[dict[str, torch.Tensor], dict]:
-    """The encoder's weights from a pretraining run (folder or checkpoint file).
+def _read_pretraining(run: str | Path, model_cfg: ModelConfig) -> tuple[Path, dict[str, torch.Tensor], dict]:
+    """A pretraining run's checkpoint (folder or file), read once and checked: ``(path, method state, meta)``.
 
     Raises:
         CheckpointError: not a pretraining checkpoint, or made for another model configuration.
@@ -265,25 +265,42 @@ def load_pretrained_encoder(run: str | Path, model_cfg: ModelConfig) -> tuple[di
     have = build_section("model", meta["config"]["model"])
     if have != model_cfg:
         raise CheckpointError(f"checkpoint {path} was made for model {have}, not {model_cfg}")
-    encoder = encoder_state(state["method"])
+    return path, state["method"], meta
+
+
+def _encoder_of(path: Path, method_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    encoder = encoder_state(method_state)
     if not encoder:
         raise CheckpointError(f"checkpoint {path} holds no encoder weights")
-    return encoder, meta
+    return encoder
 
 
-def load_pretrained_decoder(run: str | Path, model: SegmentationNet) -> None:
-    """Start ``model``'s decoder from the U-Net of a pretraining run's SparK decoder (``train.init_decoder``),
-    all but its output level. The run's model configuration was checked by :func:`load_pretrained_encoder`.
+def load_pretrained_encoder(run: str | Path, model_cfg: ModelConfig) -> tuple[dict[str, torch.Tensor], dict]:
+    """The encoder's weights from a pretraining run (folder or checkpoint file), and the run's metadata.
 
     Raises:
-        CheckpointError: naming the file, when its decoder does not fit.
+        CheckpointError: not a pretraining checkpoint, or made for another model configuration.
     """
-    path = _checkpoint_path(run)
-    state, _ = load_checkpoint(path)
-    try:
-        model.load_pretrained_decoder(pretrained_decoder_state(state["method"]))
-    except ValueError as err:
-        raise CheckpointError(f"checkpoint {path}: {err}") from None
+    path, method_state, meta = _read_pretraining(run, model_cfg)
+    return _encoder_of(path, method_state), meta
+
+
+def load_pretrained(run: str | Path, model: SegmentationNet, decoder: bool = False) -> dict:
+    """Start ``model`` from a pretraining run: its encoder strictly, and with ``decoder`` (``train.init_decoder``)
+    its decoder from the U-Net of the run's SparK decoder, all but the output level. Returns the run's metadata.
+
+    Raises:
+        CheckpointError: naming the file, when it is not a pretraining run of ``model``'s configuration
+        or its decoder does not fit.
+    """
+    path, method_state, meta = _read_pretraining(run, model.cfg)
+    model.encoder.load_state_dict(_encoder_of(path, method_state), strict=True)
+    if decoder:
+        try:
+            model.load_pretrained_decoder(pretrained_decoder_state(method_state))
+        except ValueError as err:
+            raise CheckpointError(f"checkpoint {path}: {err}") from None
+    return meta
 
 
 def model_config_of(run: str | Path) -> ModelConfig:
@@ -313,10 +330,7 @@ def finetune(cfg: Config, out_dir: str | Path, init: str | Path | None = None,
     model = build_segmentation_model(cfg.model)
     init_meta: dict = {}
     if init is not None:
-        encoder_state, init_meta = load_pretrained_encoder(init, cfg.model)
-        model.encoder.load_state_dict(encoder_state, strict=True)
-        if cfg.train.init_decoder:
-            load_pretrained_decoder(init, model)
+        init_meta = load_pretrained(init, model, decoder=cfg.train.init_decoder)
     return train_segmentation(model, cfg, out_dir, split, init_method=init_meta.get("method", "scratch"))
 
 
@@ -326,9 +340,9 @@ def _privacy_ledger(cfg: Config, out: Path, num_cases: int, steps: int) -> Priva
     p = cfg.privacy
     if not p.site_dp:
         return None
-    rate = sample_rate(num_cases, cfg.train.batch_size)
-    ledger = PrivacyLedger.planned(out, p.budget, p.delta, p.noise_multiplier, [(rate, steps)], rate, steps,
-                                   f"fine-tuning {steps} steps in {out}")
+    now = PrivatePhase(rounds=1, cases=num_cases, steps=steps)
+    ledger = ready_ledger(out, p, cfg.train.batch_size, now, [], f"fine-tuning {steps} steps in {out}")
+    rate = now.rate(cfg.train.batch_size)
     log.info("DP-SGD: noise multiplier %.3f, clip %g, sample rate %.3f, budget epsilon %g at delta %g",
              ledger.noise_multiplier, p.max_grad_norm, rate, p.budget, p.delta)
     return ledger

@@ -202,9 +202,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                              "steps": args.finetune_steps, "train_seconds": result["train_seconds"],
                              **{k: v for k, v in result.items() if k.startswith("dice_")}, "curve": curve(run)})
                 log.info("%s, %g %% labels, seed %d: mean Dice %.4f", name, 100 * fraction, seed, result["dice_mean"])
-                stats, _ = summary(rows, fractions)
+                stats, _ = summary(rows, sorted({r["label_fraction"] for r in rows}))
                 write_json(out, {**header, "rows": rows, "summary": stats})
-    stats, markdown = summary(rows, fractions)
+    stats, markdown = summary(rows, sorted({r["label_fraction"] for r in rows}))  # every fraction measured so far
     payload = {**header, "rows": rows, "summary": stats}
     write_json(out, payload)
     out.with_suffix(".md").write_text(markdown + "\n")

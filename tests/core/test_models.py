@@ -142,7 +142,7 @@ def test_sparks_pretraining_decoder_starts_the_segmentation_decoder(tmp_path, di
     loaded part learns in the pretrained group, and a checkpoint whose decoder does not fit is refused."""
     from amlp_core.engine.checkpoint import save_checkpoint
     from amlp_core.engine.optim import finetune_optimizer
-    from amlp_core.engine.pipeline import load_pretrained_decoder, pretrained_meta
+    from amlp_core.engine.pipeline import load_pretrained, pretrained_meta
     from amlp_core.errors import CheckpointError
     from amlp_core.models.segmentation import OUTPUT_LEVEL
     from tests.conftest import tiny_config
@@ -154,7 +154,7 @@ def test_sparks_pretraining_decoder_starts_the_segmentation_decoder(tmp_path, di
     path = save_checkpoint(tmp_path / "pre.pt", {"method": method.state_dict()}, pretrained_meta(cfg, 1))
     net = SegmentationNet(cfg.model)
     fresh = {k: v.clone() for k, v in net.decoder.state_dict().items()}
-    load_pretrained_decoder(path, net)
+    load_pretrained(path, net, decoder=True)
     pre = method.decoder.unet.state_dict()
     for key, value in net.decoder.state_dict().items():
         if key.startswith(OUTPUT_LEVEL):
@@ -172,6 +172,6 @@ def test_sparks_pretraining_decoder_starts_the_segmentation_decoder(tmp_path, di
     state[key] = state[key][:1]
     bad = save_checkpoint(tmp_path / "bad.pt", {"method": state}, pretrained_meta(cfg, 1))
     with pytest.raises(CheckpointError, match="bad.pt: the pretraining decoder does not fit.*bottom.conv.unit0"):
-        load_pretrained_decoder(bad, SegmentationNet(cfg.model))
+        load_pretrained(bad, SegmentationNet(cfg.model), decoder=True)
     with pytest.raises(Exception, match="train.init_decoder=True: needs model.pretrain_decoder=unet"):
         tiny_config(dims).replace(train={"init_decoder": True})

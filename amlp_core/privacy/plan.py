@@ -1,0 +1,52 @@
+"""What a site's DP training still has to do, and the ledger made ready for its next stretch.
+
+A federated site trains in rounds of two phases; a local run is one stretch. Either way the noise is
+fixed once for everything still to come (so that the whole run spends the budget), and the next
+stretch is checked against the budget before any step: :func:`ready_ledger`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Sequence
+
+from amlp_core.privacy.dp import sample_rate, steps_per_epoch
+from amlp_core.privacy.ledger import PrivacyLedger
+
+if TYPE_CHECKING:
+    from amlp_core.config import PrivacyConfig
+
+
+@dataclass(frozen=True)
+class PrivatePhase:
+    """Private training still to come in one phase: ``rounds`` rounds (stretches) over ``cases`` cases,
+    each ``epochs`` Poisson passes (pretraining) or, when ``steps`` > 0, that many optimiser steps."""
+
+    rounds: int
+    cases: int
+    epochs: int = 0
+    steps: int = 0
+
+    def rate(self, batch_size: int) -> float:
+        """Poisson sampling rate of ``batch_size`` cases per batch on average."""
+        return sample_rate(self.cases, batch_size)
+
+    def round_steps(self, batch_size: int) -> int:
+        """Optimiser steps (Poisson draws) of one round."""
+        return self.steps if self.steps > 0 else self.epochs * steps_per_epoch(self.rate(batch_size))
+
+
+def ready_ledger(folder: str | Path, privacy: "PrivacyConfig", batch_size: int, now: PrivatePhase,
+                 later: Sequence[PrivatePhase], what: str) -> PrivacyLedger:
+    """The ledger in ``folder`` for one round of ``now``: the noise fixed for ``now``'s rounds (this one
+    included) and all of ``later``, and this round's steps checked against ``privacy.budget``.
+
+    Raises:
+        PrivacyError: an unreadable ledger, or one of another delta.
+        PrivacyBudgetExceeded: this round would spend more than the budget (``what`` names it).
+    """
+    plan = [(phase.rate(batch_size), phase.rounds * phase.round_steps(batch_size))
+            for phase in (now, *later) if phase.cases > 0 and phase.rounds > 0]
+    return PrivacyLedger.planned(folder, privacy.budget, privacy.delta, privacy.noise_multiplier, plan,
+                                 now.rate(batch_size), now.round_steps(batch_size), what)
