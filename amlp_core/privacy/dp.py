@@ -18,11 +18,6 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
-from opacus.accountants import RDPAccountant
-from opacus.grad_sample.grad_sample_module import GradSampleHooks
-from opacus.optimizers import DPOptimizer
-from opacus.utils.uniform_sampler import UniformWithReplacementSampler
-from opacus.validators import ModuleValidator
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, default_collate
 
@@ -30,7 +25,13 @@ from amlp_core.errors import ConfigError
 from amlp_core.privacy.ledger import Stretch
 
 if TYPE_CHECKING:
+    from opacus.grad_sample.grad_sample_module import GradSampleHooks
+    from opacus.optimizers import DPOptimizer
+
     from amlp_core.privacy.ledger import PrivacyLedger
+
+# Opacus is imported where DP-SGD runs, not at module level: it costs about 2 s at every start
+# (torch.distributed), and most runs are not private.
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,7 @@ def check_private(model: nn.Module, what: str = "model") -> None:
     Raises:
         ConfigError: listing what Opacus' validator found.
     """
+    from opacus.validators import ModuleValidator
     errors = ModuleValidator.validate(model, strict=False)
     if errors:
         found = "; ".join(str(e) for e in errors[:5])
@@ -68,12 +70,13 @@ def poisson_loader(dataset: Dataset, batch_size: int, generator: torch.Generator
 
     Yields the dataset's collated items, or ``None`` for an empty batch.
     """
+    from opacus.utils.uniform_sampler import UniformWithReplacementSampler
     rate = sample_rate(len(dataset), batch_size)
     sampler = UniformWithReplacementSampler(num_samples=len(dataset), sample_rate=rate, generator=generator)
     return DataLoader(dataset, batch_sampler=sampler, collate_fn=_collate_or_none)
 
 
-def noise_only_step(optimizer: DPOptimizer) -> None:
+def noise_only_step(optimizer: "DPOptimizer") -> None:
     """The DP step of an empty batch: no case's gradient, the noise only (and one step counted).
 
     The previous step's clipped sum is cleared first: it must not be added again (Opacus refuses it)."""
@@ -105,16 +108,19 @@ class PrivateTraining:
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, dataset: Dataset, batch_size: int,
                  noise_multiplier: float, max_grad_norm: float, seed: int) -> None:
+        from opacus.accountants import RDPAccountant
         check_private(model)
         self.model, self.base_optimizer, self.dataset = model, optimizer, dataset
         self.rate = sample_rate(len(dataset), batch_size)
         self.noise_multiplier, self.max_grad_norm, self.seed = noise_multiplier, max_grad_norm, seed
         self.accountant = RDPAccountant()
-        self.hooks: GradSampleHooks | None = None
-        self.optimizer: DPOptimizer | None = None
+        self.hooks: "GradSampleHooks | None" = None
+        self.optimizer: "DPOptimizer | None" = None
         self.loader: DataLoader | None = None
 
     def __enter__(self) -> "PrivateTraining":
+        from opacus.grad_sample.grad_sample_module import GradSampleHooks
+        from opacus.optimizers import DPOptimizer
         device = next(self.model.parameters()).device
         self.hooks = GradSampleHooks(self.model, batch_first=True, loss_reduction="mean", strict=False)
         noise = torch.Generator(device=device).manual_seed(self.seed)

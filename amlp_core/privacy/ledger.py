@@ -18,8 +18,6 @@ import math
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from opacus.accountants import RDPAccountant
-
 from amlp_core.engine.checkpoint import atomic_write_text
 from amlp_core.errors import AMLPError
 
@@ -40,6 +38,7 @@ class PrivacyBudgetExceeded(AMLPError):
 
 def epsilon_of(history: Iterable[Stretch], delta: float) -> float:
     """Epsilon at ``delta`` of the composition of ``history`` (0 for an empty history)."""
+    from opacus.accountants import RDPAccountant  # here, not at import: Opacus costs seconds at every start
     accountant = RDPAccountant()
     accountant.history = [(float(s), float(q), int(n)) for s, q, n in history if n > 0]
     return float(accountant.get_epsilon(delta)) if accountant.history else 0.0

@@ -161,3 +161,17 @@ def test_privacy_config_refuses_combinations_that_would_break_the_guarantee():
     with pytest.raises(ConfigError, match="privacy.phases"):
         build_config({"privacy.phases": "pretrain"})
     assert json.dumps(build_config({"privacy.site_dp": True}).to_dict()["privacy"])
+
+
+def test_opacus_is_imported_only_where_dp_runs():
+    """A run without DP does not pay for Opacus at start (about 2 s: it imports torch.distributed);
+    a private stretch imports it when it starts."""
+    import subprocess
+    import sys
+    code = ("import sys, fedamlp.cli, amlp_core.engine.pipeline, client.tasks, server.federation\n"
+            "assert not [m for m in sys.modules if m.startswith('opacus')], 'opacus imported'\n"
+            "from amlp_core.privacy import epsilon_of\n"
+            "epsilon_of([(1.0, 0.1, 10)], 1e-5)\n"
+            "assert 'opacus' in sys.modules\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
