@@ -538,6 +538,23 @@ def build_section(name: str, values: Mapping[str, Any]) -> Any:
     return cls(**{k: _coerce(f"{name}.{k}", v, hints[k]) for k, v in values.items()})
 
 
+def check_keys(raw: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """``raw`` split into sections (:func:`_section_updates`), every key known; values are checked when
+    the config is built.
+
+    Raises:
+        ConfigError: naming the first unknown key and the section's valid ones.
+    """
+    sections = _section_updates(raw)
+    for name, updates in sections.items():
+        hints = typing.get_type_hints(SECTIONS[name])
+        for key in updates:
+            if key not in hints:
+                valid = ", ".join(f.name for f in dataclasses.fields(SECTIONS[name]))
+                raise ConfigError(f"unknown configuration key '{name}.{key}'; valid keys: {valid}")
+    return sections
+
+
 def build_config(raw: Mapping[str, Any] | None = None, base: Config | None = None) -> Config:
     """Build a validated :class:`Config` from a nested or flat mapping, on top of ``base``.
 
@@ -546,14 +563,9 @@ def build_config(raw: Mapping[str, Any] | None = None, base: Config | None = Non
     """
     base = base or Config()
     sections = {}
-    for name, updates in _section_updates(raw or {}).items():
-        cls = SECTIONS[name]
-        hints = typing.get_type_hints(cls)
+    for name, updates in check_keys(raw or {}).items():
+        hints = typing.get_type_hints(SECTIONS[name])
         current = getattr(base, name)
-        for key in updates:
-            if key not in hints:
-                valid = ", ".join(f.name for f in dataclasses.fields(cls))
-                raise ConfigError(f"unknown configuration key '{name}.{key}'; valid keys: {valid}")
         coerced = {k: _coerce(f"{name}.{k}", v, hints[k]) for k, v in updates.items()}
         sections[name] = dataclasses.replace(current, **coerced) if coerced else current
     return Config(**sections)

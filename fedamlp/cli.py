@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from amlp_core.config import METHOD_NAMES, Config, build_config, load_config
+from amlp_core.config import METHOD_NAMES, Config, build_config, check_keys, load_config
 from amlp_core.errors import AMLPError
 
 log = logging.getLogger("fedamlp")
@@ -276,6 +276,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S", force=True)
     try:
+        check_keys(_parse_set(getattr(args, "set", None) or []))  # a mistyped key fails before the heavy imports
         return args.func(args)
     except AMLPError as e:
         print(f"fedamlp: error: {e}", file=sys.stderr)

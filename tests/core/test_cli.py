@@ -109,6 +109,7 @@ def test_data_check_exit_codes_and_report(tmp_path):
 @pytest.mark.parametrize("args, needle", [
     (["pretrain", "--data", "/nonexistent/scans", "--out", "x"], "/nonexistent/scans"),
     (["pretrain", "--data", "synthetic", "--out", "x", "--set", "train.epochz=3"], "train.epochz"),
+    (["simulate", "--set", "federation.sitez=3"], "federation.sitez"),
     (["finetune", "--data", "synthetic", "--init", "/nonexistent/run", "--out", "x"], "/nonexistent/run"),
     (["predict", "--model", "/nonexistent/model", "--input", "a.nii.gz", "--output", "b.nii.gz"],
      "/nonexistent/model"),
