@@ -8,23 +8,20 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterator, Mapping
+from typing import Any, Mapping
 
 import torch
 
-from amlp_core.engine.device import make_generator, resolve_device, seed_everything
-from amlp_core.engine.optim import finetune_optimizer, pretrain_optimizer, set_finetune_lr
-from amlp_core.engine.loops import evaluate_segmentation, finetune_budget, finetune_steps, pretrain_epoch
-from amlp_core.engine.pipeline import make_loader
 from amlp_core.data import label_subset
+from amlp_core.engine import local
+from amlp_core.engine.device import resolve_device
+from amlp_core.engine.local import Epoch
+from amlp_core.engine.loops import evaluate_segmentation, finetune_budget
 from amlp_core.errors import AMLPError
-from amlp_core.losses import dice_ce_loss, proximal_term
-from amlp_core.methods import PretrainMethod, build_method, mask_ratio_at
-from amlp_core.models import build_segmentation_model
-from amlp_core.privacy import PrivatePhase, charged_training, ready_ledger
-from amlp_core.schedules import federated_progress, warmup_cosine
+from amlp_core.methods import mask_ratio_at
+from amlp_core.privacy import PrivatePhase, ready_ledger
+from amlp_core.schedules import federated_progress
 from client.site import Site
 from fedamlp import protocol as P
 
@@ -118,47 +115,38 @@ def pretrain_round(site: Site, global_state: dict[str, torch.Tensor], ins: Instr
     if abs(own - ins.expected_ratio) > RATIO_TOLERANCE:
         raise RoundRefused(f"masking ratio mismatch in pretraining round {ins.round}: the server expects "
                            f"{ins.expected_ratio:.6f}, this site computes {own:.6f} (AMR schedule or version skew)")
-    cfg, device = site.cfg, resolve_device(site.cfg.train.device)
-    seed = round_seed(cfg.train.seed, site.index, ins.phase, ins.round)
-    seed_everything(seed)
-    method = build_method(cfg.model, cfg.method)
-    previous = site.state.load_before(P.PRETRAIN, ins.round)
-    if previous is not None:
-        method.load_state_dict(previous["method"])  # decoder, running statistics (encoder replaced next)
-    _load_shared(method, global_state)
-    method.to(device)
-    optimizer = pretrain_optimizer(method, cfg.train)
-    if previous is not None:
-        optimizer.load_state_dict(previous["optimizer"])
-    loader = make_loader(site.split.train, cfg, augment=True, labels=False, seed=seed)
-    generator = make_generator(seed, device)
-    regularizer = proximal_term(method.encoder, ins.proximal_mu) if ins.proximal_mu > 0 else None
-    warmup = min(cfg.train.warmup_epochs / (ins.total_rounds * ins.local_epochs), 0.5)
-    metrics: dict[str, float] = {}
-    with _private(site, ins, method, optimizer, loader, seed) as (opt, batches, privacy):
-        for epoch in range(ins.local_epochs):
-            t = federated_progress(ins.round, epoch, ins.local_epochs, ins.total_rounds)
-            loader.dataset.set_epoch((ins.round - 1) * ins.local_epochs + epoch)
-            # The ratio is the round's for every step (all sites alike); the rate follows the steps.
-            t_next = federated_progress(ins.round, epoch + 1, ins.local_epochs, ins.total_rounds)
-            metrics = pretrain_epoch(method, batches, opt, device, (t, t), generator,
-                                     lr_at=lambda p: cfg.train.lr * warmup_cosine(p, warmup), amp=cfg.train.amp,
-                                     desc=f"{site.name} pretrain r{ins.round}", regularizer=regularizer,
-                                     lr_progress=(t, t_next))
-    site.state.save(P.PRETRAIN, ins.round, {"method": method.state_dict(), "optimizer": optimizer.state_dict()})
-    shared = {k: v.detach().cpu() for k, v in method.shared_state_dict().items()}
-    return shared, {P.NUM_EXAMPLES: len(loader.dataset), P.UNIT_WEIGHT: 1, P.LOSS: metrics.get("loss", float("nan")),
-                    P.MASK_RATIO: metrics.get("ratio", own), **privacy}
+    epochs = [Epoch((ins.round - 1) * ins.local_epochs + e,
+                    federated_progress(ins.round, e, ins.local_epochs, ins.total_rounds),
+                    federated_progress(ins.round, e + 1, ins.local_epochs, ins.total_rounds))
+              for e in range(ins.local_epochs)]
+    try:
+        shared, kept, metrics = local.pretrain_round(site.cfg, site.split.train, global_state,
+                                                     site.state.load_before(P.PRETRAIN, ins.round), epochs,
+                                                     _round(site, ins, f"{site.name} pretrain r{ins.round}"))
+    except local.WeightsMismatch as e:
+        raise RoundRefused(str(e)) from None
+    site.state.save(P.PRETRAIN, ins.round, kept)
+    return shared, {P.NUM_EXAMPLES: len(site.split.train), P.UNIT_WEIGHT: 1,
+                    P.LOSS: metrics.get("loss", float("nan")), P.MASK_RATIO: metrics.get("ratio", own),
+                    **_privacy_reply(metrics)}
 
 
-def _load_shared(method: torch.nn.Module, global_state: dict[str, torch.Tensor]) -> None:
-    """Put the global weights (exactly the method's shared keys) into the local method."""
-    expected = set(method.shared_state_dict())
-    if set(global_state) != expected:
-        missing, extra = sorted(expected - set(global_state)), sorted(set(global_state) - expected)
-        raise RoundRefused(f"the global weights do not fit this site's model (missing {missing[:3]}, "
-                           f"unexpected {extra[:3]}): server and site versions differ")
-    method.load_state_dict(global_state, strict=False)
+def _round(site: Site, ins: Instructions, desc: str) -> local.Round:
+    """The engine's view of this round: its number, seed, ledger (when private) and FedProx term."""
+    p = site.cfg.privacy
+    ledger = None
+    if p.site_dp and p.private(ins.phase):
+        now, later = _private_phases(site, ins)
+        ledger = ready_ledger(site.state.root, p, site.cfg.train.batch_size, now, later,
+                              f"site {site.name}: {ins.phase} round {ins.round}")
+    return local.Round(number=ins.round, total=ins.total_rounds,
+                       seed=round_seed(site.cfg.train.seed, site.index, ins.phase, ins.round), ledger=ledger,
+                       proximal_mu=ins.proximal_mu, desc=desc)
+
+
+def _privacy_reply(metrics: dict[str, float]) -> dict[str, float]:
+    """The round's cumulative epsilon, when it was private: the one privacy figure that leaves the site."""
+    return {P.EPSILON: metrics["epsilon"]} if "epsilon" in metrics else {}
 
 
 def finetune_round(site: Site, global_state: dict[str, torch.Tensor], ins: Instructions
@@ -171,33 +159,20 @@ def finetune_round(site: Site, global_state: dict[str, torch.Tensor], ins: Instr
     then cosine to 0.
     """
     _check(site, ins)
-    cfg, device = site.cfg, resolve_device(site.cfg.train.device)
-    seed = round_seed(cfg.train.seed, site.index, ins.phase, ins.round)
-    seed_everything(seed)
-    model = _segmentation_model(site, global_state).to(device)
-    optimizer = finetune_optimizer(model, cfg.train, pretrained=cfg.federation.encoder_pretrained)
-    previous = site.state.load_before(P.FINETUNE, ins.round)
-    if previous is not None:
-        optimizer.load_state_dict(previous["optimizer"])
     subset = _labelled_subset(site)
     if not subset:
         raise RoundRefused(f"site {site.name} has no labelled training cases for fine-tuning")
-    loader = make_loader(subset, cfg, augment=True, labels=True, seed=seed)
-    regularizer = proximal_term(model, ins.proximal_mu) if ins.proximal_mu > 0 else None
-    steps = local_finetune_steps(site)
-
-    with _private(site, ins, model, optimizer, loader, seed) as (opt, batches, privacy):
-        passes = -(-steps // len(batches))  # passes per round: each round's passes get their own augmentation
-        def schedule(step: int) -> None:  # the rate follows the whole run's steps
-            set_finetune_lr(opt, cfg.train, federated_progress(ins.round, step + 0.5, steps, ins.total_rounds))
-
-        metrics = finetune_steps(model, batches, opt, dice_ce_loss(), device, steps, schedule, cfg.train.amp,
-                                 desc=f"{site.name} finetune r{ins.round}", regularizer=regularizer,
-                                 first_pass=(ins.round - 1) * passes)
-    site.state.save(P.FINETUNE, ins.round, {"optimizer": optimizer.state_dict()})
-    return ({k: v.detach().cpu() for k, v in model.state_dict().items()},
-            {P.NUM_EXAMPLES: len(loader.dataset), P.UNIT_WEIGHT: 1, P.LOSS: metrics.get("loss", float("nan")),
-             **privacy})
+    try:
+        weights, kept, metrics = local.finetune_round(site.cfg, subset, global_state,
+                                                      site.state.load_before(P.FINETUNE, ins.round),
+                                                      local_finetune_steps(site),
+                                                      _round(site, ins, f"{site.name} finetune r{ins.round}"),
+                                                      pretrained=site.cfg.federation.encoder_pretrained)
+    except local.WeightsMismatch as e:
+        raise RoundRefused(str(e)) from None
+    site.state.save(P.FINETUNE, ins.round, kept)
+    return weights, {P.NUM_EXAMPLES: len(subset), P.UNIT_WEIGHT: 1, P.LOSS: metrics.get("loss", float("nan")),
+                     **_privacy_reply(metrics)}
 
 
 def _labelled_subset(site: Site) -> list:
@@ -222,49 +197,16 @@ def _private_phases(site: Site, ins: Instructions) -> tuple[PrivatePhase, list[P
     return now, later
 
 
-@contextmanager
-def _private(site: Site, ins: Instructions, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-             loader, seed: int) -> Iterator[tuple[Any, Any, dict[str, float]]]:
-    """``(optimizer, batches, metrics)`` for one round: DP-SGD when the run asks for site DP in
-    this phase, the plain ones otherwise (``metrics`` is filled after the block).
-
-    Under DP the site's ledger is checked before any step (a round past the budget is refused:
-    :class:`~amlp_core.privacy.PrivacyBudgetExceeded`), and the steps taken are recorded, on
-    disk, before the weights leave the site; ``metrics`` then holds the cumulative epsilon.
-    """
-    p, ledger = site.cfg.privacy, None
-    if p.site_dp and p.private(ins.phase):
-        now, later = _private_phases(site, ins)
-        ledger = ready_ledger(site.state.root, p, site.cfg.train.batch_size, now, later,
-                              f"site {site.name}: {ins.phase} round {ins.round}")
-        if isinstance(model, PretrainMethod):
-            model.private = True
-    metrics: dict[str, float] = {}  # filled once the round's steps are on the ledger
-    with charged_training(model, optimizer, loader, ledger, site.cfg.train.batch_size, p.max_grad_norm, seed,
-                          ins.phase, ins.round) as (opt, batches, spent):
-        yield opt, batches, metrics
-    if spent:
-        metrics[P.EPSILON] = spent["epsilon"]
-
-
 def evaluate_round(site: Site, global_state: dict[str, torch.Tensor]) -> dict[str, float]:
     """Dice per class of the global model on the site's test cases (their mean over cases only)."""
     cfg, device = site.cfg, resolve_device(site.cfg.train.device)
     if not site.split.test:
         raise RoundRefused(f"site {site.name} has no test cases to evaluate on")
-    model = _segmentation_model(site, global_state).to(device)
+    try:
+        model = local.segmentation_model(cfg, global_state).to(device)
+    except local.WeightsMismatch as e:
+        raise RoundRefused(str(e)) from None
     result = evaluate_segmentation(model, site.split.test, cfg.model.img_size, cfg.model.num_classes, device,
                                    cfg.train.amp, desc=f"{site.name} evaluate", slice_axis=cfg.data.slice_axis)
     result[P.NUM_EXAMPLES] = result.pop("num_examples")
     return result
-
-
-def _segmentation_model(site: Site, global_state: dict[str, torch.Tensor]) -> torch.nn.Module:
-    """The run's segmentation network (``model.seg_arch``: ViT + conv decoder, or a plain U-Net) holding
-    the global weights: the server sends the whole network in fine-tuning, so every key loads strictly."""
-    model = build_segmentation_model(site.cfg.model)
-    try:
-        model.load_state_dict(global_state, strict=True)
-    except RuntimeError as e:
-        raise RoundRefused(f"the global segmentation model does not fit this site's model: {e}") from None
-    return model

@@ -82,7 +82,10 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
     cfg = _config(args, args.data, {"method.name": args.method})
     metrics = pretrain(cfg, args.out)
-    print(f"pretrained {cfg.method.name} for {metrics['epoch']} epochs: loss {metrics['loss']:.4f} -> {args.out}")
+    private = (f", DP epsilon {metrics['epsilon']:.3f} at delta {cfg.privacy.delta:g}" if "epsilon" in metrics
+               else "")
+    print(f"pretrained {cfg.method.name} for {metrics['epoch']} epochs: loss {metrics['loss']:.4f}{private} "
+          f"-> {args.out}")
     return 0
 
 

@@ -17,23 +17,20 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
 
 from amlp_core.config import ARCHITECTURE, Config, ModelConfig, build_config, build_section, save_config
-from amlp_core.data import (Sample, SegDataset, discover, label_subset, load_samples, make_phantom_samples,
+from amlp_core.data import (Sample, discover, label_subset, load_samples, make_phantom_samples,
                             normalize_intensity, partition_names, read_image, split_names, to_slices, write_nifti)
 from amlp_core.engine.checkpoint import atomic_write_text, load_checkpoint, require_meta, save_checkpoint
 from amlp_core.engine.device import make_generator, resolve_device, seed_everything, set_threads
-from amlp_core.engine.optim import finetune_optimizer, pretrain_optimizer, set_finetune_lr
-from amlp_core.engine.loops import (evaluate_segmentation, finetune_budget, finetune_steps, predict_volume,
-                                    pretrain_epoch)
+from amlp_core.engine.local import finetune_for, make_loader, pretrain_epochs, run_epochs
+from amlp_core.engine.optim import finetune_optimizer, pretrain_optimizer
+from amlp_core.engine.loops import evaluate_segmentation, finetune_budget, predict_volume
 from amlp_core.errors import CheckpointError, ConfigError, DataError
-from amlp_core.losses import dice_ce_loss
 from amlp_core.methods import PretrainMethod, build_method
 from amlp_core.models import (SEG_ARCH_CLASSES, SegmentationNet, build_segmentation_model, encoder_state, has_encoder,
                               pretrained_decoder_state)
-from amlp_core.privacy import PrivacyLedger, PrivatePhase, charged_training, ready_ledger
-from amlp_core.schedules import warmup_cosine
+from amlp_core.privacy import PrivacyLedger, PrivatePhase, ready_ledger
 
 log = logging.getLogger(__name__)
 
@@ -106,18 +103,6 @@ def _check_fits(samples: list[Sample], class_names: dict[int, str], dims: int, c
     if len(class_names) != m.num_classes:
         raise ConfigError(f"data at {d.path} declares {len(class_names)} classes {class_names} "
                           f"but model.num_classes={m.num_classes}")
-
-
-def make_loader(samples: list[Sample], cfg: Config, augment: bool, labels: bool, seed: int | None = None
-                ) -> DataLoader:
-    """Shuffled batches of ``roi``-sized crops; without ``labels`` the labels are dropped."""
-    seed = cfg.train.seed if seed is None else seed
-    if not labels:
-        samples = [dataclasses.replace(s, label=None) for s in samples]
-    dataset = SegDataset(samples, cfg.model.img_size, augment=augment, seed=seed, strength=cfg.train.augment)
-    generator = torch.Generator().manual_seed(seed)
-    return DataLoader(dataset, batch_size=min(cfg.train.batch_size, len(dataset)), shuffle=True,
-                      drop_last=len(dataset) >= cfg.train.batch_size, generator=generator)
 
 
 def _append_metrics(out_dir: Path, record: dict[str, Any]) -> None:
@@ -195,15 +180,20 @@ def pretrain(cfg: Config, out_dir: str | Path, split: DataSplit | None = None) -
         loader.generator.set_state(resumed["shuffle"])
         torch.set_rng_state(resumed["torch"])
     epochs = cfg.train.epochs
-    warmup = min(cfg.train.warmup_epochs / epochs, 0.5)
-    log.info("pretraining %s on %d images for %d epochs on %s%s", cfg.method.name, len(loader.dataset), epochs,
-             device, f", resumed after epoch {first}" if first else "")
+    private = cfg.privacy.site_dp and cfg.privacy.private("pretrain")
+    if cfg.privacy.site_dp and not private:
+        log.info("privacy.site_dp: pretraining is not private (privacy.phases=%s); fine-tuning is",
+                 cfg.privacy.phases)
+    log.info("pretraining %s on %d images for %d epochs on %s%s%s", cfg.method.name, len(loader.dataset), epochs,
+             device, f", resumed after epoch {first}" if first else "", " with DP-SGD" if private else "")
     start, metrics = time.monotonic(), {}
     for epoch in range(first, epochs):
-        loader.dataset.set_epoch(epoch)
-        metrics = pretrain_epoch(method, loader, optimizer, device, (epoch / epochs, (epoch + 1) / epochs), generator,
-                                 lr_at=lambda t: cfg.train.lr * warmup_cosine(t, warmup), amp=cfg.train.amp,
-                                 desc=f"pretrain {epoch + 1}/{epochs}")
+        # One stretch per epoch: under DP its steps are on the ledger before the epoch's checkpoint is.
+        ledger = _privacy_ledger(cfg, out, PrivatePhase(rounds=epochs - epoch, cases=len(loader.dataset), epochs=1),
+                                 f"pretraining epoch {epoch + 1} in {out}") if private else None
+        metrics = pretrain_epochs(method, optimizer, loader, device, cfg, run_epochs(epoch, epoch + 1, epochs),
+                                  generator, total_epochs=epochs, ledger=ledger, seed=cfg.train.seed + epoch,
+                                  stretch=("pretrain", epoch + 1))
         metrics.update(epoch=epoch + 1, seconds=round(time.monotonic() - start, 2))
         _append_metrics(out, metrics)
         log.info("epoch %d/%d loss %.4f ratio %.2f", epoch + 1, epochs, metrics["loss"], metrics.get("ratio", 0))
@@ -334,17 +324,13 @@ def finetune(cfg: Config, out_dir: str | Path, init: str | Path | None = None,
     return train_segmentation(model, cfg, out_dir, split, init_method=init_meta.get("method", "scratch"))
 
 
-def _privacy_ledger(cfg: Config, out: Path, num_cases: int, steps: int) -> PrivacyLedger | None:
-    """With ``privacy.site_dp``: the ledger in ``out`` (noise fixed for the planned ``steps`` Poisson
-    draws over ``num_cases``), checked against the budget before any step; None otherwise."""
-    p = cfg.privacy
-    if not p.site_dp:
-        return None
-    now = PrivatePhase(rounds=1, cases=num_cases, steps=steps)
-    ledger = ready_ledger(out, p, cfg.train.batch_size, now, [], f"fine-tuning {steps} steps in {out}")
-    rate = now.rate(cfg.train.batch_size)
+def _privacy_ledger(cfg: Config, out: Path, phase: PrivatePhase, what: str) -> PrivacyLedger:
+    """The ledger in ``out`` for the next stretch of ``phase`` (all that is still to come of the run),
+    checked against ``privacy.budget`` before any step."""
+    ledger = ready_ledger(out, cfg.privacy, cfg.train.batch_size, phase, [], what)
     log.info("DP-SGD: noise multiplier %.3f, clip %g, sample rate %.3f, budget epsilon %g at delta %g",
-             ledger.noise_multiplier, p.max_grad_norm, rate, p.budget, p.delta)
+             ledger.noise_multiplier, cfg.privacy.max_grad_norm, phase.rate(cfg.train.batch_size), cfg.privacy.budget,
+             cfg.privacy.delta)
     return ledger
 
 
@@ -372,7 +358,6 @@ def train_segmentation(model: torch.nn.Module, cfg: Config, out_dir: str | Path,
     model.to(device)
     loader = make_loader(subset, cfg, augment=True, labels=True)
     optimizer = finetune_optimizer(model, cfg.train, pretrained=init_method != "scratch")
-    loss_fn = dice_ce_loss()
     steps = finetune_budget(cfg.train.finetune_steps, cfg.train.epochs, len(labelled), cfg.train.batch_size)
     log.info("fine-tuning on %d of %d labelled cases (%s) for %d steps on %s", len(subset), len(labelled),
              init_method, steps, device)
@@ -381,7 +366,8 @@ def train_segmentation(model: torch.nn.Module, cfg: Config, out_dir: str | Path,
             "labelled_cases": len(subset),
             "spatial_dims": cfg.model.spatial_dims, "patch_size": cfg.model.patch_size}
     saveable = isinstance(model, SEG_ARCH_CLASSES[cfg.model.seg_arch])  # what load_segmentation rebuilds
-    ledger = _privacy_ledger(cfg, out, len(subset), steps)
+    ledger = (_privacy_ledger(cfg, out, PrivatePhase(rounds=1, cases=len(subset), steps=steps),
+                              f"fine-tuning {steps} steps in {out}") if cfg.privacy.site_dp else None)
     start, saved_at, evaluated_at = time.monotonic(), [0], [0]
     every = cfg.train.eval_every if ledger is None else 0  # a private run evaluates at the end only
 
@@ -409,12 +395,9 @@ def train_segmentation(model: torch.nn.Module, cfg: Config, out_dir: str | Path,
             log.info("stopping after %d of %d steps: train.max_minutes=%s reached", done, steps, cfg.train.max_minutes)
         return stop
 
-    with charged_training(model, optimizer, loader, ledger, cfg.train.batch_size, cfg.privacy.max_grad_norm,
-                          cfg.train.seed, "finetune", 1) as (opt, batches, spent):
-        schedule = lambda step: set_finetune_lr(opt, cfg.train, _progress(step, steps, start, cfg))  # noqa: E731
-        metrics = finetune_steps(model, batches, opt, loss_fn, device, steps, schedule, cfg.train.amp,
-                                 desc="finetune", on_pass=on_pass)
-    privacy = {**spent, "delta": cfg.privacy.delta} if ledger else {}
+    metrics = finetune_for(model, optimizer, loader, device, cfg, steps, lambda k: _progress(k, steps, start, cfg),
+                           ledger=ledger, seed=cfg.train.seed, on_pass=on_pass)
+    privacy = {"epsilon": metrics["epsilon"], "delta": cfg.privacy.delta} if ledger else {}
     result = evaluate_segmentation(model, split.test, cfg.model.img_size, cfg.model.num_classes, device,
                                    cfg.train.amp, slice_axis=cfg.data.slice_axis)
     result.update(train_seconds=round(time.monotonic() - start, 2), epochs=metrics["passes"],

@@ -94,6 +94,28 @@ def test_private_finetune_reports_epsilon_and_refuses_to_overspend(tmp_path):
                  str(tmp_path / "fine"), *dp]) != 0
 
 
+@pytest.mark.filterwarnings("ignore:Full backward hook is firing:UserWarning")
+def test_private_pretraining_trains_with_dp_or_says_it_does_not(tmp_path, capsys):
+    """``fedamlp pretrain`` with site DP over both phases trains with DP-SGD: every epoch's steps are on
+    the run's ledger (epsilon grows, within the budget) and the command reports epsilon. With DP for
+    fine-tuning only (the default phases) pretraining is not private, and the run says so."""
+    from amlp_core.privacy import LEDGER_FILE
+    config = _yaml(tmp_path, 2)
+    dp = ["--set", "privacy.site_dp=true", "--set", "privacy.budget=5"]
+    pre = tmp_path / "pre"
+    assert main(["pretrain", "--data", "synthetic", "--config", config, "--epochs", "2", "--out", str(pre), *dp,
+                 "--set", "privacy.phases=both"]) == 0
+    epsilons = [json.loads(line)["epsilon"] for line in (pre / "metrics.jsonl").read_text().splitlines()]
+    assert 0 < epsilons[0] < epsilons[1] <= 5.0
+    assert len(json.loads((pre / LEDGER_FILE).read_text())["history"]) == 2
+    assert f"DP epsilon {epsilons[1]:.3f}" in capsys.readouterr().out
+    plain = tmp_path / "plain"
+    assert main(["pretrain", "--data", "synthetic", "--config", config, "--epochs", "1", "--out", str(plain),
+                 *dp]) == 0
+    assert "epsilon" not in (plain / "metrics.jsonl").read_text() and not (plain / LEDGER_FILE).exists()
+    assert "pretraining is not private (privacy.phases=finetune)" in capsys.readouterr().err
+
+
 def test_data_check_exit_codes_and_report(tmp_path):
     data = write_phantom_dataset(tmp_path / "data", n=3, shape=(12, 12, 12), seed=0)
     ok = _run_cli("data", "check", str(data))

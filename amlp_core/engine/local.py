@@ -1,0 +1,223 @@
+"""Local training: one engine for a site's federated round and for a run on one machine.
+
+The command line (:mod:`amlp_core.engine.pipeline`) and the ClientApp (:mod:`client.tasks`) train through
+these functions; they differ only in where the weights come from and where they go.
+
+- :func:`pretrain_epochs`: epochs of self-supervised pretraining at given places of the run's schedule
+  (the AMR ratio and the learning rate follow the place);
+- :func:`finetune_for`: optimiser steps of segmentation training (Dice + CE), the rate following the
+  run's schedule;
+- :func:`pretrain_round` / :func:`finetune_round`: one federated round at a site, from the global
+  weights and what the site kept of its last round.
+
+Each trains with DP-SGD when given a ledger (:func:`~amlp_core.privacy.ready_ledger`, checked against the
+budget before any step), and charges the steps taken to it before returning: whatever calls these
+functions cannot train privately and forget the ledger, or train on a private config without DP.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from amlp_core.config import Config
+from amlp_core.data import Sample, SegDataset
+from amlp_core.engine.device import make_generator, resolve_device, seed_everything
+from amlp_core.engine.loops import finetune_steps, pretrain_epoch
+from amlp_core.engine.optim import finetune_optimizer, pretrain_optimizer, set_finetune_lr
+from amlp_core.errors import AMLPError
+from amlp_core.losses import dice_ce_loss, proximal_term
+from amlp_core.methods import PretrainMethod, build_method
+from amlp_core.models import build_segmentation_model
+from amlp_core.privacy import PrivacyLedger, charged_training
+from amlp_core.schedules import warmup_cosine
+
+
+class WeightsMismatch(AMLPError, ValueError):
+    """Weights that arrived (a global model) do not fit the model configured here; the message says how."""
+
+
+@dataclass(frozen=True)
+class Epoch:
+    """One pretraining epoch's place in its run: ``index`` (reshuffles and re-augments the cases) and the
+    training progress ``start``..``end`` in [0, 1] it covers."""
+
+    index: int
+    start: float
+    end: float
+
+
+def run_epochs(first: int, last: int, total: int) -> list[Epoch]:
+    """Epochs ``first``..``last - 1`` of a run of ``total`` epochs (progress ``e / total``)."""
+    return [Epoch(e, e / total, (e + 1) / total) for e in range(first, last)]
+
+
+def pretrain_epochs(method: PretrainMethod, optimizer: torch.optim.Optimizer, loader, device: torch.device,
+                    cfg: Config, epochs: Sequence[Epoch], generator: torch.Generator, *,
+                    total_epochs: int, hold_ratio: bool = False, ledger: PrivacyLedger | None = None,
+                    seed: int = 0, stretch: tuple[str, int] = ("pretrain", 1),
+                    regularizer: Callable[[], torch.Tensor] | None = None, desc: str = "pretrain"
+                    ) -> dict[str, float]:
+    """Pretrain ``method`` for ``epochs`` of a run of ``total_epochs`` (one stretch of training).
+
+    The rate is ``train.lr`` with a warm-up over ``train.warmup_epochs`` (at most half the run) and a
+    cosine, following each step's progress. The AMLP/AHM masking ratio follows the progress too, or
+    with ``hold_ratio`` stays each epoch's start value (a federated round: every site masks alike).
+    With ``ledger``: DP-SGD at the ledger's noise, the steps recorded as ``stretch`` (phase, round).
+
+    Returns:
+        The last epoch's mean step metrics, ``num_examples``, and ``epsilon`` when private.
+    """
+    warmup = min(cfg.train.warmup_epochs / total_epochs, 0.5)
+    method.private = ledger is not None  # statistics of the cases stay frozen under DP
+    metrics: dict[str, float] = {}
+    with charged_training(method, optimizer, loader, ledger, cfg.train.batch_size, cfg.privacy.max_grad_norm,
+                          seed, *stretch) as (opt, batches, spent):
+        for epoch in epochs:
+            loader.dataset.set_epoch(epoch.index)
+            ratio_at = (epoch.start, epoch.start) if hold_ratio else (epoch.start, epoch.end)
+            metrics = pretrain_epoch(method, batches, opt, device, ratio_at, generator,
+                                     lr_at=lambda t: cfg.train.lr * warmup_cosine(t, warmup), amp=cfg.train.amp,
+                                     desc=f"{desc} {epoch.index + 1}/{total_epochs}", regularizer=regularizer,
+                                     lr_progress=(epoch.start, epoch.end))
+    return {**metrics, **spent}
+
+
+def finetune_for(model: nn.Module, optimizer: torch.optim.Optimizer, loader, device: torch.device, cfg: Config,
+                 steps: int, progress_at: Callable[[int], float], *, ledger: PrivacyLedger | None = None,
+                 seed: int = 0, stretch: tuple[str, int] = ("finetune", 1),
+                 regularizer: Callable[[], torch.Tensor] | None = None,
+                 on_pass: Callable[[dict[str, Any]], bool | None] | None = None, desc: str = "finetune"
+                 ) -> dict[str, Any]:
+    """``steps`` optimiser steps of Dice + CE training of ``model`` over ``loader``'s cases (one stretch).
+
+    The rate of step ``k`` is :func:`~amlp_core.engine.optim.set_finetune_lr` at ``progress_at(k)``.
+    The passes over the cases continue the numbering of the earlier stretches (``stretch``'s round:
+    every round's passes get their own shuffle and augmentation). With ``ledger``: DP-SGD, a step is one
+    Poisson draw, and the steps are recorded as ``stretch``.
+
+    Returns:
+        :func:`~amlp_core.engine.loops.finetune_steps`' metrics, and ``epsilon`` when private.
+    """
+    with charged_training(model, optimizer, loader, ledger, cfg.train.batch_size, cfg.privacy.max_grad_norm,
+                          seed, *stretch) as (opt, batches, spent):
+        passes = -(-steps // max(len(batches), 1))  # passes per stretch
+
+        def schedule(step: int) -> None:
+            set_finetune_lr(opt, cfg.train, progress_at(step))
+
+        metrics = finetune_steps(model, batches, opt, dice_ce_loss(), device, steps, schedule, cfg.train.amp,
+                                 desc=desc, regularizer=regularizer, first_pass=(stretch[1] - 1) * passes,
+                                 on_pass=on_pass)
+    return {**metrics, **spent}
+
+
+def make_loader(samples: list[Sample], cfg: Config, augment: bool, labels: bool, seed: int | None = None
+                ) -> DataLoader:
+    """Shuffled batches of ``model.img_size`` crops (seeded by ``seed``, else ``train.seed``); without
+    ``labels`` the labels are dropped."""
+    seed = cfg.train.seed if seed is None else seed
+    if not labels:
+        samples = [dataclasses.replace(s, label=None) for s in samples]
+    dataset = SegDataset(samples, cfg.model.img_size, augment=augment, seed=seed, strength=cfg.train.augment)
+    generator = torch.Generator().manual_seed(seed)
+    return DataLoader(dataset, batch_size=min(cfg.train.batch_size, len(dataset)), shuffle=True,
+                      drop_last=len(dataset) >= cfg.train.batch_size, generator=generator)
+
+
+@dataclass(frozen=True)
+class Round:
+    """A federated round as a site trains it: its number of ``total``, the seed of its randomness, the
+    ledger when the round is private, FedProx's ``proximal_mu`` and the progress bar's name."""
+
+    number: int
+    total: int
+    seed: int
+    ledger: PrivacyLedger | None = None
+    proximal_mu: float = 0.0
+    desc: str = "round"
+
+
+def pretrain_round(cfg: Config, cases: list[Sample], shared: dict[str, torch.Tensor], kept: dict | None,
+                   epochs: Sequence[Epoch], rnd: Round) -> tuple[dict[str, torch.Tensor], dict, dict[str, float]]:
+    """One federated pretraining round at a site: the method from ``kept`` (the site's state of its last
+    round: method and optimizer, or None) with the global ``shared`` weights put in, trained for
+    ``epochs`` of the run's ``rnd.total`` rounds' schedule with the ratio held per epoch.
+
+    Returns:
+        ``(shared weights out, state to keep, metrics)``; metrics hold ``loss``, ``ratio``,
+        ``num_examples`` and, under DP, ``epsilon``.
+
+    Raises:
+        WeightsMismatch: ``shared`` is not exactly the method's shared weights.
+    """
+    device = resolve_device(cfg.train.device)
+    seed_everything(rnd.seed)
+    method = build_method(cfg.model, cfg.method)
+    if kept is not None:
+        method.load_state_dict(kept["method"])  # decoder, running statistics (the encoder is replaced next)
+    expected = set(method.shared_state_dict())
+    if set(shared) != expected:
+        missing, extra = sorted(expected - set(shared)), sorted(set(shared) - expected)
+        raise WeightsMismatch(f"the global weights do not fit this site's model (missing {missing[:3]}, "
+                              f"unexpected {extra[:3]}): server and site versions differ")
+    method.load_state_dict(shared, strict=False)
+    method.to(device)
+    optimizer = pretrain_optimizer(method, cfg.train)
+    if kept is not None:
+        optimizer.load_state_dict(kept["optimizer"])
+    loader = make_loader(cases, cfg, augment=True, labels=False, seed=rnd.seed)
+    regularizer = proximal_term(method.encoder, rnd.proximal_mu) if rnd.proximal_mu > 0 else None
+    per_round = len(epochs)
+    metrics = pretrain_epochs(method, optimizer, loader, device, cfg, epochs, make_generator(rnd.seed, device),
+                              total_epochs=rnd.total * per_round, hold_ratio=True, ledger=rnd.ledger, seed=rnd.seed,
+                              stretch=("pretrain", rnd.number), regularizer=regularizer, desc=rnd.desc)
+    out = {k: v.detach().cpu() for k, v in method.shared_state_dict().items()}
+    return out, {"method": method.state_dict(), "optimizer": optimizer.state_dict()}, metrics
+
+
+def finetune_round(cfg: Config, cases: list[Sample], global_state: dict[str, torch.Tensor], kept: dict | None,
+                   steps: int, rnd: Round, pretrained: bool
+                   ) -> tuple[dict[str, torch.Tensor], dict, dict[str, float]]:
+    """One federated fine-tuning round at a site: the global segmentation network (every key, strictly),
+    the optimizer from ``kept``, ``steps`` steps over the site's labelled ``cases``. Step ``k`` of round
+    ``r`` sits at the run's progress ``(r - 1 + (k + 1/2) / steps) / total``.
+
+    Returns:
+        ``(network weights out, state to keep, metrics)``; metrics as :func:`finetune_for`'s.
+
+    Raises:
+        WeightsMismatch: ``global_state`` does not fit the configured network.
+    """
+    device = resolve_device(cfg.train.device)
+    seed_everything(rnd.seed)
+    model = segmentation_model(cfg, global_state).to(device)
+    optimizer = finetune_optimizer(model, cfg.train, pretrained=pretrained)
+    if kept is not None:
+        optimizer.load_state_dict(kept["optimizer"])
+    loader = make_loader(cases, cfg, augment=True, labels=True, seed=rnd.seed)
+    regularizer = proximal_term(model, rnd.proximal_mu) if rnd.proximal_mu > 0 else None
+    metrics = finetune_for(model, optimizer, loader, device, cfg, steps,
+                           lambda k: (rnd.number - 1 + (k + 0.5) / steps) / rnd.total, ledger=rnd.ledger,
+                           seed=rnd.seed, stretch=("finetune", rnd.number), regularizer=regularizer, desc=rnd.desc)
+    out = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    return out, {"optimizer": optimizer.state_dict()}, metrics
+
+
+def segmentation_model(cfg: Config, state: dict[str, torch.Tensor]) -> nn.Module:
+    """The configured segmentation network holding ``state`` (every key, strictly).
+
+    Raises:
+        WeightsMismatch: ``state`` does not fit it.
+    """
+    model = build_segmentation_model(cfg.model)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise WeightsMismatch(f"the global segmentation model does not fit this site's model: {e}") from None
+    return model
