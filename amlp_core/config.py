@@ -584,9 +584,10 @@ def _read_yaml(path: Path, what: str) -> Mapping[str, Any]:
     return raw
 
 
-def load_config(path: str | Path, overrides: Mapping[str, Any] | None = None) -> Config:
-    """Read a YAML config file, apply flat overrides, validate."""
-    cfg = build_config(_read_yaml(Path(path), "config file"))
+def load_config(path: str | Path, overrides: Mapping[str, Any] | None = None, base: Config | None = None) -> Config:
+    """Read a YAML config file on top of ``base`` (the schema's defaults when None), apply flat overrides,
+    validate."""
+    cfg = build_config(_read_yaml(Path(path), "config file"), base=base)
     return build_config(overrides, base=cfg) if overrides else cfg
 
 

@@ -33,7 +33,8 @@ def _parse_set(items: Sequence[str]) -> dict[str, Any]:
 
 
 def _config(args: argparse.Namespace, data_path: str, extra: dict[str, Any]) -> Config:
-    """Config file < data-derived defaults < explicit flags < --set."""
+    """The schema's defaults < the data-derived settings (or, with ``--config``, that file instead) < explicit
+    flags < ``--set``."""
     from amlp_core.engine.pipeline import data_defaults
 
     overrides: dict[str, Any] = {}
@@ -151,8 +152,21 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_simulate(args: argparse.Namespace) -> int:
     """The whole two-phase federation on this machine (Flower's simulation engine)."""
+    from simulations.simulate import simulate
+
+    cfg = simulate_config(args)
+    run_dir = simulate(cfg, timeout=args.timeout)
+    print((run_dir / "results" / "summary.md").read_text())
+    print(f"model: {run_dir / 'model'}  (fedamlp predict --model {run_dir / 'model'} --input X --output Y)")
+    return 0
+
+
+def simulate_config(args: argparse.Namespace) -> Config:
+    """``fedamlp simulate``'s settings. Precedence: the app's embedded default run (pyproject.toml, the
+    schema's defaults with :data:`~amlp_core.presets.EMBEDDED_RUN`) < ``--config FILE`` < data-derived
+    settings < flags < ``--set``."""
     from amlp_core.engine.pipeline import data_defaults
-    from simulations.simulate import default_run_config, simulate
+    from simulations.simulate import default_run_config
 
     overrides: dict[str, Any] = {}
     if args.data or args.dims:
@@ -167,12 +181,10 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     if args.resume:
         overrides["federation.resume"] = True
     overrides.update(_parse_set(args.set))
-    # Precedence: the app's embedded default < --config FILE < data-derived settings < flags and --set.
-    cfg = load_config(args.config, overrides) if args.config else build_config({**default_run_config(), **overrides})
-    run_dir = simulate(cfg, timeout=args.timeout)
-    print((run_dir / "results" / "summary.md").read_text())
-    print(f"model: {run_dir / 'model'}  (fedamlp predict --model {run_dir / 'model'} --input X --output Y)")
-    return 0
+    embedded = build_config(default_run_config())
+    if args.config:
+        return load_config(args.config, overrides, base=embedded)
+    return build_config(overrides, base=embedded)
 
 
 def _demo_defaults() -> dict[str, Any]:

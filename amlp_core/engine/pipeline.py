@@ -30,6 +30,7 @@ from amlp_core.errors import CheckpointError, ConfigError, DataError
 from amlp_core.methods import PretrainMethod, build_method
 from amlp_core.models import (SEG_ARCH_CLASSES, SegmentationNet, build_segmentation_model, encoder_state, has_encoder,
                               pretrained_decoder_state)
+from amlp_core.presets import ROI, phantoms
 from amlp_core.privacy import PrivacyLedger, PrivatePhase, ready_ledger
 
 log = logging.getLogger(__name__)
@@ -474,14 +475,12 @@ def predict_file(run: str | Path, input_path: str | Path, output_path: str | Pat
 def data_defaults(path: str, fmt: str = "auto", dims: int | None = None, as_slices: bool = False) -> dict[str, Any]:
     """Model and data settings that follow from the data, as flat config overrides.
 
-    The built-in phantoms get a model of their own size with two classes; a dataset gets its
-    class count from its labels and a region of interest that holds its scans.
+    The built-in phantoms get a model of their own size with two classes (:func:`~amlp_core.presets.phantoms`);
+    a dataset gets its class count from its labels and the region of interest of its kind
+    (:data:`~amlp_core.presets.ROI`).
     """
     if path == "synthetic":
-        dims = dims or 3
-        size = (32, 32, 32) if dims == 3 else (64, 64)
-        return {"model.spatial_dims": dims, "model.img_size": size, "data.synthetic_size": size,
-                "model.num_classes": 2}
+        return phantoms(dims or 3)
     index = discover(path, fmt)
     if index.class_names is None:
         raise DataError(f"{path}: no class names found; pass --set model.num_classes=K")
@@ -490,6 +489,6 @@ def data_defaults(path: str, fmt: str = "auto", dims: int | None = None, as_slic
         dims = 2 if as_slices else data_dims
     if dims == 2 and data_dims == 3:
         as_slices = True
-    size = (48, 64, 48) if dims == 3 else ((48, 64) if as_slices else (256, 256))
+    size = ROI["volume" if dims == 3 else ("slices" if as_slices else "image")]
     return {"model.spatial_dims": dims, "model.img_size": size, "model.num_classes": len(index.class_names),
             "data.as_slices": as_slices, "data.path": path, "data.format": fmt}

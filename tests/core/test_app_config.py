@@ -25,6 +25,31 @@ def test_run_config_builds_a_valid_config():
     assert cfg.data.synthetic and cfg.federation.sites >= 2
 
 
+def test_run_config_is_the_schema_defaults_with_the_embedded_preset_value_for_value():
+    """One set of defaults: pyproject.toml's run config restates the schema's defaults and the named
+    EMBEDDED_RUN preset, and nothing else (a value changed in one place only fails here)."""
+    from amlp_core.presets import EMBEDDED_RUN
+    app, expected = _app_config(), flat_dict(build_config(EMBEDDED_RUN))
+    differ = {k: (app[k], expected[k]) for k in expected if app[k] != expected[k]}
+    assert not differ, f"pyproject.toml [tool.flwr.app.config] differs from the schema + EMBEDDED_RUN: {differ}"
+
+
+def test_simulate_with_a_config_file_starts_from_the_embedded_run(tmp_path):
+    """`fedamlp simulate --config FILE` lays the file over the app's embedded default run (not over the bare
+    schema), then flags and --set over that."""
+    from fedamlp.cli import build_parser, simulate_config
+    from amlp_core.presets import EMBEDDED_RUN
+    path = tmp_path / "run.yaml"
+    path.write_text("federation:\n  pretrain_rounds: 1\n")
+    args = build_parser().parse_args(["simulate", "--config", str(path), "--set", "train.seed=7"])
+    cfg = simulate_config(args)
+    assert cfg.federation.pretrain_rounds == 1 and cfg.train.seed == 7
+    assert cfg.federation.sites == EMBEDDED_RUN["federation.sites"] != Config().federation.sites
+    assert cfg.model.img_size == EMBEDDED_RUN["model.img_size"]
+    plain = simulate_config(build_parser().parse_args(["simulate"]))
+    assert flat_dict(plain) == flat_dict(build_config(_app_config()))
+
+
 def test_app_bundle_holds_the_code_and_nothing_else():
     import io
     import zipfile

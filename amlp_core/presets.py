@@ -1,0 +1,37 @@
+"""Named presets: settings that follow from the data, and the Flower app's embedded default run.
+
+The schema's dataclasses (:mod:`amlp_core.config`) hold the one set of defaults. A preset is a flat
+``{"section.field": value}`` mapping laid on top of them for a kind of data or a kind of run; it never
+restates a default. The app's run configuration in ``pyproject.toml`` must equal the schema's defaults
+with :data:`EMBEDDED_RUN` on top, value for value (a test checks it), so ``flwr run .``,
+``fedamlp simulate`` and ``fedamlp simulate --config FILE`` start from the same settings.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+#: The built-in phantoms' image size (also the network's input): 3D volumes, or 2D images.
+PHANTOM_SIZE = {3: (32, 32, 32), 2: (64, 64)}
+
+#: Regions of interest for a dataset on disk, the network's input size, by how it is read:
+#: ``volume``: 3D scans. It holds an MSD Task04 hippocampus crop (about 35 x 50 x 35 voxels, at most
+#: 43 x 59 x 47) padded to a multiple of the 8-voxel patch; larger scans are cropped, smaller padded.
+#: ``slices``: the 2D slices of 3D scans (the same crop's in-plane size). ``image``: a 2D dataset.
+ROI = {"volume": (48, 64, 48), "slices": (48, 64), "image": (256, 256)}
+
+
+def phantoms(dims: int = 3) -> dict[str, Any]:
+    """The built-in phantoms at ``dims`` (2 or 3): a model of their size, two classes (background, lesion)."""
+    size = PHANTOM_SIZE[dims]
+    return {"model.spatial_dims": dims, "model.img_size": size, "data.synthetic_size": size, "model.num_classes": 2}
+
+
+#: The Flower app's embedded default run (``[tool.flwr.app.config]``): the README's first command, a
+#: federation of 3 simulated hospitals on 40 phantoms, half of them labelled, 4 pretraining and 12
+#: fine-tuning rounds of 5 local epochs. Everything else is the schema's default.
+EMBEDDED_RUN: dict[str, Any] = {
+    **phantoms(3), "data.synthetic_cases": 40, "train.label_fraction": 0.5, "federation.sites": 3,
+    "federation.pretrain_rounds": 4, "federation.finetune_rounds": 12, "federation.local_epochs": 5,
+    "federation.run_dir": "runs/simulation",
+}
