@@ -5,6 +5,9 @@ A training or evaluation message holds one :class:`ArrayRecord` under :data:`ARR
 A reply holds the weights (train only), one :class:`MetricRecord` under :data:`METRICS`
 (aggregate numbers only, never per-case values) and one :class:`ConfigRecord` under
 :data:`SITE` (the site's name). Nothing else leaves a site.
+
+Every key is snake_case except the two that Flower itself reads or writes: ``num-examples`` (its
+strategies weigh by it) and ``proximal-mu`` (its FedProx sets it).
 """
 
 # Record keys (Flower's strategies use "arrays" and "config"; kept so that they work unchanged).
@@ -17,28 +20,31 @@ SITE = "site"
 PHASE = "phase"  # PRETRAIN | FINETUNE
 PRETRAIN = "pretrain"
 FINETUNE = "finetune"
-GLOBAL_ROUND = "global-round"  # this phase's round, 1-based, continuing across restarts
-TOTAL_ROUNDS = "total-rounds"  # rounds of this phase in the whole run
-LOCAL_EPOCHS = "local-epochs"
+GLOBAL_ROUND = "global_round"  # this phase's round, 1-based, continuing across restarts
+TOTAL_ROUNDS = "total_rounds"  # rounds of this phase in the whole run
+LOCAL_EPOCHS = "local_epochs"
 #: Fine-tuning rounds: optimiser steps per site per round (federation.finetune_local_steps; 0: the site
 #: takes local-epochs epochs over all its labelled cases, whatever the label fraction keeps).
-LOCAL_STEPS = "local-steps"
-EXPECTED_RATIO = "expected-mask-ratio"  # AMR ratio the server expects at the round's start
-CONFIG_DIGEST = "config-digest"  # hash of the model and method config the server runs
+LOCAL_STEPS = "local_steps"
+EXPECTED_RATIO = "expected_mask_ratio"  # AMR ratio the server expects at the round's start
+CONFIG_DIGEST = "config_digest"  # hash of the model and method config the server runs
 PROXIMAL_MU = "proximal-mu"  # set by Flower's FedProx
-ARRAY_KEYS = "array-keys"  # SecAgg+ rounds: JSON list naming the legacy FitIns arrays, in order
-WEIGHT_KEY = "weight-key"  # SecAgg+ rounds: the metric the site weights its update by (the strategy's)
+ARRAY_KEYS = "array_keys"  # SecAgg+ rounds: JSON list naming the legacy FitIns arrays, in order
+WEIGHT_KEY = "weight_key"  # SecAgg+ rounds: the metric the site weights its update by (the strategy's)
 
 # Metrics in METRICS (Flower weights by NUM_EXAMPLES: the number of samples, not batches).
 NUM_EXAMPLES = "num-examples"
 LOSS = "loss"
-MASK_RATIO = "mask-ratio"
+MASK_RATIO = "mask_ratio"
 EPSILON = "epsilon"  # site DP: the site's cumulative epsilon after this round (at privacy.delta)
-UNIT_WEIGHT = "unit-weight"  # always 1: equal site weights, which Flower's accounted server DP requires
+UNIT_WEIGHT = "unit_weight"  # always 1: equal site weights, which Flower's accounted server DP requires
+
+# The run's record (server/results.py): the row of a whole round, beside the sites' rows.
+ALL_SITES = "ALL"
 
 # Site description in SITE.
 SITE_NAME = "name"
-CLASS_NAMES = "class-names"  # JSON {"0": "background", ...}
+CLASS_NAMES = "class_names"  # JSON {"0": "background", ...}
 
 
 def config_digest(cfg) -> str:

@@ -11,7 +11,7 @@ from typing import Any
 
 from amlp_core.engine.checkpoint import atomic_write_text as _atomic_write
 
-ALL_SITES = "ALL"
+from fedamlp.protocol import ALL_SITES
 
 
 class RunResults:

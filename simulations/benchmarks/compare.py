@@ -46,6 +46,7 @@ from amlp_core.config import METHOD_NAMES, Config, build_config
 from amlp_core.engine.checkpoint import load_checkpoint
 from amlp_core.engine.pipeline import data_defaults
 from server.federation import ENCODER_DIR, MODEL_DIR, initial_shared_state
+from fedamlp import protocol as P
 from simulations.benchmarks.common import (HIPPOCAMPUS, HIPPOCAMPUS_SPLIT, machine, mean_std, set_overrides,
                                            setup_logging, table, write_json)
 from simulations.simulate import default_run_config, simulate
@@ -166,15 +167,15 @@ def run_once(cfg: Config, args: argparse.Namespace, label: str) -> tuple[dict[st
                  gpus_per_site=args.gpus_per_site)
     seconds = time.monotonic() - start
     rows = json.loads((run_dir / "results" / "rounds.json").read_text())["rows"]
-    final = [r for r in rows if r["kind"] == "evaluate" and r["site"] == "ALL"][-1]
-    last_train = [r for r in rows if r["kind"] == "train" and r["phase"] == "finetune" and r["site"] != "ALL"
+    final = [r for r in rows if r["kind"] == "evaluate" and r["site"] == P.ALL_SITES][-1]
+    last_train = [r for r in rows if r["kind"] == "train" and r["phase"] == "finetune" and r["site"] != P.ALL_SITES
                   and r["status"] == "ok" and r["round"] == final["round"]]
 
     def round_seconds(phase: str) -> float:  # the server's time in the rounds of a phase (no start-up)
-        return round(sum(r["seconds"] for r in rows if r["site"] == "ALL" and r["phase"] == phase), 1)
+        return round(sum(r["seconds"] for r in rows if r["site"] == P.ALL_SITES and r["phase"] == phase), 1)
 
     row = {k: v for k, v in final.items() if k.startswith("dice_")}
-    row.update(seconds=round(seconds, 1), labelled_cases=sum(r.get("num-examples", 0) for r in last_train),
+    row.update(seconds=round(seconds, 1), labelled_cases=sum(r.get(P.NUM_EXAMPLES, 0) for r in last_train),
                pretrain_seconds=round_seconds("pretrain"), finetune_seconds=round_seconds("finetune"))
     _, meta = load_checkpoint(run_dir / MODEL_DIR / "checkpoint.pt")
     log.info("%s: done in %.0f s, %s", label, seconds,

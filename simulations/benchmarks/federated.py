@@ -24,6 +24,7 @@ from typing import Any, Sequence
 
 from amlp_core.config import build_config, load_config
 from amlp_core.engine.pipeline import data_defaults, finetune, load_split, pretrain
+from fedamlp import protocol as P
 from simulations.benchmarks.common import (HIPPOCAMPUS_SPLIT, benchmark_parser, machine, mean_std, set_overrides,
                                            table, write_json)
 from simulations.simulate import default_run_config, simulate
@@ -121,10 +122,10 @@ def main() -> None:
     simulate(cfg, timeout=3 * 3600)
     federated_seconds = time.monotonic() - start
     rows = json.loads((runs / "federated" / "results" / "rounds.json").read_text())["rows"]
-    final = [r for r in rows if r["kind"] == "evaluate" and r["site"] == "ALL"][-1]
-    round_seconds = sum(r["seconds"] for r in rows if r["site"] == "ALL")
+    final = [r for r in rows if r["kind"] == "evaluate" and r["site"] == P.ALL_SITES][-1]
+    round_seconds = sum(r["seconds"] for r in rows if r["site"] == P.ALL_SITES)
     startup = federated_seconds - round_seconds
-    per_site = [r for r in rows if r["kind"] == "train" and r["site"] != "ALL" and r["status"] == "ok"]
+    per_site = [r for r in rows if r["kind"] == "train" and r["site"] != P.ALL_SITES and r["status"] == "ok"]
     bytes_rows = {phase: {"bytes_up_per_site": max(r["bytes_up"] for r in per_site if r["phase"] == phase),
                           "bytes_down_per_site": max(r["bytes_down"] for r in per_site if r["phase"] == phase)}
                   for phase in ("pretrain", "finetune")}

@@ -32,6 +32,7 @@ import yaml
 
 from amlp_core.config import flat_dict
 from amlp_core.data import write_phantom_dataset
+from fedamlp import protocol as P
 from simulations.simulate import processes_with_env
 from tests.conftest import tiny_config
 
@@ -310,7 +311,7 @@ def test_secure_deployment_two_hospitals_end_to_end(tmp_path):
 
         rows = json.loads((run_dir / "results" / "rounds.json").read_text())["rows"]
         for phase in ("pretrain", "finetune"):
-            sites = {r["site"]: r["status"] for r in rows if r["phase"] == phase and r["site"] != "ALL"}
+            sites = {r["site"]: r["status"] for r in rows if r["phase"] == phase and r["site"] != P.ALL_SITES}
             assert sites == {name: "ok" for name in SITES}, (phase, rows)
         assert (run_dir / "model" / "checkpoint.pt").is_file(), context
         for name in SITES:  # each hospital kept its own state in its own folder

@@ -143,14 +143,14 @@ def secure_run(tmp_path_factory):
 def test_secure_aggregate_equals_plain_fedavg_of_the_same_round(secure_run):
     cfg, run, exchanges, rounds = secure_run
     rows = _rows(run)
-    assert all(r["status"] == "ok" for r in rows) and {r["site"] for r in rows} == {"site0", "site1", "site2", "ALL"}
+    assert all(r["status"] == "ok" for r in rows) and {r["site"] for r in rows} == {"site0", "site1", "site2", P.ALL_SITES}
     bound = SecAggRound(cfg.federation).error_bound([n for _, n in rounds[0][1].values()])
     assert 0 < bound < 1e-7
-    train_all = [r for r in rows if r["kind"] == "train" and r["site"] == "ALL"]
+    train_all = [r for r in rows if r["kind"] == "train" and r["site"] == P.ALL_SITES]
     assert [r[ERROR_BOUND] for r in train_all] == pytest.approx([bound, bound])
     for phase, (global_weights, _) in zip(["pretrain", "finetune"], rounds, strict=True):
         # What each site sent: its masked vector, int64 (a weight factor, then every array).
-        sent = {r["bytes_up"] for r in rows if r["phase"] == phase and r["kind"] == "train" and r["site"] != "ALL"}
+        sent = {r["bytes_up"] for r in rows if r["phase"] == phase and r["kind"] == "train" and r["site"] != P.ALL_SITES}
         assert sent == {8 * (1 + sum(v.size for v in global_weights.values()))}
     for (global_weights, results), aggregate in zip(rounds, _aggregates(exchanges), strict=True):
         expected = _plain_fedavg(results)
@@ -215,7 +215,7 @@ def test_a_site_that_fails_mid_protocol_is_unmasked_away(tmp_path, monkeypatch):
     rows = _rows(run)
     errors = [r for r in rows if r["status"] != "ok"]
     assert errors and all(r["site"] == "site1" and str(victim) in r["error"] for r in errors)
-    assert [r["sites_ok"] for r in rows if r["site"] == "ALL" and r["kind"] == "train"] == [2, 2]
+    assert [r["sites_ok"] for r in rows if r["site"] == P.ALL_SITES and r["kind"] == "train"] == [2, 2]
     collect = _collect_exchanges(exchanges)[-1]
     weights, config = _global_weights(collect)
     results = _site_results(cfg, [0, 2], weights, config, tmp_path / "scratch")

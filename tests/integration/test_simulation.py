@@ -21,6 +21,7 @@ from amlp_core.data import make_phantom, partition_names, split_names, write_pha
 from amlp_core.engine.pipeline import load_segmentation, predict_file
 from amlp_core.errors import ConfigError
 from amlp_core.methods import build_method
+from fedamlp import protocol as P
 from simulations.simulate import SimulationError, processes_with_env, simulate
 
 from tests.integration.helpers import TWO_PHASE_PLAN, sim_config, assert_no_process_left, round_rows
@@ -32,18 +33,18 @@ def _check_two_phase_run(run: Path, cfg, tmp_path: Path) -> None:
     """A finished two-phase federation: its rows, messages, summary and the model `predict` loads."""
     assert_no_process_left(run)
     rows = round_rows(run)
-    pre = [r for r in rows if r["phase"] == "pretrain" and r["site"] != "ALL"]
+    pre = [r for r in rows if r["phase"] == "pretrain" and r["site"] != P.ALL_SITES]
     rounds = sorted({r["round"] for r in pre})
     assert rounds == list(range(1, cfg.federation.pretrain_rounds + 1))
     for rnd in rounds:
         this = [r for r in pre if r["round"] == rnd]
         assert sorted(r["site"] for r in this) == ["site0", "site1"] and all(r["status"] == "ok" for r in this)
-        assert len({r["mask-ratio"] for r in this}) == 1  # every site masked alike
+        assert len({r[P.MASK_RATIO] for r in this}) == 1  # every site masked alike
     # Pretraining messages carry the encoder only: what each site sent is exactly the encoder's size.
     encoder = build_method(cfg.model, cfg.method).shared_state_dict()
     encoder_bytes = sum(v.numel() * v.element_size() for v in encoder.values())
     assert all(r["bytes_up"] == encoder_bytes and r["bytes_down"] == encoder_bytes for r in pre)
-    evaluation = [r for r in rows if r["kind"] == "evaluate" and r["site"] == "ALL"]
+    evaluation = [r for r in rows if r["kind"] == "evaluate" and r["site"] == P.ALL_SITES]
     assert len(evaluation) == 1 and 0.0 <= evaluation[0]["dice_mean"] <= 1.0
     summary = (run / "results" / "summary.md").read_text()
     assert "Dice after fine-tuning round 1" in summary and f"- pretraining: {cfg.method.name}\n" in summary
@@ -74,12 +75,12 @@ def test_plain_unet_federation_trains_from_scratch(tmp_path):
     assert_no_process_left(run)
     rows = round_rows(run)
     assert not [r for r in rows if r["phase"] == "pretrain"]
-    train = [r for r in rows if r["kind"] == "train" and r["site"] != "ALL"]
+    train = [r for r in rows if r["kind"] == "train" and r["site"] != P.ALL_SITES]
     assert sorted(r["site"] for r in train) == ["site0", "site1"] and all(r["status"] == "ok" for r in train)
     unet = build_segmentation_model(cfg.model).state_dict()
     unet_bytes = sum(v.numel() * v.element_size() for v in unet.values())
     assert all(r["bytes_up"] == unet_bytes == r["bytes_down"] for r in train)  # the whole U-Net, no encoder
-    evaluation = [r for r in rows if r["kind"] == "evaluate" and r["site"] == "ALL"]
+    evaluation = [r for r in rows if r["kind"] == "evaluate" and r["site"] == P.ALL_SITES]
     assert len(evaluation) == 1 and 0.0 <= evaluation[0]["dice_mean"] <= 1.0
     assert "- pretraining: none (plain U-Net, no encoder)" in (run / "results" / "summary.md").read_text()
     model, meta = load_segmentation(run / "model")
@@ -108,8 +109,8 @@ def test_two_phase_federation_end_to_end_and_resume_reaches_its_final_state(two_
     b, _ = load_segmentation(stopped / "model")
     for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
         assert torch.allclose(x, y, atol=1e-6), name
-    ratios = {(r["round"], r["site"]): r["mask-ratio"] for r in round_rows(stopped)
-              if r["phase"] == "pretrain" and r["site"] != "ALL"}
+    ratios = {(r["round"], r["site"]): r[P.MASK_RATIO] for r in round_rows(stopped)
+              if r["phase"] == "pretrain" and r["site"] != P.ALL_SITES}
     assert ratios[1, "site0"] == ratios[1, "site1"] < ratios[2, "site0"] == ratios[2, "site1"]
     assert_no_process_left(stopped)
 
@@ -245,7 +246,7 @@ def test_private_federation_reports_the_epsilon_of_every_site_and_the_server(tmp
     simulate(cfg, timeout=600)
     assert_no_process_left(run)
     rows = round_rows(run)
-    train = [r for r in rows if r["kind"] == "train" and r["site"] != "ALL"]
+    train = [r for r in rows if r["kind"] == "train" and r["site"] != P.ALL_SITES]
     assert {(r["phase"], r["site"]) for r in train} == {(p, s) for p in ("pretrain", "finetune")
                                                          for s in ("site0", "site1")}
     for site in ("site0", "site1"):
@@ -253,7 +254,7 @@ def test_private_federation_reports_the_epsilon_of_every_site_and_the_server(tmp
         assert 0 < eps[0] < eps[1] <= 8.0  # grows over the run, never past the budget
         ledger = json.loads((run / "sites" / site / "privacy_ledger.json").read_text())
         assert ledger["epsilon"] == pytest.approx(eps[1], abs=1e-5)
-    server = [r["server_epsilon"] for r in rows if r["kind"] == "train" and r["site"] == "ALL"]
+    server = [r["server_epsilon"] for r in rows if r["kind"] == "train" and r["site"] == P.ALL_SITES]
     assert len(server) == 2 and 0 < server[0] < server[1]  # one client-level release per round
     summary = (run / "results" / "summary.md").read_text()
     assert "Privacy spent" in summary and "site DP" in summary and "server DP" in summary
