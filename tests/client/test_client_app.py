@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-import time
 
 import numpy as np
 import pytest
 import torch
 import yaml
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, Metadata, RecordDict
+from flwr.app import ConfigRecord, RecordDict
 
 from amlp_core.config import apply_site_file, flat_dict
 from amlp_core.data import write_phantom_dataset
@@ -20,46 +19,11 @@ from client.app import app
 from client.state import SiteState
 from client.tasks import site_mask_ratio
 from fedamlp import protocol as P
-from tests.conftest import tiny_config
-
-
-def _cfg(tmp_path, **overrides):
-    base = {"federation.run_dir": str(tmp_path / "run"), "federation.pretrain_rounds": 3, "data.synthetic_cases": 8,
-            "federation.sites": 2}
-    return tiny_config(2, **{**base, **overrides})
-
-
-def _context(cfg, site: int, node_id: int | None = None, node_config=None) -> Context:
-    return Context(run_id=1, node_id=node_id if node_id is not None else 100 + site,
-                   node_config=node_config or {"partition-id": site, "num-partitions": 2}, state=RecordDict(),
-                   run_config=flat_dict(cfg))
-
-
-def _instructions(cfg, phase=P.PRETRAIN, rnd=1, **changes) -> ConfigRecord:
-    fed = cfg.federation
-    total = fed.pretrain_rounds if phase == P.PRETRAIN else fed.finetune_rounds
-    record = {P.PHASE: phase, P.GLOBAL_ROUND: rnd, P.TOTAL_ROUNDS: total, P.LOCAL_EPOCHS: fed.local_epochs,
-              P.CONFIG_DIGEST: P.config_digest(cfg)}
-    if phase == P.PRETRAIN:
-        from amlp_core.methods import mask_ratio_at
-        from amlp_core.schedules import federated_progress
-
-        record[P.EXPECTED_RATIO] = mask_ratio_at(cfg.method, federated_progress(rnd, 0, fed.local_epochs, total))
-    else:
-        record[P.LOCAL_STEPS] = fed.finetune_local_steps
-    record.update(changes)
-    return ConfigRecord(record)
-
-
-def _message(content: RecordDict, node_id: int, kind: str) -> Message:
-    """A message as the SuperLink delivers it to a SuperNode (metadata filled in)."""
-    meta = Metadata(run_id=1, message_id=f"m-{time.monotonic_ns()}", src_node_id=0, dst_node_id=node_id,
-                    reply_to_message_id="", group_id="", created_at=time.time(), ttl=3600.0, message_type=kind)
-    return Message(content=content, metadata=meta)
-
-
-def _train_message(cfg, arrays: dict, config: ConfigRecord, node_id: int) -> Message:
-    return _message(RecordDict({P.ARRAYS: ArrayRecord(arrays), P.CONFIG: config}), node_id, "train")
+from tests.client.helpers import cfg as _cfg
+from tests.client.helpers import context as _context
+from tests.client.helpers import instructions as _instructions
+from tests.client.helpers import message as _message
+from tests.client.helpers import train_message as _train_message
 
 
 def _encoder_state(cfg) -> dict[str, torch.Tensor]:

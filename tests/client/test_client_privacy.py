@@ -12,7 +12,7 @@ from amlp_core.privacy import LEDGER_FILE, epsilon_of
 from client import site as site_module
 from client.app import app
 from fedamlp import protocol as P
-from tests.client.test_client_app import _cfg, _context, _instructions, _train_message
+from tests.client.helpers import cfg as _cfg, context as _context, instructions as _instructions, train_message as _train_message
 
 pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook is firing:UserWarning")
 

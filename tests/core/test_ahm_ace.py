@@ -278,7 +278,7 @@ def test_federated_rounds_through_the_client_app(tmp_path, name):
     from client.state import SiteState
     from fedamlp import protocol as P
     from server.federation import Federation
-    from tests.client.test_client_app import _cfg, _context, _train_message
+    from tests.client.helpers import cfg as _cfg, context as _context, train_message as _train_message
 
     cfg = _cfg(tmp_path, **{"method.name": name})
     server = Federation(None, cfg)  # no grid needed for the instructions and the initial weights

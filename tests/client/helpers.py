@@ -1,0 +1,50 @@
+"""Building blocks of the client tests: a tiny site config, a Flower context and the server's messages."""
+
+from __future__ import annotations
+
+import time
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, Metadata, RecordDict
+
+from amlp_core.config import flat_dict
+from fedamlp import protocol as P
+from tests.conftest import tiny_config
+
+
+def cfg(tmp_path, **overrides):
+    base = {"federation.run_dir": str(tmp_path / "run"), "federation.pretrain_rounds": 3, "data.synthetic_cases": 8,
+            "federation.sites": 2}
+    return tiny_config(2, **{**base, **overrides})
+
+
+def context(cfg, site: int, node_id: int | None = None, node_config=None) -> Context:
+    return Context(run_id=1, node_id=node_id if node_id is not None else 100 + site,
+                   node_config=node_config or {"partition-id": site, "num-partitions": 2}, state=RecordDict(),
+                   run_config=flat_dict(cfg))
+
+
+def instructions(cfg, phase=P.PRETRAIN, rnd=1, **changes) -> ConfigRecord:
+    fed = cfg.federation
+    total = fed.pretrain_rounds if phase == P.PRETRAIN else fed.finetune_rounds
+    record = {P.PHASE: phase, P.GLOBAL_ROUND: rnd, P.TOTAL_ROUNDS: total, P.LOCAL_EPOCHS: fed.local_epochs,
+              P.CONFIG_DIGEST: P.config_digest(cfg)}
+    if phase == P.PRETRAIN:
+        from amlp_core.methods import mask_ratio_at
+        from amlp_core.schedules import federated_progress
+
+        record[P.EXPECTED_RATIO] = mask_ratio_at(cfg.method, federated_progress(rnd, 0, fed.local_epochs, total))
+    else:
+        record[P.LOCAL_STEPS] = fed.finetune_local_steps
+    record.update(changes)
+    return ConfigRecord(record)
+
+
+def message(content: RecordDict, node_id: int, kind: str) -> Message:
+    """A message as the SuperLink delivers it to a SuperNode (metadata filled in)."""
+    meta = Metadata(run_id=1, message_id=f"m-{time.monotonic_ns()}", src_node_id=0, dst_node_id=node_id,
+                    reply_to_message_id="", group_id="", created_at=time.time(), ttl=3600.0, message_type=kind)
+    return Message(content=content, metadata=meta)
+
+
+def train_message(cfg, arrays: dict, config: ConfigRecord, node_id: int) -> Message:
+    return message(RecordDict({P.ARRAYS: ArrayRecord(arrays), P.CONFIG: config}), node_id, "train")
