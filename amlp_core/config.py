@@ -15,9 +15,10 @@ import hashlib
 import json
 import types
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import yaml
 
@@ -63,33 +64,69 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         _check(self.spatial_dims in (2, 3), "model.spatial_dims", self.spatial_dims, "must be 2 or 3")
-        _check(len(self.img_size) == self.spatial_dims, "model.img_size", self.img_size,
-               f"must have {self.spatial_dims} sizes (model.spatial_dims)")
+        _check(
+            len(self.img_size) == self.spatial_dims,
+            "model.img_size",
+            self.img_size,
+            f"must have {self.spatial_dims} sizes (model.spatial_dims)",
+        )
         _check(self.patch_size > 0, "model.patch_size", self.patch_size, "must be positive")
         for s in self.img_size:
-            _check(s % self.patch_size == 0, "model.img_size", self.img_size,
-                   f"every size must be a multiple of model.patch_size={self.patch_size}")
-        _check(self.embed_dim % self.num_heads == 0, "model.embed_dim", self.embed_dim,
-               f"must be divisible by model.num_heads={self.num_heads}")
-        _check(self.decoder_dim % self.decoder_heads == 0, "model.decoder_dim", self.decoder_dim,
-               f"must be divisible by model.decoder_heads={self.decoder_heads}")
+            _check(
+                s % self.patch_size == 0,
+                "model.img_size",
+                self.img_size,
+                f"every size must be a multiple of model.patch_size={self.patch_size}",
+            )
+        _check(
+            self.embed_dim % self.num_heads == 0,
+            "model.embed_dim",
+            self.embed_dim,
+            f"must be divisible by model.num_heads={self.num_heads}",
+        )
+        _check(
+            self.decoder_dim % self.decoder_heads == 0,
+            "model.decoder_dim",
+            self.decoder_dim,
+            f"must be divisible by model.decoder_heads={self.decoder_heads}",
+        )
         pos_div = 2 * self.spatial_dims
         for key, dim in (("model.embed_dim", self.embed_dim), ("model.decoder_dim", self.decoder_dim)):
-            _check(dim % pos_div == 0, key, dim,
-                   f"must be divisible by {pos_div} for the {self.spatial_dims}D sin-cos position embedding")
+            _check(
+                dim % pos_div == 0,
+                key,
+                dim,
+                f"must be divisible by {pos_div} for the {self.spatial_dims}D sin-cos position embedding",
+            )
         _check(self.num_classes >= 2, "model.num_classes", self.num_classes, "must be at least 2 (with background)")
         _check(len(self.conv_channels) >= 1, "model.conv_channels", self.conv_channels, "needs at least one stage")
-        _check(all(c >= 1 for c in self.conv_channels), "model.conv_channels", self.conv_channels,
-               "every width must be positive")
-        _check(self.patch_size % 2 ** len(self.conv_channels) == 0, "model.conv_channels", self.conv_channels,
-               f"too many stages for model.patch_size={self.patch_size} (each halves the resolution; "
-               f"the patch side must be a multiple of 2 ** stages)")
-        _check(self.pretrain_decoder in PRETRAIN_DECODERS, "model.pretrain_decoder", self.pretrain_decoder,
-               f"must be one of {', '.join(PRETRAIN_DECODERS)}")
+        _check(
+            all(c >= 1 for c in self.conv_channels),
+            "model.conv_channels",
+            self.conv_channels,
+            "every width must be positive",
+        )
+        _check(
+            self.patch_size % 2 ** len(self.conv_channels) == 0,
+            "model.conv_channels",
+            self.conv_channels,
+            f"too many stages for model.patch_size={self.patch_size} (each halves the resolution; "
+            f"the patch side must be a multiple of 2 ** stages)",
+        )
+        _check(
+            self.pretrain_decoder in PRETRAIN_DECODERS,
+            "model.pretrain_decoder",
+            self.pretrain_decoder,
+            f"must be one of {', '.join(PRETRAIN_DECODERS)}",
+        )
         _check(self.seg_arch in SEG_ARCHS, "model.seg_arch", self.seg_arch, f"must be one of {', '.join(SEG_ARCHS)}")
         if self.seg_arch == "unet":
-            _check(all(s % UNET_FACTOR == 0 for s in self.img_size), "model.img_size", self.img_size,
-                   f"every size must be a multiple of {UNET_FACTOR} with model.seg_arch=unet (three stride-2 levels)")
+            _check(
+                all(s % UNET_FACTOR == 0 for s in self.img_size),
+                "model.img_size",
+                self.img_size,
+                f"every size must be a multiple of {UNET_FACTOR} with model.seg_arch=unet (three stride-2 levels)",
+            )
 
     @property
     def grid_size(self) -> tuple[int, ...]:
@@ -137,15 +174,26 @@ class MethodConfig:
         for key in ("mask_ratio", "amr_start", "amr_end"):
             v = getattr(self, key)
             _check(0.0 < v < 1.0, f"method.{key}", v, "must be in (0, 1)")
-        _check(self.amr_start <= self.amr_end, "method.amr_start", self.amr_start,
-               f"must not exceed method.amr_end={self.amr_end}")
-        _check(self.amr_schedule in ("linear", "cosine"), "method.amr_schedule", self.amr_schedule,
-               "must be linear or cosine")
+        _check(
+            self.amr_start <= self.amr_end,
+            "method.amr_start",
+            self.amr_start,
+            f"must not exceed method.amr_end={self.amr_end}",
+        )
+        _check(
+            self.amr_schedule in ("linear", "cosine"),
+            "method.amr_schedule",
+            self.amr_schedule,
+            "must be linear or cosine",
+        )
         _check(self.mps_clusters >= 2, "method.mps_clusters", self.mps_clusters, "must be at least 2")
-        _check(0.0 <= self.mps_random_fraction <= 1.0, "method.mps_random_fraction", self.mps_random_fraction,
-               "must be in [0, 1]")
-        _check(self.mps_features == "embed", "method.mps_features", self.mps_features,
-               "only 'embed' is implemented")
+        _check(
+            0.0 <= self.mps_random_fraction <= 1.0,
+            "method.mps_random_fraction",
+            self.mps_random_fraction,
+            "must be in [0, 1]",
+        )
+        _check(self.mps_features == "embed", "method.mps_features", self.mps_features, "only 'embed' is implemented")
         _check(self.mps_margin >= 0, "method.mps_margin", self.mps_margin, "must not be negative")
         _check(self.mps_proj_dim >= 0, "method.mps_proj_dim", self.mps_proj_dim, "must not be negative")
         _check(0.0 <= self.mps_momentum < 1.0, "method.mps_momentum", self.mps_momentum, "must be in [0, 1)")
@@ -154,8 +202,9 @@ class MethodConfig:
         _check(self.arl_tau > 0, "method.arl_tau", self.arl_tau, "must be positive")
         _check(self.ccl_weight >= 0, "method.ccl_weight", self.ccl_weight, "must not be negative")
         _check(self.ccl_temperature > 0, "method.ccl_temperature", self.ccl_temperature, "must be positive")
-        _check(self.ahm_entropy_weight >= 0, "method.ahm_entropy_weight", self.ahm_entropy_weight,
-               "must not be negative")
+        _check(
+            self.ahm_entropy_weight >= 0, "method.ahm_entropy_weight", self.ahm_entropy_weight, "must not be negative"
+        )
         _check(self.ahm_agent_lr_scale > 0, "method.ahm_agent_lr_scale", self.ahm_agent_lr_scale, "must be positive")
         _check(0.0 <= self.ace_momentum <= 1.0, "method.ace_momentum", self.ace_momentum, "must be in [0, 1]")
         for key in ("ace_teacher_temp", "ace_student_temp"):
@@ -179,8 +228,12 @@ class DataConfig:
     synthetic_site: int = 0
 
     def __post_init__(self) -> None:
-        _check(self.format in ("auto", "msd", "nifti", "png"), "data.format", self.format,
-               "must be auto, msd, nifti or png")
+        _check(
+            self.format in ("auto", "msd", "nifti", "png"),
+            "data.format",
+            self.format,
+            "must be auto, msd, nifti or png",
+        )
         _check(0.0 <= self.test_fraction < 1.0, "data.test_fraction", self.test_fraction, "must be in [0, 1)")
         _check(self.synthetic_cases >= 2, "data.synthetic_cases", self.synthetic_cases, "must be at least 2")
 
@@ -226,14 +279,22 @@ class TrainConfig:
         _check(0.0 <= self.encoder_warmup <= 1.0, "train.encoder_warmup", self.encoder_warmup, "must be in [0, 1]")
         _check(self.encoder_lr_scale >= 0, "train.encoder_lr_scale", self.encoder_lr_scale, "must not be negative")
         _check(self.max_minutes >= 0, "train.max_minutes", self.max_minutes, "must not be negative")
-        _check(self.finetune_steps >= 0, "train.finetune_steps", self.finetune_steps,
-               "must not be negative (0: train.epochs over all the labelled cases)")
+        _check(
+            self.finetune_steps >= 0,
+            "train.finetune_steps",
+            self.finetune_steps,
+            "must not be negative (0: train.epochs over all the labelled cases)",
+        )
         _check(self.eval_every >= 0, "train.eval_every", self.eval_every, "must not be negative")
         _check(0.0 <= self.finetune_warmup < 1.0, "train.finetune_warmup", self.finetune_warmup, "must be in [0, 1)")
         _check(self.weight_decay >= 0, "train.weight_decay", self.weight_decay, "must not be negative")
         _check(0.0 < self.label_fraction <= 1.0, "train.label_fraction", self.label_fraction, "must be in (0, 1]")
-        _check(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
-               "train.device", self.device, "must be auto, cpu, cuda or cuda:N")
+        _check(
+            self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
+            "train.device",
+            self.device,
+            "must be auto, cpu, cuda or cuda:N",
+        )
         _check(self.augment in ("strong", "flip"), "train.augment", self.augment, "must be strong or flip")
 
 
@@ -286,42 +347,83 @@ class FederationConfig:
         _check(self.pretrain_rounds >= 0, "federation.pretrain_rounds", self.pretrain_rounds, "must not be negative")
         _check(self.finetune_rounds >= 1, "federation.finetune_rounds", self.finetune_rounds, "must be at least 1")
         _check(self.local_epochs >= 1, "federation.local_epochs", self.local_epochs, "must be at least 1")
-        _check(self.finetune_local_steps >= 0, "federation.finetune_local_steps", self.finetune_local_steps,
-               "must not be negative (0: federation.local_epochs over the site's labelled cases)")
-        _check(not self.init_encoder or self.pretrain_rounds == 0, "federation.pretrain_rounds", self.pretrain_rounds,
-               f"must be 0 with federation.init_encoder={self.init_encoder!r}: the run fine-tunes from that "
-               "pretrained encoder, so it has no pretraining phase (set one or the other)")
-        _check(self.strategy in STRATEGIES, "federation.strategy", self.strategy,
-               f"must be one of {', '.join(STRATEGIES)}")
+        _check(
+            self.finetune_local_steps >= 0,
+            "federation.finetune_local_steps",
+            self.finetune_local_steps,
+            "must not be negative (0: federation.local_epochs over the site's labelled cases)",
+        )
+        _check(
+            not self.init_encoder or self.pretrain_rounds == 0,
+            "federation.pretrain_rounds",
+            self.pretrain_rounds,
+            f"must be 0 with federation.init_encoder={self.init_encoder!r}: the run fine-tunes from that "
+            "pretrained encoder, so it has no pretraining phase (set one or the other)",
+        )
+        _check(
+            self.strategy in STRATEGIES, "federation.strategy", self.strategy, f"must be one of {', '.join(STRATEGIES)}"
+        )
         _check(0.0 <= self.trim_beta < 0.5, "federation.trim_beta", self.trim_beta, "must be in [0, 0.5)")
         _check(self.min_sites >= 1, "federation.min_sites", self.min_sites, "must be at least 1")
         _check(self.round_timeout > 0, "federation.round_timeout", self.round_timeout, "must be positive")
         _check(self.connect_timeout > 0, "federation.connect_timeout", self.connect_timeout, "must be positive")
-        _check(self.partition in PARTITIONS, "federation.partition", self.partition,
-               f"must be one of {', '.join(PARTITIONS)}")
+        _check(
+            self.partition in PARTITIONS,
+            "federation.partition",
+            self.partition,
+            f"must be one of {', '.join(PARTITIONS)}",
+        )
         _check(self.dirichlet_alpha > 0, "federation.dirichlet_alpha", self.dirichlet_alpha, "must be positive")
-        _check(self.stop_after_rounds >= 0, "federation.stop_after_rounds", self.stop_after_rounds,
-               "must not be negative")
+        _check(
+            self.stop_after_rounds >= 0, "federation.stop_after_rounds", self.stop_after_rounds, "must not be negative"
+        )
         if self.secure_aggregation:
-            _check(self.strategy not in SECAGG_REFUSED, "federation.strategy", self.strategy,
-                   "cannot combine with federation.secure_aggregation=true: SecAgg+ shows the server only the "
-                   "weighted sum of the updates, and a robust strategy needs every site's own update "
-                   f"(use one of {', '.join(s for s in STRATEGIES if s not in SECAGG_REFUSED)})")
-            _check(self.min_sites >= 2, "federation.min_sites", self.min_sites,
-                   "must be at least 2 with federation.secure_aggregation=true (a sum of one update is that update)")
-        _check(0.0 < self.secagg_num_shares <= 1.0, "federation.secagg_num_shares", self.secagg_num_shares,
-               "must be in (0, 1]: the share of a round's sites")
-        _check(0.5 < self.secagg_reconstruction_threshold <= 1.0, "federation.secagg_reconstruction_threshold",
-               self.secagg_reconstruction_threshold,
-               "must be in (0.5, 1]: with half or fewer, a server that lies about dropouts could unmask a site")
-        _check(self.secagg_clipping_range > 0, "federation.secagg_clipping_range", self.secagg_clipping_range,
-               "must be positive")
-        _check(1 <= self.secagg_quantization_range < SECAGG_MODULUS // 2, "federation.secagg_quantization_range",
-               self.secagg_quantization_range, "must be in [1, 2**31)")
+            _check(
+                self.strategy not in SECAGG_REFUSED,
+                "federation.strategy",
+                self.strategy,
+                "cannot combine with federation.secure_aggregation=true: SecAgg+ shows the server only the "
+                "weighted sum of the updates, and a robust strategy needs every site's own update "
+                f"(use one of {', '.join(s for s in STRATEGIES if s not in SECAGG_REFUSED)})",
+            )
+            _check(
+                self.min_sites >= 2,
+                "federation.min_sites",
+                self.min_sites,
+                "must be at least 2 with federation.secure_aggregation=true (a sum of one update is that update)",
+            )
+        _check(
+            0.0 < self.secagg_num_shares <= 1.0,
+            "federation.secagg_num_shares",
+            self.secagg_num_shares,
+            "must be in (0, 1]: the share of a round's sites",
+        )
+        _check(
+            0.5 < self.secagg_reconstruction_threshold <= 1.0,
+            "federation.secagg_reconstruction_threshold",
+            self.secagg_reconstruction_threshold,
+            "must be in (0.5, 1]: with half or fewer, a server that lies about dropouts could unmask a site",
+        )
+        _check(
+            self.secagg_clipping_range > 0,
+            "federation.secagg_clipping_range",
+            self.secagg_clipping_range,
+            "must be positive",
+        )
+        _check(
+            1 <= self.secagg_quantization_range < SECAGG_MODULUS // 2,
+            "federation.secagg_quantization_range",
+            self.secagg_quantization_range,
+            "must be in [1, 2**31)",
+        )
         if self.secure_aggregation:  # (a deployment's number of sites is checked again in every round)
-            _check(self.secagg_quantization_range * self.sites < SECAGG_MODULUS, "federation.secagg_quantization_range",
-                   self.secagg_quantization_range, f"times federation.sites={self.sites} must stay below 2**32, "
-                   "SecAgg+'s modulus (the sum of the quantized updates would overflow)")
+            _check(
+                self.secagg_quantization_range * self.sites < SECAGG_MODULUS,
+                "federation.secagg_quantization_range",
+                self.secagg_quantization_range,
+                f"times federation.sites={self.sites} must stay below 2**32, "
+                "SecAgg+'s modulus (the sum of the quantized updates would overflow)",
+            )
         _check(self.secagg_max_weight > 0, "federation.secagg_max_weight", self.secagg_max_weight, "must be positive")
 
 
@@ -357,15 +459,22 @@ class PrivacyConfig:
     server_budget: float = 0.0  # 0 = report epsilon without a cap
 
     def __post_init__(self) -> None:
-        _check(self.phases in PRIVACY_PHASES, "privacy.phases", self.phases, f"must be one of {', '.join(PRIVACY_PHASES)}")
+        _check(
+            self.phases in PRIVACY_PHASES, "privacy.phases", self.phases, f"must be one of {', '.join(PRIVACY_PHASES)}"
+        )
         _check(self.budget > 0, "privacy.budget", self.budget, "must be positive")
         _check(0.0 < self.delta < 1.0, "privacy.delta", self.delta, "must be in (0, 1)")
         _check(self.max_grad_norm > 0, "privacy.max_grad_norm", self.max_grad_norm, "must be positive")
         _check(self.noise_multiplier >= 0, "privacy.noise_multiplier", self.noise_multiplier, "must not be negative")
-        _check(self.server_noise_multiplier > 0, "privacy.server_noise_multiplier", self.server_noise_multiplier,
-               "must be positive (the accountant needs noise)")
-        _check(self.server_clipping_norm > 0, "privacy.server_clipping_norm", self.server_clipping_norm,
-               "must be positive")
+        _check(
+            self.server_noise_multiplier > 0,
+            "privacy.server_noise_multiplier",
+            self.server_noise_multiplier,
+            "must be positive (the accountant needs noise)",
+        )
+        _check(
+            self.server_clipping_norm > 0, "privacy.server_clipping_norm", self.server_clipping_norm, "must be positive"
+        )
         _check(self.server_budget >= 0, "privacy.server_budget", self.server_budget, "must not be negative")
 
     def private(self, phase: str) -> bool:
@@ -383,6 +492,9 @@ class SiteConfig:
 
 @dataclass(frozen=True)
 class Config:
+    """The whole configuration, one frozen section per concern; build it with :func:`build_config` or
+    :func:`load_config` (validated), change it with :meth:`replace`."""
+
     model: ModelConfig = field(default_factory=ModelConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -395,48 +507,78 @@ class Config:
         if self.data.as_slices:
             _check(self.model.spatial_dims == 2, "data.as_slices", True, "needs model.spatial_dims=2")
         if self.data.synthetic:
-            _check(len(self.data.synthetic_size) == self.model.spatial_dims, "data.synthetic_size",
-                   self.data.synthetic_size, f"must have model.spatial_dims={self.model.spatial_dims} sizes")
+            _check(
+                len(self.data.synthetic_size) == self.model.spatial_dims,
+                "data.synthetic_size",
+                self.data.synthetic_size,
+                f"must have model.spatial_dims={self.model.spatial_dims} sizes",
+            )
         if self.privacy.site_dp:
-            _check(self.federation.strategy != "fedprox", "federation.strategy", "fedprox",
-                   "cannot combine with privacy.site_dp: the proximal term's gradient is not per case, so DP-SGD "
-                   "would drop it (use fedavg)")
+            _check(
+                self.federation.strategy != "fedprox",
+                "federation.strategy",
+                "fedprox",
+                "cannot combine with privacy.site_dp: the proximal term's gradient is not per case, so DP-SGD "
+                "would drop it (use fedavg)",
+            )
         if self.privacy.server_dp and self.federation.secure_aggregation:
-            raise ConfigError("invalid privacy.server_dp=True with federation.secure_aggregation=True: server-side "
-                              "clipping clips each site's update at the server, and SecAgg+ shows the server only "
-                              "their sum (clip at the sites instead; see docs/privacy.md)")
+            raise ConfigError(
+                "invalid privacy.server_dp=True with federation.secure_aggregation=True: server-side "
+                "clipping clips each site's update at the server, and SecAgg+ shows the server only "
+                "their sum (clip at the sites instead; see docs/privacy.md)"
+            )
         if self.train.init_decoder:
-            _check(self.model.pretrain_decoder == "unet", "train.init_decoder", True,
-                   "needs model.pretrain_decoder=unet (the transformer pretraining decoder has no U-Net to load)")
+            _check(
+                self.model.pretrain_decoder == "unet",
+                "train.init_decoder",
+                True,
+                "needs model.pretrain_decoder=unet (the transformer pretraining decoder has no U-Net to load)",
+            )
         if self.model.seg_arch == "unet":  # a plain U-Net has no encoder to load (pretraining: check_federation)
-            _check(not self.federation.init_encoder, "federation.init_encoder", self.federation.init_encoder,
-                   "must be empty with model.seg_arch=unet: a plain U-Net has no encoder to load "
-                   "(it trains from scratch; use model.seg_arch=vit to fine-tune a pretrained encoder)")
+            _check(
+                not self.federation.init_encoder,
+                "federation.init_encoder",
+                self.federation.init_encoder,
+                "must be empty with model.seg_arch=unet: a plain U-Net has no encoder to load "
+                "(it trains from scratch; use model.seg_arch=vit to fine-tune a pretrained encoder)",
+            )
         if self.privacy.server_dp:
-            _check(self.federation.strategy in SERVER_DP_STRATEGIES, "federation.strategy", self.federation.strategy,
-                   f"cannot combine with privacy.server_dp: Flower's accounted DP wrapper needs FedAvg's "
-                   f"aggregation (use one of {', '.join(SERVER_DP_STRATEGIES)})")
+            _check(
+                self.federation.strategy in SERVER_DP_STRATEGIES,
+                "federation.strategy",
+                self.federation.strategy,
+                f"cannot combine with privacy.server_dp: Flower's accounted DP wrapper needs FedAvg's "
+                f"aggregation (use one of {', '.join(SERVER_DP_STRATEGIES)})",
+            )
 
-    def check_federation(self) -> "Config":
+    def check_federation(self) -> Config:
         """Checks that only a federated run needs (a single-site run ignores the federation's plan).
 
         Raises:
             ConfigError: a plain U-Net (``model.seg_arch=unet``) with pretraining rounds.
         """
         if self.model.seg_arch == "unet":
-            _check(self.federation.pretrain_rounds == 0, "federation.pretrain_rounds", self.federation.pretrain_rounds,
-                   "must be 0 with model.seg_arch=unet: a plain U-Net has no encoder to pretrain "
-                   "(set federation.pretrain_rounds=0, or use model.seg_arch=vit)")
-        _check(not self.train.init_decoder, "train.init_decoder", True,
-               "is for single-site fine-tuning (fedamlp finetune --init): federated pretraining aggregates the "
-               "encoder only, so there is no federated decoder to start from")
+            _check(
+                self.federation.pretrain_rounds == 0,
+                "federation.pretrain_rounds",
+                self.federation.pretrain_rounds,
+                "must be 0 with model.seg_arch=unet: a plain U-Net has no encoder to pretrain "
+                "(set federation.pretrain_rounds=0, or use model.seg_arch=vit)",
+            )
+        _check(
+            not self.train.init_decoder,
+            "train.init_decoder",
+            True,
+            "is for single-site fine-tuning (fedamlp finetune --init): federated pretraining aggregates the "
+            "encoder only, so there is no federated decoder to start from",
+        )
         return self
 
     def to_dict(self) -> dict[str, Any]:
         """Nested plain dict (tuples as lists), the form written to YAML and checkpoints."""
         return json.loads(json.dumps(dataclasses.asdict(self)))
 
-    def replace(self, **sections: Mapping[str, Any]) -> "Config":
+    def replace(self, **sections: Mapping[str, Any]) -> Config:
         """A copy with some fields changed: ``cfg.replace(train={"epochs": 3})``."""
         return build_config(sections, base=self)
 
@@ -444,8 +586,9 @@ class Config:
         """Hash of everything that decides a run's result: not where it is kept, how long it waits
         for sites, where it runs, nor the site's own name and folder. A resumed run keeps it."""
         d = self.to_dict()
-        d["federation"] = {k: v for k, v in d["federation"].items() if k not in RESUMABLE_KEYS
-                           and not (k == "init_encoder" and not v)}  # unset: runs stopped before the key existed resume
+        d["federation"] = {
+            k: v for k, v in d["federation"].items() if k not in RESUMABLE_KEYS and not (k == "init_encoder" and not v)
+        }  # unset: runs stopped before the key existed resume
         d["train"] = {k: v for k, v in d["train"].items() if k not in ("device", "num_threads")}
         if d["model"]["seg_arch"] == "vit":  # the default: runs stopped before the key existed resume
             del d["model"]["seg_arch"]
@@ -463,12 +606,32 @@ class Config:
 
 #: Federation settings that may change between a stopped run and its resumption.
 RESUMABLE_KEYS = ("resume", "stop_after_rounds", "round_timeout", "connect_timeout", "run_dir")
-SECTIONS: dict[str, type] = {"model": ModelConfig, "method": MethodConfig, "data": DataConfig, "train": TrainConfig,
-                             "federation": FederationConfig, "privacy": PrivacyConfig, "site": SiteConfig}
+SECTIONS: dict[str, type] = {
+    "model": ModelConfig,
+    "method": MethodConfig,
+    "data": DataConfig,
+    "train": TrainConfig,
+    "federation": FederationConfig,
+    "privacy": PrivacyConfig,
+    "site": SiteConfig,
+}
 #: Keys a site may set for itself in its site file; everything else comes from the run.
-SITE_KEYS = ("data.path", "data.format", "data.as_slices", "data.slice_axis", "data.test_fraction",
-             "data.split_seed", "train.device", "train.batch_size", "train.label_fraction", "train.num_threads",
-             "train.amp", "privacy.budget", "site.name", "site.state_dir")
+SITE_KEYS = (
+    "data.path",
+    "data.format",
+    "data.as_slices",
+    "data.slice_axis",
+    "data.test_fraction",
+    "data.split_seed",
+    "train.device",
+    "train.batch_size",
+    "train.label_fraction",
+    "train.num_threads",
+    "train.amp",
+    "privacy.budget",
+    "site.name",
+    "site.state_dir",
+)
 
 
 def _check(ok: bool, key: str, value: Any, why: str) -> None:
@@ -522,8 +685,9 @@ def _section_updates(raw: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
             continue
         section, _, name = key.partition(".")
         if section not in SECTIONS or not name:
-            raise ConfigError(f"unknown configuration key {key!r}: expected section.field with section one of "
-                              f"{', '.join(SECTIONS)}")
+            raise ConfigError(
+                f"unknown configuration key {key!r}: expected section.field with section one of {', '.join(SECTIONS)}"
+            )
         out[section][name] = value
     return out
 
@@ -614,8 +778,9 @@ def apply_site_file(cfg: Config, path: str | Path) -> Config:
             flat[f"{section}.{key}"] = value
     for key in flat:
         if key not in SITE_KEYS:
-            raise ConfigError(f"site file {path} sets {key!r}, which the run decides; a site may set: "
-                              f"{', '.join(SITE_KEYS)}")
+            raise ConfigError(
+                f"site file {path} sets {key!r}, which the run decides; a site may set: {', '.join(SITE_KEYS)}"
+            )
     return build_config(flat, base=cfg)
 
 

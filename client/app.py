@@ -60,8 +60,7 @@ def train(msg: Message, context: Context) -> Message:
             raise tasks.RoundRefused(f"unknown phase {ins.phase!r}: server and site versions differ")
     except AMLPError as e:
         return _error_reply(msg, context, e)
-    content = RecordDict({P.ARRAYS: ArrayRecord(state), P.METRICS: MetricRecord(metrics),
-                          P.SITE: _site_record(site)})
+    content = RecordDict({P.ARRAYS: ArrayRecord(state), P.METRICS: MetricRecord(metrics), P.SITE: _site_record(site)})
     return Message(content=content, reply_to=msg)
 
 
@@ -73,5 +72,4 @@ def evaluate(msg: Message, context: Context) -> Message:
         metrics = tasks.evaluate_round(site, msg.content[P.ARRAYS].to_torch_state_dict())
     except AMLPError as e:
         return _error_reply(msg, context, e)
-    return Message(content=RecordDict({P.METRICS: MetricRecord(metrics), P.SITE: _site_record(site)}),
-                   reply_to=msg)
+    return Message(content=RecordDict({P.METRICS: MetricRecord(metrics), P.SITE: _site_record(site)}), reply_to=msg)

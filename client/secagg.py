@@ -58,8 +58,11 @@ class _HandlerFailed(Exception):
 
 
 def is_secagg_message(msg: Message) -> bool:
-    return (msg.metadata.message_type == MessageType.TRAIN and msg.has_content()
-            and RECORD_KEY_CONFIGS in msg.content.config_records)
+    return (
+        msg.metadata.message_type == MessageType.TRAIN
+        and msg.has_content()
+        and RECORD_KEY_CONFIGS in msg.content.config_records
+    )
 
 
 def _federation(context: Context) -> FederationConfig | None:
@@ -84,16 +87,24 @@ def _check_setup(context: Context, configs: ConfigRecord) -> None:
     fed = _federation(context)
     if fed is None:
         return
-    sites, shares, threshold = int(configs[Key.SAMPLE_NUMBER]), int(configs[Key.SHARE_NUMBER]), int(
-        configs[Key.THRESHOLD])
+    sites, shares, threshold = (
+        int(configs[Key.SAMPLE_NUMBER]),
+        int(configs[Key.SHARE_NUMBER]),
+        int(configs[Key.THRESHOLD]),
+    )
     want = expected_shares(fed, sites)
-    ours = {Key.CLIPPING_RANGE: fed.secagg_clipping_range, Key.TARGET_RANGE: fed.secagg_quantization_range,
-            Key.MAX_WEIGHT: fed.secagg_max_weight}
+    ours = {
+        Key.CLIPPING_RANGE: fed.secagg_clipping_range,
+        Key.TARGET_RANGE: fed.secagg_quantization_range,
+        Key.MAX_WEIGHT: fed.secagg_max_weight,
+    }
     theirs = {k: configs.get(k) for k in ours}
     if (shares, threshold) != want or any(theirs[k] is None or float(theirs[k]) != float(v) for k, v in ours.items()):
-        raise _Refusal(f"node {context.node_id}: the server's SecAgg+ setup (threshold {threshold} of {shares} shares "
-                       f"for {sites} sites, {theirs}) differs from the run's settings (threshold {want[1]} of "
-                       f"{want[0]}, {ours}); refused")
+        raise _Refusal(
+            f"node {context.node_id}: the server's SecAgg+ setup (threshold {threshold} of {shares} shares "
+            f"for {sites} sites, {theirs}) differs from the run's settings (threshold {want[1]} of "
+            f"{want[0]}, {ours}); refused"
+        )
 
 
 def _fit_message(msg: Message) -> tuple[Message, list[str], dict[str, np.ndarray], str]:
@@ -106,8 +117,9 @@ def _fit_message(msg: Message) -> tuple[Message, list[str], dict[str, np.ndarray
     if len(keys) != len(arrays):
         raise ValueError(f"SecAgg+ fit message names {len(keys)} arrays but carries {len(arrays)}")
     global_arrays = dict(zip(keys, arrays, strict=True))
-    content = RecordDict({P.ARRAYS: ArrayRecord({k: _array(v) for k, v in global_arrays.items()}),
-                          P.CONFIG: ConfigRecord(config)})
+    content = RecordDict(
+        {P.ARRAYS: ArrayRecord({k: _array(v) for k, v in global_arrays.items()}), P.CONFIG: ConfigRecord(config)}
+    )
     return Message(content=content, metadata=msg.metadata), keys, global_arrays, weight_key
 
 
@@ -122,13 +134,17 @@ def _check_range(context: Context, site: str, deltas: list[np.ndarray], weight: 
         return
     max_weight, clipping = fed.secagg_max_weight, fed.secagg_clipping_range
     if weight > max_weight:
-        raise _Refusal(f"site {site}: its weight {weight:g} (training examples) exceeds federation.secagg_max_weight="
-                       f"{max_weight:g}; the masked sum could overflow: raise federation.secagg_max_weight")
+        raise _Refusal(
+            f"site {site}: its weight {weight:g} (training examples) exceeds federation.secagg_max_weight="
+            f"{max_weight:g}; the masked sum could overflow: raise federation.secagg_max_weight"
+        )
     largest = max((float(np.abs(d).max()) for d in deltas if d.size), default=0.0) * weight / max_weight
     if largest > clipping:
-        raise _Refusal(f"site {site}: its weighted update reaches {largest:.3g}, beyond "
-                       f"federation.secagg_clipping_range={clipping:g}; SecAgg+ would clip it and corrupt the "
-                       f"aggregate: raise federation.secagg_clipping_range")
+        raise _Refusal(
+            f"site {site}: its weighted update reaches {largest:.3g}, beyond "
+            f"federation.secagg_clipping_range={clipping:g}; SecAgg+ would clip it and corrupt the "
+            f"aggregate: raise federation.secagg_clipping_range"
+        )
 
 
 def _as_fit(call_next: ClientAppCallable) -> ClientAppCallable:
@@ -147,8 +163,9 @@ def _as_fit(call_next: ClientAppCallable) -> ClientAppCallable:
         metrics = reply.content[P.METRICS]
         weight = metrics[weight_key]  # FitRes.num_examples: what secaggplus_mod weights the update by
         _check_range(context, site, deltas, weight)
-        fitres = FitRes(status=Status(Code.OK, ""), parameters=ndarrays_to_parameters(deltas),
-                        num_examples=weight, metrics={})
+        fitres = FitRes(
+            status=Status(Code.OK, ""), parameters=ndarrays_to_parameters(deltas), num_examples=weight, metrics={}
+        )
         content = compat.fitres_to_recorddict(fitres, keep_input=False)
         # Aggregate numbers and the site's name travel in the clear, as in every round.
         content[P.METRICS] = metrics
@@ -166,9 +183,11 @@ def secagg_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> 
     if not is_secagg_message(msg):
         fed = _federation(context)
         if fed is not None and fed.secure_aggregation:
-            reason = (f"node {context.node_id}: this run uses secure aggregation "
-                      "(federation.secure_aggregation=true), but the server asked for the update in the clear; "
-                      "refused")
+            reason = (
+                f"node {context.node_id}: this run uses secure aggregation "
+                "(federation.secure_aggregation=true), but the server asked for the update in the clear; "
+                "refused"
+            )
             log.error(reason)
             return Message(error=Error(code=SECAGG_ERROR, reason=reason), reply_to=msg)
         return call_next(msg, context)

@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from amlp_core.config import Config, apply_site_file, build_config
 from amlp_core.engine.pipeline import DataSplit, load_split
@@ -77,4 +78,3 @@ def get_site(run_id: int, node_id: int, run_config: Mapping[str, Any], node_conf
         _SITES[key] = Site(cfg, index, count, split, SiteState(cfg.site.state_dir))
         log.info("%s: %d training and %d test cases", cfg.site.name, len(split.train), len(split.test))
     return _SITES[key]
-

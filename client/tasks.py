@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 
@@ -47,14 +48,19 @@ class Instructions:
     local_steps: int = 0  # fine-tuning: federation.finetune_local_steps (0: local epochs over all labelled cases)
 
     @classmethod
-    def parse(cls, record: Mapping[str, Any]) -> "Instructions":
+    def parse(cls, record: Mapping[str, Any]) -> Instructions:
         try:
             phase = str(record[P.PHASE])
-            return cls(phase=phase, round=int(record[P.GLOBAL_ROUND]),
-                       total_rounds=int(record[P.TOTAL_ROUNDS]), local_epochs=int(record[P.LOCAL_EPOCHS]),
-                       expected_ratio=float(record.get(P.EXPECTED_RATIO, -1.0)), digest=str(record[P.CONFIG_DIGEST]),
-                       proximal_mu=float(record.get(P.PROXIMAL_MU, 0.0)),
-                       local_steps=int(record[P.LOCAL_STEPS]) if phase == P.FINETUNE else 0)
+            return cls(
+                phase=phase,
+                round=int(record[P.GLOBAL_ROUND]),
+                total_rounds=int(record[P.TOTAL_ROUNDS]),
+                local_epochs=int(record[P.LOCAL_EPOCHS]),
+                expected_ratio=float(record.get(P.EXPECTED_RATIO, -1.0)),
+                digest=str(record[P.CONFIG_DIGEST]),
+                proximal_mu=float(record.get(P.PROXIMAL_MU, 0.0)),
+                local_steps=int(record[P.LOCAL_STEPS]) if phase == P.FINETUNE else 0,
+            )
         except KeyError as e:
             raise RoundRefused(f"the server's message lacks {e.args[0]!r}: server and site versions differ") from None
 
@@ -68,17 +74,23 @@ def round_seed(seed: int, site: int, phase: str, round_: int) -> int:
 def _check(site: Site, ins: Instructions) -> None:
     cfg, fed = site.cfg, site.cfg.federation
     if ins.digest != P.config_digest(cfg):
-        raise RoundRefused(f"model/method configuration differs from the server's (digest {ins.digest} at the "
-                           f"server, {P.config_digest(cfg)} here): update the site or the run config")
+        raise RoundRefused(
+            f"model/method configuration differs from the server's (digest {ins.digest} at the "
+            f"server, {P.config_digest(cfg)} here): update the site or the run config"
+        )
     planned = fed.pretrain_rounds if ins.phase == P.PRETRAIN else fed.finetune_rounds
     if (ins.total_rounds, ins.local_epochs) != (planned, fed.local_epochs):
-        raise RoundRefused(f"the server plans {ins.total_rounds} {ins.phase} rounds of {ins.local_epochs} local "
-                           f"epochs, this site {planned} of {fed.local_epochs}")
+        raise RoundRefused(
+            f"the server plans {ins.total_rounds} {ins.phase} rounds of {ins.local_epochs} local "
+            f"epochs, this site {planned} of {fed.local_epochs}"
+        )
     if ins.phase == P.FINETUNE and ins.local_steps != fed.finetune_local_steps:
-        raise RoundRefused(f"the server plans {_steps_plan(ins.local_steps)} per fine-tuning round "
-                           f"(federation.finetune_local_steps={ins.local_steps}), this site "
-                           f"{_steps_plan(fed.finetune_local_steps)} (federation.finetune_local_steps="
-                           f"{fed.finetune_local_steps}): update the site or the run config")
+        raise RoundRefused(
+            f"the server plans {_steps_plan(ins.local_steps)} per fine-tuning round "
+            f"(federation.finetune_local_steps={ins.local_steps}), this site "
+            f"{_steps_plan(fed.finetune_local_steps)} (federation.finetune_local_steps="
+            f"{fed.finetune_local_steps}): update the site or the run config"
+        )
 
 
 def _steps_plan(steps: int) -> str:
@@ -90,8 +102,9 @@ def local_finetune_steps(site: Site) -> int:
     ``local_epochs`` epochs over all its labelled training cases (before ``train.label_fraction``)."""
     cfg = site.cfg
     labelled = sum(s.label is not None for s in site.split.train)
-    return finetune_budget(cfg.federation.finetune_local_steps, cfg.federation.local_epochs, labelled,
-                           cfg.train.batch_size)
+    return finetune_budget(
+        cfg.federation.finetune_local_steps, cfg.federation.local_epochs, labelled, cfg.train.batch_size
+    )
 
 
 def site_mask_ratio(site: Site, round_: int, local_epoch: int = 0) -> float:
@@ -101,8 +114,9 @@ def site_mask_ratio(site: Site, round_: int, local_epoch: int = 0) -> float:
     return mask_ratio_at(site.cfg.method, t)
 
 
-def pretrain_round(site: Site, global_state: dict[str, torch.Tensor], ins: Instructions
-                   ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+def pretrain_round(
+    site: Site, global_state: dict[str, torch.Tensor], ins: Instructions
+) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     """Local pretraining for ``local_epochs`` epochs from the global encoder.
 
     The masking ratio is the AMR value of the federated progress
@@ -113,22 +127,37 @@ def pretrain_round(site: Site, global_state: dict[str, torch.Tensor], ins: Instr
     _check(site, ins)
     own = site_mask_ratio(site, ins.round)
     if abs(own - ins.expected_ratio) > RATIO_TOLERANCE:
-        raise RoundRefused(f"masking ratio mismatch in pretraining round {ins.round}: the server expects "
-                           f"{ins.expected_ratio:.6f}, this site computes {own:.6f} (AMR schedule or version skew)")
-    epochs = [Epoch((ins.round - 1) * ins.local_epochs + e,
-                    federated_progress(ins.round, e, ins.local_epochs, ins.total_rounds),
-                    federated_progress(ins.round, e + 1, ins.local_epochs, ins.total_rounds))
-              for e in range(ins.local_epochs)]
+        raise RoundRefused(
+            f"masking ratio mismatch in pretraining round {ins.round}: the server expects "
+            f"{ins.expected_ratio:.6f}, this site computes {own:.6f} (AMR schedule or version skew)"
+        )
+    epochs = [
+        Epoch(
+            (ins.round - 1) * ins.local_epochs + e,
+            federated_progress(ins.round, e, ins.local_epochs, ins.total_rounds),
+            federated_progress(ins.round, e + 1, ins.local_epochs, ins.total_rounds),
+        )
+        for e in range(ins.local_epochs)
+    ]
     try:
-        shared, kept, metrics = local.pretrain_round(site.cfg, site.split.train, global_state,
-                                                     site.state.load_before(P.PRETRAIN, ins.round), epochs,
-                                                     _round(site, ins, f"{site.name} pretrain r{ins.round}"))
+        shared, kept, metrics = local.pretrain_round(
+            site.cfg,
+            site.split.train,
+            global_state,
+            site.state.load_before(P.PRETRAIN, ins.round),
+            epochs,
+            _round(site, ins, f"{site.name} pretrain r{ins.round}"),
+        )
     except local.WeightsMismatch as e:
         raise RoundRefused(str(e)) from None
     site.state.save(P.PRETRAIN, ins.round, kept)
-    return shared, {P.NUM_EXAMPLES: len(site.split.train), P.UNIT_WEIGHT: 1,
-                    P.LOSS: metrics.get("loss", float("nan")), P.MASK_RATIO: metrics.get("ratio", own),
-                    **_privacy_reply(metrics)}
+    return shared, {
+        P.NUM_EXAMPLES: len(site.split.train),
+        P.UNIT_WEIGHT: 1,
+        P.LOSS: metrics.get("loss", float("nan")),
+        P.MASK_RATIO: metrics.get("ratio", own),
+        **_privacy_reply(metrics),
+    }
 
 
 def _round(site: Site, ins: Instructions, desc: str) -> local.Round:
@@ -137,11 +166,22 @@ def _round(site: Site, ins: Instructions, desc: str) -> local.Round:
     ledger = None
     if p.site_dp and p.private(ins.phase):
         now, later = _private_phases(site, ins)
-        ledger = ready_ledger(site.state.root, p, site.cfg.train.batch_size, now, later,
-                              f"site {site.name}: {ins.phase} round {ins.round}")
-    return local.Round(number=ins.round, total=ins.total_rounds,
-                       seed=round_seed(site.cfg.train.seed, site.index, ins.phase, ins.round), ledger=ledger,
-                       proximal_mu=ins.proximal_mu, desc=desc)
+        ledger = ready_ledger(
+            site.state.root,
+            p,
+            site.cfg.train.batch_size,
+            now,
+            later,
+            f"site {site.name}: {ins.phase} round {ins.round}",
+        )
+    return local.Round(
+        number=ins.round,
+        total=ins.total_rounds,
+        seed=round_seed(site.cfg.train.seed, site.index, ins.phase, ins.round),
+        ledger=ledger,
+        proximal_mu=ins.proximal_mu,
+        desc=desc,
+    )
 
 
 def _privacy_reply(metrics: dict[str, float]) -> dict[str, float]:
@@ -149,8 +189,9 @@ def _privacy_reply(metrics: dict[str, float]) -> dict[str, float]:
     return {P.EPSILON: metrics["epsilon"]} if "epsilon" in metrics else {}
 
 
-def finetune_round(site: Site, global_state: dict[str, torch.Tensor], ins: Instructions
-                   ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+def finetune_round(
+    site: Site, global_state: dict[str, torch.Tensor], ins: Instructions
+) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     """Local segmentation training from the global model, for this site's local steps
     (:func:`local_finetune_steps`), cycling over its labelled subset.
 
@@ -163,16 +204,24 @@ def finetune_round(site: Site, global_state: dict[str, torch.Tensor], ins: Instr
     if not subset:
         raise RoundRefused(f"site {site.name} has no labelled training cases for fine-tuning")
     try:
-        weights, kept, metrics = local.finetune_round(site.cfg, subset, global_state,
-                                                      site.state.load_before(P.FINETUNE, ins.round),
-                                                      local_finetune_steps(site),
-                                                      _round(site, ins, f"{site.name} finetune r{ins.round}"),
-                                                      pretrained=site.cfg.federation.encoder_pretrained)
+        weights, kept, metrics = local.finetune_round(
+            site.cfg,
+            subset,
+            global_state,
+            site.state.load_before(P.FINETUNE, ins.round),
+            local_finetune_steps(site),
+            _round(site, ins, f"{site.name} finetune r{ins.round}"),
+            pretrained=site.cfg.federation.encoder_pretrained,
+        )
     except local.WeightsMismatch as e:
         raise RoundRefused(str(e)) from None
     site.state.save(P.FINETUNE, ins.round, kept)
-    return weights, {P.NUM_EXAMPLES: len(subset), P.UNIT_WEIGHT: 1, P.LOSS: metrics.get("loss", float("nan")),
-                     **_privacy_reply(metrics)}
+    return weights, {
+        P.NUM_EXAMPLES: len(subset),
+        P.UNIT_WEIGHT: 1,
+        P.LOSS: metrics.get("loss", float("nan")),
+        **_privacy_reply(metrics),
+    }
 
 
 def _labelled_subset(site: Site) -> list:
@@ -192,8 +241,9 @@ def _private_phases(site: Site, ins: Instructions) -> tuple[PrivatePhase, list[P
 
     total = fed.pretrain_rounds if ins.phase == P.PRETRAIN else fed.finetune_rounds
     now = phase(ins.phase, total - ins.round + 1)
-    later = ([phase(P.FINETUNE, fed.finetune_rounds)]
-             if ins.phase == P.PRETRAIN and cfg.privacy.private(P.FINETUNE) else [])
+    later = (
+        [phase(P.FINETUNE, fed.finetune_rounds)] if ins.phase == P.PRETRAIN and cfg.privacy.private(P.FINETUNE) else []
+    )
     return now, later
 
 
@@ -206,7 +256,15 @@ def evaluate_round(site: Site, global_state: dict[str, torch.Tensor]) -> dict[st
         model = local.segmentation_model(cfg, global_state).to(device)
     except local.WeightsMismatch as e:
         raise RoundRefused(str(e)) from None
-    result = evaluate_segmentation(model, site.split.test, cfg.model.img_size, cfg.model.num_classes, device,
-                                   cfg.train.amp, desc=f"{site.name} evaluate", slice_axis=cfg.data.slice_axis)
+    result = evaluate_segmentation(
+        model,
+        site.split.test,
+        cfg.model.img_size,
+        cfg.model.num_classes,
+        device,
+        cfg.train.amp,
+        desc=f"{site.name} evaluate",
+        slice_axis=cfg.data.slice_axis,
+    )
     result[P.NUM_EXAMPLES] = result.pop("num_examples")
     return result

@@ -52,6 +52,7 @@ class PKIError(Exception):
 
 # ---- files ---------------------------------------------------------------------------------------
 
+
 def _check_free(paths: list[Path], force: bool) -> None:
     existing = [str(p) for p in paths if p.exists()]
     if existing and not force:
@@ -75,8 +76,9 @@ def _write(path: Path, data: bytes, private: bool) -> None:
 
 
 def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
-    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                             serialization.NoEncryption())
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
 
 
 def _load_ca(folder: Path) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
@@ -96,27 +98,49 @@ def _load_ca(folder: Path) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey
 
 # ---- certificates --------------------------------------------------------------------------------
 
+
 def _now() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc)
+    return dt.datetime.now(dt.UTC)
 
 
 def make_ca(folder: Path, name: str, days: int, force: bool) -> list[Path]:
     cert_path, key_path = folder / CA_CERT, folder / CA_KEY
     _check_free([cert_path, key_path], force)
     key = ec.generate_private_key(ec.SECP384R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name),
-                         x509.NameAttribute(NameOID.ORGANIZATION_NAME, "fedamlp federation")])
+    subject = x509.Name(
+        [
+            x509.NameAttribute(NameOID.COMMON_NAME, name),
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "fedamlp federation"),
+        ]
+    )
     ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
-    cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(_now() - dt.timedelta(minutes=5)).not_valid_after(_now() + dt.timedelta(days=days))
-            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-            .add_extension(x509.KeyUsage(digital_signature=False, content_commitment=False, key_encipherment=False,
-                                         data_encipherment=False, key_agreement=False, key_cert_sign=True,
-                                         crl_sign=True, encipher_only=False, decipher_only=False), critical=True)
-            .add_extension(ski, critical=False)
-            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski), critical=False)
-            .sign(key, hashes.SHA384()))
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(_now() - dt.timedelta(minutes=5))
+        .not_valid_after(_now() + dt.timedelta(days=days))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=False,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(ski, critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski), critical=False)
+        .sign(key, hashes.SHA384())
+    )
     _write(key_path, _pem_key(key), private=True)
     _write(cert_path, cert.public_bytes(serialization.Encoding.PEM), private=False)
     return [cert_path, key_path]
@@ -127,8 +151,9 @@ def _san(host: str) -> x509.GeneralName:
         return x509.IPAddress(ipaddress.ip_address(host))
     except ValueError:
         pass
-    if not re.fullmatch(r"(\*\.)?[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?)*",
-                        host):
+    if not re.fullmatch(
+        r"(\*\.)?[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?)*", host
+    ):
         raise PKIError(f"--host {host!r} is neither an IP address nor a DNS name (no scheme, no port)")
     return x509.DNSName(host.lower())
 
@@ -142,21 +167,42 @@ def make_server_cert(folder: Path, hosts: list[str], days: int, force: bool) -> 
     key = ec.generate_private_key(ec.SECP384R1())
     ca_ski = ca_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
     not_after = min(_now() + dt.timedelta(days=days), ca_cert.not_valid_after_utc)
-    cert = (x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0]),
-                                     x509.NameAttribute(NameOID.ORGANIZATION_NAME, "fedamlp federation")]))
-            .issuer_name(ca_cert.subject).public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(_now() - dt.timedelta(minutes=5)).not_valid_after(not_after)
-            .add_extension(x509.SubjectAlternativeName(sans), critical=False)
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(x509.KeyUsage(digital_signature=True, content_commitment=False, key_encipherment=False,
-                                         data_encipherment=False, key_agreement=True, key_cert_sign=False,
-                                         crl_sign=False, encipher_only=False, decipher_only=False), critical=True)
-            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski), critical=False)
-            .sign(ca_key, hashes.SHA384()))
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(
+            x509.Name(
+                [
+                    x509.NameAttribute(NameOID.COMMON_NAME, names[0]),
+                    x509.NameAttribute(NameOID.ORGANIZATION_NAME, "fedamlp federation"),
+                ]
+            )
+        )
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(_now() - dt.timedelta(minutes=5))
+        .not_valid_after(not_after)
+        .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=True,
+                key_cert_sign=False,
+                crl_sign=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski), critical=False)
+        .sign(ca_key, hashes.SHA384())
+    )
     _write(key_path, _pem_key(key), private=True)
     _write(cert_path, cert.public_bytes(serialization.Encoding.PEM), private=False)
     return [cert_path, key_path]
@@ -164,15 +210,18 @@ def make_server_cert(folder: Path, hosts: list[str], days: int, force: bool) -> 
 
 # ---- node authentication -------------------------------------------------------------------------
 
+
 def make_site_key(folder: Path, name: str, force: bool) -> list[Path]:
     if not SITE_NAME.match(name):
-        raise PKIError(f"site name {name!r}: use 1-64 letters, digits, '.', '_' or '-', starting with a letter "
-                       "or digit")
+        raise PKIError(
+            f"site name {name!r}: use 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit"
+        )
     key_path, pub_path = folder / SITES / f"{name}.key", folder / SITES / f"{name}.pub"
     _check_free([key_path, pub_path], force)
     key = ec.generate_private_key(ec.SECP384R1())
-    private = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
-                                serialization.NoEncryption())
+    private = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
+    )
     public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
     _write(key_path, private, private=True)
     _write(pub_path, public + f" fedamlp-{name}\n".encode(), private=False)
@@ -181,24 +230,35 @@ def make_site_key(folder: Path, name: str, force: bool) -> list[Path]:
 
 # ---- command line --------------------------------------------------------------------------------
 
+
 def _parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--dir", type=Path, default=DEFAULT_DIR,
-                        help=f"folder for the files (default: {DEFAULT_DIR})")
+    common.add_argument("--dir", type=Path, default=DEFAULT_DIR, help=f"folder for the files (default: {DEFAULT_DIR})")
     common.add_argument("--force", action="store_true", help="replace existing files (private keys included)")
     p = argparse.ArgumentParser(prog="python deploy/pki.py", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
     ca = sub.add_parser("ca", parents=[common], help="make the certificate authority (ca.crt, ca.key)")
     ca.add_argument("--name", default="fedamlp federation CA", help="the CA's common name")
     ca.add_argument("--days", type=int, default=3650, help="validity in days (default 3650)")
-    srv = sub.add_parser("server-cert", parents=[common], help="make the SuperLink's TLS certificate (server.crt, "
-                         "server.key), signed by the CA in --dir")
-    srv.add_argument("--host", action="append", default=[], required=True,
-                     help="DNS name or IP address the sites and the operator use to reach the SuperLink "
-                          "(repeat; 127.0.0.1 and localhost are always added)")
+    srv = sub.add_parser(
+        "server-cert",
+        parents=[common],
+        help="make the SuperLink's TLS certificate (server.crt, server.key), signed by the CA in --dir",
+    )
+    srv.add_argument(
+        "--host",
+        action="append",
+        default=[],
+        required=True,
+        help="DNS name or IP address the sites and the operator use to reach the SuperLink "
+        "(repeat; 127.0.0.1 and localhost are always added)",
+    )
     srv.add_argument("--days", type=int, default=825, help="validity in days (default 825, capped by the CA's)")
-    site = sub.add_parser("site-key", parents=[common], help="make a site's node-authentication key pair "
-                          "(sites/NAME.key, sites/NAME.pub), EC P-384, OpenSSH format")
+    site = sub.add_parser(
+        "site-key",
+        parents=[common],
+        help="make a site's node-authentication key pair (sites/NAME.key, sites/NAME.pub), EC P-384, OpenSSH format",
+    )
     site.add_argument("name", help="the site's name (file names only; Flower identifies nodes by key)")
     return p
 

@@ -13,8 +13,9 @@ import dataclasses
 import json
 import logging
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from amlp_core.config import METHOD_NAMES, Config, build_config, check_keys, load_config
 from amlp_core.errors import AMLPError
@@ -42,8 +43,13 @@ def _config(args: argparse.Namespace, data_path: str, extra: dict[str, Any]) -> 
         overrides.update(data_defaults(data_path, args.format, args.dims))
     overrides["data.path"] = data_path
     overrides["data.format"] = args.format
-    for flag, key in (("epochs", "train.epochs"), ("batch_size", "train.batch_size"), ("seed", "train.seed"),
-                      ("device", "train.device"), ("max_minutes", "train.max_minutes")):
+    for flag, key in (
+        ("epochs", "train.epochs"),
+        ("batch_size", "train.batch_size"),
+        ("seed", "train.seed"),
+        ("device", "train.device"),
+        ("max_minutes", "train.max_minutes"),
+    ):
         if getattr(args, flag, None) is not None:
             overrides[key] = getattr(args, flag)
     overrides.update(extra)
@@ -63,8 +69,13 @@ def _add_common(p: argparse.ArgumentParser, data_required: bool = True) -> None:
     p.add_argument("--seed", type=int)
     p.add_argument("--device", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--max-minutes", type=float, help="stop training after this wall time")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="any config value, e.g. --set method.ccl_weight=0.2 (repeatable)")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="any config value, e.g. --set method.ccl_weight=0.2 (repeatable)",
+    )
 
 
 def _print_dice(result: dict[str, Any], class_names: dict[str, str] | None = None) -> None:
@@ -83,10 +94,10 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
     cfg = _config(args, args.data, {"method.name": args.method})
     metrics = pretrain(cfg, args.out)
-    private = (f", DP epsilon {metrics['epsilon']:.3f} at delta {cfg.privacy.delta:g}" if "epsilon" in metrics
-               else "")
-    print(f"pretrained {cfg.method.name} for {metrics['epoch']} epochs: loss {metrics['loss']:.4f}{private} "
-          f"-> {args.out}")
+    private = f", DP epsilon {metrics['epsilon']:.3f} at delta {cfg.privacy.delta:g}" if "epsilon" in metrics else ""
+    print(
+        f"pretrained {cfg.method.name} for {metrics['epoch']} epochs: loss {metrics['loss']:.4f}{private} -> {args.out}"
+    )
     return 0
 
 
@@ -96,8 +107,9 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     extra: dict[str, Any] = {"train.label_fraction": args.label_fraction}
     if args.init:
         model = model_config_of(args.init)  # the encoder's architecture comes from the pretraining run
-        extra.update({f"model.{k}": v for k, v in dataclasses.asdict(model).items()
-                      if k != "seg_arch"})  # not the encoder's: model.seg_arch=unet with --init is refused
+        extra.update(
+            {f"model.{k}": v for k, v in dataclasses.asdict(model).items() if k != "seg_arch"}
+        )  # not the encoder's: model.seg_arch=unet with --init is refused
     cfg = _config(args, args.data, extra)
     result = finetune(cfg, args.out, init=args.init)
     from amlp_core.engine.pipeline import load_segmentation
@@ -171,11 +183,18 @@ def simulate_config(args: argparse.Namespace) -> Config:
     overrides: dict[str, Any] = {}
     if args.data or args.dims:
         overrides.update(data_defaults(args.data or "synthetic", args.format, args.dims))
-    for flag, key in (("sites", "federation.sites"), ("method", "method.name"),
-                      ("pretrain_rounds", "federation.pretrain_rounds"),
-                      ("finetune_rounds", "federation.finetune_rounds"), ("local_epochs", "federation.local_epochs"),
-                      ("strategy", "federation.strategy"), ("label_fraction", "train.label_fraction"),
-                      ("out", "federation.run_dir"), ("seed", "train.seed"), ("device", "train.device")):
+    for flag, key in (
+        ("sites", "federation.sites"),
+        ("method", "method.name"),
+        ("pretrain_rounds", "federation.pretrain_rounds"),
+        ("finetune_rounds", "federation.finetune_rounds"),
+        ("local_epochs", "federation.local_epochs"),
+        ("strategy", "federation.strategy"),
+        ("label_fraction", "train.label_fraction"),
+        ("out", "federation.run_dir"),
+        ("seed", "train.seed"),
+        ("device", "train.device"),
+    ):
         if getattr(args, flag, None) is not None:
             overrides[key] = getattr(args, flag)
     if args.resume:
@@ -190,8 +209,13 @@ def simulate_config(args: argparse.Namespace) -> Config:
 def _demo_defaults() -> dict[str, Any]:
     from amlp_core.engine.pipeline import data_defaults
 
-    return {**data_defaults("synthetic", dims=3), "data.synthetic_cases": 40, "method.name": "amlp",
-            "train.batch_size": 8, "model.depth": 4}
+    return {
+        **data_defaults("synthetic", dims=3),
+        "data.synthetic_cases": 40,
+        "method.name": "amlp",
+        "train.batch_size": 8,
+        "model.depth": 4,
+    }
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -288,8 +312,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"fedamlp: error: {missing}", file=sys.stderr)
         return 2
     # force: importing Opacus already called basicConfig (root at WARNING), which would hide our INFO lines.
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S", force=True)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+        force=True,
+    )
     try:
         check_keys(_parse_set(getattr(args, "set", None) or []))  # a mistyped key fails before the heavy imports
         return args.func(args)

@@ -62,17 +62,23 @@ def privacy_info(cfg: Config) -> dict[str, str]:
     """The run's privacy settings, as the results' summary states them."""
     p, f, info = cfg.privacy, cfg.federation, {}
     if f.secure_aggregation:
-        info["secure aggregation"] = (f"SecAgg+ on every training round (secrets shared with "
-                                      f"{f.secagg_num_shares:.0%} of the sites, {f.secagg_reconstruction_threshold:.0%} "
-                                      f"of the shares needed)")
+        info["secure aggregation"] = (
+            f"SecAgg+ on every training round (secrets shared with "
+            f"{f.secagg_num_shares:.0%} of the sites, {f.secagg_reconstruction_threshold:.0%} "
+            f"of the shares needed)"
+        )
     if p.site_dp:
         noise = f"noise multiplier {p.noise_multiplier}" if p.noise_multiplier else "noise calibrated to the budget"
-        info["site DP"] = (f"DP-SGD ({p.phases}), budget epsilon {p.budget:g} per site at delta {p.delta:g}, "
-                           f"clip {p.max_grad_norm:g}, {noise}")
+        info["site DP"] = (
+            f"DP-SGD ({p.phases}), budget epsilon {p.budget:g} per site at delta {p.delta:g}, "
+            f"clip {p.max_grad_norm:g}, {noise}"
+        )
     if p.server_dp:
         cap = f", cap epsilon {p.server_budget:g}" if p.server_budget else ""
-        info["server DP"] = (f"client-level, fixed clipping {p.server_clipping_norm:g}, noise multiplier "
-                             f"{p.server_noise_multiplier:g} ({p.phases}){cap}, delta {p.delta:g}")
+        info["server DP"] = (
+            f"client-level, fixed clipping {p.server_clipping_norm:g}, noise multiplier "
+            f"{p.server_noise_multiplier:g} ({p.phases}){cap}, delta {p.delta:g}"
+        )
     return info
 
 
@@ -105,9 +111,15 @@ class Federation:
     # -- checkpoint ----------------------------------------------------------------------
     def _save(self, progress: Progress, arrays: ArrayRecord, strategy) -> None:
         state = {"arrays": arrays.to_torch_state_dict(), "strategy": strategy_state(strategy)}
-        meta = {"kind": "server", "phase": progress.phase, "round": progress.done, "digest": run_digest(self.cfg),
-                "rows": self.results.rows, "class_names": self.class_names,
-                "accountant": json.dumps(self.accountant.state_dict()) if self.accountant else None}
+        meta = {
+            "kind": "server",
+            "phase": progress.phase,
+            "round": progress.done,
+            "digest": run_digest(self.cfg),
+            "rows": self.results.rows,
+            "class_names": self.class_names,
+            "accountant": json.dumps(self.accountant.state_dict()) if self.accountant else None,
+        }
         save_checkpoint(self.run_dir / CHECKPOINT, state, meta)
 
     def _load(self) -> tuple[Progress, ArrayRecord, dict] | None:
@@ -117,8 +129,10 @@ class Federation:
             return None
         state, meta = load_checkpoint(path)
         if meta.get("digest") != run_digest(self.cfg):
-            raise CheckpointError(f"checkpoint {path} was made with a different configuration; refusing to resume "
-                                  "(start a new run_dir, or restore the original settings)")
+            raise CheckpointError(
+                f"checkpoint {path} was made with a different configuration; refusing to resume "
+                "(start a new run_dir, or restore the original settings)"
+            )
         self.results.rows = list(meta.get("rows", []))
         self.class_names = dict(meta.get("class_names", {}))
         if self.accountant is not None and meta.get("accountant"):
@@ -128,8 +142,13 @@ class Federation:
 
     # -- rounds --------------------------------------------------------------------------
     def _instructions(self, phase: str, rnd: int, total: int) -> ConfigRecord:
-        record = {P.PHASE: phase, P.GLOBAL_ROUND: rnd, P.TOTAL_ROUNDS: total,
-                  P.LOCAL_EPOCHS: self.fed.local_epochs, P.CONFIG_DIGEST: P.config_digest(self.cfg)}
+        record = {
+            P.PHASE: phase,
+            P.GLOBAL_ROUND: rnd,
+            P.TOTAL_ROUNDS: total,
+            P.LOCAL_EPOCHS: self.fed.local_epochs,
+            P.CONFIG_DIGEST: P.config_digest(self.cfg),
+        }
         if phase == P.PRETRAIN:
             t = federated_progress(rnd, 0, self.fed.local_epochs, total)
             record[P.EXPECTED_RATIO] = mask_ratio_at(self.cfg.method, t)
@@ -137,12 +156,19 @@ class Federation:
             record[P.LOCAL_STEPS] = self.fed.finetune_local_steps
         return ConfigRecord(record)
 
-    def _record(self, phase: str, rnd: int, kind: str, outcome: rounds.RoundOutcome, aggregated: dict,
-                bytes_down: int) -> None:
+    def _record(
+        self, phase: str, rnd: int, kind: str, outcome: rounds.RoundOutcome, aggregated: dict, bytes_down: int
+    ) -> None:
         for r in outcome.replies:
             row = {"phase": phase, "round": rnd, "kind": kind, "site": r.site, "status": r.status, **r.metrics}
-            log.info("%s round %d %s, %s: %s", phase, rnd, kind, r.site, _fmt_metrics(r.metrics) if r.status == "ok"
-                     else f"{r.status}: {r.error}")
+            log.info(
+                "%s round %d %s, %s: %s",
+                phase,
+                rnd,
+                kind,
+                r.site,
+                _fmt_metrics(r.metrics) if r.status == "ok" else f"{r.status}: {r.error}",
+            )
             if r.error:
                 row["error"] = r.error
             if kind == "train" and r.status == "ok":
@@ -150,17 +176,37 @@ class Federation:
             self.results.add(**row)
             if r.status == "ok" and not self.class_names and P.SITE in r.message.content.config_records:
                 self.class_names = json.loads(str(r.message.content[P.SITE][P.CLASS_NAMES]))
-        self.results.add(phase=phase, round=rnd, kind=kind, site=ALL_SITES, status="ok",
-                         sites_ok=len(outcome.ok), sites_asked=len(outcome.replies),
-                         seconds=round(outcome.seconds, 2), **aggregated)
-        log.info("%s round %d %s, all sites: %d/%d ok; %s", phase, rnd, kind, len(outcome.ok), len(outcome.replies),
-                 _fmt_metrics(aggregated))
+        self.results.add(
+            phase=phase,
+            round=rnd,
+            kind=kind,
+            site=ALL_SITES,
+            status="ok",
+            sites_ok=len(outcome.ok),
+            sites_asked=len(outcome.replies),
+            seconds=round(outcome.seconds, 2),
+            **aggregated,
+        )
+        log.info(
+            "%s round %d %s, all sites: %d/%d ok; %s",
+            phase,
+            rnd,
+            kind,
+            len(outcome.ok),
+            len(outcome.replies),
+            _fmt_metrics(aggregated),
+        )
 
-    def _phase(self, phase: str, arrays: ArrayRecord, start: int, total: int, strategy_saved: dict | None
-               ) -> ArrayRecord:
+    def _phase(
+        self, phase: str, arrays: ArrayRecord, start: int, total: int, strategy_saved: dict | None
+    ) -> ArrayRecord:
         private = self.accountant is not None and self.cfg.privacy.private(phase)
-        strategy = build_strategy(self.fed, evaluate=phase == P.FINETUNE, privacy=self.cfg.privacy,
-                                  accountant=self.accountant if private else None)
+        strategy = build_strategy(
+            self.fed,
+            evaluate=phase == P.FINETUNE,
+            privacy=self.cfg.privacy,
+            accountant=self.accountant if private else None,
+        )
         train_round = SecAggRound(self.fed) if self.fed.secure_aggregation else rounds.train_round
         if strategy_saved:
             restore_strategy_state(strategy, strategy_saved)
@@ -169,20 +215,35 @@ class Federation:
             if f.stop_after_rounds and self.rounds_this_process >= f.stop_after_rounds:
                 raise StopRequested
             try:
-                arrays, metrics, outcome = train_round(self.grid, strategy, rnd, arrays,
-                                                       self._instructions(phase, rnd, total), f.min_sites,
-                                                       f.connect_timeout, f.round_timeout)
+                arrays, metrics, outcome = train_round(
+                    self.grid,
+                    strategy,
+                    rnd,
+                    arrays,
+                    self._instructions(phase, rnd, total),
+                    f.min_sites,
+                    f.connect_timeout,
+                    f.round_timeout,
+                )
             except PrivacyBudgetExhausted as e:
                 raise rounds.FederationError(
                     f"{phase} round {rnd}: server-side DP stops the run before it overspends "
-                    f"(privacy.server_budget={self.cfg.privacy.server_budget:g}): {e}") from None
+                    f"(privacy.server_budget={self.cfg.privacy.server_budget:g}): {e}"
+                ) from None
             if private:
                 metrics[SERVER_EPSILON] = self.accountant.get_privacy_spent().epsilon
             self._record(phase, rnd, "train", outcome, metrics, _bytes(arrays))
             if phase == P.FINETUNE:
-                metrics, outcome = rounds.evaluate_round(self.grid, strategy, rnd, arrays,
-                                                         self._instructions(phase, rnd, total), f.min_sites,
-                                                         f.connect_timeout, f.round_timeout)
+                metrics, outcome = rounds.evaluate_round(
+                    self.grid,
+                    strategy,
+                    rnd,
+                    arrays,
+                    self._instructions(phase, rnd, total),
+                    f.min_sites,
+                    f.connect_timeout,
+                    f.round_timeout,
+                )
                 self._record(phase, rnd, "evaluate", outcome, metrics, 0)
             self.rounds_this_process += 1
             self._save(Progress(phase, rnd), arrays, strategy)
@@ -202,8 +263,9 @@ class Federation:
         """
         path = self.fed.init_encoder
         encoder, meta = load_pretrained_encoder(path, self.cfg.model)
-        log.info("fine-tuning from the pretrained encoder in %s (%s, %s epochs)", path,
-                 meta.get("method"), meta.get("epoch"))
+        log.info(
+            "fine-tuning from the pretrained encoder in %s (%s, %s epochs)", path, meta.get("method"), meta.get("epoch")
+        )
         return ArrayRecord({f"encoder.{k}": v for k, v in encoder.items()})
 
     def initial_segmentation(self, encoder_arrays: ArrayRecord | None) -> ArrayRecord:
@@ -230,8 +292,12 @@ class Federation:
         that ``fedamlp finetune --init`` and ``federation.init_encoder`` accept."""
         folder = self.run_dir / ENCODER_DIR
         f = self.fed  # epoch: passes over each site's data
-        meta = {**pretrained_meta(self.cfg, f.pretrain_rounds * f.local_epochs), "federated": True,
-                "pretrain_rounds": f.pretrain_rounds, "local_epochs": f.local_epochs}
+        meta = {
+            **pretrained_meta(self.cfg, f.pretrain_rounds * f.local_epochs),
+            "federated": True,
+            "pretrain_rounds": f.pretrain_rounds,
+            "local_epochs": f.local_epochs,
+        }
         save_checkpoint(folder / "checkpoint.pt", {"method": arrays.to_torch_state_dict()}, meta)
         save_config(self.cfg, folder / "config.yaml")
         log.info("pretrained encoder: %s", folder)
@@ -253,13 +319,18 @@ class Federation:
         save_config(cfg, self.run_dir / "config.yaml")
         resumed = self._load() if f.resume else None
         progress, arrays, strategy_saved = resumed or (Progress(), None, None)
-        self.results.info = {"pretraining": self.pretraining_label(), "strategy": f.strategy,
-                             "sites (min)": f.min_sites, "pretrain rounds": f.pretrain_rounds,
-                             "finetune rounds": f.finetune_rounds,
-                             "local epochs": f.local_epochs, "label fraction": cfg.train.label_fraction,
-                             "finetune local steps": f.finetune_local_steps or "local epochs, all labelled cases",
-                             **({"initial encoder": f.init_encoder} if f.init_encoder else {}),
-                             **privacy_info(cfg)}
+        self.results.info = {
+            "pretraining": self.pretraining_label(),
+            "strategy": f.strategy,
+            "sites (min)": f.min_sites,
+            "pretrain rounds": f.pretrain_rounds,
+            "finetune rounds": f.finetune_rounds,
+            "local epochs": f.local_epochs,
+            "label fraction": cfg.train.label_fraction,
+            "finetune local steps": f.finetune_local_steps or "local epochs, all labelled cases",
+            **({"initial encoder": f.init_encoder} if f.init_encoder else {}),
+            **privacy_info(cfg),
+        }
         started = time.monotonic()
         try:
             if progress.phase == P.PRETRAIN:
@@ -270,14 +341,15 @@ class Federation:
                 else:
                     arrays = arrays or self.initial_encoder()
                     if f.pretrain_rounds:
-                        arrays = self._phase(P.PRETRAIN, arrays, progress.done + 1, f.pretrain_rounds,
-                                             strategy_saved)
+                        arrays = self._phase(P.PRETRAIN, arrays, progress.done + 1, f.pretrain_rounds, strategy_saved)
                         self.save_encoder(arrays)  # a resumed run that had finished pretraining writes it again
                 arrays, progress, strategy_saved = self.initial_segmentation(arrays), Progress(P.FINETUNE), None
             arrays = self._phase(P.FINETUNE, arrays, progress.done + 1, f.finetune_rounds, strategy_saved)
         except StopRequested:
-            log.info("stopped after %d rounds (federation.stop_after_rounds); resume with federation.resume=true",
-                     self.rounds_this_process)
+            log.info(
+                "stopped after %d rounds (federation.stop_after_rounds); resume with federation.resume=true",
+                self.rounds_this_process,
+            )
             return None
         self.results.info["server seconds"] = round(time.monotonic() - started, 1)
         self.results.write()
@@ -287,11 +359,21 @@ class Federation:
         """The final segmentation model, loadable by ``fedamlp predict --model RUN_DIR/model``."""
         folder = self.run_dir / MODEL_DIR
         f = self.fed
-        init = (f"pretrained encoder {f.init_encoder}" if f.init_encoder else
-                f"federated {self.cfg.method.name}" if f.pretrain_rounds else "scratch")
-        meta = {"kind": "segmentation", "architecture": ARCHITECTURE, "config": self.cfg.to_dict(),
-                "class_names": self.class_names,
-                "init_method": init, "epoch": f.finetune_rounds}
+        init = (
+            f"pretrained encoder {f.init_encoder}"
+            if f.init_encoder
+            else f"federated {self.cfg.method.name}"
+            if f.pretrain_rounds
+            else "scratch"
+        )
+        meta = {
+            "kind": "segmentation",
+            "architecture": ARCHITECTURE,
+            "config": self.cfg.to_dict(),
+            "class_names": self.class_names,
+            "init_method": init,
+            "epoch": f.finetune_rounds,
+        }
         save_checkpoint(folder / "checkpoint.pt", {"model": arrays.to_torch_state_dict()}, meta)
         save_config(self.cfg, folder / "config.yaml")
         log.info("final model: %s", folder)

@@ -24,15 +24,22 @@ ENV = "FEDAMLP_SERVER_INBOX"
 
 def snapshot(message: Message) -> dict[str, Any]:
     """A plain-data copy of a message: node ids, type, error, and every record."""
-    out: dict[str, Any] = {"src": message.metadata.src_node_id, "dst": message.metadata.dst_node_id,
-                           "type": message.metadata.message_type, "error": None, "arrays": {}, "configs": {},
-                           "metrics": {}}
+    out: dict[str, Any] = {
+        "src": message.metadata.src_node_id,
+        "dst": message.metadata.dst_node_id,
+        "type": message.metadata.message_type,
+        "error": None,
+        "arrays": {},
+        "configs": {},
+        "metrics": {},
+    }
     if message.has_error():
         out["error"] = message.error.reason
         return out
     content = message.content
-    out["arrays"] = {name: {k: a.numpy() for k, a in record.items() if a.data}
-                     for name, record in content.array_records.items()}
+    out["arrays"] = {
+        name: {k: a.numpy() for k, a in record.items() if a.data} for name, record in content.array_records.items()
+    }
     out["configs"] = {name: dict(record) for name, record in content.config_records.items()}
     out["metrics"] = {name: dict(record) for name, record in content.metric_records.items()}
     return out

@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 from amlp_core.engine.checkpoint import atomic_write_text as _atomic_write
-
 from fedamlp.protocol import ALL_SITES
 
 
@@ -53,8 +52,13 @@ class RunResults:
         dice = self.final_dice()
         if dice:
             classes = sorted(k for k in dice[0] if k.startswith("dice_") and k != "dice_mean")
-            lines += ["", f"## Dice after fine-tuning round {dice[0]['round']}", "",
-                      "| site | cases | " + " | ".join(classes) + " | mean |", "|---" * (len(classes) + 3) + "|"]
+            lines += [
+                "",
+                f"## Dice after fine-tuning round {dice[0]['round']}",
+                "",
+                "| site | cases | " + " | ".join(classes) + " | mean |",
+                "|---" * (len(classes) + 3) + "|",
+            ]
             for r in dice:
                 values = " | ".join(_fmt(r.get(c)) for c in classes + ["dice_mean"])
                 lines.append(f"| {r['site']} | {r.get('num-examples', '')} | {values} |")
@@ -62,15 +66,25 @@ class RunResults:
         failures = [r for r in self.rows if r.get("status") not in (None, "ok")]
         if failures:
             lines += ["", "## Site failures", ""]
-            lines += [f"- {r['phase']} round {r['round']} ({r['kind']}): {r['site']}: {r['status']}: "
-                      f"{r.get('error', '')}" for r in failures]
+            lines += [
+                f"- {r['phase']} round {r['round']} ({r['kind']}): {r['site']}: {r['status']}: {r.get('error', '')}"
+                for r in failures
+            ]
         train = [r for r in self.rows if r["kind"] == "train" and r["site"] == ALL_SITES]
         if train:
-            lines += ["", "## Training rounds", "", "| phase | round | loss | sites ok | seconds |", "|---|---|---|---|---|"]
-            lines += [f"| {r['phase']} | {r['round']} | {_fmt(r.get('loss'))} | {r.get('sites_ok', '')} | "
-                      f"{_fmt(r.get('seconds'))} |" for r in train]
+            lines += [
+                "",
+                "## Training rounds",
+                "",
+                "| phase | round | loss | sites ok | seconds |",
+                "|---|---|---|---|---|",
+            ]
+            lines += [
+                f"| {r['phase']} | {r['round']} | {_fmt(r.get('loss'))} | {r.get('sites_ok', '')} | "
+                f"{_fmt(r.get('seconds'))} |"
+                for r in train
+            ]
         return "\n".join(lines) + "\n"
-
 
     def _privacy_lines(self) -> list[str]:
         """Epsilon spent: each site's last value (site DP) and the server's (server DP)."""
@@ -83,8 +97,14 @@ class RunResults:
                     last["server (client-level DP)"] = r["server_epsilon"]
         if not last:
             return []
-        return ["", "## Privacy spent (epsilon at privacy.delta)", "", "| who | epsilon |", "|---|---|",
-                *(f"| {who} | {_fmt(eps)} |" for who, eps in sorted(last.items()))]
+        return [
+            "",
+            "## Privacy spent (epsilon at privacy.delta)",
+            "",
+            "| who | epsilon |",
+            "|---|---|",
+            *(f"| {who} | {_fmt(eps)} |" for who, eps in sorted(last.items())),
+        ]
 
 
 def _fmt(value: Any) -> str:

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
@@ -60,8 +61,10 @@ def wait_for_sites(grid: Grid, needed: int, timeout: float, poll: float = 1.0) -
         if len(nodes) >= needed:
             return nodes
         if time.monotonic() >= deadline:
-            raise FederationError(f"only {len(nodes)} of the {needed} sites needed (federation.min_sites) connected "
-                                  f"within {timeout:.0f} s (federation.connect_timeout)")
+            raise FederationError(
+                f"only {len(nodes)} of the {needed} sites needed (federation.min_sites) connected "
+                f"within {timeout:.0f} s (federation.connect_timeout)"
+            )
         time.sleep(poll)
 
 
@@ -91,9 +94,16 @@ def collect(sent: list[Message], replies: Iterable[Message], started: float) -> 
     return RoundOutcome(out, time.monotonic() - started)
 
 
-def train_round(grid: Grid, strategy: Strategy, rnd: int, arrays: ArrayRecord, config: ConfigRecord,
-                min_sites: int, connect_timeout: float, round_timeout: float
-                ) -> tuple[ArrayRecord, dict[str, Any], RoundOutcome]:
+def train_round(
+    grid: Grid,
+    strategy: Strategy,
+    rnd: int,
+    arrays: ArrayRecord,
+    config: ConfigRecord,
+    min_sites: int,
+    connect_timeout: float,
+    round_timeout: float,
+) -> tuple[ArrayRecord, dict[str, Any], RoundOutcome]:
     """Send a training round through ``strategy`` and aggregate it, or raise FederationError."""
     wait_for_sites(grid, min_sites, connect_timeout)
     started = time.monotonic()
@@ -103,24 +113,35 @@ def train_round(grid: Grid, strategy: Strategy, rnd: int, arrays: ArrayRecord, c
         if r.status != "ok":
             log.warning("round %d: %s %s: %s", rnd, r.site, r.status, r.error)
     if len(outcome.ok) < min_sites:
-        raise FederationError(f"{config[P.PHASE]} round {rnd}: only {len(outcome.ok)} of {len(sent)} sites "
-                              f"replied (federation.min_sites={min_sites}); problems: {outcome.problems()}")
+        raise FederationError(
+            f"{config[P.PHASE]} round {rnd}: only {len(outcome.ok)} of {len(sent)} sites "
+            f"replied (federation.min_sites={min_sites}); problems: {outcome.problems()}"
+        )
     new_arrays, metrics = strategy.aggregate_train(rnd, [r.message for r in outcome.ok])
     if new_arrays is None:
         raise FederationError(f"{config[P.PHASE]} round {rnd}: the strategy could not aggregate the replies")
     return new_arrays, dict(metrics or {}), outcome
 
 
-def evaluate_round(grid: Grid, strategy: Strategy, rnd: int, arrays: ArrayRecord, config: ConfigRecord,
-                   min_sites: int, connect_timeout: float, round_timeout: float
-                   ) -> tuple[dict[str, Any], RoundOutcome]:
+def evaluate_round(
+    grid: Grid,
+    strategy: Strategy,
+    rnd: int,
+    arrays: ArrayRecord,
+    config: ConfigRecord,
+    min_sites: int,
+    connect_timeout: float,
+    round_timeout: float,
+) -> tuple[dict[str, Any], RoundOutcome]:
     """Federated evaluation of ``arrays``; FederationError with fewer than ``min_sites`` answers."""
     wait_for_sites(grid, min_sites, connect_timeout)
     started = time.monotonic()
     sent = list(strategy.configure_evaluate(rnd, arrays, config, grid))
     outcome = collect(sent, grid.send_and_receive(sent, timeout=round_timeout), started)
     if len(outcome.ok) < min_sites:
-        raise FederationError(f"evaluation round {rnd}: only {len(outcome.ok)} of {len(sent)} sites replied "
-                              f"(federation.min_sites={min_sites}); problems: {outcome.problems()}")
+        raise FederationError(
+            f"evaluation round {rnd}: only {len(outcome.ok)} of {len(sent)} sites replied "
+            f"(federation.min_sites={min_sites}); problems: {outcome.problems()}"
+        )
     metrics = strategy.aggregate_evaluate(rnd, [r.message for r in outcome.ok])
     return dict(metrics or {}), outcome

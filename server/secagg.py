@@ -120,8 +120,9 @@ def _site_replies(grid: _RecordingGrid) -> list[Message]:
             node = reply.metadata.src_node_id
             if reply.has_error():
                 chosen.setdefault(node, reply)
-            elif (Key.MASKED_PARAMETERS in reply.content.config_records.get(RECORD_KEY_CONFIGS, {})
-                  and (node not in chosen or chosen[node].has_error())):
+            elif Key.MASKED_PARAMETERS in reply.content.config_records.get(RECORD_KEY_CONFIGS, {}) and (
+                node not in chosen or chosen[node].has_error()
+            ):
                 chosen[node] = reply
     return list(chosen.values())
 
@@ -167,29 +168,45 @@ class SecAggRound:
 
     def workflow(self, timeout: float) -> SecAggPlusWorkflow:
         f = self.fed
-        return SecAggPlusWorkflow(num_shares=float(f.secagg_num_shares),
-                                  reconstruction_threshold=float(f.secagg_reconstruction_threshold),
-                                  max_weight=f.secagg_max_weight, clipping_range=f.secagg_clipping_range,
-                                  quantization_range=f.secagg_quantization_range, modulus_range=SECAGG_MODULUS,
-                                  timeout=timeout)
+        return SecAggPlusWorkflow(
+            num_shares=float(f.secagg_num_shares),
+            reconstruction_threshold=float(f.secagg_reconstruction_threshold),
+            max_weight=f.secagg_max_weight,
+            clipping_range=f.secagg_clipping_range,
+            quantization_range=f.secagg_quantization_range,
+            modulus_range=SECAGG_MODULUS,
+            timeout=timeout,
+        )
 
-    def __call__(self, grid: Grid, strategy: Strategy, rnd: int, arrays: ArrayRecord, config: ConfigRecord,
-                 min_sites: int, connect_timeout: float, round_timeout: float
-                 ) -> tuple[ArrayRecord, dict[str, Any], RoundOutcome]:
+    def __call__(
+        self,
+        grid: Grid,
+        strategy: Strategy,
+        rnd: int,
+        arrays: ArrayRecord,
+        config: ConfigRecord,
+        min_sites: int,
+        connect_timeout: float,
+        round_timeout: float,
+    ) -> tuple[ArrayRecord, dict[str, Any], RoundOutcome]:
         wait_for_sites(grid, min_sites, connect_timeout)
         started = time.monotonic()
         sent = list(strategy.configure_train(rnd, arrays, config, grid))
         if len(sent) * self.fed.secagg_quantization_range >= SECAGG_MODULUS:
-            raise FederationError(f"{len(sent)} sites x federation.secagg_quantization_range="
-                                  f"{self.fed.secagg_quantization_range} reach SecAgg+'s modulus 2**32: the sum would "
-                                  f"overflow; lower federation.secagg_quantization_range")
+            raise FederationError(
+                f"{len(sent)} sites x federation.secagg_quantization_range="
+                f"{self.fed.secagg_quantization_range} reach SecAgg+'s modulus 2**32: the sum would "
+                f"overflow; lower federation.secagg_quantization_range"
+            )
         weight_key = str(getattr(strategy, "weighted_by_key", P.NUM_EXAMPLES))
         run_id = getattr(getattr(grid, "run", None), "run_id", 0)
-        legacy = _OneRound([(GridClientProxy(m.metadata.dst_node_id, grid, run_id), _fit_ins(m, weight_key))
-                            for m in sent])
+        legacy = _OneRound(
+            [(GridClientProxy(m.metadata.dst_node_id, grid, run_id), _fit_ins(m, weight_key)) for m in sent]
+        )
         state = RecordDict({_CONFIGS: ConfigRecord({_ROUND: rnd}), _PARAMS: arrays})
-        context = LegacyContext(Context(run_id=run_id, node_id=0, node_config={}, state=state, run_config={}),
-                                strategy=legacy)
+        context = LegacyContext(
+            Context(run_id=run_id, node_id=0, node_config={}, state=state, run_config={}), strategy=legacy
+        )
         recording = _RecordingGrid(grid)
         log.info("%s round %d: secure aggregation (SecAgg+) with %d sites", config[P.PHASE], rnd, len(sent))
         self.workflow(round_timeout)(recording, context)
@@ -198,12 +215,16 @@ class SecAggRound:
             if r.status != "ok":
                 log.warning("round %d: %s %s: %s", rnd, r.site, r.status, r.error)
         if legacy.aggregate is None:
-            raise FederationError(f"{config[P.PHASE]} round {rnd}: secure aggregation halted (too few sites left to "
-                                  f"unmask the sum; federation.secagg_reconstruction_threshold="
-                                  f"{self.fed.secagg_reconstruction_threshold}); problems: {outcome.problems()}")
+            raise FederationError(
+                f"{config[P.PHASE]} round {rnd}: secure aggregation halted (too few sites left to "
+                f"unmask the sum; federation.secagg_reconstruction_threshold="
+                f"{self.fed.secagg_reconstruction_threshold}); problems: {outcome.problems()}"
+            )
         if len(outcome.ok) < min_sites:
-            raise FederationError(f"{config[P.PHASE]} round {rnd}: only {len(outcome.ok)} of {len(sent)} sites "
-                                  f"replied (federation.min_sites={min_sites}); problems: {outcome.problems()}")
+            raise FederationError(
+                f"{config[P.PHASE]} round {rnd}: only {len(outcome.ok)} of {len(sent)} sites "
+                f"replied (federation.min_sites={min_sites}); problems: {outcome.problems()}"
+            )
         averaged = _apply(arrays, legacy.aggregate)
         # Every site's reply, as the strategy sees it: the average (all it may know) and its metrics.
         replies = [_as_reply(r.message, averaged, r.metrics) for r in outcome.ok]
@@ -214,8 +235,12 @@ class SecAggRound:
             r.message = _masked_view(r.message)
         metrics = dict(metrics or {})
         metrics[ERROR_BOUND] = self.error_bound([float(r.metrics.get(weight_key, 0.0)) for r in outcome.ok])
-        log.info("%s round %d: SecAgg+ quantization error at most %.3g per parameter", config[P.PHASE], rnd,
-                 metrics[ERROR_BOUND])
+        log.info(
+            "%s round %d: SecAgg+ quantization error at most %.3g per parameter",
+            config[P.PHASE],
+            rnd,
+            metrics[ERROR_BOUND],
+        )
         return new_arrays, metrics, outcome
 
     def error_bound(self, weights: list[float]) -> float:

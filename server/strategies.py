@@ -7,9 +7,17 @@ from typing import Any
 import numpy as np
 import torch
 from flwr.serverapp import RdpAccountant
-from flwr.serverapp.strategy import (DifferentialPrivacyServerSideFixedClipping, FedAdam, FedAvg, FedMedian, FedProx,
-                                     FedTrimmedAvg, Strategy)
-from flwr.supercore.privacy_accounting import NeighboringRelation, PrivacyConfig as FlowerPrivacyConfig, SamplingMethod
+from flwr.serverapp.strategy import (
+    DifferentialPrivacyServerSideFixedClipping,
+    FedAdam,
+    FedAvg,
+    FedMedian,
+    FedProx,
+    FedTrimmedAvg,
+    Strategy,
+)
+from flwr.supercore.privacy_accounting import NeighboringRelation, SamplingMethod
+from flwr.supercore.privacy_accounting import PrivacyConfig as FlowerPrivacyConfig
 
 from amlp_core.config import FederationConfig, PrivacyConfig
 from amlp_core.errors import ConfigError
@@ -27,14 +35,20 @@ def server_accountant(fed: FederationConfig, privacy: PrivacyConfig) -> RdpAccou
     """
     if not privacy.server_dp:
         return None
-    return RdpAccountant(FlowerPrivacyConfig(
-        target_delta=privacy.delta, population_size=fed.sites,
-        neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE, sampling_method=SamplingMethod.NO_AMPLIFICATION,
-        max_epsilon=privacy.server_budget or None))
+    return RdpAccountant(
+        FlowerPrivacyConfig(
+            target_delta=privacy.delta,
+            population_size=fed.sites,
+            neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE,
+            sampling_method=SamplingMethod.NO_AMPLIFICATION,
+            max_epsilon=privacy.server_budget or None,
+        )
+    )
 
 
-def build_strategy(fed: FederationConfig, evaluate: bool, privacy: PrivacyConfig | None = None,
-                   accountant: RdpAccountant | None = None) -> Strategy:
+def build_strategy(
+    fed: FederationConfig, evaluate: bool, privacy: PrivacyConfig | None = None, accountant: RdpAccountant | None = None
+) -> Strategy:
     """The aggregation strategy ``fed.strategy``, sampling every connected site.
 
     Waiting for sites is done (with a deadline) before each round, so the strategy's own
@@ -43,17 +57,25 @@ def build_strategy(fed: FederationConfig, evaluate: bool, privacy: PrivacyConfig
     clips each site's update, noises the average and composes each release in the accountant;
     sites then weigh equally, as that accounting requires.
     """
-    common: dict[str, Any] = dict(fraction_train=1.0, fraction_evaluate=1.0 if evaluate else 0.0,
-                                  min_train_nodes=fed.min_sites, min_evaluate_nodes=fed.min_sites if evaluate else 0,
-                                  min_available_nodes=fed.min_sites)
+    common: dict[str, Any] = dict(
+        fraction_train=1.0,
+        fraction_evaluate=1.0 if evaluate else 0.0,
+        min_train_nodes=fed.min_sites,
+        min_evaluate_nodes=fed.min_sites if evaluate else 0,
+        min_available_nodes=fed.min_sites,
+    )
     if accountant is None:
         return _base_strategy(fed, common)
     equal = {"fedavg": _EqualSitesFedAvg, "fedprox": _EqualSitesFedProx}[fed.strategy]
     extra = {"proximal_mu": fed.proximal_mu} if fed.strategy == "fedprox" else {}
     strategy = equal(**common, **extra, weighted_by_key=P.UNIT_WEIGHT)
     return DifferentialPrivacyServerSideFixedClipping(
-        strategy, noise_multiplier=privacy.server_noise_multiplier, clipping_norm=privacy.server_clipping_norm,
-        num_sampled_clients=fed.sites, accountant=accountant)
+        strategy,
+        noise_multiplier=privacy.server_noise_multiplier,
+        clipping_norm=privacy.server_clipping_norm,
+        num_sampled_clients=fed.sites,
+        accountant=accountant,
+    )
 
 
 class _EvaluateByCases:

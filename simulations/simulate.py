@@ -19,9 +19,10 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import tomli_w
 
@@ -159,7 +160,8 @@ _DIES_WITH_PARENT = (
     "import ctypes, os, signal, sys; "
     "ctypes.CDLL(None).prctl(1, int(signal.SIGTERM), 0, 0, 0); "  # 1 = PR_SET_PDEATHSIG
     "os.getppid() == int(sys.argv[1]) or sys.exit('the simulation ended before this process started'); "
-    "os.execvp(sys.argv[2], sys.argv[2:])")
+    "os.execvp(sys.argv[2], sys.argv[2:])"
+)
 
 
 def _dies_with_parent(command: list[str]) -> list[str]:
@@ -178,8 +180,14 @@ def _run_config_file(cfg: Config, path: Path) -> Path:
     return path
 
 
-def simulate(cfg: Config, project: Path = REPO, timeout: float | None = None, stream_to=None,
-             cpus_per_site: int = 1, gpus_per_site: float = 0.0) -> Path:
+def simulate(
+    cfg: Config,
+    project: Path = REPO,
+    timeout: float | None = None,
+    stream_to=None,
+    cpus_per_site: int = 1,
+    gpus_per_site: float = 0.0,
+) -> Path:
     """Run ``cfg``'s federation with ``cfg.federation.sites`` simulated sites; returns the run folder.
 
     Each site's ClientApp gets ``cpus_per_site`` CPUs and, when positive, ``gpus_per_site`` of a
@@ -199,38 +207,78 @@ def simulate(cfg: Config, project: Path = REPO, timeout: float | None = None, st
     marker = uuid.uuid4().hex
     port = free_port()
     bin_dir = str(Path(sys.executable).parent)
-    env = {**os.environ, MARKER: marker, "FLWR_HOME": str(flwr_home), "PATH": f"{bin_dir}{os.pathsep}"
-           f"{os.environ.get('PATH', '')}", "FLWR_DISABLE_UPDATE_CHECK": "1", "RAY_DEDUP_LOGS": "0",
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(project), os.environ.get("PYTHONPATH", "")]))}
+    env = {
+        **os.environ,
+        MARKER: marker,
+        "FLWR_HOME": str(flwr_home),
+        "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
+        "FLWR_DISABLE_UPDATE_CHECK": "1",
+        "RAY_DEDUP_LOGS": "0",
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(project), os.environ.get("PYTHONPATH", "")])),
+    }
     (flwr_home / "config.toml").write_text(
-        f'[superlink]\ndefault = "fedamlp"\n\n[superlink.fedamlp]\naddress = "127.0.0.1:{port}"\ninsecure = true\n')
+        f'[superlink]\ndefault = "fedamlp"\n\n[superlink.fedamlp]\naddress = "127.0.0.1:{port}"\ninsecure = true\n'
+    )
     superlink_log = run_dir / "superlink.log"
     sessions: list[subprocess.Popen] = []
     started = time.monotonic()
     with _sigterm_exits():  # a SIGTERM ends the run through the finally below, like Ctrl-C
         try:
             with open(superlink_log, "wb") as out:
-                sessions.append(subprocess.Popen(_dies_with_parent(
-                    ["flower-superlink", "--insecure", "--simulation", "--isolation", "subprocess",
-                     "--host", "127.0.0.1", "--port", str(port), "--disable-runtime-dependency-installation"]),
-                    env=env, cwd=run_dir, stdout=out, stderr=subprocess.STDOUT, start_new_session=True))
+                sessions.append(
+                    subprocess.Popen(
+                        _dies_with_parent(
+                            [
+                                "flower-superlink",
+                                "--insecure",
+                                "--simulation",
+                                "--isolation",
+                                "subprocess",
+                                "--host",
+                                "127.0.0.1",
+                                "--port",
+                                str(port),
+                                "--disable-runtime-dependency-installation",
+                            ]
+                        ),
+                        env=env,
+                        cwd=run_dir,
+                        stdout=out,
+                        stderr=subprocess.STDOUT,
+                        start_new_session=True,
+                    )
+                )
             _wait_for_port(port, sessions[0], 60, superlink_log)
             fed_config = [f"num-supernodes={cfg.federation.sites}", f"client-resources-num-cpus={cpus_per_site}"]
             if gpus_per_site > 0:
                 fed_config.append(f"client-resources-num-gpus={gpus_per_site:g}")
-            command = ["flwr", "run", str(project), "fedamlp", "--run-config",
-                       str(_run_config_file(cfg, run_dir / "run_config.toml")), "--stream"]
+            command = [
+                "flwr",
+                "run",
+                str(project),
+                "fedamlp",
+                "--run-config",
+                str(_run_config_file(cfg, run_dir / "run_config.toml")),
+                "--stream",
+            ]
             for item in fed_config:
                 command += ["--federation-config", item]
             log.info("simulating %d sites; run folder %s", cfg.federation.sites, run_dir)
-            runner = subprocess.Popen(_dies_with_parent(command), env=env, cwd=project, stdout=stream_to,
-                                      stderr=subprocess.STDOUT, start_new_session=True)
+            runner = subprocess.Popen(
+                _dies_with_parent(command),
+                env=env,
+                cwd=project,
+                stdout=stream_to,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
             sessions.append(runner)
             try:
                 code = runner.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
-                raise SimulationError(f"the simulation did not finish within {timeout:.0f} s; "
-                                      f"log: {superlink_log}") from None
+                raise SimulationError(
+                    f"the simulation did not finish within {timeout:.0f} s; log: {superlink_log}"
+                ) from None
             failed = run_dir / FAILED
             if failed.exists():
                 raise SimulationError(f"the federation failed: {failed.read_text().strip()}")
@@ -238,8 +286,9 @@ def simulate(cfg: Config, project: Path = REPO, timeout: float | None = None, st
                 raise SimulationError(f"flwr run exited with code {code}; see {superlink_log}")
             model = run_dir / MODEL_DIR / "checkpoint.pt"
             if not model.exists() and not cfg.federation.stop_after_rounds:
-                raise SimulationError(f"the run ended without a final model in {run_dir}: see "
-                                      f"{run_dir / 'results'} and {superlink_log}")
+                raise SimulationError(
+                    f"the run ended without a final model in {run_dir}: see {run_dir / 'results'} and {superlink_log}"
+                )
             log.info("simulation finished in %.0f s", time.monotonic() - started)
             return run_dir
         finally:

@@ -44,9 +44,7 @@ class DatasetIndex:
     spatial_dims: int
 
 
-def discover(
-    root: str | os.PathLike, fmt: str = "auto", label_dir: str | os.PathLike | None = None
-) -> DatasetIndex:
+def discover(root: str | os.PathLike, fmt: str = "auto", label_dir: str | os.PathLike | None = None) -> DatasetIndex:
     """List the cases of the dataset in ``root``.
 
     ``fmt="auto"`` picks msd when ``dataset.json`` exists, else png when any .png file
@@ -128,8 +126,13 @@ def _discover_nifti(root: Path, label_dir: Path | None) -> list[Case]:
     cases = [Case(name, path, labels.get(name)) for name, path in _nifti_files(image_dir).items()]
     unlabelled = [c.name for c in cases if c.label is None]
     if labels and unlabelled:
-        logger.warning("%s: no label file for %d of %d images (e.g. %s); they are used unlabelled",
-                       label_dir, len(unlabelled), len(cases), unlabelled[0])
+        logger.warning(
+            "%s: no label file for %d of %d images (e.g. %s); they are used unlabelled",
+            label_dir,
+            len(unlabelled),
+            len(cases),
+            unlabelled[0],
+        )
     return cases
 
 

@@ -96,7 +96,11 @@ class SegDataset(torch.utils.data.Dataset):
     """
 
     def __init__(
-        self, samples: Sequence[Sample], roi_size: Sequence[int], augment: bool = False, seed: int = 0,
+        self,
+        samples: Sequence[Sample],
+        roi_size: Sequence[int],
+        augment: bool = False,
+        seed: int = 0,
         strength: str = "strong",
     ):
         if not samples:

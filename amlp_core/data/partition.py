@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
 from amlp_core.errors import ConfigError
 
 
-def partition_names(names: Sequence[str], num_sites: int, scheme: str = "iid", alpha: float = 0.5,
-                    seed: int = 0, min_per_site: int = 1) -> list[list[str]]:
+def partition_names(
+    names: Sequence[str], num_sites: int, scheme: str = "iid", alpha: float = 0.5, seed: int = 0, min_per_site: int = 1
+) -> list[list[str]]:
     """Deal case names to ``num_sites`` sites.
 
     ``iid``: shuffled, then dealt round robin (sizes differ by at most one). ``dirichlet``:
@@ -36,4 +37,4 @@ def partition_names(names: Sequence[str], num_sites: int, scheme: str = "iid", a
     extra[np.argsort(-shares)[: spare - extra.sum()]] += 1  # hand out the rounding remainder
     counts = extra + min_per_site
     bounds = np.concatenate([[0], np.cumsum(counts)])
-    return [order[bounds[s]:bounds[s + 1]] for s in range(num_sites)]
+    return [order[bounds[s] : bounds[s + 1]] for s in range(num_sites)]

@@ -135,9 +135,7 @@ def make_phantom(
     return _apply_style(image, style, rng), lesions.astype(np.uint8)
 
 
-def _phantoms(
-    n: int, shape: Sequence[int], seed: int, site: int
-) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
+def _phantoms(n: int, shape: Sequence[int], seed: int, site: int) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
     """``(name, raw image [*shape], lesion mask [*shape])`` for ``n`` phantoms of one site."""
     style, rng = site_style(site), np.random.default_rng((seed, site))
     for i in range(n):
@@ -153,9 +151,7 @@ def make_phantom_samples(n: int, shape: Sequence[int], seed: int, site: int = 0)
     ]
 
 
-def write_phantom_dataset(
-    out_dir: str | os.PathLike, n: int, shape: Sequence[int], seed: int, site: int = 0
-) -> Path:
+def write_phantom_dataset(out_dir: str | os.PathLike, n: int, shape: Sequence[int], seed: int, site: int = 0) -> Path:
     """Write ``n`` phantoms as an MSD-layout folder (dataset.json, imagesTr/, labelsTr/).
 
     Images keep their raw site intensities; loading them with

@@ -141,8 +141,9 @@ def strong_augment(
         factor = np.float32(_around_one(rng, *CONTRAST_RANGE))
         axes = tuple(range(1, image.ndim))
         mean = image.mean(axis=axes, keepdims=True)
-        image = np.clip((image - mean) * factor + mean, image.min(axis=axes, keepdims=True),
-                        image.max(axis=axes, keepdims=True))
+        image = np.clip(
+            (image - mean) * factor + mean, image.min(axis=axes, keepdims=True), image.max(axis=axes, keepdims=True)
+        )
     if rng.random() < P_GAMMA:
         gamma = AdjustContrast(_around_one(rng, *GAMMA_RANGE), retain_stats=True)
         image = np.stack([convert_to_numpy(gamma(channel)) for channel in image])
@@ -167,8 +168,7 @@ def _rotate_scale(image: np.ndarray, label: np.ndarray | None, radians: np.ndarr
 
     def resample(array: np.ndarray, mode: str) -> np.ndarray:
         tensor = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))[None]
-        return F.grid_sample(tensor, grid, mode=mode, padding_mode="zeros",
-                             align_corners=False)[0].numpy()
+        return F.grid_sample(tensor, grid, mode=mode, padding_mode="zeros", align_corners=False)[0].numpy()
 
     low = image.min(axis=tuple(range(1, image.ndim)), keepdims=True)  # pad with each channel's minimum
     image = resample(image - low, "bilinear") + low

@@ -18,8 +18,9 @@ functions cannot train privately and forget the ledger, or train on a private co
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -57,12 +58,23 @@ def run_epochs(first: int, last: int, total: int) -> list[Epoch]:
     return [Epoch(e, e / total, (e + 1) / total) for e in range(first, last)]
 
 
-def pretrain_epochs(method: PretrainMethod, optimizer: torch.optim.Optimizer, loader, device: torch.device,
-                    cfg: Config, epochs: Sequence[Epoch], generator: torch.Generator, *,
-                    total_epochs: int, hold_ratio: bool = False, ledger: PrivacyLedger | None = None,
-                    seed: int = 0, stretch: tuple[str, int] = ("pretrain", 1),
-                    regularizer: Callable[[], torch.Tensor] | None = None, desc: str = "pretrain"
-                    ) -> dict[str, float]:
+def pretrain_epochs(
+    method: PretrainMethod,
+    optimizer: torch.optim.Optimizer,
+    loader,
+    device: torch.device,
+    cfg: Config,
+    epochs: Sequence[Epoch],
+    generator: torch.Generator,
+    *,
+    total_epochs: int,
+    hold_ratio: bool = False,
+    ledger: PrivacyLedger | None = None,
+    seed: int = 0,
+    stretch: tuple[str, int] = ("pretrain", 1),
+    regularizer: Callable[[], torch.Tensor] | None = None,
+    desc: str = "pretrain",
+) -> dict[str, float]:
     """Pretrain ``method`` for ``epochs`` of a run of ``total_epochs`` (one stretch of training).
 
     The rate is ``train.lr`` with a warm-up over ``train.warmup_epochs`` (at most half the run) and a
@@ -76,24 +88,44 @@ def pretrain_epochs(method: PretrainMethod, optimizer: torch.optim.Optimizer, lo
     warmup = min(cfg.train.warmup_epochs / total_epochs, 0.5)
     method.private = ledger is not None  # statistics of the cases stay frozen under DP
     metrics: dict[str, float] = {}
-    with charged_training(method, optimizer, loader, ledger, cfg.train.batch_size, cfg.privacy.max_grad_norm,
-                          seed, *stretch) as (opt, batches, spent):
+    with charged_training(
+        method, optimizer, loader, ledger, cfg.train.batch_size, cfg.privacy.max_grad_norm, seed, *stretch
+    ) as (opt, batches, spent):
         for epoch in epochs:
             loader.dataset.set_epoch(epoch.index)
             ratio_at = (epoch.start, epoch.start) if hold_ratio else (epoch.start, epoch.end)
-            metrics = pretrain_epoch(method, batches, opt, device, ratio_at, generator,
-                                     lr_at=lambda t: cfg.train.lr * warmup_cosine(t, warmup), amp=cfg.train.amp,
-                                     desc=f"{desc} {epoch.index + 1}/{total_epochs}", regularizer=regularizer,
-                                     lr_progress=(epoch.start, epoch.end))
+            metrics = pretrain_epoch(
+                method,
+                batches,
+                opt,
+                device,
+                ratio_at,
+                generator,
+                lr_at=lambda t: cfg.train.lr * warmup_cosine(t, warmup),
+                amp=cfg.train.amp,
+                desc=f"{desc} {epoch.index + 1}/{total_epochs}",
+                regularizer=regularizer,
+                lr_progress=(epoch.start, epoch.end),
+            )
     return {**metrics, **spent}
 
 
-def finetune_for(model: nn.Module, optimizer: torch.optim.Optimizer, loader, device: torch.device, cfg: Config,
-                 steps: int, progress_at: Callable[[int], float], *, ledger: PrivacyLedger | None = None,
-                 seed: int = 0, stretch: tuple[str, int] = ("finetune", 1),
-                 regularizer: Callable[[], torch.Tensor] | None = None,
-                 on_pass: Callable[[dict[str, Any]], bool | None] | None = None, desc: str = "finetune"
-                 ) -> dict[str, Any]:
+def finetune_for(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loader,
+    device: torch.device,
+    cfg: Config,
+    steps: int,
+    progress_at: Callable[[int], float],
+    *,
+    ledger: PrivacyLedger | None = None,
+    seed: int = 0,
+    stretch: tuple[str, int] = ("finetune", 1),
+    regularizer: Callable[[], torch.Tensor] | None = None,
+    on_pass: Callable[[dict[str, Any]], bool | None] | None = None,
+    desc: str = "finetune",
+) -> dict[str, Any]:
     """``steps`` optimiser steps of Dice + CE training of ``model`` over ``loader``'s cases (one stretch).
 
     The rate of step ``k`` is :func:`~amlp_core.engine.optim.set_finetune_lr` at ``progress_at(k)``.
@@ -104,21 +136,32 @@ def finetune_for(model: nn.Module, optimizer: torch.optim.Optimizer, loader, dev
     Returns:
         :func:`~amlp_core.engine.loops.finetune_steps`' metrics, and ``epsilon`` when private.
     """
-    with charged_training(model, optimizer, loader, ledger, cfg.train.batch_size, cfg.privacy.max_grad_norm,
-                          seed, *stretch) as (opt, batches, spent):
+    with charged_training(
+        model, optimizer, loader, ledger, cfg.train.batch_size, cfg.privacy.max_grad_norm, seed, *stretch
+    ) as (opt, batches, spent):
         passes = -(-steps // max(len(batches), 1))  # passes per stretch
 
         def schedule(step: int) -> None:
             set_finetune_lr(opt, cfg.train, progress_at(step))
 
-        metrics = finetune_steps(model, batches, opt, dice_ce_loss(), device, steps, schedule, cfg.train.amp,
-                                 desc=desc, regularizer=regularizer, first_pass=(stretch[1] - 1) * passes,
-                                 on_pass=on_pass)
+        metrics = finetune_steps(
+            model,
+            batches,
+            opt,
+            dice_ce_loss(),
+            device,
+            steps,
+            schedule,
+            cfg.train.amp,
+            desc=desc,
+            regularizer=regularizer,
+            first_pass=(stretch[1] - 1) * passes,
+            on_pass=on_pass,
+        )
     return {**metrics, **spent}
 
 
-def make_loader(samples: list[Sample], cfg: Config, augment: bool, labels: bool, seed: int | None = None
-                ) -> DataLoader:
+def make_loader(samples: list[Sample], cfg: Config, augment: bool, labels: bool, seed: int | None = None) -> DataLoader:
     """Shuffled batches of ``model.img_size`` crops (seeded by ``seed``, else ``train.seed``); without
     ``labels`` the labels are dropped."""
     seed = cfg.train.seed if seed is None else seed
@@ -126,8 +169,13 @@ def make_loader(samples: list[Sample], cfg: Config, augment: bool, labels: bool,
         samples = [dataclasses.replace(s, label=None) for s in samples]
     dataset = SegDataset(samples, cfg.model.img_size, augment=augment, seed=seed, strength=cfg.train.augment)
     generator = torch.Generator().manual_seed(seed)
-    return DataLoader(dataset, batch_size=min(cfg.train.batch_size, len(dataset)), shuffle=True,
-                      drop_last=len(dataset) >= cfg.train.batch_size, generator=generator)
+    return DataLoader(
+        dataset,
+        batch_size=min(cfg.train.batch_size, len(dataset)),
+        shuffle=True,
+        drop_last=len(dataset) >= cfg.train.batch_size,
+        generator=generator,
+    )
 
 
 @dataclass(frozen=True)
@@ -143,8 +191,14 @@ class Round:
     desc: str = "round"
 
 
-def pretrain_round(cfg: Config, cases: list[Sample], shared: dict[str, torch.Tensor], kept: dict | None,
-                   epochs: Sequence[Epoch], rnd: Round) -> tuple[dict[str, torch.Tensor], dict, dict[str, float]]:
+def pretrain_round(
+    cfg: Config,
+    cases: list[Sample],
+    shared: dict[str, torch.Tensor],
+    kept: dict | None,
+    epochs: Sequence[Epoch],
+    rnd: Round,
+) -> tuple[dict[str, torch.Tensor], dict, dict[str, float]]:
     """One federated pretraining round at a site: the method from ``kept`` (the site's state of its last
     round: method and optimizer, or None) with the global ``shared`` weights put in, trained for
     ``epochs`` of the run's ``rnd.total`` rounds' schedule with the ratio held per epoch.
@@ -164,8 +218,10 @@ def pretrain_round(cfg: Config, cases: list[Sample], shared: dict[str, torch.Ten
     expected = set(method.shared_state_dict())
     if set(shared) != expected:
         missing, extra = sorted(expected - set(shared)), sorted(set(shared) - expected)
-        raise WeightsMismatch(f"the global weights do not fit this site's model (missing {missing[:3]}, "
-                              f"unexpected {extra[:3]}): server and site versions differ")
+        raise WeightsMismatch(
+            f"the global weights do not fit this site's model (missing {missing[:3]}, "
+            f"unexpected {extra[:3]}): server and site versions differ"
+        )
     method.load_state_dict(shared, strict=False)
     method.to(device)
     optimizer = pretrain_optimizer(method, cfg.train)
@@ -174,16 +230,35 @@ def pretrain_round(cfg: Config, cases: list[Sample], shared: dict[str, torch.Ten
     loader = make_loader(cases, cfg, augment=True, labels=False, seed=rnd.seed)
     regularizer = proximal_term(method.encoder, rnd.proximal_mu) if rnd.proximal_mu > 0 else None
     per_round = len(epochs)
-    metrics = pretrain_epochs(method, optimizer, loader, device, cfg, epochs, make_generator(rnd.seed, device),
-                              total_epochs=rnd.total * per_round, hold_ratio=True, ledger=rnd.ledger, seed=rnd.seed,
-                              stretch=("pretrain", rnd.number), regularizer=regularizer, desc=rnd.desc)
+    metrics = pretrain_epochs(
+        method,
+        optimizer,
+        loader,
+        device,
+        cfg,
+        epochs,
+        make_generator(rnd.seed, device),
+        total_epochs=rnd.total * per_round,
+        hold_ratio=True,
+        ledger=rnd.ledger,
+        seed=rnd.seed,
+        stretch=("pretrain", rnd.number),
+        regularizer=regularizer,
+        desc=rnd.desc,
+    )
     out = {k: v.detach().cpu() for k, v in method.shared_state_dict().items()}
     return out, {"method": method.state_dict(), "optimizer": optimizer.state_dict()}, metrics
 
 
-def finetune_round(cfg: Config, cases: list[Sample], global_state: dict[str, torch.Tensor], kept: dict | None,
-                   steps: int, rnd: Round, pretrained: bool
-                   ) -> tuple[dict[str, torch.Tensor], dict, dict[str, float]]:
+def finetune_round(
+    cfg: Config,
+    cases: list[Sample],
+    global_state: dict[str, torch.Tensor],
+    kept: dict | None,
+    steps: int,
+    rnd: Round,
+    pretrained: bool,
+) -> tuple[dict[str, torch.Tensor], dict, dict[str, float]]:
     """One federated fine-tuning round at a site: the global segmentation network (every key, strictly),
     the optimizer from ``kept``, ``steps`` steps over the site's labelled ``cases``. Step ``k`` of round
     ``r`` sits at the run's progress ``(r - 1 + (k + 1/2) / steps) / total``.
@@ -202,9 +277,20 @@ def finetune_round(cfg: Config, cases: list[Sample], global_state: dict[str, tor
         optimizer.load_state_dict(kept["optimizer"])
     loader = make_loader(cases, cfg, augment=True, labels=True, seed=rnd.seed)
     regularizer = proximal_term(model, rnd.proximal_mu) if rnd.proximal_mu > 0 else None
-    metrics = finetune_for(model, optimizer, loader, device, cfg, steps,
-                           lambda k: (rnd.number - 1 + (k + 0.5) / steps) / rnd.total, ledger=rnd.ledger,
-                           seed=rnd.seed, stretch=("finetune", rnd.number), regularizer=regularizer, desc=rnd.desc)
+    metrics = finetune_for(
+        model,
+        optimizer,
+        loader,
+        device,
+        cfg,
+        steps,
+        lambda k: (rnd.number - 1 + (k + 0.5) / steps) / rnd.total,
+        ledger=rnd.ledger,
+        seed=rnd.seed,
+        stretch=("finetune", rnd.number),
+        regularizer=regularizer,
+        desc=rnd.desc,
+    )
     out = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     return out, {"optimizer": optimizer.state_dict()}, metrics
 

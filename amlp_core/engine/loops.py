@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
-from typing import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -37,11 +37,19 @@ class MetricMeans:
         return {k: v / max(self.count, 1) for k, v in self.sums.items()}
 
 
-def pretrain_epoch(method: PretrainMethod, loader: Iterable[dict], optimizer: torch.optim.Optimizer,
-                   device: torch.device, progress: tuple[float, float], generator: torch.Generator | None = None,
-                   lr_at: Callable[[float], float] | None = None, amp: bool = True, desc: str = "pretrain",
-                   regularizer: Callable[[], torch.Tensor] | None = None,
-                   lr_progress: tuple[float, float] | None = None) -> dict[str, float]:
+def pretrain_epoch(
+    method: PretrainMethod,
+    loader: Iterable[dict],
+    optimizer: torch.optim.Optimizer,
+    device: torch.device,
+    progress: tuple[float, float],
+    generator: torch.Generator | None = None,
+    lr_at: Callable[[float], float] | None = None,
+    amp: bool = True,
+    desc: str = "pretrain",
+    regularizer: Callable[[], torch.Tensor] | None = None,
+    lr_progress: tuple[float, float] | None = None,
+) -> dict[str, float]:
     """One epoch of self-supervised pretraining.
 
     Args:
@@ -97,11 +105,20 @@ def finetune_budget(steps: int, epochs: int, num_labelled: int, batch_size: int)
     return steps if steps > 0 else epochs * epoch_steps(num_labelled, batch_size)
 
 
-def finetune_steps(model: nn.Module, loader: Iterable[dict], optimizer: torch.optim.Optimizer,
-                   loss_fn: nn.Module, device: torch.device, steps: int,
-                   schedule: Callable[[int], None] | None = None, amp: bool = True, desc: str = "finetune",
-                   regularizer: Callable[[], torch.Tensor] | None = None, first_pass: int = 0,
-                   on_pass: Callable[[dict[str, float]], bool | None] | None = None) -> dict[str, float]:
+def finetune_steps(
+    model: nn.Module,
+    loader: Iterable[dict],
+    optimizer: torch.optim.Optimizer,
+    loss_fn: nn.Module,
+    device: torch.device,
+    steps: int,
+    schedule: Callable[[int], None] | None = None,
+    amp: bool = True,
+    desc: str = "finetune",
+    regularizer: Callable[[], torch.Tensor] | None = None,
+    first_pass: int = 0,
+    on_pass: Callable[[dict[str, float]], bool | None] | None = None,
+) -> dict[str, float]:
     """``steps`` optimiser steps of supervised segmentation training, cycling through ``loader``.
 
     Each pass over ``loader`` first calls ``loader.dataset.set_epoch(first_pass + p)`` (when the dataset
@@ -161,8 +178,9 @@ def finetune_steps(model: nn.Module, loader: Iterable[dict], optimizer: torch.op
             if not drawn:
                 raise ValueError("the fine-tuning loader yields no batch")
             passes += 1
-            if on_pass is not None and on_pass({**means.means(), "num_examples": means.count, "pass": passes,
-                                                "step": done}):
+            if on_pass is not None and on_pass(
+                {**means.means(), "num_examples": means.count, "pass": passes, "step": done}
+            ):
                 break
     finally:
         bar.close()
@@ -170,9 +188,15 @@ def finetune_steps(model: nn.Module, loader: Iterable[dict], optimizer: torch.op
 
 
 @torch.no_grad()
-def predict_volume(model: nn.Module, image: np.ndarray | torch.Tensor, roi_size: Sequence[int],
-                   device: torch.device, amp: bool = True, batch_size: int = 4, slice_axis: int = -1
-                   ) -> torch.Tensor:
+def predict_volume(
+    model: nn.Module,
+    image: np.ndarray | torch.Tensor,
+    roi_size: Sequence[int],
+    device: torch.device,
+    amp: bool = True,
+    batch_size: int = 4,
+    slice_axis: int = -1,
+) -> torch.Tensor:
     """Segment one whole image of any size by sliding windows of ``roi_size``.
 
     A 3D image given to a 2D model (``len(roi_size) == 2``) is segmented slice by slice
@@ -187,22 +211,39 @@ def predict_volume(model: nn.Module, image: np.ndarray | torch.Tensor, roi_size:
     image = torch.as_tensor(image, dtype=torch.float32)
     if image.ndim - 1 == len(roi_size) + 1:
         axis = slice_axis % (image.ndim - 1) + 1  # spatial axis -> axis of [C, *S]
-        slices = [predict_volume(model, image.select(axis, k), roi_size, device, amp, batch_size)
-                  for k in range(image.shape[axis])]
+        slices = [
+            predict_volume(model, image.select(axis, k), roi_size, device, amp, batch_size)
+            for k in range(image.shape[axis])
+        ]
         return torch.stack(slices, dim=axis)  # [K, *S]
     if image.ndim - 1 != len(roi_size):
         raise ValueError(f"a {image.ndim - 1}D image cannot be segmented by a {len(roi_size)}D model")
     model.eval()
     x = image.unsqueeze(0).to(device)  # [1, C, *S]
     with autocast(device, amp):
-        logits = sliding_window_inference(x, tuple(roi_size), batch_size, model, overlap=0.5, mode="gaussian",
-                                          padding_mode="constant", cval=float(x.min()))
+        logits = sliding_window_inference(
+            x,
+            tuple(roi_size),
+            batch_size,
+            model,
+            overlap=0.5,
+            mode="gaussian",
+            padding_mode="constant",
+            cval=float(x.min()),
+        )
     return torch.softmax(logits.float(), dim=1)[0].cpu()
 
 
-def evaluate_segmentation(model: nn.Module, samples: Sequence, roi_size: Sequence[int], num_classes: int,
-                          device: torch.device, amp: bool = True, desc: str = "evaluate", slice_axis: int = -1
-                          ) -> dict[str, float]:
+def evaluate_segmentation(
+    model: nn.Module,
+    samples: Sequence,
+    roi_size: Sequence[int],
+    num_classes: int,
+    device: torch.device,
+    amp: bool = True,
+    desc: str = "evaluate",
+    slice_axis: int = -1,
+) -> dict[str, float]:
     """Dice per foreground class on whole images (MONAI ``DiceMetric``).
 
     Args:
@@ -212,8 +253,7 @@ def evaluate_segmentation(model: nn.Module, samples: Sequence, roi_size: Sequenc
         ``{"dice_1": ..., "dice_K-1": ..., "dice_mean": ..., "num_examples": n}``; a class absent
         from both the truth and the prediction of a case is left out of that class's mean.
     """
-    metric = DiceMetric(include_background=False, reduction="mean_batch", ignore_empty=True,
-                        num_classes=num_classes)
+    metric = DiceMetric(include_background=False, reduction="mean_batch", ignore_empty=True, num_classes=num_classes)
     for sample in tqdm(samples, desc=desc, leave=False, disable=None):
         probs = predict_volume(model, sample.image, roi_size, device, amp, slice_axis=slice_axis)  # [K, *S]
         pred = probs.argmax(0, keepdim=True).unsqueeze(0)  # [1, 1, *S]

@@ -13,8 +13,11 @@ from amlp_core.schedules import warmup_cosine
 def pretrain_optimizer(method: nn.Module, train: TrainConfig) -> torch.optim.Optimizer:
     """AdamW (betas 0.9, 0.95, as MAE) over the method's parameter groups (``param_groups()``, each
     with its ``lr_scale``; the whole module at the base rate when it has none)."""
-    groups = method.param_groups() if hasattr(method, "param_groups") else [
-        {"params": list(method.parameters()), "lr_scale": 1.0}]
+    groups = (
+        method.param_groups()
+        if hasattr(method, "param_groups")
+        else [{"params": list(method.parameters()), "lr_scale": 1.0}]
+    )
     for group in groups:
         group.setdefault("lr", train.lr * group.get("lr_scale", 1.0))
     return torch.optim.AdamW(groups, lr=train.lr, weight_decay=train.weight_decay, betas=(0.9, 0.95))
@@ -35,8 +38,13 @@ def finetune_optimizer(model: nn.Module, train: TrainConfig, pretrained: bool) -
     rest = [p for n, p in model.named_parameters() if n not in names]
     groups = [{"params": rest, "lr_scale": 1.0}]
     if loaded:
-        groups.append({"params": loaded, "lr_scale": train.encoder_lr_scale if pretrained else 1.0,
-                       "ramp": train.encoder_warmup if pretrained else 0.0})
+        groups.append(
+            {
+                "params": loaded,
+                "lr_scale": train.encoder_lr_scale if pretrained else 1.0,
+                "ramp": train.encoder_warmup if pretrained else 0.0,
+            }
+        )
     return torch.optim.AdamW(groups, lr=train.finetune_lr, weight_decay=train.weight_decay)
 
 

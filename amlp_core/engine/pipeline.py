@@ -19,17 +19,34 @@ import numpy as np
 import torch
 
 from amlp_core.config import ARCHITECTURE, Config, ModelConfig, build_config, build_section, save_config
-from amlp_core.data import (Sample, discover, label_subset, load_samples, make_phantom_samples,
-                            normalize_intensity, partition_names, read_image, split_names, to_slices, write_nifti)
+from amlp_core.data import (
+    Sample,
+    discover,
+    label_subset,
+    load_samples,
+    make_phantom_samples,
+    normalize_intensity,
+    partition_names,
+    read_image,
+    split_names,
+    to_slices,
+    write_nifti,
+)
 from amlp_core.engine.checkpoint import atomic_write_text, load_checkpoint, require_meta, save_checkpoint
 from amlp_core.engine.device import make_generator, resolve_device, seed_everything, set_threads
 from amlp_core.engine.local import finetune_for, make_loader, pretrain_epochs, run_epochs
-from amlp_core.engine.optim import finetune_optimizer, pretrain_optimizer
 from amlp_core.engine.loops import evaluate_segmentation, finetune_budget, predict_volume
+from amlp_core.engine.optim import finetune_optimizer, pretrain_optimizer
 from amlp_core.errors import CheckpointError, ConfigError, DataError
 from amlp_core.methods import PretrainMethod, build_method
-from amlp_core.models import (SEG_ARCH_CLASSES, SegmentationNet, build_segmentation_model, encoder_state, has_encoder,
-                              pretrained_decoder_state)
+from amlp_core.models import (
+    SEG_ARCH_CLASSES,
+    SegmentationNet,
+    build_segmentation_model,
+    encoder_state,
+    has_encoder,
+    pretrained_decoder_state,
+)
 from amlp_core.presets import ROI, phantoms
 from amlp_core.privacy import PrivacyLedger, PrivatePhase, ready_ledger
 
@@ -66,8 +83,9 @@ def load_split(cfg: Config, site: int = 0, num_sites: int = 1) -> DataSplit:
     """
     d, m = cfg.data, cfg.model
     if d.synthetic:
-        samples = make_phantom_samples(d.synthetic_cases, d.synthetic_size, seed=d.split_seed,
-                                       site=site if num_sites > 1 else d.synthetic_site)
+        samples = make_phantom_samples(
+            d.synthetic_cases, d.synthetic_size, seed=d.split_seed, site=site if num_sites > 1 else d.synthetic_site
+        )
         class_names, dims = {0: "background", 1: "lesion"}, len(d.synthetic_size)
         train_names, test_names = split_names([s.name for s in samples], d.test_fraction, d.split_seed)
     else:
@@ -96,14 +114,17 @@ def _check_fits(samples: list[Sample], class_names: dict[int, str], dims: int, c
     if d.as_slices and dims == 3:
         dims = 2
     if dims != m.spatial_dims:
-        raise ConfigError(f"data at {d.path} is {dims}D but model.spatial_dims={m.spatial_dims} "
-                          f"(use --dims {dims}, or data.as_slices for 3D volumes in a 2D model)")
+        raise ConfigError(
+            f"data at {d.path} is {dims}D but model.spatial_dims={m.spatial_dims} "
+            f"(use --dims {dims}, or data.as_slices for 3D volumes in a 2D model)"
+        )
     channels = {s.image.shape[0] for s in samples}
     if channels and channels != {m.in_channels}:
         raise ConfigError(f"data at {d.path} has {sorted(channels)} channel(s) but model.in_channels={m.in_channels}")
     if len(class_names) != m.num_classes:
-        raise ConfigError(f"data at {d.path} declares {len(class_names)} classes {class_names} "
-                          f"but model.num_classes={m.num_classes}")
+        raise ConfigError(
+            f"data at {d.path} declares {len(class_names)} classes {class_names} but model.num_classes={m.num_classes}"
+        )
 
 
 def _append_metrics(out_dir: Path, record: dict[str, Any]) -> None:
@@ -117,8 +138,11 @@ def _prepare(cfg: Config, out_dir: str | Path, keep_metrics: int = 0) -> tuple[P
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     metrics = out / METRICS
-    kept = [line for line in (metrics.read_text().splitlines() if keep_metrics and metrics.exists() else [])
-            if json.loads(line).get("epoch", 0) <= keep_metrics]
+    kept = [
+        line
+        for line in (metrics.read_text().splitlines() if keep_metrics and metrics.exists() else [])
+        if json.loads(line).get("epoch", 0) <= keep_metrics
+    ]
     atomic_write_text(metrics, "".join(line + "\n" for line in kept))
     save_config(cfg, out / CONFIG)
     seed_everything(cfg.train.seed)
@@ -164,8 +188,10 @@ def pretrain(cfg: Config, out_dir: str | Path, split: DataSplit | None = None) -
         ConfigError: ``model.seg_arch=unet``, whose plain U-Net has no encoder to pretrain.
     """
     if not has_encoder(cfg.model):
-        raise ConfigError(f"model.seg_arch={cfg.model.seg_arch} has no encoder to pretrain (a plain U-Net trains "
-                          "from scratch with `fedamlp finetune`); pretrain with model.seg_arch=vit")
+        raise ConfigError(
+            f"model.seg_arch={cfg.model.seg_arch} has no encoder to pretrain (a plain U-Net trains "
+            "from scratch with `fedamlp finetune`); pretrain with model.seg_arch=vit"
+        )
     resumed = _resume_state(Path(out_dir), cfg)
     first = resumed["epoch"] if resumed else 0
     out, device = _prepare(cfg, out_dir, keep_metrics=first)
@@ -183,30 +209,64 @@ def pretrain(cfg: Config, out_dir: str | Path, split: DataSplit | None = None) -
     epochs = cfg.train.epochs
     private = cfg.privacy.site_dp and cfg.privacy.private("pretrain")
     if cfg.privacy.site_dp and not private:
-        log.info("privacy.site_dp: pretraining is not private (privacy.phases=%s); fine-tuning is",
-                 cfg.privacy.phases)
-    log.info("pretraining %s on %d images for %d epochs on %s%s%s", cfg.method.name, len(loader.dataset), epochs,
-             device, f", resumed after epoch {first}" if first else "", " with DP-SGD" if private else "")
+        log.info("privacy.site_dp: pretraining is not private (privacy.phases=%s); fine-tuning is", cfg.privacy.phases)
+    log.info(
+        "pretraining %s on %d images for %d epochs on %s%s%s",
+        cfg.method.name,
+        len(loader.dataset),
+        epochs,
+        device,
+        f", resumed after epoch {first}" if first else "",
+        " with DP-SGD" if private else "",
+    )
     start, metrics = time.monotonic(), {}
     for epoch in range(first, epochs):
         # One stretch per epoch: under DP its steps are on the ledger before the epoch's checkpoint is.
-        ledger = _privacy_ledger(cfg, out, PrivatePhase(rounds=epochs - epoch, cases=len(loader.dataset), epochs=1),
-                                 f"pretraining epoch {epoch + 1} in {out}") if private else None
-        metrics = pretrain_epochs(method, optimizer, loader, device, cfg, run_epochs(epoch, epoch + 1, epochs),
-                                  generator, total_epochs=epochs, ledger=ledger, seed=cfg.train.seed + epoch,
-                                  stretch=("pretrain", epoch + 1))
+        ledger = (
+            _privacy_ledger(
+                cfg,
+                out,
+                PrivatePhase(rounds=epochs - epoch, cases=len(loader.dataset), epochs=1),
+                f"pretraining epoch {epoch + 1} in {out}",
+            )
+            if private
+            else None
+        )
+        metrics = pretrain_epochs(
+            method,
+            optimizer,
+            loader,
+            device,
+            cfg,
+            run_epochs(epoch, epoch + 1, epochs),
+            generator,
+            total_epochs=epochs,
+            ledger=ledger,
+            seed=cfg.train.seed + epoch,
+            stretch=("pretrain", epoch + 1),
+        )
         metrics.update(epoch=epoch + 1, seconds=round(time.monotonic() - start, 2))
         _append_metrics(out, metrics)
         log.info("epoch %d/%d loss %.4f ratio %.2f", epoch + 1, epochs, metrics["loss"], metrics.get("ratio", 0))
         save_pretrained(out / CHECKPOINT, method, cfg, epoch + 1)
         if epoch + 1 < epochs:
-            save_checkpoint(out / RESUME, {"method": method.state_dict(), "optimizer": optimizer.state_dict(),
-                                           "generator": generator.get_state(), "shuffle": loader.generator.get_state(),
-                                           "torch": torch.get_rng_state()},
-                            {"kind": "pretrain-resume", "epoch": epoch + 1, "digest": _resume_digest(cfg)})
+            save_checkpoint(
+                out / RESUME,
+                {
+                    "method": method.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "generator": generator.get_state(),
+                    "shuffle": loader.generator.get_state(),
+                    "torch": torch.get_rng_state(),
+                },
+                {"kind": "pretrain-resume", "epoch": epoch + 1, "digest": _resume_digest(cfg)},
+            )
         if _out_of_time(start, cfg):
-            log.info("stopping after %d epochs: train.max_minutes=%s reached (run it again to go on)", epoch + 1,
-                     cfg.train.max_minutes)
+            log.info(
+                "stopping after %d epochs: train.max_minutes=%s reached (run it again to go on)",
+                epoch + 1,
+                cfg.train.max_minutes,
+            )
             break
     if metrics.get("epoch") == epochs:
         (out / RESUME).unlink(missing_ok=True)
@@ -215,10 +275,16 @@ def pretrain(cfg: Config, out_dir: str | Path, split: DataSplit | None = None) -
 
 def pretrained_meta(cfg: Config, epoch: int) -> dict[str, Any]:
     """The metadata of a pretraining checkpoint (kind ``pretrain``), as :func:`load_pretrained_encoder` reads it."""
-    return {"kind": "pretrain", "architecture": ARCHITECTURE, "method": cfg.method.name, "epoch": epoch,
-            "config": cfg.to_dict(),
-            "spatial_dims": cfg.model.spatial_dims, "patch_size": cfg.model.patch_size,
-            "model_digest": cfg.digest("model")}
+    return {
+        "kind": "pretrain",
+        "architecture": ARCHITECTURE,
+        "method": cfg.method.name,
+        "epoch": epoch,
+        "config": cfg.to_dict(),
+        "spatial_dims": cfg.model.spatial_dims,
+        "patch_size": cfg.model.patch_size,
+        "model_digest": cfg.digest("model"),
+    }
 
 
 def save_pretrained(path: Path, method: PretrainMethod, cfg: Config, epoch: int) -> None:
@@ -233,9 +299,11 @@ def require_architecture(meta: dict, path: str | Path) -> None:
     """
     have = meta.get("architecture", 1)  # layout 1 (a ViT on raw patches beside a conv U-Net) wrote no tag
     if have != ARCHITECTURE:
-        raise CheckpointError(f"checkpoint {path} holds network layout {have}, this version needs layout "
-                              f"{ARCHITECTURE} (the encoder is now conv stages + ViT, the segmentation network's "
-                              "whole down path): pretrain or fine-tune it again with this version")
+        raise CheckpointError(
+            f"checkpoint {path} holds network layout {have}, this version needs layout "
+            f"{ARCHITECTURE} (the encoder is now conv stages + ViT, the segmentation network's "
+            "whole down path): pretrain or fine-tune it again with this version"
+        )
 
 
 def _checkpoint_path(run: str | Path) -> Path:
@@ -300,8 +368,9 @@ def model_config_of(run: str | Path) -> ModelConfig:
     return build_section("model", meta["config"]["model"])
 
 
-def finetune(cfg: Config, out_dir: str | Path, init: str | Path | None = None,
-             split: DataSplit | None = None) -> dict[str, Any]:
+def finetune(
+    cfg: Config, out_dir: str | Path, init: str | Path | None = None, split: DataSplit | None = None
+) -> dict[str, Any]:
     """Segmentation fine-tuning on ``train.label_fraction`` of the labelled training cases.
 
     The network is ``model.seg_arch``'s (:func:`~amlp_core.models.build_segmentation_model`). The
@@ -315,9 +384,11 @@ def finetune(cfg: Config, out_dir: str | Path, init: str | Path | None = None,
         CheckpointError: ``init`` is not a pretraining checkpoint for this model.
     """
     if init is not None and not has_encoder(cfg.model):
-        raise ConfigError(f"cannot fine-tune model.seg_arch={cfg.model.seg_arch} from the pretraining run {init}: "
-                          "a plain U-Net has no encoder to load (omit --init to train it from scratch, or use "
-                          "model.seg_arch=vit)")
+        raise ConfigError(
+            f"cannot fine-tune model.seg_arch={cfg.model.seg_arch} from the pretraining run {init}: "
+            "a plain U-Net has no encoder to load (omit --init to train it from scratch, or use "
+            "model.seg_arch=vit)"
+        )
     model = build_segmentation_model(cfg.model)
     init_meta: dict = {}
     if init is not None:
@@ -329,14 +400,24 @@ def _privacy_ledger(cfg: Config, out: Path, phase: PrivatePhase, what: str) -> P
     """The ledger in ``out`` for the next stretch of ``phase`` (all that is still to come of the run),
     checked against ``privacy.budget`` before any step."""
     ledger = ready_ledger(out, cfg.privacy, cfg.train.batch_size, phase, [], what)
-    log.info("DP-SGD: noise multiplier %.3f, clip %g, sample rate %.3f, budget epsilon %g at delta %g",
-             ledger.noise_multiplier, cfg.privacy.max_grad_norm, phase.rate(cfg.train.batch_size), cfg.privacy.budget,
-             cfg.privacy.delta)
+    log.info(
+        "DP-SGD: noise multiplier %.3f, clip %g, sample rate %.3f, budget epsilon %g at delta %g",
+        ledger.noise_multiplier,
+        cfg.privacy.max_grad_norm,
+        phase.rate(cfg.train.batch_size),
+        cfg.privacy.budget,
+        cfg.privacy.delta,
+    )
     return ledger
 
 
-def train_segmentation(model: torch.nn.Module, cfg: Config, out_dir: str | Path, split: DataSplit | None = None,
-                       init_method: str = "scratch") -> dict[str, Any]:
+def train_segmentation(
+    model: torch.nn.Module,
+    cfg: Config,
+    out_dir: str | Path,
+    split: DataSplit | None = None,
+    init_method: str = "scratch",
+) -> dict[str, Any]:
     """Train any segmentation network ``[B, C, *S] -> [B, K, *S]`` with Dice + CE, then evaluate.
 
     ``checkpoint.pt`` is written only for the class ``model.seg_arch`` names (what
@@ -360,49 +441,106 @@ def train_segmentation(model: torch.nn.Module, cfg: Config, out_dir: str | Path,
     loader = make_loader(subset, cfg, augment=True, labels=True)
     optimizer = finetune_optimizer(model, cfg.train, pretrained=init_method != "scratch")
     steps = finetune_budget(cfg.train.finetune_steps, cfg.train.epochs, len(labelled), cfg.train.batch_size)
-    log.info("fine-tuning on %d of %d labelled cases (%s) for %d steps on %s", len(subset), len(labelled),
-             init_method, steps, device)
-    meta = {"kind": "segmentation", "architecture": ARCHITECTURE, "config": cfg.to_dict(),
-            "class_names": {str(k): v for k, v in split.class_names.items()}, "init_method": init_method,
-            "labelled_cases": len(subset),
-            "spatial_dims": cfg.model.spatial_dims, "patch_size": cfg.model.patch_size}
+    log.info(
+        "fine-tuning on %d of %d labelled cases (%s) for %d steps on %s",
+        len(subset),
+        len(labelled),
+        init_method,
+        steps,
+        device,
+    )
+    meta = {
+        "kind": "segmentation",
+        "architecture": ARCHITECTURE,
+        "config": cfg.to_dict(),
+        "class_names": {str(k): v for k, v in split.class_names.items()},
+        "init_method": init_method,
+        "labelled_cases": len(subset),
+        "spatial_dims": cfg.model.spatial_dims,
+        "patch_size": cfg.model.patch_size,
+    }
     saveable = isinstance(model, SEG_ARCH_CLASSES[cfg.model.seg_arch])  # what load_segmentation rebuilds
-    ledger = (_privacy_ledger(cfg, out, PrivatePhase(rounds=1, cases=len(subset), steps=steps),
-                              f"fine-tuning {steps} steps in {out}") if cfg.privacy.site_dp else None)
+    ledger = (
+        _privacy_ledger(
+            cfg, out, PrivatePhase(rounds=1, cases=len(subset), steps=steps), f"fine-tuning {steps} steps in {out}"
+        )
+        if cfg.privacy.site_dp
+        else None
+    )
     start, saved_at, evaluated_at = time.monotonic(), [0], [0]
     every = cfg.train.eval_every if ledger is None else 0  # a private run evaluates at the end only
-
 
     def on_pass(metrics: dict[str, Any]) -> bool:
         """After every pass over the subset: metrics line, log, checkpoint (at most every CHECKPOINT_STEPS
         steps, and always at the end), and the time budget."""
         done, stop = metrics["step"], _out_of_time(start, cfg)
-        record = {"loss": metrics.get("loss", float("nan")), "num_examples": metrics["num_examples"],
-                  "epoch": metrics["pass"], "step": done, "seconds": round(time.monotonic() - start, 2)}
+        record = {
+            "loss": metrics.get("loss", float("nan")),
+            "num_examples": metrics["num_examples"],
+            "epoch": metrics["pass"],
+            "step": done,
+            "seconds": round(time.monotonic() - start, 2),
+        }
         if every and split.test and done - evaluated_at[0] >= every and done < steps:  # the curve
-            curve = evaluate_segmentation(model, split.test, cfg.model.img_size, cfg.model.num_classes, device,
-                                          cfg.train.amp, slice_axis=cfg.data.slice_axis)
+            curve = evaluate_segmentation(
+                model,
+                split.test,
+                cfg.model.img_size,
+                cfg.model.num_classes,
+                device,
+                cfg.train.amp,
+                slice_axis=cfg.data.slice_axis,
+            )
             model.train()
             record.update({f"test_{k}": v for k, v in curve.items() if k.startswith("dice_")})
             evaluated_at[0] = done
         _append_metrics(out, record)
-        log.info("pass %d, step %d/%d loss %.4f%s", record["epoch"], done, steps, record["loss"],
-                 f" test Dice {record['test_dice_mean']:.4f}" if "test_dice_mean" in record else "")
+        log.info(
+            "pass %d, step %d/%d loss %.4f%s",
+            record["epoch"],
+            done,
+            steps,
+            record["loss"],
+            f" test Dice {record['test_dice_mean']:.4f}" if "test_dice_mean" in record else "",
+        )
         if saveable and (done >= steps or stop or done - saved_at[0] >= CHECKPOINT_STEPS):
-            save_checkpoint(out / CHECKPOINT, {"model": model.state_dict()},
-                            {**meta, "epoch": record["epoch"], "step": done})
+            save_checkpoint(
+                out / CHECKPOINT, {"model": model.state_dict()}, {**meta, "epoch": record["epoch"], "step": done}
+            )
             saved_at[0] = done
         if stop and done < steps:
             log.info("stopping after %d of %d steps: train.max_minutes=%s reached", done, steps, cfg.train.max_minutes)
         return stop
 
-    metrics = finetune_for(model, optimizer, loader, device, cfg, steps, lambda k: _progress(k, steps, start, cfg),
-                           ledger=ledger, seed=cfg.train.seed, on_pass=on_pass)
+    metrics = finetune_for(
+        model,
+        optimizer,
+        loader,
+        device,
+        cfg,
+        steps,
+        lambda k: _progress(k, steps, start, cfg),
+        ledger=ledger,
+        seed=cfg.train.seed,
+        on_pass=on_pass,
+    )
     privacy = {"epsilon": metrics["epsilon"], "delta": cfg.privacy.delta} if ledger else {}
-    result = evaluate_segmentation(model, split.test, cfg.model.img_size, cfg.model.num_classes, device,
-                                   cfg.train.amp, slice_axis=cfg.data.slice_axis)
-    result.update(train_seconds=round(time.monotonic() - start, 2), epochs=metrics["passes"],
-                  steps=metrics["steps"], labelled_cases=len(subset), **privacy)
+    result = evaluate_segmentation(
+        model,
+        split.test,
+        cfg.model.img_size,
+        cfg.model.num_classes,
+        device,
+        cfg.train.amp,
+        slice_axis=cfg.data.slice_axis,
+    )
+    result.update(
+        train_seconds=round(time.monotonic() - start, 2),
+        epochs=metrics["passes"],
+        steps=metrics["steps"],
+        labelled_cases=len(subset),
+        **privacy,
+    )
     (out / EVALUATION).write_text(json.dumps(result, indent=2))
     return result
 
@@ -433,8 +571,9 @@ def load_segmentation(run: str | Path, device: torch.device | None = None) -> tu
     return model, meta
 
 
-def evaluate(run: str | Path, data_cfg_overrides: dict[str, Any] | None = None,
-             device: str = "auto", all_cases: bool = False) -> dict[str, Any]:
+def evaluate(
+    run: str | Path, data_cfg_overrides: dict[str, Any] | None = None, device: str = "auto", all_cases: bool = False
+) -> dict[str, Any]:
     """Dice per class of a fine-tuned model on the test cases of the data it names (or overrides)."""
     dev = resolve_device(device)
     model, meta = load_segmentation(run, dev)
@@ -445,8 +584,9 @@ def evaluate(run: str | Path, data_cfg_overrides: dict[str, Any] | None = None,
     cases = split.train + split.test if all_cases else split.test
     if not cases:
         raise DataError(f"no cases to evaluate in {cfg.data.path} (data.test_fraction={cfg.data.test_fraction})")
-    result = evaluate_segmentation(model, cases, cfg.model.img_size, cfg.model.num_classes, dev, cfg.train.amp,
-                                   slice_axis=cfg.data.slice_axis)
+    result = evaluate_segmentation(
+        model, cases, cfg.model.img_size, cfg.model.num_classes, dev, cfg.train.amp, slice_axis=cfg.data.slice_axis
+    )
     result["class_names"] = meta.get("class_names", {})
     return result
 
@@ -490,5 +630,11 @@ def data_defaults(path: str, fmt: str = "auto", dims: int | None = None, as_slic
     if dims == 2 and data_dims == 3:
         as_slices = True
     size = ROI["volume" if dims == 3 else ("slices" if as_slices else "image")]
-    return {"model.spatial_dims": dims, "model.img_size": size, "model.num_classes": len(index.class_names),
-            "data.as_slices": as_slices, "data.path": path, "data.format": fmt}
+    return {
+        "model.spatial_dims": dims,
+        "model.img_size": size,
+        "model.num_classes": len(index.class_names),
+        "data.as_slices": as_slices,
+        "data.path": path,
+        "data.format": fmt,
+    }

@@ -8,8 +8,13 @@ from __future__ import annotations
 import torch
 
 
-def dino_cross_entropy(student_logits: torch.Tensor, teacher_logits: torch.Tensor, center: torch.Tensor,
-                       student_temp: float = 0.1, teacher_temp: float = 0.04) -> torch.Tensor:
+def dino_cross_entropy(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    center: torch.Tensor,
+    student_temp: float = 0.1,
+    teacher_temp: float = 0.04,
+) -> torch.Tensor:
     """``H(softmax((t - center) / T_t), softmax(s / T_s))``, averaged over the batch.
 
     Args:
@@ -25,8 +30,13 @@ def dino_cross_entropy(student_logits: torch.Tensor, teacher_logits: torch.Tenso
     return -(target * log_pred).sum(-1).mean()
 
 
-def correspondence_matching(queries: torch.Tensor, keys: torch.Tensor, correspondence: torch.Tensor,
-                            student_temp: float = 0.1, teacher_temp: float = 0.04) -> torch.Tensor:
+def correspondence_matching(
+    queries: torch.Tensor,
+    keys: torch.Tensor,
+    correspondence: torch.Tensor,
+    student_temp: float = 0.1,
+    teacher_temp: float = 0.04,
+) -> torch.Tensor:
     """Soft-target matching of student queries to teacher keys over a correspondence matrix.
 
     Each query predicts which key it corresponds to, ``p_q = softmax_k(<q, k> / T_s)``. Its

@@ -10,8 +10,9 @@ import torch
 import torch.nn.functional as F
 
 
-def lesion_assignment(feats: torch.Tensor, centroids: torch.Tensor, lesion: int, temperature: float = 1.0
-                      ) -> torch.Tensor:
+def lesion_assignment(
+    feats: torch.Tensor, centroids: torch.Tensor, lesion: int, temperature: float = 1.0
+) -> torch.Tensor:
     """Soft assignment of each patch to the lesion centroid.
 
     ``q_i = softmax_k(-||e_i - c_k||^2 / (F * T))[lesion]``; the squared distance is divided by
@@ -32,12 +33,13 @@ def lesion_assignment(feats: torch.Tensor, centroids: torch.Tensor, lesion: int,
 
 def hard_targets(l_masked: torch.Tensor) -> torch.Tensor:
     """``h_i = 1`` where ``l_i`` is above the image's median over M: ``[B, M]`` -> ``[B, M]`` float."""
-    l = l_masked.detach()
-    return (l > l.median(dim=1, keepdim=True).values).float()
+    losses = l_masked.detach()
+    return (losses > losses.median(dim=1, keepdim=True).values).float()
 
 
-def category_consistency_loss(feats: torch.Tensor, centroids: torch.Tensor, lesion: int,
-                              l_masked: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+def category_consistency_loss(
+    feats: torch.Tensor, centroids: torch.Tensor, lesion: int, l_masked: torch.Tensor, temperature: float = 1.0
+) -> torch.Tensor:
     """``BCE(q_i, h_i)`` over the masked patches. Shapes as :func:`lesion_assignment`; returns a scalar."""
     q = lesion_assignment(feats, centroids, lesion, temperature).clamp(1e-6, 1 - 1e-6)
     return F.binary_cross_entropy(q.float(), hard_targets(l_masked))

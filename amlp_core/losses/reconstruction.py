@@ -36,9 +36,9 @@ def relative_weights(l_masked: torch.Tensor, tau: float = 1.0) -> torch.Tensor:
 
     The weights average to 1 over each image's masked patches; harder patches weigh more.
     """
-    l = l_masked.detach().float()
-    normalised = l / l.mean(dim=1, keepdim=True).clamp_min(1e-12)
-    return l.shape[1] * torch.softmax(normalised / tau, dim=1)
+    losses = l_masked.detach().float()
+    normalised = losses / losses.mean(dim=1, keepdim=True).clamp_min(1e-12)
+    return losses.shape[1] * torch.softmax(normalised / tau, dim=1)
 
 
 def relative_reconstruction_loss(l_masked: torch.Tensor, tau: float = 1.0) -> torch.Tensor:

@@ -59,9 +59,12 @@ class MaskingAgent(nn.Module):
         conv = nn.Conv3d if spatial_dims == 3 else nn.Conv2d
         stem = 2 if patch_size % 2 == 0 else 1
         self.features = nn.Sequential(
-            conv(in_channels, width // 2, kernel_size=3, stride=stem, padding=1), nn.GELU(),
-            conv(width // 2, width, kernel_size=patch_size // stem, stride=patch_size // stem), nn.GELU(),
-            conv(width, width, kernel_size=3, padding=1), nn.GELU(),
+            conv(in_channels, width // 2, kernel_size=3, stride=stem, padding=1),
+            nn.GELU(),
+            conv(width // 2, width, kernel_size=patch_size // stem, stride=patch_size // stem),
+            nn.GELU(),
+            conv(width, width, kernel_size=3, padding=1),
+            nn.GELU(),
         )
         self.actor = conv(width, 1, kernel_size=1)
         self.critic = conv(width, 1, kernel_size=1)
@@ -127,8 +130,9 @@ def _suffix_logsumexp(x: torch.Tensor) -> torch.Tensor:
     return torch.logcumsumexp(x.flip(1), dim=1).flip(1)
 
 
-def plackett_luce(logits: torch.Tensor, values: torch.Tensor, order: torch.Tensor, k: int
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
+def plackett_luce(
+    logits: torch.Tensor, values: torch.Tensor, order: torch.Tensor, k: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-probabilities and critic baselines of the first ``k`` draws of ``order``.
 
     Args:
@@ -163,8 +167,9 @@ class AHMMasking(nn.Module):
         width: hidden channels of the agent.
     """
 
-    def __init__(self, spatial_dims: int, in_channels: int, patch_size: int, entropy_weight: float = 0.01,
-                 width: int = 32) -> None:
+    def __init__(
+        self, spatial_dims: int, in_channels: int, patch_size: int, entropy_weight: float = 0.01, width: int = 32
+    ) -> None:
         super().__init__()
         if entropy_weight < 0:
             raise ValueError(f"entropy_weight must not be negative, got {entropy_weight}")

@@ -31,7 +31,7 @@ class Mask:
     ids_restore: torch.Tensor
 
     @classmethod
-    def from_bool(cls, masked: torch.Tensor) -> "Mask":
+    def from_bool(cls, masked: torch.Tensor) -> Mask:
         """Build from a ``[B, N]`` boolean mask with the same count of True per row."""
         counts = masked.sum(dim=1)
         if not bool((counts == counts[0]).all()):
@@ -51,8 +51,13 @@ class Mask:
         return self.ids_masked.shape[1] / self.masked.shape[1]
 
 
-def random_mask(batch: int, num_patches: int, ratio: float, generator: torch.Generator | None = None,
-                device: torch.device | str = "cpu") -> Mask:
+def random_mask(
+    batch: int,
+    num_patches: int,
+    ratio: float,
+    generator: torch.Generator | None = None,
+    device: torch.device | str = "cpu",
+) -> Mask:
     """Uniformly random mask: ``round(ratio * N)`` patches per image."""
     n_mask = num_masked(num_patches, ratio)
     noise = torch.rand(batch, num_patches, generator=generator, device=device)

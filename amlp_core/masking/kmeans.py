@@ -28,8 +28,9 @@ def _kmeanspp_init(x: torch.Tensor, k: int, generator: torch.Generator | None) -
 
 
 @torch.no_grad()
-def batched_kmeans(x: torch.Tensor, k: int, iters: int = 10, inits: int = 3,
-                   generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def batched_kmeans(
+    x: torch.Tensor, k: int, iters: int = 10, inits: int = 3, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Lloyd's k-means with k-means++ seeding, run independently on every item of a batch.
 
     The ``inits`` restarts run in parallel; each item keeps the restart of lowest inertia

@@ -72,7 +72,7 @@ def patch_features(tokens: torch.Tensor, stats: torch.Tensor, projection: torch.
 def random_projection(dim: int, rank: int, seed: int = 0) -> torch.Tensor:
     """A fixed Gaussian ``[dim, rank]`` projection, scaled to keep squared norms in expectation."""
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(dim, rank, generator=g) / rank ** 0.5
+    return torch.randn(dim, rank, generator=g) / rank**0.5
 
 
 @dataclass(frozen=True)
@@ -88,11 +88,11 @@ class FeatureScale:
     scale: torch.Tensor  # [B, 1, F]
 
     @classmethod
-    def fit(cls, feats: torch.Tensor) -> "FeatureScale":
+    def fit(cls, feats: torch.Tensor) -> FeatureScale:
         feats = feats.detach().float()
         d = feats.shape[-1] - 2
         block = torch.ones(feats.shape[-1], device=feats.device)
-        block[:d] = d ** 0.5
+        block[:d] = d**0.5
         std = feats.std(dim=1, keepdim=True).clamp_min(1e-6)
         return cls(mean=feats.mean(dim=1, keepdim=True), scale=std * block)
 
@@ -115,8 +115,9 @@ class Clustering:
     scale: FeatureScale
 
 
-def cluster_patches(feats: torch.Tensor, k: int, iters: int, inits: int,
-                    generator: torch.Generator | None = None) -> Clustering:
+def cluster_patches(
+    feats: torch.Tensor, k: int, iters: int, inits: int, generator: torch.Generator | None = None
+) -> Clustering:
     """Cluster ``[B, N, F]`` raw features into ``k`` groups per image, groups ordered by size."""
     scale = FeatureScale.fit(feats)
     labels, centroids = batched_kmeans(scale(feats), k, iters=iters, inits=inits, generator=generator)
@@ -141,9 +142,17 @@ class MPSMasking(nn.Module):
             ``proj_dim`` with a fixed random matrix before clustering (0, or not fewer: no projection).
     """
 
-    def __init__(self, clusters: int = 2, random_fraction: float = 0.1, momentum: float = 0.9,
-                 kmeans_iters: int = 10, kmeans_inits: int = 1, margin: float = 0.0, embed_dim: int = 0,
-                 proj_dim: int = 0) -> None:
+    def __init__(
+        self,
+        clusters: int = 2,
+        random_fraction: float = 0.1,
+        momentum: float = 0.9,
+        kmeans_iters: int = 10,
+        kmeans_inits: int = 1,
+        margin: float = 0.0,
+        embed_dim: int = 0,
+        proj_dim: int = 0,
+    ) -> None:
         super().__init__()
         self.margin = margin
         self.clusters = clusters

@@ -70,10 +70,11 @@ def overlap_ids(offsets: torch.Tensor, grid_size: tuple[int, ...]) -> torch.Tens
         token covering block ``j`` of :func:`blocks`.
     """
     half = [g // 2 for g in grid_size]
-    sub = torch.stack(torch.meshgrid(*[torch.arange(h, device=offsets.device) for h in half], indexing="ij"),
-                      dim=-1).reshape(-1, len(grid_size))  # [M, dims], row-major
+    sub = torch.stack(
+        torch.meshgrid(*[torch.arange(h, device=offsets.device) for h in half], indexing="ij"), dim=-1
+    ).reshape(-1, len(grid_size))  # [M, dims], row-major
     coords = sub.unsqueeze(0) + offsets.unsqueeze(1)  # [B, M, dims]
-    strides = [math.prod(grid_size[a + 1:]) for a in range(len(grid_size))]
+    strides = [math.prod(grid_size[a + 1 :]) for a in range(len(grid_size))]
     return (coords * torch.tensor(strides, device=offsets.device)).sum(-1)  # [B, M]
 
 
@@ -83,7 +84,7 @@ def blocks(tokens: torch.Tensor, grid_size: tuple[int, ...]) -> torch.Tensor:
     dims = len(grid_size)
     x = tokens.reshape(b, *[s for g in grid_size for s in (g // 2, 2)], d)  # [B, g1/2, 2, g2/2, 2, ..., D]
     order = [0] + [1 + 2 * a for a in range(dims)] + [2 + 2 * a for a in range(dims)] + [1 + 2 * dims]
-    return x.permute(*order).reshape(b, -1, 2 ** dims, d)
+    return x.permute(*order).reshape(b, -1, 2**dims, d)
 
 
 def unblocks(grouped: torch.Tensor, grid_size: tuple[int, ...]) -> torch.Tensor:
@@ -95,8 +96,9 @@ def unblocks(grouped: torch.Tensor, grid_size: tuple[int, ...]) -> torch.Tensor:
     return x.permute(*order).reshape(b, -1, d)
 
 
-def two_scale_views(images: torch.Tensor, patch_size: int, generator: torch.Generator | None = None
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
+def two_scale_views(
+    images: torch.Tensor, patch_size: int, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The small view of each image and where it lies.
 
     Args:
@@ -108,26 +110,36 @@ def two_scale_views(images: torch.Tensor, patch_size: int, generator: torch.Gene
     """
     b, _, *spatial = images.shape
     grid = [s // patch_size for s in spatial]
-    offsets = torch.stack([torch.randint(g // 2 + 1, (b,), generator=generator, device=images.device)
-                           for g in grid], dim=1)  # [B, dims]
+    offsets = torch.stack(
+        [torch.randint(g // 2 + 1, (b,), generator=generator, device=images.device) for g in grid], dim=1
+    )  # [B, dims]
     corners = (offsets * patch_size).tolist()
-    crops = torch.stack([images[(i, slice(None), *[slice(c, c + s // 2) for c, s in zip(corner, spatial)])]
-                         for i, corner in enumerate(corners)])  # [B, C, *S/2]
+    crops = torch.stack(
+        [
+            images[(i, slice(None), *[slice(c, c + s // 2) for c, s in zip(corner, spatial)])]
+            for i, corner in enumerate(corners)
+        ]
+    )  # [B, C, *S/2]
     mode = "trilinear" if len(spatial) == 3 else "bilinear"
     return F.interpolate(crops, scale_factor=2, mode=mode, align_corners=False), offsets
 
 
 @register_method("ace")
 class ACE(PretrainMethod):
+    """ACE: teacher-student consistency of two grid-aligned views at a 2:1 side ratio, globally and by
+    composition/decomposition of corresponding tokens (the module docstring); no pixel decoder."""
+
     uses_decoder = False
 
     def __init__(self, model_cfg: ModelConfig, method_cfg: MethodConfig) -> None:
         super().__init__(model_cfg, method_cfg)
         if any(g % 2 for g in model_cfg.grid_size):
-            raise ConfigError(f"invalid model.img_size={model_cfg.img_size}: method ace needs an even number of "
-                              f"patches (model.patch_size={model_cfg.patch_size}) along every axis, "
-                              f"got a grid of {model_cfg.grid_size}")
-        d, children = model_cfg.embed_dim, 2 ** model_cfg.spatial_dims
+            raise ConfigError(
+                f"invalid model.img_size={model_cfg.img_size}: method ace needs an even number of "
+                f"patches (model.patch_size={model_cfg.patch_size}) along every axis, "
+                f"got a grid of {model_cfg.grid_size}"
+            )
+        d, children = model_cfg.embed_dim, 2**model_cfg.spatial_dims
         self.head = ProjectionHead(d, method_cfg.ace_head_dim)
         self.compose = Compose(d, children)
         self.decompose = Decompose(d, children)
@@ -170,8 +182,9 @@ class ACE(PretrainMethod):
         return result
 
     # -- step ----------------------------------------------------------------------------
-    def training_step(self, images: torch.Tensor, progress: float,
-                      generator: torch.Generator | None = None) -> StepOutput:
+    def training_step(
+        self, images: torch.Tensor, progress: float, generator: torch.Generator | None = None
+    ) -> StepOutput:
         m = self.method_cfg
         grid = self.model_cfg.grid_size
         momentum = teacher_momentum(progress, m.ace_momentum)
@@ -207,8 +220,14 @@ class ACE(PretrainMethod):
         decomp = correspondence_matching(q_decomp, k_small, eye_n, *temps)
 
         loss = m.ace_global_weight * glob + (comp + decomp) / 2
-        metrics = {"loss": loss.item(), "global": glob.item(), "comp": comp.item(), "decomp": decomp.item(),
-                   "momentum": momentum, "ratio": 0.0}
+        metrics = {
+            "loss": loss.item(),
+            "global": glob.item(),
+            "comp": comp.item(),
+            "decomp": decomp.item(),
+            "momentum": momentum,
+            "ratio": 0.0,
+        }
         return StepOutput(loss, metrics, None)
 
     @staticmethod

@@ -22,22 +22,29 @@ from amlp_core.methods.base import PretrainMethod, StepOutput, register_method
 
 @register_method("ahm")
 class AHM(PretrainMethod):
+    """AHM: the mask drawn by an actor-critic agent that learns which patches are hard to reconstruct
+    (the module docstring); the agent is shared with the encoder in a federation."""
+
     shared_prefixes = ("encoder.", "agent.")
 
     def __init__(self, model_cfg: ModelConfig, method_cfg: MethodConfig) -> None:
         super().__init__(model_cfg, method_cfg)
-        self.agent = AHMMasking(model_cfg.spatial_dims, model_cfg.in_channels, model_cfg.patch_size,
-                                entropy_weight=method_cfg.ahm_entropy_weight)
+        self.agent = AHMMasking(
+            model_cfg.spatial_dims,
+            model_cfg.in_channels,
+            model_cfg.patch_size,
+            entropy_weight=method_cfg.ahm_entropy_weight,
+        )
 
     def param_groups(self) -> list[dict]:
         """The MAE at the base learning rate, the agent at ``method.ahm_agent_lr_scale`` times it."""
         agent = [p for n, p in self.named_parameters() if n.startswith("agent.")]
         rest = [p for n, p in self.named_parameters() if not n.startswith("agent.")]
-        return [{"params": rest, "lr_scale": 1.0},
-                {"params": agent, "lr_scale": self.method_cfg.ahm_agent_lr_scale}]
+        return [{"params": rest, "lr_scale": 1.0}, {"params": agent, "lr_scale": self.method_cfg.ahm_agent_lr_scale}]
 
-    def training_step(self, images: torch.Tensor, progress: float,
-                      generator: torch.Generator | None = None) -> StepOutput:
+    def training_step(
+        self, images: torch.Tensor, progress: float, generator: torch.Generator | None = None
+    ) -> StepOutput:
         ratio = self.masking_ratio(progress)
         scores = self.agent(images)  # logits, predicted losses [B, N]
         draw = self.agent.select(scores, ratio, generator)  # the policy's draw, no gradient
@@ -46,6 +53,12 @@ class AHM(PretrainMethod):
         rec = plain_reconstruction_loss(self.masked(per_patch, mask))
         agent = self.agent.losses(scores, draw, per_patch)
         loss = rec + agent.total
-        metrics = {"loss": loss.item(), "rec": rec.item(), "ratio": mask.ratio, "actor": agent.actor.item(),
-                   "critic": agent.critic.item(), "entropy": agent.entropy.item()}
+        metrics = {
+            "loss": loss.item(),
+            "rec": rec.item(),
+            "ratio": mask.ratio,
+            "actor": agent.actor.item(),
+            "critic": agent.critic.item(),
+            "entropy": agent.entropy.item(),
+        }
         return StepOutput(loss, metrics, mask)

@@ -16,6 +16,12 @@ from amlp_core.methods.base import PretrainMethod, StepOutput, register_method
 
 @register_method("mps_ams")
 class MPSAMS(PretrainMethod):
+    """MPS-AMS: Masked Patch Selection (k-means on the stem's patch features, the likely-lesion group
+    masked first, then random patches) at the AMR ratio of the progress; plain reconstruction loss.
+
+    A step on ``images [B, C, *S]`` returns the loss, the metrics and the mask on the patch grid.
+    """
+
     uses_amr = True
     #: Whether a loss reaches the MPS features (CCL does): otherwise the stem runs without gradient.
     feature_gradient: bool = False
@@ -23,11 +29,20 @@ class MPSAMS(PretrainMethod):
     def __init__(self, model_cfg: ModelConfig, method_cfg: MethodConfig) -> None:
         super().__init__(model_cfg, method_cfg)
         m = method_cfg
-        self.mps = MPSMasking(m.mps_clusters, m.mps_random_fraction, m.mps_momentum, m.kmeans_iters, m.kmeans_inits,
-                              margin=m.mps_margin, embed_dim=model_cfg.conv_channels[0], proj_dim=m.mps_proj_dim)
+        self.mps = MPSMasking(
+            m.mps_clusters,
+            m.mps_random_fraction,
+            m.mps_momentum,
+            m.kmeans_iters,
+            m.kmeans_inits,
+            margin=m.mps_margin,
+            embed_dim=model_cfg.conv_channels[0],
+            proj_dim=m.mps_proj_dim,
+        )
 
-    def training_step(self, images: torch.Tensor, progress: float,
-                      generator: torch.Generator | None = None) -> StepOutput:
+    def training_step(
+        self, images: torch.Tensor, progress: float, generator: torch.Generator | None = None
+    ) -> StepOutput:
         ratio = self.masking_ratio(progress)
         first = self.encoder.first_conv(images)  # [B, c_1, *S/2], shared with the masked pass
         with torch.set_grad_enabled(self.feature_gradient and torch.is_grad_enabled()):
@@ -55,6 +70,10 @@ class MPSAMS(PretrainMethod):
 
 @register_method("amlp")
 class AMLP(MPSAMS):
+    """AMLP: MPS-AMS's masking, the relative reconstruction loss (ARL/RRL, ``method.arl_tau``) and
+    ``method.ccl_weight`` x the category consistency loss on the masked patches' features, whose
+    gradient reaches the encoder's stem."""
+
     feature_gradient = True
 
     def reconstruction_loss(self, l_masked: torch.Tensor) -> torch.Tensor:

@@ -7,8 +7,9 @@ which new methods join with :func:`register_method` without touching the others.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, ClassVar
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -81,8 +82,9 @@ class PretrainMethod(nn.Module):
         pred = self.predict_patches(images, mask, first)  # [B, N, P]
         return patch_losses(pred, normalize_patches(self.patchify(images)))  # [B, N]
 
-    def training_step(self, images: torch.Tensor, progress: float,
-                      generator: torch.Generator | None = None) -> StepOutput:
+    def training_step(
+        self, images: torch.Tensor, progress: float, generator: torch.Generator | None = None
+    ) -> StepOutput:
         """One step on ``images`` ``[B, C, *S]`` at training progress ``progress`` in [0, 1]."""
         raise NotImplementedError
 

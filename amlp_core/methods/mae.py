@@ -11,8 +11,12 @@ from amlp_core.methods.base import PretrainMethod, StepOutput, register_method
 
 @register_method("mae")
 class MAE(PretrainMethod):
-    def training_step(self, images: torch.Tensor, progress: float,
-                      generator: torch.Generator | None = None) -> StepOutput:
+    """MAE: uniformly random patches masked at the fixed ``method.mask_ratio``, plain reconstruction loss
+    on the hidden patches."""
+
+    def training_step(
+        self, images: torch.Tensor, progress: float, generator: torch.Generator | None = None
+    ) -> StepOutput:
         ratio = self.masking_ratio(progress)
         mask = random_mask(images.shape[0], self.model_cfg.num_patches, ratio, generator, device=images.device)
         l_masked = self.masked(self.reconstruct(images, mask), mask)  # [B, M]

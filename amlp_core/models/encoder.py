@@ -30,8 +30,12 @@ from amlp_core.models.vit import sincos_position_embedding, tokens_to_grid, tran
 EPS = 1e-5
 
 
-def visible_map(visible: torch.Tensor | None, grid_size: tuple[int, ...], spatial: tuple[int, ...],
-                dtype: torch.dtype = torch.float32) -> torch.Tensor | None:
+def visible_map(
+    visible: torch.Tensor | None,
+    grid_size: tuple[int, ...],
+    spatial: tuple[int, ...],
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor | None:
     """The patch-grid visibility at a feature map's resolution.
 
     Args:
@@ -87,8 +91,13 @@ class ConvStage(nn.Module):
         """The downsampling conv's output ``[B, cout, *S / 2]`` normalised (over ``vis``) and activated."""
         return self.act0(masked_instance_norm(down, vis))
 
-    def forward(self, x: torch.Tensor, visible: torch.Tensor | None, grid_size: tuple[int, ...],
-                down: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        visible: torch.Tensor | None,
+        grid_size: tuple[int, ...],
+        down: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """``[B, cin, *S]`` (hidden positions 0) -> ``[B, cout, *S / 2]`` (hidden positions 0).
 
         ``down``: ``self.down`` of the *unmasked* input, when the caller has it already. The conv is
@@ -138,8 +147,9 @@ class HybridEncoder(nn.Module):
         self.cfg = cfg
         dims, chans = cfg.spatial_dims, cfg.conv_channels
         conv = nn.Conv3d if dims == 3 else nn.Conv2d
-        self.stages = nn.ModuleList(ConvStage(dims, cfg.in_channels if i == 0 else chans[i - 1], chans[i])
-                                    for i in range(len(chans)))
+        self.stages = nn.ModuleList(
+            ConvStage(dims, cfg.in_channels if i == 0 else chans[i - 1], chans[i]) for i in range(len(chans))
+        )
         factor = cfg.patch_size // 2 ** len(chans)  # the last stage's resolution -> the patch grid
         self.patch_embed = conv(chans[-1], cfg.embed_dim, kernel_size=factor, stride=factor)
         self.pos_embed = sincos_position_embedding(cfg.grid_size, cfg.embed_dim)
@@ -153,8 +163,9 @@ class HybridEncoder(nn.Module):
     def check_images(self, images: torch.Tensor) -> None:
         expected = (self.cfg.in_channels, *self.cfg.img_size)
         if tuple(images.shape[1:]) != expected:
-            raise ValueError(f"encoder expects images of shape [B, {', '.join(map(str, expected))}], "
-                             f"got {list(images.shape)}")
+            raise ValueError(
+                f"encoder expects images of shape [B, {', '.join(map(str, expected))}], got {list(images.shape)}"
+            )
 
     def first_conv(self, images: torch.Tensor) -> torch.Tensor:
         """``[B, C, *S]`` -> ``[B, c_1, *S / 2]``: the first stage's ``2 x 2`` stride-2 conv of the unmasked image."""
@@ -166,8 +177,9 @@ class HybridEncoder(nn.Module):
         image and activated: the encoder's own description of every position, which MPS clusters."""
         return self.stages[0].normalized(first)
 
-    def conv_stages(self, images: torch.Tensor, visible: torch.Tensor | None = None,
-                    first: torch.Tensor | None = None) -> list[torch.Tensor]:
+    def conv_stages(
+        self, images: torch.Tensor, visible: torch.Tensor | None = None, first: torch.Tensor | None = None
+    ) -> list[torch.Tensor]:
         """``[B, C, *S]`` -> ``[[B, c_i, *S / 2**i] for i = 1..L]``, hidden patches zeroed at every scale.
 
         Args:
@@ -204,8 +216,13 @@ class HybridEncoder(nn.Module):
             x = block(x)
         return self.norm(x)
 
-    def forward(self, images: torch.Tensor, visible: torch.Tensor | None = None,
-                ids_keep: torch.Tensor | None = None, first: torch.Tensor | None = None) -> EncoderOutput:
+    def forward(
+        self,
+        images: torch.Tensor,
+        visible: torch.Tensor | None = None,
+        ids_keep: torch.Tensor | None = None,
+        first: torch.Tensor | None = None,
+    ) -> EncoderOutput:
         """``[B, C, *S]`` -> skips ``[B, c_i, *S / 2**i]`` and tokens ``[B, N_keep, D]``.
 
         ``visible`` ``[B, N]`` and ``ids_keep`` ``[B, N_keep]`` describe the same mask (see

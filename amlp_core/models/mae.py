@@ -55,7 +55,7 @@ class MAEDecoder(nn.Module):
         self.pos_embed = sincos_position_embedding(cfg.grid_size, cfg.decoder_dim)
         self.blocks = transformer_stack(cfg.decoder_dim, cfg.decoder_depth, cfg.decoder_heads, cfg.mlp_ratio)
         self.norm = nn.LayerNorm(cfg.decoder_dim)
-        self.head = nn.Linear(cfg.decoder_dim, cfg.in_channels * cfg.patch_size ** cfg.spatial_dims)
+        self.head = nn.Linear(cfg.decoder_dim, cfg.in_channels * cfg.patch_size**cfg.spatial_dims)
 
     def forward(self, features: EncoderOutput, mask: Mask) -> torch.Tensor:
         """Predict every patch from the visible tokens.

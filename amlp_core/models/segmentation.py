@@ -52,18 +52,29 @@ class UNetDecoder(nn.Module):
         super().__init__()
         out = cfg.num_classes if out_channels is None else out_channels
         dims, chans, levels = cfg.spatial_dims, cfg.conv_channels, len(cfg.conv_channels)
-        self.tokens_in = _tokens_to_level(dims, cfg.embed_dim, chans[-1], cfg.patch_size // 2 ** levels)
+        self.tokens_in = _tokens_to_level(dims, cfg.embed_dim, chans[-1], cfg.patch_size // 2**levels)
         bottom = 2 * chans[-1]
         self.bottom = ResidualUnit(dims, 2 * chans[-1], bottom, strides=1, subunits=2, act=ACT, norm=NORM)
         self.up = nn.ModuleList()
         for i in range(levels):  # up[i] takes cat(skip_i, x) at 1/2**(i+1) and returns 1/2**i
             cin = chans[i] + (bottom if i == levels - 1 else chans[i])
             cout = out if i == 0 else chans[i - 1]
-            self.up.append(nn.Sequential(
-                Convolution(dims, cin, cout, strides=2, kernel_size=3, act=ACT, norm=NORM, is_transposed=True,
-                            conv_only=False),
-                ResidualUnit(dims, cout, cout, strides=1, subunits=1, act=ACT, norm=NORM, last_conv_only=i == 0),
-            ))
+            self.up.append(
+                nn.Sequential(
+                    Convolution(
+                        dims,
+                        cin,
+                        cout,
+                        strides=2,
+                        kernel_size=3,
+                        act=ACT,
+                        norm=NORM,
+                        is_transposed=True,
+                        conv_only=False,
+                    ),
+                    ResidualUnit(dims, cout, cout, strides=1, subunits=1, act=ACT, norm=NORM, last_conv_only=i == 0),
+                )
+            )
 
     def forward(self, skips: list[torch.Tensor], token_map: torch.Tensor) -> torch.Tensor:
         x = self.bottom(torch.cat([skips[-1], self.tokens_in(token_map)], dim=1))  # [B, 2 c_L, *S / 2**L]
@@ -83,8 +94,11 @@ def pretrained_decoder_state(method_state: dict[str, torch.Tensor]) -> dict[str,
     """What a segmentation :class:`UNetDecoder` takes from a pretraining method's state dict: the U-Net of
     SparK's pretraining decoder, all but :data:`OUTPUT_LEVEL` (keys relative to the decoder; empty
     when the method had the transformer decoder)."""
-    return {k[len(PRETRAIN_UNET_PREFIX):]: v for k, v in method_state.items()
-            if k.startswith(PRETRAIN_UNET_PREFIX) and not k[len(PRETRAIN_UNET_PREFIX):].startswith(OUTPUT_LEVEL)}
+    return {
+        k[len(PRETRAIN_UNET_PREFIX) :]: v
+        for k, v in method_state.items()
+        if k.startswith(PRETRAIN_UNET_PREFIX) and not k[len(PRETRAIN_UNET_PREFIX) :].startswith(OUTPUT_LEVEL)
+    }
 
 
 class SegmentationNet(nn.Module):
@@ -111,15 +125,21 @@ class SegmentationNet(nn.Module):
         missing, extra = sorted(set(own) - set(state)), sorted(set(state) - set(own))
         wrong = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
         if missing or extra or wrong:
-            raise ValueError(f"the pretraining decoder does not fit the segmentation decoder: missing {missing[:3]}, "
-                             f"unexpected {extra[:3]}, other shape {wrong[:3]}")
+            raise ValueError(
+                f"the pretraining decoder does not fit the segmentation decoder: missing {missing[:3]}, "
+                f"unexpected {extra[:3]}, other shape {wrong[:3]}"
+            )
         self.decoder.load_state_dict(state, strict=False)
 
     def pretrained_names(self, with_decoder: bool) -> set[str]:
         """Names of the parameters a pretraining run gives: the encoder's, and with ``with_decoder`` the
         decoder's but :data:`OUTPUT_LEVEL`'s."""
-        return {n for n, _ in self.named_parameters() if n.startswith("encoder.") or (
-            with_decoder and n.startswith("decoder.") and not n.startswith("decoder." + OUTPUT_LEVEL))}
+        return {
+            n
+            for n, _ in self.named_parameters()
+            if n.startswith("encoder.")
+            or (with_decoder and n.startswith("decoder.") and not n.startswith("decoder." + OUTPUT_LEVEL))
+        }
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """``[B, C, *S]`` -> class logits ``[B, num_classes, *S]``."""
@@ -131,8 +151,15 @@ def plain_unet(cfg: ModelConfig) -> UNet:
     """MONAI's residual ``UNet``: channels 16-128, three stride-2 levels, instance norm (no BatchNorm,
     so Opacus' per-case gradients work), no encoder. Sizes must be multiples of 8 (the config checks)."""
     strides = (2,) * (len(UNET_CHANNELS) - 1)  # 2 ** len(strides) == config.UNET_FACTOR (its size check)
-    return UNet(spatial_dims=cfg.spatial_dims, in_channels=cfg.in_channels, out_channels=cfg.num_classes,
-                channels=UNET_CHANNELS, strides=strides, num_res_units=2, norm=NORM)
+    return UNet(
+        spatial_dims=cfg.spatial_dims,
+        in_channels=cfg.in_channels,
+        out_channels=cfg.num_classes,
+        channels=UNET_CHANNELS,
+        strides=strides,
+        num_res_units=2,
+        norm=NORM,
+    )
 
 
 #: ``model.seg_arch`` -> the class :func:`build_segmentation_model` returns for it.

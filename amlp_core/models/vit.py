@@ -15,7 +15,6 @@ from monai.networks.blocks.pos_embed_utils import build_sincos_position_embeddin
 from torch import nn
 
 
-
 def sincos_position_embedding(grid_size: tuple[int, ...], dim: int) -> nn.Parameter:
     """Fixed sin-cos position embedding ``[1, N, dim]`` (not trained)."""
     with warnings.catch_warnings():  # MONAI calls torch.meshgrid without indexing=; its default is what it wants
@@ -93,4 +92,4 @@ def tokens_to_grid(tokens: torch.Tensor, grid_size: tuple[int, ...]) -> torch.Te
 
 def encoder_state(state: dict[str, torch.Tensor], prefix: str = "encoder.") -> dict[str, torch.Tensor]:
     """The encoder's own weights out of a model's state dict (keys under ``prefix``, prefix removed)."""
-    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}

@@ -14,8 +14,9 @@ private counterparts for one stretch of training (a federated round, or a whole 
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -43,6 +44,7 @@ def check_private(model: nn.Module, what: str = "model") -> None:
         ConfigError: listing what Opacus' validator found.
     """
     from opacus.validators import ModuleValidator
+
     errors = ModuleValidator.validate(model, strict=False)
     if errors:
         found = "; ".join(str(e) for e in errors[:5])
@@ -71,12 +73,13 @@ def poisson_loader(dataset: Dataset, batch_size: int, generator: torch.Generator
     Yields the dataset's collated items, or ``None`` for an empty batch.
     """
     from opacus.utils.uniform_sampler import UniformWithReplacementSampler
+
     rate = sample_rate(len(dataset), batch_size)
     sampler = UniformWithReplacementSampler(num_samples=len(dataset), sample_rate=rate, generator=generator)
     return DataLoader(dataset, batch_sampler=sampler, collate_fn=_collate_or_none)
 
 
-def noise_only_step(optimizer: "DPOptimizer") -> None:
+def noise_only_step(optimizer: DPOptimizer) -> None:
     """The DP step of an empty batch: no case's gradient, the noise only (and one step counted).
 
     The previous step's clipped sum is cleared first: it must not be added again (Opacus refuses it)."""
@@ -106,31 +109,46 @@ class PrivateTraining:
         ledger.record(phase, round, dp.stretches)
     """
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, dataset: Dataset, batch_size: int,
-                 noise_multiplier: float, max_grad_norm: float, seed: int) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        dataset: Dataset,
+        batch_size: int,
+        noise_multiplier: float,
+        max_grad_norm: float,
+        seed: int,
+    ) -> None:
         from opacus.accountants import RDPAccountant
+
         check_private(model)
         self.model, self.base_optimizer, self.dataset = model, optimizer, dataset
         self.rate = sample_rate(len(dataset), batch_size)
         self.noise_multiplier, self.max_grad_norm, self.seed = noise_multiplier, max_grad_norm, seed
         self.accountant = RDPAccountant()
-        self.hooks: "GradSampleHooks | None" = None
-        self.optimizer: "DPOptimizer | None" = None
+        self.hooks: GradSampleHooks | None = None
+        self.optimizer: DPOptimizer | None = None
         self.loader: DataLoader | None = None
 
-    def __enter__(self) -> "PrivateTraining":
+    def __enter__(self) -> PrivateTraining:
         from opacus.grad_sample.grad_sample_module import GradSampleHooks
         from opacus.optimizers import DPOptimizer
+
         device = next(self.model.parameters()).device
         self.hooks = GradSampleHooks(self.model, batch_first=True, loss_reduction="mean", strict=False)
         noise = torch.Generator(device=device).manual_seed(self.seed)
-        self.optimizer = DPOptimizer(self.base_optimizer, noise_multiplier=self.noise_multiplier,
-                                     max_grad_norm=self.max_grad_norm,
-                                     expected_batch_size=max(1, round(self.rate * len(self.dataset))),
-                                     loss_reduction="mean", generator=noise)
+        self.optimizer = DPOptimizer(
+            self.base_optimizer,
+            noise_multiplier=self.noise_multiplier,
+            max_grad_norm=self.max_grad_norm,
+            expected_batch_size=max(1, round(self.rate * len(self.dataset))),
+            loss_reduction="mean",
+            generator=noise,
+        )
         self.optimizer.attach_step_hook(self.accountant.get_optimizer_hook_fn(sample_rate=self.rate))
-        self.loader = poisson_loader(self.dataset, round(self.rate * len(self.dataset)),
-                                     torch.Generator().manual_seed(self.seed + 1))
+        self.loader = poisson_loader(
+            self.dataset, round(self.rate * len(self.dataset)), torch.Generator().manual_seed(self.seed + 1)
+        )
         return self
 
     def __exit__(self, *exc) -> None:
@@ -152,9 +170,17 @@ class PrivateTraining:
 
 
 @contextmanager
-def charged_training(model: nn.Module, optimizer: torch.optim.Optimizer, loader: DataLoader,
-                     ledger: "PrivacyLedger | None", batch_size: int, max_grad_norm: float, seed: int, phase: str,
-                     round_: int) -> Iterator[tuple[Any, Any, dict[str, float]]]:
+def charged_training(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loader: DataLoader,
+    ledger: PrivacyLedger | None,
+    batch_size: int,
+    max_grad_norm: float,
+    seed: int,
+    phase: str,
+    round_: int,
+) -> Iterator[tuple[Any, Any, dict[str, float]]]:
     """``(optimizer, batches, spent)`` for one stretch of training, private or not.
 
     With a ledger (already planned and checked: :meth:`PrivacyLedger.planned`): DP-SGD at the
@@ -166,7 +192,8 @@ def charged_training(model: nn.Module, optimizer: torch.optim.Optimizer, loader:
         yield optimizer, loader, {}
         return
     spent: dict[str, float] = {}
-    with PrivateTraining(model, optimizer, loader.dataset, batch_size, ledger.noise_multiplier, max_grad_norm,
-                         seed) as dp:
+    with PrivateTraining(
+        model, optimizer, loader.dataset, batch_size, ledger.noise_multiplier, max_grad_norm, seed
+    ) as dp:
         yield dp.optimizer, dp.loader, spent
     spent["epsilon"] = ledger.record(phase, round_, dp.stretches)

@@ -15,8 +15,8 @@ from __future__ import annotations
 import json
 import logging
 import math
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Sequence
 
 from amlp_core.engine.checkpoint import atomic_write_text
 from amlp_core.errors import AMLPError
@@ -39,13 +39,19 @@ class PrivacyBudgetExceeded(AMLPError):
 def epsilon_of(history: Iterable[Stretch], delta: float) -> float:
     """Epsilon at ``delta`` of the composition of ``history`` (0 for an empty history)."""
     from opacus.accountants import RDPAccountant  # here, not at import: Opacus costs seconds at every start
+
     accountant = RDPAccountant()
     accountant.history = [(float(s), float(q), int(n)) for s, q, n in history if n > 0]
     return float(accountant.get_epsilon(delta)) if accountant.history else 0.0
 
 
-def calibrate_noise(budget: float, delta: float, plan: Sequence[tuple[float, int]],
-                    spent: Sequence[Stretch] = (), tolerance: float = 1e-3) -> float:
+def calibrate_noise(
+    budget: float,
+    delta: float,
+    plan: Sequence[tuple[float, int]],
+    spent: Sequence[Stretch] = (),
+    tolerance: float = 1e-3,
+) -> float:
     """The smallest noise multiplier that keeps ``spent`` + ``plan`` within ``budget``.
 
     Args:
@@ -93,7 +99,7 @@ class PrivacyLedger:
         self.rounds: list[dict] = []
 
     @classmethod
-    def open(cls, folder: str | Path, budget: float, delta: float) -> "PrivacyLedger":
+    def open(cls, folder: str | Path, budget: float, delta: float) -> PrivacyLedger:
         """The ledger in ``folder`` (a new, empty one if there is none yet).
 
         Raises:
@@ -109,18 +115,31 @@ class PrivacyLedger:
             history = [(float(s), float(q), int(n)) for s, q, n in raw["history"]]
             rounds, sigma, delta_then = list(raw["rounds"]), raw["noise_multiplier"], float(raw["delta"])
         except (OSError, ValueError, KeyError, TypeError) as e:
-            raise PrivacyError(f"privacy ledger {ledger.path} cannot be read ({e}); it is never reset "
-                               "automatically: restore it from a backup or start a new state directory") from None
+            raise PrivacyError(
+                f"privacy ledger {ledger.path} cannot be read ({e}); it is never reset "
+                "automatically: restore it from a backup or start a new state directory"
+            ) from None
         if not math.isclose(delta_then, delta):
-            raise PrivacyError(f"privacy ledger {ledger.path} was kept at delta={delta_then}, the run asks "
-                               f"privacy.delta={delta}: use the same delta for the whole run")
+            raise PrivacyError(
+                f"privacy ledger {ledger.path} was kept at delta={delta_then}, the run asks "
+                f"privacy.delta={delta}: use the same delta for the whole run"
+            )
         ledger.history, ledger.rounds = history, rounds
         ledger.noise_multiplier = None if sigma is None else float(sigma)
         return ledger
 
     @classmethod
-    def planned(cls, folder: str | Path, budget: float, delta: float, configured_noise: float,
-                plan: Sequence[tuple[float, int]], sample_rate: float, steps: int, what: str) -> "PrivacyLedger":
+    def planned(
+        cls,
+        folder: str | Path,
+        budget: float,
+        delta: float,
+        configured_noise: float,
+        plan: Sequence[tuple[float, int]],
+        sample_rate: float,
+        steps: int,
+        what: str,
+    ) -> PrivacyLedger:
         """The ledger in ``folder``, ready for ``steps`` Poisson draws at ``sample_rate``: its noise fixed
         for the whole ``plan`` (:meth:`fix_noise`) and those steps checked against the budget (:meth:`check`),
         before any step is taken. One place for what a site's round and a local fine-tuning run both do.
@@ -141,8 +160,12 @@ class PrivacyLedger:
         if self.noise_multiplier is None:
             self.noise_multiplier = configured or calibrate_noise(self.budget, self.delta, plan, self.history)
             self.save()
-            log.info("privacy: noise multiplier %.3f for a budget of epsilon %g at delta %g",
-                     self.noise_multiplier, self.budget, self.delta)
+            log.info(
+                "privacy: noise multiplier %.3f for a budget of epsilon %g at delta %g",
+                self.noise_multiplier,
+                self.budget,
+                self.delta,
+            )
         return self.noise_multiplier
 
     @property
@@ -163,7 +186,8 @@ class PrivacyLedger:
         if after > self.budget * (1 + 1e-6):
             raise PrivacyBudgetExceeded(
                 f"{what} would take epsilon from {now:.3f} to {after:.3f}, past the budget {self.budget:g} "
-                f"(delta {self.delta:g}); the site stops training rather than overspend")
+                f"(delta {self.delta:g}); the site stops training rather than overspend"
+            )
         return after
 
     def record(self, phase: str, round_: int, stretches: Iterable[Stretch]) -> float:
@@ -171,15 +195,29 @@ class PrivacyLedger:
         new = [(float(s), float(q), int(n)) for s, q, n in stretches if n > 0]
         self.history.extend(new)
         eps = self.epsilon
-        self.rounds.append({"phase": phase, "round": round_, "steps": sum(n for _, _, n in new),
-                            "epsilon": round(eps, 6)})
+        self.rounds.append(
+            {"phase": phase, "round": round_, "steps": sum(n for _, _, n in new), "epsilon": round(eps, 6)}
+        )
         self.save()
-        log.info("privacy: %s round %d spent %d steps, epsilon now %.3f of %.3g (delta %g)",
-                 phase, round_, sum(n for _, _, n in new), eps, self.budget, self.delta)
+        log.info(
+            "privacy: %s round %d spent %d steps, epsilon now %.3f of %.3g (delta %g)",
+            phase,
+            round_,
+            sum(n for _, _, n in new),
+            eps,
+            self.budget,
+            self.delta,
+        )
         return eps
 
     def save(self) -> None:
-        payload = {"format": FORMAT_VERSION, "delta": self.delta, "budget": self.budget,
-                   "noise_multiplier": self.noise_multiplier, "history": [list(h) for h in self.history],
-                   "rounds": self.rounds, "epsilon": round(self.epsilon, 6)}
+        payload = {
+            "format": FORMAT_VERSION,
+            "delta": self.delta,
+            "budget": self.budget,
+            "noise_multiplier": self.noise_multiplier,
+            "history": [list(h) for h in self.history],
+            "rounds": self.rounds,
+            "epsilon": round(self.epsilon, 6),
+        }
         atomic_write_text(self.path, json.dumps(payload, indent=1))

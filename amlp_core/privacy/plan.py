@@ -7,9 +7,10 @@ stretch is checked against the budget before any step: :func:`ready_ledger`.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING
 
 from amlp_core.privacy.dp import sample_rate, steps_per_epoch
 from amlp_core.privacy.ledger import PrivacyLedger
@@ -37,8 +38,14 @@ class PrivatePhase:
         return self.steps if self.steps > 0 else self.epochs * steps_per_epoch(self.rate(batch_size))
 
 
-def ready_ledger(folder: str | Path, privacy: "PrivacyConfig", batch_size: int, now: PrivatePhase,
-                 later: Sequence[PrivatePhase], what: str) -> PrivacyLedger:
+def ready_ledger(
+    folder: str | Path,
+    privacy: PrivacyConfig,
+    batch_size: int,
+    now: PrivatePhase,
+    later: Sequence[PrivatePhase],
+    what: str,
+) -> PrivacyLedger:
     """The ledger in ``folder`` for one round of ``now``: the noise fixed for ``now``'s rounds (this one
     included) and all of ``later``, and this round's steps checked against ``privacy.budget``.
 
@@ -46,7 +53,18 @@ def ready_ledger(folder: str | Path, privacy: "PrivacyConfig", batch_size: int, 
         PrivacyError: an unreadable ledger, or one of another delta.
         PrivacyBudgetExceeded: this round would spend more than the budget (``what`` names it).
     """
-    plan = [(phase.rate(batch_size), phase.rounds * phase.round_steps(batch_size))
-            for phase in (now, *later) if phase.cases > 0 and phase.rounds > 0]
-    return PrivacyLedger.planned(folder, privacy.budget, privacy.delta, privacy.noise_multiplier, plan,
-                                 now.rate(batch_size), now.round_steps(batch_size), what)
+    plan = [
+        (phase.rate(batch_size), phase.rounds * phase.round_steps(batch_size))
+        for phase in (now, *later)
+        if phase.cases > 0 and phase.rounds > 0
+    ]
+    return PrivacyLedger.planned(
+        folder,
+        privacy.budget,
+        privacy.delta,
+        privacy.noise_multiplier,
+        plan,
+        now.rate(batch_size),
+        now.round_steps(batch_size),
+        what,
+    )

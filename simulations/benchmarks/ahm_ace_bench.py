@@ -39,15 +39,25 @@ def agent_lesion_shares(method, samples, patch: int, ratios, seed: int = 0) -> l
     for ratio in ratios:
         mask = method.agent.select(scores, ratio, torch.Generator().manual_seed(seed)).mask
         share = float((truth & mask.masked).sum() / mask.masked.sum())
-        rows.append({"ratio": ratio, "lesion_patch_fraction": expected, "policy_mass": mass, "ahm_share": share,
-                     "gain": share / expected, "ceiling": min(1 / ratio, 1 / expected)})
+        rows.append(
+            {
+                "ratio": ratio,
+                "lesion_patch_fraction": expected,
+                "policy_mass": mass,
+                "ahm_share": share,
+                "gain": share / expected,
+                "ceiling": min(1 / ratio, 1 / expected),
+            }
+        )
     return rows
 
 
 def lesion_share_rows(dims: int, epochs: int) -> list[dict]:
     """AHM's lesion shares on held-out phantoms, at init and after ``epochs`` of AHM pretraining."""
+
     def measure(method, samples, patch):
         return agent_lesion_shares(method, samples, patch, (0.25, 0.5, 0.75))
+
     return before_and_after_pretraining("ahm", dims, epochs, measure, key="agent")
 
 
@@ -64,8 +74,15 @@ def main() -> None:
 
     label = "3D 48x64x48, patch 8 (hippocampus model)"
     t = step_times(ModelConfig(), args.batch, args.repeats, methods=METHODS)
-    timing = [{"model": label, "batch": args.batch, **{f"{m}_s": t[m] for m in METHODS},
-               "ahm/mae": t["ahm"] / t["mae"], "ace/mae": t["ace"] / t["mae"]}]
+    timing = [
+        {
+            "model": label,
+            "batch": args.batch,
+            **{f"{m}_s": t[m] for m in METHODS},
+            "ahm/mae": t["ahm"] / t["mae"],
+            "ace/mae": t["ace"] / t["mae"],
+        }
+    ]
     log.info("%s: %s", label, timing[-1])
     payload["step_time"] = timing
     print(table(timing, ["model", "batch", "mae_s", "ahm_s", "ace_s", "ahm/mae", "ace/mae"]))
@@ -75,8 +92,12 @@ def main() -> None:
         for dims in (2, 3):
             rows += lesion_share_rows(dims, args.pretrain_epochs)
         payload["lesion_share"] = rows
-        print(table(rows, ["phantoms", "agent", "ratio", "lesion_patch_fraction", "policy_mass", "ahm_share",
-                           "gain", "ceiling"]))
+        print(
+            table(
+                rows,
+                ["phantoms", "agent", "ratio", "lesion_patch_fraction", "policy_mass", "ahm_share", "gain", "ceiling"],
+            )
+        )
     print(f"wrote {write_json(args.out, payload)}")
 
 

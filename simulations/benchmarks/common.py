@@ -7,8 +7,9 @@ import json
 import logging
 import platform
 import statistics
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
@@ -21,8 +22,12 @@ HIPPOCAMPUS_SPLIT = {"data.test_fraction": 48 / 208, "data.split_seed": 0}
 
 def machine() -> dict[str, Any]:
     """What the numbers were measured on."""
-    info = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-            "cpu_threads": torch.get_num_threads(), "torch": torch.__version__}
+    info = {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+    }
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     return info
@@ -42,6 +47,7 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
 
 def table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
     """A Markdown table of ``rows`` (floats with 4 decimals)."""
+
     def fmt(v: Any) -> str:
         return f"{v:.4f}" if isinstance(v, float) else str(v)
 
@@ -68,5 +74,6 @@ def set_overrides(items: list[str]) -> dict[str, str]:
 
 def setup_logging() -> None:
     # force: importing Opacus already called basicConfig (root at WARNING), which would hide our INFO lines.
-    logging.basicConfig(force=True, level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")
+    logging.basicConfig(
+        force=True, level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
+    )

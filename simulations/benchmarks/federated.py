@@ -19,20 +19,36 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from amlp_core.config import build_config, load_config
 from amlp_core.engine.pipeline import data_defaults, finetune, load_split, pretrain
 from fedamlp import protocol as P
-from simulations.benchmarks.common import (HIPPOCAMPUS_SPLIT, benchmark_parser, machine, mean_std, set_overrides,
-                                           table, write_json)
+from simulations.benchmarks.common import (
+    HIPPOCAMPUS_SPLIT,
+    benchmark_parser,
+    machine,
+    mean_std,
+    set_overrides,
+    table,
+    write_json,
+)
 from simulations.simulate import default_run_config, simulate
 
 log = logging.getLogger(__name__)
 #: What must be equal in runs combined over seeds.
-BUDGET_KEYS = ("sites", "method", "pretrain_rounds", "finetune_rounds", "local_epochs", "label_fraction",
-               "central_batch_size", "site_batch_size")
+BUDGET_KEYS = (
+    "sites",
+    "method",
+    "pretrain_rounds",
+    "finetune_rounds",
+    "local_epochs",
+    "label_fraction",
+    "central_batch_size",
+    "site_batch_size",
+)
 
 
 def combine(paths: Sequence[str | Path]) -> dict[str, Any]:
@@ -51,13 +67,26 @@ def combine(paths: Sequence[str | Path]) -> dict[str, Any]:
         runs.append(json.loads(Path(path).read_text()))
     budgets = [{k: r.get(k) for k in BUDGET_KEYS} for r in runs]
     if any(b != budgets[0] for b in budgets):
-        raise SystemExit("--combine: the files were made with different budgets: "
-                         + "; ".join(f"{p}: {b}" for p, b in zip(paths, budgets)))
-    per_run = [{"file": str(p), "seed": r.get("seed", ""), "centralized": r["centralized_dice"]["dice_mean"],
-                "federated": r["federated_dice"]["dice_mean"], "ratio": r["dice_ratio"]}
-               for p, r in zip(paths, runs)]
-    out: dict[str, Any] = {"benchmark": "federated_seeds", "machine": runs[0]["machine"], "budget": budgets[0],
-                           "runs": per_run}
+        raise SystemExit(
+            "--combine: the files were made with different budgets: "
+            + "; ".join(f"{p}: {b}" for p, b in zip(paths, budgets))
+        )
+    per_run = [
+        {
+            "file": str(p),
+            "seed": r.get("seed", ""),
+            "centralized": r["centralized_dice"]["dice_mean"],
+            "federated": r["federated_dice"]["dice_mean"],
+            "ratio": r["dice_ratio"],
+        }
+        for p, r in zip(paths, runs)
+    ]
+    out: dict[str, Any] = {
+        "benchmark": "federated_seeds",
+        "machine": runs[0]["machine"],
+        "budget": budgets[0],
+        "runs": per_run,
+    }
     for key in ("centralized", "federated", "ratio"):
         out[f"{key}_mean"], out[f"{key}_std"] = mean_std([r[key] for r in per_run])
     out["ratio_of_means"] = out["federated_mean"] / out["centralized_mean"]
@@ -71,31 +100,66 @@ def main() -> None:
     p.add_argument("--finetune-rounds", type=int, default=10)
     p.add_argument("--local-epochs", type=int, default=2)
     p.add_argument("--label-fraction", type=float, default=1.0)
-    p.add_argument("--site-batch-size", type=int, default=0,
-                   help="each site's batch (default: the centralized batch); batch / sites makes one round of "
-                        "averaged local steps see as many cases per step as one centralized step")
-    p.add_argument("--reuse-central", action="store_true",
-                   help="take the centralized result from an earlier run in --runs with the same settings")
+    p.add_argument(
+        "--site-batch-size",
+        type=int,
+        default=0,
+        help="each site's batch (default: the centralized batch); batch / sites makes one round of "
+        "averaged local steps see as many cases per step as one centralized step",
+    )
+    p.add_argument(
+        "--reuse-central",
+        action="store_true",
+        help="take the centralized result from an earlier run in --runs with the same settings",
+    )
     p.add_argument("--runs", default="runs/federated_bench")
-    p.add_argument("--combine", nargs="+", metavar="JSON", help="combine earlier runs (one per seed) instead of running")
+    p.add_argument(
+        "--combine", nargs="+", metavar="JSON", help="combine earlier runs (one per seed) instead of running"
+    )
     args = p.parse_args()
     if args.combine:
         result = combine(args.combine)
-        print(table([*result["runs"], {"file": "mean", "centralized": result["centralized_mean"],
-                                       "federated": result["federated_mean"], "ratio": result["ratio_mean"]},
-                     {"file": "std", "centralized": result["centralized_std"], "federated": result["federated_std"],
-                      "ratio": result["ratio_std"]}], ["file", "seed", "centralized", "federated", "ratio"]))
+        print(
+            table(
+                [
+                    *result["runs"],
+                    {
+                        "file": "mean",
+                        "centralized": result["centralized_mean"],
+                        "federated": result["federated_mean"],
+                        "ratio": result["ratio_mean"],
+                    },
+                    {
+                        "file": "std",
+                        "centralized": result["centralized_std"],
+                        "federated": result["federated_std"],
+                        "ratio": result["ratio_std"],
+                    },
+                ],
+                ["file", "seed", "centralized", "federated", "ratio"],
+            )
+        )
         print(f"ratio of the mean Dice: {result['ratio_of_means']:.4f}")
         print(f"wrote {write_json(args.out, result)}")
         return
 
     runs = Path(args.runs).resolve()
-    overrides = {**default_run_config(), **data_defaults(args.data), **HIPPOCAMPUS_SPLIT,
-                 "method.name": args.method, "model.depth": 4, "train.label_fraction": args.label_fraction,
-                 "federation.sites": args.sites, "federation.min_sites": args.sites,
-                 "federation.pretrain_rounds": args.pretrain_rounds, "federation.finetune_rounds": args.finetune_rounds,
-                 "federation.local_epochs": args.local_epochs, "federation.run_dir": str(runs / "federated"),
-                 "train.device": "cpu", **set_overrides(args.set)}
+    overrides = {
+        **default_run_config(),
+        **data_defaults(args.data),
+        **HIPPOCAMPUS_SPLIT,
+        "method.name": args.method,
+        "model.depth": 4,
+        "train.label_fraction": args.label_fraction,
+        "federation.sites": args.sites,
+        "federation.min_sites": args.sites,
+        "federation.pretrain_rounds": args.pretrain_rounds,
+        "federation.finetune_rounds": args.finetune_rounds,
+        "federation.local_epochs": args.local_epochs,
+        "federation.run_dir": str(runs / "federated"),
+        "train.device": "cpu",
+        **set_overrides(args.set),
+    }
     cfg = build_config(overrides)
 
     # Centralized: the same epochs over all the training cases.
@@ -126,26 +190,57 @@ def main() -> None:
     round_seconds = sum(r["seconds"] for r in rows if r["site"] == P.ALL_SITES)
     startup = federated_seconds - round_seconds
     per_site = [r for r in rows if r["kind"] == "train" and r["site"] != P.ALL_SITES and r["status"] == "ok"]
-    bytes_rows = {phase: {"bytes_up_per_site": max(r["bytes_up"] for r in per_site if r["phase"] == phase),
-                          "bytes_down_per_site": max(r["bytes_down"] for r in per_site if r["phase"] == phase)}
-                  for phase in ("pretrain", "finetune")}
+    bytes_rows = {
+        phase: {
+            "bytes_up_per_site": max(r["bytes_up"] for r in per_site if r["phase"] == phase),
+            "bytes_down_per_site": max(r["bytes_down"] for r in per_site if r["phase"] == phase),
+        }
+        for phase in ("pretrain", "finetune")
+    }
     result = {
         "centralized_dice": {k: v for k, v in central.items() if k.startswith("dice_")},
         "federated_dice": {k: v for k, v in final.items() if k.startswith("dice_")},
         "dice_ratio": final["dice_mean"] / central["dice_mean"],
-        "centralized_seconds": round(central_seconds, 1), "federated_seconds": round(federated_seconds, 1),
-        "federated_round_seconds": round(round_seconds, 1), "startup_seconds": round(startup, 1),
-        "overhead_without_startup": round(round_seconds / central_seconds, 3), "bytes_per_round": bytes_rows,
+        "centralized_seconds": round(central_seconds, 1),
+        "federated_seconds": round(federated_seconds, 1),
+        "federated_round_seconds": round(round_seconds, 1),
+        "startup_seconds": round(startup, 1),
+        "overhead_without_startup": round(round_seconds / central_seconds, 3),
+        "bytes_per_round": bytes_rows,
     }
-    print(table([{"run": "centralized", "dice_mean": central["dice_mean"], "seconds": round(central_seconds, 1)},
-                 {"run": f"federated ({args.sites} sites)", "dice_mean": final["dice_mean"],
-                  "seconds": round(federated_seconds, 1)}], ["run", "dice_mean", "seconds"]))
+    print(
+        table(
+            [
+                {"run": "centralized", "dice_mean": central["dice_mean"], "seconds": round(central_seconds, 1)},
+                {
+                    "run": f"federated ({args.sites} sites)",
+                    "dice_mean": final["dice_mean"],
+                    "seconds": round(federated_seconds, 1),
+                },
+            ],
+            ["run", "dice_mean", "seconds"],
+        )
+    )
     print(json.dumps(result, indent=2))
-    path = write_json(args.out, {"benchmark": "federated", "machine": machine(), "split": HIPPOCAMPUS_SPLIT,
-                                 "seed": cfg.train.seed, "set": set_overrides(args.set), "sites": args.sites, "method": args.method, "pretrain_rounds": args.pretrain_rounds,
-                                 "finetune_rounds": args.finetune_rounds, "local_epochs": args.local_epochs,
-                                 "label_fraction": args.label_fraction, "central_batch_size": central_cfg.train.batch_size,
-                                 "site_batch_size": cfg.train.batch_size, **result})
+    path = write_json(
+        args.out,
+        {
+            "benchmark": "federated",
+            "machine": machine(),
+            "split": HIPPOCAMPUS_SPLIT,
+            "seed": cfg.train.seed,
+            "set": set_overrides(args.set),
+            "sites": args.sites,
+            "method": args.method,
+            "pretrain_rounds": args.pretrain_rounds,
+            "finetune_rounds": args.finetune_rounds,
+            "local_epochs": args.local_epochs,
+            "label_fraction": args.label_fraction,
+            "central_batch_size": central_cfg.train.batch_size,
+            "site_batch_size": cfg.train.batch_size,
+            **result,
+        },
+    )
     print(f"wrote {path}")
 
 

@@ -26,9 +26,9 @@ import torch
 
 from amlp_core.config import MethodConfig, ModelConfig, TrainConfig, build_config
 from amlp_core.data import make_phantom_samples
+from amlp_core.engine.loops import pretrain_epoch
 from amlp_core.engine.optim import pretrain_optimizer
 from amlp_core.engine.pipeline import data_defaults, make_loader
-from amlp_core.engine.loops import pretrain_epoch
 from amlp_core.masking import random_mask
 from amlp_core.methods import build_method
 from amlp_core.models import patchify
@@ -38,8 +38,9 @@ log = logging.getLogger(__name__)
 METHODS = ("mae", "mps_ams", "amlp")
 
 
-def step_times(model_cfg: ModelConfig, batch: int, repeats: int, warmup: int = 2,
-               methods: tuple[str, ...] = METHODS) -> dict[str, float]:
+def step_times(
+    model_cfg: ModelConfig, batch: int, repeats: int, warmup: int = 2, methods: tuple[str, ...] = METHODS
+) -> dict[str, float]:
     """Median seconds of one optimisation step per method, methods interleaved step by step."""
     torch.manual_seed(0)
     images = torch.tensor(np.stack([s.image for s in make_phantom_samples(batch, model_cfg.img_size, seed=0)]))
@@ -79,18 +80,31 @@ def lesion_shares(method, samples, patch: int, ratios, seed: int = 0) -> list[di
         mps_share = float((truth & mask.masked).sum() / mask.masked.sum())
         rnd_share = float((truth & rmask.masked).sum() / rmask.masked.sum())
         expected = float(truth.float().mean())  # a uniformly random mask's expected share
-        rows.append({"ratio": ratio, "lesion_patch_fraction": expected, "random_share": rnd_share,
-                     "mps_share": mps_share, "gain": mps_share / expected, "ceiling": min(1 / ratio, 1 / expected)})
+        rows.append(
+            {
+                "ratio": ratio,
+                "lesion_patch_fraction": expected,
+                "random_share": rnd_share,
+                "mps_share": mps_share,
+                "gain": mps_share / expected,
+                "ceiling": min(1 / ratio, 1 / expected),
+            }
+        )
     return rows
 
 
-def before_and_after_pretraining(method_name: str, dims: int, epochs: int, measure, key: str = "encoder"
-                                 ) -> list[dict]:
+def before_and_after_pretraining(method_name: str, dims: int, epochs: int, measure, key: str = "encoder") -> list[dict]:
     """``measure(method, held_out_samples, patch) -> rows`` on 32 held-out phantoms (the demo's model
     size), at initialisation and after ``epochs`` of ``method_name`` pretraining on 64 other phantoms."""
     torch.manual_seed(0)
-    cfg = build_config({**data_defaults("synthetic", dims=dims), "method.name": method_name, "train.batch_size": 8,
-                        "train.device": "cpu"})
+    cfg = build_config(
+        {
+            **data_defaults("synthetic", dims=dims),
+            "method.name": method_name,
+            "train.batch_size": 8,
+            "train.device": "cpu",
+        }
+    )
     label = f"{dims}D {'x'.join(map(str, cfg.model.img_size))}, patch {cfg.model.patch_size}"
     held_out = make_phantom_samples(32, cfg.model.img_size, seed=123)
     method = build_method(cfg.model, cfg.method)
@@ -102,17 +116,23 @@ def before_and_after_pretraining(method_name: str, dims: int, epochs: int, measu
         loader.dataset.set_epoch(epoch)
         metrics = pretrain_epoch(method, loader, opt, torch.device("cpu"), (epoch / epochs, (epoch + 1) / epochs), g)
         log.info("%s %s epoch %d: %s", label, method_name, epoch + 1, {k: round(v, 4) for k, v in metrics.items()})
-    rows += [{"phantoms": label, key: f"{method_name} {epochs} epochs", **r}
-             for r in measure(method, held_out, cfg.model.patch_size)]
+    rows += [
+        {"phantoms": label, key: f"{method_name} {epochs} epochs", **r}
+        for r in measure(method, held_out, cfg.model.patch_size)
+    ]
     return rows
 
 
 def lesion_share_rows(dims: int, pretrain_epochs: int) -> list[dict]:
     """MPS's lesion shares at initialisation and after AMLP pretraining (whose running group
     losses may then pick another group)."""
+
     def measure(method, samples, patch):
-        return [{**r, "group_loss": method.mps.group_loss.tolist()}
-                for r in lesion_shares(method, samples, patch, (0.25, 0.5, 0.75))]
+        return [
+            {**r, "group_loss": method.mps.group_loss.tolist()}
+            for r in lesion_shares(method, samples, patch, (0.25, 0.5, 0.75))
+        ]
+
     return before_and_after_pretraining("amlp", dims, pretrain_epochs, measure)
 
 
@@ -129,12 +149,20 @@ def main() -> None:
     payload: dict = {"benchmark": "mps_bench", "machine": machine()}
 
     timing_rows = []
-    models = (("3D 48x64x48, patch 8 (hippocampus model)", ModelConfig()),
-              ("2D 128x128, patch 8", ModelConfig(spatial_dims=2, img_size=(128, 128), num_classes=2)))
+    models = (
+        ("3D 48x64x48, patch 8 (hippocampus model)", ModelConfig()),
+        ("2D 128x128, patch 8", ModelConfig(spatial_dims=2, img_size=(128, 128), num_classes=2)),
+    )
     for label, model_cfg in models if "timing" in parts else ():
         t = step_times(model_cfg, args.batch, args.repeats)
-        timing_rows.append({"model": label, **{f"{m}_s": t[m] for m in METHODS},
-                            "mps_ams/mae": t["mps_ams"] / t["mae"], "amlp/mae": t["amlp"] / t["mae"]})
+        timing_rows.append(
+            {
+                "model": label,
+                **{f"{m}_s": t[m] for m in METHODS},
+                "mps_ams/mae": t["mps_ams"] / t["mae"],
+                "amlp/mae": t["amlp"] / t["mae"],
+            }
+        )
         log.info("%s: %s", label, timing_rows[-1])
     payload["step_time"] = timing_rows
     if timing_rows:
@@ -144,8 +172,12 @@ def main() -> None:
     for dims in (3, 2) if "shares" in parts else ():
         share_rows += lesion_share_rows(dims, args.pretrain_epochs)
     payload["lesion_share"] = share_rows
-    print(table(share_rows, ["phantoms", "encoder", "ratio", "lesion_patch_fraction", "random_share", "mps_share",
-                             "gain", "ceiling"]))
+    print(
+        table(
+            share_rows,
+            ["phantoms", "encoder", "ratio", "lesion_patch_fraction", "random_share", "mps_share", "gain", "ceiling"],
+        )
+    )
     print(f"wrote {write_json(args.out, payload)}")
 
 

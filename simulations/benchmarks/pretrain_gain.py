@@ -35,8 +35,15 @@ from amlp_core.config import Config, build_config
 from amlp_core.engine.checkpoint import load_checkpoint
 from amlp_core.engine.pipeline import CHECKPOINT, METRICS, DataSplit, data_defaults, finetune, load_split, pretrain
 from amlp_core.errors import CheckpointError, ConfigError
-from simulations.benchmarks.common import (HIPPOCAMPUS_SPLIT, benchmark_parser, machine, mean_std, set_overrides,
-                                           table, write_json)
+from simulations.benchmarks.common import (
+    HIPPOCAMPUS_SPLIT,
+    benchmark_parser,
+    machine,
+    mean_std,
+    set_overrides,
+    table,
+    write_json,
+)
 
 log = logging.getLogger(__name__)
 SCRATCH = "scratch"
@@ -56,8 +63,12 @@ PRETRAIN_KEYS = ("epochs", "batch_size", "lr", "weight_decay", "warmup_epochs", 
 
 
 def _pretraining_settings(config: dict) -> dict:
-    return {"model": config["model"], "method": config["method"], "data": config["data"],
-            "train": {k: config["train"].get(k) for k in PRETRAIN_KEYS}}
+    return {
+        "model": config["model"],
+        "method": config["method"],
+        "data": config["data"],
+        "train": {k: config["train"].get(k) for k in PRETRAIN_KEYS},
+    }
 
 
 def _finished(run: Path, cfg: Config) -> bool:
@@ -78,8 +89,9 @@ def _finished(run: Path, cfg: Config) -> bool:
 def pretrained(cfg: Config, method: str, epochs: int, seed: int, runs: Path, split: DataSplit) -> dict[str, Any]:
     """The pretraining run of ``method`` for ``epochs`` (made, or reused when finished): its folder and cost."""
     pre_cfg = cfg.replace(method={"name": method}, train={"epochs": epochs, "seed": seed})
-    digest = hashlib.sha256(json.dumps(_pretraining_settings(pre_cfg.to_dict()), sort_keys=True,
-                                       default=str).encode()).hexdigest()[:8]
+    digest = hashlib.sha256(
+        json.dumps(_pretraining_settings(pre_cfg.to_dict()), sort_keys=True, default=str).encode()
+    ).hexdigest()[:8]
     folder = runs / f"pretrain_{method}_e{epochs}_s{seed}_{digest}"  # one folder per pretraining setting
     if not _finished(folder, pre_cfg):
         pretrain(pre_cfg, folder, split)
@@ -101,8 +113,10 @@ def curve(run: Path) -> list[dict[str, float]]:
 
 def paired(rows: list[dict], fraction: float, init: str, baseline: str) -> dict[str, Any] | None:
     """``init`` minus ``baseline`` in mean Dice at ``fraction``, seed by seed (only seeds both have)."""
+
     def by_seed(name: str) -> dict[int, float]:
         return {r["seed"]: r["dice_mean"] for r in rows if r["label_fraction"] == fraction and r["init"] == name}
+
     a, b = by_seed(init), by_seed(baseline)
     seeds = sorted(set(a) & set(b))
     if not seeds:
@@ -121,8 +135,13 @@ def summary(rows: list[dict], fractions: list[float]) -> tuple[list[dict], str]:
         for init in inits:
             values = [r["dice_mean"] for r in rows if r["label_fraction"] == fraction and r["init"] == init]
             mean, std = mean_std(values)
-            entry: dict[str, Any] = {"label_fraction": fraction, "init": init, "seeds": len(values),
-                                     "dice_mean": mean, "dice_std": std}
+            entry: dict[str, Any] = {
+                "label_fraction": fraction,
+                "init": init,
+                "seeds": len(values),
+                "dice_mean": mean,
+                "dice_std": std,
+            }
             if init != SCRATCH:
                 entry["minus_scratch"] = paired(rows, fraction, init, SCRATCH)
             if init.startswith("amlp "):  # against MAE at the same pretraining budget
@@ -134,11 +153,20 @@ def summary(rows: list[dict], fractions: list[float]) -> tuple[list[dict], str]:
                     return ""
                 per = ", ".join(f"{v:+.3f}" for v in d["per_seed"])
                 return f"{d['mean']:+.4f} ± {d['std']:.4f} ({per})"
-            lines.append({"init": init, "seeds": len(values), "mean Dice": f"{mean:.4f} ± {std:.4f}",
-                          "minus scratch (paired)": fmt(entry.get("minus_scratch")),
-                          "AMLP minus MAE (paired)": fmt(entry.get("minus_mae"))})
-        parts.append(f"### {100 * fraction:g} % labels\n\n" + table(lines, ["init", "seeds", "mean Dice",
-                     "minus scratch (paired)", "AMLP minus MAE (paired)"]))
+
+            lines.append(
+                {
+                    "init": init,
+                    "seeds": len(values),
+                    "mean Dice": f"{mean:.4f} ± {std:.4f}",
+                    "minus scratch (paired)": fmt(entry.get("minus_scratch")),
+                    "AMLP minus MAE (paired)": fmt(entry.get("minus_mae")),
+                }
+            )
+        parts.append(
+            f"### {100 * fraction:g} % labels\n\n"
+            + table(lines, ["init", "seeds", "mean Dice", "minus scratch (paired)", "AMLP minus MAE (paired)"])
+        )
     return out, "\n\n".join(parts)
 
 
@@ -151,14 +179,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--pretrain-seed", type=int, default=0)
     p.add_argument("--finetune-steps", type=int, default=800, help="optimiser steps of every fine-tuning run")
     p.add_argument("--curve-every", type=int, default=100, help="test Dice every this many steps (0: end only)")
-    p.add_argument("--variant", default="", help="a name for this invocation's --set (e.g. a fine-tuning recipe): "
-                   "appended to the pretrained rows' names and run folders, so variants share one --out")
+    p.add_argument(
+        "--variant",
+        default="",
+        help="a name for this invocation's --set (e.g. a fine-tuning recipe): "
+        "appended to the pretrained rows' names and run folders, so variants share one --out",
+    )
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--runs", default="runs/pretrain_gain")
     args = p.parse_args(argv)
 
-    cfg = build_config({**data_defaults(args.data), **HIPPOCAMPUS_SPLIT, "train.num_threads": args.threads,
-                        **set_overrides(args.set)})
+    cfg = build_config(
+        {**data_defaults(args.data), **HIPPOCAMPUS_SPLIT, "train.num_threads": args.threads, **set_overrides(args.set)}
+    )
     runs = Path(args.runs)
     split = load_split(cfg)
     fractions, seeds, budgets = _floats(args.fractions), _ints(args.seeds), _ints(args.pretrain_epochs)
@@ -167,10 +200,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     previous = json.loads(out.read_text()) if out.exists() else {}
     rows: list[dict] = previous.get("rows", [])
     done = {(r["init"], r["label_fraction"], r["seed"]) for r in rows}
-    header = {"benchmark": "pretrain_gain", "machine": machine(), "split": HIPPOCAMPUS_SPLIT,
-              "train_cases": len(split.train), "test_cases": len(split.test), "finetune_steps": args.finetune_steps,
-              "batch_size": cfg.train.batch_size, "pretrain_seed": args.pretrain_seed,
-              "pretraining": previous.get("pretraining", {})}
+    header = {
+        "benchmark": "pretrain_gain",
+        "machine": machine(),
+        "split": HIPPOCAMPUS_SPLIT,
+        "train_cases": len(split.train),
+        "test_cases": len(split.test),
+        "finetune_steps": args.finetune_steps,
+        "batch_size": cfg.train.batch_size,
+        "pretrain_seed": args.pretrain_seed,
+        "pretraining": previous.get("pretraining", {}),
+    }
 
     inits: list[tuple[str, str | None, int]] = []  # (row name, method, pretraining epochs)
     suffix = f" [{args.variant}]" if args.variant else ""
@@ -187,20 +227,39 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 init = None
                 if method is not None:
                     pre = pretrained(cfg, method, epochs, args.pretrain_seed, runs, split)
-                    header["pretraining"][name] = {"epochs": epochs, "seconds": pre["seconds"],
-                                                   "final_loss": pre["final_loss"]}
+                    header["pretraining"][name] = {
+                        "epochs": epochs,
+                        "seconds": pre["seconds"],
+                        "final_loss": pre["final_loss"],
+                    }
                     init = pre["folder"]
-                ft_cfg = cfg.replace(train={"label_fraction": fraction, "seed": seed,
-                                            "finetune_steps": args.finetune_steps, "eval_every": args.curve_every},
-                                     model={"seg_arch": "unet" if name == UNET else cfg.model.seg_arch})
+                ft_cfg = cfg.replace(
+                    train={
+                        "label_fraction": fraction,
+                        "seed": seed,
+                        "finetune_steps": args.finetune_steps,
+                        "eval_every": args.curve_every,
+                    },
+                    model={"seg_arch": "unet" if name == UNET else cfg.model.seg_arch},
+                )
                 slug = "".join(c if c.isalnum() or c in "._-" else "_" for c in name)
                 run = runs / f"finetune_{slug}_f{fraction}_s{seed}"
                 result = finetune(ft_cfg, run, init=init, split=split)
-                rows.append({"init": name, "method": method or name, "pretrain_epochs": epochs,
-                             "overrides": args.set,
-                             "label_fraction": fraction, "seed": seed, "labelled_cases": result["labelled_cases"],
-                             "steps": args.finetune_steps, "train_seconds": result["train_seconds"],
-                             **{k: v for k, v in result.items() if k.startswith("dice_")}, "curve": curve(run)})
+                rows.append(
+                    {
+                        "init": name,
+                        "method": method or name,
+                        "pretrain_epochs": epochs,
+                        "overrides": args.set,
+                        "label_fraction": fraction,
+                        "seed": seed,
+                        "labelled_cases": result["labelled_cases"],
+                        "steps": args.finetune_steps,
+                        "train_seconds": result["train_seconds"],
+                        **{k: v for k, v in result.items() if k.startswith("dice_")},
+                        "curve": curve(run),
+                    }
+                )
                 log.info("%s, %g %% labels, seed %d: mean Dice %.4f", name, 100 * fraction, seed, result["dice_mean"])
                 stats, _ = summary(rows, sorted({r["label_fraction"] for r in rows}))
                 write_json(out, {**header, "rows": rows, "summary": stats})

@@ -19,8 +19,7 @@ from pathlib import Path
 
 from amlp_core.config import build_config
 from amlp_core.engine.pipeline import data_defaults, finetune, load_split
-from simulations.benchmarks.common import (HIPPOCAMPUS_SPLIT, benchmark_parser, machine, set_overrides, table,
-                                           write_json)
+from simulations.benchmarks.common import HIPPOCAMPUS_SPLIT, benchmark_parser, machine, set_overrides, table, write_json
 
 log = logging.getLogger(__name__)
 COLUMNS = ["budget", "epsilon", "noise_multiplier", "epochs", "train_seconds"]
@@ -35,13 +34,28 @@ def main() -> None:
     p.add_argument("--runs", default="runs/privacy")
     args = p.parse_args()
 
-    cfg = build_config({**data_defaults(args.data), **HIPPOCAMPUS_SPLIT, "train.epochs": args.epochs,
-                        "train.label_fraction": args.label_fraction, **set_overrides(args.set)})
+    cfg = build_config(
+        {
+            **data_defaults(args.data),
+            **HIPPOCAMPUS_SPLIT,
+            "train.epochs": args.epochs,
+            "train.label_fraction": args.label_fraction,
+            **set_overrides(args.set),
+        }
+    )
     split = load_split(cfg)
-    header = {"benchmark": "privacy", "machine": machine(), "split": HIPPOCAMPUS_SPLIT, "epochs": args.epochs,
-              "train_cases": len(split.train), "test_cases": len(split.test), "init": args.init or "scratch",
-              "delta": cfg.privacy.delta, "max_grad_norm": cfg.privacy.max_grad_norm,
-              "batch_size": cfg.train.batch_size}
+    header = {
+        "benchmark": "privacy",
+        "machine": machine(),
+        "split": HIPPOCAMPUS_SPLIT,
+        "epochs": args.epochs,
+        "train_cases": len(split.train),
+        "test_cases": len(split.test),
+        "init": args.init or "scratch",
+        "delta": cfg.privacy.delta,
+        "max_grad_norm": cfg.privacy.max_grad_norm,
+        "batch_size": cfg.train.batch_size,
+    }
     rows = []
     for budget in args.budgets.split(","):
         private = budget != "none"
@@ -53,9 +67,16 @@ def main() -> None:
         noise = None
         if private:
             noise = json.loads((out / "privacy_ledger.json").read_text())["noise_multiplier"]
-        rows.append({"budget": budget, "epsilon": result.get("epsilon"), "noise_multiplier": noise,
-                     "epochs": result["epochs"], "train_seconds": result["train_seconds"],
-                     **{k: v for k, v in result.items() if k.startswith("dice_")}})  # per class (1 = anterior, 2 = posterior), mean
+        rows.append(
+            {
+                "budget": budget,
+                "epsilon": result.get("epsilon"),
+                "noise_multiplier": noise,
+                "epochs": result["epochs"],
+                "train_seconds": result["train_seconds"],
+                **{k: v for k, v in result.items() if k.startswith("dice_")},
+            }
+        )  # per class (1 = anterior, 2 = posterior), mean
         log.info("budget %s: %s", budget, rows[-1])
         write_json(args.out, {**header, "rows": rows})
     print(table(rows, COLUMNS + sorted(k for k in rows[0] if k.startswith("dice_"))))

@@ -41,8 +41,9 @@ def arch_config(cfg: Config, name: str) -> Config:
     return cfg.replace(model={"seg_arch": ARCHS[name]})
 
 
-def step_seconds(models: dict[str, torch.nn.Module], batch: int, size, num_classes: int, repeats: int = 5
-                 ) -> dict[str, float]:
+def step_seconds(
+    models: dict[str, torch.nn.Module], batch: int, size, num_classes: int, repeats: int = 5
+) -> dict[str, float]:
     """Median seconds of one training step (forward, backward, AdamW) per model, interleaved."""
     x = torch.randn(batch, 1, *size)
     y = torch.randint(0, num_classes, (batch, 1, *size))
@@ -72,13 +73,23 @@ def main() -> None:
     p.add_argument("--models", default="unet,ours")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    p.add_argument("--step-seconds", help="use these step times (e.g. unet=0.53,ours=0.68, measured on an idle "
-                   "machine) instead of measuring now; the training itself may then share the machine")
+    p.add_argument(
+        "--step-seconds",
+        help="use these step times (e.g. unet=0.53,ours=0.68, measured on an idle "
+        "machine) instead of measuring now; the training itself may then share the machine",
+    )
     p.add_argument("--out", default="results/seg_baseline.json")
     args = p.parse_args()
 
-    cfg = build_config({**data_defaults(args.data), **HIPPOCAMPUS_SPLIT, "train.seed": args.seed,
-                        "train.batch_size": 8, "train.num_threads": args.threads})
+    cfg = build_config(
+        {
+            **data_defaults(args.data),
+            **HIPPOCAMPUS_SPLIT,
+            "train.seed": args.seed,
+            "train.batch_size": 8,
+            "train.num_threads": args.threads,
+        }
+    )
     if args.threads:
         torch.set_num_threads(args.threads)
     names = args.models.split(",")
@@ -94,8 +105,9 @@ def main() -> None:
     if args.step_seconds:
         steps = {k: float(v) for k, v in (item.split("=") for item in args.step_seconds.split(","))}
     else:
-        steps = step_seconds({n: build(n) for n in names}, cfg.train.batch_size, cfg.model.img_size,
-                             cfg.model.num_classes)
+        steps = step_seconds(
+            {n: build(n) for n in names}, cfg.train.batch_size, cfg.model.img_size, cfg.model.num_classes
+        )
     log.info("step seconds: %s", steps)
     rows = []
     for fraction in [float(f) for f in args.label_fractions.split(",")]:
@@ -103,21 +115,49 @@ def main() -> None:
             model = build(name)
             budget = max(1, int(60 * args.minutes / steps[name]))  # optimiser steps that --minutes buy
             run_cfg = arch_config(cfg, name).replace(train={"label_fraction": fraction, "finetune_steps": budget})
-            result = train_segmentation(model, run_cfg, f"runs/seg_baseline/{name}_{fraction}", split,
-                                        init_method="scratch")
+            result = train_segmentation(
+                model, run_cfg, f"runs/seg_baseline/{name}_{fraction}", split, init_method="scratch"
+            )
             params = sum(p.numel() for p in model.parameters())
-            rows.append({"model": name, "label_fraction": fraction, "labelled_cases": result["labelled_cases"],
-                         "step_seconds": round(steps[name], 3), "steps": result["steps"],
-                         "train_seconds": result["train_seconds"],
-                         "params_M": round(params / 1e6, 2), **{k: v for k, v in result.items()
-                                                                  if k.startswith("dice_")}})
+            rows.append(
+                {
+                    "model": name,
+                    "label_fraction": fraction,
+                    "labelled_cases": result["labelled_cases"],
+                    "step_seconds": round(steps[name], 3),
+                    "steps": result["steps"],
+                    "train_seconds": result["train_seconds"],
+                    "params_M": round(params / 1e6, 2),
+                    **{k: v for k, v in result.items() if k.startswith("dice_")},
+                }
+            )
             log.info("%s at %.0f %% labels: mean Dice %.4f", name, 100 * fraction, result["dice_mean"])
-            path = write_json(args.out, {"benchmark": "seg_baseline", "minutes": args.minutes, "threads": args.threads,
-                                         "step_seconds": steps, "step_seconds_given": bool(args.step_seconds),
-                                         "machine": machine(), "split": HIPPOCAMPUS_SPLIT,
-                                         "test_cases": len(split.test), "rows": rows})  # after every row
-    cols = ["model", "label_fraction", "labelled_cases", "step_seconds", "steps", "train_seconds", "params_M",
-            "dice_1", "dice_2", "dice_mean"]
+            path = write_json(
+                args.out,
+                {
+                    "benchmark": "seg_baseline",
+                    "minutes": args.minutes,
+                    "threads": args.threads,
+                    "step_seconds": steps,
+                    "step_seconds_given": bool(args.step_seconds),
+                    "machine": machine(),
+                    "split": HIPPOCAMPUS_SPLIT,
+                    "test_cases": len(split.test),
+                    "rows": rows,
+                },
+            )  # after every row
+    cols = [
+        "model",
+        "label_fraction",
+        "labelled_cases",
+        "step_seconds",
+        "steps",
+        "train_seconds",
+        "params_M",
+        "dice_1",
+        "dice_2",
+        "dice_mean",
+    ]
     print(table(rows, cols))
     print(f"wrote {path}")
 

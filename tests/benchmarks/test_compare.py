@@ -12,17 +12,47 @@ import pytest
 from simulations.benchmarks import compare
 
 #: A tiny model on 16^3 phantoms (as tests.conftest.tiny_config(3)), CPU, short waits.
-TINY = ["model.img_size=16,16,16", "model.patch_size=4", "model.embed_dim=48", "model.depth=2", "model.num_heads=4",
-        "model.decoder_dim=24", "model.decoder_depth=1", "model.decoder_heads=4", "model.conv_channels=8,16",
-        "data.synthetic_size=16,16,16", "data.synthetic_cases=8", "train.batch_size=4", "train.device=cpu",
-        "federation.connect_timeout=60", "federation.round_timeout=300"]
+TINY = [
+    "model.img_size=16,16,16",
+    "model.patch_size=4",
+    "model.embed_dim=48",
+    "model.depth=2",
+    "model.num_heads=4",
+    "model.decoder_dim=24",
+    "model.decoder_depth=1",
+    "model.decoder_heads=4",
+    "model.conv_channels=8,16",
+    "data.synthetic_size=16,16,16",
+    "data.synthetic_cases=8",
+    "train.batch_size=4",
+    "train.device=cpu",
+    "federation.connect_timeout=60",
+    "federation.round_timeout=300",
+]
 
 
 def _args(tmp_path, *extra):
     sets = [item for kv in TINY for item in ("--set", kv)]
-    return ["--data", "synthetic", "--sites", "2", "--pretrain-rounds", "1", "--finetune-rounds", "1",
-            "--local-epochs", "1", "--seeds", "1", "--runs", str(tmp_path / "runs"),
-            "--out", str(tmp_path / "compare.json"), *sets, *extra]
+    return [
+        "--data",
+        "synthetic",
+        "--sites",
+        "2",
+        "--pretrain-rounds",
+        "1",
+        "--finetune-rounds",
+        "1",
+        "--local-epochs",
+        "1",
+        "--seeds",
+        "1",
+        "--runs",
+        str(tmp_path / "runs"),
+        "--out",
+        str(tmp_path / "compare.json"),
+        *sets,
+        *extra,
+    ]
 
 
 def _fake_rows():
@@ -31,23 +61,49 @@ def _fake_rows():
         for method, base in (("scratch", 0.5), ("amlp", 0.6)):
             for fraction in (0.1, 1.0):
                 d1, d2 = base + fraction * 0.2 + shift, base + fraction * 0.1 + shift
-                rows.append({"seed": seed, "method": method, "label_fraction": fraction, "dice_1": d1, "dice_2": d2,
-                             "dice_mean": (d1 + d2) / 2, "seconds": 10.0 + seed})
+                rows.append(
+                    {
+                        "seed": seed,
+                        "method": method,
+                        "label_fraction": fraction,
+                        "dice_1": d1,
+                        "dice_2": d2,
+                        "dice_mean": (d1 + d2) / 2,
+                        "seconds": 10.0 + seed,
+                    }
+                )
     return rows
 
 
 def test_table_markdown_and_plot_from_rows():
     rows = _fake_rows()
     cells = compare.aggregate(rows, ["scratch", "amlp"], [0.1, 1.0])
-    assert [(c["method"], c["label_fraction"]) for c in cells] == [("scratch", 0.1), ("scratch", 1.0),
-                                                                    ("amlp", 0.1), ("amlp", 1.0)]
+    assert [(c["method"], c["label_fraction"]) for c in cells] == [
+        ("scratch", 0.1),
+        ("scratch", 1.0),
+        ("amlp", 0.1),
+        ("amlp", 1.0),
+    ]
     first = cells[0]
     assert first["seeds"] == [0, 1, 2] and first["dice_1_mean"] == pytest.approx(0.54)
     assert first["dice_1_std"] == pytest.approx(0.02) and first["seconds_mean"] == 11.0
-    payload = {"budget": {"data": "hippocampus", "sites": 4, "split": {}, "pretrain_rounds": 2, "finetune_rounds": 3,
-                          "local_epochs": 1, "set": {}},
-               "machine": {"processor": "x86_64"}, "seeds": [0, 1, 2], "reduced_budget": "reduced budget on CPU",
-               "class_names": {"0": "background", "1": "Anterior", "2": "Posterior"}, "rows": rows, "table": cells}
+    payload = {
+        "budget": {
+            "data": "hippocampus",
+            "sites": 4,
+            "split": {},
+            "pretrain_rounds": 2,
+            "finetune_rounds": 3,
+            "local_epochs": 1,
+            "set": {},
+        },
+        "machine": {"processor": "x86_64"},
+        "seeds": [0, 1, 2],
+        "reduced_budget": "reduced budget on CPU",
+        "class_names": {"0": "background", "1": "Anterior", "2": "Posterior"},
+        "rows": rows,
+        "table": cells,
+    }
     md = compare.markdown(payload)
     assert "| init | labels | seeds | Dice anterior | Dice posterior | mean Dice | seconds per run |" in md
     assert "| scratch | 10 % | 3 | 0.5400 ± 0.0200 |" in md and "**reduced budget on CPU**" in md
@@ -59,8 +115,9 @@ def test_table_markdown_and_plot_from_rows():
     assert amlp["vs_scratch_seeds"] == 3 and "vs_scratch_mean" not in cells[0]
     assert "| amlp | +0.1000 ± 0.0000 | +0.1000 ± 0.0000 |" in md
     # A seed without its scratch run is left out of the pairing.
-    partial = compare.aggregate([r for r in rows if not (r["method"] == "scratch" and r["seed"] == 2)],
-                                ["scratch", "amlp"], [0.1, 1.0])
+    partial = compare.aggregate(
+        [r for r in rows if not (r["method"] == "scratch" and r["seed"] == 2)], ["scratch", "amlp"], [0.1, 1.0]
+    )
     assert partial[2]["vs_scratch_seeds"] == 2
     svg = ET.fromstring(compare.svg_plot(cells, "title & <more>", "sub"))
     ns = "{http://www.w3.org/2000/svg}"
@@ -90,7 +147,9 @@ def test_run_configurations_of_the_three_kinds(tmp_path):
     assert (pre.model.seg_arch, init.model.seg_arch, scratch.model.seg_arch) == ("vit",) * 3
     assert compare.ALL_METHODS[:3] == ("scratch", "unet", "mae")
     assert compare.parse_args(_args(tmp_path, "--methods", "scratch,unet", "--pretrain-rounds", "0")).methods == [
-        "scratch", "unet"]  # neither needs pretraining rounds
+        "scratch",
+        "unet",
+    ]  # neither needs pretraining rounds
     with pytest.raises(SystemExit):
         compare.parse_args(_args(tmp_path, "--methods", "mae,bogus"))
 
@@ -109,8 +168,16 @@ def _fake_runs(monkeypatch):
     def run_once(cfg, args, label):
         f = cfg.federation
         init = cfg.method.name if f.pretrain_rounds or f.init_encoder else "-"  # "-": from scratch
-        calls.append((init if cfg.model.seg_arch == "vit" else cfg.model.seg_arch, cfg.train.label_fraction,
-                      cfg.train.seed, f.pretrain_rounds, f.init_encoder, f.local_epochs))
+        calls.append(
+            (
+                init if cfg.model.seg_arch == "vit" else cfg.model.seg_arch,
+                cfg.train.label_fraction,
+                cfg.train.seed,
+                f.pretrain_rounds,
+                f.init_encoder,
+                f.local_epochs,
+            )
+        )
         if f.pretrain_rounds:
             (Path(f.run_dir) / "encoder").mkdir(parents=True)
             (Path(f.run_dir) / "encoder" / "checkpoint.pt").write_text("x")
@@ -124,23 +191,45 @@ def _fake_runs(monkeypatch):
 
 def test_plan_of_runs_and_resumption(tmp_path, monkeypatch):
     calls = _fake_runs(monkeypatch)
-    argv = _args(tmp_path, "--methods", "scratch,unet,mae,ace", "--fractions", "0.5,1.0", "--seeds", "2",
-                 "--pretrain-rounds", "3")
+    argv = _args(
+        tmp_path,
+        "--methods",
+        "scratch,unet,mae,ace",
+        "--fractions",
+        "0.5,1.0",
+        "--seeds",
+        "2",
+        "--pretrain-rounds",
+        "3",
+    )
     payload = compare.main(argv)
-    enc = {m: {s: str(tmp_path / "runs" / f"seed{s}" / f"{m}_100pct" / "encoder") for s in (0, 1)}
-           for m in ("mae", "ace")}
+    enc = {
+        m: {s: str(tmp_path / "runs" / f"seed{s}" / f"{m}_100pct" / "encoder") for s in (0, 1)} for m in ("mae", "ace")
+    }
     # Half the labels: the same local epochs, which count steps over all the labelled cases (the same steps).
-    assert calls == [c for s in (0, 1) for c in [
-        ("-", 1.0, s, 0, "", 1), ("-", 0.5, s, 0, "", 1),  # scratch
-        ("unet", 1.0, s, 0, "", 1), ("unet", 0.5, s, 0, "", 1),  # scratch with a plain U-Net, the same steps
-        ("mae", 1.0, s, 3, "", 1), ("mae", 0.5, s, 0, enc["mae"][s], 1),  # pretraining run, then its encoder
-        ("ace", 1.0, s, 3, "", 1), ("ace", 0.5, s, 0, enc["ace"][s], 1)]]
+    assert calls == [
+        c
+        for s in (0, 1)
+        for c in [
+            ("-", 1.0, s, 0, "", 1),
+            ("-", 0.5, s, 0, "", 1),  # scratch
+            ("unet", 1.0, s, 0, "", 1),
+            ("unet", 0.5, s, 0, "", 1),  # scratch with a plain U-Net, the same steps
+            ("mae", 1.0, s, 3, "", 1),
+            ("mae", 0.5, s, 0, enc["mae"][s], 1),  # pretraining run, then its encoder
+            ("ace", 1.0, s, 3, "", 1),
+            ("ace", 0.5, s, 0, enc["ace"][s], 1),
+        ]
+    ]
     assert len(payload["table"]) == 8 and all(c["seeds"] == [0, 1] for c in payload["table"])
     cell = next(c for c in payload["table"] if c["method"] == "mae" and c["label_fraction"] == 0.5)
     assert cell["dice_mean_mean"] == pytest.approx(0.555) and cell["dice_mean_std"] == pytest.approx(0.00707, abs=1e-4)
     md = (tmp_path / "compare.md").read_text()
-    assert next(c for c in payload["table"] if c["method"] == "mae" and c["label_fraction"] == 1.0)[
-        "encoder_change_mean"] == 0.25 and "mae 0.250, ace 0.250." in md  # pretraining runs only
+    assert (
+        next(c for c in payload["table"] if c["method"] == "mae" and c["label_fraction"] == 1.0)["encoder_change_mean"]
+        == 0.25
+        and "mae 0.250, ace 0.250." in md
+    )  # pretraining runs only
     assert "unet 0.250" not in md
     assert all(f"| {m} | {p} | 2 |" in md for m in ("scratch", "unet", "mae", "ace") for p in ("50 %", "100 %"))
     svg = ET.parse(tmp_path / "compare.svg").getroot()
@@ -149,14 +238,20 @@ def test_plan_of_runs_and_resumption(tmp_path, monkeypatch):
     # Continue after an interruption: only the missing runs are made; a missing encoder is made again first.
     out = tmp_path / "compare.json"
     saved = json.loads(out.read_text())
-    saved["rows"] = [r for r in saved["rows"] if not (r["seed"] == 1 and r["label_fraction"] == 0.5
-                                                       and r["method"] in ("mae", "ace"))]
+    saved["rows"] = [
+        r
+        for r in saved["rows"]
+        if not (r["seed"] == 1 and r["label_fraction"] == 0.5 and r["method"] in ("mae", "ace"))
+    ]
     out.write_text(json.dumps(saved))
     shutil.rmtree(tmp_path / "runs" / "seed1" / "ace_100pct")
     calls.clear()
     again = compare.main([*argv, "--resume-rows"])
-    assert calls == [("mae", 0.5, 1, 0, enc["mae"][1], 1), ("ace", 1.0, 1, 3, "", 1),
-                     ("ace", 0.5, 1, 0, enc["ace"][1], 1)]
+    assert calls == [
+        ("mae", 0.5, 1, 0, enc["mae"][1], 1),
+        ("ace", 1.0, 1, 3, "", 1),
+        ("ace", 0.5, 1, 0, enc["ace"][1], 1),
+    ]
     assert len(again["rows"]) == 16 and again["table"] == payload["table"]
 
 

@@ -10,10 +10,22 @@ from simulations.benchmarks.federated import combine
 
 
 def _run(path, seed, central, federated, **budget):
-    payload = {"machine": {"cpu_threads": 2}, "seed": seed, "sites": 4, "method": "amlp", "pretrain_rounds": 2,
-               "finetune_rounds": 8, "local_epochs": 5, "label_fraction": 1.0, "central_batch_size": 8,
-               "site_batch_size": 2, "centralized_dice": {"dice_mean": central},
-               "federated_dice": {"dice_mean": federated}, "dice_ratio": federated / central, **budget}
+    payload = {
+        "machine": {"cpu_threads": 2},
+        "seed": seed,
+        "sites": 4,
+        "method": "amlp",
+        "pretrain_rounds": 2,
+        "finetune_rounds": 8,
+        "local_epochs": 5,
+        "label_fraction": 1.0,
+        "central_batch_size": 8,
+        "site_batch_size": 2,
+        "centralized_dice": {"dice_mean": central},
+        "federated_dice": {"dice_mean": federated},
+        "dice_ratio": federated / central,
+        **budget,
+    }
     path.write_text(json.dumps(payload))
     return path
 

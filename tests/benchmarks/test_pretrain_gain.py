@@ -7,17 +7,48 @@ import pytest
 from simulations.benchmarks import pretrain_gain
 from simulations.benchmarks.pretrain_gain import paired, summary
 
-TINY = ["model.spatial_dims=2", "model.img_size=32,32", "data.synthetic_size=32,32", "model.patch_size=4",
-        "model.embed_dim=48", "model.depth=1", "model.num_heads=4", "model.decoder_dim=24", "model.decoder_depth=1",
-        "model.decoder_heads=4", "model.conv_channels=8,16", "data.synthetic_cases=16", "train.batch_size=4",
-        "train.device=cpu"]
+TINY = [
+    "model.spatial_dims=2",
+    "model.img_size=32,32",
+    "data.synthetic_size=32,32",
+    "model.patch_size=4",
+    "model.embed_dim=48",
+    "model.depth=1",
+    "model.num_heads=4",
+    "model.decoder_dim=24",
+    "model.decoder_depth=1",
+    "model.decoder_heads=4",
+    "model.conv_channels=8,16",
+    "data.synthetic_cases=16",
+    "train.batch_size=4",
+    "train.device=cpu",
+]
 
 
 def _args(tmp_path, *extra):
     sets = [a for s in TINY for a in ("--set", s)]
-    return ["--data", "synthetic", "--out", str(tmp_path / "gain.json"), "--runs", str(tmp_path / "runs"),
-            "--methods", "scratch,unet,mae", "--fractions", "0.5", "--seeds", "0,1", "--pretrain-epochs", "1",
-            "--finetune-steps", "4", "--curve-every", "2", *sets, *extra]
+    return [
+        "--data",
+        "synthetic",
+        "--out",
+        str(tmp_path / "gain.json"),
+        "--runs",
+        str(tmp_path / "runs"),
+        "--methods",
+        "scratch,unet,mae",
+        "--fractions",
+        "0.5",
+        "--seeds",
+        "0,1",
+        "--pretrain-epochs",
+        "1",
+        "--finetune-steps",
+        "4",
+        "--curve-every",
+        "2",
+        *sets,
+        *extra,
+    ]
 
 
 @pytest.mark.slow
@@ -40,17 +71,26 @@ def test_benchmark_runs_pairs_and_resumes(tmp_path, monkeypatch):
     # A variant (another fine-tuning recipe) adds its own rows beside, reusing the pretraining.
     monkeypatch.undo()
     monkeypatch.setattr(pretrain_gain, "pretrain", lambda *a, **k: pytest.fail("a finished pretraining was re-run"))
-    third = pretrain_gain.main(_args(tmp_path, "--methods", "mae", "--seeds", "0", "--variant", "lr1",
-                                     "--set", "train.encoder_lr_scale=1.0"))
+    third = pretrain_gain.main(
+        _args(tmp_path, "--methods", "mae", "--seeds", "0", "--variant", "lr1", "--set", "train.encoder_lr_scale=1.0")
+    )
     assert [r["init"] for r in third["rows"]][-1] == "mae 1 ep [lr1]" and len(third["rows"]) == 7
     assert third["rows"][-1]["overrides"][-1] == "train.encoder_lr_scale=1.0"
 
 
 def test_paired_differences_use_common_seeds_only():
-    rows = [{"label_fraction": 0.1, "init": i, "seed": s, "dice_mean": d}
-            for i, s, d in [("scratch", 0, 0.70), ("scratch", 1, 0.80), ("scratch", 2, 0.75),
-                            ("amlp 50 ep", 0, 0.74), ("amlp 50 ep", 1, 0.81),
-                            ("mae 50 ep", 0, 0.72), ("mae 50 ep", 1, 0.82)]]
+    rows = [
+        {"label_fraction": 0.1, "init": i, "seed": s, "dice_mean": d}
+        for i, s, d in [
+            ("scratch", 0, 0.70),
+            ("scratch", 1, 0.80),
+            ("scratch", 2, 0.75),
+            ("amlp 50 ep", 0, 0.74),
+            ("amlp 50 ep", 1, 0.81),
+            ("mae 50 ep", 0, 0.72),
+            ("mae 50 ep", 1, 0.82),
+        ]
+    ]
     d = paired(rows, 0.1, "amlp 50 ep", "scratch")
     assert d["seeds"] == [0, 1] and d["per_seed"] == pytest.approx([0.04, 0.01])
     stats, md = summary(rows, [0.1])

@@ -12,22 +12,35 @@ from tests.conftest import tiny_config
 
 
 def cfg(tmp_path, **overrides):
-    base = {"federation.run_dir": str(tmp_path / "run"), "federation.pretrain_rounds": 3, "data.synthetic_cases": 8,
-            "federation.sites": 2}
+    base = {
+        "federation.run_dir": str(tmp_path / "run"),
+        "federation.pretrain_rounds": 3,
+        "data.synthetic_cases": 8,
+        "federation.sites": 2,
+    }
     return tiny_config(2, **{**base, **overrides})
 
 
 def context(cfg, site: int, node_id: int | None = None, node_config=None) -> Context:
-    return Context(run_id=1, node_id=node_id if node_id is not None else 100 + site,
-                   node_config=node_config or {"partition-id": site, "num-partitions": 2}, state=RecordDict(),
-                   run_config=flat_dict(cfg))
+    return Context(
+        run_id=1,
+        node_id=node_id if node_id is not None else 100 + site,
+        node_config=node_config or {"partition-id": site, "num-partitions": 2},
+        state=RecordDict(),
+        run_config=flat_dict(cfg),
+    )
 
 
 def instructions(cfg, phase=P.PRETRAIN, rnd=1, **changes) -> ConfigRecord:
     fed = cfg.federation
     total = fed.pretrain_rounds if phase == P.PRETRAIN else fed.finetune_rounds
-    record = {P.PHASE: phase, P.GLOBAL_ROUND: rnd, P.TOTAL_ROUNDS: total, P.LOCAL_EPOCHS: fed.local_epochs,
-              P.CONFIG_DIGEST: P.config_digest(cfg)}
+    record = {
+        P.PHASE: phase,
+        P.GLOBAL_ROUND: rnd,
+        P.TOTAL_ROUNDS: total,
+        P.LOCAL_EPOCHS: fed.local_epochs,
+        P.CONFIG_DIGEST: P.config_digest(cfg),
+    }
     if phase == P.PRETRAIN:
         from amlp_core.methods import mask_ratio_at
         from amlp_core.schedules import federated_progress
@@ -41,8 +54,17 @@ def instructions(cfg, phase=P.PRETRAIN, rnd=1, **changes) -> ConfigRecord:
 
 def message(content: RecordDict, node_id: int, kind: str) -> Message:
     """A message as the SuperLink delivers it to a SuperNode (metadata filled in)."""
-    meta = Metadata(run_id=1, message_id=f"m-{time.monotonic_ns()}", src_node_id=0, dst_node_id=node_id,
-                    reply_to_message_id="", group_id="", created_at=time.time(), ttl=3600.0, message_type=kind)
+    meta = Metadata(
+        run_id=1,
+        message_id=f"m-{time.monotonic_ns()}",
+        src_node_id=0,
+        dst_node_id=node_id,
+        reply_to_message_id="",
+        group_id="",
+        created_at=time.time(),
+        ttl=3600.0,
+        message_type=kind,
+    )
     return Message(content=content, metadata=meta)
 
 

@@ -83,8 +83,9 @@ def test_a_masking_ratio_mismatch_is_refused(tmp_path):
 def test_a_configuration_skew_is_refused(tmp_path):
     cfg = _cfg(tmp_path)
     ctx = _context(cfg, 0)
-    reply = app(_train_message(cfg, _encoder_state(cfg), _instructions(cfg, **{P.CONFIG_DIGEST: "0" * 16}),
-                               ctx.node_id), ctx)
+    reply = app(
+        _train_message(cfg, _encoder_state(cfg), _instructions(cfg, **{P.CONFIG_DIGEST: "0" * 16}), ctx.node_id), ctx
+    )
     assert reply.has_error() and "configuration differs from the server's" in reply.error.reason
 
 
@@ -95,8 +96,11 @@ def test_finetune_and_evaluate_round(tmp_path):
     reply = app(_train_message(cfg, model, _instructions(cfg, phase=P.FINETUNE), ctx.node_id), ctx)
     assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
     assert set(reply.content[P.ARRAYS].to_torch_state_dict()) == set(model)
-    ev = _message(RecordDict({P.ARRAYS: reply.content[P.ARRAYS], P.CONFIG: _instructions(cfg, P.FINETUNE)}),
-                  ctx.node_id, "evaluate")
+    ev = _message(
+        RecordDict({P.ARRAYS: reply.content[P.ARRAYS], P.CONFIG: _instructions(cfg, P.FINETUNE)}),
+        ctx.node_id,
+        "evaluate",
+    )
     answer = app(ev, ctx)
     metrics = dict(answer.content[P.METRICS])
     assert 0.0 <= metrics["dice_1"] <= 1.0 and metrics[P.NUM_EXAMPLES] == 2
@@ -107,8 +111,9 @@ def test_a_broken_dataset_is_that_sites_error_naming_the_file(tmp_path):
     victim = sorted((data / "imagesTr").iterdir())[0]
     victim.write_bytes(b"not a nifti")
     site_file = tmp_path / "hospital.yaml"
-    site_file.write_text(yaml.safe_dump({"site": {"name": "st-mary", "state_dir": str(tmp_path / "state")},
-                                         "data": {"path": str(data)}}))
+    site_file.write_text(
+        yaml.safe_dump({"site": {"name": "st-mary", "state_dir": str(tmp_path / "state")}, "data": {"path": str(data)}})
+    )
     cfg = _cfg(tmp_path)
     ctx = _context(cfg, 0, node_config={"site-config": str(site_file)})
     reply = app(_train_message(cfg, _encoder_state(cfg), _instructions(cfg), ctx.node_id), ctx)
@@ -166,19 +171,29 @@ def _server_instructions(cfg, rnd: int) -> ConfigRecord:
 def test_a_finetuning_round_takes_the_planned_local_steps(tmp_path, steps_taken, fraction, local_steps, planned):
     # 20 phantoms a site, 16 for training; batch 4: an epoch over all of them is 4 steps, two local epochs 8,
     # whether the site keeps all 16 labelled cases or 4 (one batch a pass).
-    cfg = _cfg(tmp_path, **{"data.synthetic_cases": 20, "train.label_fraction": fraction,
-                            "federation.local_epochs": 2, "federation.finetune_local_steps": local_steps})
+    cfg = _cfg(
+        tmp_path,
+        **{
+            "data.synthetic_cases": 20,
+            "train.label_fraction": fraction,
+            "federation.local_epochs": 2,
+            "federation.finetune_local_steps": local_steps,
+        },
+    )
     ctx = _context(cfg, 0)
-    reply = app(_train_message(cfg, SegmentationNet(cfg.model).state_dict(), _server_instructions(cfg, 1),
-                               ctx.node_id), ctx)
+    reply = app(
+        _train_message(cfg, SegmentationNet(cfg.model).state_dict(), _server_instructions(cfg, 1), ctx.node_id), ctx
+    )
     assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
     assert len(steps_taken) == planned
     assert dict(reply.content[P.METRICS])[P.NUM_EXAMPLES] == round(16 * fraction)  # samples, not batches
 
 
 def test_the_finetuning_rate_follows_the_steps_over_the_whole_run(tmp_path, steps_taken):
-    cfg = _cfg(tmp_path, **{"federation.finetune_rounds": 2, "federation.finetune_local_steps": 6,
-                            "train.finetune_warmup": 0.25})
+    cfg = _cfg(
+        tmp_path,
+        **{"federation.finetune_rounds": 2, "federation.finetune_local_steps": 6, "train.finetune_warmup": 0.25},
+    )
     ctx = _context(cfg, 0)
     model = SegmentationNet(cfg.model).state_dict()
     for rnd in (1, 2):
@@ -195,10 +210,13 @@ def test_a_local_steps_mismatch_is_refused(tmp_path):
     cfg = _cfg(tmp_path, **{"federation.finetune_local_steps": 4})
     ctx = _context(cfg, 0)
     model = SegmentationNet(cfg.model).state_dict()
-    for sent, needle in ((7, "the server plans 7 local steps per fine-tuning round"),
-                         (0, "the server plans local epochs over all labelled cases per fine-tuning round")):
-        reply = app(_train_message(cfg, model, _instructions(cfg, phase=P.FINETUNE, **{P.LOCAL_STEPS: sent}),
-                                   ctx.node_id), ctx)
+    for sent, needle in (
+        (7, "the server plans 7 local steps per fine-tuning round"),
+        (0, "the server plans local epochs over all labelled cases per fine-tuning round"),
+    ):
+        reply = app(
+            _train_message(cfg, model, _instructions(cfg, phase=P.FINETUNE, **{P.LOCAL_STEPS: sent}), ctx.node_id), ctx
+        )
         assert reply.has_error()
         assert reply.error.reason.startswith("site site0: " + needle), reply.error.reason
         assert "this site 4 local steps" in reply.error.reason

@@ -12,7 +12,10 @@ from amlp_core.privacy import LEDGER_FILE, epsilon_of
 from client import site as site_module
 from client.app import app
 from fedamlp import protocol as P
-from tests.client.helpers import cfg as _cfg, context as _context, instructions as _instructions, train_message as _train_message
+from tests.client.helpers import cfg as _cfg
+from tests.client.helpers import context as _context
+from tests.client.helpers import instructions as _instructions
+from tests.client.helpers import train_message as _train_message
 
 pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook is firing:UserWarning")
 
@@ -37,8 +40,15 @@ def _epsilons_of_rounds(cfg, ctx, rounds) -> list[float]:
 
 
 def test_site_dp_epsilon_grows_survives_a_restart_and_stops_at_the_budget(tmp_path):
-    cfg = _cfg(tmp_path, **{"privacy.site_dp": True, "privacy.budget": 30.0, "privacy.noise_multiplier": 0.8,
-                            "federation.finetune_rounds": 3})
+    cfg = _cfg(
+        tmp_path,
+        **{
+            "privacy.site_dp": True,
+            "privacy.budget": 30.0,
+            "privacy.noise_multiplier": 0.8,
+            "federation.finetune_rounds": 3,
+        },
+    )
     ctx = _context(cfg, 0)
     eps = _epsilons_of_rounds(cfg, ctx, (1, 2))
     assert 0 < eps[0] < eps[1] <= 30.0
@@ -54,8 +64,15 @@ def test_site_dp_epsilon_grows_survives_a_restart_and_stops_at_the_budget(tmp_pa
     reply = _round(cfg, ctx, P.FINETUNE, 3, model)
     eps3 = dict(reply.content[P.METRICS])[P.EPSILON]
     assert eps3 > eps[1]
-    tight = _cfg(tmp_path, **{"privacy.site_dp": True, "privacy.budget": eps3 * 1.05, "privacy.noise_multiplier": 0.8,
-                              "federation.finetune_rounds": 4})
+    tight = _cfg(
+        tmp_path,
+        **{
+            "privacy.site_dp": True,
+            "privacy.budget": eps3 * 1.05,
+            "privacy.noise_multiplier": 0.8,
+            "federation.finetune_rounds": 4,
+        },
+    )
     _restart_site()
     tight_ctx = _context(tight, 0)
     refused = _round(tight, tight_ctx, P.FINETUNE, 4, model)
@@ -66,8 +83,16 @@ def test_site_dp_epsilon_grows_survives_a_restart_and_stops_at_the_budget(tmp_pa
 
 
 def test_calibrated_noise_plans_the_whole_run_and_pretraining_can_be_private(tmp_path):
-    cfg = _cfg(tmp_path, **{"privacy.site_dp": True, "privacy.phases": "both", "privacy.budget": 8.0,
-                            "federation.pretrain_rounds": 2, "federation.finetune_rounds": 2})
+    cfg = _cfg(
+        tmp_path,
+        **{
+            "privacy.site_dp": True,
+            "privacy.phases": "both",
+            "privacy.budget": 8.0,
+            "federation.pretrain_rounds": 2,
+            "federation.finetune_rounds": 2,
+        },
+    )
     ctx = _context(cfg, 0)
     encoder = build_method(cfg.model, cfg.method).shared_state_dict()
     replies = [_round(cfg, ctx, P.PRETRAIN, r, encoder) for r in (1, 2)]
@@ -89,8 +114,16 @@ def test_without_site_dp_nothing_is_accounted(tmp_path):
 
 def test_the_site_ledger_is_planned_and_charged_in_the_local_steps(tmp_path):
     # 6 training cases, 3 labelled (half), batch 4: sample rate 1, one draw a pass; 5 steps a round.
-    cfg = _cfg(tmp_path, **{"privacy.site_dp": True, "privacy.budget": 8.0, "train.label_fraction": 0.5,
-                            "federation.finetune_rounds": 2, "federation.finetune_local_steps": 5})
+    cfg = _cfg(
+        tmp_path,
+        **{
+            "privacy.site_dp": True,
+            "privacy.budget": 8.0,
+            "train.label_fraction": 0.5,
+            "federation.finetune_rounds": 2,
+            "federation.finetune_local_steps": 5,
+        },
+    )
     ctx = _context(cfg, 0)
     eps = _epsilons_of_rounds(cfg, ctx, (1, 2))
     ledger = json.loads((tmp_path / "run" / "sites" / "site0" / LEDGER_FILE).read_text())

@@ -38,6 +38,7 @@ def test_registry_and_config_know_both():
 
 # -- AHM -------------------------------------------------------------------------------------
 
+
 def test_ahm_step_shapes_and_gradients(dims):
     cfg = tiny_model(dims)
     method = build_method(cfg, MethodConfig(name="ahm"))
@@ -75,8 +76,8 @@ def _hard_patch_batch(cfg, batch: int, g: torch.Generator, share: float = 0.25):
     (a reconstruction loss near 1 that no training removes). Returns images and the hard-patch mask."""
     n, p = cfg.num_patches, cfg.patch_size
     hard = torch.zeros(batch, n, dtype=torch.bool)
-    hard.scatter_(1, torch.rand(batch, n, generator=g).argsort(1)[:, :int(share * n)], True)
-    size = p ** cfg.spatial_dims
+    hard.scatter_(1, torch.rand(batch, n, generator=g).argsort(1)[:, : int(share * n)], True)
+    size = p**cfg.spatial_dims
     smooth = 0.1 * torch.linspace(-1, 1, size).expand(batch, n, size) + torch.randn(batch, 1, 1, generator=g)
     patches = torch.where(hard.unsqueeze(-1), torch.randn(batch, n, size, generator=g), smooth)
     return unpatchify(patches, p, cfg.grid_size, 1), hard
@@ -110,6 +111,7 @@ def test_ahm_agent_learns_to_mask_the_hard_patches():
 
 # -- ACE -------------------------------------------------------------------------------------
 
+
 def test_ace_step_shapes_and_gradients(dims):
     cfg = tiny_model(dims)
     method = build_method(cfg, MethodConfig(name="ace"))
@@ -117,8 +119,7 @@ def test_ace_step_shapes_and_gradients(dims):
     out = method.training_step(_phantoms(cfg), progress=0.0, generator=_gen())
     assert out.loss.ndim == 0 and torch.isfinite(out.loss) and out.mask is None
     m = out.metrics
-    assert m["ratio"] == 0.0 and m["loss"] == pytest.approx(0.1 * m["global"] + (m["comp"] + m["decomp"]) / 2,
-                                                             rel=1e-5)
+    assert m["ratio"] == 0.0 and m["loss"] == pytest.approx(0.1 * m["global"] + (m["comp"] + m["decomp"]) / 2, rel=1e-5)
     out.loss.backward()
     for part in (method.encoder, method.head, method.compose, method.decompose):
         grads = [p.grad for p in part.parameters() if p.requires_grad]
@@ -131,7 +132,7 @@ def test_small_view_tokens_lie_inside_their_large_view_token(dims):
     cfg = tiny_model(dims)
     p, grid = cfg.patch_size, cfg.grid_size
     b = 6
-    strides = [math.prod(grid[a + 1:]) for a in range(dims)]
+    strides = [math.prod(grid[a + 1 :]) for a in range(dims)]
     for axis in range(dims):
         shape = [1] * dims
         shape[axis] = -1
@@ -143,7 +144,7 @@ def test_small_view_tokens_lie_inside_their_large_view_token(dims):
         parent_coord = torch.div(source, p, rounding_mode="floor").long()  # large-view token coordinate
         ids = overlap_ids(offsets, grid)  # [B, M]
         expected = (ids // strides[axis]) % grid[axis]  # coordinate of each block's large-view token
-        assert ids.shape == (b, cfg.num_patches // 2 ** dims)
+        assert ids.shape == (b, cfg.num_patches // 2**dims)
         got = blocks(parent_coord.unsqueeze(-1), grid).squeeze(-1)  # [B, M, c]
         assert torch.equal(got, expected.unsqueeze(-1).expand_as(got))
 
@@ -153,7 +154,7 @@ def test_blocks_round_trip(dims):
     n = math.prod(grid)
     tokens = torch.randn(2, n, 5)
     grouped = blocks(tokens, grid)
-    assert grouped.shape == (2, n // 2 ** dims, 2 ** dims, 5)
+    assert grouped.shape == (2, n // 2**dims, 2**dims, 5)
     assert torch.equal(unblocks(grouped, grid), tokens)
 
 
@@ -164,8 +165,10 @@ def test_ema_teacher_moves_by_one_minus_momentum():
         for p in method.encoder.parameters():
             p.add_(torch.randn_like(p))
     before = {k: v.clone() for k, v in method.teacher.state_dict().items()}
-    student = {**{f"encoder.{k}": v for k, v in method.encoder.state_dict().items()},
-               **{f"head.{k}": v for k, v in method.head.state_dict().items()}}
+    student = {
+        **{f"encoder.{k}": v for k, v in method.encoder.state_dict().items()},
+        **{f"head.{k}": v for k, v in method.head.state_dict().items()},
+    }
     method.update_teacher(0.9)
     for k, v in method.teacher.state_dict().items():
         assert torch.allclose(v, before[k] + 0.1 * (student[k] - before[k]), atol=1e-6), k
@@ -202,13 +205,22 @@ def test_ace_teacher_restarts_from_a_received_encoder_and_keeps_its_own_state():
 def test_ace_needs_an_even_patch_grid():
     from amlp_core.config import ModelConfig
 
-    cfg = ModelConfig(spatial_dims=2, img_size=(24, 32), patch_size=8, embed_dim=48, num_heads=4, decoder_dim=24,
-                      decoder_heads=4, conv_channels=(8,))
+    cfg = ModelConfig(
+        spatial_dims=2,
+        img_size=(24, 32),
+        patch_size=8,
+        embed_dim=48,
+        num_heads=4,
+        decoder_dim=24,
+        decoder_heads=4,
+        conv_channels=(8,),
+    )
     with pytest.raises(ConfigError, match="model.img_size"):
         build_method(cfg, MethodConfig(name="ace"))
 
 
 # -- both ------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("name", ["ahm", "ace"])
 def test_loss_decreases_on_phantoms(name):
@@ -246,8 +258,9 @@ def test_encoder_loads_strictly_into_the_segmentation_net(name, dims):
     method.training_step(_phantoms(cfg), progress=0.5, generator=_gen()).loss.backward()
     net = SegmentationNet(cfg)
     net.encoder.load_state_dict(encoder_state(method.state_dict()), strict=True)  # not the ACE teacher's
-    assert all(torch.equal(a, b) for a, b in zip(net.encoder.state_dict().values(),
-                                                  method.encoder.state_dict().values()))
+    assert all(
+        torch.equal(a, b) for a, b in zip(net.encoder.state_dict().values(), method.encoder.state_dict().values())
+    )
 
 
 def test_optimizer_groups():
@@ -270,6 +283,7 @@ def test_ratios_the_server_sends():
 
 # -- federation: the server's own instructions and initial weights, real messages to the ClientApp --
 
+
 @pytest.mark.parametrize("name", ["ahm", "ace"])
 def test_federated_rounds_through_the_client_app(tmp_path, name):
     from flwr.app import ArrayRecord
@@ -278,7 +292,9 @@ def test_federated_rounds_through_the_client_app(tmp_path, name):
     from client.state import SiteState
     from fedamlp import protocol as P
     from server.federation import Federation
-    from tests.client.helpers import cfg as _cfg, context as _context, train_message as _train_message
+    from tests.client.helpers import cfg as _cfg
+    from tests.client.helpers import context as _context
+    from tests.client.helpers import train_message as _train_message
 
     cfg = _cfg(tmp_path, **{"method.name": name})
     server = Federation(None, cfg)  # no grid needed for the instructions and the initial weights
@@ -293,8 +309,9 @@ def test_federated_rounds_through_the_client_app(tmp_path, name):
         arrays = reply.content[P.ARRAYS].to_torch_state_dict()
         assert set(arrays) == set(sent)
         assert any(not torch.equal(arrays[k], sent[k]) for k in sent)  # it trained
-        assert reply.content[P.METRICS][P.MASK_RATIO] == pytest.approx(instructions[P.EXPECTED_RATIO],
-                                                                        abs=1 / cfg.model.num_patches)
+        assert reply.content[P.METRICS][P.MASK_RATIO] == pytest.approx(
+            instructions[P.EXPECTED_RATIO], abs=1 / cfg.model.num_patches
+        )
         sent = arrays
     assert {k.split(".")[0] for k in sent} == ({"encoder", "agent"} if name == "ahm" else {"encoder"})
     server.initial_segmentation(ArrayRecord(sent))  # the fine-tuning phase takes the encoder strictly

@@ -29,6 +29,7 @@ def test_run_config_is_the_schema_defaults_with_the_embedded_preset_value_for_va
     """One set of defaults: pyproject.toml's run config restates the schema's defaults and the named
     EMBEDDED_RUN preset, and nothing else (a value changed in one place only fails here)."""
     from amlp_core.presets import EMBEDDED_RUN
+
     app, expected = _app_config(), flat_dict(build_config(EMBEDDED_RUN))
     differ = {k: (app[k], expected[k]) for k in expected if app[k] != expected[k]}
     assert not differ, f"pyproject.toml [tool.flwr.app.config] differs from the schema + EMBEDDED_RUN: {differ}"
@@ -37,8 +38,9 @@ def test_run_config_is_the_schema_defaults_with_the_embedded_preset_value_for_va
 def test_simulate_with_a_config_file_starts_from_the_embedded_run(tmp_path):
     """`fedamlp simulate --config FILE` lays the file over the app's embedded default run (not over the bare
     schema), then flags and --set over that."""
-    from fedamlp.cli import build_parser, simulate_config
     from amlp_core.presets import EMBEDDED_RUN
+    from fedamlp.cli import build_parser, simulate_config
+
     path = tmp_path / "run.yaml"
     path.write_text("federation:\n  pretrain_rounds: 1\n")
     args = build_parser().parse_args(["simulate", "--config", str(path), "--set", "train.seed=7"])

@@ -35,13 +35,47 @@ def test_pretrain_finetune_evaluate_predict_3d(tmp_path, capsys):
     data = write_phantom_dataset(tmp_path / "data", n=10, shape=(16, 16, 16), seed=0)
     config = _yaml(tmp_path, 3)
     pre, fine = tmp_path / "pre", tmp_path / "fine"
-    assert main(["pretrain", "--data", str(data), "--config", config, "--method", "amlp", "--epochs", "2",
-                 "--out", str(pre)]) == 0
+    assert (
+        main(
+            [
+                "pretrain",
+                "--data",
+                str(data),
+                "--config",
+                config,
+                "--method",
+                "amlp",
+                "--epochs",
+                "2",
+                "--out",
+                str(pre),
+            ]
+        )
+        == 0
+    )
     assert (pre / "checkpoint.pt").is_file()
     lines = (pre / "metrics.jsonl").read_text().splitlines()
-    assert [json.loads(l)["epoch"] for l in lines] == [1, 2]
-    assert main(["finetune", "--data", str(data), "--config", config, "--init", str(pre), "--label-fraction",
-                 "0.5", "--epochs", "2", "--out", str(fine)]) == 0
+    assert [json.loads(line)["epoch"] for line in lines] == [1, 2]
+    assert (
+        main(
+            [
+                "finetune",
+                "--data",
+                str(data),
+                "--config",
+                config,
+                "--init",
+                str(pre),
+                "--label-fraction",
+                "0.5",
+                "--epochs",
+                "2",
+                "--out",
+                str(fine),
+            ]
+        )
+        == 0
+    )
     assert "mean" in capsys.readouterr().out
 
     assert main(["evaluate", "--model", str(fine), "--data", str(data)]) == 0
@@ -71,13 +105,33 @@ def test_png_2d_pipeline_and_scratch_finetune(tmp_path):
         Image.fromarray((255 * (image - image.min()) / np.ptp(image)).astype(np.uint8)).save(folder / f"c{i}.png")
         Image.fromarray(mask * 255).save(folder / f"c{i}_mask.png")
     config = _yaml(tmp_path, 2)
-    assert main(["pretrain", "--data", str(folder), "--config", config, "--method", "mps_ams", "--epochs", "1",
-                 "--out", str(tmp_path / "pre")]) == 0
-    assert main(["finetune", "--data", str(folder), "--config", config, "--epochs", "1",
-                 "--out", str(tmp_path / "fine")]) == 0  # from scratch: no --init
+    assert (
+        main(
+            [
+                "pretrain",
+                "--data",
+                str(folder),
+                "--config",
+                config,
+                "--method",
+                "mps_ams",
+                "--epochs",
+                "1",
+                "--out",
+                str(tmp_path / "pre"),
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(["finetune", "--data", str(folder), "--config", config, "--epochs", "1", "--out", str(tmp_path / "fine")])
+        == 0
+    )  # from scratch: no --init
     out = tmp_path / "seg.nii.gz"
-    assert main(["predict", "--model", str(tmp_path / "fine"), "--input", str(folder / "c0.png"),
-                 "--output", str(out)]) == 0
+    assert (
+        main(["predict", "--model", str(tmp_path / "fine"), "--input", str(folder / "c0.png"), "--output", str(out)])
+        == 0
+    )
     assert nib.load(out).shape == (32, 32)
 
 
@@ -85,13 +139,43 @@ def test_png_2d_pipeline_and_scratch_finetune(tmp_path):
 def test_private_finetune_reports_epsilon_and_refuses_to_overspend(tmp_path):
     config = _yaml(tmp_path, 2)
     dp = ["--set", "privacy.site_dp=true", "--set", "privacy.budget=5"]
-    assert main(["finetune", "--data", "synthetic", "--config", config, "--epochs", "2", "--out",
-                 str(tmp_path / "fine"), *dp]) == 0
+    assert (
+        main(
+            [
+                "finetune",
+                "--data",
+                "synthetic",
+                "--config",
+                config,
+                "--epochs",
+                "2",
+                "--out",
+                str(tmp_path / "fine"),
+                *dp,
+            ]
+        )
+        == 0
+    )
     result = json.loads((tmp_path / "fine" / "evaluation.json").read_text())
     assert 0 < result["epsilon"] <= 5.0 and result["delta"] == 1e-5
     # The same output folder holds the same cases' ledger: another run would overspend, and is refused.
-    assert main(["finetune", "--data", "synthetic", "--config", config, "--epochs", "2", "--out",
-                 str(tmp_path / "fine"), *dp]) != 0
+    assert (
+        main(
+            [
+                "finetune",
+                "--data",
+                "synthetic",
+                "--config",
+                config,
+                "--epochs",
+                "2",
+                "--out",
+                str(tmp_path / "fine"),
+                *dp,
+            ]
+        )
+        != 0
+    )
 
 
 @pytest.mark.filterwarnings("ignore:Full backward hook is firing:UserWarning")
@@ -100,18 +184,35 @@ def test_private_pretraining_trains_with_dp_or_says_it_does_not(tmp_path, capsys
     the run's ledger (epsilon grows, within the budget) and the command reports epsilon. With DP for
     fine-tuning only (the default phases) pretraining is not private, and the run says so."""
     from amlp_core.privacy import LEDGER_FILE
+
     config = _yaml(tmp_path, 2)
     dp = ["--set", "privacy.site_dp=true", "--set", "privacy.budget=5"]
     pre = tmp_path / "pre"
-    assert main(["pretrain", "--data", "synthetic", "--config", config, "--epochs", "2", "--out", str(pre), *dp,
-                 "--set", "privacy.phases=both"]) == 0
+    assert (
+        main(
+            [
+                "pretrain",
+                "--data",
+                "synthetic",
+                "--config",
+                config,
+                "--epochs",
+                "2",
+                "--out",
+                str(pre),
+                *dp,
+                "--set",
+                "privacy.phases=both",
+            ]
+        )
+        == 0
+    )
     epsilons = [json.loads(line)["epsilon"] for line in (pre / "metrics.jsonl").read_text().splitlines()]
     assert 0 < epsilons[0] < epsilons[1] <= 5.0
     assert len(json.loads((pre / LEDGER_FILE).read_text())["history"]) == 2
     assert f"DP epsilon {epsilons[1]:.3f}" in capsys.readouterr().out
     plain = tmp_path / "plain"
-    assert main(["pretrain", "--data", "synthetic", "--config", config, "--epochs", "1", "--out", str(plain),
-                 *dp]) == 0
+    assert main(["pretrain", "--data", "synthetic", "--config", config, "--epochs", "1", "--out", str(plain), *dp]) == 0
     assert "epsilon" not in (plain / "metrics.jsonl").read_text() and not (plain / LEDGER_FILE).exists()
     assert "pretraining is not private (privacy.phases=finetune)" in capsys.readouterr().err
 
@@ -128,35 +229,42 @@ def test_data_check_exit_codes_and_report(tmp_path):
     assert str(victim) in bad.stdout and "Traceback" not in bad.stdout + bad.stderr
 
 
-@pytest.mark.parametrize("args, needle", [
-    (["pretrain", "--data", "/nonexistent/scans", "--out", "x"], "/nonexistent/scans"),
-    (["pretrain", "--data", "synthetic", "--out", "x", "--set", "train.epochz=3"], "train.epochz"),
-    (["simulate", "--set", "federation.sitez=3"], "federation.sitez"),
-    (["finetune", "--data", "synthetic", "--init", "/nonexistent/run", "--out", "x"], "/nonexistent/run"),
-    (["predict", "--model", "/nonexistent/model", "--input", "a.nii.gz", "--output", "b.nii.gz"],
-     "/nonexistent/model"),
-    (["data", "check", "/nonexistent/folder"], "/nonexistent/folder"),
-])
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["pretrain", "--data", "/nonexistent/scans", "--out", "x"], "/nonexistent/scans"),
+        (["pretrain", "--data", "synthetic", "--out", "x", "--set", "train.epochz=3"], "train.epochz"),
+        (["simulate", "--set", "federation.sitez=3"], "federation.sitez"),
+        (["finetune", "--data", "synthetic", "--init", "/nonexistent/run", "--out", "x"], "/nonexistent/run"),
+        (
+            ["predict", "--model", "/nonexistent/model", "--input", "a.nii.gz", "--output", "b.nii.gz"],
+            "/nonexistent/model",
+        ),
+        (["data", "check", "/nonexistent/folder"], "/nonexistent/folder"),
+    ],
+)
 def test_bad_arguments_give_one_line_without_traceback(args, needle, tmp_path):
     result = _run_cli(*args)
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
-    lines = [l for l in result.stderr.splitlines() if l.startswith("fedamlp: error:")]
+    lines = [line for line in result.stderr.splitlines() if line.startswith("fedamlp: error:")]
     assert len(lines) == 1 and needle in lines[0], result.stderr
 
 
 def test_predict_refuses_an_image_of_the_wrong_dimension(tmp_path):
     data = write_phantom_dataset(tmp_path / "data", n=6, shape=(16, 16, 16), seed=0)
     config = _yaml(tmp_path, 3)
-    fine = _run_cli("finetune", "--data", str(data), "--config", config, "--epochs", "1", "--out",
-                    str(tmp_path / "fine"))
+    fine = _run_cli(
+        "finetune", "--data", str(data), "--config", config, "--epochs", "1", "--out", str(tmp_path / "fine")
+    )
     assert fine.returncode == 0, fine.stderr
     # Our INFO progress reaches the terminal (importing Opacus configures the root logger at WARNING).
     assert "INFO amlp_core.engine.pipeline: fine-tuning on" in fine.stderr, fine.stderr
     flat = tmp_path / "flat.png"
     Image.fromarray(np.zeros((16, 16), dtype=np.uint8)).save(flat)
-    result = _run_cli("predict", "--model", str(tmp_path / "fine"), "--input", str(flat), "--output",
-                      str(tmp_path / "o.nii.gz"))
+    result = _run_cli(
+        "predict", "--model", str(tmp_path / "fine"), "--input", str(flat), "--output", str(tmp_path / "o.nii.gz")
+    )
     assert result.returncode == 2 and str(flat) in result.stderr and "2D image" in result.stderr
 
 
@@ -168,10 +276,28 @@ def test_3d_volumes_as_2d_slices(tmp_path):
     cfg = tiny_config(2).to_dict()
     cfg["data"].update(as_slices=True, slice_axis=-1, test_fraction=0.34)
     path.write_text(yaml.safe_dump(cfg))
-    assert main(["pretrain", "--data", str(data), "--config", str(path), "--epochs", "1",
-                 "--out", str(tmp_path / "pre")]) == 0
-    assert main(["finetune", "--data", str(data), "--config", str(path), "--init", str(tmp_path / "pre"),
-                 "--epochs", "1", "--out", str(tmp_path / "fine")]) == 0
+    assert (
+        main(["pretrain", "--data", str(data), "--config", str(path), "--epochs", "1", "--out", str(tmp_path / "pre")])
+        == 0
+    )
+    assert (
+        main(
+            [
+                "finetune",
+                "--data",
+                str(data),
+                "--config",
+                str(path),
+                "--init",
+                str(tmp_path / "pre"),
+                "--epochs",
+                "1",
+                "--out",
+                str(tmp_path / "fine"),
+            ]
+        )
+        == 0
+    )
     result = json.loads((tmp_path / "fine" / "evaluation.json").read_text())
     assert result["num_examples"] == 2  # whole test volumes, not slices
     scan = sorted((data / "imagesTr").iterdir())[0]
@@ -208,10 +334,25 @@ def test_plain_unet_finetune_predict_and_refusals(tmp_path, capsys):
     pre_cfg = build_config(yaml.safe_load(Path(config).read_text()))  # a (ViT) pretraining checkpoint
     save_pretrained(tmp_path / "pre" / "checkpoint.pt", build_method(pre_cfg.model, pre_cfg.method), pre_cfg, 1)
     unet_yaml = tmp_path / "unet.yaml"  # the architecture from the config file, not the pretraining run's
-    unet_yaml.write_text(yaml.safe_dump(pre_cfg.replace(model={"seg_arch": "unet"},
-                                                        federation={"pretrain_rounds": 0}).to_dict()))
-    assert main(["finetune", "--data", str(data), "--config", str(unet_yaml), "--init", str(tmp_path / "pre"),
-                 "--out", str(tmp_path / "x")]) == 2
+    unet_yaml.write_text(
+        yaml.safe_dump(pre_cfg.replace(model={"seg_arch": "unet"}, federation={"pretrain_rounds": 0}).to_dict())
+    )
+    assert (
+        main(
+            [
+                "finetune",
+                "--data",
+                str(data),
+                "--config",
+                str(unet_yaml),
+                "--init",
+                str(tmp_path / "pre"),
+                "--out",
+                str(tmp_path / "x"),
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert "model.seg_arch=unet" in err and "no encoder to load" in err and str(tmp_path / "pre") in err
     assert main(["pretrain", "--data", str(data), "--config", config, "--out", str(tmp_path / "y"), *unet]) == 2

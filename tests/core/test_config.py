@@ -17,17 +17,20 @@ def test_flat_and_nested_keys_agree():
     assert a == b and a.train.epochs == 3
 
 
-@pytest.mark.parametrize("raw, needle", [
-    ({"train.epochz": 3}, "train.epochz"),
-    ({"bogus.x": 1}, "bogus.x"),
-    ({"method.name": "nope"}, "method.name='nope'"),
-    ({"train.epochs": "many"}, "train.epochs='many'"),
-    ({"model.img_size": [50, 64, 48]}, "model.img_size"),
-    ({"model.embed_dim": 100}, "model.embed_dim=100"),
-    ({"method.amr_start": 0.9, "method.amr_end": 0.5}, "method.amr_start=0.9"),
-    ({"train.label_fraction": 0}, "train.label_fraction=0"),
-    ({"data.as_slices": True}, "data.as_slices"),
-])
+@pytest.mark.parametrize(
+    "raw, needle",
+    [
+        ({"train.epochz": 3}, "train.epochz"),
+        ({"bogus.x": 1}, "bogus.x"),
+        ({"method.name": "nope"}, "method.name='nope'"),
+        ({"train.epochs": "many"}, "train.epochs='many'"),
+        ({"model.img_size": [50, 64, 48]}, "model.img_size"),
+        ({"model.embed_dim": 100}, "model.embed_dim=100"),
+        ({"method.amr_start": 0.9, "method.amr_end": 0.5}, "method.amr_start=0.9"),
+        ({"train.label_fraction": 0}, "train.label_fraction=0"),
+        ({"data.as_slices": True}, "data.as_slices"),
+    ],
+)
 def test_bad_values_name_the_key(raw, needle):
     with pytest.raises(ConfigError, match=needle.replace("[", r"\[").replace("(", r"\(")):
         build_config(raw)
@@ -69,11 +72,19 @@ def test_seg_arch_is_checked_and_a_plain_unet_refuses_an_encoder():
     with pytest.raises(ConfigError, match=r"federation\.pretrain_rounds=2.*seg_arch=unet.*no encoder to pretrain"):
         single_site.check_federation()  # but a federation with the default plan would pretrain
     with pytest.raises(ConfigError, match=r"federation\.init_encoder='runs/x/encoder'.*seg_arch=unet"):
-        build_config({"model.seg_arch": "unet", "federation.pretrain_rounds": 0,
-                      "federation.init_encoder": "runs/x/encoder"})
+        build_config(
+            {"model.seg_arch": "unet", "federation.pretrain_rounds": 0, "federation.init_encoder": "runs/x/encoder"}
+        )
     with pytest.raises(ConfigError, match=r"model\.img_size=\(36, 36, 36\).*multiple of 8"):
-        build_config({"model.seg_arch": "unet", "federation.pretrain_rounds": 0, "model.img_size": "36,36,36",
-                      "model.patch_size": 4, "model.conv_channels": "8,16"})
+        build_config(
+            {
+                "model.seg_arch": "unet",
+                "federation.pretrain_rounds": 0,
+                "model.img_size": "36,36,36",
+                "model.patch_size": 4,
+                "model.conv_channels": "8,16",
+            }
+        )
     unet = build_config({"model.seg_arch": "unet", "federation.pretrain_rounds": 0})
     vit = build_config({"federation.pretrain_rounds": 0})
     assert Config().model.seg_arch == "vit" and unet.model.seg_arch == "unet"

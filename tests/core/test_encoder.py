@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from amlp_core.config import MethodConfig, METHOD_NAMES
+from amlp_core.config import METHOD_NAMES, MethodConfig
 from amlp_core.masking import random_mask
 from amlp_core.methods import build_method
 from amlp_core.models import HybridEncoder, masked_instance_norm, visible_map
@@ -44,8 +44,10 @@ def test_hidden_voxels_do_not_reach_visible_features(dims):
     assert not torch.allclose(enc(x).tokens, enc(y).tokens, atol=1e-3)
 
 
-@pytest.mark.parametrize("name, decoder", [("mae", "transformer"), ("amlp", "transformer"), ("ahm", "transformer"),
-                                           ("mae", "unet"), ("amlp", "unet")])
+@pytest.mark.parametrize(
+    "name, decoder",
+    [("mae", "transformer"), ("amlp", "transformer"), ("ahm", "transformer"), ("mae", "unet"), ("amlp", "unet")],
+)
 def test_prediction_and_loss_ignore_hidden_voxels(name, decoder, dims):
     """A masked method's prediction, hence its loss against the same target, ignores hidden voxels,
     with either pretraining decoder (SparK's reads every scale's visible features)."""
@@ -84,8 +86,11 @@ def test_every_method_trains_the_whole_encoder(name, dims):
     method = build_method(cfg, MethodConfig(name=name))
     out = method.training_step(_images(cfg, b=4), 0.5, torch.Generator().manual_seed(0))
     out.loss.backward()
-    untouched = [n for n, p in method.encoder.named_parameters()
-                 if p.requires_grad and (p.grad is None or float(p.grad.abs().sum()) == 0)]
+    untouched = [
+        n
+        for n, p in method.encoder.named_parameters()
+        if p.requires_grad and (p.grad is None or float(p.grad.abs().sum()) == 0)
+    ]
     assert not untouched, f"{name} leaves encoder parameters untrained: {untouched[:5]}"
     assert {n.split(".")[0] for n, _ in method.encoder.named_parameters()} >= {"stages", "patch_embed", "blocks"}
 

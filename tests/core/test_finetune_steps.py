@@ -62,8 +62,9 @@ def test_finetune_steps_sets_the_budget_and_the_rate_follows_the_steps(tmp_path,
 @pytest.mark.filterwarnings("ignore:Full backward hook is firing:UserWarning")
 def test_the_privacy_ledger_is_planned_and_charged_in_the_real_steps(tmp_path, steps_taken):
     # 8 cases at batch 4: sample rate 0.5, two Poisson draws a pass; 7 steps are 3.5 passes.
-    cfg = _cfg(**{"train.finetune_steps": 7, "train.label_fraction": 0.25, "privacy.site_dp": True,
-                  "privacy.budget": 6.0})
+    cfg = _cfg(
+        **{"train.finetune_steps": 7, "train.label_fraction": 0.25, "privacy.site_dp": True, "privacy.budget": 6.0}
+    )
     result = finetune(cfg, tmp_path)
     ledger = json.loads((tmp_path / LEDGER_FILE).read_text())
     assert [(q, n) for _, q, n in ledger["history"]] == [(0.5, 7)] and ledger["rounds"][0]["steps"] == 7
@@ -79,16 +80,24 @@ def test_empty_poisson_draws_are_steps_of_the_budget(tmp_path, steps_taken, monk
 
     empty = []
     monkeypatch.setattr(loops, "noise_only_step", lambda opt: (empty.append(1), noise_only_step(opt)))
-    cfg = _cfg(**{"train.batch_size": 1, "train.finetune_steps": 12, "privacy.site_dp": True,
-                  "privacy.noise_multiplier": 1.0})
+    cfg = _cfg(
+        **{"train.batch_size": 1, "train.finetune_steps": 12, "privacy.site_dp": True, "privacy.noise_multiplier": 1.0}
+    )
     finetune(cfg, tmp_path)
     ledger = json.loads((tmp_path / LEDGER_FILE).read_text())
     assert empty and len(steps_taken) == 12  # the seeded draws hold empty ones; each was one step
     assert [(q, n) for _, q, n in ledger["history"]] == [(1 / 32, 12)]
 
 
-@pytest.mark.parametrize("key, value", [("train.finetune_steps", -1), ("train.finetune_warmup", 1.0),
-                                        ("train.finetune_warmup", -0.1), ("federation.finetune_local_steps", -2)])
+@pytest.mark.parametrize(
+    "key, value",
+    [
+        ("train.finetune_steps", -1),
+        ("train.finetune_warmup", 1.0),
+        ("train.finetune_warmup", -0.1),
+        ("federation.finetune_local_steps", -2),
+    ],
+)
 def test_the_step_budget_keys_are_checked(key, value):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         tiny_config(2, **{key: value})
@@ -112,6 +121,7 @@ def test_a_pretrained_encoder_ramps_up_while_the_decoder_learns():
     the steps; an encoder from scratch (the network's down path) at the decoder's rate from the start."""
     from amlp_core.engine.optim import finetune_optimizer, set_finetune_lr
     from amlp_core.models import SegmentationNet
+
     cfg = _cfg(**{"train.encoder_lr_scale": 0.5, "train.encoder_warmup": 0.2, "train.finetune_warmup": 0.1})
     net = SegmentationNet(cfg.model)
     pre, scratch = finetune_optimizer(net, cfg.train, pretrained=True), finetune_optimizer(net, cfg.train, False)

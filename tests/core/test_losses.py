@@ -1,21 +1,28 @@
 import torch
 
-from amlp_core.losses import (category_consistency_loss, dice_ce_loss, hard_targets, lesion_assignment,
-                              normalize_patches, plain_reconstruction_loss, relative_reconstruction_loss,
-                              relative_weights)
+from amlp_core.losses import (
+    category_consistency_loss,
+    dice_ce_loss,
+    hard_targets,
+    lesion_assignment,
+    normalize_patches,
+    plain_reconstruction_loss,
+    relative_reconstruction_loss,
+    relative_weights,
+)
 
 
 def test_relative_weights_average_one_and_favour_hard_patches():
-    l = torch.tensor([[0.1, 0.2, 0.3, 1.4], [1.0, 1.0, 1.0, 1.0]], requires_grad=True)
-    w = relative_weights(l)
+    losses = torch.tensor([[0.1, 0.2, 0.3, 1.4], [1.0, 1.0, 1.0, 1.0]], requires_grad=True)
+    w = relative_weights(losses)
     assert torch.allclose(w.mean(1), torch.ones(2))
     assert torch.all(w[0, 1:] > w[0, :-1])  # monotone in the loss
     assert torch.allclose(w[1], torch.ones(4))  # equal losses: plain mean
     assert not w.requires_grad  # weights are detached
-    assert torch.isclose(relative_reconstruction_loss(l[1:]), plain_reconstruction_loss(l[1:]))
-    assert relative_reconstruction_loss(l[:1]) > plain_reconstruction_loss(l[:1])
+    assert torch.isclose(relative_reconstruction_loss(losses[1:]), plain_reconstruction_loss(losses[1:]))
+    assert relative_reconstruction_loss(losses[:1]) > plain_reconstruction_loss(losses[:1])
     # Lower temperature sharpens the weighting.
-    assert relative_weights(l, tau=0.1)[0, -1] > w[0, -1]
+    assert relative_weights(losses, tau=0.1)[0, -1] > w[0, -1]
 
 
 def test_normalize_patches():

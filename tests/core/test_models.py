@@ -5,12 +5,17 @@ import torch
 from monai.networks.nets import UNet
 from torch import nn
 
+from amlp_core.config import ARCHITECTURE, MethodConfig
 from amlp_core.masking import random_mask
 from amlp_core.methods import build_method
-from amlp_core.config import MethodConfig
-from amlp_core.config import ARCHITECTURE
-from amlp_core.models import (HybridEncoder, build_pretrain_decoder, SegmentationNet, build_segmentation_model, patchify,
-                              unpatchify)
+from amlp_core.models import (
+    HybridEncoder,
+    SegmentationNet,
+    build_pretrain_decoder,
+    build_segmentation_model,
+    patchify,
+    unpatchify,
+)
 from tests.conftest import tiny_model
 
 
@@ -22,7 +27,7 @@ def test_patchify_round_trip_and_matches_token_order(dims):
     cfg = tiny_model(dims)
     x = _images(cfg)
     patches = patchify(x, cfg.patch_size)  # [B, N, P]
-    assert patches.shape == (2, cfg.num_patches, cfg.patch_size ** dims)
+    assert patches.shape == (2, cfg.num_patches, cfg.patch_size**dims)
     assert torch.equal(unpatchify(patches, cfg.patch_size, cfg.grid_size, 1), x)
     # The encoder's tokens follow the same order: a token changes when (and only when) its own patch is
     # the one hidden, since hidden patches are zeroed at every scale.
@@ -45,7 +50,7 @@ def test_encoder_and_pretrain_decoder_shapes_and_backward(dims, decoder):
     features = enc(x, visible=~mask.masked, ids_keep=mask.ids_keep)
     assert features.tokens.shape == (2, mask.ids_keep.shape[1], cfg.embed_dim)
     pred = dec(features, mask)
-    assert pred.shape == (2, cfg.num_patches, cfg.patch_size ** dims)
+    assert pred.shape == (2, cfg.num_patches, cfg.patch_size**dims)
     pred.pow(2).mean().backward()
     assert enc.patch_embed.weight.grad is not None and enc.patch_embed.weight.grad.abs().sum() > 0
     assert dec.mask_token.weight.grad is not None and dec.mask_token.weight.grad.abs().sum() > 0
@@ -82,8 +87,7 @@ def test_strict_encoder_hand_off_from_pretraining(dims):
     with torch.no_grad():
         for p in method.encoder.parameters():
             p.add_(0.1)
-    encoder_state = {k.removeprefix("encoder."): v for k, v in method.state_dict().items()
-                     if k.startswith("encoder.")}
+    encoder_state = {k.removeprefix("encoder."): v for k, v in method.state_dict().items() if k.startswith("encoder.")}
     net = SegmentationNet(cfg)
     missing = net.encoder.load_state_dict(encoder_state, strict=True)
     assert not missing.missing_keys and not missing.unexpected_keys
@@ -120,6 +124,7 @@ def test_checkpoint_of_the_previous_layout_is_refused(tmp_path):
     from amlp_core.engine.pipeline import load_pretrained_encoder, load_segmentation, pretrained_meta
     from amlp_core.errors import CheckpointError
     from tests.conftest import tiny_config
+
     cfg = tiny_config(2)
     method = build_method(cfg.model, cfg.method)
     meta = pretrained_meta(cfg, 1)
@@ -146,6 +151,7 @@ def test_sparks_pretraining_decoder_starts_the_segmentation_decoder(tmp_path, di
     from amlp_core.errors import CheckpointError
     from amlp_core.models.segmentation import OUTPUT_LEVEL
     from tests.conftest import tiny_config
+
     cfg = tiny_config(dims).replace(model={"pretrain_decoder": "unet"}, train={"init_decoder": True})
     method = build_method(cfg.model, cfg.method)
     with torch.no_grad():

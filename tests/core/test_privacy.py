@@ -15,8 +15,16 @@ from amlp_core.errors import ConfigError
 from amlp_core.losses import dice_ce_loss
 from amlp_core.methods import METHODS, build_method
 from amlp_core.models import SegmentationNet, build_segmentation_model
-from amlp_core.privacy import (PrivacyBudgetExceeded, PrivacyError, PrivacyLedger, PrivateTraining, calibrate_noise,
-                               check_private, epsilon_of, steps_per_epoch)
+from amlp_core.privacy import (
+    PrivacyBudgetExceeded,
+    PrivacyError,
+    PrivacyLedger,
+    PrivateTraining,
+    calibrate_noise,
+    check_private,
+    epsilon_of,
+    steps_per_epoch,
+)
 from tests.conftest import tiny_config
 
 # Opacus' hooks on the first layer fire with respect to module outputs (images need no gradient).
@@ -42,8 +50,13 @@ def _private_steps(model, step_loss, dataset, noise=1.0, clip=1.0, lr=0.05):
             loss = step_loss(batch)
             dp.optimizer.zero_grad()
             loss.backward()
-            seen_per_case.append(all(p.grad_sample is not None and p.grad_sample.shape[0] == batch["image"].shape[0]
-                                     for p in model.parameters() if p.requires_grad))
+            seen_per_case.append(
+                all(
+                    p.grad_sample is not None and p.grad_sample.shape[0] == batch["image"].shape[0]
+                    for p in model.parameters()
+                    if p.requires_grad
+                )
+            )
             dp.optimizer.step()
     changed = [n for n, p in model.named_parameters() if p.requires_grad and not torch.equal(before[n], p.detach())]
     assert all(p.grad_sample is None for p in model.parameters())  # hooks and per-case gradients removed
@@ -59,7 +72,8 @@ def test_a_private_pretraining_step_for_every_method(name, decoder, dims):
     check_private(method)  # Opacus' validator accepts it
     g = torch.Generator().manual_seed(0)
     stretches, changed, trainable, per_case = _private_steps(
-        method, lambda b: method.training_step(b["image"], 0.5, g).loss, _dataset(cfg, labels=False))
+        method, lambda b: method.training_step(b["image"], 0.5, g).loss, _dataset(cfg, labels=False)
+    )
     assert per_case and all(per_case)  # every trainable parameter had one gradient per case
     assert set(changed) == set(trainable)  # every parameter got its (noised) update
     assert stretches == [(1.0, 0.5, steps_per_epoch(0.5))]  # the accountant counted every step
@@ -72,8 +86,9 @@ def test_a_private_finetuning_step(dims, arch):
     model = build_segmentation_model(cfg.model)
     check_private(model)
     loss_fn = dice_ce_loss()
-    stretches, changed, trainable, per_case = _private_steps(model, lambda b: loss_fn(model(b["image"]), b["label"]),
-                                                             _dataset(cfg))
+    stretches, changed, trainable, per_case = _private_steps(
+        model, lambda b: loss_fn(model(b["image"]), b["label"]), _dataset(cfg)
+    )
     assert per_case and all(per_case) and set(changed) == set(trainable)
     assert sum(n for _, _, n in stretches) == 2
 
@@ -168,10 +183,13 @@ def test_opacus_is_imported_only_where_dp_runs():
     a private stretch imports it when it starts."""
     import subprocess
     import sys
-    code = ("import sys, fedamlp.cli, amlp_core.engine.pipeline, client.tasks, server.federation\n"
-            "assert not [m for m in sys.modules if m.startswith('opacus')], 'opacus imported'\n"
-            "from amlp_core.privacy import epsilon_of\n"
-            "epsilon_of([(1.0, 0.1, 10)], 1e-5)\n"
-            "assert 'opacus' in sys.modules\n")
+
+    code = (
+        "import sys, fedamlp.cli, amlp_core.engine.pipeline, client.tasks, server.federation\n"
+        "assert not [m for m in sys.modules if m.startswith('opacus')], 'opacus imported'\n"
+        "from amlp_core.privacy import epsilon_of\n"
+        "epsilon_of([(1.0, 0.1, 10)], 1e-5)\n"
+        "assert 'opacus' in sys.modules\n"
+    )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]

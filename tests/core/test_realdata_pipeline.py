@@ -16,9 +16,19 @@ pytestmark = [pytest.mark.realdata, pytest.mark.slow]
 def cfg():
     if not (DATA / "dataset.json").exists():
         pytest.skip(f"real data not found at {DATA} (the shared hippocampus set lives outside the repo)")
-    return build_config({**data_defaults(str(DATA)), "model.depth": 1, "model.embed_dim": 48, "model.num_heads": 4,
-                         "model.decoder_dim": 24, "model.decoder_depth": 1, "train.device": "cpu",
-                         "data.test_fraction": 0.05, "train.batch_size": 4})
+    return build_config(
+        {
+            **data_defaults(str(DATA)),
+            "model.depth": 1,
+            "model.embed_dim": 48,
+            "model.num_heads": 4,
+            "model.decoder_dim": 24,
+            "model.decoder_depth": 1,
+            "train.device": "cpu",
+            "data.test_fraction": 0.05,
+            "train.batch_size": 4,
+        }
+    )
 
 
 def test_hippocampus_pipeline(cfg, tmp_path):
@@ -26,7 +36,11 @@ def test_hippocampus_pipeline(cfg, tmp_path):
     assert len(split.train) + len(split.test) == 208 and split.class_names[1] == "Anterior"
     assert split.train[0].image.shape[0] == 1 and split.train[0].label.max() <= 2
     pretrain(cfg.replace(train={"epochs": 1}), tmp_path / "pre", split)
-    result = finetune(cfg.replace(train={"finetune_steps": 5, "label_fraction": 0.05}), tmp_path / "fine",
-                      init=tmp_path / "pre", split=split)
+    result = finetune(
+        cfg.replace(train={"finetune_steps": 5, "label_fraction": 0.05}),
+        tmp_path / "fine",
+        init=tmp_path / "pre",
+        split=split,
+    )
     assert result["num_examples"] == len(split.test) == 10
     assert {"dice_1", "dice_2", "dice_mean"} <= set(result) and 0.0 <= result["dice_mean"] <= 1.0

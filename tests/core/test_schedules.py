@@ -50,8 +50,9 @@ def test_a_federated_round_warms_the_rate_up_over_its_steps_at_a_fixed_masking_r
         rates.append(p)
         return 1e-3 * warmup_cosine(p, 0.1)
 
-    metrics = pretrain_epoch(method, batches, optimizer, torch.device("cpu"), (0.0, 0.0), lr_at=lr_at,
-                             lr_progress=(0.0, 0.1))
+    metrics = pretrain_epoch(
+        method, batches, optimizer, torch.device("cpu"), (0.0, 0.0), lr_at=lr_at, lr_progress=(0.0, 0.1)
+    )
     assert rates == pytest.approx([0.025, 0.05, 0.075, 0.1])  # no step at a zero rate
     assert optimizer.param_groups[0]["lr"] == pytest.approx(1e-3)  # warmed up by the end of the epoch
     assert metrics["ratio"] == pytest.approx(amr_ratio(0.0))  # the ratio stayed the round's

@@ -2,6 +2,7 @@ import numpy as np
 import pytest
 import torch
 
+from amlp_core.config import TrainConfig, build_config
 from amlp_core.data import (
     SegDataset,
     discover,
@@ -11,7 +12,6 @@ from amlp_core.data import (
     split_names,
     to_slices,
 )
-from amlp_core.config import TrainConfig, build_config
 from amlp_core.data.dataset import Sample
 from amlp_core.data.transforms import fit_to_roi, random_flip
 from amlp_core.errors import ConfigError, DataError

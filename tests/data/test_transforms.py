@@ -1,8 +1,7 @@
 import numpy as np
 import pytest
 
-from amlp_core.data import fit_to_roi, normalize_intensity, random_flip
-from amlp_core.data import transforms
+from amlp_core.data import fit_to_roi, normalize_intensity, random_flip, transforms
 from amlp_core.data.transforms import strong_augment
 
 SPATIAL = ("P_ROTATE", "P_SCALE")
@@ -147,6 +146,10 @@ def test_rotate_scale_matches_monai_affine(shape, radians):
     image = np.random.default_rng(0).standard_normal((1, *shape)).astype(np.float32)
     image -= image.min()  # _rotate_scale pads with the minimum, Affine with 0
     out, _ = transforms._rotate_scale(image, None, np.array(radians), 1.2)
-    reference = Affine(rotate_params=radians if len(shape) == 3 else radians[0], scale_params=[1.2] * len(shape),
-                       padding_mode="zeros", image_only=True)(image, mode="bilinear")
+    reference = Affine(
+        rotate_params=radians if len(shape) == 3 else radians[0],
+        scale_params=[1.2] * len(shape),
+        padding_mode="zeros",
+        image_only=True,
+    )(image, mode="bilinear")
     assert np.allclose(out, np.asarray(reference.as_tensor()), atol=1e-4)

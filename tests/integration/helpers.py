@@ -13,9 +13,16 @@ TWO_PHASE_PLAN = {"federation.pretrain_rounds": 2, "federation.finetune_rounds":
 
 
 def sim_config(run_dir: Path, **overrides):
-    base = {"data.synthetic_cases": 10, "federation.sites": 2, "federation.pretrain_rounds": 1,
-            "federation.finetune_rounds": 1, "federation.run_dir": str(run_dir), "federation.connect_timeout": 60,
-            "federation.round_timeout": 300, "train.device": "cpu"}
+    base = {
+        "data.synthetic_cases": 10,
+        "federation.sites": 2,
+        "federation.pretrain_rounds": 1,
+        "federation.finetune_rounds": 1,
+        "federation.run_dir": str(run_dir),
+        "federation.connect_timeout": 60,
+        "federation.round_timeout": 300,
+        "train.device": "cpu",
+    }
     return tiny_config(3, **{**base, **overrides})
 
 

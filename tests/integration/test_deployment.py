@@ -67,8 +67,15 @@ class Processes:
         self.marker = uuid.uuid4().hex
         self.root = root
         self.procs: dict[str, tuple[subprocess.Popen, Path]] = {}
-        self.base_env = {**os.environ, MARKER: self.marker, "PATH": SEARCH_PATH, "FLWR_DISABLE_UPDATE_CHECK": "1",
-                         "FLWR_TELEMETRY_ENABLED": "0", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+        self.base_env = {
+            **os.environ,
+            MARKER: self.marker,
+            "PATH": SEARCH_PATH,
+            "FLWR_DISABLE_UPDATE_CHECK": "1",
+            "FLWR_TELEMETRY_ENABLED": "0",
+            "PYTHONUNBUFFERED": "1",
+            "OMP_NUM_THREADS": "1",
+        }
 
     def env(self, flwr_home: Path) -> dict[str, str]:
         flwr_home.mkdir(parents=True, exist_ok=True)
@@ -77,8 +84,14 @@ class Processes:
     def start(self, name: str, command: list[str], flwr_home: Path) -> subprocess.Popen:
         log = self.root / f"{name}.log"
         with open(log, "wb") as out:
-            proc = subprocess.Popen(["timeout", "-k", "5", str(LIFETIME), *command], env=self.env(flwr_home),
-                                    cwd=self.root, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+            proc = subprocess.Popen(
+                ["timeout", "-k", "5", str(LIFETIME), *command],
+                env=self.env(flwr_home),
+                cwd=self.root,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         self.procs[name] = (proc, log)
         return proc
 
@@ -136,10 +149,20 @@ def _pki(*args: str) -> subprocess.CompletedProcess:
 
 def _run_config(run_dir: Path, path: Path) -> Path:
     """The tiny two-phase run of the simulation tests (tests/integration/test_simulation.py)."""
-    cfg = tiny_config(3, **{"data.synthetic_cases": 10, "federation.sites": 2, "federation.pretrain_rounds": 1,
-                            "federation.finetune_rounds": 1, "federation.run_dir": str(run_dir),
-                            "federation.connect_timeout": 60, "federation.round_timeout": 120,
-                            "federation.min_sites": 2, "train.device": "cpu"})
+    cfg = tiny_config(
+        3,
+        **{
+            "data.synthetic_cases": 10,
+            "federation.sites": 2,
+            "federation.pretrain_rounds": 1,
+            "federation.finetune_rounds": 1,
+            "federation.run_dir": str(run_dir),
+            "federation.connect_timeout": 60,
+            "federation.round_timeout": 120,
+            "federation.min_sites": 2,
+            "train.device": "cpu",
+        },
+    )
     nested: dict[str, dict] = {}
     for key, value in flat_dict(cfg).items():
         section, name = key.split(".", 1)
@@ -151,9 +174,11 @@ def _run_config(run_dir: Path, path: Path) -> Path:
 def _site_file(root: Path, name: str, index: int) -> Path:
     """A hospital's site file and its own synthetic scans (MSD layout, its own scanner style)."""
     data = write_phantom_dataset(root / "data" / name, n=10, shape=(16, 16, 16), seed=100 + index, site=index)
-    site = {"site": {"name": name, "state_dir": str(root / "state" / name)},
-            "data": {"path": str(data), "format": "msd", "test_fraction": 0.2},
-            "train": {"device": "cpu", "batch_size": 4, "num_threads": 1}}
+    site = {
+        "site": {"name": name, "state_dir": str(root / "state" / name)},
+        "data": {"path": str(data), "format": "msd", "test_fraction": 0.2},
+        "train": {"device": "cpu", "batch_size": 4, "num_threads": 1},
+    }
     path = root / "etc" / f"{name}.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(site))
@@ -200,15 +225,22 @@ def _help(command: str) -> str:
     exe = shutil.which(command, path=SEARCH_PATH)
     if exe is None:
         pytest.skip(f"{command} is not on PATH (install flwr into this environment)")
-    return subprocess.run([exe, "--help"], capture_output=True, text=True, timeout=60,
-                          env={**os.environ, "FLWR_DISABLE_UPDATE_CHECK": "1"}).stdout
+    return subprocess.run(
+        [exe, "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "FLWR_DISABLE_UPDATE_CHECK": "1"},
+    ).stdout
 
 
 def test_service_files_use_only_options_that_flower_has(tmp_path):
     """The systemd units and the compose file pass Flower 1.41 options that exist, TLS and node auth on."""
     deploy = REPO / "deploy"
-    units = {"flower-superlink": (deploy / "systemd" / "fedamlp-superlink.service").read_text(),
-             "flower-supernode": (deploy / "systemd" / "fedamlp-supernode@.service").read_text()}
+    units = {
+        "flower-superlink": (deploy / "systemd" / "fedamlp-superlink.service").read_text(),
+        "flower-supernode": (deploy / "systemd" / "fedamlp-supernode@.service").read_text(),
+    }
     compose = yaml.safe_load((deploy / "compose.yaml").read_text())["services"]
     for command, unit in units.items():
         known = set(re.findall(r"--[a-z][a-z-]*", _help(command)))
@@ -218,10 +250,18 @@ def test_service_files_use_only_options_that_flower_has(tmp_path):
         for flags in (re.findall(r"\s(--[a-z-]+)", exec_start), [a.split("=", 1)[0] for a in cmd[1:]]):
             assert flags and set(flags) <= known, (command, sorted(set(flags) - known))
             assert "--insecure" not in flags
-        required = (["--ssl-ca-certfile", "--ssl-certfile", "--ssl-keyfile", "--enable-supernode-auth",
-                     "--disable-runtime-dependency-installation", "--database"]
-                    if command == "flower-superlink" else
-                    ["--root-certificates", "--auth-supernode-private-key", "--node-config", "--port"])
+        required = (
+            [
+                "--ssl-ca-certfile",
+                "--ssl-certfile",
+                "--ssl-keyfile",
+                "--enable-supernode-auth",
+                "--disable-runtime-dependency-installation",
+                "--database",
+            ]
+            if command == "flower-superlink"
+            else ["--root-certificates", "--auth-supernode-private-key", "--node-config", "--port"]
+        )
         assert all(f in exec_start for f in required) and all(any(a.startswith(f) for a in cmd) for f in required)
     # The hospital's data and keys are mounted read-only.
     mounts = compose["supernode"]["volumes"]
@@ -229,11 +269,17 @@ def test_service_files_use_only_options_that_flower_has(tmp_path):
     # systemd itself accepts the units (where systemd-analyze exists): no warning at all.
     analyze = shutil.which("systemd-analyze")
     if analyze:
-        for name, unit in {"fedamlp-superlink.service": units["flower-superlink"],
-                           "fedamlp-supernode@st-mary.service": units["flower-supernode"]}.items():
+        for name, unit in {
+            "fedamlp-superlink.service": units["flower-superlink"],
+            "fedamlp-supernode@st-mary.service": units["flower-supernode"],
+        }.items():
             (tmp_path / name).write_text(unit.replace("/opt/fedamlp/.venv/bin", BIN))
-        out = subprocess.run([analyze, "verify", "--man=no", *(str(p) for p in tmp_path.glob("*.service"))],
-                             capture_output=True, text=True, timeout=60)
+        out = subprocess.run(
+            [analyze, "verify", "--man=no", *(str(p) for p in tmp_path.glob("*.service"))],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert out.stdout + out.stderr == "", out.stdout + out.stderr
 
 
@@ -248,15 +294,23 @@ def test_nginx_fleet_proxy_config_is_valid(tmp_path):
     conf = (REPO / "deploy" / "nginx" / "fedamlp-fleet.conf").read_text()
     assert "location /v1/fleet/" in conf and "return 403" in conf
     port = str(_free_port())
-    site = (conf.replace("/etc/fedamlp/pki", str(pki)).replace("listen 8000", f"listen 127.0.0.1:{port}")
-            .replace("listen [::]:8000 ssl;", ""))
+    site = (
+        conf.replace("/etc/fedamlp/pki", str(pki))
+        .replace("listen 8000", f"listen 127.0.0.1:{port}")
+        .replace("listen [::]:8000 ssl;", "")
+    )
     (tmp_path / "site.conf").write_text(site)
     (tmp_path / "nginx.conf").write_text(
         f"pid {tmp_path}/nginx.pid;\nerror_log {tmp_path}/error.log;\nevents {{}}\n"
         f"http {{\n  access_log off;\n  client_body_temp_path {tmp_path}/body;\n  proxy_temp_path {tmp_path}/proxy;\n"
-        f"  include {tmp_path}/site.conf;\n}}\n")
-    out = subprocess.run([nginx, "-t", "-q", "-p", str(tmp_path), "-c", str(tmp_path / "nginx.conf")],
-                         capture_output=True, text=True, timeout=60)
+        f"  include {tmp_path}/site.conf;\n}}\n"
+    )
+    out = subprocess.run(
+        [nginx, "-t", "-q", "-p", str(tmp_path), "-c", str(tmp_path / "nginx.conf")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 0, out.stdout + out.stderr
 
 
@@ -264,8 +318,11 @@ def test_secure_deployment_two_hospitals_end_to_end(tmp_path):
     if shutil.which("flower-superlink", path=SEARCH_PATH) is None:
         pytest.skip("flower-superlink is not on PATH (install flwr into this environment)")
     pki = tmp_path / "pki"
-    for args in (["ca"], ["server-cert", "--host", "127.0.0.1", "--host", "localhost"],
-                 *[["site-key", name] for name in (*SITES, "intruder")]):
+    for args in (
+        ["ca"],
+        ["server-cert", "--host", "127.0.0.1", "--host", "localhost"],
+        *[["site-key", name] for name in (*SITES, "intruder")],
+    ):
         done = _pki(*args, "--dir", str(pki))
         assert done.returncode == 0, done.stderr
     port = _free_port()
@@ -273,37 +330,89 @@ def test_secure_deployment_two_hospitals_end_to_end(tmp_path):
     run_dir = tmp_path / "run"
     operator_home = tmp_path / "operator" / ".flwr"
     operator_home.mkdir(parents=True)
-    (operator_home / "config.toml").write_text(tomli_w.dumps(
-        {"superlink": {"default": "fedamlp", "fedamlp": {"address": address,
-                                                          "root-certificates": str(pki / "ca.crt")}}}))
+    (operator_home / "config.toml").write_text(
+        tomli_w.dumps(
+            {
+                "superlink": {
+                    "default": "fedamlp",
+                    "fedamlp": {"address": address, "root-certificates": str(pki / "ca.crt")},
+                }
+            }
+        )
+    )
     procs = Processes(tmp_path)
     try:
-        link = procs.start("superlink", [
-            "flower-superlink", "--ssl-ca-certfile", str(pki / "ca.crt"), "--ssl-certfile", str(pki / "server.crt"),
-            "--ssl-keyfile", str(pki / "server.key"), "--enable-supernode-auth",
-            "--disable-runtime-dependency-installation", "--host", "127.0.0.1", "--port", str(port),
-            "--database", str(tmp_path / "superlink" / "state.db")], tmp_path / "superlink" / ".flwr")
+        link = procs.start(
+            "superlink",
+            [
+                "flower-superlink",
+                "--ssl-ca-certfile",
+                str(pki / "ca.crt"),
+                "--ssl-certfile",
+                str(pki / "server.crt"),
+                "--ssl-keyfile",
+                str(pki / "server.key"),
+                "--enable-supernode-auth",
+                "--disable-runtime-dependency-installation",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--database",
+                str(tmp_path / "superlink" / "state.db"),
+            ],
+            tmp_path / "superlink" / ".flwr",
+        )
         _wait_for_port(port, link, 60, procs)
 
         for name in SITES:
-            reg = subprocess.run(["flwr", "supernode", "register", str(pki / "sites" / f"{name}.pub"), "fedamlp",
-                                  "--name", name], env=procs.env(operator_home), capture_output=True, text=True,
-                                 timeout=60)
+            reg = subprocess.run(
+                ["flwr", "supernode", "register", str(pki / "sites" / f"{name}.pub"), "fedamlp", "--name", name],
+                env=procs.env(operator_home),
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
             assert reg.returncode == 0 and "registered successfully" in reg.stdout, reg.stdout + reg.stderr
 
         def supernode(name: str, key: str, extra: list[str]) -> subprocess.Popen:
-            return procs.start(name, [
-                "flower-supernode", "--superlink", address, "--root-certificates", str(pki / "ca.crt"),
-                "--auth-supernode-private-key", str(pki / "sites" / f"{key}.key"), "--port", str(_free_port()),
-                *extra], tmp_path / "nodes" / name / ".flwr")
+            return procs.start(
+                name,
+                [
+                    "flower-supernode",
+                    "--superlink",
+                    address,
+                    "--root-certificates",
+                    str(pki / "ca.crt"),
+                    "--auth-supernode-private-key",
+                    str(pki / "sites" / f"{key}.key"),
+                    "--port",
+                    str(_free_port()),
+                    *extra,
+                ],
+                tmp_path / "nodes" / name / ".flwr",
+            )
 
         for i, name in enumerate(SITES):
             supernode(name, name, ["--node-config", f"site-config='{_site_file(tmp_path, name, i)}'"])
         intruder = supernode("intruder", "intruder", ["--max-retries", "2", "--max-wait-time", "30"])
 
-        run = subprocess.run(["flwr", "run", str(REPO), "fedamlp", "--run-config",
-                              str(_run_config(run_dir, tmp_path / "run_config.toml")), "--stream"],
-                             env=procs.env(operator_home), cwd=tmp_path, capture_output=True, text=True, timeout=150)
+        run = subprocess.run(
+            [
+                "flwr",
+                "run",
+                str(REPO),
+                "fedamlp",
+                "--run-config",
+                str(_run_config(run_dir, tmp_path / "run_config.toml")),
+                "--stream",
+            ],
+            env=procs.env(operator_home),
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=150,
+        )
         (tmp_path / "flwr-run.log").write_text(run.stdout + run.stderr)
         context = f"flwr run:\n{run.stdout[-4000:]}\n{run.stderr[-2000:]}\n{procs.logs()}"
         assert run.returncode == 0, context
@@ -320,8 +429,9 @@ def test_secure_deployment_two_hospitals_end_to_end(tmp_path):
         # The unregistered key was refused and never took part.
         intruder.wait(timeout=60)
         assert intruder.returncode != 0, procs.log("intruder")
-        assert "Exit Code: 305" in procs.log("intruder") and "Failed to activate SuperNode" in procs.log("intruder"), \
+        assert "Exit Code: 305" in procs.log("intruder") and "Failed to activate SuperNode" in procs.log("intruder"), (
             procs.log("intruder")
+        )
         assert "No SuperNode found with the given public key" in procs.log("superlink")
     finally:
         procs.stop_all()

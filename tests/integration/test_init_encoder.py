@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from amlp_core.engine.pipeline import load_pretrained_encoder, load_segmentation
-from tests.integration.helpers import sim_config, assert_no_process_left, round_rows
 from simulations.simulate import simulate
+from tests.integration.helpers import assert_no_process_left, round_rows, sim_config
 
 pytestmark = pytest.mark.slow
 
@@ -25,8 +25,10 @@ def test_saved_encoder_starts_a_fine_tuning_only_run(two_phase_run, tmp_path):
     assert encoder and (first / "encoder" / "config.yaml").exists()
 
     second = tmp_path / "second"
-    simulate(sim_config(second, **{"federation.pretrain_rounds": 0, "federation.init_encoder": str(first / "encoder")}),
-             timeout=600)
+    simulate(
+        sim_config(second, **{"federation.pretrain_rounds": 0, "federation.init_encoder": str(first / "encoder")}),
+        timeout=600,
+    )
     assert_no_process_left(second)
     assert not (second / "encoder").exists()  # no pretraining phase, nothing new to save
     assert {r["phase"] for r in round_rows(second)} == {"finetune"}

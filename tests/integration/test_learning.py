@@ -18,8 +18,14 @@ def test_finetuning_learns_to_segment_the_phantoms(tmp_path):
     from chance (an untrained network: 0.13) to above 0.6 (measured: 0.73, seeded)."""
     cfg = tiny_config(2, **{"data.synthetic_cases": 24, "train.finetune_steps": 120, "train.batch_size": 8})
     split = load_split(cfg)
-    untrained = evaluate_segmentation(build_segmentation_model(cfg.model), split.test, cfg.model.img_size,
-                                      cfg.model.num_classes, torch.device("cpu"), amp=False)
+    untrained = evaluate_segmentation(
+        build_segmentation_model(cfg.model),
+        split.test,
+        cfg.model.img_size,
+        cfg.model.num_classes,
+        torch.device("cpu"),
+        amp=False,
+    )
     trained = finetune(cfg, tmp_path / "fine", split=split)
     assert untrained["dice_mean"] < 0.3
     assert trained["dice_mean"] > 0.6, trained

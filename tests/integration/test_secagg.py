@@ -36,10 +36,19 @@ SITES = 3
 
 
 def _cfg(run_dir: Path, **overrides) -> Config:
-    base = {"data.synthetic_cases": 10, "federation.sites": SITES, "federation.pretrain_rounds": 1,
-            "federation.finetune_rounds": 1, "federation.run_dir": str(run_dir), "federation.connect_timeout": 60,
-            "federation.round_timeout": 300, "train.device": "cpu", "train.warmup_epochs": 0,
-            "federation.secure_aggregation": True, "federation.secagg_max_weight": 10.0}
+    base = {
+        "data.synthetic_cases": 10,
+        "federation.sites": SITES,
+        "federation.pretrain_rounds": 1,
+        "federation.finetune_rounds": 1,
+        "federation.run_dir": str(run_dir),
+        "federation.connect_timeout": 60,
+        "federation.round_timeout": 300,
+        "train.device": "cpu",
+        "train.warmup_epochs": 0,
+        "federation.secure_aggregation": True,
+        "federation.secagg_max_weight": 10.0,
+    }
     return tiny_config(3, **{**base, **overrides})
 
 
@@ -59,8 +68,12 @@ def _stage(exchange: dict) -> str:
     """Which SecAgg+ stage an exchange was, from what the sites answered."""
     for reply in exchange["received"]:
         keys = set(reply["configs"].get("secaggplus_configs", {}))
-        for stage, marker in (("setup", "pk1"), ("share_keys", "ctxts"), ("collect", "masked_params"),
-                              ("unmask", "shares")):
+        for stage, marker in (
+            ("setup", "pk1"),
+            ("share_keys", "ctxts"),
+            ("collect", "masked_params"),
+            ("unmask", "shares"),
+        ):
             if marker in keys:
                 return stage
     return exchange["sent"][0]["type"]
@@ -79,8 +92,9 @@ def _global_weights(exchange: dict) -> tuple[dict[str, np.ndarray], dict]:
     return {k: arrays[str(i)] for i, k in enumerate(keys)}, config
 
 
-def _site_results(cfg: Config, sites: list[int], global_weights: dict[str, np.ndarray], config: dict,
-                  scratch: Path) -> dict[int, tuple[dict[str, np.ndarray], float]]:
+def _site_results(
+    cfg: Config, sites: list[int], global_weights: dict[str, np.ndarray], config: dict, scratch: Path
+) -> dict[int, tuple[dict[str, np.ndarray], float]]:
     """Each site's local weights and weight for the round, recomputed as the site computed them."""
     run_config = flat_dict(cfg.replace(federation={"run_dir": str(scratch)}))
     ins = tasks.Instructions.parse(config)
@@ -100,12 +114,28 @@ def _site_results(cfg: Config, sites: list[int], global_weights: dict[str, np.nd
 
 def _plain_fedavg(results: dict[int, tuple[dict[str, np.ndarray], float]]) -> dict[str, np.ndarray]:
     """What Flower's FedAvg makes of the sites' true replies."""
-    replies = [Message(content=RecordDict({P.ARRAYS: ArrayRecord({k: Array(v) for k, v in w.items()}),
-                                           P.METRICS: MetricRecord({P.NUM_EXAMPLES: n})}),
-                       metadata=Metadata(run_id=1, message_id=f"reply-{i}", src_node_id=i, dst_node_id=0,
-                                         reply_to_message_id=f"m-{i}", group_id="", created_at=time.time(),
-                                         ttl=3600.0, message_type=MessageType.TRAIN))
-               for i, (w, n) in results.items()]
+    replies = [
+        Message(
+            content=RecordDict(
+                {
+                    P.ARRAYS: ArrayRecord({k: Array(v) for k, v in w.items()}),
+                    P.METRICS: MetricRecord({P.NUM_EXAMPLES: n}),
+                }
+            ),
+            metadata=Metadata(
+                run_id=1,
+                message_id=f"reply-{i}",
+                src_node_id=i,
+                dst_node_id=0,
+                reply_to_message_id=f"m-{i}",
+                group_id="",
+                created_at=time.time(),
+                ttl=3600.0,
+                message_type=MessageType.TRAIN,
+            ),
+        )
+        for i, (w, n) in results.items()
+    ]
     arrays, _ = FedAvg().aggregate_train(1, replies)
     return {k: v.numpy() for k, v in arrays.items()}
 
@@ -143,14 +173,21 @@ def secure_run(tmp_path_factory):
 def test_secure_aggregate_equals_plain_fedavg_of_the_same_round(secure_run):
     cfg, run, exchanges, rounds = secure_run
     rows = _rows(run)
-    assert all(r["status"] == "ok" for r in rows) and {r["site"] for r in rows} == {"site0", "site1", "site2", P.ALL_SITES}
+    assert all(r["status"] == "ok" for r in rows) and {r["site"] for r in rows} == {
+        "site0",
+        "site1",
+        "site2",
+        P.ALL_SITES,
+    }
     bound = SecAggRound(cfg.federation).error_bound([n for _, n in rounds[0][1].values()])
     assert 0 < bound < 1e-7
     train_all = [r for r in rows if r["kind"] == "train" and r["site"] == P.ALL_SITES]
     assert [r[ERROR_BOUND] for r in train_all] == pytest.approx([bound, bound])
     for phase, (global_weights, _) in zip(["pretrain", "finetune"], rounds, strict=True):
         # What each site sent: its masked vector, int64 (a weight factor, then every array).
-        sent = {r["bytes_up"] for r in rows if r["phase"] == phase and r["kind"] == "train" and r["site"] != P.ALL_SITES}
+        sent = {
+            r["bytes_up"] for r in rows if r["phase"] == phase and r["kind"] == "train" and r["site"] != P.ALL_SITES
+        }
         assert sent == {8 * (1 + sum(v.size for v in global_weights.values()))}
     for (global_weights, results), aggregate in zip(rounds, _aggregates(exchanges), strict=True):
         expected = _plain_fedavg(results)
@@ -207,8 +244,11 @@ def test_a_site_that_fails_mid_protocol_is_unmasked_away(tmp_path, monkeypatch):
     server removes its masks with the other sites' shares and aggregates the rest exactly."""
     data = write_phantom_dataset(tmp_path / "data", n=15, shape=(16, 16, 16), seed=0)
     cfg = _cfg(tmp_path / "run", **{"data.path": str(data), "federation.min_sites": 2})
-    train, _ = split_names([p.name.removesuffix(".nii.gz") for p in (data / "imagesTr").iterdir()],
-                           cfg.data.test_fraction, cfg.data.split_seed)
+    train, _ = split_names(
+        [p.name.removesuffix(".nii.gz") for p in (data / "imagesTr").iterdir()],
+        cfg.data.test_fraction,
+        cfg.data.split_seed,
+    )
     victim = data / "imagesTr" / f"{partition_names(train, SITES, 'iid', seed=cfg.data.split_seed)[1][0]}.nii.gz"
     victim.write_bytes(victim.read_bytes()[:100])
     run, exchanges = _simulate(cfg, monkeypatch)

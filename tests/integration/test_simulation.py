@@ -23,8 +23,7 @@ from amlp_core.errors import ConfigError
 from amlp_core.methods import build_method
 from fedamlp import protocol as P
 from simulations.simulate import SimulationError, processes_with_env, simulate
-
-from tests.integration.helpers import TWO_PHASE_PLAN, sim_config, assert_no_process_left, round_rows
+from tests.integration.helpers import TWO_PHASE_PLAN, assert_no_process_left, round_rows, sim_config
 
 pytestmark = pytest.mark.slow
 
@@ -102,15 +101,19 @@ def test_two_phase_federation_end_to_end_and_resume_reaches_its_final_state(two_
     simulate(sim_config(stopped, **plan, **{"federation.stop_after_rounds": 1}), timeout=600)
     assert not (stopped / "model").exists() and (stopped / "server_checkpoint.pt").exists()
     with pytest.raises(SimulationError, match="different configuration"):  # a changed plan is refused
-        simulate(sim_config(stopped, **{**plan, "federation.finetune_rounds": 2}, **{"federation.resume": True}),
-                 timeout=600)
+        simulate(
+            sim_config(stopped, **{**plan, "federation.finetune_rounds": 2}, **{"federation.resume": True}), timeout=600
+        )
     simulate(sim_config(stopped, **plan, **{"federation.resume": True}), timeout=600)
     a, _ = load_segmentation(straight / "model")
     b, _ = load_segmentation(stopped / "model")
     for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
         assert torch.allclose(x, y, atol=1e-6), name
-    ratios = {(r["round"], r["site"]): r[P.MASK_RATIO] for r in round_rows(stopped)
-              if r["phase"] == "pretrain" and r["site"] != P.ALL_SITES}
+    ratios = {
+        (r["round"], r["site"]): r[P.MASK_RATIO]
+        for r in round_rows(stopped)
+        if r["phase"] == "pretrain" and r["site"] != P.ALL_SITES
+    }
     assert ratios[1, "site0"] == ratios[1, "site1"] < ratios[2, "site0"] == ratios[2, "site1"]
     assert_no_process_left(stopped)
 
@@ -118,8 +121,11 @@ def test_two_phase_federation_end_to_end_and_resume_reaches_its_final_state(two_
 def test_a_broken_site_is_reported_and_the_others_finish(tmp_path):
     data = write_phantom_dataset(tmp_path / "data", n=15, shape=(16, 16, 16), seed=0)
     cfg = sim_config(tmp_path / "run", **{"data.path": str(data), "federation.sites": 3, "federation.min_sites": 2})
-    train, _ = split_names([p.name.removesuffix(".nii.gz") for p in (data / "imagesTr").iterdir()],
-                           cfg.data.test_fraction, cfg.data.split_seed)
+    train, _ = split_names(
+        [p.name.removesuffix(".nii.gz") for p in (data / "imagesTr").iterdir()],
+        cfg.data.test_fraction,
+        cfg.data.split_seed,
+    )
     victim_name = partition_names(train, 3, "iid", seed=cfg.data.split_seed)[1][0]
     victim = data / "imagesTr" / f"{victim_name}.nii.gz"
     victim.write_bytes(victim.read_bytes()[:100])  # truncated
@@ -154,8 +160,13 @@ def test_an_interrupted_simulation_leaves_no_process(tmp_path, sig, code):
     import yaml
 
     config.write_text(yaml.safe_dump(cfg.to_dict()))
-    proc = subprocess.Popen([sys.executable, "-m", "fedamlp.cli", "simulate", "--config", str(config)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, preexec_fn=_default_sigint)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fedamlp.cli", "simulate", "--config", str(config)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=_default_sigint,
+    )
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and not (run / "sites").exists():  # wait until sites are training
         time.sleep(0.5)
@@ -205,8 +216,11 @@ def test_a_killed_simulation_takes_its_superlink_with_it(tmp_path):
     import yaml
 
     config.write_text(yaml.safe_dump(sim_config(run, **{"federation.pretrain_rounds": 20}).to_dict()))
-    proc = subprocess.Popen([sys.executable, "-m", "fedamlp.cli", "simulate", "--config", str(config)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fedamlp.cli", "simulate", "--config", str(config)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
 
     def left() -> dict[int, bytes]:  # the simulation's processes still running, but Ray's agents
         out = {}
@@ -240,15 +254,24 @@ def test_a_killed_simulation_takes_its_superlink_with_it(tmp_path):
 def test_private_federation_reports_the_epsilon_of_every_site_and_the_server(tmp_path):
     """Site DP (Opacus, both phases) and server DP (Flower's wrapper) in one real simulation."""
     run = tmp_path / "run"
-    cfg = sim_config(run, **{"privacy.site_dp": True, "privacy.phases": "both", "privacy.budget": 8.0,
-                       "privacy.server_dp": True, "privacy.server_noise_multiplier": 0.5,
-                       "privacy.server_clipping_norm": 50.0})
+    cfg = sim_config(
+        run,
+        **{
+            "privacy.site_dp": True,
+            "privacy.phases": "both",
+            "privacy.budget": 8.0,
+            "privacy.server_dp": True,
+            "privacy.server_noise_multiplier": 0.5,
+            "privacy.server_clipping_norm": 50.0,
+        },
+    )
     simulate(cfg, timeout=600)
     assert_no_process_left(run)
     rows = round_rows(run)
     train = [r for r in rows if r["kind"] == "train" and r["site"] != P.ALL_SITES]
-    assert {(r["phase"], r["site"]) for r in train} == {(p, s) for p in ("pretrain", "finetune")
-                                                         for s in ("site0", "site1")}
+    assert {(r["phase"], r["site"]) for r in train} == {
+        (p, s) for p in ("pretrain", "finetune") for s in ("site0", "site1")
+    }
     for site in ("site0", "site1"):
         eps = [r["epsilon"] for r in train if r["site"] == site]
         assert 0 < eps[0] < eps[1] <= 8.0  # grows over the run, never past the budget

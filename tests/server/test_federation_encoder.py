@@ -19,8 +19,9 @@ def _cfg(tmp_path, **overrides):
 def _trained_encoder(cfg) -> ArrayRecord:
     """What a pretraining phase hands over: the method's shared weights, changed from their start."""
     torch.manual_seed(1)
-    return ArrayRecord({k: v + 0.01 * torch.randn_like(v)
-                        for k, v in build_method(cfg.model, cfg.method).shared_state_dict().items()})
+    return ArrayRecord(
+        {k: v + 0.01 * torch.randn_like(v) for k, v in build_method(cfg.model, cfg.method).shared_state_dict().items()}
+    )
 
 
 @pytest.mark.parametrize("method", ["amlp", "ahm"])
@@ -43,8 +44,14 @@ def test_fine_tuning_starts_from_init_encoder(tmp_path):
     first = _cfg(tmp_path)
     arrays = _trained_encoder(first)
     folder = Federation(None, first).save_encoder(arrays)
-    cfg = _cfg(tmp_path, **{"federation.run_dir": str(tmp_path / "second"), "federation.pretrain_rounds": 0,
-                            "federation.init_encoder": str(folder)})
+    cfg = _cfg(
+        tmp_path,
+        **{
+            "federation.run_dir": str(tmp_path / "second"),
+            "federation.pretrain_rounds": 0,
+            "federation.init_encoder": str(folder),
+        },
+    )
     server = Federation(None, cfg)
     model = server.initial_segmentation(server.pretrained_encoder()).to_torch_state_dict()
     sent = arrays.to_torch_state_dict()
@@ -75,12 +82,15 @@ def test_encoder_for_another_model_is_refused_naming_the_file(tmp_path):
         Federation(None, missing).pretrained_encoder()
 
 
-@pytest.mark.parametrize("overrides, label", [
-    ({}, "amlp"),
-    ({"federation.pretrain_rounds": 0}, "none (encoder from scratch)"),
-    ({"federation.pretrain_rounds": 0, "federation.init_encoder": "enc"}, "initial encoder given"),
-    ({"federation.pretrain_rounds": 0, "model.seg_arch": "unet"}, "none (plain U-Net, no encoder)"),
-])
+@pytest.mark.parametrize(
+    "overrides, label",
+    [
+        ({}, "amlp"),
+        ({"federation.pretrain_rounds": 0}, "none (encoder from scratch)"),
+        ({"federation.pretrain_rounds": 0, "federation.init_encoder": "enc"}, "initial encoder given"),
+        ({"federation.pretrain_rounds": 0, "model.seg_arch": "unet"}, "none (plain U-Net, no encoder)"),
+    ],
+)
 def test_summary_names_what_made_the_encoder(tmp_path, overrides, label):
     """The run's summary says which pretraining the model had, not just the config's method name."""
     server = Federation(None, _cfg(tmp_path, **{"method.name": "amlp", **overrides}))

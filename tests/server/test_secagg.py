@@ -41,13 +41,16 @@ def test_strategies_that_work_on_the_sum_are_accepted(strategy):
     assert cfg.federation.secure_aggregation
 
 
-@pytest.mark.parametrize("key, value, why", [
-    ("federation.min_sites", 1, "at least 2"),
-    ("federation.secagg_reconstruction_threshold", 0.5, r"\(0.5, 1\]"),
-    ("federation.secagg_num_shares", 0.0, r"\(0, 1\]"),
-    ("federation.secagg_clipping_range", 0.0, "positive"),
-    ("federation.secagg_max_weight", -1.0, "positive"),
-])
+@pytest.mark.parametrize(
+    "key, value, why",
+    [
+        ("federation.min_sites", 1, "at least 2"),
+        ("federation.secagg_reconstruction_threshold", 0.5, r"\(0.5, 1\]"),
+        ("federation.secagg_num_shares", 0.0, r"\(0, 1\]"),
+        ("federation.secagg_clipping_range", 0.0, "positive"),
+        ("federation.secagg_max_weight", -1.0, "positive"),
+    ],
+)
 def test_secagg_settings_are_checked(key, value, why):
     with pytest.raises(ConfigError, match=rf"{key}.*{why}"):
         build_config({**SECURE, key: value})
@@ -61,17 +64,32 @@ def test_the_quantized_sum_must_stay_below_the_modulus():
 
 
 def _train_message(cfg, node_id: int) -> Message:
-    content = RecordDict({P.ARRAYS: ArrayRecord({"w": Array(np.zeros(3, np.float32))}),
-                          P.CONFIG: ConfigRecord({P.PHASE: P.PRETRAIN})})
-    meta = Metadata(run_id=1, message_id=f"m-{time.monotonic_ns()}", src_node_id=0, dst_node_id=node_id,
-                    reply_to_message_id="", group_id="", created_at=time.time(), ttl=3600.0, message_type="train")
+    content = RecordDict(
+        {P.ARRAYS: ArrayRecord({"w": Array(np.zeros(3, np.float32))}), P.CONFIG: ConfigRecord({P.PHASE: P.PRETRAIN})}
+    )
+    meta = Metadata(
+        run_id=1,
+        message_id=f"m-{time.monotonic_ns()}",
+        src_node_id=0,
+        dst_node_id=node_id,
+        reply_to_message_id="",
+        group_id="",
+        created_at=time.time(),
+        ttl=3600.0,
+        message_type="train",
+    )
     return Message(content=content, metadata=meta)
 
 
 def test_a_site_of_a_secure_run_refuses_to_send_its_update_in_the_clear(tmp_path):
     cfg = tiny_config(2, **{**SECURE, "federation.run_dir": str(tmp_path)})
-    context = Context(run_id=1, node_id=7, node_config={"partition-id": 0, "num-partitions": 2},
-                      state=RecordDict(), run_config=flat_dict(cfg))
+    context = Context(
+        run_id=1,
+        node_id=7,
+        node_config={"partition-id": 0, "num-partitions": 2},
+        state=RecordDict(),
+        run_config=flat_dict(cfg),
+    )
     reply = app(_train_message(cfg, 7), context)
     assert reply.has_error() and reply.error.code == SECAGG_ERROR
     assert "secure aggregation" in reply.error.reason and "in the clear" in reply.error.reason
@@ -91,11 +109,28 @@ def _setup_message(node_id: int, **changes) -> Message:
     """Flower's SecAgg+ setup message, as SecAggPlusWorkflow builds it for 3 sites with our defaults."""
     fed = build_config(SECURE).federation
     shares, threshold = expected_shares(fed, 3)
-    record = {Key.STAGE: Stage.SETUP, Key.SAMPLE_NUMBER: 3, Key.SHARE_NUMBER: shares, Key.THRESHOLD: threshold,
-              Key.CLIPPING_RANGE: fed.secagg_clipping_range, Key.TARGET_RANGE: fed.secagg_quantization_range,
-              Key.MOD_RANGE: 2**32, Key.MAX_WEIGHT: fed.secagg_max_weight, **changes}
-    meta = Metadata(run_id=1, message_id=f"m-{time.monotonic_ns()}", src_node_id=0, dst_node_id=node_id,
-                    reply_to_message_id="", group_id="1", created_at=time.time(), ttl=3600.0, message_type="train")
+    record = {
+        Key.STAGE: Stage.SETUP,
+        Key.SAMPLE_NUMBER: 3,
+        Key.SHARE_NUMBER: shares,
+        Key.THRESHOLD: threshold,
+        Key.CLIPPING_RANGE: fed.secagg_clipping_range,
+        Key.TARGET_RANGE: fed.secagg_quantization_range,
+        Key.MOD_RANGE: 2**32,
+        Key.MAX_WEIGHT: fed.secagg_max_weight,
+        **changes,
+    }
+    meta = Metadata(
+        run_id=1,
+        message_id=f"m-{time.monotonic_ns()}",
+        src_node_id=0,
+        dst_node_id=node_id,
+        reply_to_message_id="",
+        group_id="1",
+        created_at=time.time(),
+        ttl=3600.0,
+        message_type="train",
+    )
     return Message(content=RecordDict({RECORD_KEY_CONFIGS: ConfigRecord(record)}), metadata=meta)
 
 

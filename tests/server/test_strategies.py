@@ -11,28 +11,44 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, Metadata, MetricRecord,
 
 from amlp_core.config import FederationConfig
 from fedamlp import protocol as P
-from server.strategies import build_strategy, restore_strategy_state, strategy_state
 from server.rounds import collect
+from server.strategies import build_strategy, restore_strategy_state, strategy_state
 
 
 def _reply(node: int, value: float, n: int, site: str) -> Message:
-    meta = Metadata(run_id=1, message_id=f"r{node}", src_node_id=node, dst_node_id=0, reply_to_message_id=f"m{node}",
-                    group_id="", created_at=time.time(), ttl=60.0, message_type="train")
-    content = RecordDict({P.ARRAYS: ArrayRecord({"w": torch.full((2,), value)}),
-                          P.METRICS: MetricRecord({P.NUM_EXAMPLES: n, P.LOSS: value}),
-                          P.SITE: ConfigRecord({P.SITE_NAME: site, P.CLASS_NAMES: "{}"})})
+    meta = Metadata(
+        run_id=1,
+        message_id=f"r{node}",
+        src_node_id=node,
+        dst_node_id=0,
+        reply_to_message_id=f"m{node}",
+        group_id="",
+        created_at=time.time(),
+        ttl=60.0,
+        message_type="train",
+    )
+    content = RecordDict(
+        {
+            P.ARRAYS: ArrayRecord({"w": torch.full((2,), value)}),
+            P.METRICS: MetricRecord({P.NUM_EXAMPLES: n, P.LOSS: value}),
+            P.SITE: ConfigRecord({P.SITE_NAME: site, P.CLASS_NAMES: "{}"}),
+        }
+    )
     return Message(content=content, metadata=meta)
 
 
 REPLIES = [(1, 1.0, 10, "a"), (2, 2.0, 10, "b"), (3, 10.0, 20, "c")]
 
 
-@pytest.mark.parametrize("name, expected", [
-    ("fedavg", (10 * 1 + 10 * 2 + 20 * 10) / 40),  # weighted by number of samples
-    ("fedprox", (10 * 1 + 10 * 2 + 20 * 10) / 40),
-    ("fedmedian", 2.0),  # robust to the outlier site
-    ("fedtrimmedavg", 2.0),
-])
+@pytest.mark.parametrize(
+    "name, expected",
+    [
+        ("fedavg", (10 * 1 + 10 * 2 + 20 * 10) / 40),  # weighted by number of samples
+        ("fedprox", (10 * 1 + 10 * 2 + 20 * 10) / 40),
+        ("fedmedian", 2.0),  # robust to the outlier site
+        ("fedtrimmedavg", 2.0),
+    ],
+)
 def test_aggregation(name, expected):
     strategy = build_strategy(FederationConfig(strategy=name, trim_beta=0.34), evaluate=True)
     arrays, metrics = strategy.aggregate_train(1, [_reply(*r) for r in REPLIES])
@@ -54,8 +70,17 @@ def test_fedadam_state_survives_a_checkpoint():
 def test_collect_sorts_replies_into_ok_error_and_missing():
     sent = []
     for node in (1, 2, 3):
-        meta = Metadata(run_id=1, message_id=f"m{node}", src_node_id=0, dst_node_id=node, reply_to_message_id="",
-                        group_id="", created_at=time.time(), ttl=60.0, message_type="train")
+        meta = Metadata(
+            run_id=1,
+            message_id=f"m{node}",
+            src_node_id=0,
+            dst_node_id=node,
+            reply_to_message_id="",
+            group_id="",
+            created_at=time.time(),
+            ttl=60.0,
+            message_type="train",
+        )
         sent.append(Message(content=RecordDict(), metadata=meta))
     from flwr.app import Error
 
