@@ -9,6 +9,7 @@ import logging
 import os
 import uuid
 from pathlib import Path
+from typing import Any
 
 import nibabel as nib
 import numpy as np
@@ -53,7 +54,7 @@ def _check_readable(path: Path) -> str:
 def _load_nifti(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """Voxels (fully read, scaling applied) and the (4, 4) affine of a NIfTI file."""
     try:
-        img = nib.load(str(path), mmap=False)
+        img: Any = nib.load(str(path), mmap=False)  # a Nifti1/2Image (nibabel types it as any file image)
         data = np.asarray(img.dataobj)  # reads the whole file, so truncated .gz files fail here
     except Exception as exc:  # nibabel, gzip and numpy raise many different types
         raise data_error(path, _UNREADABLE.format("NIfTI", type(exc).__name__, exc)) from exc

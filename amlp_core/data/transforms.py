@@ -138,11 +138,11 @@ def strong_augment(
     if rng.random() < P_BRIGHTNESS:
         image = image * np.float32(rng.uniform(*BRIGHTNESS_RANGE))
     if rng.random() < P_CONTRAST:
-        factor = np.float32(_around_one(rng, *CONTRAST_RANGE))
+        contrast = np.float32(_around_one(rng, *CONTRAST_RANGE))
         axes = tuple(range(1, image.ndim))
         mean = image.mean(axis=axes, keepdims=True)
         image = np.clip(
-            (image - mean) * factor + mean, image.min(axis=axes, keepdims=True), image.max(axis=axes, keepdims=True)
+            (image - mean) * contrast + mean, image.min(axis=axes, keepdims=True), image.max(axis=axes, keepdims=True)
         )
     if rng.random() < P_GAMMA:
         gamma = AdjustContrast(_around_one(rng, *GAMMA_RANGE), retain_stats=True)

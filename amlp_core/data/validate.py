@@ -60,7 +60,7 @@ class DataReport:
         return {**asdict(self), "ok": self.ok}
 
 
-def _problem(path: Path, exc: DataError) -> Problem:
+def _problem(path: Path | None, exc: DataError) -> Problem:
     """Error Problem for ``path``, without repeating the path at the start of the message."""
     message, prefix = str(exc), f"{path}: "
     return Problem(str(path), message.removeprefix(prefix))

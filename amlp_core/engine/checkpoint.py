@@ -21,7 +21,7 @@ from amlp_core.errors import CheckpointError
 FORMAT_VERSION = 1
 
 
-def _atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> Path:
+def _atomic_write(path: Path, write: Callable[[IO[bytes]], object]) -> Path:
     """Write through ``write`` to a temporary file beside ``path``, fsync, then rename over ``path``."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)

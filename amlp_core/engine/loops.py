@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence, Sized
 
 import numpy as np
 import torch
@@ -67,7 +67,7 @@ def pretrain_epoch(
     """
     method.train()
     means = MetricMeans()
-    steps = max(len(loader), 1) if hasattr(loader, "__len__") else 1
+    steps = max(len(loader), 1) if isinstance(loader, Sized) else 1
     t0, t1 = progress
     l0, l1 = lr_progress or progress
     bar = tqdm(loader, desc=desc, leave=False, disable=None)
@@ -147,8 +147,9 @@ def finetune_steps(
     bar = tqdm(total=steps, desc=desc, leave=False, disable=None)
     try:
         while done < steps:
-            if hasattr(dataset, "set_epoch"):
-                dataset.set_epoch(first_pass + passes)
+            set_epoch = getattr(dataset, "set_epoch", None)
+            if set_epoch is not None:
+                set_epoch(first_pass + passes)
             means, drawn = MetricMeans(), 0
             for batch in loader:
                 drawn += 1
@@ -231,6 +232,7 @@ def predict_volume(
             padding_mode="constant",
             cval=float(x.min()),
         )
+    assert isinstance(logits, torch.Tensor)  # one output head
     return torch.softmax(logits.float(), dim=1)[0].cpu()
 
 
@@ -259,7 +261,9 @@ def evaluate_segmentation(
         pred = probs.argmax(0, keepdim=True).unsqueeze(0)  # [1, 1, *S]
         truth = torch.as_tensor(sample.label).long().unsqueeze(0).unsqueeze(0)  # [1, 1, *S]
         metric(pred, truth)
-    per_class = metric.aggregate().tolist()  # [K-1]
+    aggregated = metric.aggregate()
+    assert isinstance(aggregated, torch.Tensor)
+    per_class = aggregated.tolist()  # [K-1]
     out = {f"dice_{k + 1}": float(v) for k, v in enumerate(per_class)}
     out["dice_mean"] = float(np.nanmean(per_class)) if per_class else float("nan")
     out["num_examples"] = len(samples)

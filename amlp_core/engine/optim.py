@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
 from amlp_core.config import TrainConfig
+from amlp_core.methods.base import PretrainMethod
 from amlp_core.models.segmentation import SegmentationNet
 from amlp_core.schedules import warmup_cosine
 
@@ -13,13 +16,13 @@ from amlp_core.schedules import warmup_cosine
 def pretrain_optimizer(method: nn.Module, train: TrainConfig) -> torch.optim.Optimizer:
     """AdamW (betas 0.9, 0.95, as MAE) over the method's parameter groups (``param_groups()``, each
     with its ``lr_scale``; the whole module at the base rate when it has none)."""
-    groups = (
+    groups: list[dict[str, Any]] = (
         method.param_groups()
-        if hasattr(method, "param_groups")
+        if isinstance(method, PretrainMethod)
         else [{"params": list(method.parameters()), "lr_scale": 1.0}]
     )
     for group in groups:
-        group.setdefault("lr", train.lr * group.get("lr_scale", 1.0))
+        group.setdefault("lr", train.lr * float(group.get("lr_scale", 1.0)))
     return torch.optim.AdamW(groups, lr=train.lr, weight_decay=train.weight_decay, betas=(0.9, 0.95))
 
 

@@ -213,7 +213,7 @@ def pretrain(cfg: Config, out_dir: str | Path, split: DataSplit | None = None) -
     log.info(
         "pretraining %s on %d images for %d epochs on %s%s%s",
         cfg.method.name,
-        len(loader.dataset),
+        len(split.train),
         epochs,
         device,
         f", resumed after epoch {first}" if first else "",
@@ -226,7 +226,7 @@ def pretrain(cfg: Config, out_dir: str | Path, split: DataSplit | None = None) -
             _privacy_ledger(
                 cfg,
                 out,
-                PrivatePhase(rounds=epochs - epoch, cases=len(loader.dataset), epochs=1),
+                PrivatePhase(rounds=epochs - epoch, cases=len(split.train), epochs=1),
                 f"pretraining epoch {epoch + 1} in {out}",
             )
             if private
@@ -392,6 +392,7 @@ def finetune(
     model = build_segmentation_model(cfg.model)
     init_meta: dict = {}
     if init is not None:
+        assert isinstance(model, SegmentationNet)  # has_encoder: the ViT network
         init_meta = load_pretrained(init, model, decoder=cfg.train.init_decoder)
     return train_segmentation(model, cfg, out_dir, split, init_method=init_meta.get("method", "scratch"))
 

@@ -13,6 +13,7 @@ def proximal_term(model: nn.Module, mu: float) -> Callable[[], torch.Tensor]:
     anchors = [(p, p.detach().clone()) for p in model.parameters() if p.requires_grad]
 
     def term() -> torch.Tensor:
-        return 0.5 * mu * sum((p - a).pow(2).sum() for p, a in anchors)
+        squares: torch.Tensor = sum((p - a).pow(2).sum() for p, a in anchors)  # type: ignore[assignment]
+        return 0.5 * mu * squares
 
     return term

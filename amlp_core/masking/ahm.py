@@ -68,8 +68,8 @@ class MaskingAgent(nn.Module):
         )
         self.actor = conv(width, 1, kernel_size=1)
         self.critic = conv(width, 1, kernel_size=1)
-        nn.init.zeros_(self.actor.weight)
-        nn.init.zeros_(self.actor.bias)
+        for p in self.actor.parameters():  # weight and bias: the policy starts uniform
+            nn.init.zeros_(p)
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``[B, C, *S]`` -> ``(logits [B, N], predicted losses [B, N])``, patches in ``patchify`` order."""

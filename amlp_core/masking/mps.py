@@ -165,6 +165,8 @@ class MPSMasking(nn.Module):
         # Fixed, seeded, identical at every site: rebuilt from the seed, never saved.
         projection = random_projection(embed_dim, proj_dim) if proj_dim and embed_dim > proj_dim else None
         self.register_buffer("projection", projection, persistent=False)
+        self.group_loss: torch.Tensor
+        self.projection: torch.Tensor | None
 
     def features(self, stem: torch.Tensor, images: torch.Tensor, patch_size: int) -> torch.Tensor:
         """MPS features ``[B, N, R + 2]`` of ``images`` ``[B, C, *S]``.

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import copy
 import math
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -116,7 +117,7 @@ def two_scale_views(
     corners = (offsets * patch_size).tolist()
     crops = torch.stack(
         [
-            images[(i, slice(None), *[slice(c, c + s // 2) for c, s in zip(corner, spatial)])]
+            images[cast(tuple[Any, ...], (i, slice(None), *[slice(c, c + s // 2) for c, s in zip(corner, spatial)]))]
             for i, corner in enumerate(corners)
         ]
     )  # [B, C, *S/2]
@@ -146,6 +147,7 @@ class ACE(PretrainMethod):
         self.teacher = nn.ModuleDict({"encoder": copy.deepcopy(self.encoder), "head": copy.deepcopy(self.head)})
         self.teacher.requires_grad_(False)
         self.register_buffer("center", torch.zeros(method_cfg.ace_head_dim))
+        self.center: torch.Tensor
 
     @classmethod
     def ratio_at(cls, method_cfg: MethodConfig, progress: float) -> float:
@@ -210,8 +212,9 @@ class ACE(PretrainMethod):
         # Local: composition (small blocks -> large token) and decomposition (large token -> small block).
         temps = (m.ace_student_temp, m.ace_teacher_temp)
         with torch.no_grad():
-            k_large = self.teacher["head"].project(t_large)  # [B, M, E]
-            k_small = self.teacher["head"].project(t_small)  # [B, N, E]
+            teacher_head = cast(ProjectionHead, self.teacher["head"])
+            k_large = teacher_head.project(t_large)  # [B, M, E]
+            k_small = teacher_head.project(t_small)  # [B, N, E]
         q_comp = self.head.project(self.compose(blocks(s_small, grid)))  # [B, M, E]
         q_decomp = self.head.project(unblocks(self.decompose(s_large), grid))  # [B, N, E]
         eye_m = torch.eye(q_comp.shape[1], device=images.device)  # block j <-> overlap token j

@@ -73,6 +73,8 @@ class PretrainMethod(nn.Module):
         Returns:
             ``[B, N, P]`` the predicted (per-patch normalised) pixels of every patch, ``P = C * p**dims``.
         """
+        if self.decoder is None:
+            raise TypeError(f"{type(self).__name__} has no pixel decoder (uses_decoder is False)")
         features = self.encoder(images, ~mask.masked, mask.ids_keep, first)  # skips, tokens [B, N_keep, D]
         return self.decoder(features, mask)  # [B, N, P]
 

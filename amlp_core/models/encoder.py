@@ -157,6 +157,13 @@ class HybridEncoder(nn.Module):
         self.norm = nn.LayerNorm(cfg.embed_dim)
 
     @property
+    def first_stage(self) -> ConvStage:
+        """The conv stage at 1/2 resolution (MPS's features come from its first conv)."""
+        stage = self.stages[0]
+        assert isinstance(stage, ConvStage)
+        return stage
+
+    @property
     def grid_size(self) -> tuple[int, ...]:
         return self.cfg.grid_size
 
@@ -170,12 +177,12 @@ class HybridEncoder(nn.Module):
     def first_conv(self, images: torch.Tensor) -> torch.Tensor:
         """``[B, C, *S]`` -> ``[B, c_1, *S / 2]``: the first stage's ``2 x 2`` stride-2 conv of the unmasked image."""
         self.check_images(images)
-        return self.stages[0].down(images)
+        return self.first_stage.down(images)
 
     def stem(self, first: torch.Tensor) -> torch.Tensor:
         """The first conv's output ``[B, c_1, *S / 2]`` (:meth:`first_conv`), normalised over the whole
         image and activated: the encoder's own description of every position, which MPS clusters."""
-        return self.stages[0].normalized(first)
+        return self.first_stage.normalized(first)
 
     def conv_stages(
         self, images: torch.Tensor, visible: torch.Tensor | None = None, first: torch.Tensor | None = None

@@ -121,6 +121,7 @@ class DenseDecoder(nn.Module):
         skips = []
         for fill, skip in zip(self.fills, features.skips):  # hidden positions of a skip are 0: fill them
             vis = visible_map(visible, grid, tuple(skip.shape[2:]), skip.dtype)  # [B, 1, *S / 2**i]
+            assert vis is not None  # a mask always gives a map
             skips.append(skip * vis + fill(1 - vis))  # [B, c_i, *S / 2**i], dense
         image = self.unet(skips, tokens_to_grid(tokens, grid))  # [B, C, *S]
         return patchify(image, self.cfg.patch_size)  # [B, N, C * p**dims]

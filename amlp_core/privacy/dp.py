@@ -37,6 +37,11 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+def dataset_size(dataset: Any) -> int:
+    """The number of cases of a map-style dataset (torch's ``Dataset`` type has no ``__len__``; ours all do)."""
+    return len(dataset)
+
+
 def check_private(model: nn.Module, what: str = "model") -> None:
     """Refuse a model Opacus cannot train privately (e.g. BatchNorm mixes cases in a batch).
 
@@ -74,8 +79,8 @@ def poisson_loader(dataset: Dataset, batch_size: int, generator: torch.Generator
     """
     from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 
-    rate = sample_rate(len(dataset), batch_size)
-    sampler = UniformWithReplacementSampler(num_samples=len(dataset), sample_rate=rate, generator=generator)
+    rate = sample_rate(dataset_size(dataset), batch_size)
+    sampler = UniformWithReplacementSampler(num_samples=dataset_size(dataset), sample_rate=rate, generator=generator)
     return DataLoader(dataset, batch_sampler=sampler, collate_fn=_collate_or_none)
 
 
@@ -123,7 +128,7 @@ class PrivateTraining:
 
         check_private(model)
         self.model, self.base_optimizer, self.dataset = model, optimizer, dataset
-        self.rate = sample_rate(len(dataset), batch_size)
+        self.rate = sample_rate(dataset_size(dataset), batch_size)
         self.noise_multiplier, self.max_grad_norm, self.seed = noise_multiplier, max_grad_norm, seed
         self.accountant = RDPAccountant()
         self.hooks: GradSampleHooks | None = None
@@ -141,13 +146,13 @@ class PrivateTraining:
             self.base_optimizer,
             noise_multiplier=self.noise_multiplier,
             max_grad_norm=self.max_grad_norm,
-            expected_batch_size=max(1, round(self.rate * len(self.dataset))),
+            expected_batch_size=max(1, round(self.rate * dataset_size(self.dataset))),
             loss_reduction="mean",
             generator=noise,
         )
         self.optimizer.attach_step_hook(self.accountant.get_optimizer_hook_fn(sample_rate=self.rate))
         self.loader = poisson_loader(
-            self.dataset, round(self.rate * len(self.dataset)), torch.Generator().manual_seed(self.seed + 1)
+            self.dataset, round(self.rate * dataset_size(self.dataset)), torch.Generator().manual_seed(self.seed + 1)
         )
         return self
 
@@ -156,7 +161,7 @@ class PrivateTraining:
             self.hooks.cleanup()
             self.hooks = None
         for p in self.model.parameters():  # no per-case gradients left behind
-            p.grad_sample = None
+            p.grad_sample = None  # type: ignore[attr-defined]  # set by Opacus' hooks
             p.grad = None
 
     @property
@@ -192,6 +197,8 @@ def charged_training(
         yield optimizer, loader, {}
         return
     spent: dict[str, float] = {}
+    if ledger.noise_multiplier is None:
+        raise ValueError(f"privacy ledger {ledger.path}: its noise is not fixed yet (PrivacyLedger.planned fixes it)")
     with PrivateTraining(
         model, optimizer, loader.dataset, batch_size, ledger.noise_multiplier, max_grad_norm, seed
     ) as dp:
