@@ -20,10 +20,10 @@ from flwr.app import ArrayRecord, ConfigRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.exception import PrivacyBudgetExhausted
 
-from amlp_core.config import ARCHITECTURE, Config, save_config
+from amlp_core.config import Config, save_config
 from amlp_core.engine.checkpoint import load_checkpoint, save_checkpoint
 from amlp_core.engine.device import seed_everything
-from amlp_core.engine.pipeline import load_pretrained_encoder, pretrained_meta
+from amlp_core.engine.pipeline import load_pretrained_encoder, pretrained_meta, pretraining_method, segmentation_meta
 from amlp_core.errors import CheckpointError, ConfigError
 from amlp_core.methods import build_method, mask_ratio_at
 from amlp_core.models import build_segmentation_model, encoder_state, has_encoder
@@ -359,19 +359,24 @@ class Federation:
         """The final segmentation model, loadable by ``fedamlp predict --model RUN_DIR/model``."""
         folder = self.run_dir / MODEL_DIR
         f = self.fed
-        init = (
-            f"pretrained encoder {f.init_encoder}"
-            if f.init_encoder
-            else f"federated {self.cfg.method.name}"
-            if f.pretrain_rounds
-            else "scratch"
+        if f.init_encoder:
+            init_method, init_from = pretraining_method(f.init_encoder), str(f.init_encoder)
+        elif f.pretrain_rounds:
+            init_method, init_from = self.cfg.method.name, "federated pretraining"
+        else:
+            init_method, init_from = "scratch", ""
+        last = max((r["round"] for r in self.results.rows if r["phase"] == P.FINETUNE), default=0)
+        labelled = sum(
+            int(r.get(P.NUM_EXAMPLES, 0))
+            for r in self.results.rows
+            if r["phase"] == P.FINETUNE
+            and r["round"] == last
+            and r["kind"] == "train"
+            and r["site"] != P.ALL_SITES
+            and r["status"] == "ok"
         )
         meta = {
-            "kind": "segmentation",
-            "architecture": ARCHITECTURE,
-            "config": self.cfg.to_dict(),
-            "class_names": self.class_names,
-            "init_method": init,
+            **segmentation_meta(self.cfg, self.class_names, init_method, init_from, labelled),
             "epoch": f.finetune_rounds,
         }
         save_checkpoint(folder / "checkpoint.pt", {"model": arrays.to_torch_state_dict()}, meta)

@@ -11,6 +11,7 @@ import dataclasses
 import json
 import logging
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -287,6 +288,32 @@ def pretrained_meta(cfg: Config, epoch: int) -> dict[str, Any]:
     }
 
 
+def segmentation_meta(
+    cfg: Config, class_names: Mapping[str, str], init_method: str, init_from: str, labelled_cases: int
+) -> dict[str, Any]:
+    """The metadata of a segmentation checkpoint (kind ``segmentation``): alike for a local fine-tuning run
+    and a federation's final model, so ``fedamlp predict``/``evaluate`` read both the same way.
+
+    Args:
+        class_names: ``{"0": "background", ...}``.
+        init_method: the pretraining method that made the encoder, or ``"scratch"``.
+        init_from: where the encoder came from: a pretraining run's folder, ``"federated pretraining"``,
+            or ``""`` (scratch).
+        labelled_cases: the labelled training cases fine-tuning used (over all sites in a federation).
+    """
+    return {
+        "kind": "segmentation",
+        "architecture": ARCHITECTURE,
+        "config": cfg.to_dict(),
+        "class_names": {str(k): v for k, v in class_names.items()},
+        "init_method": init_method,
+        "init_from": init_from,
+        "labelled_cases": labelled_cases,
+        "spatial_dims": cfg.model.spatial_dims,
+        "patch_size": cfg.model.patch_size,
+    }
+
+
 def save_pretrained(path: Path, method: PretrainMethod, cfg: Config, epoch: int) -> None:
     save_checkpoint(path, {"method": method.state_dict()}, pretrained_meta(cfg, epoch))
 
@@ -362,6 +389,12 @@ def load_pretrained(run: str | Path, model: SegmentationNet, decoder: bool = Fal
     return meta
 
 
+def pretraining_method(run: str | Path) -> str:
+    """The method that made a pretraining run's encoder (its checkpoint's ``method``)."""
+    _, meta = load_checkpoint(_checkpoint_path(run))
+    return str(meta.get("method", "unknown"))
+
+
 def model_config_of(run: str | Path) -> ModelConfig:
     """The model configuration a run's checkpoint was made with."""
     _, meta = load_checkpoint(_checkpoint_path(run))
@@ -394,7 +427,9 @@ def finetune(
     if init is not None:
         assert isinstance(model, SegmentationNet)  # has_encoder: the ViT network
         init_meta = load_pretrained(init, model, decoder=cfg.train.init_decoder)
-    return train_segmentation(model, cfg, out_dir, split, init_method=init_meta.get("method", "scratch"))
+    return train_segmentation(
+        model, cfg, out_dir, split, init_method=init_meta.get("method", "scratch"), init_from=str(init or "")
+    )
 
 
 def _privacy_ledger(cfg: Config, out: Path, phase: PrivatePhase, what: str) -> PrivacyLedger:
@@ -418,6 +453,7 @@ def train_segmentation(
     out_dir: str | Path,
     split: DataSplit | None = None,
     init_method: str = "scratch",
+    init_from: str = "",
 ) -> dict[str, Any]:
     """Train any segmentation network ``[B, C, *S] -> [B, K, *S]`` with Dice + CE, then evaluate.
 
@@ -450,16 +486,9 @@ def train_segmentation(
         steps,
         device,
     )
-    meta = {
-        "kind": "segmentation",
-        "architecture": ARCHITECTURE,
-        "config": cfg.to_dict(),
-        "class_names": {str(k): v for k, v in split.class_names.items()},
-        "init_method": init_method,
-        "labelled_cases": len(subset),
-        "spatial_dims": cfg.model.spatial_dims,
-        "patch_size": cfg.model.patch_size,
-    }
+    meta = segmentation_meta(
+        cfg, {str(k): v for k, v in split.class_names.items()}, init_method, init_from, len(subset)
+    )
     saveable = isinstance(model, SEG_ARCH_CLASSES[cfg.model.seg_arch])  # what load_segmentation rebuilds
     ledger = (
         _privacy_ledger(
