@@ -82,6 +82,7 @@ def test_site_dp_epsilon_grows_survives_a_restart_and_stops_at_the_budget(tmp_pa
     assert after["epsilon"] == pytest.approx(eps3, abs=1e-5)  # the refused round spent nothing
 
 
+@pytest.mark.slow  # over 10 s: not in the fast tier
 def test_calibrated_noise_plans_the_whole_run_and_pretraining_can_be_private(tmp_path):
     cfg = _cfg(
         tmp_path,

@@ -178,6 +178,7 @@ def test_private_finetune_reports_epsilon_and_refuses_to_overspend(tmp_path):
     )
 
 
+@pytest.mark.slow  # over 10 s: not in the fast tier
 @pytest.mark.filterwarnings("ignore:Full backward hook is firing:UserWarning")
 def test_private_pretraining_trains_with_dp_or_says_it_does_not(tmp_path, capsys):
     """``fedamlp pretrain`` with site DP over both phases trains with DP-SGD: every epoch's steps are on
@@ -217,6 +218,7 @@ def test_private_pretraining_trains_with_dp_or_says_it_does_not(tmp_path, capsys
     assert "pretraining is not private (privacy.phases=finetune)" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # over 10 s: not in the fast tier
 def test_data_check_exit_codes_and_report(tmp_path):
     data = write_phantom_dataset(tmp_path / "data", n=3, shape=(12, 12, 12), seed=0)
     ok = _run_cli("data", "check", str(data))
@@ -251,6 +253,7 @@ def test_bad_arguments_give_one_line_without_traceback(args, needle, tmp_path):
     assert len(lines) == 1 and needle in lines[0], result.stderr
 
 
+@pytest.mark.slow  # over 10 s: not in the fast tier
 def test_predict_refuses_an_image_of_the_wrong_dimension(tmp_path):
     data = write_phantom_dataset(tmp_path / "data", n=6, shape=(16, 16, 16), seed=0)
     config = _yaml(tmp_path, 3)

@@ -159,6 +159,7 @@ def test_ledger_is_never_silently_reset(tmp_path):
         PrivacyLedger.open(tmp_path, 8.0, 1e-5)
 
 
+@pytest.mark.slow  # over 10 s: not in the fast tier
 def test_calibrated_noise_spends_the_budget_over_the_plan():
     plan = [(0.2, 50), (0.25, 40)]
     for budget in (8.0, 3.0):
