@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import types
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -586,12 +585,8 @@ class Config:
         """Hash of everything that decides a run's result: not where it is kept, how long it waits
         for sites, where it runs, nor the site's own name and folder. A resumed run keeps it."""
         d = self.to_dict()
-        d["federation"] = {
-            k: v for k, v in d["federation"].items() if k not in RESUMABLE_KEYS and not (k == "init_encoder" and not v)
-        }  # unset: runs stopped before the key existed resume
+        d["federation"] = {k: v for k, v in d["federation"].items() if k not in RESUMABLE_KEYS}
         d["train"] = {k: v for k, v in d["train"].items() if k not in ("device", "num_threads")}
-        if d["model"]["seg_arch"] == "vit":  # the default: runs stopped before the key existed resume
-            del d["model"]["seg_arch"]
         del d["site"]
         d["architecture"] = ARCHITECTURE
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
@@ -669,8 +664,6 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
         if not isinstance(value, (str, Path)):
             raise ConfigError(f"invalid {key}={value!r}: expected a string")
         return str(value)
-    if isinstance(annotation, types.UnionType):
-        return value
     return value
 
 
