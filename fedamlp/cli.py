@@ -63,7 +63,9 @@ def _add_common(p: argparse.ArgumentParser, data_required: bool = True) -> None:
     p.add_argument("--data", required=data_required, help="dataset folder, or 'synthetic' for built-in phantoms")
     p.add_argument("--format", default="auto", choices=["auto", "msd", "nifti", "png"], help="dataset layout")
     p.add_argument("--dims", type=int, choices=[2, 3], help="2D or 3D model (default: the data's)")
-    p.add_argument("--config", help="YAML config file (see simulations/configs)")
+    p.add_argument(
+        "--config", help="YAML config file: sections and keys of amlp_core/config.py, e.g. {train: {epochs: 5}}"
+    )
     p.add_argument("--epochs", type=int)
     p.add_argument("--batch-size", type=int)
     p.add_argument("--seed", type=int)
