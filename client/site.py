@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from amlp_core.config import Config, apply_site_file, build_config
-from amlp_core.engine.pipeline import DataSplit, load_split
+from amlp_core.engine.split import DataSplit, load_split
 from amlp_core.errors import DataError
 from client.state import SiteState
 

@@ -36,7 +36,7 @@ def _parse_set(items: Sequence[str]) -> dict[str, Any]:
 def _config(args: argparse.Namespace, data_path: str, extra: dict[str, Any]) -> Config:
     """The schema's defaults < the data-derived settings (or, with ``--config``, that file instead) < explicit
     flags < ``--set``."""
-    from amlp_core.engine.pipeline import data_defaults
+    from amlp_core.engine.split import data_defaults
 
     overrides: dict[str, Any] = {}
     if not getattr(args, "config", None):
@@ -104,7 +104,8 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
-    from amlp_core.engine.pipeline import finetune, model_config_of
+    from amlp_core.engine.artefacts import model_config_of
+    from amlp_core.engine.pipeline import finetune
 
     extra: dict[str, Any] = {"train.label_fraction": args.label_fraction}
     if args.init:
@@ -114,14 +115,14 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         )  # not the encoder's: model.seg_arch=unet with --init is refused
     cfg = _config(args, args.data, extra)
     result = finetune(cfg, args.out, init=args.init)
-    from amlp_core.engine.pipeline import load_segmentation
+    from amlp_core.engine.artefacts import load_segmentation
 
     _print_dice(result, load_segmentation(args.out)[1].get("class_names"))
     return 0
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from amlp_core.engine.pipeline import evaluate
+    from amlp_core.engine.inference import evaluate
 
     overrides = {"path": args.data, "format": args.format} if args.data else None
     result = evaluate(args.model, overrides, device=args.device, all_cases=args.all_cases)
@@ -133,7 +134,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from amlp_core.engine.pipeline import predict_file
+    from amlp_core.engine.inference import predict_file
 
     out = predict_file(args.model, args.input, args.output, device=args.device)
     print(f"wrote {out}")
@@ -179,7 +180,7 @@ def simulate_config(args: argparse.Namespace) -> Config:
     """``fedamlp simulate``'s settings. Precedence: the app's embedded default run (pyproject.toml, the
     schema's defaults with :data:`~amlp_core.presets.EMBEDDED_RUN`) < ``--config FILE`` < data-derived
     settings < flags < ``--set``."""
-    from amlp_core.engine.pipeline import data_defaults
+    from amlp_core.engine.split import data_defaults
     from simulations.simulate import default_run_config
 
     overrides: dict[str, Any] = {}
@@ -209,7 +210,7 @@ def simulate_config(args: argparse.Namespace) -> Config:
 
 
 def _demo_defaults() -> dict[str, Any]:
-    from amlp_core.engine.pipeline import data_defaults
+    from amlp_core.engine.split import data_defaults
 
     return {
         **data_defaults("synthetic", dims=3),

@@ -21,9 +21,9 @@ from flwr.serverapp import Grid
 from flwr.serverapp.exception import PrivacyBudgetExhausted
 
 from amlp_core.config import Config, save_config
+from amlp_core.engine.artefacts import load_pretrained_encoder, pretrained_meta, pretraining_method, segmentation_meta
 from amlp_core.engine.checkpoint import load_checkpoint, save_checkpoint
 from amlp_core.engine.device import seed_everything
-from amlp_core.engine.pipeline import load_pretrained_encoder, pretrained_meta, pretraining_method, segmentation_meta
 from amlp_core.errors import CheckpointError, ConfigError
 from amlp_core.methods import build_method, mask_ratio_at
 from amlp_core.models import build_segmentation_model, encoder_state, has_encoder

@@ -45,7 +45,7 @@ import torch
 
 from amlp_core.config import METHOD_NAMES, Config, build_config
 from amlp_core.engine.checkpoint import load_checkpoint
-from amlp_core.engine.pipeline import data_defaults
+from amlp_core.engine.split import data_defaults
 from fedamlp import protocol as P
 from server.federation import ENCODER_DIR, MODEL_DIR, initial_shared_state
 from simulations.benchmarks.common import (

@@ -24,7 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from amlp_core.config import build_config, load_config
-from amlp_core.engine.pipeline import data_defaults, finetune, load_split, pretrain
+from amlp_core.engine.pipeline import finetune, pretrain
+from amlp_core.engine.split import data_defaults, load_split
 from fedamlp import protocol as P
 from simulations.benchmarks.common import (
     HIPPOCAMPUS_SPLIT,

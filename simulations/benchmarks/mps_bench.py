@@ -26,9 +26,10 @@ import torch
 
 from amlp_core.config import MethodConfig, ModelConfig, TrainConfig, build_config
 from amlp_core.data import make_phantom_samples
+from amlp_core.engine.local import make_loader
 from amlp_core.engine.loops import pretrain_epoch
 from amlp_core.engine.optim import pretrain_optimizer
-from amlp_core.engine.pipeline import data_defaults, make_loader
+from amlp_core.engine.split import data_defaults
 from amlp_core.masking import random_mask
 from amlp_core.methods import build_method
 from amlp_core.models import patchify

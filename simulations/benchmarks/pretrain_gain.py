@@ -32,8 +32,10 @@ from pathlib import Path
 from typing import Any
 
 from amlp_core.config import Config, build_config
+from amlp_core.engine.artefacts import CHECKPOINT, METRICS
 from amlp_core.engine.checkpoint import load_checkpoint
-from amlp_core.engine.pipeline import CHECKPOINT, METRICS, DataSplit, data_defaults, finetune, load_split, pretrain
+from amlp_core.engine.pipeline import finetune, pretrain
+from amlp_core.engine.split import DataSplit, data_defaults, load_split
 from amlp_core.errors import CheckpointError, ConfigError
 from simulations.benchmarks.common import (
     HIPPOCAMPUS_SPLIT,

@@ -18,7 +18,8 @@ import logging
 from pathlib import Path
 
 from amlp_core.config import build_config
-from amlp_core.engine.pipeline import data_defaults, finetune, load_split
+from amlp_core.engine.pipeline import finetune
+from amlp_core.engine.split import data_defaults, load_split
 from simulations.benchmarks.common import HIPPOCAMPUS_SPLIT, benchmark_parser, machine, set_overrides, table, write_json
 
 log = logging.getLogger(__name__)

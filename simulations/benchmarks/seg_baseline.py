@@ -25,7 +25,8 @@ import time
 import torch
 
 from amlp_core.config import Config, build_config
-from amlp_core.engine.pipeline import data_defaults, load_split, train_segmentation
+from amlp_core.engine.pipeline import train_segmentation
+from amlp_core.engine.split import data_defaults, load_split
 from amlp_core.models import build_segmentation_model
 from simulations.benchmarks.common import HIPPOCAMPUS, HIPPOCAMPUS_SPLIT, machine, setup_logging, table, write_json
 

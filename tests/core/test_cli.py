@@ -315,7 +315,7 @@ def test_plain_unet_finetune_predict_and_refusals(tmp_path, capsys):
     from monai.networks.nets import UNet
 
     from amlp_core.config import build_config
-    from amlp_core.engine.pipeline import load_segmentation, save_pretrained
+    from amlp_core.engine.artefacts import load_segmentation, save_pretrained
     from amlp_core.methods import build_method
 
     data = write_phantom_dataset(tmp_path / "data", n=6, shape=(16, 16, 16), seed=0)

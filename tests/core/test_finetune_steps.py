@@ -6,9 +6,11 @@ import json
 
 import pytest
 
+from amlp_core.engine.artefacts import CHECKPOINT, EVALUATION, METRICS
 from amlp_core.engine.checkpoint import load_checkpoint
 from amlp_core.engine.loops import epoch_steps, finetune_budget
-from amlp_core.engine.pipeline import CHECKPOINT, EVALUATION, METRICS, finetune, load_split
+from amlp_core.engine.pipeline import finetune
+from amlp_core.engine.split import load_split
 from amlp_core.errors import ConfigError
 from amlp_core.privacy import LEDGER_FILE, noise_only_step
 from amlp_core.schedules import warmup_cosine

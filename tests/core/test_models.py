@@ -120,8 +120,8 @@ def test_segmentation_factory_builds_either_network(arch, cls, dims):
 def test_checkpoint_of_the_previous_layout_is_refused(tmp_path):
     """A pretraining or segmentation checkpoint written before the hierarchical encoder (layout 1, no
     ``architecture`` tag) is refused with a message naming the file and the mismatch."""
+    from amlp_core.engine.artefacts import load_pretrained_encoder, load_segmentation, pretrained_meta
     from amlp_core.engine.checkpoint import save_checkpoint
-    from amlp_core.engine.pipeline import load_pretrained_encoder, load_segmentation, pretrained_meta
     from amlp_core.errors import CheckpointError
     from tests.conftest import tiny_config
 
@@ -145,9 +145,9 @@ def test_sparks_pretraining_decoder_starts_the_segmentation_decoder(tmp_path, di
     """``train.init_decoder``: the segmentation decoder takes the U-Net of SparK's pretraining decoder, all but
     its output level (classes here, image channels there); that part and nothing else starts fresh, the
     loaded part learns in the pretrained group, and a checkpoint whose decoder does not fit is refused."""
+    from amlp_core.engine.artefacts import load_pretrained, pretrained_meta
     from amlp_core.engine.checkpoint import save_checkpoint
     from amlp_core.engine.optim import finetune_optimizer
-    from amlp_core.engine.pipeline import load_pretrained, pretrained_meta
     from amlp_core.errors import CheckpointError
     from amlp_core.models.segmentation import OUTPUT_LEVEL
     from tests.conftest import tiny_config

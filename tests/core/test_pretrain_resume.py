@@ -7,8 +7,9 @@ import logging
 
 import torch
 
+from amlp_core.engine.artefacts import CHECKPOINT, METRICS, RESUME
 from amlp_core.engine.checkpoint import load_checkpoint, save_checkpoint
-from amlp_core.engine.pipeline import CHECKPOINT, METRICS, RESUME, pretrain
+from amlp_core.engine.pipeline import pretrain
 from tests.conftest import tiny_config
 
 

@@ -5,7 +5,8 @@ from pathlib import Path
 import pytest
 
 from amlp_core.config import build_config
-from amlp_core.engine.pipeline import data_defaults, finetune, load_split, pretrain
+from amlp_core.engine.pipeline import finetune, pretrain
+from amlp_core.engine.split import data_defaults, load_split
 
 DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "msd_hippocampus"
 

@@ -107,7 +107,7 @@ def test_seg_dataset_and_config_reject_unknown_augmentation():
 
 
 def test_make_loader_passes_train_augment():
-    from amlp_core.engine.pipeline import make_loader
+    from amlp_core.engine.local import make_loader
 
     cfg = build_config({"model.img_size": "16,16,8", "train.augment": "flip"})
     samples = make_phantom_samples(2, (20, 14, 10), seed=0)

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from amlp_core.engine.loops import evaluate_segmentation
-from amlp_core.engine.pipeline import finetune, load_split
+from amlp_core.engine.pipeline import finetune
+from amlp_core.engine.split import load_split
 from amlp_core.models import build_segmentation_model
 from tests.conftest import tiny_config
 

@@ -18,7 +18,8 @@ import pytest
 import torch
 
 from amlp_core.data import make_phantom, partition_names, split_names, write_phantom_dataset
-from amlp_core.engine.pipeline import load_segmentation, predict_file
+from amlp_core.engine.artefacts import load_segmentation
+from amlp_core.engine.inference import predict_file
 from amlp_core.errors import ConfigError
 from amlp_core.methods import build_method
 from fedamlp import protocol as P

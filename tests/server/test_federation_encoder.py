@@ -4,7 +4,8 @@ import pytest
 import torch
 from flwr.app import ArrayRecord
 
-from amlp_core.engine.pipeline import finetune, load_pretrained_encoder, pretrain
+from amlp_core.engine.artefacts import load_pretrained_encoder
+from amlp_core.engine.pipeline import finetune, pretrain
 from amlp_core.errors import CheckpointError
 from amlp_core.methods import build_method
 from server.federation import ENCODER_DIR, Federation

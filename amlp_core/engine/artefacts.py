@@ -1,0 +1,193 @@
+"""Everything a run writes and reads back: its folder's file names, checkpoint metadata, and the loaders of
+pretraining and segmentation checkpoints (each checked: kind, architecture, model configuration).
+
+A run folder holds ``config.yaml``, ``checkpoint.pt``, ``metrics.jsonl`` and, after evaluation,
+``evaluation.json``; an unfinished pretraining also ``resume.pt``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from amlp_core.config import ARCHITECTURE, Config, ModelConfig, build_config, build_section
+from amlp_core.engine.checkpoint import load_checkpoint, require_meta, save_checkpoint
+from amlp_core.errors import CheckpointError
+from amlp_core.methods import PretrainMethod
+from amlp_core.models import (
+    SegmentationNet,
+    build_segmentation_model,
+    encoder_state,
+    pretrained_decoder_state,
+)
+
+log = logging.getLogger(__name__)
+
+
+CHECKPOINT = "checkpoint.pt"
+
+
+CONFIG = "config.yaml"
+
+
+METRICS = "metrics.jsonl"
+
+
+EVALUATION = "evaluation.json"
+
+
+#: Pretraining: what an unfinished run needs to go on where it stopped (removed when it finishes).
+RESUME = "resume.pt"
+
+
+def append_metrics(out_dir: Path, record: dict[str, Any]) -> None:
+    with open(out_dir / METRICS, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def pretrained_meta(cfg: Config, epoch: int) -> dict[str, Any]:
+    """The metadata of a pretraining checkpoint (kind ``pretrain``), as :func:`load_pretrained_encoder` reads it."""
+    return {
+        "kind": "pretrain",
+        "architecture": ARCHITECTURE,
+        "method": cfg.method.name,
+        "epoch": epoch,
+        "config": cfg.to_dict(),
+        "spatial_dims": cfg.model.spatial_dims,
+        "patch_size": cfg.model.patch_size,
+        "model_digest": cfg.digest("model"),
+    }
+
+
+def segmentation_meta(
+    cfg: Config, class_names: Mapping[str, str], init_method: str, init_from: str, labelled_cases: int
+) -> dict[str, Any]:
+    """The metadata of a segmentation checkpoint (kind ``segmentation``): alike for a local fine-tuning run
+    and a federation's final model, so ``fedamlp predict``/``evaluate`` read both the same way.
+
+    Args:
+        class_names: ``{"0": "background", ...}``.
+        init_method: the pretraining method that made the encoder, or ``"scratch"``.
+        init_from: where the encoder came from: a pretraining run's folder, ``"federated pretraining"``,
+            or ``""`` (scratch).
+        labelled_cases: the labelled training cases fine-tuning used (over all sites in a federation).
+    """
+    return {
+        "kind": "segmentation",
+        "architecture": ARCHITECTURE,
+        "config": cfg.to_dict(),
+        "class_names": {str(k): v for k, v in class_names.items()},
+        "init_method": init_method,
+        "init_from": init_from,
+        "labelled_cases": labelled_cases,
+        "spatial_dims": cfg.model.spatial_dims,
+        "patch_size": cfg.model.patch_size,
+    }
+
+
+def save_pretrained(path: Path, method: PretrainMethod, cfg: Config, epoch: int) -> None:
+    save_checkpoint(path, {"method": method.state_dict()}, pretrained_meta(cfg, epoch))
+
+
+def require_architecture(meta: dict, path: str | Path) -> None:
+    """Refuse a checkpoint whose network layout is not this version's (:data:`~amlp_core.config.ARCHITECTURE`).
+
+    Raises:
+        CheckpointError: naming the file and both layouts.
+    """
+    have = meta.get("architecture", 1)  # layout 1 (a ViT on raw patches beside a conv U-Net) wrote no tag
+    if have != ARCHITECTURE:
+        raise CheckpointError(
+            f"checkpoint {path} holds network layout {have}, this version needs layout "
+            f"{ARCHITECTURE} (the encoder is now conv stages + ViT, the segmentation network's "
+            "whole down path): pretrain or fine-tune it again with this version"
+        )
+
+
+def checkpoint_path(run: str | Path) -> Path:
+    run = Path(run)
+    return run / CHECKPOINT if run.is_dir() else run
+
+
+def _read_pretraining(run: str | Path, model_cfg: ModelConfig) -> tuple[Path, dict[str, torch.Tensor], dict]:
+    """A pretraining run's checkpoint (folder or file), read once and checked: ``(path, method state, meta)``.
+
+    Raises:
+        CheckpointError: not a pretraining checkpoint, or made for another model configuration.
+    """
+    path = checkpoint_path(run)
+    state, meta = load_checkpoint(path)
+    require_meta(meta, path, kind="pretrain")
+    require_architecture(meta, path)
+    have = build_section("model", meta["config"]["model"])
+    if have != model_cfg:
+        raise CheckpointError(f"checkpoint {path} was made for model {have}, not {model_cfg}")
+    return path, state["method"], meta
+
+
+def _encoder_of(path: Path, method_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    encoder = encoder_state(method_state)
+    if not encoder:
+        raise CheckpointError(f"checkpoint {path} holds no encoder weights")
+    return encoder
+
+
+def load_pretrained_encoder(run: str | Path, model_cfg: ModelConfig) -> tuple[dict[str, torch.Tensor], dict]:
+    """The encoder's weights from a pretraining run (folder or checkpoint file), and the run's metadata.
+
+    Raises:
+        CheckpointError: not a pretraining checkpoint, or made for another model configuration.
+    """
+    path, method_state, meta = _read_pretraining(run, model_cfg)
+    return _encoder_of(path, method_state), meta
+
+
+def load_pretrained(run: str | Path, model: SegmentationNet, decoder: bool = False) -> dict:
+    """Start ``model`` from a pretraining run: its encoder strictly, and with ``decoder`` (``train.init_decoder``)
+    its decoder from the U-Net of the run's SparK decoder, all but the output level. Returns the run's metadata.
+
+    Raises:
+        CheckpointError: naming the file, when it is not a pretraining run of ``model``'s configuration
+        or its decoder does not fit.
+    """
+    path, method_state, meta = _read_pretraining(run, model.cfg)
+    model.encoder.load_state_dict(_encoder_of(path, method_state), strict=True)
+    if decoder:
+        try:
+            model.load_pretrained_decoder(pretrained_decoder_state(method_state))
+        except ValueError as err:
+            raise CheckpointError(f"checkpoint {path}: {err}") from None
+    return meta
+
+
+def pretraining_method(run: str | Path) -> str:
+    """The method that made a pretraining run's encoder (its checkpoint's ``method``)."""
+    _, meta = load_checkpoint(checkpoint_path(run))
+    return str(meta.get("method", "unknown"))
+
+
+def model_config_of(run: str | Path) -> ModelConfig:
+    """The model configuration a run's checkpoint was made with."""
+    _, meta = load_checkpoint(checkpoint_path(run))
+    return build_section("model", meta["config"]["model"])
+
+
+def load_segmentation(run: str | Path, device: torch.device | None = None) -> tuple[torch.nn.Module, dict]:
+    """A fine-tuned segmentation model (the architecture its saved config names) and its checkpoint metadata."""
+    path = checkpoint_path(run)
+    state, meta = load_checkpoint(path)
+    require_meta(meta, path, kind="segmentation")
+    require_architecture(meta, path)
+    cfg = build_config(meta["config"])
+    model = build_segmentation_model(cfg.model)
+    try:
+        model.load_state_dict(state["model"], strict=True)
+    except RuntimeError as e:
+        raise CheckpointError(f"checkpoint {path} does not fit its own model configuration: {e}") from None
+    model.to(device or torch.device("cpu")).eval()
+    return model, meta

@@ -1,0 +1,120 @@
+"""The data of a run: its cases read, checked against the model, and cut into training and test by case.
+
+Also the settings that follow from the data (:func:`data_defaults`: the presets of :mod:`amlp_core.presets`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from amlp_core.config import Config
+from amlp_core.data import (
+    Sample,
+    discover,
+    load_samples,
+    make_phantom_samples,
+    partition_names,
+    split_names,
+    to_slices,
+)
+from amlp_core.errors import ConfigError, DataError
+from amlp_core.presets import ROI, phantoms
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DataSplit:
+    """A dataset cut into a training and a test part by case (never by slice)."""
+
+    train: list[Sample]
+    test: list[Sample]
+    class_names: dict[int, str]
+
+
+def load_split(cfg: Config, site: int = 0, num_sites: int = 1) -> DataSplit:
+    """Read (or synthesise) the data named by ``cfg.data`` and split it by case.
+
+    With ``num_sites > 1`` (a simulated federation) the fixed train/test split is cut into
+    sites by ``cfg.federation.partition`` and only site ``site``'s cases are read; synthetic
+    phantoms are generated per site instead, each site with its own scanner style.
+
+    Raises:
+        DataError: unreadable data, naming the file.
+        ConfigError: data that does not fit the model (dimensions, channels, classes).
+    """
+    d, m = cfg.data, cfg.model
+    if d.synthetic:
+        samples = make_phantom_samples(
+            d.synthetic_cases, d.synthetic_size, seed=d.split_seed, site=site if num_sites > 1 else d.synthetic_site
+        )
+        class_names, dims = {0: "background", 1: "lesion"}, len(d.synthetic_size)
+        train_names, test_names = split_names([s.name for s in samples], d.test_fraction, d.split_seed)
+    else:
+        index = discover(d.path, d.format)
+        class_names = index.class_names or {k: f"class_{k}" for k in range(m.num_classes)}
+        dims = index.spatial_dims
+        train_names, test_names = split_names([c.name for c in index.cases], d.test_fraction, d.split_seed)
+        if num_sites > 1:
+            f = cfg.federation
+            train_names = partition_names(train_names, num_sites, f.partition, f.dirichlet_alpha, d.split_seed)[site]
+            test_names = partition_names(test_names, num_sites, "iid", seed=d.split_seed)[site] if test_names else []
+        wanted = set(train_names) | set(test_names)
+        index = dataclasses.replace(index, cases=tuple(c for c in index.cases if c.name in wanted))
+        samples = load_samples(index, with_labels=True)
+    _check_fits(samples, class_names, dims, cfg)
+    by_name = {s.name: s for s in samples}
+    train = [by_name[n] for n in train_names]
+    test = [by_name[n] for n in test_names]
+    if d.as_slices:
+        train = to_slices(train, d.slice_axis)
+    return DataSplit(train, test, class_names)
+
+
+def _check_fits(samples: list[Sample], class_names: dict[int, str], dims: int, cfg: Config) -> None:
+    d, m = cfg.data, cfg.model
+    if d.as_slices and dims == 3:
+        dims = 2
+    if dims != m.spatial_dims:
+        raise ConfigError(
+            f"data at {d.path} is {dims}D but model.spatial_dims={m.spatial_dims} "
+            f"(use --dims {dims}, or data.as_slices for 3D volumes in a 2D model)"
+        )
+    channels = {s.image.shape[0] for s in samples}
+    if channels and channels != {m.in_channels}:
+        raise ConfigError(f"data at {d.path} has {sorted(channels)} channel(s) but model.in_channels={m.in_channels}")
+    if len(class_names) != m.num_classes:
+        raise ConfigError(
+            f"data at {d.path} declares {len(class_names)} classes {class_names} but model.num_classes={m.num_classes}"
+        )
+
+
+def data_defaults(path: str, fmt: str = "auto", dims: int | None = None, as_slices: bool = False) -> dict[str, Any]:
+    """Model and data settings that follow from the data, as flat config overrides.
+
+    The built-in phantoms get a model of their own size with two classes (:func:`~amlp_core.presets.phantoms`);
+    a dataset gets its class count from its labels and the region of interest of its kind
+    (:data:`~amlp_core.presets.ROI`).
+    """
+    if path == "synthetic":
+        return phantoms(dims or 3)
+    index = discover(path, fmt)
+    if index.class_names is None:
+        raise DataError(f"{path}: no class names found; pass --set model.num_classes=K")
+    data_dims = index.spatial_dims
+    if dims is None:
+        dims = 2 if as_slices else data_dims
+    if dims == 2 and data_dims == 3:
+        as_slices = True
+    size = ROI["volume" if dims == 3 else ("slices" if as_slices else "image")]
+    return {
+        "model.spatial_dims": dims,
+        "model.img_size": size,
+        "model.num_classes": len(index.class_names),
+        "data.as_slices": as_slices,
+        "data.path": path,
+        "data.format": fmt,
+    }
