@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from simulations.simulate import processes_with_env
+from simulations.processes import processes_with_env
 from tests.conftest import tiny_config
 
 #: The two-phase plan of the shared uninterrupted run (conftest ``two_phase_run``).

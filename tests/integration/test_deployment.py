@@ -33,7 +33,7 @@ import yaml
 from amlp_core.config import flat_dict
 from amlp_core.data import write_phantom_dataset
 from fedamlp import protocol as P
-from simulations.simulate import processes_with_env
+from simulations.processes import processes_with_env
 from tests.conftest import tiny_config
 
 pytestmark = pytest.mark.slow

@@ -23,7 +23,8 @@ from amlp_core.engine.inference import predict_file
 from amlp_core.errors import ConfigError
 from amlp_core.methods import build_method
 from fedamlp import protocol as P
-from simulations.simulate import SimulationError, processes_with_env, simulate
+from simulations.processes import processes_with_env
+from simulations.simulate import SimulationError, simulate
 from tests.integration.helpers import TWO_PHASE_PLAN, assert_no_process_left, round_rows, sim_config
 
 pytestmark = pytest.mark.slow
@@ -181,7 +182,7 @@ def test_an_interrupted_simulation_leaves_no_process(tmp_path, sig, code):
 def test_stop_processes_reaches_a_child_in_its_own_session(tmp_path):
     """Ray starts processes in sessions of their own and without a reliable marker: the clean-up
     follows the process tree, read before the first signal, down to them."""
-    from simulations.simulate import _running, stop_processes
+    from simulations.processes import _running, stop_processes
 
     pid_file = tmp_path / "pid"
     proc = subprocess.Popen(["bash", "-c", f"setsid sleep 60 & echo $! > {pid_file}; wait"], start_new_session=True)
