@@ -15,18 +15,23 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
 from flwr.app import ArrayRecord, ConfigRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.exception import PrivacyBudgetExhausted
 
 from amlp_core.config import Config, save_config
-from amlp_core.engine.artefacts import load_pretrained_encoder, pretrained_meta, pretraining_method, segmentation_meta
+from amlp_core.engine.artefacts import (
+    export_encoder,
+    export_segmentation,
+    load_pretrained_encoder,
+    pretraining_method,
+    segmentation_meta,
+)
 from amlp_core.engine.checkpoint import load_checkpoint, save_checkpoint
-from amlp_core.engine.device import seed_everything
-from amlp_core.errors import CheckpointError, ConfigError
-from amlp_core.methods import build_method, mask_ratio_at
-from amlp_core.models import build_segmentation_model, encoder_state, has_encoder
+from amlp_core.engine.weights import initial_segmentation_state, initial_shared_state
+from amlp_core.errors import CheckpointError
+from amlp_core.methods import mask_ratio_at
+from amlp_core.models import has_encoder
 from amlp_core.schedules import federated_progress
 from fedamlp import protocol as P
 from server import rounds
@@ -88,13 +93,6 @@ def _fmt_metrics(metrics: dict[str, Any]) -> str:
 
 def _bytes(arrays: ArrayRecord) -> int:
     return sum(a.numpy().nbytes for a in arrays.values())
-
-
-def initial_shared_state(cfg: Config) -> dict[str, torch.Tensor]:
-    """What the server sends in the first pretraining round: the method's shared weights (the
-    encoder, plus what the method shares), freshly initialised with ``train.seed``."""
-    seed_everything(cfg.train.seed)
-    return build_method(cfg.model, cfg.method).shared_state_dict()
 
 
 class Federation:
@@ -269,37 +267,25 @@ class Federation:
         return ArrayRecord({f"encoder.{k}": v for k, v in encoder.items()})
 
     def initial_segmentation(self, encoder_arrays: ArrayRecord | None) -> ArrayRecord:
-        """The first global segmentation network (``model.seg_arch``), seeded.
-
-        ``vit``: the aggregated (or initial, or ``init_encoder``'s) encoder and a fresh decoder, strict
-        load. ``unet``: a fresh plain U-Net; it has no encoder, so ``encoder_arrays`` must be None.
-        """
-        seed_everything(self.cfg.train.seed + 1)
-        model = build_segmentation_model(self.cfg.model)
-        if not has_encoder(self.cfg.model):
-            if encoder_arrays is not None:  # the config refuses pretraining rounds and init_encoder for it
-                raise ConfigError(f"model.seg_arch={self.cfg.model.seg_arch} has no encoder to load")
-            return ArrayRecord(model.state_dict())
-        try:
-            model.encoder.load_state_dict(encoder_state(encoder_arrays.to_torch_state_dict()), strict=True)
-        except RuntimeError as e:
-            where = self.fed.init_encoder or "the aggregated encoder"
-            raise CheckpointError(f"encoder from {where} does not fit model {self.cfg.model}: {e}") from None
-        return ArrayRecord(model.state_dict())
+        """The first global segmentation network (:func:`~amlp_core.engine.weights.initial_segmentation_state`)."""
+        shared = None if encoder_arrays is None else encoder_arrays.to_torch_state_dict()
+        where = self.fed.init_encoder or "the aggregated encoder"
+        return ArrayRecord(initial_segmentation_state(self.cfg, shared, where))
 
     def save_encoder(self, arrays: ArrayRecord) -> Path:
         """The aggregated encoder after pretraining, as a pretraining checkpoint folder (``RUN_DIR/encoder``)
         that ``fedamlp finetune --init`` and ``federation.init_encoder`` accept."""
         folder = self.run_dir / ENCODER_DIR
         f = self.fed  # epoch: passes over each site's data
-        meta = {
-            **pretrained_meta(self.cfg, f.pretrain_rounds * f.local_epochs),
-            "federated": True,
-            "pretrain_rounds": f.pretrain_rounds,
-            "local_epochs": f.local_epochs,
-        }
-        save_checkpoint(folder / "checkpoint.pt", {"method": arrays.to_torch_state_dict()}, meta)
-        save_config(self.cfg, folder / "config.yaml")
+        export_encoder(
+            folder,
+            self.cfg,
+            arrays.to_torch_state_dict(),
+            f.pretrain_rounds * f.local_epochs,
+            federated=True,
+            pretrain_rounds=f.pretrain_rounds,
+            local_epochs=f.local_epochs,
+        )
         log.info("pretrained encoder: %s", folder)
         return folder
 
@@ -379,7 +365,6 @@ class Federation:
             **segmentation_meta(self.cfg, self.class_names, init_method, init_from, labelled),
             "epoch": f.finetune_rounds,
         }
-        save_checkpoint(folder / "checkpoint.pt", {"model": arrays.to_torch_state_dict()}, meta)
-        save_config(self.cfg, folder / "config.yaml")
+        export_segmentation(folder, self.cfg, arrays.to_torch_state_dict(), meta)
         log.info("final model: %s", folder)
         return folder

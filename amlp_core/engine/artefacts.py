@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from amlp_core.config import ARCHITECTURE, Config, ModelConfig, build_config, build_section
+from amlp_core.config import ARCHITECTURE, Config, ModelConfig, build_config, build_section, save_config
 from amlp_core.engine.checkpoint import load_checkpoint, require_meta, save_checkpoint
 from amlp_core.errors import CheckpointError
 from amlp_core.methods import PretrainMethod
@@ -92,6 +92,23 @@ def segmentation_meta(
 
 def save_pretrained(path: Path, method: PretrainMethod, cfg: Config, epoch: int) -> None:
     save_checkpoint(path, {"method": method.state_dict()}, pretrained_meta(cfg, epoch))
+
+
+def export_encoder(folder: Path, cfg: Config, method_state: dict[str, torch.Tensor], epoch: int, **extra: Any) -> Path:
+    """A pretraining run folder (``checkpoint.pt`` of kind ``pretrain`` and ``config.yaml``) holding
+    ``method_state``, which ``fedamlp finetune --init`` and ``federation.init_encoder`` accept; ``extra``
+    goes into the metadata (e.g. how a federation made it)."""
+    save_checkpoint(folder / CHECKPOINT, {"method": method_state}, {**pretrained_meta(cfg, epoch), **extra})
+    save_config(cfg, folder / CONFIG)
+    return folder
+
+
+def export_segmentation(folder: Path, cfg: Config, model_state: dict[str, torch.Tensor], meta: dict[str, Any]) -> Path:
+    """A segmentation model folder (``checkpoint.pt`` with :func:`segmentation_meta` metadata and
+    ``config.yaml``) that ``fedamlp predict`` and ``evaluate`` load."""
+    save_checkpoint(folder / CHECKPOINT, {"model": model_state}, meta)
+    save_config(cfg, folder / CONFIG)
+    return folder
 
 
 def require_architecture(meta: dict, path: str | Path) -> None:

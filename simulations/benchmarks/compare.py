@@ -46,8 +46,9 @@ import torch
 from amlp_core.config import METHOD_NAMES, Config, build_config
 from amlp_core.engine.checkpoint import load_checkpoint
 from amlp_core.engine.split import data_defaults
+from amlp_core.engine.weights import initial_shared_state
 from fedamlp import protocol as P
-from server.federation import ENCODER_DIR, MODEL_DIR, initial_shared_state
+from server.federation import ENCODER_DIR, MODEL_DIR
 from simulations.benchmarks.common import (
     HIPPOCAMPUS,
     HIPPOCAMPUS_SPLIT,
