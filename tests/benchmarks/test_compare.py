@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from simulations.benchmarks import compare
+from simulations.benchmarks.comparison import plan, plot, report, stats
 
 #: A tiny model on 16^3 phantoms (as tests.conftest.tiny_config(3)), CPU, short waits.
 TINY = [
@@ -75,9 +76,9 @@ def _fake_rows():
     return rows
 
 
-def test_table_markdown_and_plot_from_rows():
+def test_table_markdown_and_plot_from_rows(tmp_path):
     rows = _fake_rows()
-    cells = compare.aggregate(rows, ["scratch", "amlp"], [0.1, 1.0])
+    cells = stats.aggregate(rows, ["scratch", "amlp"], [0.1, 1.0])
     assert [(c["method"], c["label_fraction"]) for c in cells] == [
         ("scratch", 0.1),
         ("scratch", 1.0),
@@ -104,7 +105,7 @@ def test_table_markdown_and_plot_from_rows():
         "rows": rows,
         "table": cells,
     }
-    md = compare.markdown(payload)
+    md = report.markdown(payload)
     assert "| init | labels | seeds | Dice anterior | Dice posterior | mean Dice | seconds per run |" in md
     assert "| scratch | 10 % | 3 | 0.5400 ± 0.0200 |" in md and "**reduced budget on CPU**" in md
     assert "| init | 10 % | 100 % |" in md
@@ -115,43 +116,45 @@ def test_table_markdown_and_plot_from_rows():
     assert amlp["vs_scratch_seeds"] == 3 and "vs_scratch_mean" not in cells[0]
     assert "| amlp | +0.1000 ± 0.0000 | +0.1000 ± 0.0000 |" in md
     # A seed without its scratch run is left out of the pairing.
-    partial = compare.aggregate(
+    partial = stats.aggregate(
         [r for r in rows if not (r["method"] == "scratch" and r["seed"] == 2)], ["scratch", "amlp"], [0.1, 1.0]
     )
     assert partial[2]["vs_scratch_seeds"] == 2
-    svg = ET.fromstring(compare.svg_plot(cells, "title & <more>", "sub"))
-    ns = "{http://www.w3.org/2000/svg}"
-    assert len([r for r in svg.iter(f"{ns}rect") if r.get("class") == "bar"]) == 4
-    assert len([g for g in svg.iter(f"{ns}g") if g.get("class") == "errorbar"]) == 4
-    ticks = [t.text for t in svg.iter(f"{ns}text") if t.get("text-anchor") == "end"]
-    assert ticks == ["0.0", "0.2", "0.4", "0.6", "0.8"]  # the highest bar with its error bar: 0.79
+    fig = plot.bar_plot(cells, "title & <more>", "sub")
+    ax = fig.axes[0]
+    assert len(ax.patches) == 4  # 2 methods x 2 fractions
+    assert len([c for c in ax.containers if c.__class__.__name__ == "ErrorbarContainer"]) == 2  # one per method
+    assert [round(t, 1) for t in ax.get_yticks()] == [0.0, 0.2, 0.4, 0.6, 0.8]  # highest bar + error bar: 0.79
+    assert ax.get_ylim() == (0.0, 0.8) and ax.get_title(loc="left") == "title & <more>\nsub"
     # Low Dice values get a shorter axis (still from 0), so their differences stay visible.
     low = [{**c, "dice_mean_mean": c["dice_mean_mean"] / 3} for c in cells]
-    svg = ET.fromstring(compare.svg_plot(low, "t"))
-    assert [t.text for t in svg.iter(f"{ns}text") if t.get("text-anchor") == "end"] == ["0.0", "0.1", "0.2", "0.3"]
+    assert [round(t, 1) for t in plot.bar_plot(low, "t").axes[0].get_yticks()] == [0.0, 0.1, 0.2, 0.3]
+    # Written as SVG, a file an XML parser reads.
+    svg = plot.save_plot(cells, tmp_path / "plot.svg", "t")
+    assert ET.parse(svg).getroot().tag.endswith("svg")
 
 
 def test_run_configurations_of_the_three_kinds(tmp_path):
-    args = compare.parse_args(_args(tmp_path))
-    base = compare.base_config(args)
-    pre = compare.run_config(base, tmp_path / "a", "ace", 1.0, 2, 3)
+    args = plan.parse_args(_args(tmp_path))
+    base = plan.base_config(args)
+    pre = plan.run_config(base, tmp_path / "a", "ace", 1.0, 2, 3)
     assert (pre.method.name, pre.train.seed, pre.federation.pretrain_rounds) == ("ace", 2, 3)
     assert pre.federation.sites == pre.federation.min_sites == 2 and pre.model.embed_dim == 48
-    init = compare.run_config(base, tmp_path / "b", "ace", 0.5, 2, 0, str(tmp_path / "a" / "encoder"))
+    init = plan.run_config(base, tmp_path / "b", "ace", 0.5, 2, 0, str(tmp_path / "a" / "encoder"))
     assert init.federation.init_encoder.endswith("encoder") and init.train.label_fraction == 0.5
-    scratch = compare.run_config(base, tmp_path / "c", "scratch", 0.5, 0, 0)
+    scratch = plan.run_config(base, tmp_path / "c", "scratch", 0.5, 0, 0)
     assert scratch.federation.pretrain_rounds == 0 and not scratch.federation.init_encoder
     assert pre.data.split_seed == init.data.split_seed == scratch.data.split_seed  # seeds never move the split
-    unet = compare.run_config(base, tmp_path / "d", "unet", 0.5, 0, 0)  # scratch with a plain U-Net
+    unet = plan.run_config(base, tmp_path / "d", "unet", 0.5, 0, 0)  # scratch with a plain U-Net
     assert unet.model.seg_arch == "unet" and unet.federation.pretrain_rounds == 0 and not unet.federation.init_encoder
     assert (pre.model.seg_arch, init.model.seg_arch, scratch.model.seg_arch) == ("vit",) * 3
-    assert compare.ALL_METHODS[:3] == ("scratch", "unet", "mae")
-    assert compare.parse_args(_args(tmp_path, "--methods", "scratch,unet", "--pretrain-rounds", "0")).methods == [
+    assert plan.ALL_METHODS[:3] == ("scratch", "unet", "mae")
+    assert plan.parse_args(_args(tmp_path, "--methods", "scratch,unet", "--pretrain-rounds", "0")).methods == [
         "scratch",
         "unet",
     ]  # neither needs pretraining rounds
     with pytest.raises(SystemExit):
-        compare.parse_args(_args(tmp_path, "--methods", "mae,bogus"))
+        plan.parse_args(_args(tmp_path, "--methods", "mae,bogus"))
 
 
 def test_resume_refuses_rows_of_another_budget(tmp_path):
@@ -232,8 +235,9 @@ def test_plan_of_runs_and_resumption(tmp_path, monkeypatch):
     )  # pretraining runs only
     assert "unet 0.250" not in md
     assert all(f"| {m} | {p} | 2 |" in md for m in ("scratch", "unet", "mae", "ace") for p in ("50 %", "100 %"))
-    svg = ET.parse(tmp_path / "compare.svg").getroot()
-    assert len([r for r in svg.iter("{http://www.w3.org/2000/svg}rect") if r.get("class") == "bar"]) == 8
+    svg = ET.parse(tmp_path / "compare.svg").getroot()  # the plot, with every method in its legend
+    texts = {t.text for t in svg.iter("{http://www.w3.org/2000/svg}text")}
+    assert {"scratch", "unet", "mae", "ace", "50 % labels", "100 % labels"} <= texts
 
     # Continue after an interruption: only the missing runs are made; a missing encoder is made again first.
     out = tmp_path / "compare.json"

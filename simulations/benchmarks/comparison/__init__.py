@@ -1,0 +1,1 @@
+"""The method comparison benchmark in parts; ``python -m simulations.benchmarks.compare`` runs it."""

@@ -1,0 +1,95 @@
+"""The comparison's Markdown report."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from simulations.benchmarks.common import (
+    table,
+)
+from simulations.benchmarks.comparison.plan import pct
+from simulations.benchmarks.comparison.stats import dice_keys
+
+log = logging.getLogger(__name__)
+
+
+def _pm(entry: dict[str, Any], key: str) -> str:
+    return f"{entry[f'{key}_mean']:.4f} ± {entry[f'{key}_std']:.4f}"
+
+
+def _column(key: str, class_names: dict[str, str]) -> str:
+    if key == "dice_mean":
+        return "mean Dice"
+    return f"Dice {class_names.get(key.split('_')[1], key).lower()}"
+
+
+def markdown(payload: dict[str, Any]) -> str:
+    """The Markdown report: what was run, the full table, and mean Dice by label fraction."""
+    b, cells, names = payload["budget"], payload["table"], payload.get("class_names", {})
+    keys = dice_keys(payload["rows"]) if payload["rows"] else ["dice_mean"]
+    lines = [
+        f"# Method comparison: federated pretraining and fine-tuning, {b['sites']} sites",
+        "",
+        f"- data: {b['data']}; split: {b['split']}",
+        f"- budget: pretraining rounds {b['pretrain_rounds']}, fine-tuning rounds {b['finetune_rounds']}, "
+        f"local epochs per round {b['local_epochs']}; seeds (train.seed) {', '.join(map(str, payload['seeds']))}"
+        + (f"; --set {' '.join(f'{k}={v}' for k, v in b['set'].items())}" if b["set"] else ""),
+        f"- fine-tuning steps: {b.get('fine_tuning_steps', 'equal local epochs at every fraction')}",
+        f"- machine: {_machine_line(payload['machine'])}",
+    ]
+    if payload.get("reduced_budget"):
+        lines.append(f"- **{payload['reduced_budget']}**")
+    lines += [
+        "- cells: mean ± standard deviation over the seeds; seconds: wall time of one federated run "
+        "(the largest fraction's run includes the pretraining)",
+        "",
+    ]
+    columns = ["init", "labels", "seeds", *[_column(k, names) for k in keys], "seconds per run"]
+    rows = [
+        {
+            "init": c["method"],
+            "labels": pct(c["label_fraction"]),
+            "seeds": len(c["seeds"]),
+            **{_column(k, names): _pm(c, k) for k in keys},
+            "seconds per run": f"{c['seconds_mean']:.0f}",
+        }
+        for c in cells
+    ]
+    lines += [table(rows, columns), ""]
+    fractions = sorted({c["label_fraction"] for c in cells})
+    methods = list(dict.fromkeys(c["method"] for c in cells))
+    lines += ["Mean Dice by label fraction:", ""]
+    pivot = []
+    for m in methods:
+        by = {pct(c["label_fraction"]): _pm(c, "dice_mean") for c in cells if c["method"] == m}
+        pivot.append({"init": m, **by})
+    lines += [table(pivot, ["init", *[pct(f) for f in fractions]]), ""]
+    paired = [c for c in cells if "vs_scratch_mean" in c]
+    if paired:
+        lines += [
+            "Mean Dice minus scratch's, paired by seed (same labelled cases and sampling), mean ± standard "
+            "deviation over the seeds:",
+            "",
+        ]
+
+        def signed(c: dict[str, Any]) -> str:
+            return f"{c['vs_scratch_mean']:+.4f} ± {c['vs_scratch_std']:.4f}"
+
+        diff = [
+            {"init": m, **{pct(c["label_fraction"]): signed(c) for c in paired if c["method"] == m}}
+            for m in dict.fromkeys(c["method"] for c in paired)
+        ]
+        lines += [table(diff, ["init", *[pct(f) for f in fractions]]), ""]
+    changes = [f"{c['method']} {c['encoder_change_mean']:.3f}" for c in cells if "encoder_change_mean" in c]
+    if changes:
+        lines += [
+            "How far federated pretraining moved the encoder from its initialisation (relative L2 change of "
+            "its weights, mean over the seeds): " + ", ".join(changes) + ".",
+            "",
+        ]
+    return "\n".join(lines)
+
+
+def _machine_line(info: dict[str, Any]) -> str:
+    return ", ".join(f"{k} {v}" for k, v in info.items())

@@ -1,0 +1,66 @@
+"""The comparison's statistics: mean and spread over seeds per cell, and differences to scratch paired by seed."""
+
+from __future__ import annotations
+
+import logging
+import statistics
+from collections.abc import Sequence
+from typing import Any
+
+from simulations.benchmarks.common import (
+    mean_std,
+)
+from simulations.benchmarks.comparison.plan import SCRATCH
+
+log = logging.getLogger(__name__)
+
+
+def dice_keys(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """``dice_1``, ``dice_2``, ... (by class index), then ``dice_mean``."""
+    keys = {k for r in rows for k in r if k.startswith("dice_") and k != "dice_mean"}
+    return sorted(keys, key=lambda k: int(k.split("_")[1]) if k.split("_")[1].isdigit() else 0) + ["dice_mean"]
+
+
+def paired_differences(rows: Sequence[dict[str, Any]], method: str, fraction: float) -> list[float]:
+    """Mean Dice of ``method`` minus that of ``scratch``, one value per seed that has both runs.
+
+    Pairing by seed compares runs with the same labelled subset and the same fine-tuning sampling, so
+    the seed-to-seed spread they share cancels out.
+    """
+
+    def by_seed(m: str) -> dict[int, float]:
+        return {r["seed"]: r["dice_mean"] for r in rows if r["method"] == m and r["label_fraction"] == fraction}
+
+    ours, scratch = by_seed(method), by_seed(SCRATCH)
+    return [ours[s] - scratch[s] for s in sorted(ours) if s in scratch]
+
+
+def aggregate(
+    rows: Sequence[dict[str, Any]], methods: Sequence[str], fractions: Sequence[float]
+) -> list[dict[str, Any]]:
+    """One entry per (method, fraction) that has rows: mean and std over the seeds of every Dice, seconds."""
+    keys, out = dice_keys(rows), []
+    for method in methods:
+        for fraction in fractions:
+            cell = [r for r in rows if r["method"] == method and r["label_fraction"] == fraction]
+            if not cell:
+                continue
+            entry: dict[str, Any] = {
+                "method": method,
+                "label_fraction": fraction,
+                "seeds": sorted(r["seed"] for r in cell),
+            }
+            for key in keys:
+                values = [r[key] for r in cell if key in r]
+                entry[f"{key}_mean"], entry[f"{key}_std"] = mean_std(values)
+            entry["seconds_mean"] = round(statistics.fmean(r["seconds"] for r in cell), 1)
+            if method != SCRATCH:
+                deltas = paired_differences(rows, method, fraction)
+                if deltas:
+                    entry["vs_scratch_mean"], entry["vs_scratch_std"] = mean_std(deltas)
+                    entry["vs_scratch_seeds"] = len(deltas)
+            changes = [r["encoder_change"] for r in cell if r.get("encoder_change") is not None]
+            if changes:
+                entry["encoder_change_mean"] = round(statistics.fmean(changes), 5)
+            out.append(entry)
+    return out
