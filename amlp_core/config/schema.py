@@ -1,34 +1,31 @@
-"""One configuration schema for the whole product.
-
-A :class:`Config` is built once at the edge (YAML file, command line, Flower run config)
-with :func:`build_config` and then passed around frozen. Unknown keys, wrong types and
-out-of-range values raise :class:`~amlp_core.errors.ConfigError` naming the key.
-
-Flat keys use ``section.field`` (``method.name``, ``train.epochs``); a nested mapping
-``{"method": {"name": ...}}`` is accepted too.
-"""
+"""The configuration schema: one frozen dataclass per section, with the one set of defaults and the
+checks of each value (and of values that depend on each other)."""
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
 import json
-import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
-
-import yaml
 
 from amlp_core.errors import ConfigError
 
 METHOD_NAMES = ("mae", "mps_ams", "amlp", "ahm", "ace")
+
+
 #: Segmentation networks: the ViT encoder + light conv decoder, or a plain conv U-Net (no encoder).
 SEG_ARCHS = ("vit", "unet")
+
+
 #: Pretraining decoders: MAE's light transformer on the tokens, or SparK's multi-scale U-Net decoder.
 PRETRAIN_DECODERS = ("transformer", "unet")
+
+
 UNET_FACTOR = 8  # the plain U-Net halves the resolution three times
+
+
 #: The layout of the networks' weights. Checkpoints carry it and a run's digest covers it, so a
 #: checkpoint of another layout (before 2: a ViT on raw patches beside a conv U-Net) is refused.
 ARCHITECTURE = 2
@@ -298,9 +295,15 @@ class TrainConfig:
 
 
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedmedian", "fedtrimmedavg")
+
+
 #: Strategies that need each site's own update, which SecAgg+ hides from the server.
 SECAGG_REFUSED = ("fedmedian", "fedtrimmedavg")
+
+
 SECAGG_MODULUS = 2**32  # Flower's SecAggPlusWorkflow modulus_range (its default, kept)
+
+
 PARTITIONS = ("iid", "dirichlet")
 
 
@@ -427,6 +430,8 @@ class FederationConfig:
 
 
 PRIVACY_PHASES = ("finetune", "both")
+
+
 #: Strategies whose aggregation Flower's accounted server-side DP wrapper accepts (FedAvg's).
 SERVER_DP_STRATEGIES = ("fedavg", "fedprox")
 
@@ -579,6 +584,8 @@ class Config:
 
     def replace(self, **sections: Mapping[str, Any]) -> Config:
         """A copy with some fields changed: ``cfg.replace(train={"epochs": 3})``."""
+        from amlp_core.config.parsing import build_config  # parsing builds on the schema
+
         return build_config(sections, base=self)
 
     def run_digest(self) -> str:
@@ -601,6 +608,8 @@ class Config:
 
 #: Federation settings that may change between a stopped run and its resumption.
 RESUMABLE_KEYS = ("resume", "stop_after_rounds", "round_timeout", "connect_timeout", "run_dir")
+
+
 SECTIONS: dict[str, type] = {
     "model": ModelConfig,
     "method": MethodConfig,
@@ -610,6 +619,8 @@ SECTIONS: dict[str, type] = {
     "privacy": PrivacyConfig,
     "site": SiteConfig,
 }
+
+
 #: Keys a site may set for itself in its site file; everything else comes from the run.
 SITE_KEYS = (
     "data.path",
@@ -632,150 +643,3 @@ SITE_KEYS = (
 def _check(ok: bool, key: str, value: Any, why: str) -> None:
     if not ok:
         raise ConfigError(f"invalid {key}={value!r}: {why}")
-
-
-def _coerce(key: str, value: Any, annotation: Any) -> Any:
-    """Convert one raw value (YAML, CLI string, Flower run config) to the field's type."""
-    origin = typing.get_origin(annotation)
-    if origin is tuple:
-        if isinstance(value, str):
-            value = [v for v in value.replace("x", ",").split(",") if v.strip()]
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"invalid {key}={value!r}: expected a list of numbers")
-        item_type = typing.get_args(annotation)[0]
-        return tuple(_coerce(key, v, item_type) for v in value)
-    if annotation is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
-            return value.lower() in ("true", "1", "yes", "on")
-        if isinstance(value, int) and value in (0, 1):
-            return bool(value)
-        raise ConfigError(f"invalid {key}={value!r}: expected true or false")
-    if annotation in (int, float):
-        try:
-            number = annotation(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"invalid {key}={value!r}: expected {annotation.__name__}") from None
-        if annotation is int and isinstance(value, float) and not value.is_integer():
-            raise ConfigError(f"invalid {key}={value!r}: expected an integer")
-        return number
-    if annotation is str:
-        if not isinstance(value, (str, Path)):
-            raise ConfigError(f"invalid {key}={value!r}: expected a string")
-        return str(value)
-    return value
-
-
-def _section_updates(raw: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
-    """Split flat ``section.field`` keys and nested sections into per-section dicts."""
-    out: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
-    for key, value in raw.items():
-        key = str(key).replace("-", "_")
-        if key in SECTIONS and isinstance(value, Mapping):
-            for sub, v in value.items():
-                out[key][str(sub).replace("-", "_")] = v
-            continue
-        section, _, name = key.partition(".")
-        if section not in SECTIONS or not name:
-            raise ConfigError(
-                f"unknown configuration key {key!r}: expected section.field with section one of {', '.join(SECTIONS)}"
-            )
-        out[section][name] = value
-    return out
-
-
-def build_section(name: str, values: Mapping[str, Any]) -> Any:
-    """One section on its own (e.g. the model config stored in a checkpoint), validated."""
-    cls = SECTIONS[name]
-    hints = typing.get_type_hints(cls)
-    unknown = set(values) - set(hints)
-    if unknown:
-        raise ConfigError(f"unknown configuration key '{name}.{sorted(unknown)[0]}'")
-    return cls(**{k: _coerce(f"{name}.{k}", v, hints[k]) for k, v in values.items()})
-
-
-def check_keys(raw: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
-    """``raw`` split into sections (:func:`_section_updates`), every key known; values are checked when
-    the config is built.
-
-    Raises:
-        ConfigError: naming the first unknown key and the section's valid ones.
-    """
-    sections = _section_updates(raw)
-    for name, updates in sections.items():
-        hints = typing.get_type_hints(SECTIONS[name])
-        for key in updates:
-            if key not in hints:
-                valid = ", ".join(f.name for f in dataclasses.fields(SECTIONS[name]))
-                raise ConfigError(f"unknown configuration key '{name}.{key}'; valid keys: {valid}")
-    return sections
-
-
-def build_config(raw: Mapping[str, Any] | None = None, base: Config | None = None) -> Config:
-    """Build a validated :class:`Config` from a nested or flat mapping, on top of ``base``.
-
-    Raises:
-        ConfigError: for an unknown key, a value of the wrong type or out of range.
-    """
-    base = base or Config()
-    sections = {}
-    for name, updates in check_keys(raw or {}).items():
-        hints = typing.get_type_hints(SECTIONS[name])
-        current = getattr(base, name)
-        coerced = {k: _coerce(f"{name}.{k}", v, hints[k]) for k, v in updates.items()}
-        sections[name] = dataclasses.replace(current, **coerced) if coerced else current
-    return Config(**sections)
-
-
-def _read_yaml(path: Path, what: str) -> Mapping[str, Any]:
-    """A YAML mapping from ``path``; ConfigError naming the file otherwise."""
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except OSError as e:
-        raise ConfigError(f"cannot read {what} {path}: {e.strerror or e}") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{what} {path} is not valid YAML: {e}") from None
-    if not isinstance(raw, Mapping):
-        raise ConfigError(f"{what} {path} must hold a mapping at the top level")
-    return raw
-
-
-def load_config(path: str | Path, overrides: Mapping[str, Any] | None = None, base: Config | None = None) -> Config:
-    """Read a YAML config file on top of ``base`` (the schema's defaults when None), apply flat overrides,
-    validate."""
-    cfg = build_config(_read_yaml(Path(path), "config file"), base=base)
-    return build_config(overrides, base=cfg) if overrides else cfg
-
-
-def flat_dict(cfg: Config) -> dict[str, Any]:
-    """``{"section.field": value}`` with tuples as ``"a,b,c"`` strings: the Flower run-config form."""
-    out = {}
-    for section, values in cfg.to_dict().items():
-        for key, value in values.items():
-            out[f"{section}.{key}"] = ",".join(map(str, value)) if isinstance(value, list) else value
-    return out
-
-
-def apply_site_file(cfg: Config, path: str | Path) -> Config:
-    """Apply a hospital's site YAML (only :data:`SITE_KEYS`) on top of the run's config.
-
-    Raises:
-        ConfigError: unreadable file, or a key a site may not set, naming both.
-    """
-    path = Path(path)
-    raw = _read_yaml(path, "site file")
-    flat = {}
-    for section, values in _section_updates(raw).items():
-        for key, value in values.items():
-            flat[f"{section}.{key}"] = value
-    for key in flat:
-        if key not in SITE_KEYS:
-            raise ConfigError(
-                f"site file {path} sets {key!r}, which the run decides; a site may set: {', '.join(SITE_KEYS)}"
-            )
-    return build_config(flat, base=cfg)
-
-
-def save_config(cfg: Config, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
