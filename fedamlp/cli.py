@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from amlp_core.atomic import atomic_write_text
 from amlp_core.config import METHOD_NAMES, Config, build_config, check_keys, load_config
 from amlp_core.errors import AMLPError
 
@@ -128,7 +129,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     result = evaluate(args.model, overrides, device=args.device, all_cases=args.all_cases)
     _print_dice(result, result.get("class_names"))
     out = Path(args.json) if args.json else Path(args.model) / "evaluation.json"
-    out.write_text(json.dumps(result, indent=2))
+    atomic_write_text(out, json.dumps(result, indent=2))
     print(f"wrote {out}")
     return 0
 
@@ -147,7 +148,7 @@ def cmd_data_check(args: argparse.Namespace) -> int:
     report = check_dataset(args.path, fmt=args.format, num_classes=args.num_classes)
     print(report.render())
     if args.json:
-        Path(args.json).write_text(json.dumps(report.to_dict(), indent=2))
+        atomic_write_text(args.json, json.dumps(report.to_dict(), indent=2))
     return 0 if report.ok else 1
 
 

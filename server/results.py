@@ -9,7 +9,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from amlp_core.engine.checkpoint import atomic_write_text as _atomic_write
+from amlp_core.atomic import atomic_write_text as _atomic_write
 from fedamlp.protocol import ALL_SITES
 
 

@@ -8,6 +8,7 @@ from typing import Any
 
 import yaml
 
+from amlp_core.atomic import atomic_write_text
 from amlp_core.config.parsing import build_config, section_updates
 from amlp_core.config.schema import SITE_KEYS, Config
 from amlp_core.errors import ConfigError
@@ -54,4 +55,4 @@ def apply_site_file(cfg: Config, path: str | Path) -> Config:
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    atomic_write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from amlp_core.atomic import atomic_write_text
 from amlp_core.data.dataset import Sample
 from amlp_core.data.io import write_nifti
 from amlp_core.data.transforms import normalize_intensity
@@ -169,6 +170,6 @@ def write_phantom_dataset(out_dir: str | os.PathLike, n: int, shape: Sequence[in
         "tensorImageSize": f"{len(shape)}D", "modality": {"0": "synthetic"},
         "labels": {"0": "background", "1": "lesion"}, "numTraining": n, "numTest": 0, "training": training,
     }  # fmt: skip
-    (out / "dataset.json").write_text(json.dumps(meta, indent=1))
+    atomic_write_text(out / "dataset.json", json.dumps(meta, indent=1))
     logger.info("wrote %d phantoms of site %d to %s", n, site, out)
     return out

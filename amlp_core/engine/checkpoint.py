@@ -8,44 +8,24 @@ never replaces a good checkpoint with a half-written one.
 
 from __future__ import annotations
 
-import os
-import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import torch
 
+from amlp_core.atomic import atomic_write, atomic_write_text
 from amlp_core.errors import CheckpointError
 
+__all__ = ["FORMAT_VERSION", "atomic_write_text", "load_checkpoint", "require_meta", "save_checkpoint"]
+
 FORMAT_VERSION = 1
-
-
-def _atomic_write(path: Path, write: Callable[[IO[bytes]], object]) -> Path:
-    """Write through ``write`` to a temporary file beside ``path``, fsync, then rename over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def save_checkpoint(path: str | Path, state: Mapping[str, Any], meta: Mapping[str, Any]) -> Path:
     """Atomically write ``state`` (named state dicts) and ``meta`` (plain values) to ``path``."""
     payload = {"format": FORMAT_VERSION, "meta": dict(meta), "state": dict(state)}
-    return _atomic_write(Path(path), lambda f: torch.save(payload, f))
-
-
-def atomic_write_text(path: str | Path, text: str) -> Path:
-    """Atomically replace the text file ``path`` (a crash leaves the old file whole)."""
-    return _atomic_write(Path(path), lambda f: f.write(text.encode()))
+    return atomic_write(Path(path), lambda f: torch.save(payload, f))
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[dict, dict]:

@@ -362,7 +362,7 @@ def train_segmentation(
         labelled_cases=len(subset),
         **privacy,
     )
-    (out / EVALUATION).write_text(json.dumps(result, indent=2))
+    atomic_write_text(out / EVALUATION, json.dumps(result, indent=2))
     return result
 
 

@@ -18,7 +18,7 @@ import math
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from amlp_core.engine.checkpoint import atomic_write_text
+from amlp_core.atomic import atomic_write_text
 from amlp_core.errors import AMLPError
 
 log = logging.getLogger(__name__)
