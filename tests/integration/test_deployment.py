@@ -411,7 +411,7 @@ def test_secure_deployment_two_hospitals_end_to_end(tmp_path):
             cwd=tmp_path,
             capture_output=True,
             text=True,
-            timeout=150,
+            timeout=300,  # about 115 s alone on 2 cores; more when the machine is shared
         )
         (tmp_path / "flwr-run.log").write_text(run.stdout + run.stderr)
         context = f"flwr run:\n{run.stdout[-4000:]}\n{run.stderr[-2000:]}\n{procs.logs()}"
