@@ -1,7 +1,8 @@
-"""The ``fedamlp`` command line.
+"""fedamlp: federated self-supervised pretraining and segmentation fine-tuning, on the command line.
 
 Every command turns its arguments into one flat set of config overrides, builds the
-:class:`~amlp_core.config.Config` once and calls :mod:`amlp_core.engine.pipeline`.
+:class:`~amlp_core.config.Config` once and calls the engine (:mod:`amlp_core.engine.pipeline` for the
+jobs, :mod:`amlp_core.engine.inference` to evaluate and predict, :mod:`simulations.simulate` to federate).
 Expected failures (bad data, bad values, bad checkpoints) end with one line on stderr and
 exit code 2, never a traceback.
 """
