@@ -16,6 +16,7 @@ from flwr.clientapp import ClientApp
 
 from amlp_core.errors import AMLPError
 from client import tasks
+from client.faults import fault_mod
 from client.secagg import secagg_mod
 from client.site import Site, get_site, site_config
 from fedamlp import protocol as P
@@ -45,7 +46,9 @@ def _error_reply(msg: Message, context: Context, error: AMLPError) -> Message:
     return Message(error=Error(code=SITE_ERROR, reason=reason), reply_to=msg)
 
 
-@app.train(mods=[secagg_mod])  # first: the mods after it see ordinary train messages (client/secagg.py)
+# secagg_mod first: the mods after it see ordinary train messages (client/secagg.py); fault_mod only acts in
+# a simulation given federation.inject (client/faults.py).
+@app.train(mods=[secagg_mod, fault_mod])
 def train(msg: Message, context: Context) -> Message:
     """Pretraining or fine-tuning round: global weights in, local weights and metrics out."""
     try:
@@ -64,7 +67,19 @@ def train(msg: Message, context: Context) -> Message:
     return Message(content=content, reply_to=msg)
 
 
-@app.evaluate()
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    """The site's declaration at the start of a run: how many cases stand behind each kind of reply
+    (counts only), which bound every ``num-examples`` it reports later (server/validation.py)."""
+    try:
+        site = _site(context)
+        counts = tasks.declaration(site)
+    except AMLPError as e:
+        return _error_reply(msg, context, e)
+    return Message(content=RecordDict({P.METRICS: MetricRecord(counts), P.SITE: _site_record(site)}), reply_to=msg)
+
+
+@app.evaluate(mods=[fault_mod])
 def evaluate(msg: Message, context: Context) -> Message:
     """Dice of the global segmentation model on the site's test cases."""
     try:

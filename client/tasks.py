@@ -224,6 +224,15 @@ def finetune_round(
     }
 
 
+def declaration(site: Site) -> dict[str, int]:
+    """The numbers of cases behind this site's pretraining, fine-tuning and evaluation replies."""
+    return {
+        P.DECLARED_TRAIN: len(site.split.train),
+        P.DECLARED_LABELLED: len(_labelled_subset(site)),
+        P.DECLARED_TEST: len(site.split.test),
+    }
+
+
 def _labelled_subset(site: Site) -> list:
     """The site's fine-tuning cases: ``train.label_fraction`` of its labelled training cases (may be empty)."""
     labelled = [s for s in site.split.train if s.label is not None]

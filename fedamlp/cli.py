@@ -199,6 +199,7 @@ def simulate_config(args: argparse.Namespace) -> Config:
         ("out", "federation.run_dir"),
         ("seed", "train.seed"),
         ("device", "train.device"),
+        ("inject", "federation.inject"),
     ):
         if getattr(args, flag, None) is not None:
             overrides[key] = getattr(args, flag)
@@ -283,6 +284,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="run folder (default: runs/simulation)")
     p.add_argument("--resume", action="store_true", help="continue a stopped run from its checkpoint")
     p.add_argument("--timeout", type=float, help="give up after this many seconds")
+    p.add_argument(
+        "--inject", metavar="SPEC", help="faults of simulated sites, e.g. site1:crash@finetune:2 (docs/federation.md)"
+    )
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.set_defaults(func=cmd_simulate)
 

@@ -39,6 +39,20 @@ MASK_RATIO = "mask_ratio"
 EPSILON = "epsilon"  # site DP: the site's cumulative epsilon after this round (at privacy.delta)
 UNIT_WEIGHT = "unit_weight"  # always 1: equal site weights, which Flower's accounted server DP requires
 
+# A site's declaration, its reply to the server's QUERY message (server/validation.py bounds every
+# later num-examples by it): the number of cases behind each phase's replies.
+DECLARED_TRAIN = "train_cases"  # pretraining: the site's training images
+DECLARED_LABELLED = "labelled_cases"  # fine-tuning: its labelled subset (train.label_fraction)
+DECLARED_TEST = "test_cases"  # evaluation: its test cases
+#: The declaration that bounds a reply of each kind.
+DECLARED_FOR = {PRETRAIN: DECLARED_TRAIN, FINETUNE: DECLARED_LABELLED, "evaluate": DECLARED_TEST}
+
+# Statuses of a site's reply in the run's record.
+OK = "ok"
+ERROR = "error"  # the site answered with an error
+MISSING = "missing"  # no reply before the round timeout
+REJECTED = "rejected"  # the server refused the reply (server/validation.py)
+
 # The run's record (server/results.py): the row of a whole round, beside the sites' rows.
 ALL_SITES = "ALL"
 

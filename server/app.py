@@ -8,6 +8,7 @@ from pathlib import Path
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
+from amlp_core.atomic import atomic_write_text
 from amlp_core.config import build_config
 from amlp_core.errors import AMLPError
 from server.federation import FAILED, Federation
@@ -45,6 +46,15 @@ def main(grid: Grid, context: Context) -> None:
         Federation(maybe_record(grid), cfg).run()  # FEDAMLP_SERVER_INBOX: audit log (server/inbox.py)
     except AMLPError as e:
         log.error("the federation failed: %s", e)
-        failed.parent.mkdir(parents=True, exist_ok=True)
-        failed.write_text(f"{type(e).__name__}: {e}\n")
+        _write_failed(failed, f"{type(e).__name__}: {e}")
         raise
+    except Exception as e:  # a defect, not a refusal: still say why, in one line, then let Flower log it
+        log.exception("the federation failed unexpectedly")
+        _write_failed(failed, f"unexpected {type(e).__name__}: {e}")
+        raise
+
+
+def _write_failed(path: Path, reason: str) -> None:
+    """``RUN_DIR/FAILED``: one line, written atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, " ".join(reason.split()) + "\n")

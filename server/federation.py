@@ -38,6 +38,7 @@ from server import rounds
 from server.results import ALL_SITES, RunResults
 from server.secagg import SecAggRound
 from server.strategies import build_strategy, restore_strategy_state, server_accountant, strategy_state
+from server.validation import Declarations
 
 log = logging.getLogger(__name__)
 CHECKPOINT = "server_checkpoint.pt"
@@ -105,6 +106,7 @@ class Federation:
         self.rounds_this_process = 0
         self.class_names: dict[str, str] = {}
         self.accountant = server_accountant(self.fed, cfg.privacy)  # server DP: one for the whole run
+        self.declared = Declarations(timeout=self.fed.round_timeout)  # what each site holds: bounds num-examples
 
     # -- checkpoint ----------------------------------------------------------------------
     def _save(self, progress: Progress, arrays: ArrayRecord, strategy) -> None:
@@ -165,21 +167,21 @@ class Federation:
                 rnd,
                 kind,
                 r.site,
-                _fmt_metrics(r.metrics) if r.status == "ok" else f"{r.status}: {r.error}",
+                _fmt_metrics(r.metrics) if r.status == P.OK else f"{r.status}: {r.error}",
             )
             if r.error:
                 row["error"] = r.error
-            if kind == "train" and r.status == "ok":
+            if kind == "train" and r.status == P.OK:
                 row.update(bytes_down=bytes_down, bytes_up=_bytes(r.message.content[P.ARRAYS]))
             self.results.add(**row)
-            if r.status == "ok" and not self.class_names and P.SITE in r.message.content.config_records:
+            if r.status == P.OK and not self.class_names and P.SITE in r.message.content.config_records:
                 self.class_names = json.loads(str(r.message.content[P.SITE][P.CLASS_NAMES]))
         self.results.add(
             phase=phase,
             round=rnd,
             kind=kind,
             site=ALL_SITES,
-            status="ok",
+            status=P.OK,
             sites_ok=len(outcome.ok),
             sites_asked=len(outcome.replies),
             seconds=round(outcome.seconds, 2),
@@ -214,14 +216,7 @@ class Federation:
                 raise StopRequested
             try:
                 arrays, metrics, outcome = train_round(
-                    self.grid,
-                    strategy,
-                    rnd,
-                    arrays,
-                    self._instructions(phase, rnd, total),
-                    f.min_sites,
-                    f.connect_timeout,
-                    f.round_timeout,
+                    self.grid, strategy, rnd, arrays, self._instructions(phase, rnd, total), f, self.declared
                 )
             except PrivacyBudgetExhausted as e:
                 raise rounds.FederationError(
@@ -233,14 +228,7 @@ class Federation:
             self._record(phase, rnd, "train", outcome, metrics, _bytes(arrays))
             if phase == P.FINETUNE:
                 metrics, outcome = rounds.evaluate_round(
-                    self.grid,
-                    strategy,
-                    rnd,
-                    arrays,
-                    self._instructions(phase, rnd, total),
-                    f.min_sites,
-                    f.connect_timeout,
-                    f.round_timeout,
+                    self.grid, strategy, rnd, arrays, self._instructions(phase, rnd, total), f, self.declared
                 )
                 self._record(phase, rnd, "evaluate", outcome, metrics, 0)
             self.rounds_this_process += 1
@@ -359,7 +347,7 @@ class Federation:
             and r["round"] == last
             and r["kind"] == "train"
             and r["site"] != P.ALL_SITES
-            and r["status"] == "ok"
+            and r["status"] == P.OK
         )
         meta = {
             **segmentation_meta(self.cfg, self.class_names, init_method, init_from, labelled),

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from amlp_core.atomic import atomic_write_text as _atomic_write
+from fedamlp import protocol as P
 from fedamlp.protocol import ALL_SITES
 
 
@@ -63,7 +64,7 @@ class RunResults:
                 values = " | ".join(_fmt(r.get(c)) for c in classes + ["dice_mean"])
                 lines.append(f"| {r['site']} | {r.get('num-examples', '')} | {values} |")
         lines += self._privacy_lines()
-        failures = [r for r in self.rows if r.get("status") not in (None, "ok")]
+        failures = [r for r in self.rows if r.get("status") not in (None, P.OK)]
         if failures:
             lines += ["", "## Site failures", ""]
             lines += [
@@ -90,7 +91,7 @@ class RunResults:
         """Epsilon spent: each site's last value (site DP) and the server's (server DP)."""
         last: dict[str, Any] = {}
         for r in self.rows:
-            if r["kind"] == "train" and r.get("status") == "ok":
+            if r["kind"] == "train" and r.get("status") == P.OK:
                 if "epsilon" in r and r["site"] != ALL_SITES:
                     last[r["site"]] = r["epsilon"]
                 if "server_epsilon" in r:

@@ -2,9 +2,11 @@
 
 Flower's own ``Strategy.start`` waits forever for missing nodes and silently keeps the old
 model when no reply arrives. Here every round (1) waits for ``min_sites`` connected sites
-with a deadline, (2) sends through the strategy with a timeout, (3) sorts the replies into
-ok / error / missing per site, (4) fails the run, naming every site's problem, when fewer
-than ``min_sites`` sites answered, and (5) aggregates the others in a fixed order.
+with a deadline, asking new sites what data they hold (:class:`server.validation.Declarations`),
+(2) sends through the strategy with a timeout, (3) sorts the replies into ok / error / missing
+per site and rejects those that fail the server's checks (:mod:`server.validation`), (4) fails the
+run, naming every site's problem, when fewer than ``min_sites`` sites are left, and (5)
+aggregates the others in a fixed order, refusing an aggregate that is not finite.
 """
 
 from __future__ import annotations
@@ -19,8 +21,10 @@ from flwr.app import ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
+from amlp_core.config import FederationConfig
 from amlp_core.errors import AMLPError
 from fedamlp import protocol as P
+from server.validation import Declarations, check_replies, nonfinite_key
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +37,7 @@ class FederationError(AMLPError):
 class SiteReply:
     site: str
     node_id: int
-    status: str  # ok | error | missing
+    status: str  # P.OK | P.ERROR | P.MISSING | P.REJECTED
     metrics: dict[str, Any] = field(default_factory=dict)
     error: str = ""
     message: Message | None = None
@@ -46,10 +50,10 @@ class RoundOutcome:
 
     @property
     def ok(self) -> list[SiteReply]:
-        return [r for r in self.replies if r.status == "ok"]
+        return [r for r in self.replies if r.status == P.OK]
 
     def problems(self) -> str:
-        bad = [r for r in self.replies if r.status != "ok"]
+        bad = [r for r in self.replies if r.status != P.OK]
         return "; ".join(f"{r.site}: {r.status}{' - ' + r.error if r.error else ''}" for r in bad) or "none"
 
 
@@ -74,24 +78,66 @@ def _site_name(reply: Message) -> str:
     return f"node {reply.metadata.src_node_id}"
 
 
-def collect(sent: list[Message], replies: Iterable[Message], started: float) -> RoundOutcome:
-    """Sort replies into ok / error / missing, one entry per site that was asked."""
+def collect(
+    sent: list[Message], replies: Iterable[Message], started: float, names: dict[int, str] | None = None
+) -> RoundOutcome:
+    """Sort replies into ok / error / missing, one entry per site that was asked; ``names`` (node id ->
+    site, from the sites' declarations) names a site that did not answer."""
     by_node = {r.metadata.src_node_id: r for r in replies}
     out = []
     for message in sent:
         node = message.metadata.dst_node_id
         reply = by_node.get(node)
         if reply is None:
-            out.append(SiteReply(f"node {node}", node, "missing", error="no reply before the round timeout"))
+            name = (names or {}).get(node, f"node {node}")
+            out.append(SiteReply(name, node, P.MISSING, error="no reply before the round timeout"))
         elif reply.has_error():
             reason = reply.error.reason or f"error code {reply.error.code}"
             site = reason.split(":", 1)[0].removeprefix("site ") if reason.startswith("site ") else f"node {node}"
-            out.append(SiteReply(site, node, "error", error=reason, message=reply))
+            out.append(SiteReply(site, node, P.ERROR, error=reason, message=reply))
         else:
             metrics = dict(reply.content[P.METRICS]) if P.METRICS in reply.content.metric_records else {}
-            out.append(SiteReply(_site_name(reply), node, "ok", metrics=metrics, message=reply))
+            out.append(SiteReply(_site_name(reply), node, P.OK, metrics=metrics, message=reply))
     out.sort(key=lambda r: r.site)  # a fixed order: aggregation sums in the same order every run
     return RoundOutcome(out, time.monotonic() - started)
+
+
+def _ask(
+    grid: Grid,
+    strategy: Strategy,
+    rnd: int,
+    arrays: ArrayRecord,
+    config: ConfigRecord,
+    fed: FederationConfig,
+    declared: Declarations,
+    train: bool,
+) -> tuple[list[Message], RoundOutcome]:
+    """Wait for the sites, ask the new ones for their declaration, send the round and sort the replies."""
+    nodes = wait_for_sites(grid, fed.min_sites, fed.connect_timeout)
+    declared.ask(grid, nodes, config)
+    started = time.monotonic()
+    configure = strategy.configure_train if train else strategy.configure_evaluate
+    sent = list(configure(rnd, arrays, config, grid))
+    return sent, collect(sent, grid.send_and_receive(sent, timeout=fed.round_timeout), started, declared.names)
+
+
+def check_outcome(outcome: RoundOutcome, what: str, sent: int, min_sites: int) -> None:
+    """Log every site's problem; FederationError when fewer than ``min_sites`` replies are left."""
+    for r in outcome.replies:
+        if r.status != P.OK:
+            log.warning("%s: %s %s: %s", what, r.site, r.status, r.error)
+    if len(outcome.ok) < min_sites:
+        raise FederationError(
+            f"{what}: only {len(outcome.ok)} of {sent} sites replied acceptably "
+            f"(federation.min_sites={min_sites}); problems: {outcome.problems()}"
+        )
+
+
+def check_finite(arrays: ArrayRecord, what: str) -> None:
+    """FederationError when the aggregate holds a non-finite value: it is neither saved nor sent."""
+    key = nonfinite_key(arrays)
+    if key is not None:
+        raise FederationError(f"{what}: the aggregate's {key} is not finite; it is neither saved nor sent")
 
 
 def train_round(
@@ -100,26 +146,19 @@ def train_round(
     rnd: int,
     arrays: ArrayRecord,
     config: ConfigRecord,
-    min_sites: int,
-    connect_timeout: float,
-    round_timeout: float,
+    fed: FederationConfig,
+    declared: Declarations,
 ) -> tuple[ArrayRecord, dict[str, Any], RoundOutcome]:
-    """Send a training round through ``strategy`` and aggregate it, or raise FederationError."""
-    wait_for_sites(grid, min_sites, connect_timeout)
-    started = time.monotonic()
-    sent = list(strategy.configure_train(rnd, arrays, config, grid))
-    outcome = collect(sent, grid.send_and_receive(sent, timeout=round_timeout), started)
-    for r in outcome.replies:
-        if r.status != "ok":
-            log.warning("round %d: %s %s: %s", rnd, r.site, r.status, r.error)
-    if len(outcome.ok) < min_sites:
-        raise FederationError(
-            f"{config[P.PHASE]} round {rnd}: only {len(outcome.ok)} of {len(sent)} sites "
-            f"replied (federation.min_sites={min_sites}); problems: {outcome.problems()}"
-        )
+    """Send a training round through ``strategy``, check the replies and aggregate them, or raise
+    FederationError."""
+    what = f"{config[P.PHASE]} round {rnd}"
+    sent, outcome = _ask(grid, strategy, rnd, arrays, config, fed, declared, train=True)
+    check_replies(outcome.replies, arrays, str(config[P.PHASE]), declared, fed.update_norm_factor)
+    check_outcome(outcome, what, len(sent), fed.min_sites)
     new_arrays, metrics = strategy.aggregate_train(rnd, [r.message for r in outcome.ok])
     if new_arrays is None:
-        raise FederationError(f"{config[P.PHASE]} round {rnd}: the strategy could not aggregate the replies")
+        raise FederationError(f"{what}: the strategy could not aggregate the replies")
+    check_finite(new_arrays, what)
     return new_arrays, dict(metrics or {}), outcome
 
 
@@ -129,19 +168,12 @@ def evaluate_round(
     rnd: int,
     arrays: ArrayRecord,
     config: ConfigRecord,
-    min_sites: int,
-    connect_timeout: float,
-    round_timeout: float,
+    fed: FederationConfig,
+    declared: Declarations,
 ) -> tuple[dict[str, Any], RoundOutcome]:
-    """Federated evaluation of ``arrays``; FederationError with fewer than ``min_sites`` answers."""
-    wait_for_sites(grid, min_sites, connect_timeout)
-    started = time.monotonic()
-    sent = list(strategy.configure_evaluate(rnd, arrays, config, grid))
-    outcome = collect(sent, grid.send_and_receive(sent, timeout=round_timeout), started)
-    if len(outcome.ok) < min_sites:
-        raise FederationError(
-            f"evaluation round {rnd}: only {len(outcome.ok)} of {len(sent)} sites replied "
-            f"(federation.min_sites={min_sites}); problems: {outcome.problems()}"
-        )
+    """Federated evaluation of ``arrays``; FederationError with fewer than ``min_sites`` acceptable answers."""
+    sent, outcome = _ask(grid, strategy, rnd, arrays, config, fed, declared, train=False)
+    check_replies(outcome.replies, None, "evaluate", declared, 0.0)
+    check_outcome(outcome, f"evaluation round {rnd}", len(sent), fed.min_sites)
     metrics = strategy.aggregate_evaluate(rnd, [r.message for r in outcome.ok])
     return dict(metrics or {}), outcome

@@ -47,7 +47,8 @@ from flwr.serverapp.strategy import Strategy
 
 from amlp_core.config import SECAGG_MODULUS, FederationConfig
 from fedamlp import protocol as P
-from server.rounds import FederationError, RoundOutcome, collect, wait_for_sites
+from server.rounds import FederationError, RoundOutcome, check_finite, check_outcome, collect, wait_for_sites
+from server.validation import Declarations
 
 log = logging.getLogger(__name__)
 # Flower's workflow reads the round and the weights from these records of the context state
@@ -185,11 +186,16 @@ class SecAggRound:
         rnd: int,
         arrays: ArrayRecord,
         config: ConfigRecord,
-        min_sites: int,
-        connect_timeout: float,
-        round_timeout: float,
+        fed: FederationConfig,
+        declared: Declarations,
     ) -> tuple[ArrayRecord, dict[str, Any], RoundOutcome]:
-        wait_for_sites(grid, min_sites, connect_timeout)
+        """One SecAgg+ training round. The sites' updates and weights stay masked, so the server's
+        per-site checks (:mod:`server.validation`) cannot run: each weight is bounded by
+        ``secagg_max_weight`` (the site refuses beyond it) and the unmasked average must be finite."""
+        min_sites = fed.min_sites
+        what = f"{config[P.PHASE]} round {rnd}"
+        nodes = wait_for_sites(grid, min_sites, fed.connect_timeout)
+        declared.ask(grid, nodes, config)
         started = time.monotonic()
         sent = list(strategy.configure_train(rnd, arrays, config, grid))
         if len(sent) * self.fed.secagg_quantization_range >= SECAGG_MODULUS:
@@ -209,23 +215,20 @@ class SecAggRound:
         )
         recording = _RecordingGrid(grid)
         log.info("%s round %d: secure aggregation (SecAgg+) with %d sites", config[P.PHASE], rnd, len(sent))
-        self.workflow(round_timeout)(recording, context)
-        outcome = collect(sent, _site_replies(recording), started)
-        for r in outcome.replies:
-            if r.status != "ok":
-                log.warning("round %d: %s %s: %s", rnd, r.site, r.status, r.error)
+        self.workflow(fed.round_timeout)(recording, context)
+        outcome = collect(sent, _site_replies(recording), started, declared.names)
         if legacy.aggregate is None:
+            for r in outcome.replies:
+                if r.status != P.OK:
+                    log.warning("%s: %s %s: %s", what, r.site, r.status, r.error)
             raise FederationError(
                 f"{config[P.PHASE]} round {rnd}: secure aggregation halted (too few sites left to "
                 f"unmask the sum; federation.secagg_reconstruction_threshold="
                 f"{self.fed.secagg_reconstruction_threshold}); problems: {outcome.problems()}"
             )
-        if len(outcome.ok) < min_sites:
-            raise FederationError(
-                f"{config[P.PHASE]} round {rnd}: only {len(outcome.ok)} of {len(sent)} sites "
-                f"replied (federation.min_sites={min_sites}); problems: {outcome.problems()}"
-            )
+        check_outcome(outcome, what, len(sent), min_sites)
         averaged = _apply(arrays, legacy.aggregate)
+        check_finite(averaged, what)
         # Every site's reply, as the strategy sees it: the average (all it may know) and its metrics.
         replies = [_as_reply(r.message, averaged, r.metrics) for r in outcome.ok]
         new_arrays, metrics = strategy.aggregate_train(rnd, replies)

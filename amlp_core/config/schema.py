@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from amlp_core.errors import ConfigError
+from amlp_core.faults import parse_faults
 
 METHOD_NAMES = ("mae", "mps_ams", "amlp", "ahm", "ace")
 
@@ -326,6 +327,9 @@ class FederationConfig:
     min_sites: int = 2  # a round with fewer successful replies fails the run
     round_timeout: float = 1800.0  # seconds to wait for the replies of one round
     connect_timeout: float = 300.0  # seconds to wait for min_sites sites to be connected
+    # A site's update whose norm exceeds this many times the round's median is rejected (3+ sites; 0: off).
+    update_norm_factor: float = 10.0
+    inject: str = ""  # simulation only: faults of simulated sites, e.g. "site1:crash@finetune:2" (amlp_core/faults.py)
     partition: str = "iid"  # simulation: iid | dirichlet (quantity skew)
     dirichlet_alpha: float = 0.5
     run_dir: str = "runs/federated"  # server: checkpoints and results
@@ -369,6 +373,13 @@ class FederationConfig:
         _check(self.min_sites >= 1, "federation.min_sites", self.min_sites, "must be at least 1")
         _check(self.round_timeout > 0, "federation.round_timeout", self.round_timeout, "must be positive")
         _check(self.connect_timeout > 0, "federation.connect_timeout", self.connect_timeout, "must be positive")
+        parse_faults(self.inject)  # ConfigError naming a bad entry
+        _check(
+            self.update_norm_factor == 0 or self.update_norm_factor > 1,
+            "federation.update_norm_factor",
+            self.update_norm_factor,
+            "must be above 1 (times the round's median update norm), or 0 to turn the bound off",
+        )
         _check(
             self.partition in PARTITIONS,
             "federation.partition",

@@ -6,36 +6,13 @@ import time
 
 import numpy as np
 import pytest
-import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, Metadata, MetricRecord, RecordDict
+from flwr.app import Error, Message
 
 from amlp_core.config import FederationConfig
 from fedamlp import protocol as P
 from server.rounds import collect
 from server.strategies import build_strategy, restore_strategy_state, strategy_state
-
-
-def _reply(node: int, value: float, n: int, site: str) -> Message:
-    meta = Metadata(
-        run_id=1,
-        message_id=f"r{node}",
-        src_node_id=node,
-        dst_node_id=0,
-        reply_to_message_id=f"m{node}",
-        group_id="",
-        created_at=time.time(),
-        ttl=60.0,
-        message_type="train",
-    )
-    content = RecordDict(
-        {
-            P.ARRAYS: ArrayRecord({"w": torch.full((2,), value)}),
-            P.METRICS: MetricRecord({P.NUM_EXAMPLES: n, P.LOSS: value}),
-            P.SITE: ConfigRecord({P.SITE_NAME: site, P.CLASS_NAMES: "{}"}),
-        }
-    )
-    return Message(content=content, metadata=meta)
-
+from tests.server.helpers import filled_reply, request
 
 REPLIES = [(1, 1.0, 10, "a"), (2, 2.0, 10, "b"), (3, 10.0, 20, "c")]
 
@@ -51,7 +28,7 @@ REPLIES = [(1, 1.0, 10, "a"), (2, 2.0, 10, "b"), (3, 10.0, 20, "c")]
 )
 def test_aggregation(name, expected):
     strategy = build_strategy(FederationConfig(strategy=name, trim_beta=0.34), evaluate=True)
-    arrays, metrics = strategy.aggregate_train(1, [_reply(*r) for r in REPLIES])
+    arrays, metrics = strategy.aggregate_train(1, [filled_reply(*r) for r in REPLIES])
     assert arrays["w"].numpy() == pytest.approx(np.full(2, expected))
     assert metrics[P.LOSS] == pytest.approx((10 * 1 + 10 * 2 + 20 * 10) / 40)
 
@@ -59,7 +36,7 @@ def test_aggregation(name, expected):
 def test_fedadam_state_survives_a_checkpoint():
     strategy = build_strategy(FederationConfig(strategy="fedadam", server_lr=0.1), evaluate=False)
     strategy.current_arrays = {"w": np.zeros(2, dtype=np.float32)}
-    strategy.aggregate_train(1, [_reply(*r) for r in REPLIES])
+    strategy.aggregate_train(1, [filled_reply(*r) for r in REPLIES])
     state = strategy_state(strategy)
     assert set(state) == {"m_t", "v_t"} and state["m_t"]["w"].abs().sum() > 0
     fresh = build_strategy(FederationConfig(strategy="fedadam", server_lr=0.1), evaluate=False)
@@ -68,24 +45,9 @@ def test_fedadam_state_survives_a_checkpoint():
 
 
 def test_collect_sorts_replies_into_ok_error_and_missing():
-    sent = []
-    for node in (1, 2, 3):
-        meta = Metadata(
-            run_id=1,
-            message_id=f"m{node}",
-            src_node_id=0,
-            dst_node_id=node,
-            reply_to_message_id="",
-            group_id="",
-            created_at=time.time(),
-            ttl=60.0,
-            message_type="train",
-        )
-        sent.append(Message(content=RecordDict(), metadata=meta))
-    from flwr.app import Error
-
+    sent = [request(node) for node in (1, 2, 3)]
     failed = Message(error=Error(code=1, reason="site b: /data/x.nii.gz: file is truncated"), reply_to=sent[1])
-    outcome = collect(sent, [_reply(1, 1.0, 5, "a"), failed], time.monotonic())
+    outcome = collect(sent, [filled_reply(1, 1.0, 5, "a"), failed], time.monotonic())
     by_status = {r.status: r for r in outcome.replies}
     assert by_status["ok"].site == "a" and by_status["error"].site == "b"
     assert "truncated" in by_status["error"].error and by_status["missing"].site == "node 3"

@@ -1,0 +1,191 @@
+"""The server's checks on every site's reply before it is averaged.
+
+A reply is accepted only when
+
+- its weights have exactly the global model's keys, shapes and dtypes, and every value is finite;
+- its ``num-examples`` is a positive whole number no larger than the site declared for that kind
+  of round at the start of the run (its answer to the server's QUERY message, :class:`Declarations`);
+- its update (reply minus global weights) has a norm of at most ``federation.update_norm_factor``
+  times the median norm of the round's accepted replies (with three sites or more; 0 turns it off).
+
+A refused reply becomes that site's failure (status ``rejected``, with the reason); the round goes
+on with the others if ``federation.min_sites`` remain. A non-finite average (:func:`nonfinite_key`)
+fails the round (:mod:`server.rounds`), so that it is never saved or sent. Under secure aggregation
+the server sees only the masked sum: the per-site checks cannot run there, the aggregate check can.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.serverapp import Grid
+
+from fedamlp import protocol as P
+
+if TYPE_CHECKING:
+    from server.rounds import SiteReply
+
+log = logging.getLogger(__name__)
+#: Norm checks need a median that one site cannot move: three accepted replies at least.
+MIN_SITES_FOR_NORM = 3
+
+
+@dataclass
+class Declarations:
+    """What each node declared at the start of the run: ``{node_id: {DECLARED_*: count}}``.
+
+    Nodes are asked once (a QUERY message, answered by the ClientApp's ``query`` handler); a node
+    that joins later is asked before its first round.
+    """
+
+    timeout: float
+    counts: dict[int, dict[str, int]] = field(default_factory=dict)
+    problems: dict[int, str] = field(default_factory=dict)
+    names: dict[int, str] = field(default_factory=dict)  # the site names they gave (to name a missing site)
+
+    def ask(self, grid: Grid, nodes: list[int], config: ConfigRecord) -> None:
+        """Query the ``nodes`` not yet asked; their answers (or why there is none) are kept."""
+        new = [n for n in nodes if n not in self.counts and n not in self.problems]
+        if not new:
+            return
+        sent = [Message(RecordDict({P.CONFIG: config}), dst_node_id=n, message_type=MessageType.QUERY) for n in new]
+        replies = {r.metadata.src_node_id: r for r in grid.send_and_receive(sent, timeout=self.timeout)}
+        for node in new:
+            reply = replies.get(node)
+            if reply is None:
+                self.problems[node] = "did not declare its data at the start of the run (no reply)"
+            elif reply.has_error():
+                self.problems[node] = f"did not declare its data: {reply.error.reason}"
+            else:
+                if P.SITE in reply.content.config_records:
+                    self.names[node] = str(reply.content[P.SITE][P.SITE_NAME])
+                try:
+                    self.counts[node] = _declaration(reply)
+                except (KeyError, TypeError, ValueError) as e:
+                    self.problems[node] = f"sent an unreadable declaration ({type(e).__name__}: {e})"
+
+    def bound(self, node: int, kind: str) -> int:
+        """The largest ``num-examples`` node ``node`` may report in a reply of ``kind``
+        (:data:`~fedamlp.protocol.DECLARED_FOR`); ValueError when it declared none."""
+        if node not in self.counts:
+            raise ValueError(self.problems.get(node, "did not declare its data at the start of the run"))
+        return self.counts[node][P.DECLARED_FOR[kind]]
+
+
+def _declaration(reply: Message) -> dict[str, int]:
+    metrics = reply.content[P.METRICS]
+    out = {}
+    for key in (P.DECLARED_TRAIN, P.DECLARED_LABELLED, P.DECLARED_TEST):
+        value = metrics[key]
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise ValueError(f"{key}={value!r} is not a count")
+        out[key] = value
+    return out
+
+
+def _num_examples(value: Any, bound: int) -> str:
+    """Why ``value`` is not an acceptable ``num-examples`` (empty when it is)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return f"num-examples={value!r} is not a number"
+    if value != int(value) or value <= 0:
+        return f"num-examples={value!r} is not a positive whole number"
+    if value > bound:
+        return f"num-examples={value:g} exceeds the {bound} cases the site declared at the start of the run"
+    return ""
+
+
+def _weights_problem(reply: Message, reference: dict[str, np.ndarray]) -> str:
+    """Why the reply's weights do not match the global model's (empty when they do)."""
+    if P.ARRAYS not in reply.content.array_records:
+        return "the reply carries no weights"
+    arrays = reply.content[P.ARRAYS]
+    missing, extra = sorted(set(reference) - set(arrays)), sorted(set(arrays) - set(reference))
+    if missing or extra:
+        return f"weights differ from the global model's (missing {missing[:3]}, unexpected {extra[:3]})"
+    for key, ref in reference.items():
+        value = arrays[key].numpy()
+        if value.shape != ref.shape or value.dtype != ref.dtype:
+            return f"{key} is {value.dtype}{list(value.shape)}, the global model's {ref.dtype}{list(ref.shape)}"
+        if value.dtype.kind in "fc" and not np.isfinite(value).all():
+            return f"{key} holds non-finite values"
+    return ""
+
+
+def _dice_problem(metrics: dict[str, Any]) -> str:
+    """Why an evaluation reply's Dice values are impossible (empty when each is NaN or in [0, 1])."""
+    for key, value in metrics.items():
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if key.startswith("dice") and not (number and (math.isnan(value) or 0 <= value <= 1)):
+            return f"{key}={value!r} is not a Dice score"
+    return ""
+
+
+def update_norm(reply: Message, reference: dict[str, np.ndarray]) -> float:
+    """L2 norm of the reply's update over the floating-point arrays (a reply that passed the checks)."""
+    arrays = reply.content[P.ARRAYS]
+    total = 0.0
+    for key, ref in reference.items():
+        if ref.dtype.kind == "f":
+            total += float(np.sum((arrays[key].numpy().astype(np.float64) - ref.astype(np.float64)) ** 2))
+    return math.sqrt(total)
+
+
+def check_replies(
+    replies: list[SiteReply], global_arrays: ArrayRecord | None, kind: str, declared: Declarations, factor: float
+) -> None:
+    """Mark every unacceptable ``ok`` reply of a round as ``rejected``, with the reason, in place.
+
+    Args:
+        replies: the round's replies (:func:`server.rounds.collect`).
+        global_arrays: the weights the round was sent (None for an evaluation round: no weights back).
+        kind: ``pretrain`` | ``finetune`` (training) or ``evaluate``.
+        declared: the sites' declarations (bounds on ``num-examples``).
+        factor: ``federation.update_norm_factor`` (0: no norm bound).
+    """
+    reference = None if global_arrays is None else {k: v.numpy() for k, v in global_arrays.items()}
+    for r in replies:
+        if r.status != P.OK or r.message is None:
+            continue
+        try:
+            why = _num_examples(r.metrics.get(P.NUM_EXAMPLES), declared.bound(r.node_id, kind))
+        except ValueError as e:
+            why = str(e)
+        if not why and reference is not None:
+            why = _weights_problem(r.message, reference)
+        if not why and kind == "evaluate":
+            why = _dice_problem(r.metrics)
+        if why:
+            _reject(r, why)
+    if reference is None or factor <= 0:
+        return
+    accepted = [r for r in replies if r.status == P.OK and r.message is not None]
+    if len(accepted) < MIN_SITES_FOR_NORM:
+        return
+    norms = {r.site: update_norm(r.message, reference) for r in accepted}
+    median = float(np.median(list(norms.values())))
+    for r in accepted:
+        if median > 0 and norms[r.site] > factor * median:
+            _reject(
+                r,
+                f"update norm {norms[r.site]:.3g} is over {factor:g} x the round's median {median:.3g} "
+                "(federation.update_norm_factor)",
+            )
+
+
+def _reject(reply: SiteReply, why: str) -> None:
+    log.warning("rejected the reply of %s: %s", reply.site, why)
+    reply.status, reply.error = P.REJECTED, why
+
+
+def nonfinite_key(arrays: ArrayRecord) -> str | None:
+    """The first array of ``arrays`` holding a non-finite value (None when all are finite)."""
+    for key, value in arrays.items():
+        a = value.numpy()
+        if a.dtype.kind in "fc" and not np.isfinite(a).all():
+            return key
+    return None
