@@ -1,0 +1,125 @@
+"""One hostile site among four: the final Dice of the federation under each attack and strategy.
+
+Site ``site3`` attacks in every round of both phases (``federation.inject``, amlp_core/faults.py):
+``poison`` (its update scaled x100), ``flip`` (sign-flipped), ``nan`` (one NaN weight) or
+``inflate`` (``num-examples`` = 1e9). Each strategy runs with the server's reply checks
+(server/validation.py), which every run has. A row's Dice is the last evaluation round's, over
+all four sites' test cases (the attacker's included: it is the model everyone gets).
+
+    python -m simulations.benchmarks.robustness --out results/robustness.json
+
+Resumable: rows already in ``--out`` are kept. Phantoms, a small 2D network, one seed: a check that
+the attacks change nothing that matters, not a study of robust aggregation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from amlp_core.config import build_config
+from fedamlp import protocol as P
+from simulations.benchmarks.common import machine, table, write_json
+from simulations.simulate import simulate
+
+log = logging.getLogger(__name__)
+ATTACKER = "site3"
+ATTACKS = ("none", "poison", "flip", "nan", "inflate")
+STRATEGIES = ("fedavg", "fedmedian", "fedtrimmedavg")
+#: Four sites of 16 phantoms (32x32, 2D), a small network: about a minute a run on two cores.
+SETTINGS: dict[str, Any] = {
+    "model.spatial_dims": 2,
+    "model.img_size": [32, 32],
+    "model.patch_size": 4,
+    "model.embed_dim": 48,
+    "model.depth": 2,
+    "model.num_heads": 4,
+    "model.decoder_dim": 24,
+    "model.decoder_depth": 1,
+    "model.decoder_heads": 4,
+    "model.conv_channels": [8, 16],
+    "model.num_classes": 2,
+    "data.synthetic_size": [32, 32],
+    "data.synthetic_cases": 64,
+    "train.batch_size": 8,
+    "train.device": "cpu",
+    "federation.sites": 4,
+    "federation.min_sites": 2,
+    "federation.pretrain_rounds": 2,
+    "federation.finetune_rounds": 6,
+    "federation.finetune_local_steps": 20,
+    "federation.local_epochs": 1,
+    "federation.trim_beta": 0.25,  # one of four sites cut at each end
+}
+
+
+def run_one(strategy: str, attack: str, seed: int, runs: Path) -> dict[str, Any]:
+    """One federation; its final Dice and how many of the attacker's replies the server rejected."""
+    run_dir = runs / f"{strategy}-{attack}-s{seed}"
+    overrides = {
+        **SETTINGS,
+        "federation.strategy": strategy,
+        "federation.run_dir": str(run_dir),
+        "federation.inject": "" if attack == "none" else f"{ATTACKER}:{attack}",
+        "train.seed": seed,
+    }
+    started = time.monotonic()
+    simulate(build_config(overrides), timeout=3600)
+    rows = json.loads((run_dir / "results" / "rounds.json").read_text())["rows"]
+    final = [r for r in rows if r["kind"] == "evaluate" and r["site"] == P.ALL_SITES][-1]
+    attacker = [r for r in rows if r["site"] == ATTACKER and r["kind"] == "train"]
+    return {
+        "strategy": strategy,
+        "attack": attack,
+        "seed": seed,
+        "dice_mean": final["dice_mean"],
+        "attacker_rejected": sum(r["status"] == P.REJECTED for r in attacker),
+        "attacker_rounds": len(attacker),
+        "seconds": round(time.monotonic() - started, 1),
+    }
+
+
+def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each row with its Dice minus the clean run of the same strategy and seed."""
+    clean = {(r["strategy"], r["seed"]): r["dice_mean"] for r in rows if r["attack"] == "none"}
+    out = []
+    for r in rows:
+        base = clean.get((r["strategy"], r["seed"]))
+        delta = None if base is None else r["dice_mean"] - base
+        out.append({**r, "minus_clean": delta, "within_0.01": None if delta is None else abs(delta) <= 0.01})
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="results/robustness.json")
+    parser.add_argument("--runs", default="runs/robustness", help="the runs' folders")
+    parser.add_argument("--strategies", default=",".join(STRATEGIES))
+    parser.add_argument("--attacks", default=",".join(ATTACKS))
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    out = Path(args.out)
+    rows: list[dict[str, Any]] = json.loads(out.read_text())["rows"] if out.exists() else []
+    done = {(r["strategy"], r["attack"], r["seed"]) for r in rows}
+    for strategy in args.strategies.split(","):
+        for attack in args.attacks.split(","):
+            if (strategy, attack, args.seed) in done:
+                continue
+            log.info("%s under %s", strategy, attack)
+            rows.append(run_one(strategy, attack, args.seed, Path(args.runs)))
+            write_json(out, {"benchmark": "robustness", "machine": machine(), "settings": SETTINGS, "rows": rows})
+    summary = summarise(rows)
+    write_json(out, {"benchmark": "robustness", "machine": machine(), "settings": SETTINGS, "rows": summary})
+    columns = ["strategy", "attack", "dice_mean", "minus_clean", "attacker_rejected", "attacker_rounds", "seconds"]
+    text = table(summary, columns)
+    out.with_suffix(".md").write_text(text + "\n")
+    log.info("\n%s", text)
+
+
+if __name__ == "__main__":
+    main()
