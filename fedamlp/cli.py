@@ -172,7 +172,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     from simulations.simulate import simulate
 
     cfg = simulate_config(args)
-    run_dir = simulate(cfg, timeout=args.timeout)
+    run_dir = simulate(cfg, timeout=args.timeout, overwrite=args.overwrite)
     print((run_dir / "results" / "summary.md").read_text())
     print(f"model: {run_dir / 'model'}  (fedamlp predict --model {run_dir / 'model'} --input X --output Y)")
     return 0
@@ -283,6 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device")
     p.add_argument("--out", help="run folder (default: runs/simulation)")
     p.add_argument("--resume", action="store_true", help="continue a stopped run from its checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace the run already in --out")
     p.add_argument("--timeout", type=float, help="give up after this many seconds")
     p.add_argument(
         "--inject", metavar="SPEC", help="faults of simulated sites, e.g. site1:crash@finetune:2 (docs/federation.md)"

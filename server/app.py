@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 
 from flwr.app import Context
@@ -11,6 +13,7 @@ from flwr.serverapp import Grid, ServerApp
 from amlp_core.atomic import atomic_write_text
 from amlp_core.config import build_config
 from amlp_core.errors import AMLPError
+from amlp_core.runfolder import SIMULATION_ENV, hold
 from server.federation import FAILED, Federation
 from server.inbox import maybe_record
 
@@ -41,17 +44,24 @@ def main(grid: Grid, context: Context) -> None:
     _setup_logging()
     cfg = build_config(dict(context.run_config)).check_federation()
     failed = Path(cfg.federation.run_dir) / FAILED
-    failed.unlink(missing_ok=True)
+    federation = Federation(maybe_record(grid), cfg)  # FEDAMLP_SERVER_INBOX: audit log (server/inbox.py)
     try:
-        Federation(maybe_record(grid), cfg).run()  # FEDAMLP_SERVER_INBOX: audit log (server/inbox.py)
+        with _held(cfg.federation.run_dir):
+            federation.run()
     except AMLPError as e:
         log.error("the federation failed: %s", e)
-        _write_failed(failed, f"{type(e).__name__}: {e}")
+        if federation.started:  # a refused start leaves the run folder as it was
+            _write_failed(failed, f"{type(e).__name__}: {e}")
         raise
     except Exception as e:  # a defect, not a refusal: still say why, in one line, then let Flower log it
         log.exception("the federation failed unexpectedly")
         _write_failed(failed, f"unexpected {type(e).__name__}: {e}")
         raise
+
+
+def _held(run_dir: str) -> AbstractContextManager:
+    """The run folder's lock; in a simulation ``fedamlp simulate`` holds it for the whole run."""
+    return nullcontext() if os.environ.get(SIMULATION_ENV) else hold(run_dir)
 
 
 def _write_failed(path: Path, reason: str) -> None:

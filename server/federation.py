@@ -54,6 +54,22 @@ def run_digest(cfg: Config) -> str:
     return cfg.run_digest()
 
 
+def check_resumable(cfg: Config) -> None:
+    """CheckpointError when ``federation.resume`` finds a checkpoint made with another configuration.
+
+    Called before anything is written, so that a refused resume leaves the run folder as it was.
+    """
+    path = Path(cfg.federation.run_dir) / CHECKPOINT
+    if not cfg.federation.resume or not path.exists():
+        return
+    _, meta = load_checkpoint(path)
+    if meta.get("digest") != run_digest(cfg):
+        raise CheckpointError(
+            f"checkpoint {path} was made with a different configuration; refusing to resume "
+            "(start a new run_dir, or restore the original settings)"
+        )
+
+
 class StopRequested(Exception):
     """``federation.stop_after_rounds`` rounds are done; the checkpoint allows resuming."""
 
@@ -104,6 +120,7 @@ class Federation:
         self.run_dir = Path(self.fed.run_dir)
         self.results = RunResults(self.run_dir / "results")
         self.rounds_this_process = 0
+        self.started = False  # past the start's checks: from here a failure is written to RUN_DIR/FAILED
         self.class_names: dict[str, str] = {}
         self.accountant = server_accountant(self.fed, cfg.privacy)  # server DP: one for the whole run
         self.declared = Declarations(timeout=self.fed.round_timeout)  # what each site holds: bounds num-examples
@@ -127,12 +144,8 @@ class Federation:
         if not path.exists():
             log.info("federation.resume is set but %s has no checkpoint: starting afresh", self.run_dir)
             return None
+        check_resumable(self.cfg)
         state, meta = load_checkpoint(path)
-        if meta.get("digest") != run_digest(self.cfg):
-            raise CheckpointError(
-                f"checkpoint {path} was made with a different configuration; refusing to resume "
-                "(start a new run_dir, or restore the original settings)"
-            )
         self.results.rows = list(meta.get("rows", []))
         self.class_names = dict(meta.get("class_names", {}))
         if self.accountant is not None and meta.get("accountant"):
@@ -289,9 +302,11 @@ class Federation:
     def run(self) -> Path | None:
         """Both phases; returns the final model folder, or None when stopped early (resumable)."""
         cfg, f = self.cfg, self.fed
+        resumed = self._load() if f.resume else None  # refuses before anything is written
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / FAILED).unlink(missing_ok=True)
         save_config(cfg, self.run_dir / "config.yaml")
-        resumed = self._load() if f.resume else None
+        self.started = True
         progress, arrays, strategy_saved = resumed or (Progress(), None, None)
         self.results.info = {
             "pretraining": self.pretraining_label(),

@@ -18,10 +18,11 @@ from pathlib import Path
 from typing import Any
 
 from amlp_core.errors import AMLPError
+from amlp_core.runfolder import SIMULATION_ENV
 
 log = logging.getLogger(__name__)
 
-MARKER = "FEDAMLP_SIMULATION_ID"
+MARKER = SIMULATION_ENV  # every process of a simulation carries MARKER=<its id> in its environment
 
 
 class SimulationError(AMLPError):

@@ -22,7 +22,8 @@ from typing import Any
 import tomli_w
 
 from amlp_core.config import Config, flat_dict
-from server.federation import FAILED, MODEL_DIR
+from amlp_core.runfolder import check_new_run, clear_run, hold
+from server.federation import FAILED, MODEL_DIR, check_resumable
 from simulations.processes import (
     MARKER,
     SimulationError,
@@ -55,19 +56,43 @@ def simulate(
     stream_to=None,
     cpus_per_site: int = 1,
     gpus_per_site: float = 0.0,
+    overwrite: bool = False,
 ) -> Path:
     """Run ``cfg``'s federation with ``cfg.federation.sites`` simulated sites; returns the run folder.
 
     Each site's ClientApp gets ``cpus_per_site`` CPUs and, when positive, ``gpus_per_site`` of a
     GPU (a share: 0.25 lets four sites train on one GPU at once).
 
+    The run folder is held for the whole run (:func:`amlp_core.runfolder.hold`). A folder that already
+    holds a run is refused unless ``federation.resume`` (whose checkpoint must match this
+    configuration) or ``overwrite``; a refused start changes nothing in it.
+
     Raises:
         ConfigError: a configuration no federation can run (:meth:`Config.check_federation`).
+        RunFolderError: the run folder is in use, or holds a run neither resumed nor overwritten.
+        CheckpointError: ``federation.resume`` with a checkpoint made by another configuration.
         SimulationError: Flower could not start, the run failed or exceeded ``timeout`` seconds.
     """
     cfg.check_federation()
     run_dir = Path(cfg.federation.run_dir).resolve()
-    run_dir.mkdir(parents=True, exist_ok=True)
+    check_new_run(run_dir, cfg.federation.resume, overwrite)
+    with hold(run_dir):
+        check_resumable(cfg.replace(federation={"run_dir": str(run_dir)}))
+        if overwrite:
+            clear_run(run_dir)
+        return _simulate(cfg, run_dir, project, timeout, stream_to, cpus_per_site, gpus_per_site)
+
+
+def _simulate(
+    cfg: Config,
+    run_dir: Path,
+    project: Path,
+    timeout: float | None,
+    stream_to,
+    cpus_per_site: int,
+    gpus_per_site: float,
+) -> Path:
+    """:func:`simulate` once the run folder is held and checked."""
     init = cfg.federation.init_encoder  # the ServerApp runs elsewhere: paths must be absolute
     cfg = cfg.replace(federation={"run_dir": str(run_dir), "init_encoder": str(Path(init).resolve()) if init else ""})
     flwr_home = run_dir / ".flwr"

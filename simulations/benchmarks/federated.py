@@ -184,7 +184,7 @@ def main() -> None:
     if args.site_batch_size:
         cfg = cfg.replace(train={"batch_size": args.site_batch_size})
     start = time.monotonic()
-    simulate(cfg, timeout=3 * 3600)
+    simulate(cfg, timeout=3 * 3600, overwrite=True)  # an interrupted federated run starts over
     federated_seconds = time.monotonic() - start
     rows = json.loads((runs / "federated" / "results" / "rounds.json").read_text())["rows"]
     final = [r for r in rows if r["kind"] == "evaluate" and r["site"] == P.ALL_SITES][-1]

@@ -68,7 +68,7 @@ def run_one(strategy: str, attack: str, seed: int, runs: Path) -> dict[str, Any]
         "train.seed": seed,
     }
     started = time.monotonic()
-    simulate(build_config(overrides), timeout=3600)
+    simulate(build_config(overrides), timeout=3600, overwrite=True)  # a row not in --out yet starts over
     rows = json.loads((run_dir / "results" / "rounds.json").read_text())["rows"]
     final = [r for r in rows if r["kind"] == "evaluate" and r["site"] == P.ALL_SITES][-1]
     attacker = [r for r in rows if r["site"] == ATTACKER and r["kind"] == "train"]

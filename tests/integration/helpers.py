@@ -32,3 +32,14 @@ def round_rows(run_dir: Path) -> list[dict]:
 
 def assert_no_process_left(run_dir: Path) -> None:
     assert processes_with_env("FLWR_HOME", str(run_dir / ".flwr")) == []
+
+
+def tree_digest(folder: Path) -> dict[str, str]:
+    """Every file under ``folder`` (relative path -> SHA-256 of its bytes): to show a refusal changed nothing."""
+    import hashlib
+
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and ".flwr" not in p.parts
+    }

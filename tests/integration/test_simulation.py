@@ -20,12 +20,13 @@ import torch
 from amlp_core.data import make_phantom, partition_names, split_names, write_phantom_dataset
 from amlp_core.engine.artefacts import load_segmentation
 from amlp_core.engine.inference import predict_file
-from amlp_core.errors import ConfigError
+from amlp_core.errors import CheckpointError, ConfigError
 from amlp_core.methods import build_method
+from amlp_core.runfolder import RunFolderError
 from fedamlp import protocol as P
 from simulations.processes import processes_with_env
 from simulations.simulate import SimulationError, simulate
-from tests.integration.helpers import TWO_PHASE_PLAN, assert_no_process_left, round_rows, sim_config
+from tests.integration.helpers import TWO_PHASE_PLAN, assert_no_process_left, round_rows, sim_config, tree_digest
 
 pytestmark = pytest.mark.slow
 
@@ -102,10 +103,14 @@ def test_two_phase_federation_end_to_end_and_resume_reaches_its_final_state(two_
     stopped = tmp_path / "stopped"
     simulate(sim_config(stopped, **plan, **{"federation.stop_after_rounds": 1}), timeout=600)
     assert not (stopped / "model").exists() and (stopped / "server_checkpoint.pt").exists()
-    with pytest.raises(SimulationError, match="different configuration"):  # a changed plan is refused
+    before = tree_digest(stopped)
+    with pytest.raises(CheckpointError, match="different configuration"):  # a changed plan is refused ...
         simulate(
             sim_config(stopped, **{**plan, "federation.finetune_rounds": 2}, **{"federation.resume": True}), timeout=600
         )
+    with pytest.raises(RunFolderError, match="already holds a run: pass --resume"):  # ... and so is a fresh start
+        simulate(sim_config(stopped, **plan), timeout=600)
+    assert tree_digest(stopped) == before and not (stopped / "FAILED").exists()  # ... changing nothing
     simulate(sim_config(stopped, **plan, **{"federation.resume": True}), timeout=600)
     a, _ = load_segmentation(straight / "model")
     b, _ = load_segmentation(stopped / "model")
@@ -173,6 +178,8 @@ def test_an_interrupted_simulation_leaves_no_process(tmp_path, sig, code):
     while time.monotonic() < deadline and not (run / "sites").exists():  # wait until sites are training
         time.sleep(0.5)
     assert (run / "sites").exists(), "the simulation never started"
+    with pytest.raises(RunFolderError, match="in use by another run"):  # the folder is held while it runs
+        simulate(cfg.replace(federation={"resume": True}), timeout=60)
     proc.send_signal(sig)
     proc.wait(timeout=60)
     assert proc.returncode == code, proc.stderr.read()[-2000:]
@@ -245,6 +252,9 @@ def test_a_killed_simulation_takes_its_superlink_with_it(tmp_path):
         while time.monotonic() < deadline and [c for c in left().values() if not c.startswith(RAY_AGENTS)]:
             time.sleep(0.5)
         assert [c for c in left().values() if not c.startswith(RAY_AGENTS)] == []
+        after_kill = tree_digest(run)  # and nothing goes on writing: no more rounds, no model
+        time.sleep(15)
+        assert tree_digest(run) == after_kill and not (run / "model").exists()
     finally:
         for pid in left():
             try:
