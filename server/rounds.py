@@ -153,7 +153,9 @@ def train_round(
     FederationError."""
     what = f"{config[P.PHASE]} round {rnd}"
     sent, outcome = _ask(grid, strategy, rnd, arrays, config, fed, declared, train=True)
-    check_replies(outcome.replies, arrays, str(config[P.PHASE]), declared, fed.update_norm_factor)
+    check_replies(
+        outcome.replies, arrays, str(config[P.PHASE]), declared, fed.update_norm_factor, fed.update_min_cosine
+    )
     check_outcome(outcome, what, len(sent), fed.min_sites)
     new_arrays, metrics = strategy.aggregate_train(rnd, [r.message for r in outcome.ok])
     if new_arrays is None:

@@ -6,7 +6,9 @@ A reply is accepted only when
 - its ``num-examples`` is a positive whole number no larger than the site declared for that kind
   of round at the start of the run (its answer to the server's QUERY message, :class:`Declarations`);
 - its update (reply minus global weights) has a norm of at most ``federation.update_norm_factor``
-  times the median norm of the round's accepted replies (with three sites or more; 0 turns it off).
+  times the median norm of the round's accepted replies, and points the way the others do: its
+  cosine with the coordinate-wise median update is at least ``federation.update_min_cosine``
+  (both need three sites or more; a factor of 0 or a cosine of -1 turns that check off).
 
 A refused reply becomes that site's failure (status ``rejected``, with the reason); the round goes
 on with the others if ``federation.min_sites`` remain. A non-finite average (:func:`nonfinite_key`)
@@ -125,18 +127,25 @@ def _dice_problem(metrics: dict[str, Any]) -> str:
     return ""
 
 
-def update_norm(reply: Message, reference: dict[str, np.ndarray]) -> float:
-    """L2 norm of the reply's update over the floating-point arrays (a reply that passed the checks)."""
+def update_vector(reply: Message, reference: dict[str, np.ndarray]) -> np.ndarray:
+    """The reply's update (its weights minus the global ones) over the floating-point arrays, flat
+    ``[P]`` float64 (a reply that passed the shape checks)."""
     arrays = reply.content[P.ARRAYS]
-    total = 0.0
-    for key, ref in reference.items():
-        if ref.dtype.kind == "f":
-            total += float(np.sum((arrays[key].numpy().astype(np.float64) - ref.astype(np.float64)) ** 2))
-    return math.sqrt(total)
+    parts = [
+        (arrays[k].numpy().astype(np.float64) - ref.astype(np.float64)).ravel()
+        for k, ref in reference.items()
+        if ref.dtype.kind == "f"
+    ]
+    return np.concatenate(parts) if parts else np.zeros(0)
 
 
 def check_replies(
-    replies: list[SiteReply], global_arrays: ArrayRecord | None, kind: str, declared: Declarations, factor: float
+    replies: list[SiteReply],
+    global_arrays: ArrayRecord | None,
+    kind: str,
+    declared: Declarations,
+    factor: float,
+    min_cosine: float = -1.0,
 ) -> None:
     """Mark every unacceptable ``ok`` reply of a round as ``rejected``, with the reason, in place.
 
@@ -146,6 +155,7 @@ def check_replies(
         kind: ``pretrain`` | ``finetune`` (training) or ``evaluate``.
         declared: the sites' declarations (bounds on ``num-examples``).
         factor: ``federation.update_norm_factor`` (0: no norm bound).
+        min_cosine: ``federation.update_min_cosine`` (-1: no direction check).
     """
     reference = None if global_arrays is None else {k: v.numpy() for k, v in global_arrays.items()}
     for r in replies:
@@ -161,20 +171,38 @@ def check_replies(
             why = _dice_problem(r.metrics)
         if why:
             _reject(r, why)
-    if reference is None or factor <= 0:
+    if reference is None:
         return
     accepted = [r for r in replies if r.status == P.OK and r.message is not None]
     if len(accepted) < MIN_SITES_FOR_NORM:
         return
-    norms = {r.site: update_norm(r.message, reference) for r in accepted}
-    median = float(np.median(list(norms.values())))
-    for r in accepted:
-        if median > 0 and norms[r.site] > factor * median:
-            _reject(
-                r,
-                f"update norm {norms[r.site]:.3g} is over {factor:g} x the round's median {median:.3g} "
-                "(federation.update_norm_factor)",
-            )
+    updates = {r.site: update_vector(r.message, reference) for r in accepted}
+    if factor > 0:
+        norms = {site: float(np.linalg.norm(u)) for site, u in updates.items()}
+        median = float(np.median(list(norms.values())))
+        for r in accepted:
+            if median > 0 and norms[r.site] > factor * median:
+                _reject(
+                    r,
+                    f"update norm {norms[r.site]:.3g} is over {factor:g} x the round's median {median:.3g} "
+                    "(federation.update_norm_factor)",
+                )
+    accepted = [r for r in accepted if r.status == P.OK]
+    if min_cosine > -1 and len(accepted) >= MIN_SITES_FOR_NORM:
+        consensus = np.median(np.stack([updates[r.site] for r in accepted]), axis=0)
+        for r in accepted:
+            cosine = _cosine(updates[r.site], consensus)
+            if cosine < min_cosine:
+                _reject(
+                    r,
+                    f"update points away from the others' (cosine {cosine:.2f} with their coordinate-wise median, "
+                    f"below federation.update_min_cosine={min_cosine:g})",
+                )
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> float:
+    norm = float(np.linalg.norm(a) * np.linalg.norm(b))
+    return float(a @ b) / norm if norm > 0 else 1.0
 
 
 def _reject(reply: SiteReply, why: str) -> None:

@@ -329,6 +329,8 @@ class FederationConfig:
     connect_timeout: float = 300.0  # seconds to wait for min_sites sites to be connected
     # A site's update whose norm exceeds this many times the round's median is rejected (3+ sites; 0: off).
     update_norm_factor: float = 10.0
+    # ... and one whose cosine with the round's coordinate-wise median update is below this (3+ sites; -1: off).
+    update_min_cosine: float = 0.0
     inject: str = ""  # simulation only: faults of simulated sites, e.g. "site1:crash@finetune:2" (amlp_core/faults.py)
     partition: str = "iid"  # simulation: iid | dirichlet (quantity skew)
     dirichlet_alpha: float = 0.5
@@ -374,6 +376,12 @@ class FederationConfig:
         _check(self.round_timeout > 0, "federation.round_timeout", self.round_timeout, "must be positive")
         _check(self.connect_timeout > 0, "federation.connect_timeout", self.connect_timeout, "must be positive")
         parse_faults(self.inject)  # ConfigError naming a bad entry
+        _check(
+            -1.0 <= self.update_min_cosine < 1.0,
+            "federation.update_min_cosine",
+            self.update_min_cosine,
+            "must be in [-1, 1) (-1 turns the direction check off)",
+        )
         _check(
             self.update_norm_factor == 0 or self.update_norm_factor > 1,
             "federation.update_norm_factor",

@@ -39,13 +39,13 @@ def _honest(node: int) -> dict[str, torch.Tensor]:
     return {"w": 0.1 * torch.randn(4, 3) + 1.0, "b": 0.1 * torch.randn(3), "steps": torch.tensor(5)}
 
 
-def _round(poisoned: dict[str, torch.Tensor] | None = None, n: float = 10, factor: float = 10.0):
+def _round(poisoned: dict[str, torch.Tensor] | None = None, n: float = 10, factor: float = 10.0, cosine: float = 0.0):
     """Four sites answer; site d sends ``poisoned`` (or honest weights) with ``n`` examples."""
     sent = [request(node) for node in range(1, 5)]
     replies = [reply(node, _honest(node), {P.NUM_EXAMPLES: 10}, site) for node, site in zip((1, 2, 3), SITES)]
     replies.append(reply(4, poisoned if poisoned is not None else _honest(4), {P.NUM_EXAMPLES: n}, "d"))
     outcome = collect(sent, replies, time.monotonic())
-    check_replies(outcome.replies, ArrayRecord(GLOBAL), P.PRETRAIN, _declared(), factor)
+    check_replies(outcome.replies, ArrayRecord(GLOBAL), P.PRETRAIN, _declared(), factor, cosine)
     return outcome
 
 
@@ -76,6 +76,7 @@ def _with(**changes) -> dict[str, torch.Tensor]:
         (None, 2.5, "num-examples=2.5 is not a positive whole number"),
         (None, float("nan"), "num-examples=nan is not a number"),
         (_with(w=100 * _honest(4)["w"]), 10, "update norm"),
+        ({k: -v if v.is_floating_point() else v for k, v in _honest(4).items()}, 10, "points away from the others'"),
     ],
 )
 def test_a_hostile_reply_is_rejected_naming_why(poisoned, n, reason):
@@ -84,8 +85,9 @@ def test_a_hostile_reply_is_rejected_naming_why(poisoned, n, reason):
     assert all(status[s][0] == P.OK for s in "abc")
 
 
-def test_the_norm_bound_can_be_turned_off_and_needs_three_sites():
+def test_the_norm_and_direction_checks_can_be_turned_off_and_need_three_sites():
     assert _status(_round(_with(w=100 * _honest(4)["w"]), factor=0.0))["d"][0] == P.OK
+    assert _status(_round(_with(w=-_honest(4)["w"]), cosine=-1.0))["d"][0] == P.OK
     sent = [request(1), request(2)]
     replies = [
         reply(1, _honest(1), {P.NUM_EXAMPLES: 10}, "a"),
@@ -164,3 +166,9 @@ def test_a_non_finite_aggregate_is_refused():
 def test_the_norm_factor_is_checked(value):
     with pytest.raises(ConfigError, match="federation.update_norm_factor"):
         FederationConfig(update_norm_factor=value)
+
+
+@pytest.mark.parametrize("value", [1.0, -1.5, float("nan")])
+def test_the_minimum_cosine_is_checked(value):
+    with pytest.raises(ConfigError, match="federation.update_min_cosine"):
+        FederationConfig(update_min_cosine=value)
