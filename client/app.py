@@ -2,8 +2,9 @@
 
 One train handler serves both phases (the instruction ``phase`` says which), so that
 Flower's strategies and their wrappers work unchanged. A site problem (bad data, refused
-round) is answered with an error reply that names the site; the server counts it as that
-site's failure and the other sites go on.
+round, a defect) is answered with an error reply that names the site and the kind of problem,
+never its text: paths, case ids and tracebacks stay in the site's own log. The server counts it
+as that site's failure and the other sites go on.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ import logging
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from amlp_core.errors import AMLPError
+from amlp_core.errors import AMLPError, CheckpointError, ConfigError, DataError
+from amlp_core.privacy.ledger import PrivacyBudgetExceeded, PrivacyError
 from client import tasks
 from client.faults import fault_mod
 from client.secagg import secagg_mod
@@ -36,14 +38,44 @@ def _site_record(site: Site) -> ConfigRecord:
     return ConfigRecord({P.SITE_NAME: site.name, P.CLASS_NAMES: json.dumps(names)})
 
 
-def _error_reply(msg: Message, context: Context, error: AMLPError) -> Message:
+def _site_name(context: Context) -> str:
     try:
-        name = site_config(context.run_config, context.node_config)[0].site.name
+        return site_config(context.run_config, context.node_config)[0].site.name
     except AMLPError:
-        name = f"node {context.node_id}"
-    reason = f"site {name}: {error}"
-    log.error(reason)
-    return Message(error=Error(code=SITE_ERROR, reason=reason), reply_to=msg)
+        return f"node {context.node_id}"
+
+
+#: How a site's error is described to the server: the kind only, never its text (which may hold a path,
+#: a case id or a value of a scan). The text stays in the site's own log.
+ERROR_KINDS = (
+    (DataError, "data problem"),
+    (CheckpointError, "checkpoint problem"),
+    (ConfigError, "configuration problem"),
+)
+
+
+def outgoing_reason(site: str, error: Exception) -> str:
+    """What the server is told of ``error``: the site, the kind of problem and how many; a refused round
+    (a disagreement on the protocol or the plan) and a refusal to overspend the privacy budget (whose
+    epsilon the site reports anyway) in full: they say nothing of the data."""
+    if isinstance(error, (tasks.RoundRefused, PrivacyBudgetExceeded)):
+        return f"site {site}: {error}"
+    kind = next((k for cls, k in ERROR_KINDS if isinstance(error, cls)), None)
+    if kind is None and isinstance(error, AMLPError):
+        kind = "privacy ledger problem" if isinstance(error, PrivacyError) else "site problem"
+    kind = kind or f"unexpected {type(error).__name__}"
+    count = getattr(error, "count", 1)
+    return f"site {site}: {kind} ({count} {'problem' if count == 1 else 'problems'}; details in the site's own log)"
+
+
+def _error_reply(msg: Message, context: Context, error: Exception) -> Message:
+    """The error reply for ``error``; its full text (and, for a defect, the traceback) goes to the local log."""
+    name = _site_name(context)
+    if isinstance(error, AMLPError):
+        log.error("site %s: %s", name, error)
+    else:
+        log.exception("site %s: unexpected error", name)
+    return Message(error=Error(code=SITE_ERROR, reason=outgoing_reason(name, error)), reply_to=msg)
 
 
 # secagg_mod first: the mods after it see ordinary train messages (client/secagg.py); fault_mod only acts in
@@ -61,7 +93,7 @@ def train(msg: Message, context: Context) -> Message:
             state, metrics = tasks.finetune_round(site, global_state, ins)
         else:
             raise tasks.RoundRefused(f"unknown phase {ins.phase!r}: server and site versions differ")
-    except AMLPError as e:
+    except Exception as e:  # noqa: BLE001 - every failure becomes an error reply that leaks nothing
         return _error_reply(msg, context, e)
     content = RecordDict({P.ARRAYS: ArrayRecord(state), P.METRICS: MetricRecord(metrics), P.SITE: _site_record(site)})
     return Message(content=content, reply_to=msg)
@@ -74,7 +106,7 @@ def query(msg: Message, context: Context) -> Message:
     try:
         site = _site(context)
         counts = tasks.declaration(site)
-    except AMLPError as e:
+    except Exception as e:  # noqa: BLE001 - every failure becomes an error reply that leaks nothing
         return _error_reply(msg, context, e)
     return Message(content=RecordDict({P.METRICS: MetricRecord(counts), P.SITE: _site_record(site)}), reply_to=msg)
 
@@ -85,6 +117,6 @@ def evaluate(msg: Message, context: Context) -> Message:
     try:
         site = _site(context)
         metrics = tasks.evaluate_round(site, msg.content[P.ARRAYS].to_torch_state_dict())
-    except AMLPError as e:
+    except Exception as e:  # noqa: BLE001 - every failure becomes an error reply that leaks nothing
         return _error_reply(msg, context, e)
     return Message(content=RecordDict({P.METRICS: MetricRecord(metrics), P.SITE: _site_record(site)}), reply_to=msg)

@@ -106,7 +106,7 @@ def test_finetune_and_evaluate_round(tmp_path):
     assert 0.0 <= metrics["dice_1"] <= 1.0 and metrics[P.NUM_EXAMPLES] == 2
 
 
-def test_a_broken_dataset_is_that_sites_error_naming_the_file(tmp_path):
+def test_a_broken_dataset_is_that_sites_error_naming_the_kind_not_the_file(tmp_path, caplog):
     data = write_phantom_dataset(tmp_path / "data", n=4, shape=(32, 32), seed=0)
     victim = sorted((data / "imagesTr").iterdir())[0]
     victim.write_bytes(b"not a nifti")
@@ -118,7 +118,17 @@ def test_a_broken_dataset_is_that_sites_error_naming_the_file(tmp_path):
     ctx = _context(cfg, 0, node_config={"site-config": str(site_file)})
     reply = app(_train_message(cfg, _encoder_state(cfg), _instructions(cfg), ctx.node_id), ctx)
     assert reply.has_error()
-    assert reply.error.reason.startswith("site st-mary:") and str(victim) in reply.error.reason
+    assert reply.error.reason == "site st-mary: data problem (1 problem; details in the site's own log)"
+    assert str(victim) in caplog.text  # the details stay at the site
+
+
+def test_a_defect_at_a_site_is_answered_without_its_traceback(tmp_path, caplog):
+    cfg = _cfg(tmp_path)
+    ctx = _context(cfg, 0)
+    reply = app(_message(RecordDict({P.CONFIG: _instructions(cfg)}), ctx.node_id, "train"), ctx)  # no weights
+    assert reply.has_error()
+    assert reply.error.reason == "site site0: unexpected KeyError (1 problem; details in the site's own log)"
+    assert "Traceback" in caplog.text and "Traceback" not in reply.error.reason
 
 
 def test_site_files_may_set_only_site_keys(tmp_path):

@@ -254,7 +254,8 @@ def test_a_site_that_fails_mid_protocol_is_unmasked_away(tmp_path, monkeypatch):
     run, exchanges = _simulate(cfg, monkeypatch)
     rows = _rows(run)
     errors = [r for r in rows if r["status"] != "ok"]
-    assert errors and all(r["site"] == "site1" and str(victim) in r["error"] for r in errors)
+    assert errors and all(r["site"] == "site1" and r["error"].startswith("site site1: data problem") for r in errors)
+    assert not [r for r in rows if victim.name.removesuffix(".nii.gz") in str(r)]  # no path or case id left the site
     assert [r["sites_ok"] for r in rows if r["site"] == P.ALL_SITES and r["kind"] == "train"] == [2, 2]
     collect = _collect_exchanges(exchanges)[-1]
     weights, config = _global_weights(collect)

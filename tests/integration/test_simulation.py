@@ -139,7 +139,8 @@ def test_a_broken_site_is_reported_and_the_others_finish(tmp_path):
     simulate(cfg, timeout=600)
     rows = round_rows(tmp_path / "run")
     errors = [r for r in rows if r["status"] == "error"]
-    assert errors and all(r["site"] == "site1" and str(victim) in r["error"] for r in errors)
+    assert errors and all(r["site"] == "site1" and r["error"].startswith("site site1: data problem") for r in errors)
+    assert not [r for r in rows if victim.name.removesuffix(".nii.gz") in str(r)]  # no path or case id left the site
     assert all(r["status"] == "ok" for r in rows if r["site"] in ("site0", "site2"))
     assert "site1" in (tmp_path / "run" / "results" / "summary.md").read_text()
     assert (tmp_path / "run" / "model" / "checkpoint.pt").exists()
