@@ -21,6 +21,7 @@ from client import tasks
 from client.faults import fault_mod
 from client.secagg import secagg_mod
 from client.site import Site, get_site, site_config
+from client.terms import TermsRefused
 from fedamlp import protocol as P
 
 log = logging.getLogger(__name__)
@@ -56,9 +57,10 @@ ERROR_KINDS = (
 
 def outgoing_reason(site: str, error: Exception) -> str:
     """What the server is told of ``error``: the site, the kind of problem and how many; a refused round
-    (a disagreement on the protocol or the plan) and a refusal to overspend the privacy budget (whose
-    epsilon the site reports anyway) in full: they say nothing of the data."""
-    if isinstance(error, (tasks.RoundRefused, PrivacyBudgetExceeded)):
+    (a disagreement on the protocol or the plan), a run that falls short of the site's terms and a refusal
+    to overspend the privacy budget (whose epsilon the site reports anyway) in full: they say nothing of
+    the data."""
+    if isinstance(error, (tasks.RoundRefused, PrivacyBudgetExceeded, TermsRefused)):
         return f"site {site}: {error}"
     kind = next((k for cls, k in ERROR_KINDS if isinstance(error, cls)), None)
     if kind is None and isinstance(error, AMLPError):

@@ -1,7 +1,8 @@
 """A site's configuration and data, built once per process from the Flower context.
 
 - Deployment: the node config names a site file (``site-config``, YAML with the keys of
-  :data:`amlp_core.config.SITE_KEYS`) that says where the hospital's data is. The site keeps
+  :data:`amlp_core.config.SITE_KEYS`) that says where the hospital's data and state are (never the
+  run's submitter) and what the site requires of a run (client/terms.py). The site keeps
   each run's state (decoder, optimizer, privacy ledger) in ``STATE_DIR/run-<digest>``, the
   digest of the run's configuration: a resumed run finds its state, another run starts clean.
 - Simulation: the node config carries ``partition-id`` / ``num-partitions``; the site's share
@@ -20,10 +21,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from amlp_core.config import Config, apply_site_file, build_config
+from amlp_core.config import Config, apply_site_file, build_config, read_site_file
 from amlp_core.engine.split import DataSplit, load_split
 from amlp_core.errors import DataError
 from client.state import SiteState
+from client.terms import check_terms
 
 log = logging.getLogger(__name__)
 
@@ -53,10 +55,9 @@ def site_config(run_config: Mapping[str, Any], node_config: Mapping[str, Any]) -
     if SITE_CONFIG in node_config:
         path = Path(str(node_config[SITE_CONFIG]))
         run = f"run-{cfg.run_digest()}"  # the server's checkpoint digest: same for a resumed run
-        cfg = apply_site_file(cfg, path)
+        cfg = apply_site_file(cfg, path)  # data.path, state_dir and the site's terms: from the site file only
         name = cfg.site.name or path.stem
-        base = Path(cfg.site.state_dir) if cfg.site.state_dir else Path(cfg.federation.run_dir) / "sites" / name
-        return cfg.replace(site={"name": name, "state_dir": str(base / run)}), 0, 1
+        return cfg.replace(site={"name": name, "state_dir": str(Path(cfg.site.state_dir) / run)}), 0, 1
     index, count = int(node_config.get(PARTITION_ID, 0)), int(node_config.get(NUM_PARTITIONS, 1))
     name = f"site{index}"
     state_dir = str(Path(cfg.federation.run_dir) / "sites" / name)
@@ -71,6 +72,8 @@ def get_site(run_id: int, node_id: int, run_config: Mapping[str, Any], node_conf
     key = (run_id, node_id, json.dumps([dict(run_config), dict(node_config)], sort_keys=True, default=str))
     if key not in _SITES:
         cfg, index, count = site_config(run_config, node_config)
+        if SITE_CONFIG in node_config:
+            check_terms(cfg, read_site_file(str(node_config[SITE_CONFIG])))
         log.info("%s: loading data from %s", cfg.site.name, cfg.data.path)
         split = load_split(cfg, site=index, num_sites=count)
         if not split.train:

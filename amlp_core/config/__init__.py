@@ -8,7 +8,7 @@ Flat keys use ``section.field`` (``method.name``, ``train.epochs``); a nested ma
 ``{"method": {"name": ...}}`` is accepted too.
 """
 
-from amlp_core.config.files import apply_site_file, load_config, save_config
+from amlp_core.config.files import apply_site_file, load_config, read_site_file, save_config
 from amlp_core.config.parsing import build_config, build_section, check_keys, flat_dict
 from amlp_core.config.schema import (
     ARCHITECTURE,
@@ -59,6 +59,7 @@ __all__ = [
     "SiteConfig",
     "TrainConfig",
     "apply_site_file",
+    "read_site_file",
     "build_config",
     "build_section",
     "check_keys",

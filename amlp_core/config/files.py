@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -10,7 +11,7 @@ import yaml
 
 from amlp_core.atomic import atomic_write_text
 from amlp_core.config.parsing import build_config, section_updates
-from amlp_core.config.schema import SITE_KEYS, Config
+from amlp_core.config.schema import SITE_KEYS, SITE_REQUIRED, Config, SiteConfig
 from amlp_core.errors import ConfigError
 
 
@@ -34,11 +35,11 @@ def load_config(path: str | Path, overrides: Mapping[str, Any] | None = None, ba
     return build_config(overrides, base=cfg) if overrides else cfg
 
 
-def apply_site_file(cfg: Config, path: str | Path) -> Config:
-    """Apply a hospital's site YAML (only :data:`SITE_KEYS`) on top of the run's config.
+def read_site_file(path: str | Path) -> dict[str, Any]:
+    """A hospital's site YAML as flat keys (only :data:`SITE_KEYS`), each of :data:`SITE_REQUIRED` set.
 
     Raises:
-        ConfigError: unreadable file, or a key a site may not set, naming both.
+        ConfigError: unreadable file, a key a site may not set, or a required key missing, naming both.
     """
     path = Path(path)
     raw = _read_yaml(path, "site file")
@@ -51,7 +52,17 @@ def apply_site_file(cfg: Config, path: str | Path) -> Config:
             raise ConfigError(
                 f"site file {path} sets {key!r}, which the run decides; a site may set: {', '.join(SITE_KEYS)}"
             )
-    return build_config(flat, base=cfg)
+    missing = [key for key in SITE_REQUIRED if not flat.get(key)]
+    if missing:
+        raise ConfigError(f"site file {path} must set {' and '.join(missing)}: a site never takes them from the run")
+    return flat
+
+
+def apply_site_file(cfg: Config, path: str | Path) -> Config:
+    """The run's config with a hospital's site file applied: the run's own ``site`` section (the site's
+    terms) is dropped first, so that only the site decides them (:func:`read_site_file`)."""
+    base = cfg.replace(site=dataclasses.asdict(SiteConfig()))
+    return build_config(read_site_file(path), base=base)
 
 
 def save_config(cfg: Config, path: str | Path) -> None:

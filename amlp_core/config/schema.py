@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -511,6 +512,46 @@ class SiteConfig:
 
     name: str = ""
     state_dir: str = ""  # where the site keeps what must outlive a message or a restart
+    # The site's terms (its site file only; client/terms.py): a run that asks for less is refused, saying why.
+    max_epsilon: float = 0.0  # > 0: site DP in every phase the site trains in, at a budget of at most this
+    require_secure_aggregation: bool = False  # the server may see only the sum of the updates (SecAgg+)
+    accept_methods: str = ""  # comma-separated pretraining methods the site takes part in ("": any)
+    accept_phases: str = "pretrain,finetune"  # the phases it takes part in
+
+    def __post_init__(self) -> None:
+        _check(
+            math.isfinite(self.max_epsilon) and self.max_epsilon >= 0,
+            "site.max_epsilon",
+            self.max_epsilon,
+            "must be a finite number >= 0 (0: no requirement)",
+        )
+        methods = _names(self.accept_methods)
+        _check(
+            set(methods) <= set(METHOD_NAMES),
+            "site.accept_methods",
+            self.accept_methods,
+            f"must name methods among {', '.join(METHOD_NAMES)}",
+        )
+        phases = _names(self.accept_phases)
+        _check(
+            bool(phases) and set(phases) <= {"pretrain", "finetune"},
+            "site.accept_phases",
+            self.accept_phases,
+            "must name pretrain and/or finetune",
+        )
+
+    @property
+    def methods(self) -> tuple[str, ...]:
+        """The accepted pretraining methods (empty: any)."""
+        return _names(self.accept_methods)
+
+    @property
+    def phases(self) -> tuple[str, ...]:
+        return _names(self.accept_phases)
+
+
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(n.strip() for n in text.split(",") if n.strip())
 
 
 @dataclass(frozen=True)
@@ -656,7 +697,13 @@ SITE_KEYS = (
     "privacy.budget",
     "site.name",
     "site.state_dir",
+    "site.max_epsilon",
+    "site.require_secure_aggregation",
+    "site.accept_methods",
+    "site.accept_phases",
 )
+#: What a site file must set itself (never taken from the run's submitter).
+SITE_REQUIRED = ("data.path", "site.state_dir")
 
 
 def _check(ok: bool, key: str, value: Any, why: str) -> None:
