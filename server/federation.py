@@ -123,7 +123,8 @@ class Federation:
         self.started = False  # past the start's checks: from here a failure is written to RUN_DIR/FAILED
         self.class_names: dict[str, str] = {}
         self.accountant = server_accountant(self.fed, cfg.privacy)  # server DP: one for the whole run
-        self.declared = Declarations(timeout=self.fed.round_timeout)  # what each site holds: bounds num-examples
+        # What each site holds (bounds num-examples); a first answer may wait for the site to start.
+        self.declared = Declarations(timeout=self.fed.connect_timeout + self.fed.round_timeout)
 
     # -- checkpoint ----------------------------------------------------------------------
     def _save(self, progress: Progress, arrays: ArrayRecord, strategy) -> None:

@@ -42,7 +42,8 @@ class Declarations:
     """What each node declared at the start of the run: ``{node_id: {DECLARED_*: count}}``.
 
     Nodes are asked once (a QUERY message, answered by the ClientApp's ``query`` handler); a node
-    that joins later is asked before its first round.
+    that joins later, or did not answer in time, is asked again before the next round. The first
+    answer may wait for a site to start and read its data: ``timeout`` should cover that.
     """
 
     timeout: float
@@ -52,7 +53,7 @@ class Declarations:
 
     def ask(self, grid: Grid, nodes: list[int], config: ConfigRecord) -> None:
         """Query the ``nodes`` not yet asked; their answers (or why there is none) are kept."""
-        new = [n for n in nodes if n not in self.counts and n not in self.problems]
+        new = [n for n in nodes if n not in self.counts]
         if not new:
             return
         sent = [Message(RecordDict({P.CONFIG: config}), dst_node_id=n, message_type=MessageType.QUERY) for n in new]
@@ -60,10 +61,11 @@ class Declarations:
         for node in new:
             reply = replies.get(node)
             if reply is None:
-                self.problems[node] = "did not declare its data at the start of the run (no reply)"
+                self.problems[node] = f"did not declare its data (no answer within {self.timeout:.0f} s)"
             elif reply.has_error():
                 self.problems[node] = f"did not declare its data: {reply.error.reason}"
             else:
+                self.problems.pop(node, None)
                 if P.SITE in reply.content.config_records:
                     self.names[node] = str(reply.content[P.SITE][P.SITE_NAME])
                 try:

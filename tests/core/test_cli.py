@@ -243,6 +243,8 @@ def test_data_check_exit_codes_and_report(tmp_path):
             "/nonexistent/model",
         ),
         (["data", "check", "/nonexistent/folder"], "/nonexistent/folder"),
+        (["simulate", "--inject", "site1:explode"], "federation.inject entry 'site1:explode'"),
+        (["simulate", "--out", "x", "--resume", "--overwrite"], "contradict"),
     ],
 )
 def test_bad_arguments_give_one_line_without_traceback(args, needle, tmp_path):
@@ -251,6 +253,17 @@ def test_bad_arguments_give_one_line_without_traceback(args, needle, tmp_path):
     assert "Traceback" not in result.stderr
     lines = [line for line in result.stderr.splitlines() if line.startswith("fedamlp: error:")]
     assert len(lines) == 1 and needle in lines[0], result.stderr
+
+
+def test_simulate_refuses_a_folder_holding_a_run_and_changes_nothing(tmp_path):
+    run = tmp_path / "run"
+    (run / "results").mkdir(parents=True)
+    (run / "config.yaml").write_text("kept: true\n")
+    result = _run_cli("simulate", "--out", str(run))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert f"run folder {run.resolve()} already holds a run: pass --resume" in result.stderr
+    assert sorted(p.name for p in run.iterdir()) == ["config.yaml", "results"]
+    assert (run / "config.yaml").read_text() == "kept: true\n"
 
 
 @pytest.mark.slow  # over 10 s: not in the fast tier
