@@ -32,3 +32,30 @@ def atomic_write(path: Path, write: Callable[[IO[bytes]], object]) -> Path:
 def atomic_write_text(path: str | Path, text: str) -> Path:
     """Atomically replace the text file ``path`` (a crash leaves the old file whole)."""
     return atomic_write(Path(path), lambda f: f.write(text.encode()))
+
+
+def check_output(
+    path: str | Path, what: str, suffixes: tuple[str, ...] = (), inputs: tuple[str | Path, ...] = ()
+) -> Path:
+    """``path`` as a file this command may write, checked before any work is done.
+
+    Raises:
+        ConfigError: a suffix not in ``suffixes`` (when given), a folder that does not exist or cannot
+            be written, or ``path`` being one of the ``inputs`` (a command never writes over its input).
+    """
+    from amlp_core.errors import ConfigError
+
+    out = Path(path)
+    if suffixes and not any(out.name.lower().endswith(s) for s in suffixes):
+        raise ConfigError(f"{what} {out} must end in {' or '.join(suffixes)}")
+    folder = out.parent if str(out.parent) else Path(".")
+    if not folder.is_dir():
+        raise ConfigError(f"{what} {out}: folder {folder} does not exist")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ConfigError(f"{what} {out}: folder {folder} is not writable")
+    if out.is_dir():
+        raise ConfigError(f"{what} {out} is a folder, not a file name")
+    for source in inputs:
+        if out.resolve() == Path(source).resolve() or (out.exists() and Path(source).exists() and out.samefile(source)):
+            raise ConfigError(f"{what} {out} is the input {source}: choose another file, the input is never replaced")
+    return out

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from amlp_core.atomic import atomic_write_text
+from amlp_core.atomic import atomic_write_text, check_output
 from amlp_core.config import METHOD_NAMES, Config, build_config, check_keys, load_config
 from amlp_core.errors import AMLPError
 
@@ -127,9 +127,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from amlp_core.engine.inference import evaluate
 
     overrides = {"path": args.data, "format": args.format} if args.data else None
+    out = check_output(args.json, "--json") if args.json else Path(args.model) / "evaluation.json"
     result = evaluate(args.model, overrides, device=args.device, all_cases=args.all_cases)
     _print_dice(result, result.get("class_names"))
-    out = Path(args.json) if args.json else Path(args.model) / "evaluation.json"
     atomic_write_text(out, json.dumps(result, indent=2))
     print(f"wrote {out}")
     return 0
@@ -146,6 +146,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def cmd_data_check(args: argparse.Namespace) -> int:
     from amlp_core.data import check_dataset
 
+    if args.json:
+        check_output(args.json, "--json")
     report = check_dataset(args.path, fmt=args.format, num_classes=args.num_classes)
     print(report.render())
     if args.json:

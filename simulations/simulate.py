@@ -93,8 +93,10 @@ def _simulate(
     gpus_per_site: float,
 ) -> Path:
     """:func:`simulate` once the run folder is held and checked."""
-    init = cfg.federation.init_encoder  # the ServerApp runs elsewhere: paths must be absolute
+    init = cfg.federation.init_encoder  # the ServerApp and the sites run elsewhere: paths must be absolute
     cfg = cfg.replace(federation={"run_dir": str(run_dir), "init_encoder": str(Path(init).resolve()) if init else ""})
+    if not cfg.data.synthetic:
+        cfg = cfg.replace(data={"path": str(Path(cfg.data.path).resolve())})
     flwr_home = run_dir / ".flwr"
     flwr_home.mkdir(exist_ok=True)
     marker = uuid.uuid4().hex

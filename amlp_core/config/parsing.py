@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from collections.abc import Mapping
 from pathlib import Path
@@ -32,12 +33,16 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
             return bool(value)
         raise ConfigError(f"invalid {key}={value!r}: expected true or false")
     if annotation in (int, float):
+        if isinstance(value, bool):
+            raise ConfigError(f"invalid {key}={value!r}: expected a number, not true or false")
         try:
             number = annotation(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"invalid {key}={value!r}: expected {annotation.__name__}") from None
+        except (TypeError, ValueError, OverflowError):
+            raise ConfigError(f"invalid {key}={value!r}: expected a finite {annotation.__name__}") from None
         if annotation is int and isinstance(value, float) and not value.is_integer():
             raise ConfigError(f"invalid {key}={value!r}: expected an integer")
+        if annotation is float and not math.isfinite(number):  # finetune_lr=inf once trained to NaN weights
+            raise ConfigError(f"invalid {key}={value!r}: must be a finite number")
         return number
     if annotation is str:
         if not isinstance(value, (str, Path)):

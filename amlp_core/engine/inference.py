@@ -8,12 +8,14 @@ from typing import Any
 
 import numpy as np
 
+from amlp_core.atomic import check_output
 from amlp_core.config import build_config
 from amlp_core.data import (
     normalize_intensity,
     read_image,
     write_nifti,
 )
+from amlp_core.data.io import NIFTI_SUFFIXES
 from amlp_core.engine.artefacts import load_segmentation
 from amlp_core.engine.device import resolve_device
 from amlp_core.engine.loops import evaluate_segmentation, predict_volume
@@ -46,8 +48,11 @@ def evaluate(
 def predict_file(run: str | Path, input_path: str | Path, output_path: str | Path, device: str = "auto") -> Path:
     """Segment one scan: NIfTI (or PNG) in, NIfTI label map out with the input's shape and affine.
 
-    A 2D model segments a 3D volume slice by slice along ``data.slice_axis``.
+    A 2D model segments a 3D volume slice by slice along ``data.slice_axis``. The output is checked
+    before any work (:func:`~amlp_core.atomic.check_output`): a NIfTI name in a writable folder, never
+    the input itself.
     """
+    check_output(output_path, "output", NIFTI_SUFFIXES, inputs=(input_path,))
     dev = resolve_device(device)
     model, meta = load_segmentation(run, dev)
     cfg = build_config(meta["config"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -245,6 +246,7 @@ def test_data_check_exit_codes_and_report(tmp_path):
         (["data", "check", "/nonexistent/folder"], "/nonexistent/folder"),
         (["simulate", "--inject", "site1:explode"], "federation.inject entry 'site1:explode'"),
         (["simulate", "--out", "x", "--resume", "--overwrite"], "contradict"),
+        (["data", "check", "synthetic", "--json", "/nonexistent/dir/r.json"], "folder /nonexistent/dir does not exist"),
     ],
 )
 def test_bad_arguments_give_one_line_without_traceback(args, needle, tmp_path):
@@ -253,6 +255,35 @@ def test_bad_arguments_give_one_line_without_traceback(args, needle, tmp_path):
     assert "Traceback" not in result.stderr
     lines = [line for line in result.stderr.splitlines() if line.startswith("fedamlp: error:")]
     assert len(lines) == 1 and needle in lines[0], result.stderr
+
+
+@pytest.mark.slow
+def test_predict_and_evaluate_check_their_outputs_before_any_work(tmp_path):
+    import nibabel as nib
+
+    data = write_phantom_dataset(tmp_path / "data", n=6, shape=(32, 32), seed=0)
+    fine = tmp_path / "fine"
+    assert (
+        _run_cli("finetune", "--data", str(data), "--out", str(fine), "--set", "train.finetune_steps=2").returncode == 0
+    )
+    scan = tmp_path / "scan.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((32, 32), np.float32), np.eye(4)), scan)
+    before = scan.read_bytes()
+    cases = [
+        (scan, "is the input"),
+        (tmp_path / "seg.png", "must end in .nii or .nii.gz"),
+        (tmp_path / "missing" / "seg.nii.gz", "does not exist"),
+    ]
+    if os.geteuid() != 0:  # root writes anywhere
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        cases.append((locked / "seg.nii.gz", "is not writable"))
+    for output, needle in cases:
+        result = _run_cli("predict", "--model", str(fine), "--input", str(scan), "--output", str(output))
+        assert result.returncode == 2 and needle in result.stderr and "Traceback" not in result.stderr, result.stderr
+    assert scan.read_bytes() == before
+    result = _run_cli("evaluate", "--model", str(fine), "--json", str(tmp_path / "missing" / "e.json"))
+    assert result.returncode == 2 and "does not exist" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_simulate_refuses_a_folder_holding_a_run_and_changes_nothing(tmp_path):

@@ -29,6 +29,12 @@ def test_flat_and_nested_keys_agree():
         ({"method.amr_start": 0.9, "method.amr_end": 0.5}, "method.amr_start=0.9"),
         ({"train.label_fraction": 0}, "train.label_fraction=0"),
         ({"data.as_slices": True}, "data.as_slices"),
+        # Numbers that once trained or crashed: every float finite, an int from inf a clear error.
+        ({"train.finetune_lr": float("inf")}, "train.finetune_lr=inf: must be a finite number"),
+        ({"train.lr": "nan"}, "train.lr='nan': must be a finite number"),
+        ({"privacy.budget": "-inf"}, "privacy.budget='-inf'"),
+        ({"train.epochs": float("inf")}, "train.epochs=inf: expected a finite int"),
+        ({"train.epochs": True}, "train.epochs=True: expected a number"),
     ],
 )
 def test_bad_values_name_the_key(raw, needle):
