@@ -83,6 +83,9 @@ def _add_common(p: argparse.ArgumentParser, data_required: bool = True) -> None:
 
 
 def _print_dice(result: dict[str, Any], class_names: dict[str, str] | None = None) -> None:
+    if "dice_mean" not in result:
+        print("no test cases: the final evaluation was skipped (set data.test_fraction above 0 to have one)")
+        return
     class_names = class_names or {}
     print(f"{'class':<24}{'Dice':>8}")
     for key, value in result.items():

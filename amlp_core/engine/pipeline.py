@@ -346,15 +346,19 @@ def train_segmentation(
         on_pass=on_pass,
     )
     privacy = {"epsilon": metrics["epsilon"], "delta": cfg.privacy.delta} if ledger else {}
-    result = evaluate_segmentation(
-        model,
-        split.test,
-        cfg.model.img_size,
-        cfg.model.num_classes,
-        device,
-        cfg.train.amp,
-        slice_axis=cfg.data.slice_axis,
-    )
+    if split.test:
+        result = evaluate_segmentation(
+            model,
+            split.test,
+            cfg.model.img_size,
+            cfg.model.num_classes,
+            device,
+            cfg.train.amp,
+            slice_axis=cfg.data.slice_axis,
+        )
+    else:  # nothing to evaluate on: say so rather than fail after the training
+        log.warning("no test cases (data.test_fraction=%g): the final evaluation is skipped", cfg.data.test_fraction)
+        result = {"num_examples": 0, "evaluation": "skipped: no test cases"}
     result.update(
         train_seconds=round(time.monotonic() - start, 2),
         epochs=metrics["passes"],

@@ -284,6 +284,12 @@ def test_predict_and_evaluate_check_their_outputs_before_any_work(tmp_path):
     assert scan.read_bytes() == before
     result = _run_cli("evaluate", "--model", str(fine), "--json", str(tmp_path / "missing" / "e.json"))
     assert result.returncode == 2 and "does not exist" in result.stderr and "Traceback" not in result.stderr
+    # A run without test cases trains to the end and says it skipped the final evaluation.
+    bare = tmp_path / "bare"
+    args = ("finetune", "--data", str(data), "--out", str(bare), "--set", "train.finetune_steps=2")
+    result = _run_cli(*args, "--set", "data.test_fraction=0")
+    assert result.returncode == 0 and "the final evaluation was skipped" in result.stdout, result.stderr
+    assert json.loads((bare / "evaluation.json").read_text())["evaluation"] == "skipped: no test cases"
 
 
 def test_simulate_refuses_a_folder_holding_a_run_and_changes_nothing(tmp_path):
