@@ -159,3 +159,45 @@ def dies_with_parent(command: list[str]) -> list[str]:
     if not sys.platform.startswith("linux"):
         return command
     return [sys.executable, "-c", _DIES_WITH_PARENT, str(os.getpid()), *command]
+
+
+def _start_time(pid: int) -> str:
+    """The process's start time in clock ticks (``/proc/PID/stat`` field 22): tells a reused pid apart."""
+    fields = _stat(pid)
+    return fields[19] if len(fields) > 19 else ""
+
+
+def watch(parent: int, marker: str, poll: float = 1.0) -> None:
+    """Until ``parent`` dies, remember every process below it; then SIGKILL those still running and every
+    process carrying ``marker``. The one ending the parent's own clean-up cannot cover: ``kill -9`` of the
+    parent, after which the simulation engine, re-parented, would go on running rounds and writing."""
+    seen: dict[int, str] = {}
+    me = os.getpid()
+    while _running(parent):
+        for pid in descendants([parent]) - {me}:
+            seen.setdefault(pid, _start_time(pid))
+        time.sleep(poll)
+    leftovers = [pid for pid, started in seen.items() if _running(pid) and _start_time(pid) == started]
+    for pid in sorted(set(leftovers) | set(processes_with_env(MARKER, marker)) - {me}):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def start_watchdog(marker: str) -> subprocess.Popen:
+    """A detached process running :func:`watch` on this one (its own session: a signal to ours spares it)."""
+    code = "import sys; from simulations.processes import watch; watch(int(sys.argv[1]), sys.argv[2])"
+    return subprocess.Popen(
+        [sys.executable, "-c", code, str(os.getpid()), marker],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+        env={
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join(
+                filter(None, [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")])
+            ),
+        },
+    )

@@ -30,6 +30,7 @@ from simulations.processes import (
     dies_with_parent,
     free_port,
     sigterm_exits,
+    start_watchdog,
     stop_processes,
     wait_for_port,
 )
@@ -116,6 +117,7 @@ def _simulate(
     )
     superlink_log = run_dir / "superlink.log"
     sessions: list[subprocess.Popen] = []
+    watchdog = start_watchdog(marker)  # kills what is left should this process be killed outright
     started = time.monotonic()
     with sigterm_exits():  # a SIGTERM ends the run through the finally below, like Ctrl-C
         try:
@@ -188,6 +190,8 @@ def _simulate(
             return run_dir
         finally:
             stop_processes(marker, sessions)
+            watchdog.kill()  # its work is done: everything it watched has been stopped
+            watchdog.wait()
 
 
 def default_run_config(project: Path = REPO) -> dict[str, Any]:
