@@ -134,11 +134,15 @@ def test_a_defect_at_a_site_is_answered_without_its_traceback(tmp_path, caplog):
 def test_site_files_may_set_only_site_keys(tmp_path):
     cfg = _cfg(tmp_path)
     path = tmp_path / "site.yaml"
-    path.write_text(yaml.safe_dump({"train": {"device": "cpu", "batch_size": 2}, "site": {"name": "a"}}))
+    own = {"site": {"name": "a", "state_dir": str(tmp_path / "s")}, "data": {"path": str(tmp_path / "d")}}
+    path.write_text(yaml.safe_dump({"train": {"device": "cpu", "batch_size": 2}, **own}))
     local = apply_site_file(cfg, path)
     assert local.train.batch_size == 2 and local.site.name == "a" and local.model == cfg.model
-    path.write_text(yaml.safe_dump({"model": {"depth": 12}}))
+    path.write_text(yaml.safe_dump({"model": {"depth": 12}, **own}))
     with pytest.raises(ConfigError, match="model.depth"):
+        apply_site_file(cfg, path)
+    path.write_text(yaml.safe_dump({"site": {"name": "a"}}))
+    with pytest.raises(ConfigError, match="must set data.path and site.state_dir: a site never takes them"):
         apply_site_file(cfg, path)
 
 
