@@ -346,6 +346,7 @@ def train_segmentation(
         on_pass=on_pass,
     )
     privacy = {"epsilon": metrics["epsilon"], "delta": cfg.privacy.delta} if ledger else {}
+    result: dict[str, Any]
     if split.test:
         result = evaluate_segmentation(
             model,
