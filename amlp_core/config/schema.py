@@ -330,8 +330,9 @@ class FederationConfig:
     connect_timeout: float = 300.0  # seconds to wait for min_sites sites to be connected
     # A site's update whose norm exceeds this many times the round's median is rejected (3+ sites; 0: off).
     update_norm_factor: float = 10.0
-    # ... and one whose cosine with the round's coordinate-wise median update is below this (3+ sites; -1: off).
-    update_min_cosine: float = 0.0
+    # ... and one whose cosine with the round's coordinate-wise median update is below this (3+ sites; -1: off;
+    # honest sites late in training measured down to -0.39, sign-flipped updates -0.35 to -0.87).
+    update_min_cosine: float = -0.5
     inject: str = ""  # simulation only: faults of simulated sites, e.g. "site1:crash@finetune:2" (amlp_core/faults.py)
     partition: str = "iid"  # simulation: iid | dirichlet (quantity skew)
     dirichlet_alpha: float = 0.5
