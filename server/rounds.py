@@ -102,6 +102,25 @@ def collect(
     return RoundOutcome(out, time.monotonic() - started)
 
 
+def start_round(
+    grid: Grid,
+    strategy: Strategy,
+    rnd: int,
+    arrays: ArrayRecord,
+    config: ConfigRecord,
+    fed: FederationConfig,
+    declared: Declarations,
+    train: bool,
+) -> tuple[list[Message], float]:
+    """Wait for the sites, ask the new ones for their declaration, and build the round's messages
+    (not sent yet); returns them and the round's start time."""
+    nodes = wait_for_sites(grid, fed.min_sites, fed.connect_timeout)
+    declared.ask(grid, nodes, config)
+    started = time.monotonic()
+    configure = strategy.configure_train if train else strategy.configure_evaluate
+    return list(configure(rnd, arrays, config, grid)), started
+
+
 def _ask(
     grid: Grid,
     strategy: Strategy,
@@ -112,12 +131,8 @@ def _ask(
     declared: Declarations,
     train: bool,
 ) -> tuple[list[Message], RoundOutcome]:
-    """Wait for the sites, ask the new ones for their declaration, send the round and sort the replies."""
-    nodes = wait_for_sites(grid, fed.min_sites, fed.connect_timeout)
-    declared.ask(grid, nodes, config)
-    started = time.monotonic()
-    configure = strategy.configure_train if train else strategy.configure_evaluate
-    sent = list(configure(rnd, arrays, config, grid))
+    """:func:`start_round`, then send the round and sort the replies."""
+    sent, started = start_round(grid, strategy, rnd, arrays, config, fed, declared, train)
     return sent, collect(sent, grid.send_and_receive(sent, timeout=fed.round_timeout), started, declared.names)
 
 

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from collections.abc import Iterable
 from typing import Any
 
@@ -47,7 +46,7 @@ from flwr.serverapp.strategy import Strategy
 
 from amlp_core.config import SECAGG_MODULUS, FederationConfig
 from fedamlp import protocol as P
-from server.rounds import FederationError, RoundOutcome, check_finite, check_outcome, collect, wait_for_sites
+from server.rounds import FederationError, RoundOutcome, check_finite, check_outcome, collect, start_round
 from server.validation import Declarations
 
 log = logging.getLogger(__name__)
@@ -194,10 +193,7 @@ class SecAggRound:
         ``secagg_max_weight`` (the site refuses beyond it) and the unmasked average must be finite."""
         min_sites = fed.min_sites
         what = f"{config[P.PHASE]} round {rnd}"
-        nodes = wait_for_sites(grid, min_sites, fed.connect_timeout)
-        declared.ask(grid, nodes, config)
-        started = time.monotonic()
-        sent = list(strategy.configure_train(rnd, arrays, config, grid))
+        sent, started = start_round(grid, strategy, rnd, arrays, config, fed, declared, train=True)
         if len(sent) * self.fed.secagg_quantization_range >= SECAGG_MODULUS:
             raise FederationError(
                 f"{len(sent)} sites x federation.secagg_quantization_range="

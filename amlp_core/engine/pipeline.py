@@ -291,6 +291,18 @@ def train_segmentation(
     start, saved_at, evaluated_at = time.monotonic(), [0], [0]
     every = cfg.train.eval_every if ledger is None else 0  # a private run evaluates at the end only
 
+    def test_dice() -> dict[str, Any]:
+        """Dice of the model now on the test cases (the curve's points and the final evaluation)."""
+        return evaluate_segmentation(
+            model,
+            split.test,
+            cfg.model.img_size,
+            cfg.model.num_classes,
+            device,
+            cfg.train.amp,
+            slice_axis=cfg.data.slice_axis,
+        )
+
     def on_pass(metrics: dict[str, Any]) -> bool:
         """After every pass over the subset: metrics line, log, checkpoint (at most every CHECKPOINT_STEPS
         steps, and always at the end), and the time budget."""
@@ -303,15 +315,7 @@ def train_segmentation(
             "seconds": round(time.monotonic() - start, 2),
         }
         if every and split.test and done - evaluated_at[0] >= every and done < steps:  # the curve
-            curve = evaluate_segmentation(
-                model,
-                split.test,
-                cfg.model.img_size,
-                cfg.model.num_classes,
-                device,
-                cfg.train.amp,
-                slice_axis=cfg.data.slice_axis,
-            )
+            curve = test_dice()
             model.train()
             record.update({f"test_{k}": v for k, v in curve.items() if k.startswith("dice_")})
             evaluated_at[0] = done
@@ -348,15 +352,7 @@ def train_segmentation(
     privacy = {"epsilon": metrics["epsilon"], "delta": cfg.privacy.delta} if ledger else {}
     result: dict[str, Any]
     if split.test:
-        result = evaluate_segmentation(
-            model,
-            split.test,
-            cfg.model.img_size,
-            cfg.model.num_classes,
-            device,
-            cfg.train.amp,
-            slice_axis=cfg.data.slice_axis,
-        )
+        result = test_dice()
     else:  # nothing to evaluate on: say so rather than fail after the training
         log.warning("no test cases (data.test_fraction=%g): the final evaluation is skipped", cfg.data.test_fraction)
         result = {"num_examples": 0, "evaluation": "skipped: no test cases"}
