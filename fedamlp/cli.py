@@ -14,13 +14,18 @@ import dataclasses
 import json
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from amlp_core.atomic import atomic_write_text, check_output
-from amlp_core.config import METHOD_NAMES, Config, build_config, check_keys, load_config
-from amlp_core.errors import AMLPError
+from amlp_core.config import METHOD_NAMES, Config, DataConfig, build_config, check_keys, load_config
+from amlp_core.errors import AMLPError, ConfigError
+from amlp_core.runfolder import check_new_run, clear_run, hold
+
+if TYPE_CHECKING:
+    from amlp_core.engine.split import DataSplit
 
 log = logging.getLogger("fedamlp")
 
@@ -96,11 +101,33 @@ def _print_dice(result: dict[str, Any], class_names: dict[str, str] | None = Non
     print(f"({result['num_examples']} test cases)")
 
 
+@contextmanager
+def _run_folder(out: str | Path, cfg: Config, resume: bool = False, overwrite: bool = False) -> Iterator[DataSplit]:
+    """Hold the run folder ``out`` for a single-site run and yield its data, read and checked.
+
+    A folder that holds a run is refused unless resumed (a stopped pretraining of ``cfg``) or
+    overwritten; with ``overwrite`` the old run is removed only once the data have passed their
+    checks, so a refused start changes nothing there.
+    """
+    from amlp_core.engine.pipeline import check_resume
+    from amlp_core.engine.split import load_split
+
+    check_new_run(out, resume, overwrite)
+    with hold(out):
+        if resume:
+            check_resume(out, cfg)
+        split = load_split(cfg)
+        if overwrite:
+            clear_run(out)
+        yield split
+
+
 def cmd_pretrain(args: argparse.Namespace) -> int:
     from amlp_core.engine.pipeline import pretrain
 
     cfg = _config(args, args.data, {"method.name": args.method})
-    metrics = pretrain(cfg, args.out)
+    with _run_folder(args.out, cfg, args.resume, args.overwrite) as split:
+        metrics = pretrain(cfg, args.out, split)
     private = f", DP epsilon {metrics['epsilon']:.3f} at delta {cfg.privacy.delta:g}" if "epsilon" in metrics else ""
     print(
         f"pretrained {cfg.method.name} for {metrics['epoch']} epochs: loss {metrics['loss']:.4f}{private} -> {args.out}"
@@ -119,7 +146,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
             {f"model.{k}": v for k, v in dataclasses.asdict(model).items() if k != "seg_arch"}
         )  # not the encoder's: model.seg_arch=unet with --init is refused
     cfg = _config(args, args.data, extra)
-    result = finetune(cfg, args.out, init=args.init)
+    with _run_folder(args.out, cfg, overwrite=args.overwrite) as split:
+        result = finetune(cfg, args.out, init=args.init, split=split)
     from amlp_core.engine.artefacts import load_segmentation
 
     _print_dice(result, load_segmentation(args.out)[1].get("class_names"))
@@ -151,7 +179,10 @@ def cmd_data_check(args: argparse.Namespace) -> int:
 
     if args.json:
         check_output(args.json, "--json")
-    report = check_dataset(args.path, fmt=args.format, num_classes=args.num_classes)
+    for flag, value in (("--num-classes", args.num_classes), ("--max-voxels", args.max_voxels)):
+        if value is not None and value < 1:
+            raise ConfigError(f"invalid {flag}={value}: must be at least 1")
+    report = check_dataset(args.path, args.format, args.num_classes, max_voxels=args.max_voxels)
     print(report.render())
     if args.json:
         atomic_write_text(args.json, json.dumps(report.to_dict(), indent=2))
@@ -164,9 +195,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     out = Path(args.out)
     base = build_config({**_demo_defaults(), "train.seed": args.seed, "train.device": args.device})
-    pretrain(base.replace(train={"epochs": args.pretrain_epochs}), out / "pretrain")
+    pre_cfg = base.replace(train={"epochs": args.pretrain_epochs})
     cfg = base.replace(train={"epochs": args.finetune_epochs, "label_fraction": 0.25})
-    result = finetune(cfg, out / "finetune", init=out / "pretrain")
+    check_new_run(out / "finetune", False, args.overwrite)  # before the first half is redone
+    with _run_folder(out / "pretrain", pre_cfg, overwrite=args.overwrite) as split:
+        pretrain(pre_cfg, out / "pretrain", split)
+    with _run_folder(out / "finetune", cfg, overwrite=args.overwrite) as split:
+        result = finetune(cfg, out / "finetune", init=out / "pretrain", split=split)
     _print_dice(result, {"1": "lesion"})
     print(f"model: {out / 'finetune'}  (use: fedamlp predict --model {out / 'finetune'} --input X --output Y)")
     return 0
@@ -229,6 +264,10 @@ def _demo_defaults() -> dict[str, Any]:
     }
 
 
+def _add_overwrite(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--overwrite", action="store_true", help="replace the run already in --out (refused otherwise)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedamlp", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -238,6 +277,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
     p.add_argument("--method", default="amlp", choices=METHOD_NAMES)
     p.add_argument("--out", required=True, help="run folder to write")
+    p.add_argument("--resume", action="store_true", help="go on with the stopped pretraining in --out")
+    _add_overwrite(p)
     p.set_defaults(func=cmd_pretrain)
 
     p = sub.add_parser("finetune", help="segmentation fine-tuning (from a pretraining run or from scratch)")
@@ -245,6 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--init", help="pretraining run folder (omit to train from scratch)")
     p.add_argument("--label-fraction", type=float, default=1.0, help="share of labelled cases to use")
     p.add_argument("--out", required=True)
+    _add_overwrite(p)
     p.set_defaults(func=cmd_finetune)
 
     p = sub.add_parser("evaluate", help="Dice per class of a fine-tuned model on the test split")
@@ -269,6 +311,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("path")
     c.add_argument("--format", default="auto", choices=["auto", "msd", "nifti", "png"])
     c.add_argument("--num-classes", type=int, help="declared classes (when the dataset does not say)")
+    c.add_argument(
+        "--max-voxels",
+        type=int,
+        default=DataConfig().max_voxels,
+        help="refuse a file whose header declares more values (data.max_voxels)",
+    )
     c.add_argument("--json", help="also write the report as JSON")
     c.set_defaults(func=cmd_data_check)
 
@@ -302,6 +350,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--finetune-epochs", type=int, default=15)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
+    _add_overwrite(p)
     p.set_defaults(func=cmd_demo)
     return parser
 

@@ -11,9 +11,9 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from amlp_core.atomic import atomic_write_text
-from amlp_core.config import build_config
+from amlp_core.config import FederationConfig, build_config
 from amlp_core.errors import AMLPError
-from amlp_core.runfolder import SIMULATION_ENV, hold
+from amlp_core.runfolder import SIMULATION_ENV, check_new_run, clear_run, hold
 from server.federation import FAILED, Federation
 from server.inbox import maybe_record
 
@@ -47,6 +47,7 @@ def main(grid: Grid, context: Context) -> None:
     federation = Federation(maybe_record(grid), cfg)  # FEDAMLP_SERVER_INBOX: audit log (server/inbox.py)
     try:
         with _held(cfg.federation.run_dir):
+            _claim(cfg.federation)
             federation.run()
     except AMLPError as e:
         log.error("the federation failed: %s", e)
@@ -62,6 +63,16 @@ def main(grid: Grid, context: Context) -> None:
 def _held(run_dir: str) -> AbstractContextManager:
     """The run folder's lock; in a simulation ``fedamlp simulate`` holds it for the whole run."""
     return nullcontext() if os.environ.get(SIMULATION_ENV) else hold(run_dir)
+
+
+def _claim(fed: FederationConfig) -> None:
+    """Refuse a run folder that holds another run unless ``federation.resume`` or ``federation.overwrite``
+    (then remove that run). ``fedamlp simulate`` does this itself before it starts anything."""
+    if os.environ.get(SIMULATION_ENV):
+        return
+    check_new_run(fed.run_dir, fed.resume, fed.overwrite)
+    if fed.overwrite:
+        clear_run(fed.run_dir)
 
 
 def _write_failed(path: Path, reason: str) -> None:

@@ -22,6 +22,8 @@ from typing import Any
 import tomli_w
 
 from amlp_core.config import Config, flat_dict
+from amlp_core.engine.artefacts import load_pretrained_encoder
+from amlp_core.errors import ConfigError
 from amlp_core.runfolder import check_new_run, clear_run, hold
 from server.federation import FAILED, MODEL_DIR, check_resumable
 from simulations.processes import (
@@ -74,14 +76,28 @@ def simulate(
         CheckpointError: ``federation.resume`` with a checkpoint made by another configuration.
         SimulationError: Flower could not start, the run failed or exceeded ``timeout`` seconds.
     """
-    cfg.check_federation()
+    _check_simulation(cfg)
     run_dir = Path(cfg.federation.run_dir).resolve()
+    overwrite = overwrite or cfg.federation.overwrite
     check_new_run(run_dir, cfg.federation.resume, overwrite)
     with hold(run_dir):
         check_resumable(cfg.replace(federation={"run_dir": str(run_dir)}))
         if overwrite:
             clear_run(run_dir)
         return _simulate(cfg, run_dir, project, timeout, stream_to, cpus_per_site, gpus_per_site)
+
+
+def _check_simulation(cfg: Config) -> None:
+    """What would make the simulation fail only once started: ConfigError or CheckpointError naming it."""
+    cfg.check_federation()
+    f = cfg.federation
+    if f.min_sites > f.sites:
+        raise ConfigError(
+            f"invalid federation.min_sites={f.min_sites}: more than the simulation's federation.sites={f.sites} "
+            "(no round could ever succeed)"
+        )
+    if f.init_encoder:
+        load_pretrained_encoder(f.init_encoder, cfg.model)  # the server would refuse it after connecting
 
 
 def _simulate(

@@ -68,7 +68,12 @@ class ModelConfig:
             self.img_size,
             f"must have {self.spatial_dims} sizes (model.spatial_dims)",
         )
+        _check(self.in_channels >= 1, "model.in_channels", self.in_channels, "must be at least 1")
+        _check(all(s >= 1 for s in self.img_size), "model.img_size", self.img_size, "every size must be positive")
         _check(self.patch_size > 0, "model.patch_size", self.patch_size, "must be positive")
+        for key in ("embed_dim", "depth", "num_heads", "decoder_dim", "decoder_depth", "decoder_heads"):
+            _check(getattr(self, key) >= 1, f"model.{key}", getattr(self, key), "must be at least 1")
+        _check(self.mlp_ratio > 0, "model.mlp_ratio", self.mlp_ratio, "must be positive")
         for s in self.img_size:
             _check(
                 s % self.patch_size == 0,
@@ -224,8 +229,12 @@ class DataConfig:
     synthetic_cases: int = 48
     synthetic_size: tuple[int, ...] = (32, 32, 32)
     synthetic_site: int = 0
+    on_bad_case: str = "refuse"  # a case that cannot be read or checked: refuse the data | skip (log it, leave it out)
+    max_voxels: int = 268_435_456  # 2**28: a file whose header declares more values is refused before decompressing
 
     def __post_init__(self) -> None:
+        _check(self.on_bad_case in ("refuse", "skip"), "data.on_bad_case", self.on_bad_case, "must be refuse or skip")
+        _check(self.max_voxels >= 1, "data.max_voxels", self.max_voxels, "must be at least 1")
         _check(
             self.format in ("auto", "msd", "nifti", "png"),
             "data.format",
@@ -233,6 +242,17 @@ class DataConfig:
             "must be auto, msd, nifti or png",
         )
         _check(0.0 <= self.test_fraction < 1.0, "data.test_fraction", self.test_fraction, "must be in [0, 1)")
+        _check(
+            -3 <= self.slice_axis <= 2, "data.slice_axis", self.slice_axis, "must be a spatial axis: 0, 1, 2 or -3..-1"
+        )
+        _check(self.split_seed >= 0, "data.split_seed", self.split_seed, "must not be negative")
+        _check(
+            len(self.synthetic_size) in (2, 3) and all(s >= 8 for s in self.synthetic_size),
+            "data.synthetic_size",
+            self.synthetic_size,
+            "must be 2 or 3 sizes of at least 8",
+        )
+        _check(self.synthetic_site >= 0, "data.synthetic_site", self.synthetic_site, "must not be negative")
         _check(self.synthetic_cases >= 2, "data.synthetic_cases", self.synthetic_cases, "must be at least 2")
 
     @property
@@ -272,6 +292,11 @@ class TrainConfig:
     def __post_init__(self) -> None:
         _check(self.epochs >= 1, "train.epochs", self.epochs, "must be at least 1")
         _check(self.batch_size >= 1, "train.batch_size", self.batch_size, "must be at least 1")
+        _check(self.seed >= 0, "train.seed", self.seed, "must not be negative")
+        _check(self.warmup_epochs >= 0, "train.warmup_epochs", self.warmup_epochs, "must not be negative")
+        _check(
+            self.num_threads >= 0, "train.num_threads", self.num_threads, "must not be negative (0: torch's default)"
+        )
         _check(self.lr > 0, "train.lr", self.lr, "must be positive")
         _check(self.finetune_lr > 0, "train.finetune_lr", self.finetune_lr, "must be positive")
         _check(0.0 <= self.encoder_warmup <= 1.0, "train.encoder_warmup", self.encoder_warmup, "must be in [0, 1]")
@@ -338,6 +363,7 @@ class FederationConfig:
     dirichlet_alpha: float = 0.5
     run_dir: str = "runs/federated"  # server: checkpoints and results
     resume: bool = False  # continue from run_dir's checkpoint
+    overwrite: bool = False  # replace the run already in run_dir (refused otherwise)
     stop_after_rounds: int = 0  # stop (resumably) after this many rounds in this process; 0 = run to the end
     # SecAgg+ (Flower's legacy workflow) for the training rounds; docs/privacy.md "Secure aggregation".
     secure_aggregation: bool = False  # the server sees only the weighted sum of the sites' updates
@@ -668,7 +694,7 @@ class Config:
 
 
 #: Federation settings that may change between a stopped run and its resumption.
-RESUMABLE_KEYS = ("resume", "stop_after_rounds", "round_timeout", "connect_timeout", "run_dir")
+RESUMABLE_KEYS = ("resume", "overwrite", "stop_after_rounds", "round_timeout", "connect_timeout", "run_dir")
 
 
 SECTIONS: dict[str, type] = {
@@ -690,6 +716,8 @@ SITE_KEYS = (
     "data.slice_axis",
     "data.test_fraction",
     "data.split_seed",
+    "data.on_bad_case",
+    "data.max_voxels",
     "train.device",
     "train.batch_size",
     "train.label_fraction",

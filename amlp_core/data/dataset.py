@@ -5,51 +5,57 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from amlp_core.data.cases import DatasetIndex, read_case_label
-from amlp_core.data.io import data_error, read_image
+from amlp_core.data.cases import DatasetIndex, Sample
+from amlp_core.data.io import data_error
 from amlp_core.data.transforms import AUGMENTATIONS, fit_to_roi, normalize_intensity, random_flip, strong_augment
+from amlp_core.data.validate import BAD_CASE_POLICIES, Expect, inspect_case, refuse_or_skip
 from amlp_core.errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
 
 
-@dataclass
-class Sample:
-    """One image held in memory."""
+def load_samples(
+    index: DatasetIndex,
+    expect: Expect | None = None,
+    on_bad_case: str = "refuse",
+    with_labels: bool = True,
+    progress: bool = True,
+) -> list[Sample]:
+    """Read and check (:func:`~amlp_core.data.validate.inspect_case`) every case of ``index``; images are
+    z-score normalised per channel.
 
-    name: str
-    image: np.ndarray  # float32 [C, *spatial], normalised
-    label: np.ndarray | None  # int64 [*spatial]
-    affine: np.ndarray  # float64 (4, 4)
-
-
-def load_samples(index: DatasetIndex, with_labels: bool = True, progress: bool = True) -> list[Sample]:
-    """Read every case of ``index``; images are z-score normalised per channel.
+    Args:
+        expect: what every case must be (default: ``index``'s spatial dims, any non-negative label).
+        on_bad_case: ``refuse`` (raise at the first bad entry or case) or ``skip`` (log it, leave it out).
+        with_labels: read the label maps (else every sample's label is None).
 
     Returns:
         Samples with image float32 ``[C, *spatial]`` and label int64 ``[*spatial]`` (None
         when the case has no label or ``with_labels`` is False).
 
     Raises:
-        DataError: on the first unreadable file, wrong number of spatial dims or
-            image/label shape mismatch; the message names the file.
+        DataError: a bad entry or case under ``refuse`` (the message names the file), or no usable case.
     """
+    if on_bad_case not in BAD_CASE_POLICIES:
+        raise ConfigError(f"invalid data.on_bad_case={on_bad_case!r}: must be one of {', '.join(BAD_CASE_POLICIES)}")
+    expect = expect or Expect(index.spatial_dims)
+    where = str(index.root)
+    refuse_or_skip(list(index.problems), on_bad_case, where)  # before any file is read
     samples = []
     for case in tqdm(index.cases, desc="Loading", unit="case", disable=None if progress else True):
-        image, affine = read_image(case.image)
-        if image.ndim - 1 != index.spatial_dims:
-            raise data_error(case.image, f"has {image.ndim - 1} spatial dims, expected {index.spatial_dims}")
-        label = read_case_label(case) if with_labels and case.label is not None else None
-        if label is not None and label.shape != image.shape[1:]:
-            mismatch = f"label shape {label.shape} does not match image shape {image.shape[1:]}"
-            raise data_error(case.label, mismatch)
-        samples.append(Sample(case.name, normalize_intensity(image), label, affine))
+        sample, problems = inspect_case(case, expect, with_labels)
+        if sample is None:
+            refuse_or_skip(problems, on_bad_case, where)
+            continue
+        sample.image = normalize_intensity(sample.image)
+        samples.append(sample)
+    if not samples:
+        raise data_error(index.root, f"none of its {len(index.cases)} cases is usable")
     return samples
 
 

@@ -6,6 +6,7 @@ Every failure raises DataError with a one-line message ``"<full path>: <what is 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import uuid
 from pathlib import Path
@@ -51,30 +52,47 @@ def _check_readable(path: Path) -> str:
     return suffix
 
 
-def _load_nifti(path: Path) -> tuple[np.ndarray, np.ndarray]:
+def _check_size(path: Path, shape: tuple[int, ...], max_voxels: int | None) -> None:
+    """Refuse a file whose header declares more than ``max_voxels`` values, before anything is read."""
+    declared = math.prod(int(n) for n in shape)
+    if max_voxels is not None and declared > max_voxels:
+        raise data_error(
+            path, f"header declares {declared:,} voxels {tuple(shape)}, above the limit data.max_voxels={max_voxels:,}"
+        )
+
+
+def _load_nifti(path: Path, max_voxels: int | None) -> tuple[np.ndarray, np.ndarray]:
     """Voxels (fully read, scaling applied) and the (4, 4) affine of a NIfTI file."""
     try:
         img: Any = nib.load(str(path), mmap=False)  # a Nifti1/2Image (nibabel types it as any file image)
-        data = np.asarray(img.dataobj)  # reads the whole file, so truncated .gz files fail here
     except Exception as exc:  # nibabel, gzip and numpy raise many different types
+        raise data_error(path, _UNREADABLE.format("NIfTI", type(exc).__name__, exc)) from exc
+    _check_size(path, img.shape, max_voxels)  # the header only: nothing is decompressed yet
+    try:
+        data = np.asarray(img.dataobj)  # reads the whole file, so truncated .gz files fail here
+    except Exception as exc:
         raise data_error(path, _UNREADABLE.format("NIfTI", type(exc).__name__, exc)) from exc
     if data.size == 0 or not (np.issubdtype(data.dtype, np.number) or data.dtype == bool):
         raise data_error(path, f"no numeric voxels (shape {data.shape}, type {data.dtype})")
     return data, np.asarray(img.affine, dtype=np.float64)
 
 
-def _load_png(path: Path) -> np.ndarray:
+def _load_png(path: Path, max_voxels: int | None) -> np.ndarray:
     """Pixels ``[H, W]``; colour images are converted to grayscale."""
     try:
         with Image.open(path) as img:
+            _check_size(path, img.size, max_voxels)
             img.load()
             return np.asarray(img if img.mode in ("L", "I", "I;16", "F", "1") else img.convert("L"))
+    except DataError:
+        raise
     except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError, ...
         raise data_error(path, _UNREADABLE.format("PNG", type(exc).__name__, exc)) from exc
 
 
-def read_image(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
-    """Read a .nii, .nii.gz or .png image.
+def read_image(path: str | os.PathLike, max_voxels: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Read a .nii, .nii.gz or .png image; one whose header declares more than ``max_voxels`` values
+    (all channels) is refused before it is decompressed.
 
     Returns:
         ``(image, affine)``: image float32 ``[C, *spatial]`` (C=1 for grayscale; a 4D NIfTI
@@ -85,9 +103,9 @@ def read_image(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
     """
     path = Path(path)
     if _check_readable(path) == ".png":
-        data, affine = _load_png(path), np.eye(4)
+        data, affine = _load_png(path, max_voxels), np.eye(4)
     else:
-        data, affine = _load_nifti(path)
+        data, affine = _load_nifti(path, max_voxels)
     if data.ndim == 4 and data.shape[3] <= MAX_CHANNELS:
         data = np.moveaxis(data, 3, 0)
     elif data.ndim <= 3:
@@ -100,16 +118,17 @@ def read_image(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
     return image, affine
 
 
-def read_label(path: str | os.PathLike) -> np.ndarray:
-    """Read a label map as int64 ``[*spatial]``; in PNG masks every nonzero pixel becomes 1.
+def read_label(path: str | os.PathLike, max_voxels: int | None = None) -> np.ndarray:
+    """Read a label map as int64 ``[*spatial]``; in PNG masks every nonzero pixel becomes 1. A header
+    that declares more than ``max_voxels`` values is refused before anything is decompressed.
 
     Raises:
         DataError: unreadable file, more than 3 dimensions, or non-integer values.
     """
     path = Path(path)
     if _check_readable(path) == ".png":
-        return (_load_png(path) != 0).astype(np.int64)
-    data, _ = _load_nifti(path)
+        return (_load_png(path, max_voxels) != 0).astype(np.int64)
+    data, _ = _load_nifti(path, max_voxels)
     if data.ndim == 4 and data.shape[3] == 1:
         data = data[..., 0]
     if data.ndim > 3:
@@ -117,6 +136,17 @@ def read_label(path: str | os.PathLike) -> np.ndarray:
     if np.issubdtype(data.dtype, np.floating) and not np.array_equal(data, np.round(data)):
         raise data_error(path, "label map has non-integer (or NaN/Inf) values")
     return data.astype(np.int64)
+
+
+def label_affine(path: str | os.PathLike) -> np.ndarray:
+    """The (4, 4) affine in the header of a label file (identity for PNG), without reading its voxels."""
+    path = Path(path)
+    if file_suffix(path) == ".png":
+        return np.eye(4)
+    try:
+        return np.asarray(nib.load(str(path)).affine, dtype=np.float64)  # type: ignore[attr-defined]
+    except Exception as exc:
+        raise data_error(path, _UNREADABLE.format("NIfTI", type(exc).__name__, exc)) from exc
 
 
 def _nifti_array(array: np.ndarray) -> np.ndarray:

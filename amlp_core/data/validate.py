@@ -1,29 +1,35 @@
-"""Checking a dataset folder before training: every case is read and every problem listed."""
+"""Checking the cases of a dataset: one set of checks for ``fedamlp data check`` (every problem listed)
+and for every command that reads data (:func:`~amlp_core.data.dataset.load_samples`: refuse or skip)."""
 
 from __future__ import annotations
 
 import logging
 import os
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
-from amlp_core.data.cases import Case, DatasetIndex, discover, read_case_label
-from amlp_core.data.io import read_image
+from amlp_core.data.cases import Case, DatasetIndex, Problem, Sample, discover, read_case_label
+from amlp_core.data.io import label_affine, read_image
 from amlp_core.errors import DataError
 
 logger = logging.getLogger(__name__)
 
+#: ``data.on_bad_case`` values: refuse the dataset at its first bad case, or log the case and leave it out.
+BAD_CASE_POLICIES = ("refuse", "skip")
 
-@dataclass
-class Problem:
-    """One thing wrong with one file."""
 
-    file: str
-    message: str
-    severity: str = "error"  # "error" | "warning"
+@dataclass(frozen=True)
+class Expect:
+    """What every case of a dataset must be."""
+
+    spatial_dims: int
+    classes: frozenset[int] | None = None  # the allowed label values (None: any non-negative value)
+    channels: int | None = None  # image channels (None: not checked case by case)
+    max_voxels: int | None = None  # values a file's header may declare (None: no limit)
 
 
 @dataclass
@@ -66,36 +72,62 @@ def _problem(path: Path | None, exc: DataError) -> Problem:
     return Problem(str(path), message.removeprefix(prefix))
 
 
-def _check_image(case: Case, spatial_dims: int) -> tuple[np.ndarray | None, list[Problem]]:
-    """The image ``[C, *spatial]`` (None if unusable) and its problems."""
-    try:
-        image, _ = read_image(case.image)
-    except DataError as exc:
-        return None, [_problem(case.image, exc)]
-    if image.ndim - 1 != spatial_dims:
-        dims = f"image has {image.ndim - 1} spatial dims, expected {spatial_dims}"
-        return None, [Problem(str(case.image), dims)]  # its shape says nothing about the label's
+def _same_geometry(a: np.ndarray, b: np.ndarray) -> bool:
+    """Whether two (4, 4) affines place voxels alike (to a thousandth of a voxel side, or of a mm)."""
+    return bool(np.allclose(a, b, rtol=0, atol=1e-3 * max(1.0, float(np.abs(a[:3, :3]).max()))))
+
+
+def _image_problems(case: Case, image: np.ndarray, expect: Expect) -> list[Problem]:
+    file, problems = str(case.image), []
+    if image.ndim - 1 != expect.spatial_dims:
+        problems.append(Problem(file, f"image has {image.ndim - 1} spatial dims, expected {expect.spatial_dims}"))
+    if expect.channels is not None and image.shape[0] != expect.channels:
+        problems.append(Problem(file, f"image has {image.shape[0]} channel(s), expected {expect.channels}"))
     if image.min() == image.max():
-        return image, [Problem(str(case.image), "image is constant", "warning")]
-    return image, []
+        problems.append(Problem(file, "image is constant", "warning"))
+    return problems
 
 
-def _check_label(case: Case, image: np.ndarray | None, allowed: set[int] | None, spatial_dims: int):
+def _label_problems(case: Case, label: np.ndarray, image: np.ndarray, affine: np.ndarray, expect: Expect):
     """Problems of the label map ``[*spatial]`` of ``case`` against its image ``[C, *spatial]``."""
-    try:
-        label = read_case_label(case)
-    except DataError as exc:
-        return [_problem(case.label, exc)]
+    assert case.label is not None
     problems, file = [], str(case.label)
-    if label.ndim != spatial_dims:
-        problems.append(Problem(file, f"label has {label.ndim} spatial dims, expected {spatial_dims}"))
-    if image is not None and label.shape != image.shape[1:]:
+    if label.ndim != expect.spatial_dims:
+        problems.append(Problem(file, f"label has {label.ndim} spatial dims, expected {expect.spatial_dims}"))
+    if label.shape != image.shape[1:]:
         problems.append(Problem(file, f"label shape {label.shape} does not match image {image.shape[1:]}"))
+    elif not _same_geometry(label_affine(case.label), affine):
+        problems.append(Problem(file, "label geometry (affine) differs from its image's: they do not overlay"))
+    allowed = expect.classes
     bad = [int(v) for v in np.unique(label) if (v not in allowed if allowed is not None else v < 0)]
     if bad:
-        declared = f"declared classes {sorted(allowed)}" if allowed is not None else "non-negative values"
+        declared = f"the classes {sorted(allowed)}" if allowed is not None else "non-negative values"
         problems.append(Problem(file, f"label values {bad[:10]} outside {declared}"))
     return problems
+
+
+def inspect_case(case: Case, expect: Expect, with_label: bool = True) -> tuple[Sample | None, list[Problem]]:
+    """Read one case and check it against ``expect`` and itself (image and label shape and geometry).
+
+    Returns:
+        ``(sample, problems)``: the sample (image float32 ``[C, *spatial]`` as read, label int64
+        ``[*spatial]`` or None) when no problem is an error, else None; and every problem found.
+    """
+    try:
+        image, affine = read_image(case.image, expect.max_voxels)
+    except DataError as exc:
+        return None, [_problem(case.image, exc)]
+    problems = _image_problems(case, image, expect)
+    label = None
+    if with_label and case.label is not None and image.ndim - 1 == expect.spatial_dims:
+        try:
+            label = read_case_label(case, expect.max_voxels)
+            problems += _label_problems(case, label, image, affine, expect)
+        except DataError as exc:
+            problems.append(_problem(case.label, exc))
+    if any(p.severity == "error" for p in problems):
+        return None, problems
+    return Sample(case.name, image, label, affine), problems
 
 
 def check_dataset(
@@ -104,29 +136,64 @@ def check_dataset(
     num_classes: int | None = None,
     label_dir: str | os.PathLike | None = None,
     limit: int | None = None,
+    max_voxels: int | None = None,
 ) -> DataReport:
-    """Read every case of the dataset in ``root`` and report what is wrong; never raises for data.
+    """Read every case of the dataset in ``root`` and report every problem; never raises for data.
 
     Args:
         root, fmt, label_dir: as for :func:`~amlp_core.data.cases.discover`.
         num_classes: allowed label values ``0..num_classes-1`` when the dataset declares none.
         limit: check only the first ``limit`` cases (sorted by name).
+        max_voxels: values a file's header may declare (``data.max_voxels``).
+
+    Besides each case's own problems, images whose channel count differs from most cases' are errors.
     """
     try:
         index: DatasetIndex = discover(root, fmt, label_dir)
     except DataError as exc:
         return DataReport(str(root), fmt, 0, 0, [_problem(Path(root), exc)])
     cases = index.cases[:limit]
-    allowed = set(index.class_names) if index.class_names else None
-    if allowed is None and num_classes is not None:
-        allowed = set(range(num_classes))
-    problems = []
+    expect = Expect(index.spatial_dims, classes_of(index, num_classes), None, max_voxels)
+    problems, channels = list(index.problems), {}
     for case in tqdm(cases, desc="Checking", unit="case", disable=None):
-        image, image_problems = _check_image(case, index.spatial_dims)
-        problems += image_problems
-        if case.label is not None:
-            problems += _check_label(case, image, allowed, index.spatial_dims)
+        sample, found = inspect_case(case, expect)
+        problems += found
+        if sample is not None:
+            channels[case] = sample.image.shape[0]
+    if channels:
+        usual = Counter(channels.values()).most_common(1)[0][0]
+        problems += [
+            Problem(str(c.image), f"image has {n} channel(s), most cases have {usual}")
+            for c, n in channels.items()
+            if n != usual
+        ]
     n_labelled = sum(c.label is not None for c in cases)
     report = DataReport(str(index.root), index.fmt, len(cases), n_labelled, problems)
     logger.info("%s: %d cases checked, %d errors", root, len(cases), len(report.errors))
     return report
+
+
+def classes_of(index: DatasetIndex, num_classes: int | None) -> frozenset[int] | None:
+    """The label values a dataset allows: its declared classes, else ``0..num_classes-1`` (None: unknown)."""
+    if index.class_names:
+        return frozenset(index.class_names)
+    return frozenset(range(num_classes)) if num_classes is not None else None
+
+
+def refuse_or_skip(problems: list[Problem], policy: str, where: str) -> None:
+    """Apply ``data.on_bad_case`` to the error ``problems`` of the dataset ``where``.
+
+    Raises:
+        DataError: with ``refuse``, naming the first bad file and counting the rest.
+    """
+    errors = [p for p in problems if p.severity == "error"]
+    if not errors:
+        return
+    if policy == "refuse":
+        more = f" (and {len(errors) - 1} more problems)" if len(errors) > 1 else ""
+        raise DataError(
+            f"{errors[0].file}: {errors[0].message}{more}; list them all with `fedamlp data check {where}`, "
+            "or leave bad cases out with data.on_bad_case=skip"
+        )
+    for p in errors:
+        logger.warning("skipping a bad case (data.on_bad_case=skip): %s: %s", p.file, p.message)

@@ -56,7 +56,7 @@ def predict_file(run: str | Path, input_path: str | Path, output_path: str | Pat
     dev = resolve_device(device)
     model, meta = load_segmentation(run, dev)
     cfg = build_config(meta["config"])
-    image, affine = read_image(input_path)  # [C, *S]
+    image, affine = read_image(input_path, cfg.data.max_voxels)  # [C, *S]
     if image.shape[0] != cfg.model.in_channels:
         raise DataError(f"{input_path}: has {image.shape[0]} channel(s), the model expects {cfg.model.in_channels}")
     image = normalize_intensity(image)

@@ -44,6 +44,7 @@ from amlp_core.models import (
     has_encoder,
 )
 from amlp_core.privacy import PrivacyLedger, PrivatePhase, ready_ledger
+from amlp_core.runfolder import RunFolderError, holds_run
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +92,15 @@ def _resume_state(out: Path, cfg: Config) -> dict[str, Any] | None:
     return {**state, "epoch": meta["epoch"]}
 
 
+def check_resume(out: str | Path, cfg: Config) -> None:
+    """RunFolderError unless ``out`` is empty or holds a stopped pretraining of ``cfg`` to go on with."""
+    if holds_run(out) and _resume_state(Path(out), cfg) is None:
+        raise RunFolderError(
+            f"run folder {out} holds no stopped pretraining of these settings to resume (it has finished, or "
+            "was made with other settings); pass --overwrite to start it again, or choose another folder"
+        )
+
+
 def _out_of_time(start: float, cfg: Config) -> bool:
     return cfg.train.max_minutes > 0 and time.monotonic() - start > 60 * cfg.train.max_minutes
 
@@ -111,10 +121,10 @@ def pretrain(cfg: Config, out_dir: str | Path, split: DataSplit | None = None) -
             f"model.seg_arch={cfg.model.seg_arch} has no encoder to pretrain (a plain U-Net trains "
             "from scratch with `fedamlp finetune`); pretrain with model.seg_arch=vit"
         )
+    split = split or load_split(cfg)  # bad data is refused before anything is written
     resumed = _resume_state(Path(out_dir), cfg)
     first = resumed["epoch"] if resumed else 0
     out, device = _prepare(cfg, out_dir, keep_metrics=first)
-    split = split or load_split(cfg)
     method = build_method(cfg.model, cfg.method).to(device)
     loader = make_loader(split.train, cfg, augment=True, labels=False)
     optimizer = pretrain_optimizer(method, cfg.train)
@@ -259,11 +269,11 @@ def train_segmentation(
     whichever is further), so a time-limited run still anneals. Under ``privacy.site_dp`` a step is one
     Poisson draw (an empty one included), and the ledger is planned and charged in those steps.
     """
-    out, device = _prepare(cfg, out_dir)
-    split = split or load_split(cfg)
+    split = split or load_split(cfg)  # bad data is refused before anything is written
     labelled = [s for s in split.train if s.label is not None]
     if not labelled:
         raise DataError(f"no labelled training cases in {cfg.data.path}: fine-tuning needs labels")
+    out, device = _prepare(cfg, out_dir)
     subset = label_subset(labelled, cfg.train.label_fraction, cfg.train.seed)
     model.to(device)
     loader = make_loader(subset, cfg, augment=True, labels=True)

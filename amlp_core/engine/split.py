@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from amlp_core.config import Config
 from amlp_core.data import (
+    Expect,
     Sample,
     discover,
     load_samples,
@@ -57,6 +59,7 @@ def load_split(cfg: Config, site: int = 0, num_sites: int = 1) -> DataSplit:
         index = discover(d.path, d.format)
         class_names = index.class_names or {k: f"class_{k}" for k in range(m.num_classes)}
         dims = index.spatial_dims
+        _check_fits(class_names, dims, cfg)  # before reading: the model cannot take data of another kind
         train_names, test_names = split_names([c.name for c in index.cases], d.test_fraction, d.split_seed)
         if num_sites > 1:
             f = cfg.federation
@@ -64,17 +67,20 @@ def load_split(cfg: Config, site: int = 0, num_sites: int = 1) -> DataSplit:
             test_names = partition_names(test_names, num_sites, "iid", seed=d.split_seed)[site] if test_names else []
         wanted = set(train_names) | set(test_names)
         index = dataclasses.replace(index, cases=tuple(c for c in index.cases if c.name in wanted))
-        samples = load_samples(index, with_labels=True)
-    _check_fits(samples, class_names, dims, cfg)
-    by_name = {s.name: s for s in samples}
-    train = [by_name[n] for n in train_names]
-    test = [by_name[n] for n in test_names]
+        expect = Expect(dims, frozenset(class_names), m.in_channels, d.max_voxels)
+        samples = load_samples(index, expect, d.on_bad_case)
+    _check_fits(class_names, dims, cfg, samples)
+    by_name = {s.name: s for s in samples}  # (data.on_bad_case=skip may have left cases out)
+    train = [by_name[n] for n in train_names if n in by_name]
+    test = [by_name[n] for n in test_names if n in by_name]
     if d.as_slices:
         train = to_slices(train, d.slice_axis)
     return DataSplit(train, test, class_names)
 
 
-def _check_fits(samples: list[Sample], class_names: dict[int, str], dims: int, cfg: Config) -> None:
+def _check_fits(class_names: dict[int, str], dims: int, cfg: Config, samples: Sequence[Sample] = ()) -> None:
+    """ConfigError when data of ``dims`` spatial dims, these classes and the ``samples``' channels
+    do not fit the model."""
     d, m = cfg.data, cfg.model
     if d.as_slices and dims == 3:
         dims = 2

@@ -4,7 +4,7 @@ import logging
 import numpy as np
 import pytest
 
-from amlp_core.data import discover, read_case_label
+from amlp_core.data import discover, load_samples, read_case_label
 from amlp_core.errors import DataError
 
 from .helpers import label_map, save_nii, save_png, volume
@@ -18,12 +18,54 @@ def test_msd(msd_root):
     assert all(c.image.is_file() and c.label.is_file() for c in index.cases)
 
 
-def test_msd_missing_label_named(msd_root):
+def test_msd_missing_label_is_a_named_bad_entry(msd_root):
     missing = msd_root / "labelsTr" / "case_001.nii.gz"
     missing.unlink()
+    index = discover(msd_root, fmt="msd")
+    assert [c.name for c in index.cases] == ["case_000", "case_002"]
+    assert [p.file for p in index.problems] == [str(missing)] and "does not exist" in index.problems[0].message
     with pytest.raises(DataError, match="does not exist") as exc_info:
-        discover(msd_root, fmt="msd")
-    assert str(missing) in str(exc_info.value)
+        load_samples(index)
+    assert str(missing) in str(exc_info.value) and "data.on_bad_case=skip" in str(exc_info.value)
+    assert [s.name for s in load_samples(index, on_bad_case="skip")] == ["case_000", "case_002"]
+
+
+def _edit_training(root, edit):
+    meta = json.loads((root / "dataset.json").read_text())
+    edit(meta["training"])
+    (root / "dataset.json").write_text(json.dumps(meta))
+
+
+@pytest.mark.parametrize(
+    "edit, words",
+    [
+        (lambda t: t.append(dict(t[0])), "listed again by training entry 3"),
+        (lambda t: t.append({"image": t[0]["image"].replace("./", "./../msd/"), "label": t[1]["label"]}), "again"),
+        (lambda t: t.append({"image": "../outside.nii.gz"}), "outside the dataset folder"),
+        (lambda t: t.append({"image": "/etc/hostname"}), "outside the dataset folder"),
+        (lambda t: t.append({"label": "x"}), "has no 'image' path"),
+    ],
+)
+def test_msd_bad_entries_are_left_out_and_named(msd_root, edit, words):
+    (msd_root.parent / "outside.nii.gz").write_bytes((msd_root / "imagesTr" / "case_000.nii.gz").read_bytes())
+    _edit_training(msd_root, edit)
+    index = discover(msd_root)
+    assert [c.name for c in index.cases] == ["case_000", "case_001", "case_002"]
+    assert len(index.problems) == 1 and words in index.problems[0].message
+    with pytest.raises(DataError, match="training entry 3"):
+        load_samples(index)
+
+
+def test_nifti_same_name_twice_is_a_bad_entry(tmp_path):
+    save_nii(tmp_path / "images" / "a.nii.gz", volume())
+    save_nii(tmp_path / "images" / "a.nii", volume(1))
+    save_nii(tmp_path / "images" / "b.nii.gz", volume(2))
+    index = discover(tmp_path)
+    assert [c.name for c in index.cases] == ["b"]
+    assert (
+        index.problems[0].file == str(tmp_path / "images" / "a.nii.gz")
+        and "same case name" in index.problems[0].message
+    )
 
 
 def test_msd_bad_json_named(tmp_path):

@@ -69,10 +69,48 @@ def test_empty_folder_is_one_error(tmp_path):
     assert report.errors[0].file == str(tmp_path) and "empty" in report.errors[0].message
 
 
-def test_missing_label_in_msd_is_reported_not_raised(msd_root):
-    (msd_root / "labelsTr" / "case_002.nii.gz").unlink()
+def test_every_problem_is_reported_not_the_first(msd_root):
+    missing = [msd_root / "labelsTr" / f"case_00{i}.nii.gz" for i in (0, 2)]
+    for path in missing:
+        path.unlink()
+    bad_image = truncate(msd_root / "imagesTr" / "case_001.nii.gz")
     report = check_dataset(msd_root)
-    assert not report.ok and "case_002.nii.gz" in report.errors[0].message
+    assert sorted(p.file for p in report.errors) == sorted(map(str, [*missing, bad_image]))
+    assert "NOT USABLE: 3 errors" in report.render()
+
+
+def test_label_geometry_must_match_its_image(msd_root):
+    shifted = np.eye(4)
+    shifted[0, 3] = 5.0
+    path = save_nii(msd_root / "labelsTr" / "case_001.nii.gz", label_map(1), affine=shifted)
+    report = check_dataset(msd_root)
+    assert [p.file for p in report.errors] == [str(path)] and "affine" in report.errors[0].message
+    tiny = np.eye(4)
+    tiny[0, 3] = 1e-5  # float rounding of a header, not another geometry
+    save_nii(msd_root / "labelsTr" / "case_001.nii.gz", label_map(1), affine=tiny)
+    assert check_dataset(msd_root).ok
+
+
+def test_channels_must_agree_across_cases(msd_root):
+    two = np.stack([volume(1), volume(2)], axis=-1)
+    path = save_nii(msd_root / "imagesTr" / "case_001.nii.gz", two)
+    report = check_dataset(msd_root)
+    assert [p.file for p in report.errors] == [str(path)] and "most cases have 1" in report.errors[0].message
+
+
+def test_voxel_limit_refuses_before_decompressing(tmp_path):
+    import nibabel as nib
+
+    header = nib.Nifti1Header()  # a small file whose header declares 1000^3 voxels
+    header.set_data_shape((1000, 1000, 1000))
+    header.set_data_dtype(np.float32)
+    bomb = tmp_path / "images" / "bomb.nii"
+    bomb.parent.mkdir()
+    with open(bomb, "wb") as f:
+        f.write(header.binaryblock + b"\0" * 4 + b"\0" * 4096)
+    report = check_dataset(tmp_path, max_voxels=10**6)
+    assert [p.file for p in report.errors] == [str(bomb)]
+    assert "declares 1,000,000,000 voxels" in report.errors[0].message
 
 
 def test_num_classes_for_plain_nifti(tmp_path):
