@@ -20,7 +20,7 @@ ignores and ``deploy/compose.yaml`` mounts from)::
   (public) read. Run it on the hospital's own machine; only the ``.pub`` file travels.
 
 Private keys are written with mode 0600 and an existing file is never overwritten unless
-``--force`` is given. Errors are one line on stderr and exit status 1.
+``--force`` is given. Errors are one line on stderr and exit status 2.
 """
 
 from __future__ import annotations
@@ -277,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
             written = make_site_key(folder, args.name, args.force)
     except (PKIError, OSError) as e:
         print(f"pki.py {args.command}: error: {e}", file=sys.stderr)
-        return 1
+        return 2
     for path in written:
         print(path)
     return 0

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from amlp_core.atomic import atomic_write_text, check_output
 from amlp_core.config import METHOD_NAMES, Config, DataConfig, build_config, check_keys, load_config
-from amlp_core.errors import AMLPError, ConfigError
+from amlp_core.errors import AMLPError, ConfigError, DataError
 from amlp_core.runfolder import check_new_run, clear_run, hold
 
 if TYPE_CHECKING:
@@ -186,7 +186,12 @@ def cmd_data_check(args: argparse.Namespace) -> int:
     print(report.render())
     if args.json:
         atomic_write_text(args.json, json.dumps(report.to_dict(), indent=2))
-    return 0 if report.ok else 1
+    if not report.ok:
+        first = report.errors[0]
+        raise DataError(
+            f"{first.file}: {first.message} (dataset {args.path}: {len(report.errors)} errors, listed above)"
+        )
+    return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

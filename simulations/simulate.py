@@ -22,6 +22,8 @@ from typing import Any
 import tomli_w
 
 from amlp_core.config import Config, flat_dict
+from amlp_core.data import check_dataset
+from amlp_core.data.validate import refuse_or_skip
 from amlp_core.engine.artefacts import load_pretrained_encoder
 from amlp_core.errors import ConfigError
 from amlp_core.runfolder import check_new_run, clear_run, hold
@@ -98,6 +100,10 @@ def _check_simulation(cfg: Config) -> None:
         )
     if f.init_encoder:
         load_pretrained_encoder(f.init_encoder, cfg.model)  # the server would refuse it after connecting
+    d = cfg.data
+    if not d.synthetic:  # every site would refuse it (or skip its bad cases) only after Flower started
+        report = check_dataset(d.path, d.format, cfg.model.num_classes, max_voxels=d.max_voxels)
+        refuse_or_skip(report.problems, d.on_bad_case, d.path)
 
 
 def _simulate(

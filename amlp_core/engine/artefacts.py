@@ -15,9 +15,9 @@ from typing import Any
 
 import torch
 
-from amlp_core.config import ARCHITECTURE, Config, ModelConfig, build_config, build_section, save_config
+from amlp_core.config import ARCHITECTURE, Config, ModelConfig, build_config, save_config
 from amlp_core.engine.checkpoint import load_checkpoint, require_meta, save_checkpoint
-from amlp_core.errors import CheckpointError
+from amlp_core.errors import CheckpointError, ConfigError
 from amlp_core.methods import PretrainMethod
 from amlp_core.models import (
     SegmentationNet,
@@ -111,6 +111,28 @@ def export_segmentation(folder: Path, cfg: Config, model_state: dict[str, torch.
     return folder
 
 
+def saved_config(meta: Mapping[str, Any], path: str | Path) -> Config:
+    """The configuration a checkpoint's metadata holds, checked like any other.
+
+    Raises:
+        CheckpointError: naming the file, when there is none or it is not a valid configuration.
+    """
+    raw = meta.get("config")
+    if not isinstance(raw, Mapping) or not isinstance(raw.get("model"), Mapping):
+        raise CheckpointError(f"checkpoint {path} holds no run configuration")
+    try:
+        return build_config(dict(raw))
+    except ConfigError as err:
+        raise CheckpointError(f"checkpoint {path} holds an invalid configuration: {err}") from None
+
+
+def _saved_weights(state: Mapping[str, Any], key: str, path: str | Path) -> dict[str, torch.Tensor]:
+    weights = state.get(key)
+    if not isinstance(weights, Mapping) or not all(isinstance(v, torch.Tensor) for v in weights.values()):
+        raise CheckpointError(f"checkpoint {path} holds no {key} weights")
+    return dict(weights)
+
+
 def require_architecture(meta: dict, path: str | Path) -> None:
     """Refuse a checkpoint whose network layout is not this version's (:data:`~amlp_core.config.ARCHITECTURE`).
 
@@ -141,10 +163,10 @@ def _read_pretraining(run: str | Path, model_cfg: ModelConfig) -> tuple[Path, di
     state, meta = load_checkpoint(path)
     require_meta(meta, path, kind="pretrain")
     require_architecture(meta, path)
-    have = build_section("model", meta["config"]["model"])
+    have = saved_config(meta, path).model
     if have != model_cfg:
         raise CheckpointError(f"checkpoint {path} was made for model {have}, not {model_cfg}")
-    return path, state["method"], meta
+    return path, _saved_weights(state, "method", path), meta
 
 
 def _encoder_of(path: Path, method_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -190,8 +212,9 @@ def pretraining_method(run: str | Path) -> str:
 
 def model_config_of(run: str | Path) -> ModelConfig:
     """The model configuration a run's checkpoint was made with."""
-    _, meta = load_checkpoint(checkpoint_path(run))
-    return build_section("model", meta["config"]["model"])
+    path = checkpoint_path(run)
+    _, meta = load_checkpoint(path)
+    return saved_config(meta, path).model
 
 
 def load_segmentation(run: str | Path, device: torch.device | None = None) -> tuple[torch.nn.Module, dict]:
@@ -200,10 +223,10 @@ def load_segmentation(run: str | Path, device: torch.device | None = None) -> tu
     state, meta = load_checkpoint(path)
     require_meta(meta, path, kind="segmentation")
     require_architecture(meta, path)
-    cfg = build_config(meta["config"])
+    cfg = saved_config(meta, path)
     model = build_segmentation_model(cfg.model)
     try:
-        model.load_state_dict(state["model"], strict=True)
+        model.load_state_dict(_saved_weights(state, "model", path), strict=True)
     except RuntimeError as e:
         raise CheckpointError(f"checkpoint {path} does not fit its own model configuration: {e}") from None
     model.to(device or torch.device("cpu")).eval()

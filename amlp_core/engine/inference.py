@@ -16,7 +16,7 @@ from amlp_core.data import (
     write_nifti,
 )
 from amlp_core.data.io import NIFTI_SUFFIXES
-from amlp_core.engine.artefacts import load_segmentation
+from amlp_core.engine.artefacts import load_segmentation, saved_config
 from amlp_core.engine.device import resolve_device
 from amlp_core.engine.loops import evaluate_segmentation, predict_volume
 from amlp_core.engine.split import load_split
@@ -31,7 +31,7 @@ def evaluate(
     """Dice per class of a fine-tuned model on the test cases of the data it names (or overrides)."""
     dev = resolve_device(device)
     model, meta = load_segmentation(run, dev)
-    cfg = build_config(meta["config"])
+    cfg = saved_config(meta, run)
     if data_cfg_overrides:
         cfg = build_config({f"data.{k}": v for k, v in data_cfg_overrides.items()}, base=cfg)
     split = load_split(cfg)
@@ -55,7 +55,7 @@ def predict_file(run: str | Path, input_path: str | Path, output_path: str | Pat
     check_output(output_path, "output", NIFTI_SUFFIXES, inputs=(input_path,))
     dev = resolve_device(device)
     model, meta = load_segmentation(run, dev)
-    cfg = build_config(meta["config"])
+    cfg = saved_config(meta, run)
     image, affine = read_image(input_path, cfg.data.max_voxels)  # [C, *S]
     if image.shape[0] != cfg.model.in_channels:
         raise DataError(f"{input_path}: has {image.shape[0]} channel(s), the model expects {cfg.model.in_channels}")

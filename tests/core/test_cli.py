@@ -228,7 +228,7 @@ def test_data_check_exit_codes_and_report(tmp_path):
     victim = sorted((data / "imagesTr").iterdir())[1]
     victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
     bad = _run_cli("data", "check", str(data))
-    assert bad.returncode == 1
+    assert bad.returncode == 2
     assert str(victim) in bad.stdout and "Traceback" not in bad.stdout + bad.stderr
 
 

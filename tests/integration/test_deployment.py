@@ -187,17 +187,17 @@ def _site_file(root: Path, name: str, index: int) -> Path:
 
 def test_pki_script_refuses_to_overwrite_and_protects_private_keys(tmp_path):
     pki = tmp_path / "pki"
-    assert _pki("server-cert", "--dir", str(pki), "--host", "x").returncode == 1  # no CA yet
+    assert _pki("server-cert", "--dir", str(pki), "--host", "x").returncode == 2  # no CA yet
     assert _pki("ca", "--dir", str(pki)).returncode == 0
     again = _pki("ca", "--dir", str(pki))
-    assert again.returncode == 1 and "already exist" in again.stderr and "--force" in again.stderr
+    assert again.returncode == 2 and "already exist" in again.stderr and "--force" in again.stderr
     bad = _pki("server-cert", "--dir", str(pki), "--host", "https://x:8000")
-    assert bad.returncode == 1 and "neither an IP address nor a DNS name" in bad.stderr
+    assert bad.returncode == 2 and "neither an IP address nor a DNS name" in bad.stderr
     assert _pki("server-cert", "--dir", str(pki), "--host", "fl.example.org", "--host", "10.1.2.3").returncode == 0
-    assert _pki("site-key", "--dir", str(pki), "../evil").returncode == 1
+    assert _pki("site-key", "--dir", str(pki), "../evil").returncode == 2
     assert _pki("site-key", "--dir", str(pki), "st-anna").returncode == 0
     key = (pki / "sites" / "st-anna.key").read_bytes()
-    assert _pki("site-key", "--dir", str(pki), "st-anna").returncode == 1
+    assert _pki("site-key", "--dir", str(pki), "st-anna").returncode == 2
     assert (pki / "sites" / "st-anna.key").read_bytes() == key
     assert _pki("site-key", "--dir", str(pki), "st-anna", "--force").returncode == 0
     assert (pki / "sites" / "st-anna.key").read_bytes() != key
