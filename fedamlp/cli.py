@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 from amlp_core.atomic import atomic_write_text, check_output
 from amlp_core.config import METHOD_NAMES, Config, DataConfig, build_config, check_keys, load_config
 from amlp_core.errors import AMLPError, ConfigError, DataError
-from amlp_core.runfolder import check_new_run, clear_run, hold
+from amlp_core.runfolder import check_new_run, hold
 
 if TYPE_CHECKING:
     from amlp_core.engine.split import DataSplit
@@ -106,8 +106,8 @@ def _run_folder(out: str | Path, cfg: Config, resume: bool = False, overwrite: b
     """Hold the run folder ``out`` for a single-site run and yield its data, read and checked.
 
     A folder that holds a run is refused unless resumed (a stopped pretraining of ``cfg``) or
-    overwritten; with ``overwrite`` the old run is removed only once the data have passed their
-    checks, so a refused start changes nothing there.
+    overwritten; the pipeline removes an overwritten run only once every check of the start has
+    passed (data, checkpoint, privacy budget), so a refused start changes nothing there.
     """
     from amlp_core.engine.pipeline import check_resume
     from amlp_core.engine.split import load_split
@@ -116,10 +116,7 @@ def _run_folder(out: str | Path, cfg: Config, resume: bool = False, overwrite: b
     with hold(out):
         if resume:
             check_resume(out, cfg)
-        split = load_split(cfg)
-        if overwrite:
-            clear_run(out)
-        yield split
+        yield load_split(cfg)
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
@@ -127,7 +124,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
     cfg = _config(args, args.data, {"method.name": args.method})
     with _run_folder(args.out, cfg, args.resume, args.overwrite) as split:
-        metrics = pretrain(cfg, args.out, split)
+        metrics = pretrain(cfg, args.out, split, overwrite=args.overwrite)
     private = f", DP epsilon {metrics['epsilon']:.3f} at delta {cfg.privacy.delta:g}" if "epsilon" in metrics else ""
     print(
         f"pretrained {cfg.method.name} for {metrics['epoch']} epochs: loss {metrics['loss']:.4f}{private} -> {args.out}"
@@ -147,7 +144,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         )  # not the encoder's: model.seg_arch=unet with --init is refused
     cfg = _config(args, args.data, extra)
     with _run_folder(args.out, cfg, overwrite=args.overwrite) as split:
-        result = finetune(cfg, args.out, init=args.init, split=split)
+        result = finetune(cfg, args.out, init=args.init, split=split, overwrite=args.overwrite)
     from amlp_core.engine.artefacts import load_segmentation
 
     _print_dice(result, load_segmentation(args.out)[1].get("class_names"))
@@ -204,9 +201,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     cfg = base.replace(train={"epochs": args.finetune_epochs, "label_fraction": 0.25})
     check_new_run(out / "finetune", False, args.overwrite)  # before the first half is redone
     with _run_folder(out / "pretrain", pre_cfg, overwrite=args.overwrite) as split:
-        pretrain(pre_cfg, out / "pretrain", split)
+        pretrain(pre_cfg, out / "pretrain", split, overwrite=args.overwrite)
     with _run_folder(out / "finetune", cfg, overwrite=args.overwrite) as split:
-        result = finetune(cfg, out / "finetune", init=out / "pretrain", split=split)
+        result = finetune(cfg, out / "finetune", init=out / "pretrain", split=split, overwrite=args.overwrite)
     _print_dice(result, {"1": "lesion"})
     print(f"model: {out / 'finetune'}  (use: fedamlp predict --model {out / 'finetune'} --input X --output Y)")
     return 0

@@ -44,7 +44,7 @@ from amlp_core.models import (
     has_encoder,
 )
 from amlp_core.privacy import PrivacyLedger, PrivatePhase, ready_ledger
-from amlp_core.runfolder import RunFolderError, holds_run
+from amlp_core.runfolder import RunFolderError, clear_run, holds_run
 
 log = logging.getLogger(__name__)
 
@@ -52,10 +52,15 @@ log = logging.getLogger(__name__)
 CHECKPOINT_STEPS = 10  # fine-tuning: a checkpoint after a pass at most this often (in steps), and at the end
 
 
-def _prepare(cfg: Config, out_dir: str | Path, keep_metrics: int = 0) -> tuple[Path, torch.device]:
-    """Make ``out_dir``, write the config, seed and set threads. ``metrics.jsonl`` starts empty, or keeps
-    its first ``keep_metrics`` epochs (a resumed pretraining)."""
+def _prepare(
+    cfg: Config, out_dir: str | Path, keep_metrics: int = 0, overwrite: bool = False
+) -> tuple[Path, torch.device]:
+    """Make ``out_dir`` (with ``overwrite``: remove the run in it first), write the config, seed and set
+    threads. ``metrics.jsonl`` starts empty, or keeps its first ``keep_metrics`` epochs (a resumed
+    pretraining). Called once every check of the start has passed, so a refused start changes nothing."""
     out = Path(out_dir)
+    if overwrite:
+        clear_run(out)
     out.mkdir(parents=True, exist_ok=True)
     metrics = out / METRICS
     kept = [
@@ -105,16 +110,20 @@ def _out_of_time(start: float, cfg: Config) -> bool:
     return cfg.train.max_minutes > 0 and time.monotonic() - start > 60 * cfg.train.max_minutes
 
 
-def pretrain(cfg: Config, out_dir: str | Path, split: DataSplit | None = None) -> dict[str, Any]:
+def pretrain(
+    cfg: Config, out_dir: str | Path, split: DataSplit | None = None, overwrite: bool = False
+) -> dict[str, Any]:
     """Self-supervised pretraining of ``cfg.method.name`` on the training cases' images.
 
     Writes ``checkpoint.pt`` (kind ``pretrain``) after every epoch. A run stopped before its last epoch
     (killed, or ``train.max_minutes``) goes on from its last finished epoch when started again with the
     same settings in the same folder (:data:`RESUME`), and ends where the uninterrupted run ends.
-    Returns the last epoch's metrics.
+    With ``overwrite`` the run already in ``out_dir`` is removed once the start's checks have passed
+    (its privacy ledger stays). Returns the last epoch's metrics.
 
     Raises:
         ConfigError: ``model.seg_arch=unet``, whose plain U-Net has no encoder to pretrain.
+        PrivacyBudgetExceeded: under DP, the first epoch would overspend (before anything is written).
     """
     if not has_encoder(cfg.model):
         raise ConfigError(
@@ -122,9 +131,22 @@ def pretrain(cfg: Config, out_dir: str | Path, split: DataSplit | None = None) -
             "from scratch with `fedamlp finetune`); pretrain with model.seg_arch=vit"
         )
     split = split or load_split(cfg)  # bad data is refused before anything is written
-    resumed = _resume_state(Path(out_dir), cfg)
+    resumed = None if overwrite else _resume_state(Path(out_dir), cfg)
     first = resumed["epoch"] if resumed else 0
-    out, device = _prepare(cfg, out_dir, keep_metrics=first)
+    epochs = cfg.train.epochs
+    private = cfg.privacy.site_dp and cfg.privacy.private("pretrain")
+
+    def epoch_ledger(epoch: int) -> PrivacyLedger | None:
+        """Under DP, one stretch per epoch: its steps are on the ledger before the epoch's checkpoint is."""
+        if not private:
+            return None
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        phase = PrivatePhase(rounds=epochs - epoch, cases=len(split.train), epochs=1)
+        return _privacy_ledger(cfg, Path(out_dir), phase, f"pretraining epoch {epoch + 1} in {out_dir}")
+
+    if first < epochs:
+        epoch_ledger(first)  # an overspending start is refused before anything is written
+    out, device = _prepare(cfg, out_dir, keep_metrics=first, overwrite=overwrite)
     method = build_method(cfg.model, cfg.method).to(device)
     loader = make_loader(split.train, cfg, augment=True, labels=False)
     optimizer = pretrain_optimizer(method, cfg.train)
@@ -135,8 +157,6 @@ def pretrain(cfg: Config, out_dir: str | Path, split: DataSplit | None = None) -
         generator.set_state(resumed["generator"])
         loader.generator.set_state(resumed["shuffle"])
         torch.set_rng_state(resumed["torch"])
-    epochs = cfg.train.epochs
-    private = cfg.privacy.site_dp and cfg.privacy.private("pretrain")
     if cfg.privacy.site_dp and not private:
         log.info("privacy.site_dp: pretraining is not private (privacy.phases=%s); fine-tuning is", cfg.privacy.phases)
     log.info(
@@ -150,17 +170,7 @@ def pretrain(cfg: Config, out_dir: str | Path, split: DataSplit | None = None) -
     )
     start, metrics = time.monotonic(), {}
     for epoch in range(first, epochs):
-        # One stretch per epoch: under DP its steps are on the ledger before the epoch's checkpoint is.
-        ledger = (
-            _privacy_ledger(
-                cfg,
-                out,
-                PrivatePhase(rounds=epochs - epoch, cases=len(split.train), epochs=1),
-                f"pretraining epoch {epoch + 1} in {out}",
-            )
-            if private
-            else None
-        )
+        ledger = epoch_ledger(epoch)
         metrics = pretrain_epochs(
             method,
             optimizer,
@@ -203,7 +213,11 @@ def pretrain(cfg: Config, out_dir: str | Path, split: DataSplit | None = None) -
 
 
 def finetune(
-    cfg: Config, out_dir: str | Path, init: str | Path | None = None, split: DataSplit | None = None
+    cfg: Config,
+    out_dir: str | Path,
+    init: str | Path | None = None,
+    split: DataSplit | None = None,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Segmentation fine-tuning on ``train.label_fraction`` of the labelled training cases.
 
@@ -229,7 +243,13 @@ def finetune(
         assert isinstance(model, SegmentationNet)  # has_encoder: the ViT network
         init_meta = load_pretrained(init, model, decoder=cfg.train.init_decoder)
     return train_segmentation(
-        model, cfg, out_dir, split, init_method=init_meta.get("method", "scratch"), init_from=str(init or "")
+        model,
+        cfg,
+        out_dir,
+        split,
+        init_method=init_meta.get("method", "scratch"),
+        init_from=str(init or ""),
+        overwrite=overwrite,
     )
 
 
@@ -255,6 +275,7 @@ def train_segmentation(
     split: DataSplit | None = None,
     init_method: str = "scratch",
     init_from: str = "",
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Train any segmentation network ``[B, C, *S] -> [B, K, *S]`` with Dice + CE, then evaluate.
 
@@ -273,12 +294,17 @@ def train_segmentation(
     labelled = [s for s in split.train if s.label is not None]
     if not labelled:
         raise DataError(f"no labelled training cases in {cfg.data.path}: fine-tuning needs labels")
-    out, device = _prepare(cfg, out_dir)
     subset = label_subset(labelled, cfg.train.label_fraction, cfg.train.seed)
+    steps = finetune_budget(cfg.train.finetune_steps, cfg.train.epochs, len(labelled), cfg.train.batch_size)
+    ledger = None
+    if cfg.privacy.site_dp:  # an overspending run is refused before anything is written
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        phase = PrivatePhase(rounds=1, cases=len(subset), steps=steps)
+        ledger = _privacy_ledger(cfg, Path(out_dir), phase, f"fine-tuning {steps} steps in {out_dir}")
+    out, device = _prepare(cfg, out_dir, overwrite=overwrite)
     model.to(device)
     loader = make_loader(subset, cfg, augment=True, labels=True)
     optimizer = finetune_optimizer(model, cfg.train, pretrained=init_method != "scratch")
-    steps = finetune_budget(cfg.train.finetune_steps, cfg.train.epochs, len(labelled), cfg.train.batch_size)
     log.info(
         "fine-tuning on %d of %d labelled cases (%s) for %d steps on %s",
         len(subset),
@@ -291,13 +317,6 @@ def train_segmentation(
         cfg, {str(k): v for k, v in split.class_names.items()}, init_method, init_from, len(subset)
     )
     saveable = isinstance(model, SEG_ARCH_CLASSES[cfg.model.seg_arch])  # what load_segmentation rebuilds
-    ledger = (
-        _privacy_ledger(
-            cfg, out, PrivatePhase(rounds=1, cases=len(subset), steps=steps), f"fine-tuning {steps} steps in {out}"
-        )
-        if cfg.privacy.site_dp
-        else None
-    )
     start, saved_at, evaluated_at = time.monotonic(), [0], [0]
     every = cfg.train.eval_every if ledger is None else 0  # a private run evaluates at the end only
 

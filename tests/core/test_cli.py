@@ -137,7 +137,7 @@ def test_png_2d_pipeline_and_scratch_finetune(tmp_path):
 
 
 @pytest.mark.filterwarnings("ignore:Full backward hook is firing:UserWarning")
-def test_private_finetune_reports_epsilon_and_refuses_to_overspend(tmp_path):
+def test_private_finetune_reports_epsilon_and_refuses_to_overspend(tmp_path, capsys):
     config = _yaml(tmp_path, 2)
     dp = ["--set", "privacy.site_dp=true", "--set", "privacy.budget=5"]
     assert (
@@ -159,24 +159,13 @@ def test_private_finetune_reports_epsilon_and_refuses_to_overspend(tmp_path):
     )
     result = json.loads((tmp_path / "fine" / "evaluation.json").read_text())
     assert 0 < result["epsilon"] <= 5.0 and result["delta"] == 1e-5
-    # The same output folder holds the same cases' ledger: another run would overspend, and is refused.
-    assert (
-        main(
-            [
-                "finetune",
-                "--data",
-                "synthetic",
-                "--config",
-                config,
-                "--epochs",
-                "2",
-                "--out",
-                str(tmp_path / "fine"),
-                *dp,
-            ]
-        )
-        != 0
-    )
+    # The same output folder holds the same cases' ledger: another run would overspend, and is refused;
+    # --overwrite replaces the run, never the ledger.
+    again = ["finetune", "--data", "synthetic", "--config", config, "--epochs", "2", "--out", str(tmp_path / "fine")]
+    assert main([*again, *dp]) == 2
+    assert "already holds a run" in capsys.readouterr().err
+    assert main([*again, *dp, "--overwrite"]) == 2
+    assert "budget" in capsys.readouterr().err
 
 
 @pytest.mark.slow  # over 10 s: not in the fast tier
@@ -410,3 +399,32 @@ def test_plain_unet_finetune_predict_and_refusals(tmp_path, capsys):
     assert "model.seg_arch=unet" in err and "no encoder to load" in err and str(tmp_path / "pre") in err
     assert main(["pretrain", "--data", str(data), "--config", config, "--out", str(tmp_path / "y"), *unet]) == 2
     assert "no encoder to pretrain" in capsys.readouterr().err
+
+
+def test_single_site_runs_own_their_folder_and_a_refused_start_changes_nothing(tmp_path, capsys):
+    config = _yaml(tmp_path, 2)
+    pre = tmp_path / "pre"
+    args = ["pretrain", "--data", "synthetic", "--config", config, "--epochs", "2", "--out", str(pre)]
+    # Stopped after its first epoch (time limit), then resumed with --resume to the end.
+    assert main([*args, "--set", "train.max_minutes=0.00001"]) == 0
+    assert (pre / "resume.pt").is_file()
+    assert main(args) == 2 and "already holds a run" in capsys.readouterr().err
+    assert main([*args, "--resume"]) == 0 and not (pre / "resume.pt").exists()
+    kept = {p.name: p.read_bytes() for p in pre.iterdir() if p.is_file()}
+    # A finished run: refused again, --resume finds nothing to resume, and --overwrite with bad data
+    # (or an overspending budget) is refused before the old run is touched.
+    assert main(args) == 2 and "already holds a run" in capsys.readouterr().err
+    assert main([*args, "--resume"]) == 2 and "no stopped pretraining" in capsys.readouterr().err
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "dataset.json").write_text("{training: [")
+    refused = ["pretrain", "--data", str(bad), "--config", config, "--out", str(pre), "--overwrite"]
+    assert main(refused) == 2 and str(bad / "dataset.json") in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in pre.iterdir() if p.is_file()} == kept
+    # --overwrite with good data replaces the run.
+    assert main([*args, "--epochs", "1", "--overwrite"]) == 0
+    lines = (pre / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == [1]
+    capsys.readouterr()
+    assert main(["pretrain", "--data", "synthetic", "--config", config, "--out", str(pre), "--resume", "--overwrite"]) == 2
+    assert "contradict" in capsys.readouterr().err

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from amlp_core.runfolder import RunFolderError, check_new_run, clear_run, hold
+from amlp_core.runfolder import SIMULATION_ENV, RunFolderError, check_new_run, clear_run, hold
 
 
 def test_a_held_folder_is_refused_to_a_second_run_and_freed_after(tmp_path):
@@ -61,3 +61,21 @@ def test_a_folder_holding_a_run_needs_resume_or_overwrite(tmp_path):
         check_new_run(run, resume=True, overwrite=True)
     clear_run(run)
     assert sorted(p.name for p in run.iterdir()) == ["notes.txt"]  # only what a run writes is removed
+
+
+def test_the_deployment_server_claims_its_run_dir_like_the_commands(tmp_path, monkeypatch):
+    from amlp_core.config import FederationConfig
+    from server.app import _claim
+
+    monkeypatch.delenv(SIMULATION_ENV, raising=False)
+    run = tmp_path / "run"
+    (run / "results").mkdir(parents=True)
+    (run / "config.yaml").write_text("kept: true\n")
+    (run / "notes.txt").write_text("the operator's")
+    with pytest.raises(RunFolderError, match="already holds a run"):
+        _claim(FederationConfig(run_dir=str(run)))
+    assert (run / "config.yaml").read_text() == "kept: true\n"
+    _claim(FederationConfig(run_dir=str(run), resume=True))  # the federation checks the checkpoint itself
+    _claim(FederationConfig(run_dir=str(run), overwrite=True))
+    assert sorted(p.name for p in run.iterdir()) == ["notes.txt"]
+    _claim(FederationConfig(run_dir=str(tmp_path / "new")))  # a new folder is simply taken

@@ -169,3 +169,24 @@ def test_partition_names_iid_and_dirichlet():
     assert max(len(p) for p in skew) > 14  # quantity skew
     with pytest.raises(Exception, match="cannot cut 3 cases into 4 sites"):
         partition_names(names[:3], 4)
+
+
+def test_a_bad_case_is_refused_by_default_and_skipped_on_request(tmp_path, caplog):
+    import nibabel as nib
+
+    from amlp_core.config import build_config
+    from amlp_core.engine.split import load_split
+    from tests.corpus.build import TINY_MODEL, write_good_dataset
+
+    data = write_good_dataset(tmp_path / "data", n=6)
+    bad = data / "labelsTr" / "case_003.nii.gz"
+    nib.save(nib.Nifti1Image(np.full((16, 16, 16), 7, np.uint8), np.eye(4)), str(bad))  # class 7 of 3
+    settings = dict(s.split("=") for s in TINY_MODEL)
+    cfg = build_config({**settings, "data.path": str(data), "data.test_fraction": 0.3})
+    with pytest.raises(DataError, match="outside the classes") as refused:
+        load_split(cfg)
+    assert str(bad) in str(refused.value)
+    skipped = load_split(cfg.replace(data={"on_bad_case": "skip"}))
+    names = [s.name for s in skipped.train + skipped.test]
+    assert sorted(names) == ["case_000", "case_001", "case_002", "case_004", "case_005"]
+    assert f"skipping a bad case (data.on_bad_case=skip): {bad}" in caplog.text
