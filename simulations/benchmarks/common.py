@@ -20,6 +20,27 @@ HIPPOCAMPUS = REPO.parent / "shared" / "data" / "msd_hippocampus"
 HIPPOCAMPUS_SPLIT = {"data.test_fraction": 48 / 208, "data.split_seed": 0}
 
 
+#: Phantoms (32x32, 2D) and a small network, for the federation-scale benchmarks (robustness, scale):
+#: a site's round takes about a second on two cores.
+SMALL_FEDERATION: dict[str, Any] = {
+    "model.spatial_dims": 2,
+    "model.img_size": [32, 32],
+    "model.patch_size": 4,
+    "model.embed_dim": 48,
+    "model.depth": 2,
+    "model.num_heads": 4,
+    "model.decoder_dim": 24,
+    "model.decoder_depth": 1,
+    "model.decoder_heads": 4,
+    "model.conv_channels": [8, 16],
+    "model.num_classes": 2,
+    "data.synthetic_size": [32, 32],
+    "data.synthetic_cases": 64,
+    "train.batch_size": 8,
+    "train.device": "cpu",
+}
+
+
 def machine() -> dict[str, Any]:
     """What the numbers were measured on."""
     info = {

@@ -23,30 +23,15 @@ from typing import Any
 
 from amlp_core.config import build_config
 from fedamlp import protocol as P
-from simulations.benchmarks.common import machine, table, write_json
+from simulations.benchmarks.common import SMALL_FEDERATION, machine, table, write_json
 from simulations.simulate import simulate
 
 log = logging.getLogger(__name__)
 ATTACKER = "site3"
 ATTACKS = ("none", "poison", "flip", "nan", "inflate")
 STRATEGIES = ("fedavg", "fedmedian", "fedtrimmedavg")
-#: Four sites of 16 phantoms (32x32, 2D), a small network: about a minute a run on two cores.
 SETTINGS: dict[str, Any] = {
-    "model.spatial_dims": 2,
-    "model.img_size": [32, 32],
-    "model.patch_size": 4,
-    "model.embed_dim": 48,
-    "model.depth": 2,
-    "model.num_heads": 4,
-    "model.decoder_dim": 24,
-    "model.decoder_depth": 1,
-    "model.decoder_heads": 4,
-    "model.conv_channels": [8, 16],
-    "model.num_classes": 2,
-    "data.synthetic_size": [32, 32],
-    "data.synthetic_cases": 64,
-    "train.batch_size": 8,
-    "train.device": "cpu",
+    **SMALL_FEDERATION,
     "federation.sites": 4,
     "federation.min_sites": 2,
     "federation.pretrain_rounds": 2,
