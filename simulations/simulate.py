@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -125,6 +127,7 @@ def _simulate(
     marker = uuid.uuid4().hex
     port = free_port()
     bin_dir = str(Path(sys.executable).parent)
+    ray_tmp = tempfile.mkdtemp(prefix="fedamlp-ray-")  # short: Ray's socket paths must fit 107 bytes
     env = {
         **os.environ,
         MARKER: marker,
@@ -132,6 +135,7 @@ def _simulate(
         "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
         "FLWR_DISABLE_UPDATE_CHECK": "1",
         "RAY_DEDUP_LOGS": "0",
+        "RAY_TMPDIR": ray_tmp,  # Ray's session folder, removed with the run's processes (not left in /tmp)
         "PYTHONPATH": os.pathsep.join(filter(None, [str(project), os.environ.get("PYTHONPATH", "")])),
     }
     (flwr_home / "config.toml").write_text(
@@ -214,6 +218,7 @@ def _simulate(
             stop_processes(marker, sessions)
             watchdog.kill()  # its work is done: everything it watched has been stopped
             watchdog.wait()
+            shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
 def default_run_config(project: Path = REPO) -> dict[str, Any]:

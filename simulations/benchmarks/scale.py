@@ -18,6 +18,7 @@ import argparse
 import json
 import logging
 import os
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -43,6 +44,10 @@ COMMON: dict[str, Any] = {
     "federation.local_epochs": 1,
 }
 WARM_UP_ROUNDS = 10
+
+#: The process that runs the ServerApp and the simulation engine: it holds every site's reply of a
+#: round, so it is where memory grows with the number of sites (the engine's workers are a fixed pool).
+SERVER_PROCESS = "flwr-simulation"
 RSS_GROWTH_LIMIT = 0.05
 
 
@@ -109,10 +114,28 @@ def stray_files(run_dir: Path) -> list[str]:
     return sorted(stray)
 
 
+def temp_entries() -> set[str]:
+    """What a simulation could leave in the system's temporary folder: our Ray folders, Ray's default sessions."""
+    tmp = Path(tempfile.gettempdir())
+    return {p.name for p in tmp.glob("fedamlp-*")} | {f"ray/{p.name}" for p in (tmp / "ray").glob("session_*")}
+
+
+def _median(values: list[float]) -> float:
+    return sorted(values)[len(values) // 2]
+
+
+def growth(samples: list[dict[str, Any]], key=lambda s: s["rss_mib"]) -> tuple[float, float]:
+    """Memory at the start and at the end of ``samples`` (medians of their first and last tenth: one
+    sample may catch a worker mid-round)."""
+    tenth = max(1, len(samples) // 10)
+    return _median([key(s) for s in samples[:tenth]]), _median([key(s) for s in samples[-tenth:]])
+
+
 def run_experiment(name: str, runs: Path) -> dict[str, Any]:
     """One experiment: its memory samples summarised, and what it left behind."""
     run_dir = runs / name
     cfg = build_config({**COMMON, **EXPERIMENTS[name], "federation.run_dir": str(run_dir)})
+    temp_before = temp_entries()
     sampler = Sampler(run_dir)
     started = time.monotonic()
     sampler.start()
@@ -125,7 +148,8 @@ def run_experiment(name: str, runs: Path) -> dict[str, Any]:
     time.sleep(2)  # the processes' own exit
     samples = sampler.samples
     total_rounds = cfg.federation.pretrain_rounds + cfg.federation.finetune_rounds
-    warm = [s for s in samples if s["rounds"] >= min(WARM_UP_ROUNDS, total_rounds)]
+    # After warm-up, until the last round is recorded (then the processes start to exit).
+    warm = [s for s in samples if min(WARM_UP_ROUNDS, total_rounds - 1) <= s["rounds"] < total_rounds]
     peak = max(samples, key=lambda s: s["rss_mib"])
     result = {
         "experiment": name,
@@ -135,36 +159,47 @@ def run_experiment(name: str, runs: Path) -> dict[str, Any]:
         "peak_rss_mib": peak["rss_mib"],
         "peak_by_process_mib": peak["by_process_mib"],
         "leftover_processes": sorted(n for n, _ in simulation_processes().values()),
-        "stray_files": stray_files(run_dir),
+        "stray_files": stray_files(run_dir) + sorted(temp_entries() - temp_before),
         "samples": samples,
     }
     if name == "soak" and warm:
-        # Flat memory: the last tenth of the run against the moment warm-up ended (medians: one sample
-        # catches a worker mid-round).
-        tail = warm[-max(1, len(warm) // 10) :]
-        head = warm[: max(1, len(warm) // 10)]
-        start_rss = sorted(s["rss_mib"] for s in head)[len(head) // 2]
-        end_rss = sorted(s["rss_mib"] for s in tail)[len(tail) // 2]
+        start_rss, end_rss = growth(warm)
+        server_start, server_end = growth(warm, lambda s: s["by_process_mib"].get(SERVER_PROCESS, 0.0))
         result.update(
             rss_after_warmup_mib=start_rss,
             rss_at_end_mib=end_rss,
             rss_growth=round(end_rss / start_rss - 1, 4),
-            flat=end_rss / start_rss - 1 < RSS_GROWTH_LIMIT,
+            server_rss_growth=round(server_end / server_start - 1, 4),
+            flat=end_rss / start_rss - 1 < RSS_GROWTH_LIMIT and server_end / server_start - 1 < RSS_GROWTH_LIMIT,
         )
     return result
 
 
+def process_peaks(samples: list[dict[str, Any]]) -> dict[str, float]:
+    """The peak RSS (MiB) of each kind of process over the run."""
+    peaks: dict[str, float] = {}
+    for sample in samples:
+        for name, mib in sample["by_process_mib"].items():
+            peaks[name] = max(peaks.get(name, 0.0), mib)
+    return peaks
+
+
 def summarise(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row an experiment, with the memory each site beyond the 8-site run's costs."""
+    """One row an experiment: the whole simulation's peak, its share per site, the server process's peak,
+    and (for ``sites32``) what each site beyond the 8-site run's costs the server process."""
     by_name = {r["experiment"]: r for r in results}
     rows = []
     for r in results:
         row = {k: v for k, v in r.items() if k not in ("samples", "peak_by_process_mib")}
         row["leftover_processes"] = len(r["leftover_processes"])
         row["stray_files"] = len(r["stray_files"])
+        row["server_peak_mib"] = process_peaks(r["samples"]).get(SERVER_PROCESS, 0.0)
+        row["peak_mib_per_site"] = round(r["peak_rss_mib"] / r["sites"], 1)
         if r["experiment"] == "sites32" and "soak" in by_name:
-            extra = r["sites"] - by_name["soak"]["sites"]
-            row["mib_per_extra_site"] = round((r["peak_rss_mib"] - by_name["soak"]["peak_rss_mib"]) / extra, 2)
+            base = by_name["soak"]
+            extra = r["sites"] - base["sites"]
+            growth = row["server_peak_mib"] - process_peaks(base["samples"]).get(SERVER_PROCESS, 0.0)
+            row["server_mib_per_extra_site"] = round(growth / extra, 2)
         rows.append(row)
     return rows
 
@@ -187,8 +222,9 @@ def main(argv: list[str] | None = None) -> None:
         write_json(out, payload)
     rows = summarise(results)
     columns = [
-        "experiment", "sites", "rounds", "seconds", "peak_rss_mib", "rss_after_warmup_mib", "rss_at_end_mib",
-        "rss_growth", "flat", "mib_per_extra_site", "leftover_processes", "stray_files",
+        "experiment", "sites", "rounds", "seconds", "peak_rss_mib", "peak_mib_per_site", "server_peak_mib",
+        "server_mib_per_extra_site", "rss_after_warmup_mib", "rss_at_end_mib", "rss_growth", "server_rss_growth", "flat",
+        "leftover_processes", "stray_files",
     ]  # fmt: skip
     text = table([{c: r.get(c, "") for c in columns} for r in rows], columns)
     out.with_suffix(".md").write_text(text + "\n")
