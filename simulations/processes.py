@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -167,10 +168,11 @@ def _start_time(pid: int) -> str:
     return fields[19] if len(fields) > 19 else ""
 
 
-def watch(parent: int, marker: str, poll: float = 1.0) -> None:
+def watch(parent: int, marker: str, scratch: str = "", poll: float = 1.0) -> None:
     """Until ``parent`` dies, remember every process below it; then SIGKILL those still running and every
-    process carrying ``marker``. The one ending the parent's own clean-up cannot cover: ``kill -9`` of the
-    parent, after which the simulation engine, re-parented, would go on running rounds and writing."""
+    process carrying ``marker``, and remove the ``scratch`` folder (Ray's). The one ending the parent's own
+    clean-up cannot cover: ``kill -9`` of the parent, after which the simulation engine, re-parented,
+    would go on running rounds and writing."""
     seen: dict[int, str] = {}
     me = os.getpid()
     while _running(parent):
@@ -183,13 +185,16 @@ def watch(parent: int, marker: str, poll: float = 1.0) -> None:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+    if scratch:
+        time.sleep(poll)  # the killed processes' last writes
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
-def start_watchdog(marker: str) -> subprocess.Popen:
+def start_watchdog(marker: str, scratch: str = "") -> subprocess.Popen:
     """A detached process running :func:`watch` on this one (its own session: a signal to ours spares it)."""
-    code = "import sys; from simulations.processes import watch; watch(int(sys.argv[1]), sys.argv[2])"
+    code = "import sys; from simulations.processes import watch; watch(int(sys.argv[1]), *sys.argv[2:])"
     return subprocess.Popen(
-        [sys.executable, "-c", code, str(os.getpid()), marker],
+        [sys.executable, "-c", code, str(os.getpid()), marker, scratch],
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,

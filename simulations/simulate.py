@@ -143,7 +143,7 @@ def _simulate(
     )
     superlink_log = run_dir / "superlink.log"
     sessions: list[subprocess.Popen] = []
-    watchdog = start_watchdog(marker)  # kills what is left should this process be killed outright
+    watchdog = start_watchdog(marker, ray_tmp)  # kills what is left should this process be killed outright
     started = time.monotonic()
     with sigterm_exits():  # a SIGTERM ends the run through the finally below, like Ctrl-C
         try:

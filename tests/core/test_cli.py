@@ -426,5 +426,7 @@ def test_single_site_runs_own_their_folder_and_a_refused_start_changes_nothing(t
     lines = (pre / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["epoch"] for line in lines] == [1]
     capsys.readouterr()
-    assert main(["pretrain", "--data", "synthetic", "--config", config, "--out", str(pre), "--resume", "--overwrite"]) == 2
+    assert (
+        main(["pretrain", "--data", "synthetic", "--config", config, "--out", str(pre), "--resume", "--overwrite"]) == 2
+    )
     assert "contradict" in capsys.readouterr().err

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import tempfile
 from pathlib import Path
 
 from simulations.processes import processes_with_env
@@ -31,7 +32,10 @@ def round_rows(run_dir: Path) -> list[dict]:
 
 
 def assert_no_process_left(run_dir: Path) -> None:
+    """No process of the simulation in ``run_dir`` runs, and no Ray session folder of one is left."""
     assert processes_with_env("FLWR_HOME", str(run_dir / ".flwr")) == []
+    tmp = Path(tempfile.gettempdir())
+    assert not list(tmp.glob("fedamlp-ray-*")) and not list(tmp.glob("ray/session_2*"))
 
 
 def tree_digest(folder: Path) -> dict[str, str]:

@@ -35,6 +35,7 @@ from amlp_core.data import write_phantom_dataset
 from fedamlp import protocol as P
 from simulations.processes import processes_with_env
 from tests.conftest import tiny_config
+from tests.integration.helpers import tree_digest
 
 pytestmark = pytest.mark.slow
 
@@ -147,7 +148,7 @@ def _pki(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(PKI), *args], capture_output=True, text=True, timeout=60)
 
 
-def _run_config(run_dir: Path, path: Path) -> Path:
+def _run_config(run_dir: Path, path: Path, **overrides) -> Path:
     """The tiny two-phase run of the simulation tests (tests/integration/test_simulation.py)."""
     cfg = tiny_config(
         3,
@@ -161,6 +162,7 @@ def _run_config(run_dir: Path, path: Path) -> Path:
             "federation.round_timeout": 120,
             "federation.min_sites": 2,
             "train.device": "cpu",
+            **overrides,
         },
     )
     nested: dict[str, dict] = {}
@@ -397,22 +399,17 @@ def test_secure_deployment_two_hospitals_end_to_end(tmp_path):
             supernode(name, name, ["--node-config", f"site-config='{_site_file(tmp_path, name, i)}'"])
         intruder = supernode("intruder", "intruder", ["--max-retries", "2", "--max-wait-time", "30"])
 
-        run = subprocess.run(
-            [
-                "flwr",
-                "run",
-                str(REPO),
-                "fedamlp",
-                "--run-config",
-                str(_run_config(run_dir, tmp_path / "run_config.toml")),
-                "--stream",
-            ],
-            env=procs.env(operator_home),
-            cwd=tmp_path,
-            capture_output=True,
-            text=True,
-            timeout=300,  # about 115 s alone on 2 cores; more when the machine is shared
-        )
+        def submit(run_config: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+            return subprocess.run(
+                ["flwr", "run", str(REPO), "fedamlp", "--run-config", str(run_config), "--stream"],
+                env=procs.env(operator_home),
+                cwd=tmp_path,
+                capture_output=True,
+                text=True,
+                timeout=timeout,
+            )
+
+        run = submit(_run_config(run_dir, tmp_path / "run_config.toml"))  # about 115 s alone on 2 cores
         (tmp_path / "flwr-run.log").write_text(run.stdout + run.stderr)
         context = f"flwr run:\n{run.stdout[-4000:]}\n{run.stderr[-2000:]}\n{procs.logs()}"
         assert run.returncode == 0, context
@@ -433,6 +430,17 @@ def test_secure_deployment_two_hospitals_end_to_end(tmp_path):
             procs.log("intruder")
         )
         assert "No SuperNode found with the given public key" in procs.log("superlink")
+
+        # The ServerApp claims its run folder: a second run into it is refused and changes nothing.
+        finished = tree_digest(run_dir)
+        again = submit(_run_config(run_dir, tmp_path / "again.toml"), timeout=120)
+        assert "already holds a run" in again.stdout + again.stderr, again.stdout[-3000:] + again.stderr[-2000:]
+        assert tree_digest(run_dir) == finished
+        # A run that needs more sites than connect fails within its connect timeout, saying so.
+        short = tmp_path / "short"
+        plan = {"federation.min_sites": 3, "federation.sites": 3, "federation.connect_timeout": 5}
+        submit(_run_config(short, tmp_path / "short.toml", **plan), timeout=120)
+        assert "only 2 of the 3 sites needed" in (short / "FAILED").read_text()
     finally:
         procs.stop_all()
     assert procs.left() == [], procs.logs()

@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -25,7 +26,7 @@ from amlp_core.methods import build_method
 from amlp_core.runfolder import RunFolderError
 from fedamlp import protocol as P
 from simulations.processes import processes_with_env
-from simulations.simulate import SimulationError, simulate
+from simulations.simulate import simulate
 from tests.integration.helpers import TWO_PHASE_PLAN, assert_no_process_left, round_rows, sim_config, tree_digest
 
 pytestmark = pytest.mark.slow
@@ -147,13 +148,19 @@ def test_a_broken_site_is_reported_and_the_others_finish(tmp_path, monkeypatch):
     assert (tmp_path / "run" / "model" / "checkpoint.pt").exists()
 
 
-def test_too_few_sites_fail_the_run_with_a_clear_message(tmp_path):
-    cfg = sim_config(tmp_path / "run", **{"federation.min_sites": 3, "federation.connect_timeout": 5})
+def test_a_simulation_that_cannot_succeed_is_refused_before_flower_starts(tmp_path):
+    run = tmp_path / "run"
+    (run / "results").mkdir(parents=True)
+    (run / "config.yaml").write_text("kept: true\n")
+    before = tree_digest(run)
     started = time.monotonic()
-    with pytest.raises(SimulationError, match=r"only 2 of the 3 sites needed .* connected within 5 s"):
-        simulate(cfg, timeout=300)
-    assert time.monotonic() - started < 120
-    assert_no_process_left(tmp_path / "run")
+    with pytest.raises(ConfigError, match=r"federation.min_sites=3: more than the simulation's federation.sites=2"):
+        simulate(sim_config(run, **{"federation.min_sites": 3, "federation.overwrite": True}), timeout=300)
+    with pytest.raises(CheckpointError, match="/nonexistent/encoder"):
+        plan = {"federation.init_encoder": "/nonexistent/encoder", "federation.pretrain_rounds": 0}
+        simulate(sim_config(run, **plan, **{"federation.overwrite": True}), timeout=300)
+    assert time.monotonic() - started < 30 and tree_digest(run) == before  # (the deployment test waits for sites)
+    assert_no_process_left(run)
 
 
 def _default_sigint() -> None:
@@ -257,6 +264,7 @@ def test_a_killed_simulation_takes_its_superlink_with_it(tmp_path):
         after_kill = tree_digest(run)  # and nothing goes on writing: no more rounds, no model
         time.sleep(15)
         assert tree_digest(run) == after_kill and not (run / "model").exists()
+        assert not list(Path(tempfile.gettempdir()).glob("fedamlp-ray-*"))  # the watchdog removed Ray's folder
     finally:
         for pid in left():
             try:
