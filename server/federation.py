@@ -70,6 +70,10 @@ def check_resumable(cfg: Config) -> None:
         )
 
 
+#: What the summary says when no site has test cases to evaluate on.
+NO_TEST_CASES = "skipped: no site has test cases (data.test_fraction=0)"
+
+
 class StopRequested(Exception):
     """``federation.stop_after_rounds`` rounds are done; the checkpoint allows resuming."""
 
@@ -244,7 +248,10 @@ class Federation:
                 metrics, outcome = rounds.evaluate_round(
                     self.grid, strategy, rnd, arrays, self._instructions(phase, rnd, total), f, self.declared
                 )
-                self._record(phase, rnd, "evaluate", outcome, metrics, 0)
+                if outcome.replies:
+                    self._record(phase, rnd, "evaluate", outcome, metrics, 0)
+                else:
+                    self.results.info["evaluation"] = NO_TEST_CASES
             self.rounds_this_process += 1
             self._save(Progress(phase, rnd), arrays, strategy)
             self.results.write()

@@ -188,9 +188,15 @@ def evaluate_round(
     fed: FederationConfig,
     declared: Declarations,
 ) -> tuple[dict[str, Any], RoundOutcome]:
-    """Federated evaluation of ``arrays``; FederationError with fewer than ``min_sites`` acceptable answers."""
-    sent, outcome = _ask(grid, strategy, rnd, arrays, config, fed, declared, train=False)
+    """Federated evaluation of ``arrays`` at the sites that declared test cases (none: no replies, and
+    the caller says the evaluation was skipped); FederationError with fewer acceptable answers than
+    ``min_sites`` (or than the sites asked, when fewer hold test cases)."""
+    sent, started = start_round(grid, strategy, rnd, arrays, config, fed, declared, train=False)
+    sent = [m for m in sent if declared.counts.get(m.metadata.dst_node_id, {}).get(P.DECLARED_TEST) != 0]
+    if not sent:
+        return {}, RoundOutcome([], 0.0)
+    outcome = collect(sent, grid.send_and_receive(sent, timeout=fed.round_timeout), started, declared.names)
     check_replies(outcome.replies, None, "evaluate", declared, 0.0)
-    check_outcome(outcome, f"evaluation round {rnd}", len(sent), fed.min_sites)
+    check_outcome(outcome, f"evaluation round {rnd}", len(sent), min(fed.min_sites, len(sent)))
     metrics = strategy.aggregate_evaluate(rnd, [r.message for r in outcome.ok])
     return dict(metrics or {}), outcome
