@@ -14,7 +14,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from amlp_core.engine.checkpoint import load_checkpoint, save_checkpoint
+from amlp_core.engine.artefacts import load_site_state, save_site_state
 
 log = logging.getLogger(__name__)
 KEEP = 2
@@ -37,8 +37,8 @@ class SiteState:
                 found[int(match.group(1))] = path
         return found
 
-    def save(self, phase: str, round_: int, state: dict[str, Any], meta: dict[str, Any] | None = None) -> Path:
-        path = save_checkpoint(self.root / f"{phase}_r{round_:04d}.pt", state, {**(meta or {}), "round": round_})
+    def save(self, phase: str, round_: int, state: dict[str, Any]) -> Path:
+        path = save_site_state(self.root / f"{phase}_r{round_:04d}.pt", phase, round_, state)
         files = self._files(phase)
         for old in sorted(files)[:-KEEP]:
             files[old].unlink(missing_ok=True)
@@ -49,5 +49,4 @@ class SiteState:
         earlier = [r for r in self._files(phase) if r < round_]
         if not earlier:
             return None
-        state, _ = load_checkpoint(self._files(phase)[max(earlier)])
-        return state
+        return load_site_state(self._files(phase)[max(earlier)], phase)

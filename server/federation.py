@@ -21,13 +21,14 @@ from flwr.serverapp.exception import PrivacyBudgetExhausted
 
 from amlp_core.config import Config, save_config
 from amlp_core.engine.artefacts import (
+    SERVER_CHECKPOINT,
+    ServerCheckpoint,
     export_encoder,
     export_segmentation,
     load_pretrained_encoder,
     pretraining_method,
     segmentation_meta,
 )
-from amlp_core.engine.checkpoint import load_checkpoint, save_checkpoint
 from amlp_core.engine.weights import initial_segmentation_state, initial_shared_state
 from amlp_core.errors import CheckpointError
 from amlp_core.methods import mask_ratio_at
@@ -41,7 +42,7 @@ from server.strategies import build_strategy, restore_strategy_state, server_acc
 from server.validation import Declarations
 
 log = logging.getLogger(__name__)
-CHECKPOINT = "server_checkpoint.pt"
+CHECKPOINT = SERVER_CHECKPOINT
 MODEL_DIR = "model"
 ENCODER_DIR = "encoder"  # the aggregated encoder after pretraining, a pretraining checkpoint folder
 FAILED = "FAILED"  # written by the ServerApp when the run fails: one line saying why
@@ -62,8 +63,7 @@ def check_resumable(cfg: Config) -> None:
     path = Path(cfg.federation.run_dir) / CHECKPOINT
     if not cfg.federation.resume or not path.exists():
         return
-    _, meta = load_checkpoint(path)
-    if meta.get("digest") != run_digest(cfg):
+    if ServerCheckpoint.load(path).digest != run_digest(cfg):
         raise CheckpointError(
             f"checkpoint {path} was made with a different configuration; refusing to resume "
             "(start a new run_dir, or restore the original settings)"
@@ -132,17 +132,16 @@ class Federation:
 
     # -- checkpoint ----------------------------------------------------------------------
     def _save(self, progress: Progress, arrays: ArrayRecord, strategy) -> None:
-        state = {"arrays": arrays.to_torch_state_dict(), "strategy": strategy_state(strategy)}
-        meta = {
-            "kind": "server",
-            "phase": progress.phase,
-            "round": progress.done,
-            "digest": run_digest(self.cfg),
-            "rows": self.results.rows,
-            "class_names": self.class_names,
-            "accountant": json.dumps(self.accountant.state_dict()) if self.accountant else None,
-        }
-        save_checkpoint(self.run_dir / CHECKPOINT, state, meta)
+        ServerCheckpoint(
+            phase=progress.phase,
+            round=progress.done,
+            digest=run_digest(self.cfg),
+            arrays=arrays.to_torch_state_dict(),
+            strategy=strategy_state(strategy),
+            rows=self.results.rows,
+            class_names=self.class_names,
+            accountant=json.dumps(self.accountant.state_dict()) if self.accountant else None,
+        ).save(self.run_dir / CHECKPOINT)
 
     def _load(self) -> tuple[Progress, ArrayRecord, dict] | None:
         path = self.run_dir / CHECKPOINT
@@ -150,13 +149,13 @@ class Federation:
             log.info("federation.resume is set but %s has no checkpoint: starting afresh", self.run_dir)
             return None
         check_resumable(self.cfg)
-        state, meta = load_checkpoint(path)
-        self.results.rows = list(meta.get("rows", []))
-        self.class_names = dict(meta.get("class_names", {}))
-        if self.accountant is not None and meta.get("accountant"):
-            self.accountant.load_state_dict(json.loads(meta["accountant"]))
-        log.info("resuming after %s round %d from %s", meta["phase"], meta["round"], path)
-        return Progress(meta["phase"], meta["round"]), ArrayRecord(state["arrays"]), state["strategy"]
+        saved = ServerCheckpoint.load(path)
+        self.results.rows = list(saved.rows)
+        self.class_names = dict(saved.class_names)
+        if self.accountant is not None and saved.accountant:
+            self.accountant.load_state_dict(json.loads(saved.accountant))
+        log.info("resuming after %s round %d from %s", saved.phase, saved.round, path)
+        return Progress(saved.phase, saved.round), ArrayRecord(saved.arrays), saved.strategy
 
     # -- rounds --------------------------------------------------------------------------
     def _instructions(self, phase: str, rnd: int, total: int) -> ConfigRecord:

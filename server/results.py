@@ -10,12 +10,14 @@ from pathlib import Path
 from typing import Any
 
 from amlp_core.atomic import atomic_write_text as _atomic_write
+from amlp_core.engine.artefacts import RESULTS_VERSION
 from fedamlp import protocol as P
 from fedamlp.protocol import ALL_SITES
 
 
 class RunResults:
-    """Rows ``{phase, round, kind, site, status, ...metrics}``; rewritten to disk after every round."""
+    """Rows ``{phase, round, kind, site, status, ...metrics}``; rewritten to disk after every round
+    (``rounds.json``: ``{"kind": "results", "version", "info", "rows"}``; ``rounds.csv``; ``summary.md``)."""
 
     def __init__(self, folder: str | Path, rows: list[dict[str, Any]] | None = None) -> None:
         self.folder = Path(folder)
@@ -27,7 +29,8 @@ class RunResults:
 
     def write(self) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
-        _atomic_write(self.folder / "rounds.json", json.dumps({"info": self.info, "rows": self.rows}, indent=1))
+        record = {"kind": "results", "version": RESULTS_VERSION, "info": self.info, "rows": self.rows}
+        _atomic_write(self.folder / "rounds.json", json.dumps(record, indent=1))
         columns: list[str] = []
         for row in self.rows:
             columns += [c for c in row if c not in columns]

@@ -1,8 +1,12 @@
-"""Everything a run writes and reads back: its folder's file names, checkpoint metadata, and the loaders of
-pretraining and segmentation checkpoints (each checked: kind, architecture, model configuration).
+"""Everything a run writes and reads back: its folder's file names, checkpoint metadata, the loaders of
+pretraining and segmentation checkpoints (each checked: kind, architecture, model configuration), and
+the typed records of a federation: the server's checkpoint and a site's state between rounds.
 
 A run folder holds ``config.yaml``, ``checkpoint.pt``, ``metrics.jsonl`` and, after evaluation,
-``evaluation.json``; an unfinished pretraining also ``resume.pt``.
+``evaluation.json``; an unfinished pretraining also ``resume.pt``. A federation's folder holds
+``server_checkpoint.pt`` (:class:`ServerCheckpoint`); a site's state folder ``{phase}_r{round}.pt``
+files (:func:`save_site_state`). Every record names its ``kind`` and ``version``; one of another
+kind, or of a version this code does not read, is refused with a message that says which.
 """
 
 from __future__ import annotations
@@ -10,8 +14,9 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -43,6 +48,110 @@ EVALUATION = "evaluation.json"
 
 #: Pretraining: what an unfinished run needs to go on where it stopped (removed when it finishes).
 RESUME = "resume.pt"
+
+
+#: A federation's checkpoint after every round (:class:`ServerCheckpoint`).
+SERVER_CHECKPOINT = "server_checkpoint.pt"
+
+
+#: The versions of the federation's records this code writes and reads. Records written before records
+#: carried a version have the version-1 layout and read as version 1.
+SERVER_CHECKPOINT_VERSION = 1
+SITE_STATE_VERSION = 1
+RESULTS_VERSION = 1  # a federation's results/rounds.json
+
+
+def check_record(meta: Mapping[str, Any], path: str | Path, kind: str, version: int) -> None:
+    """Refuse a record that is not of ``kind`` at ``version``.
+
+    Raises:
+        CheckpointError: naming the file, what it is and what was expected.
+    """
+    require_meta(meta, path, kind=kind)
+    have = meta.get("version", 1)
+    if have != version:
+        newer = "a newer fedamlp made it" if isinstance(have, int) and have > version else "an older layout"
+        raise CheckpointError(
+            f"{kind} record {path} is version {have!r}, this fedamlp reads version {version} ({newer})"
+        )
+
+
+@dataclass
+class ServerCheckpoint:
+    """The server's state after a finished round: enough to resume the run where it stopped.
+
+    ``arrays`` are the global weights (flat state dict), ``strategy`` the strategy's own state (FedAdam's
+    moments), ``rows`` the results so far, ``accountant`` server DP's accountant (JSON), ``digest`` the
+    hash of every setting that decides the run's result (a resume with other settings is refused).
+    """
+
+    phase: str
+    round: int
+    digest: str
+    arrays: dict[str, torch.Tensor]
+    strategy: dict[str, Any]
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    class_names: dict[str, str] = field(default_factory=dict)
+    accountant: str | None = None
+
+    KIND: ClassVar[str] = "server"
+
+    def save(self, path: str | Path) -> Path:
+        """Write atomically to ``path``."""
+        meta = {
+            "kind": self.KIND,
+            "version": SERVER_CHECKPOINT_VERSION,
+            "phase": self.phase,
+            "round": self.round,
+            "digest": self.digest,
+            "rows": self.rows,
+            "class_names": self.class_names,
+            "accountant": self.accountant,
+        }
+        return save_checkpoint(path, {"arrays": self.arrays, "strategy": self.strategy}, meta)
+
+    @classmethod
+    def load(cls, path: str | Path) -> ServerCheckpoint:
+        """Read and check a server checkpoint.
+
+        Raises:
+            CheckpointError: unreadable, not a server checkpoint, of another version, or incomplete.
+        """
+        state, meta = load_checkpoint(path)
+        check_record(meta, path, cls.KIND, SERVER_CHECKPOINT_VERSION)
+        try:
+            return cls(
+                phase=str(meta["phase"]),
+                round=int(meta["round"]),
+                digest=str(meta["digest"]),
+                arrays=_saved_weights(state, "arrays", path),
+                strategy=dict(state.get("strategy") or {}),
+                rows=list(meta.get("rows", [])),
+                class_names=dict(meta.get("class_names", {})),
+                accountant=meta.get("accountant"),
+            )
+        except (KeyError, TypeError, ValueError) as err:
+            raise CheckpointError(f"server checkpoint {path} is incomplete ({type(err).__name__}: {err})") from None
+
+
+def save_site_state(path: str | Path, phase: str, round_: int, state: Mapping[str, Any]) -> Path:
+    """A site's local state after ``phase`` round ``round_`` (decoder, optimiser, running statistics):
+    named state dicts, written atomically."""
+    meta = {"kind": "site-state", "version": SITE_STATE_VERSION, "phase": phase, "round": round_}
+    return save_checkpoint(path, state, meta)
+
+
+def load_site_state(path: str | Path, phase: str) -> dict[str, Any]:
+    """A site's state saved by :func:`save_site_state` for ``phase``.
+
+    Raises:
+        CheckpointError: unreadable, not a site state of ``phase``, or of another version.
+    """
+    state, meta = load_checkpoint(path)
+    check_record({"kind": "site-state", **meta}, path, "site-state", SITE_STATE_VERSION)  # (unversioned: kindless)
+    if meta.get("phase", phase) != phase:
+        raise CheckpointError(f"site state {path} is of phase {meta['phase']!r}, not {phase!r}")
+    return state
 
 
 def append_metrics(out_dir: Path, record: dict[str, Any]) -> None:

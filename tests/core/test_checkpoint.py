@@ -42,3 +42,30 @@ def test_corrupt_missing_and_foreign_files_are_named(tmp_path):
     torch.save({"weights": torch.ones(1)}, foreign)
     with pytest.raises(CheckpointError, match="not a fedamlp checkpoint"):
         load_checkpoint(foreign)
+
+
+def test_federation_records_are_typed_versioned_and_checked(tmp_path):
+    import torch
+
+    from amlp_core.engine.artefacts import ServerCheckpoint, load_site_state, save_site_state
+
+    saved = ServerCheckpoint("finetune", 3, "abc", {"w": torch.ones(2)}, {"m": 1}, [{"round": 1}], {"0": "bg"}, None)
+    path = saved.save(tmp_path / "server_checkpoint.pt")
+    loaded = ServerCheckpoint.load(path)
+    assert (loaded.phase, loaded.round, loaded.digest, loaded.rows) == ("finetune", 3, "abc", [{"round": 1}])
+    assert torch.equal(loaded.arrays["w"], torch.ones(2)) and loaded.strategy == {"m": 1}
+    newer = tmp_path / "newer.pt"
+    save_checkpoint(newer, {"arrays": {}}, {"kind": "server", "version": 2, "phase": "x", "round": 1, "digest": ""})
+    with pytest.raises(CheckpointError, match=r"server record .*newer.pt is version 2, this fedamlp reads version 1"):
+        ServerCheckpoint.load(newer)
+    incomplete = tmp_path / "incomplete.pt"
+    save_checkpoint(incomplete, {"arrays": {}}, {"kind": "server", "version": 1})
+    with pytest.raises(CheckpointError, match="incomplete"):
+        ServerCheckpoint.load(incomplete)
+    with pytest.raises(CheckpointError, match="kind='site-state', expected 'server'"):
+        ServerCheckpoint.load(save_site_state(tmp_path / "pretrain_r0001.pt", "pretrain", 1, {"opt": {}}))
+    assert load_site_state(tmp_path / "pretrain_r0001.pt", "pretrain") == {"opt": {}}
+    with pytest.raises(CheckpointError, match="of phase 'pretrain', not 'finetune'"):
+        load_site_state(tmp_path / "pretrain_r0001.pt", "finetune")
+    with pytest.raises(CheckpointError, match="kind='server'"):
+        load_site_state(path, "finetune")
