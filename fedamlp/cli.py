@@ -211,9 +211,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_simulate(args: argparse.Namespace) -> int:
     """The whole two-phase federation on this machine (Flower's simulation engine)."""
-    from simulations.simulate import simulate
+    from simulations.simulate import check_data, simulate
 
     cfg = simulate_config(args)
+    check_data(cfg)
     run_dir = simulate(cfg, timeout=args.timeout, overwrite=args.overwrite)
     print((run_dir / "results" / "summary.md").read_text())
     print(f"model: {run_dir / 'model'}  (fedamlp predict --model {run_dir / 'model'} --input X --output Y)")

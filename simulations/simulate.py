@@ -102,10 +102,66 @@ def _check_simulation(cfg: Config) -> None:
         )
     if f.init_encoder:
         load_pretrained_encoder(f.init_encoder, cfg.model)  # the server would refuse it after connecting
+
+
+def check_data(cfg: Config) -> None:
+    """Every case of the simulation's data, checked as ``fedamlp data check`` does, before anything starts;
+    a bad case refuses the run (DataError naming the file) or, with ``data.on_bad_case=skip``, is logged.
+
+    ``fedamlp simulate`` calls it: the data are all on this machine, so the user hears of a bad file at once
+    rather than from a site's redacted error after Flower started. :func:`simulate` itself leaves the checks
+    to the sites, as in a deployment (a site with a bad case fails alone, or skips it).
+    """
     d = cfg.data
-    if not d.synthetic:  # every site would refuse it (or skip its bad cases) only after Flower started
+    if not d.synthetic:
         report = check_dataset(d.path, d.format, cfg.model.num_classes, max_voxels=d.max_voxels)
         refuse_or_skip(report.problems, d.on_bad_case, d.path)
+
+
+def _environment(run_dir: Path, project: Path, marker: str, ray_tmp: str) -> dict[str, str]:
+    """The environment of every process of the simulation: its marker, its own Flower home and Ray folder."""
+    bin_dir = str(Path(sys.executable).parent)
+    return {
+        **os.environ,
+        MARKER: marker,
+        "FLWR_HOME": str(run_dir / ".flwr"),
+        "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
+        "FLWR_DISABLE_UPDATE_CHECK": "1",
+        "RAY_DEDUP_LOGS": "0",
+        "RAY_TMPDIR": ray_tmp,  # Ray's session folder, removed with the run's processes (not left in /tmp)
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(project), os.environ.get("PYTHONPATH", "")])),
+    }
+
+
+def _superlink_command(port: int) -> list[str]:
+    return [
+        "flower-superlink", "--insecure", "--simulation", "--isolation", "subprocess", "--host", "127.0.0.1",
+        "--port", str(port), "--disable-runtime-dependency-installation",
+    ]  # fmt: skip
+
+
+def _flwr_run_command(cfg: Config, project: Path, run_dir: Path, cpus_per_site: int, gpus_per_site: float) -> list[str]:
+    run_config = _run_config_file(cfg, run_dir / "run_config.toml")
+    command = ["flwr", "run", str(project), "fedamlp", "--run-config", str(run_config), "--stream"]
+    fed_config = [f"num-supernodes={cfg.federation.sites}", f"client-resources-num-cpus={cpus_per_site}"]
+    if gpus_per_site > 0:
+        fed_config.append(f"client-resources-num-gpus={gpus_per_site:g}")
+    for item in fed_config:
+        command += ["--federation-config", item]
+    return command
+
+
+def _check_finished(cfg: Config, run_dir: Path, code: int, superlink_log: Path) -> None:
+    """SimulationError unless the run ended well: no FAILED, exit code 0, a final model (or a planned stop)."""
+    failed = run_dir / FAILED
+    if failed.exists():
+        raise SimulationError(f"the federation failed: {failed.read_text().strip()}")
+    if code != 0:
+        raise SimulationError(f"flwr run exited with code {code}; see {superlink_log}")
+    if not (run_dir / MODEL_DIR / "checkpoint.pt").exists() and not cfg.federation.stop_after_rounds:
+        raise SimulationError(
+            f"the run ended without a final model in {run_dir}: see {run_dir / 'results'} and {superlink_log}"
+        )
 
 
 def _simulate(
@@ -122,23 +178,11 @@ def _simulate(
     cfg = cfg.replace(federation={"run_dir": str(run_dir), "init_encoder": str(Path(init).resolve()) if init else ""})
     if not cfg.data.synthetic:
         cfg = cfg.replace(data={"path": str(Path(cfg.data.path).resolve())})
-    flwr_home = run_dir / ".flwr"
-    flwr_home.mkdir(exist_ok=True)
-    marker = uuid.uuid4().hex
-    port = free_port()
-    bin_dir = str(Path(sys.executable).parent)
+    (run_dir / ".flwr").mkdir(exist_ok=True)
+    marker, port = uuid.uuid4().hex, free_port()
     ray_tmp = tempfile.mkdtemp(prefix="fedamlp-ray-")  # short: Ray's socket paths must fit 107 bytes
-    env = {
-        **os.environ,
-        MARKER: marker,
-        "FLWR_HOME": str(flwr_home),
-        "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
-        "FLWR_DISABLE_UPDATE_CHECK": "1",
-        "RAY_DEDUP_LOGS": "0",
-        "RAY_TMPDIR": ray_tmp,  # Ray's session folder, removed with the run's processes (not left in /tmp)
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(project), os.environ.get("PYTHONPATH", "")])),
-    }
-    (flwr_home / "config.toml").write_text(
+    env = _environment(run_dir, project, marker, ray_tmp)
+    (run_dir / ".flwr" / "config.toml").write_text(
         f'[superlink]\ndefault = "fedamlp"\n\n[superlink.fedamlp]\naddress = "127.0.0.1:{port}"\ninsecure = true\n'
     )
     superlink_log = run_dir / "superlink.log"
@@ -148,52 +192,17 @@ def _simulate(
     with sigterm_exits():  # a SIGTERM ends the run through the finally below, like Ctrl-C
         try:
             with open(superlink_log, "wb") as out:
+                superlink = dies_with_parent(_superlink_command(port))
                 sessions.append(
                     subprocess.Popen(
-                        dies_with_parent(
-                            [
-                                "flower-superlink",
-                                "--insecure",
-                                "--simulation",
-                                "--isolation",
-                                "subprocess",
-                                "--host",
-                                "127.0.0.1",
-                                "--port",
-                                str(port),
-                                "--disable-runtime-dependency-installation",
-                            ]
-                        ),
-                        env=env,
-                        cwd=run_dir,
-                        stdout=out,
-                        stderr=subprocess.STDOUT,
-                        start_new_session=True,
+                        superlink, env=env, cwd=run_dir, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
                     )
                 )
             wait_for_port(port, sessions[0], 60, superlink_log)
-            fed_config = [f"num-supernodes={cfg.federation.sites}", f"client-resources-num-cpus={cpus_per_site}"]
-            if gpus_per_site > 0:
-                fed_config.append(f"client-resources-num-gpus={gpus_per_site:g}")
-            command = [
-                "flwr",
-                "run",
-                str(project),
-                "fedamlp",
-                "--run-config",
-                str(_run_config_file(cfg, run_dir / "run_config.toml")),
-                "--stream",
-            ]
-            for item in fed_config:
-                command += ["--federation-config", item]
             log.info("simulating %d sites; run folder %s", cfg.federation.sites, run_dir)
+            command = dies_with_parent(_flwr_run_command(cfg, project, run_dir, cpus_per_site, gpus_per_site))
             runner = subprocess.Popen(
-                dies_with_parent(command),
-                env=env,
-                cwd=project,
-                stdout=stream_to,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
+                command, env=env, cwd=project, stdout=stream_to, stderr=subprocess.STDOUT, start_new_session=True
             )
             sessions.append(runner)
             try:
@@ -202,16 +211,7 @@ def _simulate(
                 raise SimulationError(
                     f"the simulation did not finish within {timeout:.0f} s; log: {superlink_log}"
                 ) from None
-            failed = run_dir / FAILED
-            if failed.exists():
-                raise SimulationError(f"the federation failed: {failed.read_text().strip()}")
-            if code != 0:
-                raise SimulationError(f"flwr run exited with code {code}; see {superlink_log}")
-            model = run_dir / MODEL_DIR / "checkpoint.pt"
-            if not model.exists() and not cfg.federation.stop_after_rounds:
-                raise SimulationError(
-                    f"the run ended without a final model in {run_dir}: see {run_dir / 'results'} and {superlink_log}"
-                )
+            _check_finished(cfg, run_dir, code, superlink_log)
             log.info("simulation finished in %.0f s", time.monotonic() - started)
             return run_dir
         finally:

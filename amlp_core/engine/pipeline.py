@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -106,6 +108,33 @@ def check_resume(out: str | Path, cfg: Config) -> None:
         )
 
 
+@dataclass
+class _Streams:
+    """What a stopped pretraining needs to go on exactly where it stopped (:data:`RESUME`): the method's
+    weights, the optimiser, the mask generator, the loader's shuffle stream and torch's global stream."""
+
+    method: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    generator: torch.Generator
+    shuffle: torch.Generator
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "method": self.method.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "generator": self.generator.get_state(),
+            "shuffle": self.shuffle.get_state(),
+            "torch": torch.get_rng_state(),
+        }
+
+    def restore(self, state: dict[str, Any]) -> None:
+        self.method.load_state_dict(state["method"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.generator.set_state(state["generator"])
+        self.shuffle.set_state(state["shuffle"])
+        torch.set_rng_state(state["torch"])
+
+
 def _out_of_time(start: float, cfg: Config) -> bool:
     return cfg.train.max_minutes > 0 and time.monotonic() - start > 60 * cfg.train.max_minutes
 
@@ -151,12 +180,9 @@ def pretrain(
     loader = make_loader(split.train, cfg, augment=True, labels=False)
     optimizer = pretrain_optimizer(method, cfg.train)
     generator = make_generator(cfg.train.seed, device)
+    streams = _Streams(method, optimizer, generator, loader.generator)
     if resumed:  # go on exactly where the stopped run was: weights, optimizer, mask and shuffle streams
-        method.load_state_dict(resumed["method"])
-        optimizer.load_state_dict(resumed["optimizer"])
-        generator.set_state(resumed["generator"])
-        loader.generator.set_state(resumed["shuffle"])
-        torch.set_rng_state(resumed["torch"])
+        streams.restore(resumed)
     if cfg.privacy.site_dp and not private:
         log.info("privacy.site_dp: pretraining is not private (privacy.phases=%s); fine-tuning is", cfg.privacy.phases)
     log.info(
@@ -189,23 +215,11 @@ def pretrain(
         log.info("epoch %d/%d loss %.4f ratio %.2f", epoch + 1, epochs, metrics["loss"], metrics.get("ratio", 0))
         save_pretrained(out / CHECKPOINT, method, cfg, epoch + 1)
         if epoch + 1 < epochs:
-            save_checkpoint(
-                out / RESUME,
-                {
-                    "method": method.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "generator": generator.get_state(),
-                    "shuffle": loader.generator.get_state(),
-                    "torch": torch.get_rng_state(),
-                },
-                {"kind": "pretrain-resume", "epoch": epoch + 1, "digest": _resume_digest(cfg)},
-            )
+            meta = {"kind": "pretrain-resume", "epoch": epoch + 1, "digest": _resume_digest(cfg)}
+            save_checkpoint(out / RESUME, streams.state(), meta)
         if _out_of_time(start, cfg):
-            log.info(
-                "stopping after %d epochs: train.max_minutes=%s reached (run it again to go on)",
-                epoch + 1,
-                cfg.train.max_minutes,
-            )
+            minutes = cfg.train.max_minutes
+            log.info("stopping after %d epochs: train.max_minutes=%s reached (go on with --resume)", epoch + 1, minutes)
             break
     if metrics.get("epoch") == epochs:
         (out / RESUME).unlink(missing_ok=True)
@@ -317,55 +331,17 @@ def train_segmentation(
         cfg, {str(k): v for k, v in split.class_names.items()}, init_method, init_from, len(subset)
     )
     saveable = isinstance(model, SEG_ARCH_CLASSES[cfg.model.seg_arch])  # what load_segmentation rebuilds
-    start, saved_at, evaluated_at = time.monotonic(), [0], [0]
-    every = cfg.train.eval_every if ledger is None else 0  # a private run evaluates at the end only
+    start = time.monotonic()
 
     def test_dice() -> dict[str, Any]:
         """Dice of the model now on the test cases (the curve's points and the final evaluation)."""
+        m = cfg.model
         return evaluate_segmentation(
-            model,
-            split.test,
-            cfg.model.img_size,
-            cfg.model.num_classes,
-            device,
-            cfg.train.amp,
-            slice_axis=cfg.data.slice_axis,
+            model, split.test, m.img_size, m.num_classes, device, cfg.train.amp, slice_axis=cfg.data.slice_axis
         )
 
-    def on_pass(metrics: dict[str, Any]) -> bool:
-        """After every pass over the subset: metrics line, log, checkpoint (at most every CHECKPOINT_STEPS
-        steps, and always at the end), and the time budget."""
-        done, stop = metrics["step"], _out_of_time(start, cfg)
-        record = {
-            "loss": metrics.get("loss", float("nan")),
-            "num_examples": metrics["num_examples"],
-            "epoch": metrics["pass"],
-            "step": done,
-            "seconds": round(time.monotonic() - start, 2),
-        }
-        if every and split.test and done - evaluated_at[0] >= every and done < steps:  # the curve
-            curve = test_dice()
-            model.train()
-            record.update({f"test_{k}": v for k, v in curve.items() if k.startswith("dice_")})
-            evaluated_at[0] = done
-        append_metrics(out, record)
-        log.info(
-            "pass %d, step %d/%d loss %.4f%s",
-            record["epoch"],
-            done,
-            steps,
-            record["loss"],
-            f" test Dice {record['test_dice_mean']:.4f}" if "test_dice_mean" in record else "",
-        )
-        if saveable and (done >= steps or stop or done - saved_at[0] >= CHECKPOINT_STEPS):
-            save_checkpoint(
-                out / CHECKPOINT, {"model": model.state_dict()}, {**meta, "epoch": record["epoch"], "step": done}
-            )
-            saved_at[0] = done
-        if stop and done < steps:
-            log.info("stopping after %d of %d steps: train.max_minutes=%s reached", done, steps, cfg.train.max_minutes)
-        return stop
-
+    every = cfg.train.eval_every if ledger is None and split.test else 0  # a private run evaluates at the end only
+    on_pass = _PassRecorder(model, cfg, out, steps, meta if saveable else None, test_dice, every, start)
     metrics = finetune_for(
         model,
         optimizer,
@@ -394,6 +370,51 @@ def train_segmentation(
     )
     atomic_write_text(out / EVALUATION, json.dumps(result, indent=2))
     return result
+
+
+@dataclass
+class _PassRecorder:
+    """After every pass of a fine-tuning run over its labelled subset: the ``metrics.jsonl`` line (with the
+    test Dice every ``every`` steps: the curve), the log line, the checkpoint (when ``meta`` is given: at
+    most every CHECKPOINT_STEPS steps, and always at the end), and the time budget. Returns whether to stop."""
+
+    model: torch.nn.Module
+    cfg: Config
+    out: Path
+    steps: int
+    meta: dict[str, Any] | None  # the checkpoint's metadata; None: the network is not saved
+    test_dice: Callable[[], dict[str, Any]]
+    every: int
+    start: float
+    saved_at: int = 0
+    evaluated_at: int = 0
+
+    def __call__(self, metrics: dict[str, Any]) -> bool:
+        done, stop, steps = metrics["step"], _out_of_time(self.start, self.cfg), self.steps
+        record = {
+            "loss": metrics.get("loss", float("nan")),
+            "num_examples": metrics["num_examples"],
+            "epoch": metrics["pass"],
+            "step": done,
+            "seconds": round(time.monotonic() - self.start, 2),
+        }
+        if self.every and done - self.evaluated_at >= self.every and done < steps:  # the curve
+            curve = self.test_dice()
+            self.model.train()
+            record.update({f"test_{k}": v for k, v in curve.items() if k.startswith("dice_")})
+            self.evaluated_at = done
+        append_metrics(self.out, record)
+        test = f" test Dice {record['test_dice_mean']:.4f}" if "test_dice_mean" in record else ""
+        log.info("pass %d, step %d/%d loss %.4f%s", record["epoch"], done, steps, record["loss"], test)
+        if self.meta is not None and (done >= steps or stop or done - self.saved_at >= CHECKPOINT_STEPS):
+            state, meta = {"model": self.model.state_dict()}, {**self.meta, "epoch": record["epoch"], "step": done}
+            save_checkpoint(self.out / CHECKPOINT, state, meta)
+            self.saved_at = done
+        if stop and done < steps:
+            log.info(
+                "stopping after %d of %d steps: train.max_minutes=%s reached", done, steps, self.cfg.train.max_minutes
+            )
+        return stop
 
 
 def _progress(step: int, steps: int, start: float, cfg: Config) -> float:

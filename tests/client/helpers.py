@@ -52,7 +52,7 @@ def instructions(cfg, phase=P.PRETRAIN, rnd=1, **changes) -> ConfigRecord:
     return ConfigRecord(record)
 
 
-def message(content: RecordDict, node_id: int, kind: str) -> Message:
+def message(content: RecordDict, node_id: int, kind: str, group_id: str = "") -> Message:
     """A message as the SuperLink delivers it to a SuperNode (metadata filled in)."""
     meta = Metadata(
         run_id=1,
@@ -60,7 +60,7 @@ def message(content: RecordDict, node_id: int, kind: str) -> Message:
         src_node_id=0,
         dst_node_id=node_id,
         reply_to_message_id="",
-        group_id="",
+        group_id=group_id,
         created_at=time.time(),
         ttl=3600.0,
         message_type=kind,

@@ -5,11 +5,9 @@ The protocol itself runs in real simulations in tests/integration/test_secagg.py
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, Metadata, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 
 from amlp_core.config import build_config, flat_dict
@@ -18,6 +16,7 @@ from client.app import app
 from client.secagg import SECAGG_ERROR, expected_shares
 from fedamlp import protocol as P
 from server.secagg import SecAggRound, _apply
+from tests.client.helpers import message
 from tests.conftest import tiny_config
 
 SECURE = {"federation.secure_aggregation": True}
@@ -63,22 +62,12 @@ def test_the_quantized_sum_must_stay_below_the_modulus():
         build_config({**SECURE, "federation.sites": 64})
 
 
-def _train_message(cfg, node_id: int) -> Message:
-    content = RecordDict(
-        {P.ARRAYS: ArrayRecord({"w": Array(np.zeros(3, np.float32))}), P.CONFIG: ConfigRecord({P.PHASE: P.PRETRAIN})}
-    )
-    meta = Metadata(
-        run_id=1,
-        message_id=f"m-{time.monotonic_ns()}",
-        src_node_id=0,
-        dst_node_id=node_id,
-        reply_to_message_id="",
-        group_id="",
-        created_at=time.time(),
-        ttl=3600.0,
-        message_type="train",
-    )
-    return Message(content=content, metadata=meta)
+def _train_message(node_id: int) -> Message:
+    content = {
+        P.ARRAYS: ArrayRecord({"w": Array(np.zeros(3, np.float32))}),
+        P.CONFIG: ConfigRecord({P.PHASE: P.PRETRAIN}),
+    }
+    return message(RecordDict(content), node_id, "train")
 
 
 def test_a_site_of_a_secure_run_refuses_to_send_its_update_in_the_clear(tmp_path):
@@ -90,7 +79,7 @@ def test_a_site_of_a_secure_run_refuses_to_send_its_update_in_the_clear(tmp_path
         state=RecordDict(),
         run_config=flat_dict(cfg),
     )
-    reply = app(_train_message(cfg, 7), context)
+    reply = app(_train_message(7), context)
     assert reply.has_error() and reply.error.code == SECAGG_ERROR
     assert "secure aggregation" in reply.error.reason and "in the clear" in reply.error.reason
 
@@ -120,18 +109,7 @@ def _setup_message(node_id: int, **changes) -> Message:
         Key.MAX_WEIGHT: fed.secagg_max_weight,
         **changes,
     }
-    meta = Metadata(
-        run_id=1,
-        message_id=f"m-{time.monotonic_ns()}",
-        src_node_id=0,
-        dst_node_id=node_id,
-        reply_to_message_id="",
-        group_id="1",
-        created_at=time.time(),
-        ttl=3600.0,
-        message_type="train",
-    )
-    return Message(content=RecordDict({RECORD_KEY_CONFIGS: ConfigRecord(record)}), metadata=meta)
+    return message(RecordDict({RECORD_KEY_CONFIGS: ConfigRecord(record)}), node_id, "train", group_id="1")
 
 
 def test_a_site_answers_the_setup_and_refuses_a_weakened_one(tmp_path):
