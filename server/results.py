@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from amlp_core.atomic import atomic_write_text as _atomic_write
-from amlp_core.engine.artefacts import RESULTS_VERSION
+from amlp_core.engine.artefacts import KIND_RESULTS, RESULTS_VERSION
 from fedamlp import protocol as P
 from fedamlp.protocol import ALL_SITES
 
@@ -29,7 +29,7 @@ class RunResults:
 
     def write(self) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
-        record = {"kind": "results", "version": RESULTS_VERSION, "info": self.info, "rows": self.rows}
+        record = {"kind": KIND_RESULTS, "version": RESULTS_VERSION, "info": self.info, "rows": self.rows}
         _atomic_write(self.folder / "rounds.json", json.dumps(record, indent=1))
         columns: list[str] = []
         for row in self.rows:

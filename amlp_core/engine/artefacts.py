@@ -54,11 +54,15 @@ RESUME = "resume.pt"
 SERVER_CHECKPOINT = "server_checkpoint.pt"
 
 
-#: The versions of the federation's records this code writes and reads. Records written before records
-#: carried a version have the version-1 layout and read as version 1.
-SERVER_CHECKPOINT_VERSION = 1
-SITE_STATE_VERSION = 1
-RESULTS_VERSION = 1  # a federation's results/rounds.json
+#: The kinds of record, each with the version of its layout this code writes and reads. Records written
+#: before records carried a version have the version-1 layout and read as version 1. (A model's network
+#: layout is versioned apart: :data:`~amlp_core.config.ARCHITECTURE`.)
+KIND_PRETRAIN, PRETRAIN_VERSION = "pretrain", 1  # a pretraining run's checkpoint.pt (the encoder)
+KIND_RESUME, RESUME_VERSION = "pretrain-resume", 1  # an unfinished pretraining's resume.pt
+KIND_SEGMENTATION, SEGMENTATION_VERSION = "segmentation", 1  # a fine-tuned model's checkpoint.pt
+KIND_SERVER, SERVER_CHECKPOINT_VERSION = "server", 1  # a federation's server_checkpoint.pt
+KIND_SITE_STATE, SITE_STATE_VERSION = "site-state", 1  # a site's state between rounds
+KIND_RESULTS, RESULTS_VERSION = "results", 1  # a federation's results/rounds.json
 
 
 def check_record(meta: Mapping[str, Any], path: str | Path, kind: str, version: int) -> None:
@@ -94,7 +98,7 @@ class ServerCheckpoint:
     class_names: dict[str, str] = field(default_factory=dict)
     accountant: str | None = None
 
-    KIND: ClassVar[str] = "server"
+    KIND: ClassVar[str] = KIND_SERVER
 
     def save(self, path: str | Path) -> Path:
         """Write atomically to ``path``."""
@@ -137,7 +141,7 @@ class ServerCheckpoint:
 def save_site_state(path: str | Path, phase: str, round_: int, state: Mapping[str, Any]) -> Path:
     """A site's local state after ``phase`` round ``round_`` (decoder, optimiser, running statistics):
     named state dicts, written atomically."""
-    meta = {"kind": "site-state", "version": SITE_STATE_VERSION, "phase": phase, "round": round_}
+    meta = {"kind": KIND_SITE_STATE, "version": SITE_STATE_VERSION, "phase": phase, "round": round_}
     return save_checkpoint(path, state, meta)
 
 
@@ -148,7 +152,7 @@ def load_site_state(path: str | Path, phase: str) -> dict[str, Any]:
         CheckpointError: unreadable, not a site state of ``phase``, or of another version.
     """
     state, meta = load_checkpoint(path)
-    check_record({"kind": "site-state", **meta}, path, "site-state", SITE_STATE_VERSION)  # (unversioned: kindless)
+    check_record({"kind": KIND_SITE_STATE, **meta}, path, KIND_SITE_STATE, SITE_STATE_VERSION)  # (v1: kindless)
     if meta.get("phase", phase) != phase:
         raise CheckpointError(f"site state {path} is of phase {meta['phase']!r}, not {phase!r}")
     return state
@@ -162,7 +166,8 @@ def append_metrics(out_dir: Path, record: dict[str, Any]) -> None:
 def pretrained_meta(cfg: Config, epoch: int) -> dict[str, Any]:
     """The metadata of a pretraining checkpoint (kind ``pretrain``), as :func:`load_pretrained_encoder` reads it."""
     return {
-        "kind": "pretrain",
+        "kind": KIND_PRETRAIN,
+        "version": PRETRAIN_VERSION,
         "architecture": ARCHITECTURE,
         "method": cfg.method.name,
         "epoch": epoch,
@@ -187,7 +192,8 @@ def segmentation_meta(
         labelled_cases: the labelled training cases fine-tuning used (over all sites in a federation).
     """
     return {
-        "kind": "segmentation",
+        "kind": KIND_SEGMENTATION,
+        "version": SEGMENTATION_VERSION,
         "architecture": ARCHITECTURE,
         "config": cfg.to_dict(),
         "class_names": {str(k): v for k, v in class_names.items()},
@@ -270,7 +276,7 @@ def _read_pretraining(run: str | Path, model_cfg: ModelConfig) -> tuple[Path, di
     """
     path = checkpoint_path(run)
     state, meta = load_checkpoint(path)
-    require_meta(meta, path, kind="pretrain")
+    check_record(meta, path, KIND_PRETRAIN, PRETRAIN_VERSION)
     require_architecture(meta, path)
     have = saved_config(meta, path).model
     if have != model_cfg:
@@ -330,7 +336,7 @@ def load_segmentation(run: str | Path, device: torch.device | None = None) -> tu
     """A fine-tuned segmentation model (the architecture its saved config names) and its checkpoint metadata."""
     path = checkpoint_path(run)
     state, meta = load_checkpoint(path)
-    require_meta(meta, path, kind="segmentation")
+    check_record(meta, path, KIND_SEGMENTATION, SEGMENTATION_VERSION)
     require_architecture(meta, path)
     cfg = saved_config(meta, path)
     model = build_segmentation_model(cfg.model)

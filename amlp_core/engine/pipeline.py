@@ -24,9 +24,12 @@ from amlp_core.engine.artefacts import (
     CHECKPOINT,
     CONFIG,
     EVALUATION,
+    KIND_RESUME,
     METRICS,
     RESUME,
+    RESUME_VERSION,
     append_metrics,
+    check_record,
     load_pretrained,
     save_pretrained,
     segmentation_meta,
@@ -90,6 +93,7 @@ def _resume_state(out: Path, cfg: Config) -> dict[str, Any] | None:
         return None
     try:
         state, meta = load_checkpoint(path)
+        check_record(meta, path, KIND_RESUME, RESUME_VERSION)
     except CheckpointError as err:
         log.warning("%s; pretraining starts again", err)
         return None
@@ -215,7 +219,7 @@ def pretrain(
         log.info("epoch %d/%d loss %.4f ratio %.2f", epoch + 1, epochs, metrics["loss"], metrics.get("ratio", 0))
         save_pretrained(out / CHECKPOINT, method, cfg, epoch + 1)
         if epoch + 1 < epochs:
-            meta = {"kind": "pretrain-resume", "epoch": epoch + 1, "digest": _resume_digest(cfg)}
+            meta = {"kind": KIND_RESUME, "version": RESUME_VERSION, "epoch": epoch + 1, "digest": _resume_digest(cfg)}
             save_checkpoint(out / RESUME, streams.state(), meta)
         if _out_of_time(start, cfg):
             minutes = cfg.train.max_minutes

@@ -69,3 +69,15 @@ def test_federation_records_are_typed_versioned_and_checked(tmp_path):
         load_site_state(tmp_path / "pretrain_r0001.pt", "finetune")
     with pytest.raises(CheckpointError, match="kind='server'"):
         load_site_state(path, "finetune")
+
+
+def test_a_model_checkpoint_of_a_newer_layout_version_is_refused(tmp_path):
+    from amlp_core.config import ModelConfig
+    from amlp_core.engine.artefacts import load_pretrained_encoder, load_segmentation
+
+    seg = save_checkpoint(tmp_path / "seg.pt", {"model": {}}, {"kind": "segmentation", "version": 3, "architecture": 2})
+    with pytest.raises(CheckpointError, match=r"segmentation record .*seg.pt is version 3.*a newer fedamlp made it"):
+        load_segmentation(seg)
+    pre = save_checkpoint(tmp_path / "pre.pt", {"method": {}}, {"kind": "pretrain", "version": 2, "architecture": 2})
+    with pytest.raises(CheckpointError, match="pretrain record .*pre.pt is version 2"):
+        load_pretrained_encoder(pre, ModelConfig())
