@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from amlp_core.config import build_config, load_config
+from amlp_core.config import Config, build_config, load_config
 from amlp_core.engine.pipeline import finetune, pretrain
 from amlp_core.engine.split import data_defaults, load_split
 from fedamlp import protocol as P
@@ -94,7 +94,7 @@ def combine(paths: Sequence[str | Path]) -> dict[str, Any]:
     return out
 
 
-def main() -> None:
+def _parser():
     p = benchmark_parser(__doc__, "results/federated.json")
     p.add_argument("--sites", type=int, default=4)
     p.add_argument("--pretrain-rounds", type=int, default=4)
@@ -117,33 +117,67 @@ def main() -> None:
     p.add_argument(
         "--combine", nargs="+", metavar="JSON", help="combine earlier runs (one per seed) instead of running"
     )
-    args = p.parse_args()
+    return p
+
+
+def _print_combined(result: dict[str, Any]) -> None:
+    stats = [
+        {
+            "file": name,
+            **{k: result[f"{k}_{name}"] for k in ("centralized", "federated")},
+            "ratio": result[f"ratio_{name}"],
+        }
+        for name in ("mean", "std")
+    ]
+    print(table([*result["runs"], *stats], ["file", "seed", "centralized", "federated", "ratio"]))
+    print(f"ratio of the mean Dice: {result['ratio_of_means']:.4f}")
+
+
+def _centralized(cfg: Config, args, runs: Path) -> tuple[dict[str, Any], Config, float]:
+    """The same epochs at one site over all the training cases: its evaluation, config and seconds."""
+    pre_epochs, ft_epochs = args.pretrain_rounds * args.local_epochs, args.finetune_rounds * args.local_epochs
+    central_cfg = cfg.replace(train={"epochs": ft_epochs})
+    done = runs / "central_finetune" / "evaluation.json"
+    if args.reuse_central and done.exists() and load_config(runs / "central_finetune" / "config.yaml") == central_cfg:
+        log.info("reusing the centralized result in %s", done.parent)
+        seconds = float(json.loads((runs / "central_seconds.json").read_text())["seconds"])
+        return json.loads(done.read_text()), central_cfg, seconds
+    split = load_split(cfg)
+    start = time.monotonic()
+    pretrain(cfg.replace(train={"epochs": pre_epochs}), runs / "central_pretrain", split)
+    central = finetune(central_cfg, runs / "central_finetune", init=runs / "central_pretrain", split=split)
+    seconds = time.monotonic() - start
+    (runs / "central_seconds.json").write_text(json.dumps({"seconds": seconds}))
+    return central, central_cfg, seconds
+
+
+def _federated(cfg: Config, runs: Path) -> tuple[dict[str, Any], dict[str, Any], float]:
+    """The federation: its last evaluation row (all sites), its timings and message sizes, and seconds."""
+    start = time.monotonic()
+    simulate(cfg, timeout=3 * 3600, overwrite=True)  # an interrupted federated run starts over
+    seconds = time.monotonic() - start
+    rows = json.loads((runs / "federated" / "results" / "rounds.json").read_text())["rows"]
+    final = [r for r in rows if r["kind"] == "evaluate" and r["site"] == P.ALL_SITES][-1]
+    round_seconds = sum(r["seconds"] for r in rows if r["site"] == P.ALL_SITES)
+    per_site = [r for r in rows if r["kind"] == "train" and r["site"] != P.ALL_SITES and r["status"] == P.OK]
+    sizes = {
+        phase: {
+            "bytes_up_per_site": max(r["bytes_up"] for r in per_site if r["phase"] == phase),
+            "bytes_down_per_site": max(r["bytes_down"] for r in per_site if r["phase"] == phase),
+        }
+        for phase in ("pretrain", "finetune")
+    }
+    timing = {"round_seconds": round_seconds, "startup_seconds": seconds - round_seconds, "bytes_per_round": sizes}
+    return final, timing, seconds
+
+
+def main() -> None:
+    args = _parser().parse_args()
     if args.combine:
         result = combine(args.combine)
-        print(
-            table(
-                [
-                    *result["runs"],
-                    {
-                        "file": "mean",
-                        "centralized": result["centralized_mean"],
-                        "federated": result["federated_mean"],
-                        "ratio": result["ratio_mean"],
-                    },
-                    {
-                        "file": "std",
-                        "centralized": result["centralized_std"],
-                        "federated": result["federated_std"],
-                        "ratio": result["ratio_std"],
-                    },
-                ],
-                ["file", "seed", "centralized", "federated", "ratio"],
-            )
-        )
-        print(f"ratio of the mean Dice: {result['ratio_of_means']:.4f}")
+        _print_combined(result)
         print(f"wrote {write_json(args.out, result)}")
         return
-
     runs = Path(args.runs).resolve()
     overrides = {
         **default_run_config(),
@@ -162,87 +196,48 @@ def main() -> None:
         **set_overrides(args.set),
     }
     cfg = build_config(overrides)
-
-    # Centralized: the same epochs over all the training cases.
-    pre_epochs, ft_epochs = args.pretrain_rounds * args.local_epochs, args.finetune_rounds * args.local_epochs
-    central_cfg = cfg.replace(train={"epochs": ft_epochs})
-    done = runs / "central_finetune" / "evaluation.json"
-    if args.reuse_central and done.exists() and load_config(runs / "central_finetune" / "config.yaml") == central_cfg:
-        central = json.loads(done.read_text())
-        central_seconds = float(json.loads((runs / "central_seconds.json").read_text())["seconds"])
-        log.info("reusing the centralized result in %s", done.parent)
-    else:
-        split = load_split(cfg)
-        start = time.monotonic()
-        pretrain(cfg.replace(train={"epochs": pre_epochs}), runs / "central_pretrain", split)
-        central = finetune(central_cfg, runs / "central_finetune", init=runs / "central_pretrain", split=split)
-        central_seconds = time.monotonic() - start
-        (runs / "central_seconds.json").write_text(json.dumps({"seconds": central_seconds}))
+    central, central_cfg, central_seconds = _centralized(cfg, args, runs)
     log.info("centralized: Dice %.4f in %.0f s", central["dice_mean"], central_seconds)
-
-    # Federated.
     if args.site_batch_size:
         cfg = cfg.replace(train={"batch_size": args.site_batch_size})
-    start = time.monotonic()
-    simulate(cfg, timeout=3 * 3600, overwrite=True)  # an interrupted federated run starts over
-    federated_seconds = time.monotonic() - start
-    rows = json.loads((runs / "federated" / "results" / "rounds.json").read_text())["rows"]
-    final = [r for r in rows if r["kind"] == "evaluate" and r["site"] == P.ALL_SITES][-1]
-    round_seconds = sum(r["seconds"] for r in rows if r["site"] == P.ALL_SITES)
-    startup = federated_seconds - round_seconds
-    per_site = [r for r in rows if r["kind"] == "train" and r["site"] != P.ALL_SITES and r["status"] == "ok"]
-    bytes_rows = {
-        phase: {
-            "bytes_up_per_site": max(r["bytes_up"] for r in per_site if r["phase"] == phase),
-            "bytes_down_per_site": max(r["bytes_down"] for r in per_site if r["phase"] == phase),
-        }
-        for phase in ("pretrain", "finetune")
-    }
+    final, timing, federated_seconds = _federated(cfg, runs)
     result = {
         "centralized_dice": {k: v for k, v in central.items() if k.startswith("dice_")},
         "federated_dice": {k: v for k, v in final.items() if k.startswith("dice_")},
         "dice_ratio": final["dice_mean"] / central["dice_mean"],
         "centralized_seconds": round(central_seconds, 1),
         "federated_seconds": round(federated_seconds, 1),
-        "federated_round_seconds": round(round_seconds, 1),
-        "startup_seconds": round(startup, 1),
-        "overhead_without_startup": round(round_seconds / central_seconds, 3),
-        "bytes_per_round": bytes_rows,
+        "federated_round_seconds": round(timing["round_seconds"], 1),
+        "startup_seconds": round(timing["startup_seconds"], 1),
+        "overhead_without_startup": round(timing["round_seconds"] / central_seconds, 3),
+        "bytes_per_round": timing["bytes_per_round"],
     }
-    print(
-        table(
-            [
-                {"run": "centralized", "dice_mean": central["dice_mean"], "seconds": round(central_seconds, 1)},
-                {
-                    "run": f"federated ({args.sites} sites)",
-                    "dice_mean": final["dice_mean"],
-                    "seconds": round(federated_seconds, 1),
-                },
-            ],
-            ["run", "dice_mean", "seconds"],
-        )
-    )
-    print(json.dumps(result, indent=2))
-    path = write_json(
-        args.out,
+    runs_table = [
+        {"run": "centralized", "dice_mean": central["dice_mean"], "seconds": round(central_seconds, 1)},
         {
-            "benchmark": "federated",
-            "machine": machine(),
-            "split": HIPPOCAMPUS_SPLIT,
-            "seed": cfg.train.seed,
-            "set": set_overrides(args.set),
-            "sites": args.sites,
-            "method": args.method,
-            "pretrain_rounds": args.pretrain_rounds,
-            "finetune_rounds": args.finetune_rounds,
-            "local_epochs": args.local_epochs,
-            "label_fraction": args.label_fraction,
-            "central_batch_size": central_cfg.train.batch_size,
-            "site_batch_size": cfg.train.batch_size,
-            **result,
+            "run": f"federated ({args.sites} sites)",
+            "dice_mean": final["dice_mean"],
+            "seconds": result["federated_seconds"],
         },
-    )
-    print(f"wrote {path}")
+    ]
+    print(table(runs_table, ["run", "dice_mean", "seconds"]))
+    print(json.dumps(result, indent=2))
+    settings = {
+        "benchmark": "federated",
+        "machine": machine(),
+        "split": HIPPOCAMPUS_SPLIT,
+        "seed": cfg.train.seed,
+        "set": set_overrides(args.set),
+        "sites": args.sites,
+        "method": args.method,
+        "pretrain_rounds": args.pretrain_rounds,
+        "finetune_rounds": args.finetune_rounds,
+        "local_epochs": args.local_epochs,
+        "label_fraction": args.label_fraction,
+        "central_batch_size": central_cfg.train.batch_size,
+        "site_batch_size": cfg.train.batch_size,
+    }
+    print(f"wrote {write_json(args.out, {**settings, **result})}")
 
 
 if __name__ == "__main__":
