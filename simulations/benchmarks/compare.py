@@ -32,6 +32,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -90,66 +91,34 @@ def write_outputs(out: Path, payload: dict[str, Any]) -> str:
     return md
 
 
-def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    """Run (or continue) the table; returns the payload written to ``--out``."""
-    setup_logging()
-    args = parse_args(argv)
-    runs, out = Path(args.runs).resolve(), Path(args.out)
-    budget, base = budget_of(args), base_config(args)
-    seeds = list(range(args.seeds))
-    rows, class_names = _load_earlier(out, budget) if args.resume_rows else ([], {})
-    for row in rows:  # rows from before the measure existed
-        if row.get("pretrain_rounds") and "encoder_change" not in row:
-            row["encoder_change"] = encoder_change(row["run_dir"])
-    pretrained = [m for m in args.methods if m not in SCRATCH_LIKE]
-    largest = max(args.fractions)
-    total = len(seeds) * len(args.methods) * len(args.fractions)
-    reduced = None
-    if not torch.cuda.is_available():
-        reduced = (
-            f"reduced budget on CPU ({torch.get_num_threads()} threads): {args.pretrain_rounds} pretraining "
-            f"and {args.finetune_rounds} fine-tuning rounds of {args.local_epochs} local epochs, not the "
-            "full table"
-        )
-    payload: dict[str, Any] = {
-        "benchmark": "compare",
-        "machine": machine(),
-        "budget": budget,
-        "seeds": seeds,
-        "methods": args.methods,
-        "fractions": args.fractions,
-        "reduced_budget": reduced,
-        "class_names": class_names,
-        "rows": rows,
-        "table": [],
-    }
-    log.info(
-        "method comparison: %d cells x %d seeds = %d federated runs, %d sites; runs in %s; results in %s",
-        len(args.methods) * len(args.fractions),
-        len(seeds),
-        total,
-        args.sites,
-        runs,
-        out,
-    )
+@dataclass
+class _Table:
+    """The rows so far and the payload that holds them; written to ``out`` after every run."""
 
-    def done(method: str, fraction: float, seed: int) -> bool:
-        return any(r["method"] == method and r["label_fraction"] == fraction and r["seed"] == seed for r in rows)
+    args: Any
+    out: Path
+    payload: dict[str, Any]
+
+    @property
+    def rows(self) -> list[dict[str, Any]]:
+        return self.payload["rows"]
+
+    def done(self, method: str, fraction: float, seed: int) -> bool:
+        return any(r["method"] == method and r["label_fraction"] == fraction and r["seed"] == seed for r in self.rows)
 
     def record(
-        method: str,
-        fraction: float,
-        seed: int,
+        self,
+        cell: tuple[str, float, int],
         init: str,
         pretrain_rounds: int,
         result: dict[str, Any],
         names: dict[str, str],
         run_dir: Path,
     ) -> None:
-        rows[:] = [
-            r for r in rows if not (r["method"] == method and r["label_fraction"] == fraction and r["seed"] == seed)
-        ]
-        rows.append(
+        """Replace the row of ``cell`` (method, fraction, seed) and write everything."""
+        method, fraction, seed = cell
+        self.payload["rows"] = [r for r in self.rows if (r["method"], r["label_fraction"], r["seed"]) != cell]
+        self.rows.append(
             {
                 "seed": seed,
                 "method": method,
@@ -157,58 +126,101 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 "init": init,
                 "pretrain_rounds": pretrain_rounds,
                 **result,
+                "local_epochs": self.args.local_epochs,
                 "run_dir": str(run_dir),
                 "encoder_change": encoder_change(run_dir) if pretrain_rounds else None,
             }
         )
-        payload["class_names"] = payload["class_names"] or names
-        payload["table"] = aggregate(rows, args.methods, args.fractions)
-        write_outputs(out, payload)
+        self.payload["class_names"] = self.payload["class_names"] or names
+        self.payload["table"] = aggregate(self.rows, self.args.methods, self.args.fractions)
+        write_outputs(self.out, self.payload)
 
+
+def _payload(args, budget: dict[str, Any], rows: list[dict[str, Any]], class_names: dict[str, str]) -> dict[str, Any]:
+    reduced = None
+    if not torch.cuda.is_available():
+        reduced = (
+            f"reduced budget on CPU ({torch.get_num_threads()} threads): {args.pretrain_rounds} pretraining "
+            f"and {args.finetune_rounds} fine-tuning rounds of {args.local_epochs} local epochs, not the "
+            "full table"
+        )
+    return {
+        "benchmark": "compare",
+        "machine": machine(),
+        "budget": budget,
+        "seeds": list(range(args.seeds)),
+        "methods": args.methods,
+        "fractions": args.fractions,
+        "reduced_budget": reduced,
+        "class_names": class_names,
+        "rows": rows,
+        "table": [],
+    }
+
+
+def _start_of(cell: tuple[str, float, int], table: _Table, base, runs: Path, label: str) -> tuple[str, int, str]:
+    """How the run of ``cell`` starts: ``(init, pretraining rounds, initial encoder)``. A pretraining method
+    pretrains in its largest-fraction run and fine-tunes the smaller fractions from that run's encoder
+    (made again when its folder is gone)."""
+    method, fraction, seed = cell
+    args, largest = table.args, max(table.args.fractions)
+    if method in SCRATCH_LIKE:
+        return "scratch", 0, ""
+    if fraction == largest:
+        return "federated pretraining", args.pretrain_rounds, ""
+    encoder = runs / run_name(method, largest, seed) / ENCODER_DIR
+    if not (encoder / "checkpoint.pt").exists():  # its run is in --out but its folder is gone
+        log.warning("%s: the encoder %s is missing: pretraining again", label, encoder)
+        big_dir = runs / run_name(method, largest, seed)
+        cfg = run_config(base, big_dir, method, largest, seed, args.pretrain_rounds)
+        result, names = run_once(cfg, args, f"{label} (pretraining, {pct(largest)} labels)")
+        table.record((method, largest, seed), "federated pretraining", args.pretrain_rounds, result, names, big_dir)
+    return "pretrained encoder", 0, str(encoder)
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Run (or continue) the table; returns the payload written to ``--out``."""
+    setup_logging()
+    args = parse_args(argv)
+    runs, out = Path(args.runs).resolve(), Path(args.out)
+    budget, base = budget_of(args), base_config(args)
+    rows, class_names = _load_earlier(out, budget) if args.resume_rows else ([], {})
+    for row in rows:  # rows from before the measure existed
+        if row.get("pretrain_rounds") and "encoder_change" not in row:
+            row["encoder_change"] = encoder_change(row["run_dir"])
+    table = _Table(args, out, _payload(args, budget, rows, class_names))
+    total = args.seeds * len(args.methods) * len(args.fractions)
+    log.info(
+        "method comparison: %d cells x %d seeds = %d federated runs, %d sites; runs in %s; results in %s",
+        len(args.methods) * len(args.fractions),
+        args.seeds,
+        total,
+        args.sites,
+        runs,
+        out,
+    )
     count = 0
-    for seed in seeds:
+    for seed in range(args.seeds):
         for method in args.methods:
             # The largest fraction first: for a pretraining method, that run also makes the encoder.
             for fraction in sorted(args.fractions, reverse=True):
                 count += 1
                 label = f"run {count}/{total}: seed {seed}, {method}, {pct(fraction)} labels"
-                run_dir = runs / run_name(method, fraction, seed)
-                encoder = runs / run_name(method, largest, seed) / ENCODER_DIR
-                needs_encoder = method in pretrained and fraction < largest
-                if done(method, fraction, seed):
+                if table.done(method, fraction, seed):
                     log.info("%s: already in %s, skipped", label, out)
                     continue
-                if method in SCRATCH_LIKE:
-                    init, pre_rounds, init_encoder = "scratch", 0, ""
-                elif not needs_encoder:
-                    init, pre_rounds, init_encoder = "federated pretraining", args.pretrain_rounds, ""
-                else:
-                    init, pre_rounds, init_encoder = "pretrained encoder", 0, str(encoder)
-                    if not (encoder / "checkpoint.pt").exists():  # its run is in --out but its folder is gone
-                        log.warning("%s: the encoder %s is missing: pretraining again", label, encoder)
-                        big_dir = runs / run_name(method, largest, seed)
-                        cfg = run_config(base, big_dir, method, largest, seed, args.pretrain_rounds)
-                        result, names = run_once(cfg, args, f"{label} (pretraining, {pct(largest)} labels)")
-                        record(
-                            method,
-                            largest,
-                            seed,
-                            "federated pretraining",
-                            args.pretrain_rounds,
-                            {**result, "local_epochs": args.local_epochs},
-                            names,
-                            big_dir,
-                        )
+                cell = (method, fraction, seed)
+                init, pre_rounds, init_encoder = _start_of(cell, table, base, runs, label)
                 # Fine-tuning is counted in steps (federation.finetune_local_steps): every fraction gets the same.
-                epochs = args.local_epochs
-                cfg = run_config(base, run_dir, method, fraction, seed, pre_rounds, init_encoder, epochs)
+                run_dir = runs / run_name(method, fraction, seed)
+                cfg = run_config(base, run_dir, method, fraction, seed, pre_rounds, init_encoder, args.local_epochs)
                 result, names = run_once(cfg, args, label)
-                record(method, fraction, seed, init, pre_rounds, {**result, "local_epochs": epochs}, names, run_dir)
-    payload["table"] = aggregate(rows, args.methods, args.fractions)
-    md = write_outputs(out, payload)
+                table.record(cell, init, pre_rounds, result, names, run_dir)
+    table.payload["table"] = aggregate(table.rows, args.methods, args.fractions)
+    md = write_outputs(out, table.payload)
     log.info("wrote %s, %s and %s", out, out.with_suffix(".md"), out.with_suffix(".svg"))
     print(md)
-    return payload
+    return table.payload
 
 
 if __name__ == "__main__":
