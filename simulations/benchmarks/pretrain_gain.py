@@ -172,7 +172,7 @@ def summary(rows: list[dict], fractions: list[float]) -> tuple[list[dict], str]:
     return out, "\n\n".join(parts)
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
+def _parser():
     p = benchmark_parser(__doc__, "results/pretrain_gain.json")
     p.add_argument("--methods", default="scratch,mae,amlp", help="initialisations: scratch and pretraining methods")
     p.add_argument("--fractions", default="0.1,1.0")
@@ -189,15 +189,60 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--runs", default="runs/pretrain_gain")
-    args = p.parse_args(argv)
+    return p
 
+
+def _inits(methods: list[str], budgets: list[int], variant: str) -> list[tuple[str, str | None, int]]:
+    """The rows' initialisations: ``(row name, pretraining method or None, pretraining epochs)``."""
+    inits: list[tuple[str, str | None, int]] = []
+    suffix = f" [{variant}]" if variant else ""
+    for method in methods:
+        if method in (SCRATCH, UNET):
+            inits.append((method, None, 0))
+        else:
+            inits += [(f"{method} {e} ep{suffix}", method, e) for e in budgets]
+    return inits
+
+
+def _finetune_row(cfg, init: tuple[str, str | None, int], fraction: float, seed: int, args, folder: Path | None, split):
+    """One fine-tuning run from ``folder`` (a pretraining run, None: scratch) and its row."""
+    name, method, epochs = init
+    ft_cfg = cfg.replace(
+        train={
+            "label_fraction": fraction,
+            "seed": seed,
+            "finetune_steps": args.finetune_steps,
+            "eval_every": args.curve_every,
+        },
+        model={"seg_arch": "unet" if name == UNET else cfg.model.seg_arch},
+    )
+    slug = "".join(c if c.isalnum() or c in "._-" else "_" for c in name)
+    run = Path(args.runs) / f"finetune_{slug}_f{fraction}_s{seed}"
+    result = finetune(ft_cfg, run, init=folder, split=split)
+    log.info("%s, %g %% labels, seed %d: mean Dice %.4f", name, 100 * fraction, seed, result["dice_mean"])
+    return {
+        "init": name,
+        "method": method or name,
+        "pretrain_epochs": epochs,
+        "overrides": args.set,
+        "label_fraction": fraction,
+        "seed": seed,
+        "labelled_cases": result["labelled_cases"],
+        "steps": args.finetune_steps,
+        "train_seconds": result["train_seconds"],
+        **{k: v for k, v in result.items() if k.startswith("dice_")},
+        "curve": curve(run),
+    }
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = _parser().parse_args(argv)
     cfg = build_config(
         {**data_defaults(args.data), **HIPPOCAMPUS_SPLIT, "train.num_threads": args.threads, **set_overrides(args.set)}
     )
     runs = Path(args.runs)
     split = load_split(cfg)
     fractions, seeds, budgets = _floats(args.fractions), _ints(args.seeds), _ints(args.pretrain_epochs)
-    methods = [m for m in args.methods.split(",") if m]
     out = Path(args.out)
     previous = json.loads(out.read_text()) if out.exists() else {}
     rows: list[dict] = previous.get("rows", [])
@@ -213,56 +258,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "pretrain_seed": args.pretrain_seed,
         "pretraining": previous.get("pretraining", {}),
     }
-
-    inits: list[tuple[str, str | None, int]] = []  # (row name, method, pretraining epochs)
-    suffix = f" [{args.variant}]" if args.variant else ""
-    for method in methods:
-        if method in (SCRATCH, UNET):
-            inits.append((method, None, 0))
-        else:
-            inits += [(f"{method} {e} ep{suffix}", method, e) for e in budgets]
+    inits = _inits([m for m in args.methods.split(",") if m], budgets, args.variant)
     for fraction in fractions:
         for seed in seeds:
-            for name, method, epochs in inits:
+            for init in inits:
+                name, method, epochs = init
                 if (name, fraction, seed) in done:
                     continue
-                init = None
+                folder = None
                 if method is not None:
                     pre = pretrained(cfg, method, epochs, args.pretrain_seed, runs, split)
-                    header["pretraining"][name] = {
-                        "epochs": epochs,
-                        "seconds": pre["seconds"],
-                        "final_loss": pre["final_loss"],
-                    }
-                    init = pre["folder"]
-                ft_cfg = cfg.replace(
-                    train={
-                        "label_fraction": fraction,
-                        "seed": seed,
-                        "finetune_steps": args.finetune_steps,
-                        "eval_every": args.curve_every,
-                    },
-                    model={"seg_arch": "unet" if name == UNET else cfg.model.seg_arch},
-                )
-                slug = "".join(c if c.isalnum() or c in "._-" else "_" for c in name)
-                run = runs / f"finetune_{slug}_f{fraction}_s{seed}"
-                result = finetune(ft_cfg, run, init=init, split=split)
-                rows.append(
-                    {
-                        "init": name,
-                        "method": method or name,
-                        "pretrain_epochs": epochs,
-                        "overrides": args.set,
-                        "label_fraction": fraction,
-                        "seed": seed,
-                        "labelled_cases": result["labelled_cases"],
-                        "steps": args.finetune_steps,
-                        "train_seconds": result["train_seconds"],
-                        **{k: v for k, v in result.items() if k.startswith("dice_")},
-                        "curve": curve(run),
-                    }
-                )
-                log.info("%s, %g %% labels, seed %d: mean Dice %.4f", name, 100 * fraction, seed, result["dice_mean"])
+                    header["pretraining"][name] = {k: pre[k] for k in ("seconds", "final_loss")} | {"epochs": epochs}
+                    folder = pre["folder"]
+                rows.append(_finetune_row(cfg, init, fraction, seed, args, folder, split))
                 stats, _ = summary(rows, sorted({r["label_fraction"] for r in rows}))
                 write_json(out, {**header, "rows": rows, "summary": stats})
     stats, markdown = summary(rows, sorted({r["label_fraction"] for r in rows}))  # every fraction measured so far
