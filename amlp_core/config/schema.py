@@ -288,6 +288,9 @@ class TrainConfig:
     finetune_warmup: float = 0.05  # fine-tuning: share of the steps of linear warm-up, then cosine to 0
     eval_every: int = 0  # single-site fine-tuning: test Dice every this many steps, into metrics.jsonl (0: at the end)
     augment: str = "strong"  # training augmentation: strong (nnU-Net-style, then flips) | flip (crop and flips only)
+    # A labelled image larger than model.img_size is cropped around a foreground voxel with this probability
+    # (nnU-Net's 1/3), else anywhere; an image that fits the box is only padded.
+    foreground_share: float = 0.33
 
     def __post_init__(self) -> None:
         _check(self.epochs >= 1, "train.epochs", self.epochs, "must be at least 1")
@@ -319,6 +322,9 @@ class TrainConfig:
             "must be auto, cpu, cuda or cuda:N",
         )
         _check(self.augment in ("strong", "flip"), "train.augment", self.augment, "must be strong or flip")
+        _check(
+            0.0 <= self.foreground_share <= 1.0, "train.foreground_share", self.foreground_share, "must be in [0, 1]"
+        )
 
 
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedmedian", "fedtrimmedavg")

@@ -96,7 +96,8 @@ class SegDataset(torch.utils.data.Dataset):
 
     Items are dicts: ``"image"`` float32 ``[C, *roi_size]``, ``"label"`` int64
     ``[1, *roi_size]`` (only when the samples are labelled) and ``"index"`` (int).
-    With ``augment``: a random crop, then :func:`strong_augment` when ``strength`` is
+    With ``augment``: a random crop (of an image larger than ``roi_size``, around a foreground voxel
+    with probability ``foreground_share``), then :func:`strong_augment` when ``strength`` is
     ``"strong"`` (``"flip"`` skips it), then random flips; every draw comes from a generator
     seeded by ``(seed, epoch, index)``. Without ``augment``: a center crop only.
     """
@@ -108,6 +109,7 @@ class SegDataset(torch.utils.data.Dataset):
         augment: bool = False,
         seed: int = 0,
         strength: str = "strong",
+        foreground_share: float = 0.0,
     ):
         if not samples:
             raise DataError("SegDataset: no samples given")
@@ -124,6 +126,7 @@ class SegDataset(torch.utils.data.Dataset):
         self.augment = augment
         self.strength = strength
         self.seed = seed
+        self.foreground_share = foreground_share
         self.epoch = 0
         self.has_labels = not unlabelled
 
@@ -137,7 +140,7 @@ class SegDataset(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> dict:
         sample = self.samples[i]
         rng = np.random.default_rng((self.seed, self.epoch, i)) if self.augment else None
-        image, label = fit_to_roi(sample.image, sample.label, self.roi_size, rng)
+        image, label = fit_to_roi(sample.image, sample.label, self.roi_size, rng, self.foreground_share)
         if rng is not None:
             if self.strength == "strong":
                 image, label = strong_augment(image, label, rng)

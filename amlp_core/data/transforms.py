@@ -53,6 +53,7 @@ def fit_to_roi(
     label: np.ndarray | None,
     roi_size: Sequence[int],
     rng: np.random.Generator | None = None,
+    foreground_share: float = 0.0,
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """Pad (image with its per-channel minimum, label with 0), then crop to ``roi_size``.
 
@@ -61,6 +62,9 @@ def fit_to_roi(
         label: ``[*spatial]`` or None.
         roi_size: one size per spatial axis.
         rng: random crop position when given, else a center crop.
+        foreground_share: with ``rng``, an image larger than ``roi_size`` is cropped around a random
+            foreground voxel of ``label`` with this probability (nnU-Net's oversampling), else at random.
+            An image that fits draws nothing more from ``rng``.
 
     Returns:
         ``(image [C, *roi_size], label [*roi_size] or None)``.
@@ -68,10 +72,22 @@ def fit_to_roi(
     if len(roi_size) != image.ndim - 1:
         raise ConfigError(f"roi_size {tuple(roi_size)} does not fit image of spatial shape {image.shape[1:]}")
     image, label = _pad_to(image, label, roi_size)
+    sizes = image.shape[1:]
+    larger = any(size > roi for size, roi in zip(sizes, roi_size))
+    if rng is not None and larger and label is not None and foreground_share > 0 and rng.random() < foreground_share:
+        foreground = np.argwhere(label > 0)
+        if len(foreground):
+            centre = foreground[rng.integers(len(foreground))]
+            starts = [int(np.clip(c - roi // 2, 0, size - roi)) for c, size, roi in zip(centre, sizes, roi_size)]
+            return _crop(image, label, starts, roi_size)
     starts = [
         int(rng.integers(0, size - roi + 1)) if rng is not None else (size - roi) // 2
-        for size, roi in zip(image.shape[1:], roi_size)
+        for size, roi in zip(sizes, roi_size)
     ]
+    return _crop(image, label, starts, roi_size)
+
+
+def _crop(image: np.ndarray, label: np.ndarray | None, starts: Sequence[int], roi_size: Sequence[int]):
     window = tuple(slice(start, start + roi) for start, roi in zip(starts, roi_size))
     image = np.ascontiguousarray(image[(slice(None), *window)])
     label = np.ascontiguousarray(label[window]) if label is not None else None

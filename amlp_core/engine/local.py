@@ -167,7 +167,14 @@ def make_loader(samples: list[Sample], cfg: Config, augment: bool, labels: bool,
     seed = cfg.train.seed if seed is None else seed
     if not labels:
         samples = [dataclasses.replace(s, label=None) for s in samples]
-    dataset = SegDataset(samples, cfg.model.img_size, augment=augment, seed=seed, strength=cfg.train.augment)
+    dataset = SegDataset(
+        samples,
+        cfg.model.img_size,
+        augment=augment,
+        seed=seed,
+        strength=cfg.train.augment,
+        foreground_share=cfg.train.foreground_share,
+    )
     generator = torch.Generator().manual_seed(seed)
     return DataLoader(
         dataset,

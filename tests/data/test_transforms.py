@@ -153,3 +153,23 @@ def test_rotate_scale_matches_monai_affine(shape, radians):
         image_only=True,
     )(image, mode="bilinear")
     assert np.allclose(out, np.asarray(reference.as_tensor()), atol=1e-4)
+
+
+def test_crops_of_a_larger_image_centre_on_foreground_with_the_given_share():
+    image = np.random.default_rng(0).normal(size=(1, 40, 40, 40)).astype(np.float32)
+    label = np.zeros((40, 40, 40), np.int64)
+    label[37, 2, 30] = 1  # one lesion voxel near a corner
+
+    def hits(share: float) -> int:
+        rng = np.random.default_rng(1)
+        return sum(int(fit_to_roi(image, label, (16, 16, 16), rng, share)[1].sum()) for _ in range(200))
+
+    assert hits(1.0) == 200  # every crop holds the lesion
+    assert hits(0.0) < 40  # a random crop rarely does (about 1 in 170 here)
+    assert 40 < hits(0.33) < 120
+    # An image that fits the box draws nothing more: crops and the random stream are as without the option.
+    small, small_label = image[:, :12, :12, :12], label[:12, :12, :12]
+    a, b = np.random.default_rng(2), np.random.default_rng(2)
+    out_a = fit_to_roi(small, small_label, (16, 16, 16), a, 1.0)
+    out_b = fit_to_roi(small, small_label, (16, 16, 16), b, 0.0)
+    assert np.array_equal(out_a[0], out_b[0]) and a.random() == b.random()
