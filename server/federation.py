@@ -243,6 +243,7 @@ class Federation:
             if private:
                 metrics[SERVER_EPSILON] = self.accountant.get_privacy_spent().epsilon
             self._record(phase, rnd, "train", outcome, metrics, _bytes(arrays))
+            self.results.info["site data"] = self._data_counts()
             if phase == P.FINETUNE:
                 metrics, outcome = rounds.evaluate_round(
                     self.grid, strategy, rnd, arrays, self._instructions(phase, rnd, total), f, self.declared
@@ -255,6 +256,17 @@ class Federation:
             self._save(Progress(phase, rnd), arrays, strategy)
             self.results.write()
         return arrays
+
+    def _data_counts(self) -> str:
+        """What the sites declared, summed (counts only: no site's cases are named)."""
+        counts = list(self.declared.counts.values())
+        train, labelled, test = (
+            sum(c[k] for c in counts) for k in (P.DECLARED_TRAIN, P.DECLARED_LABELLED, P.DECLARED_TEST)
+        )
+        return (
+            f"{len(counts)} sites: {train} training images (pretraining uses all), {labelled} labelled cases "
+            f"fine-tuned on, {test} test cases"
+        )
 
     # -- initial weights -----------------------------------------------------------------
     def initial_encoder(self) -> ArrayRecord:

@@ -117,29 +117,38 @@ def _discover_msd(root: Path) -> tuple[list[Case], list[Problem], dict[int, str]
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise data_error(meta_path, f"not a valid MSD dataset.json ({type(exc).__name__}: {exc})") from exc
     spatial_dims = 2 if str(meta.get("tensorImageSize", "3D")).upper() == "2D" else 3
+    # Unlabelled images: MSD's "test" list (paths, or entries with an image only); their labels are not used.
+    test = meta.get("test") if isinstance(meta.get("test"), list) else []
+    listing = [(f"training entry {i}", e) for i, e in enumerate(entries)]
+    listing += [(f"test entry {i}", {"image": e} if isinstance(e, str) else _image_only(e)) for i, e in enumerate(test)]
     cases, problems = [], []
-    listed: dict[Path, int] = {}  # every listed file, and the entry that listed it first
-    names: dict[str, int] = {}
-    for i, entry in enumerate(entries):
-        found = _msd_case(root, i, entry, meta_path)
+    listed: dict[Path, str] = {}  # every listed file, and the entry that listed it first
+    names: dict[str, str] = {}
+    for where, entry in listing:
+        found = _msd_case(root, where, entry, meta_path)
         if isinstance(found, Case):
-            found = _listed_twice(found, i, listed, names) or found
+            found = _listed_twice(found, where, listed, names) or found
         if isinstance(found, Problem):
             problems.append(found)
             continue
         cases.append(found)
-        listed.update({f: i for f in (found.image, found.label) if f is not None})
-        names[found.name] = i
+        listed.update({f: where for f in (found.image, found.label) if f is not None})
+        names[found.name] = where
     return cases, problems, class_names, spatial_dims
 
 
-def _listed_twice(case: Case, i: int, listed: dict[Path, int], names: dict[str, int]) -> Problem | None:
-    """A problem when training entry ``i`` names a file or a case name that an earlier entry named."""
+def _image_only(entry: object) -> object:
+    """A ``test`` entry of dataset.json as an entry without a label."""
+    return {"image": entry.get("image")} if isinstance(entry, dict) else entry
+
+
+def _listed_twice(case: Case, where: str, listed: dict[Path, str], names: dict[str, str]) -> Problem | None:
+    """A problem when the entry ``where`` names a file or a case name that an earlier entry named."""
     for path in (case.image, case.label):
         if path is not None and path in listed:
-            return Problem(str(path), f"listed again by training entry {i} (first by entry {listed[path]})")
+            return Problem(str(path), f"listed again by {where} (first by {listed[path]})")
     if case.name in names:
-        return Problem(str(case.image), f"case name {case.name!r} is also training entry {names[case.name]}'s")
+        return Problem(str(case.image), f"case name {case.name!r} of {where} is also {names[case.name]}'s")
     return None
 
 
@@ -149,18 +158,18 @@ def _inside(root: Path, relative: str) -> Path | None:
     return path if not Path(relative).is_absolute() and path.is_relative_to(os.path.normpath(root)) else None
 
 
-def _msd_case(root: Path, i: int, entry: object, meta_path: Path) -> Case | Problem:
-    """The case of training entry ``i`` of ``meta_path``, or the problem that makes it none."""
+def _msd_case(root: Path, where: str, entry: object, meta_path: Path) -> Case | Problem:
+    """The case of the entry ``where`` of ``meta_path``, or the problem that makes it none."""
     if not isinstance(entry, dict) or not isinstance(entry.get("image"), str):
-        return Problem(str(meta_path), f"training entry {i} has no 'image' path")
+        return Problem(str(meta_path), f"{where} has no 'image' path")
     texts = [entry["image"]] + ([entry["label"]] if isinstance(entry.get("label"), str) else [])
     paths = []
     for text in texts:
         path = _inside(root, text)
         if path is None:
-            return Problem(str(meta_path), f"training entry {i} path {text!r} is outside the dataset folder")
+            return Problem(str(meta_path), f"{where} path {text!r} is outside the dataset folder")
         if not path.is_file():
-            return Problem(str(path), f"listed in {meta_path.name} (training entry {i}) but does not exist")
+            return Problem(str(path), f"listed in {meta_path.name} ({where}) but does not exist")
         paths.append(path)
     return Case(strip_suffix(paths[0]), paths[0], paths[1] if len(paths) > 1 else None)
 

@@ -28,14 +28,15 @@ log = logging.getLogger(__name__)
 def evaluate(
     run: str | Path, data_cfg_overrides: dict[str, Any] | None = None, device: str = "auto", all_cases: bool = False
 ) -> dict[str, Any]:
-    """Dice per class of a fine-tuned model on the test cases of the data it names (or overrides)."""
+    """Dice per class of a fine-tuned model on the test cases of the data it names (or overrides); with
+    ``all_cases`` on every labelled case."""
     dev = resolve_device(device)
     model, meta = load_segmentation(run, dev)
     cfg = saved_config(meta, run)
     if data_cfg_overrides:
         cfg = build_config({f"data.{k}": v for k, v in data_cfg_overrides.items()}, base=cfg)
     split = load_split(cfg)
-    cases = split.train + split.test if all_cases else split.test
+    cases = [s for s in (split.train + split.test if all_cases else split.test) if s.label is not None]
     if not cases:
         raise DataError(f"no cases to evaluate in {cfg.data.path} (data.test_fraction={cfg.data.test_fraction})")
     result = evaluate_segmentation(

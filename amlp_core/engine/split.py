@@ -40,6 +40,9 @@ class DataSplit:
 def load_split(cfg: Config, site: int = 0, num_sites: int = 1) -> DataSplit:
     """Read (or synthesise) the data named by ``cfg.data`` and split it by case.
 
+    The test cases are drawn from the labelled cases only; images without a label all go to training,
+    where pretraining uses every image and fine-tuning the labelled ones.
+
     With ``num_sites > 1`` (a simulated federation) the fixed train/test split is cut into
     sites by ``cfg.federation.partition`` and only site ``site``'s cases are read; synthetic
     phantoms are generated per site instead, each site with its own scanner style.
@@ -60,7 +63,10 @@ def load_split(cfg: Config, site: int = 0, num_sites: int = 1) -> DataSplit:
         class_names = index.class_names or {k: f"class_{k}" for k in range(m.num_classes)}
         dims = index.spatial_dims
         _check_fits(class_names, dims, cfg)  # before reading: the model cannot take data of another kind
-        train_names, test_names = split_names([c.name for c in index.cases], d.test_fraction, d.split_seed)
+        # Test cases come from the labelled ones; unlabelled images all train (pretraining uses them).
+        labelled = [c.name for c in index.cases if c.label is not None]
+        train_names, test_names = split_names(labelled, d.test_fraction, d.split_seed) if labelled else ([], [])
+        train_names = sorted(train_names + [c.name for c in index.cases if c.label is None])
         if num_sites > 1:
             f = cfg.federation
             train_names = partition_names(train_names, num_sites, f.partition, f.dirichlet_alpha, d.split_seed)[site]

@@ -190,3 +190,30 @@ def test_a_bad_case_is_refused_by_default_and_skipped_on_request(tmp_path, caplo
     names = [s.name for s in skipped.train + skipped.test]
     assert sorted(names) == ["case_000", "case_001", "case_002", "case_004", "case_005"]
     assert f"skipping a bad case (data.on_bad_case=skip): {bad}" in caplog.text
+
+
+def test_unlabelled_images_train_and_never_test(tmp_path):
+    import json
+
+    import nibabel as nib
+
+    from amlp_core.config import build_config
+    from amlp_core.data import discover
+    from amlp_core.engine.split import load_split
+    from tests.corpus.build import TINY_MODEL, write_good_dataset
+
+    data = write_good_dataset(tmp_path / "data", n=6)
+    meta = json.loads((data / "dataset.json").read_text())
+    for i in range(3):  # MSD's "test" list: images without labels (both of its forms)
+        nib.save(nib.Nifti1Image(np.full((16, 16, 16), 50.0 + i, np.float32), np.eye(4)), str(data / f"u{i}.nii.gz"))
+    meta["test"] = ["./u0.nii.gz", {"image": "./u1.nii.gz"}, "./u2.nii.gz"]
+    (data / "dataset.json").write_text(json.dumps(meta))
+    index = discover(data)
+    assert len(index.cases) == 9 and sum(c.label is None for c in index.cases) == 3 and not index.problems
+    settings = dict(s.split("=") for s in TINY_MODEL)
+    split = load_split(build_config({**settings, "data.path": str(data), "data.test_fraction": 0.5}))
+    assert sorted(s.name for s in split.train if s.label is None) == ["u0", "u1", "u2"]
+    assert all(s.label is not None for s in split.test) and len(split.test) == 3
+    meta["test"].append("./u0.nii.gz")
+    (data / "dataset.json").write_text(json.dumps(meta))
+    assert "listed again by test entry 3 (first by test entry 0)" in discover(data).problems[0].message

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -51,6 +52,7 @@ def _check_two_phase_run(run: Path, cfg, tmp_path: Path) -> None:
     assert len(evaluation) == 1 and 0.0 <= evaluation[0]["dice_mean"] <= 1.0
     summary = (run / "results" / "summary.md").read_text()
     assert "Dice after fine-tuning round 1" in summary and f"- pretraining: {cfg.method.name}\n" in summary
+    assert re.search(r"- site data: 2 sites: \d+ training images \(pretraining uses all\), \d+ labelled", summary)
     assert (run / "results" / "rounds.csv").read_text().startswith("phase,round,kind,site,status")
     # The final model is what `fedamlp predict` loads.
     model, meta = load_segmentation(run / "model")
