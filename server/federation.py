@@ -61,13 +61,19 @@ def check_resumable(cfg: Config) -> None:
     Called before anything is written, so that a refused resume leaves the run folder as it was.
     """
     path = Path(cfg.federation.run_dir) / CHECKPOINT
-    if not cfg.federation.resume or not path.exists():
-        return
-    if ServerCheckpoint.load(path).digest != run_digest(cfg):
+    if cfg.federation.resume and path.exists():
+        _saved_run(path, cfg)
+
+
+def _saved_run(path: Path, cfg: Config) -> ServerCheckpoint:
+    """The server checkpoint at ``path``; CheckpointError when it was made with another configuration."""
+    saved = ServerCheckpoint.load(path)
+    if saved.digest != run_digest(cfg):
         raise CheckpointError(
             f"checkpoint {path} was made with a different configuration; refusing to resume "
             "(start a new run_dir, or restore the original settings)"
         )
+    return saved
 
 
 #: What the summary says when no site has test cases to evaluate on.
@@ -148,8 +154,7 @@ class Federation:
         if not path.exists():
             log.info("federation.resume is set but %s has no checkpoint: starting afresh", self.run_dir)
             return None
-        check_resumable(self.cfg)
-        saved = ServerCheckpoint.load(path)
+        saved = _saved_run(path, self.cfg)  # (read once: the checks and the state)
         self.results.rows = list(saved.rows)
         self.class_names = dict(saved.class_names)
         if self.accountant is not None and saved.accountant:

@@ -120,7 +120,7 @@ def _discover_msd(root: Path) -> tuple[list[Case], list[Problem], dict[int, str]
     # Unlabelled images: MSD's "test" list (paths, or entries with an image only); their labels are not used.
     test = meta.get("test") if isinstance(meta.get("test"), list) else []
     listing = [(f"training entry {i}", e) for i, e in enumerate(entries)]
-    listing += [(f"test entry {i}", {"image": e} if isinstance(e, str) else _image_only(e)) for i, e in enumerate(test)]
+    listing += [(f"test entry {i}", _image_only(e)) for i, e in enumerate(test)]
     cases, problems = [], []
     listed: dict[Path, str] = {}  # every listed file, and the entry that listed it first
     names: dict[str, str] = {}
@@ -138,7 +138,9 @@ def _discover_msd(root: Path) -> tuple[list[Case], list[Problem], dict[int, str]
 
 
 def _image_only(entry: object) -> object:
-    """A ``test`` entry of dataset.json as an entry without a label."""
+    """A ``test`` entry of dataset.json (a path, or an entry) as an entry without a label."""
+    if isinstance(entry, str):
+        return {"image": entry}
     return {"image": entry.get("image")} if isinstance(entry, dict) else entry
 
 

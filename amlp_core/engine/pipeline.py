@@ -177,8 +177,7 @@ def pretrain(
         phase = PrivatePhase(rounds=epochs - epoch, cases=len(split.train), epochs=1)
         return _privacy_ledger(cfg, Path(out_dir), phase, f"pretraining epoch {epoch + 1} in {out_dir}")
 
-    if first < epochs:
-        epoch_ledger(first)  # an overspending start is refused before anything is written
+    first_ledger = epoch_ledger(first) if first < epochs else None  # overspending: refused before any write
     out, device = _prepare(cfg, out_dir, keep_metrics=first, overwrite=overwrite)
     method = build_method(cfg.model, cfg.method).to(device)
     loader = make_loader(split.train, cfg, augment=True, labels=False)
@@ -200,7 +199,7 @@ def pretrain(
     )
     start, metrics = time.monotonic(), {}
     for epoch in range(first, epochs):
-        ledger = epoch_ledger(epoch)
+        ledger = first_ledger if epoch == first else epoch_ledger(epoch)
         metrics = pretrain_epochs(
             method,
             optimizer,

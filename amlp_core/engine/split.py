@@ -58,6 +58,7 @@ def load_split(cfg: Config, site: int = 0, num_sites: int = 1) -> DataSplit:
         )
         class_names, dims = {0: "background", 1: "lesion"}, len(d.synthetic_size)
         train_names, test_names = split_names([s.name for s in samples], d.test_fraction, d.split_seed)
+        _check_fits(class_names, dims, cfg, samples)
     else:
         index = discover(d.path, d.format)
         class_names = index.class_names or {k: f"class_{k}" for k in range(m.num_classes)}
@@ -74,8 +75,7 @@ def load_split(cfg: Config, site: int = 0, num_sites: int = 1) -> DataSplit:
         wanted = set(train_names) | set(test_names)
         index = dataclasses.replace(index, cases=tuple(c for c in index.cases if c.name in wanted))
         expect = Expect(dims, frozenset(class_names), m.in_channels, d.max_voxels)
-        samples = load_samples(index, expect, d.on_bad_case)
-    _check_fits(class_names, dims, cfg, samples)
+        samples = load_samples(index, expect, d.on_bad_case)  # (each case's channels checked against the model)
     by_name = {s.name: s for s in samples}  # (data.on_bad_case=skip may have left cases out)
     train = [by_name[n] for n in train_names if n in by_name]
     test = [by_name[n] for n in test_names if n in by_name]
