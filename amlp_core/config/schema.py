@@ -221,7 +221,7 @@ class DataConfig:
     """Where the scans are and how they are cut."""
 
     path: str = "synthetic"  # a dataset folder, or "synthetic" for the built-in phantoms
-    format: str = "auto"  # auto | msd | nifti | png
+    format: str = "auto"  # auto | msd | nifti | png | dicom
     as_slices: bool = False  # use 3D volumes as 2D slices (model.spatial_dims must be 2)
     slice_axis: int = -1
     test_fraction: float = 0.2
@@ -231,15 +231,17 @@ class DataConfig:
     synthetic_site: int = 0
     on_bad_case: str = "refuse"  # a case that cannot be read or checked: refuse the data | skip (log it, leave it out)
     max_voxels: int = 268_435_456  # 2**28: a file whose header declares more values is refused before decompressing
+    # The site's imaging modality (MR, CT, ...); auto: from dataset.json or the DICOM headers, else unknown.
+    modality: str = "auto"
 
     def __post_init__(self) -> None:
         _check(self.on_bad_case in ("refuse", "skip"), "data.on_bad_case", self.on_bad_case, "must be refuse or skip")
         _check(self.max_voxels >= 1, "data.max_voxels", self.max_voxels, "must be at least 1")
         _check(
-            self.format in ("auto", "msd", "nifti", "png"),
+            self.format in ("auto", "msd", "nifti", "png", "dicom"),
             "data.format",
             self.format,
-            "must be auto, msd, nifti or png",
+            "must be auto, msd, nifti, png or dicom",
         )
         _check(0.0 <= self.test_fraction < 1.0, "data.test_fraction", self.test_fraction, "must be in [0, 1)")
         _check(
@@ -258,6 +260,58 @@ class DataConfig:
     @property
     def synthetic(self) -> bool:
         return self.path == "synthetic"
+
+
+#: ``plan.normalization`` values: per-case z-score (MR and unknown modalities), or CT's clip to the federation's
+#: foreground percentiles then z-score with its foreground mean and std.
+NORMALIZATIONS = ("zscore", "ct")
+#: ``plan.interpolation`` values (images; labels are always resampled nearest-neighbour).
+INTERPOLATIONS = ("linear", "bspline")
+
+
+@dataclass(frozen=True)
+class PlanConfig:
+    """One geometry and intensity scale for every case of a run (amlp_core/data/plan.py). An empty value
+    is decided from the sites' fingerprints when the run starts; the decided plan is saved with the model."""
+
+    target_spacing: tuple[float, ...] = ()  # mm per axis, RAS order; (): the median of the sites' spacings
+    modality: str = ""  # the run's modality; "": that of most cases
+    normalization: str = ""  # zscore | ct; "": ct for CT, else zscore
+    clip: tuple[float, ...] = ()  # ct: (low, high) intensities; (): the sites' foreground 0.5 and 99.5 percentiles
+    mean: float = 0.0  # ct: the federation's foreground mean and std (decided with clip)
+    std: float = 0.0
+    interpolation: str = "linear"  # images: linear | bspline (cubic); labels: nearest
+    # A site whose median spacing differs from the target by more than this factor on an axis is refused.
+    max_spacing_ratio: float = 3.0
+
+    def __post_init__(self) -> None:
+        _check(
+            all(s > 0 and math.isfinite(s) for s in self.target_spacing) and len(self.target_spacing) in (0, 2, 3),
+            "plan.target_spacing",
+            self.target_spacing,
+            "must be empty or 2 or 3 positive sizes in mm",
+        )
+        _check(
+            self.normalization in ("", *NORMALIZATIONS),
+            "plan.normalization",
+            self.normalization,
+            "must be zscore or ct",
+        )
+        _check(len(self.clip) in (0, 2) and (not self.clip or self.clip[0] < self.clip[1]), "plan.clip", self.clip,
+               "must be empty or (low, high) with low < high")  # fmt: skip
+        _check(self.std >= 0, "plan.std", self.std, "must not be negative")
+        _check(
+            self.interpolation in INTERPOLATIONS, "plan.interpolation", self.interpolation, "must be linear or bspline"
+        )
+        _check(self.max_spacing_ratio > 1, "plan.max_spacing_ratio", self.max_spacing_ratio, "must be above 1")
+        if self.normalization == "ct" and self.clip:
+            _check(self.std > 0, "plan.std", self.std, "must be positive with plan.normalization=ct")
+
+    @property
+    def decided(self) -> bool:
+        """Whether every value is set (the run's plan), so that it can be applied as it is."""
+        ct_ready = self.normalization != "ct" or (len(self.clip) == 2 and self.std > 0)
+        return bool(self.target_spacing) and bool(self.modality) and bool(self.normalization) and ct_ready
 
 
 @dataclass(frozen=True)
@@ -599,6 +653,7 @@ class Config:
     federation: FederationConfig = field(default_factory=FederationConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     site: SiteConfig = field(default_factory=SiteConfig)
+    plan: PlanConfig = field(default_factory=PlanConfig)
 
     def __post_init__(self) -> None:
         if self.data.as_slices:
@@ -711,6 +766,7 @@ SECTIONS: dict[str, type] = {
     "federation": FederationConfig,
     "privacy": PrivacyConfig,
     "site": SiteConfig,
+    "plan": PlanConfig,
 }
 
 
@@ -724,6 +780,7 @@ SITE_KEYS = (
     "data.split_seed",
     "data.on_bad_case",
     "data.max_voxels",
+    "data.modality",
     "train.device",
     "train.batch_size",
     "train.label_fraction",
