@@ -35,7 +35,7 @@ def _site(context: Context) -> Site:
 
 
 def _site_record(site: Site) -> ConfigRecord:
-    names = {str(k): v for k, v in site.split.class_names.items()}
+    names = {str(k): v for k, v in site.raw.class_names.items()}
     return ConfigRecord({P.SITE_NAME: site.name, P.CLASS_NAMES: json.dumps(names)})
 
 
@@ -103,14 +103,22 @@ def train(msg: Message, context: Context) -> Message:
 
 @app.query()
 def query(msg: Message, context: Context) -> Message:
-    """The site's declaration at the start of a run: how many cases stand behind each kind of reply
-    (counts only), which bound every ``num-examples`` it reports later (server/validation.py)."""
+    """The site's answers at the start of a run. Without a plan in the message: its fingerprint (aggregates
+    only), which the server plans the run from. With the plan: its declaration, how many cases stand behind
+    each kind of reply (counts only), which bound every ``num-examples`` it reports later
+    (server/validation.py)."""
     try:
         site = _site(context)
-        counts = tasks.declaration(site)
+        config = msg.content[P.CONFIG] if P.CONFIG in msg.content.config_records else {}
+        if P.PLAN not in config:
+            assert site.raw.fingerprint is not None
+            answer = {P.FINGERPRINT: ConfigRecord(site.raw.fingerprint.to_record())}
+        else:
+            site.use_plan(tasks.server_plan(config))
+            answer = {P.METRICS: MetricRecord(tasks.declaration(site))}
     except Exception as e:  # noqa: BLE001 - every failure becomes an error reply that leaks nothing
         return _error_reply(msg, context, e)
-    return Message(content=RecordDict({P.METRICS: MetricRecord(counts), P.SITE: _site_record(site)}), reply_to=msg)
+    return Message(content=RecordDict({**answer, P.SITE: _site_record(site)}), reply_to=msg)
 
 
 @app.evaluate(mods=[fault_mod])
@@ -118,6 +126,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     """Dice of the global segmentation model on the site's test cases."""
     try:
         site = _site(context)
+        site.use_plan(tasks.server_plan(msg.content[P.CONFIG]))
         metrics = tasks.evaluate_round(site, msg.content[P.ARRAYS].to_torch_state_dict())
     except Exception as e:  # noqa: BLE001 - every failure becomes an error reply that leaks nothing
         return _error_reply(msg, context, e)

@@ -9,7 +9,9 @@
   of one dataset (or its own synthetic phantoms) follows from the run config.
 
 The data is read and checked at the first message; a problem becomes that site's error
-(:class:`~amlp_core.errors.DataError`) and is not cached, so a fixed dataset is picked up.
+(:class:`~amlp_core.errors.DataError`) and is not cached, so a fixed dataset is picked up. The cases are
+kept as read (their fingerprint answers the server's first query) until the server's plan arrives, then
+brought onto it once (:meth:`Site.use_plan`).
 """
 
 from __future__ import annotations
@@ -21,9 +23,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from amlp_core.config import Config, apply_site_file, build_config, read_site_file
-from amlp_core.engine.split import DataSplit, load_split
-from amlp_core.errors import DataError
+from amlp_core.config import Config, PlanConfig, apply_site_file, build_config, read_site_file
+from amlp_core.data.plan import describe, fit_problem
+from amlp_core.engine.split import DataSplit, plan_split, read_split
+from amlp_core.errors import AMLPError, DataError
 from client.state import SiteState
 from client.terms import check_terms
 
@@ -34,6 +37,10 @@ PARTITION_ID = "partition-id"  # node config keys set by Flower's simulation eng
 NUM_PARTITIONS = "num-partitions"
 
 
+class RoundRefused(AMLPError):
+    """The site will not run this round (configuration, plan or version skew); the message says why."""
+
+
 @dataclass
 class Site:
     """Everything one hospital needs to answer messages."""
@@ -41,12 +48,41 @@ class Site:
     cfg: Config
     index: int
     num_sites: int
-    split: DataSplit
+    raw: DataSplit  # the cases as read, and their fingerprint
     state: SiteState
+    planned: DataSplit | None = None  # the cases on the run's plan (use_plan)
 
     @property
     def name(self) -> str:
         return self.cfg.site.name
+
+    @property
+    def split(self) -> DataSplit:
+        """The site's cases on the run's plan."""
+        if self.planned is None:
+            raise RoundRefused(f"site {self.name} has no plan from the server yet: server and site versions differ")
+        return self.planned
+
+    def use_plan(self, plan: PlanConfig) -> None:
+        """Bring the cases onto the server's plan (once; the same plan again is a no-op).
+
+        Raises:
+            RoundRefused: the data do not fit the plan, or the plan changed during the run.
+        """
+        if self.planned is not None:
+            if self.planned.plan != plan:
+                assert self.planned.plan is not None
+                raise RoundRefused(
+                    f"site {self.name}: the server's plan changed during the run "
+                    f"(was {describe(self.planned.plan)}, now {describe(plan)})"
+                )
+            return
+        assert self.raw.fingerprint is not None
+        problem = fit_problem(self.raw.fingerprint, plan)
+        if problem:
+            raise RoundRefused(f"site {self.name}'s data do not fit the run's plan ({describe(plan)}): {problem}")
+        self.planned = plan_split(self.raw, plan, self.cfg)
+        log.info("%s: data on the plan: %s", self.name, describe(plan))
 
 
 def site_config(run_config: Mapping[str, Any], node_config: Mapping[str, Any]) -> tuple[Config, int, int]:
@@ -75,9 +111,9 @@ def get_site(run_id: int, node_id: int, run_config: Mapping[str, Any], node_conf
         if SITE_CONFIG in node_config:
             check_terms(cfg, read_site_file(str(node_config[SITE_CONFIG])))
         log.info("%s: loading data from %s", cfg.site.name, cfg.data.path)
-        split = load_split(cfg, site=index, num_sites=count)
-        if not split.train:
+        raw = read_split(cfg, site=index, num_sites=count)
+        if not raw.train:
             raise DataError(f"site {cfg.site.name} has no training cases in {cfg.data.path}")
-        _SITES[key] = Site(cfg, index, count, split, SiteState(cfg.site.state_dir))
-        log.info("%s: %d training and %d test cases", cfg.site.name, len(split.train), len(split.test))
+        _SITES[key] = Site(cfg, index, count, raw, SiteState(cfg.site.state_dir))
+        log.info("%s: %d training and %d test cases", cfg.site.name, len(raw.train), len(raw.test))
     return _SITES[key]

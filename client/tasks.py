@@ -14,24 +14,22 @@ from typing import Any
 
 import torch
 
+from amlp_core.config import PlanConfig
 from amlp_core.data import label_subset
+from amlp_core.data.plan import read_plan_text
 from amlp_core.engine import local
 from amlp_core.engine.device import resolve_device
 from amlp_core.engine.local import Epoch
 from amlp_core.engine.loops import evaluate_segmentation, finetune_budget
-from amlp_core.errors import AMLPError
+from amlp_core.errors import ConfigError
 from amlp_core.methods import mask_ratio_at
 from amlp_core.privacy import PrivatePhase, ready_ledger
 from amlp_core.schedules import federated_progress
-from client.site import Site
+from client.site import RoundRefused, Site
 from fedamlp import protocol as P
 
 log = logging.getLogger(__name__)
 RATIO_TOLERANCE = 1e-6
-
-
-class RoundRefused(AMLPError):
-    """The site will not run this round (configuration or version skew); the message says why."""
 
 
 @dataclass(frozen=True)
@@ -46,6 +44,7 @@ class Instructions:
     digest: str
     proximal_mu: float
     local_steps: int = 0  # fine-tuning: federation.finetune_local_steps (0: local epochs over all labelled cases)
+    plan: PlanConfig | None = None  # the run's plan (every round message carries it)
 
     @classmethod
     def parse(cls, record: Mapping[str, Any]) -> Instructions:
@@ -60,9 +59,24 @@ class Instructions:
                 digest=str(record[P.CONFIG_DIGEST]),
                 proximal_mu=float(record.get(P.PROXIMAL_MU, 0.0)),
                 local_steps=int(record[P.LOCAL_STEPS]) if phase == P.FINETUNE else 0,
+                plan=server_plan(record),
             )
         except KeyError as e:
             raise RoundRefused(f"the server's message lacks {e.args[0]!r}: server and site versions differ") from None
+
+
+def server_plan(record: Mapping[str, Any]) -> PlanConfig:
+    """The run's plan in a message of the server.
+
+    Raises:
+        RoundRefused: no plan, or one that is not a valid decided plan.
+    """
+    if P.PLAN not in record:
+        raise RoundRefused(f"the server's message lacks {P.PLAN!r}: server and site versions differ")
+    try:
+        return read_plan_text(record[P.PLAN], "the server")
+    except ConfigError as e:
+        raise RoundRefused(str(e)) from None
 
 
 def round_seed(seed: int, site: int, phase: str, round_: int) -> int:
@@ -73,6 +87,8 @@ def round_seed(seed: int, site: int, phase: str, round_: int) -> int:
 
 def _check(site: Site, ins: Instructions) -> None:
     cfg, fed = site.cfg, site.cfg.federation
+    if ins.plan is not None:
+        site.use_plan(ins.plan)
     if ins.digest != P.config_digest(cfg):
         raise RoundRefused(
             f"model/method configuration differs from the server's (digest {ins.digest} at the "

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from amlp_core.atomic import atomic_write_text, check_output
-from amlp_core.config import METHOD_NAMES, Config, DataConfig, build_config, check_keys, load_config
+from amlp_core.config import DATA_FORMATS, METHOD_NAMES, Config, DataConfig, build_config, check_keys, load_config
 from amlp_core.errors import AMLPError, ConfigError, DataError
 from amlp_core.runfolder import check_new_run, hold
 
@@ -68,7 +68,7 @@ def _config(args: argparse.Namespace, data_path: str, extra: dict[str, Any]) -> 
 
 def _add_common(p: argparse.ArgumentParser, data_required: bool = True) -> None:
     p.add_argument("--data", required=data_required, help="dataset folder, or 'synthetic' for built-in phantoms")
-    p.add_argument("--format", default="auto", choices=["auto", "msd", "nifti", "png"], help="dataset layout")
+    p.add_argument("--format", default="auto", choices=DATA_FORMATS, help="dataset layout")
     p.add_argument("--dims", type=int, choices=[2, 3], help="2D or 3D model (default: the data's)")
     p.add_argument(
         "--config", help="YAML config file: sections and keys of amlp_core/config.py, e.g. {train: {epochs: 5}}"
@@ -295,7 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="Dice per class of a fine-tuned model on the test split")
     p.add_argument("--model", required=True, help="fine-tuning run folder")
     p.add_argument("--data", help="dataset (default: the one the model was trained on)")
-    p.add_argument("--format", default="auto", choices=["auto", "msd", "nifti", "png"])
+    p.add_argument("--format", default="auto", choices=DATA_FORMATS)
     p.add_argument("--all-cases", action="store_true", help="evaluate every case, not only the test split")
     p.add_argument("--json", help="where to write the result (default: MODEL/evaluation.json)")
     p.add_argument("--device", default="auto")
@@ -312,7 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
     data_sub = p.add_subparsers(dest="data_command", required=True)
     c = data_sub.add_parser("check", help="validate a dataset and report every problem")
     c.add_argument("path")
-    c.add_argument("--format", default="auto", choices=["auto", "msd", "nifti", "png"])
+    c.add_argument("--format", default="auto", choices=DATA_FORMATS)
     c.add_argument("--num-classes", type=int, help="declared classes (when the dataset does not say)")
     c.add_argument(
         "--max-voxels",
@@ -325,7 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("simulate", help="the two-phase federation on this machine (Flower simulation)")
     p.add_argument("--data", help="dataset folder, or 'synthetic' (the default: built-in phantoms, one style per site)")
-    p.add_argument("--format", default="auto", choices=["auto", "msd", "nifti", "png"])
+    p.add_argument("--format", default="auto", choices=DATA_FORMATS)
     p.add_argument("--dims", type=int, choices=[2, 3])
     p.add_argument("--config", help="YAML config file")
     p.add_argument("--sites", type=int)

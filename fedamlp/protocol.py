@@ -4,7 +4,8 @@ A training or evaluation message holds one :class:`ArrayRecord` under :data:`ARR
 (the weights), one :class:`ConfigRecord` under :data:`CONFIG` (the instructions below).
 A reply holds the weights (train only), one :class:`MetricRecord` under :data:`METRICS`
 (aggregate numbers only, never per-case values) and one :class:`ConfigRecord` under
-:data:`SITE` (the site's name). Nothing else leaves a site.
+:data:`SITE` (the site's name); the answer to the first QUERY holds the site's :data:`FINGERPRINT`
+(aggregates too). Nothing else leaves a site.
 
 Every key is snake_case except the two that Flower itself reads or writes: ``num-examples`` (its
 strategies weigh by it) and ``proximal-mu`` (its FedProx sets it).
@@ -29,6 +30,7 @@ LOCAL_STEPS = "local_steps"
 EXPECTED_RATIO = "expected_mask_ratio"  # AMR ratio the server expects at the round's start
 CONFIG_DIGEST = "config_digest"  # hash of the model and method config the server runs
 PROXIMAL_MU = "proximal-mu"  # set by Flower's FedProx
+PLAN = "plan"  # the run's plan (amlp_core/data/plan.py: JSON of the decided plan section), in every message
 ARRAY_KEYS = "array_keys"  # SecAgg+ rounds: JSON list naming the legacy FitIns arrays, in order
 WEIGHT_KEY = "weight_key"  # SecAgg+ rounds: the metric the site weights its update by (the strategy's)
 
@@ -46,6 +48,11 @@ DECLARED_LABELLED = "labelled_cases"  # fine-tuning: its labelled subset (train.
 DECLARED_TEST = "test_cases"  # evaluation: its test cases
 #: The declaration that bounds a reply of each kind.
 DECLARED_FOR = {PRETRAIN: DECLARED_TRAIN, FINETUNE: DECLARED_LABELLED, "evaluate": DECLARED_TEST}
+
+#: The reply to a QUERY without a PLAN: the site's fingerprint (a ConfigRecord of aggregates only, from
+#: amlp_core.data.plan.Fingerprint), which the server decides the plan from. A QUERY with the PLAN is
+#: answered with the declaration above.
+FINGERPRINT = "fingerprint"
 
 # Statuses of a site's reply in the run's record.
 OK = "ok"

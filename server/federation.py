@@ -19,7 +19,8 @@ from flwr.app import ArrayRecord, ConfigRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.exception import PrivacyBudgetExhausted
 
-from amlp_core.config import Config, save_config
+from amlp_core.config import Config, PlanConfig, save_config
+from amlp_core.data.plan import describe, plan_text, read_plan_text
 from amlp_core.engine.artefacts import (
     SERVER_CHECKPOINT,
     ServerCheckpoint,
@@ -135,6 +136,8 @@ class Federation:
         self.accountant = server_accountant(self.fed, cfg.privacy)  # server DP: one for the whole run
         # What each site holds (bounds num-examples); a first answer may wait for the site to start.
         self.declared = Declarations(timeout=self.fed.connect_timeout + self.fed.round_timeout)
+        self.plan = cfg.plan  # decided at the start of the run (decide_plan)
+        self.saved_plan: str | None = None  # a resumed run's
 
     # -- checkpoint ----------------------------------------------------------------------
     def _save(self, progress: Progress, arrays: ArrayRecord, strategy) -> None:
@@ -147,6 +150,7 @@ class Federation:
             rows=self.results.rows,
             class_names=self.class_names,
             accountant=json.dumps(self.accountant.state_dict()) if self.accountant else None,
+            plan=plan_text(self.plan),
         ).save(self.run_dir / CHECKPOINT)
 
     def _load(self) -> tuple[Progress, ArrayRecord, dict] | None:
@@ -157,6 +161,7 @@ class Federation:
         saved = _saved_run(path, self.cfg)  # (read once: the checks and the state)
         self.results.rows = list(saved.rows)
         self.class_names = dict(saved.class_names)
+        self.saved_plan = saved.plan
         if self.accountant is not None and saved.accountant:
             self.accountant.load_state_dict(json.loads(saved.accountant))
         log.info("resuming after %s round %d from %s", saved.phase, saved.round, path)
@@ -170,6 +175,7 @@ class Federation:
             P.TOTAL_ROUNDS: total,
             P.LOCAL_EPOCHS: self.fed.local_epochs,
             P.CONFIG_DIGEST: P.config_digest(self.cfg),
+            P.PLAN: plan_text(self.plan),
         }
         if phase == P.PRETRAIN:
             t = federated_progress(rnd, 0, self.fed.local_epochs, total)
@@ -273,6 +279,34 @@ class Federation:
             f"fine-tuned on, {test} test cases"
         )
 
+    # -- the plan ------------------------------------------------------------------------
+    def decide_plan(self) -> PlanConfig:
+        """The run's plan, from the sites' fingerprints (or a resumed run's, or the run config's when it is
+        decided); written into the run's config.yaml and summary. Sites whose data do not fit are refused.
+
+        Raises:
+            FederationError: fewer than ``federation.min_sites`` sites fit the plan.
+        """
+        f = self.fed
+        nodes = rounds.wait_for_sites(self.grid, f.min_sites, f.connect_timeout)
+        self.declared.ask_fingerprints(self.grid, nodes)
+        base = read_plan_text(self.saved_plan, "the checkpoint") if self.saved_plan else self.cfg.plan
+        if not self.declared.fingerprints and not base.decided:
+            return base  # no site could answer: the first round reports why (sites' problems)
+        plan = self.declared.decide(base)
+        refused = {self.declared.site(n): why for n, why in sorted(self.declared.refused.items())}
+        self.results.info["plan"] = describe(plan)
+        if refused:
+            self.results.info["refused sites"] = "; ".join(f"{site}: {why}" for site, why in refused.items())
+        fit = len(self.declared.fingerprints) - len(refused)
+        if refused and fit < f.min_sites:
+            raise rounds.FederationError(
+                f"only {fit} of {len(self.declared.fingerprints)} sites fit the run's plan ({describe(plan)}), "
+                f"federation.min_sites={f.min_sites}: " + "; ".join(f"{s} {why}" for s, why in refused.items())
+            )
+        save_config(self.cfg.replace(plan=dataclasses.asdict(plan)), self.run_dir / "config.yaml")
+        return plan
+
     # -- initial weights -----------------------------------------------------------------
     def initial_encoder(self) -> ArrayRecord:
         return ArrayRecord(initial_shared_state(self.cfg))
@@ -304,7 +338,7 @@ class Federation:
         f = self.fed  # epoch: passes over each site's data
         export_encoder(
             folder,
-            self.cfg,
+            self.planned_config(),
             arrays.to_torch_state_dict(),
             f.pretrain_rounds * f.local_epochs,
             federated=True,
@@ -344,6 +378,7 @@ class Federation:
             **({"initial encoder": f.init_encoder} if f.init_encoder else {}),
             **privacy_info(cfg),
         }
+        self.plan = self.decide_plan()  # (into the summary)
         started = time.monotonic()
         try:
             if progress.phase == P.PRETRAIN:
@@ -368,6 +403,10 @@ class Federation:
         self.results.write()
         return self.save_model(arrays)
 
+    def planned_config(self) -> Config:
+        """The run config with the decided plan: what the saved models carry, so that predict applies it."""
+        return self.cfg.replace(plan=dataclasses.asdict(self.plan))
+
     def save_model(self, arrays: ArrayRecord) -> Path:
         """The final segmentation model, loadable by ``fedamlp predict --model RUN_DIR/model``."""
         folder = self.run_dir / MODEL_DIR
@@ -389,9 +428,9 @@ class Federation:
             and r["status"] == P.OK
         )
         meta = {
-            **segmentation_meta(self.cfg, self.class_names, init_method, init_from, labelled),
+            **segmentation_meta(self.planned_config(), self.class_names, init_method, init_from, labelled),
             "epoch": f.finetune_rounds,
         }
-        export_segmentation(folder, self.cfg, arrays.to_torch_state_dict(), meta)
+        export_segmentation(folder, self.planned_config(), arrays.to_torch_state_dict(), meta)
         log.info("final model: %s", folder)
         return folder

@@ -112,13 +112,15 @@ def start_round(
     declared: Declarations,
     train: bool,
 ) -> tuple[list[Message], float]:
-    """Wait for the sites, ask the new ones for their declaration, and build the round's messages
-    (not sent yet); returns them and the round's start time."""
+    """Wait for the sites, ask the new ones for their fingerprint and declaration, and build the round's
+    messages (not sent yet) for every site but those refused by the plan; returns them and the round's
+    start time."""
     nodes = wait_for_sites(grid, fed.min_sites, fed.connect_timeout)
     declared.ask(grid, nodes, config)
     started = time.monotonic()
     configure = strategy.configure_train if train else strategy.configure_evaluate
-    return list(configure(rnd, arrays, config, grid)), started
+    sent = [m for m in configure(rnd, arrays, config, grid) if m.metadata.dst_node_id not in declared.refused]
+    return sent, started
 
 
 def _ask(

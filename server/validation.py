@@ -27,6 +27,8 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
+from amlp_core.config import PlanConfig
+from amlp_core.data.plan import Fingerprint, PlanError, decide_plan, fit_problem
 from fedamlp import protocol as P
 
 if TYPE_CHECKING:
@@ -39,10 +41,13 @@ MIN_SITES_FOR_NORM = 3
 
 @dataclass
 class Declarations:
-    """What each node declared at the start of the run: ``{node_id: {DECLARED_*: count}}``.
+    """What each node told the server at the start of the run.
 
-    Nodes are asked once (a QUERY message, answered by the ClientApp's ``query`` handler); a node
-    that joins later, or did not answer in time, is asked again before the next round. The first
+    Nodes are asked twice, each once: first for their fingerprint (a QUERY without a plan:
+    :class:`~amlp_core.data.plan.Fingerprint`, aggregates only), which the run's plan is decided from
+    (:meth:`decide`) and which every node is checked against (a node whose data do not fit is ``refused``
+    and sent nothing more); then, with the plan, for their counts ``{node_id: {DECLARED_*: count}}``. A
+    node that joins later, or did not answer in time, is asked again before the next round. The first
     answer may wait for a site to start and read its data: ``timeout`` should cover that.
     """
 
@@ -50,28 +55,82 @@ class Declarations:
     counts: dict[int, dict[str, int]] = field(default_factory=dict)
     problems: dict[int, str] = field(default_factory=dict)
     names: dict[int, str] = field(default_factory=dict)  # the site names they gave (to name a missing site)
+    fingerprints: dict[int, Fingerprint] = field(default_factory=dict)
+    plan: PlanConfig | None = None
+    refused: dict[int, str] = field(default_factory=dict)  # nodes whose data do not fit the plan, and why
 
-    def ask(self, grid: Grid, nodes: list[int], config: ConfigRecord) -> None:
-        """Query the ``nodes`` not yet asked; their answers (or why there is none) are kept."""
-        new = [n for n in nodes if n not in self.counts]
-        if not new:
-            return
-        sent = [Message(RecordDict({P.CONFIG: config}), dst_node_id=n, message_type=MessageType.QUERY) for n in new]
+    def _query(self, grid: Grid, nodes: list[int], config: ConfigRecord, what: str) -> dict[int, Message]:
+        """Send a QUERY to ``nodes``; the good replies by node (a missing or error reply becomes a problem)."""
+        sent = [Message(RecordDict({P.CONFIG: config}), dst_node_id=n, message_type=MessageType.QUERY) for n in nodes]
         replies = {r.metadata.src_node_id: r for r in grid.send_and_receive(sent, timeout=self.timeout)}
-        for node in new:
+        good = {}
+        for node in nodes:
             reply = replies.get(node)
             if reply is None:
-                self.problems[node] = f"did not declare its data (no answer within {self.timeout:.0f} s)"
+                self.problems[node] = f"did not {what} (no answer within {self.timeout:.0f} s)"
             elif reply.has_error():
-                self.problems[node] = f"did not declare its data: {reply.error.reason}"
+                self.problems[node] = f"did not {what}: {reply.error.reason}"
             else:
                 self.problems.pop(node, None)
                 if P.SITE in reply.content.config_records:
                     self.names[node] = str(reply.content[P.SITE][P.SITE_NAME])
-                try:
-                    self.counts[node] = _declaration(reply)
-                except (KeyError, TypeError, ValueError) as e:
-                    self.problems[node] = f"sent an unreadable declaration ({type(e).__name__}: {e})"
+                good[node] = reply
+        return good
+
+    def site(self, node: int) -> str:
+        return f"site {self.names[node]}" if node in self.names else f"node {node}"
+
+    def ask_fingerprints(self, grid: Grid, nodes: list[int]) -> None:
+        """Ask the ``nodes`` without a fingerprint for theirs; once the plan is decided, a new node whose data
+        do not fit it is refused."""
+        new = [n for n in nodes if n not in self.fingerprints and n not in self.refused]
+        if not new:
+            return
+        for node, reply in self._query(grid, new, ConfigRecord(), "send its fingerprint").items():
+            try:
+                record = dict(reply.content[P.FINGERPRINT])
+                self.fingerprints[node] = Fingerprint.from_record(record, self.site(node))
+            except (KeyError, TypeError, ValueError, PlanError) as e:
+                self.problems[node] = f"sent an unreadable fingerprint ({type(e).__name__}: {e})"
+                continue
+            if self.plan is not None:
+                self._check_fit(node)
+
+    def _check_fit(self, node: int) -> None:
+        assert self.plan is not None
+        problem = fit_problem(self.fingerprints[node], self.plan)
+        if problem:
+            self.refused[node] = problem
+            log.warning("%s is refused: its data do not fit the run's plan: %s", self.site(node), problem)
+
+    def decide(self, base: PlanConfig) -> PlanConfig:
+        """The run's plan: ``base`` when it is decided (a resumed run's, or the run config's), else the one
+        :func:`~amlp_core.data.plan.decide_plan` makes of the fingerprints; every node is checked against it.
+
+        Raises:
+            PlanError: no fingerprint to decide from.
+        """
+        if base.decided:
+            self.plan = base
+        else:
+            self.plan = decide_plan({self.site(n): fp for n, fp in sorted(self.fingerprints.items())}, base)
+        for node in sorted(self.fingerprints):
+            self._check_fit(node)
+        return self.plan
+
+    def ask(self, grid: Grid, nodes: list[int], config: ConfigRecord) -> None:
+        """Query the ``nodes`` not yet asked (new ones first for their fingerprint, checked against the
+        plan); their answers (or why there is none) are kept."""
+        if self.plan is not None:
+            self.ask_fingerprints(grid, nodes)
+        new = [n for n in nodes if n not in self.counts and n not in self.refused]
+        if not new:
+            return
+        for node, reply in self._query(grid, new, config, "declare its data").items():
+            try:
+                self.counts[node] = _declaration(reply)
+            except (KeyError, TypeError, ValueError) as e:
+                self.problems[node] = f"sent an unreadable declaration ({type(e).__name__}: {e})"
 
     def bound(self, node: int, kind: str) -> int:
         """The largest ``num-examples`` node ``node`` may report in a reply of ``kind``

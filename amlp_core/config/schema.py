@@ -25,6 +25,10 @@ SEG_ARCHS = ("vit", "unet")
 PRETRAIN_DECODERS = ("transformer", "unet")
 
 
+#: ``data.format`` values (amlp_core/data/cases.py reads each layout; auto picks one).
+DATA_FORMATS = ("auto", "msd", "nifti", "png", "dicom")
+
+
 UNET_FACTOR = 8  # the plain U-Net halves the resolution three times
 
 
@@ -238,10 +242,10 @@ class DataConfig:
         _check(self.on_bad_case in ("refuse", "skip"), "data.on_bad_case", self.on_bad_case, "must be refuse or skip")
         _check(self.max_voxels >= 1, "data.max_voxels", self.max_voxels, "must be at least 1")
         _check(
-            self.format in ("auto", "msd", "nifti", "png", "dicom"),
+            self.format in DATA_FORMATS,
             "data.format",
             self.format,
-            "must be auto, msd, nifti, png or dicom",
+            f"must be one of {', '.join(DATA_FORMATS)}",
         )
         _check(0.0 <= self.test_fraction < 1.0, "data.test_fraction", self.test_fraction, "must be in [0, 1)")
         _check(
@@ -738,11 +742,13 @@ class Config:
 
     def run_digest(self) -> str:
         """Hash of everything that decides a run's result: not where it is kept, how long it waits
-        for sites, where it runs, nor the site's own name and folder. A resumed run keeps it."""
+        for sites, where it runs, the site's own name and folder, nor the plan (decided from the data when
+        the run starts, and kept by a resumed run). A resumed run keeps it."""
         d = self.to_dict()
         d["federation"] = {k: v for k, v in d["federation"].items() if k not in RESUMABLE_KEYS}
         d["train"] = {k: v for k, v in d["train"].items() if k not in ("device", "num_threads")}
         del d["site"]
+        del d["plan"]  # decided from the data at the start; a resumed run keeps the one it decided
         d["architecture"] = ARCHITECTURE
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 

@@ -2,7 +2,12 @@
 
 Layouts: ``msd`` (a Medical Segmentation Decathlon ``dataset.json``), ``nifti`` (a folder of
 NIfTI images, labels in ``root/images`` + ``root/labels`` or in a ``label_dir`` with the same
-file names) and ``png`` (BUSI: ``x.png`` with ``x_mask.png`` and extra ``x_mask_1.png``, ...).
+file names), ``png`` (BUSI: ``x.png`` with ``x_mask.png`` and extra ``x_mask_1.png``, ...) and
+``dicom`` (one DICOM image series per folder, anywhere under ``root``; labels are DICOM SEG files
+anywhere under ``root`` or NIfTI files ``root/labels/<case name, "/" as "_">.nii.gz``).
+
+:mod:`amlp_core.data.dicom` imports this module (for :class:`Problem`), so it is imported here inside
+the functions that need it.
 """
 
 from __future__ import annotations
@@ -11,26 +16,39 @@ import json
 import logging
 import os
 import re
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from amlp_core.data.io import NIFTI_SUFFIXES, data_error, file_suffix, read_label, strip_suffix
+from amlp_core.config import DATA_FORMATS
+from amlp_core.data.io import NIFTI_SUFFIXES, data_error, file_suffix, read_image, read_label, strip_suffix
+from amlp_core.errors import DataError
+
+if TYPE_CHECKING:
+    from amlp_core.data.dicom import Series
 
 logger = logging.getLogger(__name__)
 
-FORMATS = ("auto", "msd", "nifti", "png")
+FORMATS = DATA_FORMATS
+_DICOM_PROBES = 64  # files whose first bytes fmt="auto" reads to recognise a DICOM folder (at most 4 per folder)
 _MASK_STEM = re.compile(r"^(?P<image>.+)_mask(?:_\d+)?$")
 
 
 @dataclass(frozen=True)
 class Case:
-    """One image file and its optional label file."""
+    """One image file and its optional label file.
+
+    A DICOM case has ``series`` (its SeriesInstanceUID); its ``image`` is the series' folder and its
+    ``label`` a DICOM SEG or NIfTI file.
+    """
 
     name: str
     image: Path
     label: Path | None
+    series: str | None = None
 
 
 @dataclass
@@ -55,7 +73,10 @@ class Problem:
 @dataclass(frozen=True)
 class DatasetIndex:
     """The cases of one dataset folder, sorted by name, and the entries that are not usable cases
-    (a listed file that is missing, a duplicate, a path outside the folder)."""
+    (a listed file that is missing, a duplicate, a path outside the folder, a DICOM series with an error).
+    ``series``: the checked DICOM series of a ``dicom`` dataset (one per case), sorted by folder.
+    ``modality``: as the dataset names it (dataset.json's first ``modality``, the series' most common
+    Modality), ``"unknown"`` when it does not say."""
 
     root: Path
     fmt: str
@@ -63,13 +84,17 @@ class DatasetIndex:
     class_names: dict[int, str] | None
     spatial_dims: int
     problems: tuple[Problem, ...] = ()
+    series: tuple[Series, ...] = ()
+    modality: str = "unknown"
 
 
 def discover(root: str | os.PathLike, fmt: str = "auto", label_dir: str | os.PathLike | None = None) -> DatasetIndex:
     """List the cases of the dataset in ``root``.
 
-    ``fmt="auto"`` picks msd when ``dataset.json`` exists, else png when any .png file
-    exists, else nifti. ``label_dir`` is for nifti folders with the images directly in ``root``.
+    ``fmt="auto"`` picks msd when ``dataset.json`` exists, else png when any .png file exists, else
+    nifti when a NIfTI file lies in ``root`` or ``root/images``, else dicom when a file under ``root``
+    starts like a DICOM file, else nifti. ``label_dir`` is for nifti folders with the images directly
+    in ``root``.
 
     Entries that cannot be cases (a listed file that does not exist, the same file or name twice, a
     path outside ``root``) are left out and each is named in ``problems``.
@@ -86,11 +111,16 @@ def discover(root: str | os.PathLike, fmt: str = "auto", label_dir: str | os.Pat
         raise data_error(root, f"unknown dataset format {fmt!r}; expected one of {', '.join(FORMATS)}")
     if fmt == "auto":
         fmt = _detect_format(root)
-    class_names, spatial_dims, problems = None, 3, list[Problem]()
+    class_names, spatial_dims, problems, modality = None, 3, list[Problem](), "unknown"
+    series: tuple[Series, ...] = ()
     if fmt == "msd":
         cases, problems, class_names, spatial_dims = _discover_msd(root)
+        modality = _msd_modality(root / "dataset.json")
     elif fmt == "png":
         cases, class_names, spatial_dims = _discover_png(root), {0: "background", 1: "lesion"}, 2
+    elif fmt == "dicom":
+        cases, problems, class_names, series = _discover_dicom(root)
+        modality = _most_common([s.modality for s in series], root)
     else:
         cases, problems = _discover_nifti(root, None if label_dir is None else Path(label_dir))
     if not cases and not problems:
@@ -98,13 +128,49 @@ def discover(root: str | os.PathLike, fmt: str = "auto", label_dir: str | os.Pat
     n_labelled = sum(c.label is not None for c in cases)
     logger.info("%s: %d %s cases, %d labelled, %d bad entries", root, len(cases), fmt, n_labelled, len(problems))
     ordered = tuple(sorted(cases, key=lambda c: c.name))
-    return DatasetIndex(root, fmt, ordered, class_names, spatial_dims, tuple(problems))
+    return DatasetIndex(root, fmt, ordered, class_names, spatial_dims, tuple(problems), series, modality)
+
+
+def _msd_modality(meta_path: Path) -> str:
+    """The first channel's ``modality`` of a dataset.json that :func:`_discover_msd` has read."""
+    modality = json.loads(meta_path.read_text()).get("modality")
+    if isinstance(modality, dict) and modality:
+        return str(next(iter(modality.values())))
+    return str(modality) if isinstance(modality, str) and modality else "unknown"
+
+
+def _most_common(modalities: list[str], root: Path) -> str:
+    counts = Counter(m for m in modalities if m)
+    if len(counts) > 1:
+        logger.warning("%s: series of several modalities (%s)", root, ", ".join(sorted(counts)))
+    return counts.most_common(1)[0][0] if counts else "unknown"
 
 
 def _detect_format(root: Path) -> str:
     if (root / "dataset.json").is_file():
         return "msd"
-    return "png" if next(root.rglob("*.png"), None) is not None else "nifti"
+    if next(root.rglob("*.png"), None) is not None:
+        return "png"
+    folders = [root] + ([root / "images"] if (root / "images").is_dir() else [])
+    if any(file_suffix(p) in NIFTI_SUFFIXES for folder in folders for p in folder.iterdir()):
+        return "nifti"
+    return "dicom" if _holds_dicom(root) else "nifti"
+
+
+def _holds_dicom(root: Path) -> bool:
+    """Whether one of the first few files of ``root``'s folders (a few per folder) starts like a DICOM file."""
+    from amlp_core.data.dicom import looks_like_dicom
+
+    probed = 0
+    for folder, dirs, names in os.walk(root):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in sorted(n for n in names if not n.startswith("."))[:4]:
+            if looks_like_dicom(Path(folder) / name):
+                return True
+            probed += 1
+            if probed >= _DICOM_PROBES:
+                return False
+    return False
 
 
 def _discover_msd(root: Path) -> tuple[list[Case], list[Problem], dict[int, str] | None, int]:
@@ -210,6 +276,38 @@ def _discover_nifti(root: Path, label_dir: Path | None) -> tuple[list[Case], lis
     return cases, problems
 
 
+def _discover_dicom(root: Path) -> tuple[list[Case], list[Problem], dict[int, str] | None, tuple[Series, ...]]:
+    """One case per checked series under ``root``; its label is a SEG referencing it, else a NIfTI file
+    ``root/labels/<name>.nii.gz`` (or ``.nii``). Class names are the SEG files' segment labels."""
+    from amlp_core.data.dicom import find_series, seg_classes
+
+    found, segs, problems = find_series(root)
+    usable = {s.uid for s in found}
+    class_names: dict[int, str] = {}
+    for uid, seg in sorted(segs.items(), key=lambda item: item[1]):
+        if uid not in usable:
+            problems.append(
+                Problem(str(seg), f"references the series {uid}, which is not a usable series here", "warning")
+            )
+            continue
+        try:
+            for number, name in seg_classes(seg).items():
+                class_names.setdefault(number, name)
+        except DataError as exc:
+            problems.append(Problem(str(seg), str(exc).removeprefix(f"{seg}: ")))
+            segs.pop(uid)
+    cases = []
+    for series in found:
+        name = root.name if series.folder == root else series.folder.relative_to(root).as_posix()
+        label = segs.get(series.uid)
+        if label is None:
+            stem = root / "labels" / name.replace("/", "_")
+            label = next((p for p in (Path(f"{stem}.nii.gz"), Path(f"{stem}.nii")) if p.is_file()), None)
+        cases.append(Case(name, series.folder, label, series.uid))
+    names = ({0: "background"} | dict(sorted(class_names.items()))) if class_names else None
+    return cases, problems, names, tuple(found)
+
+
 def _discover_png(root: Path) -> list[Case]:
     """Every ``x.png`` under ``root`` that is not a mask; its label is its first mask."""
     pngs = sorted(p for p in root.rglob("*.png") if not p.name.startswith("."))
@@ -230,14 +328,40 @@ def _png_masks(image: Path) -> list[Path]:
     return sorted(p for p in siblings if (m := _MASK_STEM.match(p.stem)) and m["image"] == image.stem)
 
 
+def label_is_seg(case: Case) -> bool:
+    """Whether the label of ``case`` is a DICOM SEG (on its series' grid, with the series' affine)."""
+    return case.series is not None and case.label is not None and file_suffix(case.label) not in NIFTI_SUFFIXES
+
+
+def read_case_image(case: Case, max_voxels: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Image of ``case``: its DICOM series (re-reading only the series folder's headers) or its image file.
+
+    Returns:
+        ``(image, affine)``: float32 ``[C, *spatial]`` and float64 ``(4, 4)`` (RAS+ for NIfTI and DICOM).
+
+    Raises:
+        DataError: as :func:`~amlp_core.data.io.read_image` or :func:`~amlp_core.data.dicom.read_series`.
+    """
+    if case.series is None:
+        return read_image(case.image, max_voxels)
+    from amlp_core.data.dicom import read_series, series_of
+
+    return read_series(series_of(case), max_voxels)
+
+
 def read_case_label(case: Case, max_voxels: int | None = None) -> np.ndarray:
-    """Label map of ``case`` as int64 ``[*spatial]``; several PNG masks are merged (union).
+    """Label map of ``case`` as int64 ``[*spatial]``; several PNG masks are merged (union); a DICOM SEG
+    is read on its series' grid.
 
     Raises:
         DataError: the case has no label, or a mask is unreadable, too large or of another shape.
     """
     if case.label is None:
         raise data_error(case.image, "has no label file")
+    if label_is_seg(case):
+        from amlp_core.data.dicom import read_seg, series_of
+
+        return read_seg(case.label, series_of(case), max_voxels)
     label = read_label(case.label, max_voxels)
     extras = _png_masks(case.image) if file_suffix(case.label) == ".png" else []
     for extra in (p for p in extras if p != case.label):

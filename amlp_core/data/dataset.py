@@ -12,7 +12,7 @@ from tqdm import tqdm
 
 from amlp_core.data.cases import DatasetIndex, Sample
 from amlp_core.data.io import data_error
-from amlp_core.data.transforms import AUGMENTATIONS, fit_to_roi, normalize_intensity, random_flip, strong_augment
+from amlp_core.data.transforms import AUGMENTATIONS, fit_to_roi, random_flip, strong_augment
 from amlp_core.data.validate import BAD_CASE_POLICIES, Expect, inspect_case, refuse_or_skip
 from amlp_core.errors import ConfigError, DataError
 
@@ -26,8 +26,8 @@ def load_samples(
     with_labels: bool = True,
     progress: bool = True,
 ) -> list[Sample]:
-    """Read and check (:func:`~amlp_core.data.validate.inspect_case`) every case of ``index``; images are
-    z-score normalised per channel.
+    """Read and check (:func:`~amlp_core.data.validate.inspect_case`) every case of ``index``, as read: its
+    own grid and intensities (:func:`~amlp_core.data.plan.prepare` brings it onto the run's plan).
 
     Args:
         expect: what every case must be (default: ``index``'s spatial dims, any non-negative label).
@@ -52,7 +52,6 @@ def load_samples(
         if sample is None:
             refuse_or_skip(problems, on_bad_case, where)
             continue
-        sample.image = normalize_intensity(sample.image)
         samples.append(sample)
     if not samples:
         raise data_error(index.root, f"none of its {len(index.cases)} cases is usable")

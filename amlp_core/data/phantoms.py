@@ -167,7 +167,7 @@ def write_phantom_dataset(out_dir: str | os.PathLike, n: int, shape: Sequence[in
         training.append({"image": f"./imagesTr/{name}.nii.gz", "label": f"./labelsTr/{name}.nii.gz"})
     meta = {
         "name": f"phantom_site{site}", "description": f"Synthetic lesion phantoms, site {site}, seed {seed}",
-        "tensorImageSize": f"{len(shape)}D", "modality": {"0": "synthetic"},
+        "tensorImageSize": f"{len(shape)}D", "modality": {"0": "MRI"},  # MR-like
         "labels": {"0": "background", "1": "lesion"}, "numTraining": n, "numTest": 0, "training": training,
     }  # fmt: skip
     atomic_write_text(out / "dataset.json", json.dumps(meta, indent=1))

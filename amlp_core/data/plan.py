@@ -10,6 +10,7 @@ resampled to the target spacing, normalised) the same way at every site and in `
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 from collections import Counter
@@ -19,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from amlp_core.config import PlanConfig
+from amlp_core.config import PlanConfig, build_config
 from amlp_core.data.cases import Sample
 from amlp_core.data.geometry import SPLINE_ORDER, canonical_grid, planned_grid, spacing_of, to_grid
 from amlp_core.data.transforms import normalize_intensity
@@ -246,6 +247,33 @@ def _ct_intensities(fps: Sequence[Fingerprint], base: PlanConfig) -> dict[str, A
     high = max(fp.intensity_p995[0] for fp in with_fg)
     clip = base.clip or (low, max(high, low + 1e-3))
     return {"clip": tuple(clip), "mean": base.mean if base.std > 0 else mean, "std": base.std or max(std, 1e-6)}
+
+
+def plan_text(plan: PlanConfig) -> str:
+    """The plan as it travels to the sites: JSON of the ``plan`` config section."""
+    return json.dumps(dataclasses.asdict(plan), sort_keys=True)
+
+
+def read_plan_text(text: object, who: str) -> PlanConfig:
+    """A decided plan from its JSON (:func:`plan_text`), checked like any config; ``who`` sent it.
+
+    Raises:
+        ConfigError: not JSON of a plan, an invalid value, or a plan that is not decided.
+    """
+    try:
+        values = json.loads(str(text))
+    except ValueError:
+        raise ConfigError(f"{who}'s plan is not JSON") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"{who}'s plan is not a JSON object")
+    plan = build_config({"plan": values}).plan
+    if not plan.decided:
+        raise ConfigError(f"{who}'s plan is not decided ({describe_values(plan)})")
+    return plan
+
+
+def describe_values(plan: PlanConfig) -> str:
+    return ", ".join(f"{f.name}={getattr(plan, f.name)!r}" for f in dataclasses.fields(plan))
 
 
 def fit_problem(fp: Fingerprint, plan: PlanConfig) -> str:

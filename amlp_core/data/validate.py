@@ -12,8 +12,18 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from amlp_core.data.cases import Case, DatasetIndex, Problem, Sample, discover, read_case_label
-from amlp_core.data.io import label_affine, read_image
+from amlp_core.data.cases import (
+    Case,
+    DatasetIndex,
+    Problem,
+    Sample,
+    discover,
+    label_is_seg,
+    read_case_image,
+    read_case_label,
+)
+from amlp_core.data.dicom import describe
+from amlp_core.data.io import label_affine
 from amlp_core.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -34,13 +44,19 @@ class Expect:
 
 @dataclass
 class DataReport:
-    """Outcome of :func:`check_dataset`; ``ok`` when there is no error (warnings allowed)."""
+    """Outcome of :func:`check_dataset`; ``ok`` when there is no error (warnings allowed).
+
+    ``series``: of a DICOM dataset, one :func:`~amlp_core.data.dicom.describe` dict per usable series
+    (folder, modality, slices, shape, spacing, orientation) with its ``problems`` (messages); the series
+    refused for an error appear only in ``problems``, named by their folder.
+    """
 
     root: str
     fmt: str
     n_cases: int
     n_labelled: int
     problems: list[Problem] = field(default_factory=list)
+    series: list[dict] = field(default_factory=list)
 
     @property
     def errors(self) -> list[Problem]:
@@ -55,8 +71,10 @@ class DataReport:
         return not self.errors
 
     def render(self) -> str:
-        """Header, one ``ERROR <file>: <message>`` line per problem, summary line."""
+        """Header, one ``SERIES <folder>: ...`` line per DICOM series, one ``ERROR <file>: <message>`` line
+        per problem, summary line."""
         lines = [f"Dataset {self.root} (format {self.fmt}): {self.n_cases} cases, {self.n_labelled} labelled"]
+        lines += [_series_line(s) for s in self.series]
         lines += [f"{p.severity.upper()} {p.file}: {p.message}" for p in self.problems]
         verdict = "OK" if self.ok else "NOT USABLE"
         lines.append(f"{verdict}: {len(self.errors)} errors, {len(self.warnings)} warnings")
@@ -64,6 +82,14 @@ class DataReport:
 
     def to_dict(self) -> dict:
         return {**asdict(self), "ok": self.ok}
+
+
+def _series_line(s: dict) -> str:
+    shape, spacing = "x".join(str(n) for n in s["shape"]), " x ".join(f"{v:.4g}" for v in s["spacing"])
+    named = f" {s['description']!r}" if s["description"] else ""
+    line = f"SERIES {s['folder']}: {s['modality']}{named}, {s['slices']} slices, {shape} voxels, "
+    line += f"spacing {spacing} mm, orientation {s['orientation']}"
+    return line + (f", {len(s['problems'])} problem(s)" if s["problems"] else "")
 
 
 def _problem(path: Path | None, exc: DataError) -> Problem:
@@ -96,7 +122,7 @@ def _label_problems(case: Case, label: np.ndarray, image: np.ndarray, affine: np
         problems.append(Problem(file, f"label has {label.ndim} spatial dims, expected {expect.spatial_dims}"))
     if label.shape != image.shape[1:]:
         problems.append(Problem(file, f"label shape {label.shape} does not match image {image.shape[1:]}"))
-    elif not _same_geometry(label_affine(case.label), affine):
+    elif not label_is_seg(case) and not _same_geometry(label_affine(case.label), affine):  # a SEG has its image's
         problems.append(Problem(file, "label geometry (affine) differs from its image's: they do not overlay"))
     allowed = expect.classes
     bad = [int(v) for v in np.unique(label) if (v not in allowed if allowed is not None else v < 0)]
@@ -114,7 +140,7 @@ def inspect_case(case: Case, expect: Expect, with_label: bool = True) -> tuple[S
         ``[*spatial]`` or None) when no problem is an error, else None; and every problem found.
     """
     try:
-        image, affine = read_image(case.image, expect.max_voxels)
+        image, affine = read_case_image(case, expect.max_voxels)
     except DataError as exc:
         return None, [_problem(case.image, exc)]
     problems = _image_problems(case, image, expect)
@@ -168,7 +194,10 @@ def check_dataset(
             if n != usual
         ]
     n_labelled = sum(c.label is not None for c in cases)
-    report = DataReport(str(index.root), index.fmt, len(cases), n_labelled, problems)
+    series = [
+        {**describe(s), "problems": [p.message for p in problems if p.file == str(s.folder)]} for s in index.series
+    ]
+    report = DataReport(str(index.root), index.fmt, len(cases), n_labelled, problems, series)
     logger.info("%s: %d cases checked, %d errors", root, len(cases), len(report.errors))
     return report
 

@@ -97,6 +97,7 @@ class ServerCheckpoint:
     rows: list[dict[str, Any]] = field(default_factory=list)
     class_names: dict[str, str] = field(default_factory=dict)
     accountant: str | None = None
+    plan: str | None = None  # the run's plan (JSON, amlp_core.data.plan.plan_text): a resumed run keeps it
 
     KIND: ClassVar[str] = KIND_SERVER
 
@@ -111,6 +112,7 @@ class ServerCheckpoint:
             "rows": self.rows,
             "class_names": self.class_names,
             "accountant": self.accountant,
+            "plan": self.plan,
         }
         return save_checkpoint(path, {"arrays": self.arrays, "strategy": self.strategy}, meta)
 
@@ -132,6 +134,7 @@ class ServerCheckpoint:
                 strategy=dict(state.get("strategy") or {}),
                 rows=list(meta.get("rows", [])),
                 class_names=dict(meta.get("class_names", {})),
+                plan=str(meta["plan"]) if meta.get("plan") else None,
                 accountant=meta.get("accountant"),
             )
         except (KeyError, TypeError, ValueError) as err:

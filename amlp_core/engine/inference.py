@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 from typing import Any
@@ -9,13 +10,13 @@ from typing import Any
 import numpy as np
 
 from amlp_core.atomic import check_output
-from amlp_core.config import build_config
-from amlp_core.data import (
-    normalize_intensity,
-    read_image,
-    write_nifti,
-)
-from amlp_core.data.io import NIFTI_SUFFIXES
+from amlp_core.config import Config, PlanConfig, build_config
+from amlp_core.data import read_image, write_nifti
+from amlp_core.data.cases import Sample
+from amlp_core.data.dicom import Series, find_series, read_series, write_seg
+from amlp_core.data.geometry import canonical_grid, spacing_of
+from amlp_core.data.io import NIFTI_SUFFIXES, data_error
+from amlp_core.data.plan import fingerprint, fit_problem, prepare, restore
 from amlp_core.engine.artefacts import load_segmentation, saved_config
 from amlp_core.engine.device import resolve_device
 from amlp_core.engine.loops import evaluate_segmentation, predict_volume
@@ -46,25 +47,76 @@ def evaluate(
     return result
 
 
-def predict_file(run: str | Path, input_path: str | Path, output_path: str | Path, device: str = "auto") -> Path:
-    """Segment one scan: NIfTI (or PNG) in, NIfTI label map out with the input's shape and affine.
+#: Output names ``fedamlp predict`` writes: a NIfTI label map, or (for a DICOM series) a DICOM SEG object.
+SEG_SUFFIXES = (".dcm",)
 
-    A 2D model segments a 3D volume slice by slice along ``data.slice_axis``. The output is checked
-    before any work (:func:`~amlp_core.atomic.check_output`): a NIfTI name in a writable folder, never
-    the input itself.
+
+def model_plan(cfg: Config, affine: np.ndarray, spatial_dims: int) -> PlanConfig:
+    """The plan a model was trained on; a model saved before plans existed gets what it was trained with:
+    the scan's own spacing (after reorientation to RAS) and per-case z-score."""
+    if cfg.plan.decided:
+        return cfg.plan
+    own = spacing_of(canonical_grid((1, 1, 1), affine)[1])[:spatial_dims]
+    spacing = tuple(float(v) for v in own)
+    return dataclasses.replace(cfg.plan, target_spacing=spacing, modality="unknown", normalization="zscore")
+
+
+def read_scan(input_path: str | Path, max_voxels: int) -> tuple[np.ndarray, np.ndarray, str, Series | None]:
+    """One scan to segment: a NIfTI or PNG file, or a folder holding one DICOM series.
+
+    Returns:
+        ``(image [C, *S], affine (4, 4), modality, series or None)``.
     """
-    check_output(output_path, "output", NIFTI_SUFFIXES, inputs=(input_path,))
+    path = Path(input_path)
+    if not path.is_dir():
+        image, affine = read_image(path, max_voxels)
+        return image, affine, "unknown", None
+    found, _, problems = find_series(path)
+    errors = [p for p in problems if p.severity == "error"]
+    if errors:
+        raise DataError(f"{errors[0].file}: {errors[0].message}")
+    if len(found) != 1:
+        raise data_error(path, f"holds {len(found)} DICOM image series; predict takes a folder of one series")
+    image, affine = read_series(found[0], max_voxels)
+    return image, affine, found[0].modality, found[0]
+
+
+def predict_file(run: str | Path, input_path: str | Path, output_path: str | Path, device: str = "auto") -> Path:
+    """Segment one scan, the result on the scan's own grid: shape and affine (NIfTI), or as a DICOM SEG
+    object that references the source series (``.dcm`` output of a DICOM series input).
+
+    The scan is brought onto the model's plan (:func:`~amlp_core.data.plan.prepare`: RAS, the plan's
+    spacing, its normalisation), segmented by sliding windows, and the class probabilities are mapped
+    back onto the scan's grid before the argmax. A 2D model segments a 3D volume slice by slice along
+    ``data.slice_axis``. The output is checked before any work (:func:`~amlp_core.atomic.check_output`):
+    a NIfTI (or, for a DICOM input, a ``.dcm``) name in a writable folder, never the input itself.
+    """
+    dicom_input = Path(input_path).is_dir()
+    suffixes = NIFTI_SUFFIXES + (SEG_SUFFIXES if dicom_input else ())
+    out = check_output(output_path, "output", suffixes, inputs=(input_path,))
     dev = resolve_device(device)
     model, meta = load_segmentation(run, dev)
     cfg = saved_config(meta, run)
-    image, affine = read_image(input_path, cfg.data.max_voxels)  # [C, *S]
+    image, affine, modality, series = read_scan(input_path, cfg.data.max_voxels)  # [C, *S]
     if image.shape[0] != cfg.model.in_channels:
         raise DataError(f"{input_path}: has {image.shape[0]} channel(s), the model expects {cfg.model.in_channels}")
-    image = normalize_intensity(image)
     dims = image.ndim - 1
     if not (dims == cfg.model.spatial_dims or (dims, cfg.model.spatial_dims) == (3, 2)):  # 2D models go slice-wise
         raise DataError(f"{input_path}: is a {dims}D image, the model segments {cfg.model.spatial_dims}D images")
-    probs = predict_volume(model, image, cfg.model.img_size, dev, cfg.train.amp, slice_axis=cfg.data.slice_axis)
-    labels = probs.argmax(0).numpy()
-    write_nifti(labels.astype(np.uint8), affine, output_path)
-    return Path(output_path)
+    plan = model_plan(cfg, affine, dims)
+    scan = Sample(Path(input_path).name, image, None, affine)
+    problem = fit_problem(fingerprint([scan], modality), plan)
+    if problem.startswith("its scans are"):  # another modality or dimensionality: the model cannot read it
+        raise DataError(f"{input_path}: does not fit the model's plan: {problem.replace('its scans are', 'it is')}")
+    if problem:
+        log.warning("%s: %s; it is resampled onto the plan's grid", input_path, problem.replace("its", "the scan's"))
+    planned = prepare(scan, plan)
+    probs = predict_volume(model, planned.image, cfg.model.img_size, dev, cfg.train.amp, slice_axis=cfg.data.slice_axis)
+    labels = restore(probs.numpy(), planned.affine, image.shape[1:], affine).argmax(0).astype(np.uint8)
+    if series is not None and out.name.lower().endswith(SEG_SUFFIXES):
+        class_names = {int(k): str(v) for k, v in meta.get("class_names", {}).items()} or {
+            k: f"class_{k}" for k in range(cfg.model.num_classes)
+        }
+        return write_seg(labels, series, class_names, out)
+    write_nifti(labels, affine, out)
+    return out

@@ -39,7 +39,7 @@ from amlp_core.engine.device import make_generator, resolve_device, seed_everyth
 from amlp_core.engine.local import finetune_for, make_loader, pretrain_epochs, run_epochs
 from amlp_core.engine.loops import evaluate_segmentation, finetune_budget
 from amlp_core.engine.optim import finetune_optimizer, pretrain_optimizer
-from amlp_core.engine.split import DataSplit, load_split
+from amlp_core.engine.split import DataSplit, load_split, with_plan
 from amlp_core.errors import CheckpointError, ConfigError, DataError
 from amlp_core.methods import build_method
 from amlp_core.models import (
@@ -164,6 +164,7 @@ def pretrain(
             "from scratch with `fedamlp finetune`); pretrain with model.seg_arch=vit"
         )
     split = split or load_split(cfg)  # bad data is refused before anything is written
+    cfg = with_plan(cfg, split)  # the checkpoint carries the plan, so that predict applies it
     resumed = None if overwrite else _resume_state(Path(out_dir), cfg)
     first = resumed["epoch"] if resumed else 0
     epochs = cfg.train.epochs
@@ -308,6 +309,7 @@ def train_segmentation(
     Poisson draw (an empty one included), and the ledger is planned and charged in those steps.
     """
     split = split or load_split(cfg)  # bad data is refused before anything is written
+    cfg = with_plan(cfg, split)  # the checkpoint carries the plan, so that predict applies it
     labelled = [s for s in split.train if s.label is not None]
     if not labelled:
         raise DataError(f"no labelled training cases in {cfg.data.path}: fine-tuning needs labels")

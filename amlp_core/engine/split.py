@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from amlp_core.config import Config
+from amlp_core.config import Config, PlanConfig
 from amlp_core.data import (
     Expect,
     Sample,
@@ -22,6 +22,7 @@ from amlp_core.data import (
     split_names,
     to_slices,
 )
+from amlp_core.data.plan import Fingerprint, PlanError, decide_plan, fingerprint, fit_problem, prepare
 from amlp_core.errors import ConfigError, DataError
 from amlp_core.presets import ROI, phantoms
 
@@ -30,15 +31,58 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class DataSplit:
-    """A dataset cut into a training and a test part by case (never by slice)."""
+    """A dataset cut into a training and a test part by case (never by slice).
+
+    As read (:func:`read_split`): each case on its own grid with its own intensities, and the site's
+    ``fingerprint``; on the run's plan (:func:`plan_split`): every case prepared, and the ``plan``.
+    """
 
     train: list[Sample]
     test: list[Sample]
     class_names: dict[int, str]
+    fingerprint: Fingerprint | None = None
+    plan: PlanConfig | None = None
 
 
 def load_split(cfg: Config, site: int = 0, num_sites: int = 1) -> DataSplit:
-    """Read (or synthesise) the data named by ``cfg.data`` and split it by case.
+    """:func:`read_split`, then :func:`plan_split` on ``cfg.plan`` when it is decided (a saved model's
+    plan), else on the plan decided from this data's own fingerprint (a single-site run).
+
+    Raises:
+        DataError: unreadable data; PlanError: data that do not fit a given plan.
+        ConfigError: data that does not fit the model.
+    """
+    raw = read_split(cfg, site, num_sites)
+    assert raw.fingerprint is not None
+    plan = cfg.plan if cfg.plan.decided else decide_plan({cfg.data.path: raw.fingerprint}, cfg.plan)
+    return plan_split(raw, plan, cfg)
+
+
+def with_plan(cfg: Config, split: DataSplit) -> Config:
+    """``cfg`` with the plan its data were prepared on (the config a run saves with its model)."""
+    return cfg.replace(plan=dataclasses.asdict(split.plan)) if split.plan is not None else cfg
+
+
+def plan_split(raw: DataSplit, plan: PlanConfig, cfg: Config) -> DataSplit:
+    """Every case of ``raw`` brought onto ``plan`` (:func:`~amlp_core.data.plan.prepare`), then cut into
+    slices when ``data.as_slices``.
+
+    Raises:
+        PlanError: the data do not fit the plan (another modality, a spacing far off), naming the data.
+    """
+    assert raw.fingerprint is not None
+    problem = fit_problem(raw.fingerprint, plan)
+    if problem:
+        raise PlanError(f"{cfg.data.path}: does not fit the run's plan: {problem}")
+    train = [prepare(s, plan) for s in raw.train]
+    test = [prepare(s, plan) for s in raw.test]
+    if cfg.data.as_slices:
+        train = to_slices(train, cfg.data.slice_axis)
+    return DataSplit(train, test, raw.class_names, raw.fingerprint, plan)
+
+
+def read_split(cfg: Config, site: int = 0, num_sites: int = 1) -> DataSplit:
+    """Read (or synthesise) the data named by ``cfg.data`` and split it by case, each case as read.
 
     The test cases are drawn from the labelled cases only; images without a label all go to training,
     where pretraining uses every image and fine-tuning the labelled ones.
@@ -57,10 +101,12 @@ def load_split(cfg: Config, site: int = 0, num_sites: int = 1) -> DataSplit:
             d.synthetic_cases, d.synthetic_size, seed=d.split_seed, site=site if num_sites > 1 else d.synthetic_site
         )
         class_names, dims = {0: "background", 1: "lesion"}, len(d.synthetic_size)
+        modality = "MR" if d.modality == "auto" else d.modality
         train_names, test_names = split_names([s.name for s in samples], d.test_fraction, d.split_seed)
         _check_fits(class_names, dims, cfg, samples)
     else:
         index = discover(d.path, d.format)
+        modality = index.modality if d.modality == "auto" else d.modality
         class_names = index.class_names or {k: f"class_{k}" for k in range(m.num_classes)}
         dims = index.spatial_dims
         _check_fits(class_names, dims, cfg)  # before reading: the model cannot take data of another kind
@@ -79,9 +125,8 @@ def load_split(cfg: Config, site: int = 0, num_sites: int = 1) -> DataSplit:
     by_name = {s.name: s for s in samples}  # (data.on_bad_case=skip may have left cases out)
     train = [by_name[n] for n in train_names if n in by_name]
     test = [by_name[n] for n in test_names if n in by_name]
-    if d.as_slices:
-        train = to_slices(train, d.slice_axis)
-    return DataSplit(train, test, class_names)
+    # The fingerprint sums up every case the site holds (train and test), never one case alone.
+    return DataSplit(train, test, class_names, fingerprint(train + test, modality, d.split_seed))
 
 
 def _check_fits(class_names: dict[int, str], dims: int, cfg: Config, samples: Sequence[Sample] = ()) -> None:

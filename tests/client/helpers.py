@@ -6,7 +6,8 @@ import time
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, Metadata, RecordDict
 
-from amlp_core.config import flat_dict
+from amlp_core.config import PlanConfig, flat_dict
+from amlp_core.data.plan import plan_text
 from fedamlp import protocol as P
 from tests.conftest import tiny_config
 
@@ -31,6 +32,12 @@ def context(cfg, site: int, node_id: int | None = None, node_config=None) -> Con
     )
 
 
+def phantom_plan(cfg) -> PlanConfig:
+    """The plan a server decides for phantom sites: their 1 mm grid (they have no other), per-case z-score."""
+    dims = len(cfg.data.synthetic_size)
+    return PlanConfig(target_spacing=(1.0,) * dims, modality="MR", normalization="zscore")
+
+
 def instructions(cfg, phase=P.PRETRAIN, rnd=1, **changes) -> ConfigRecord:
     fed = cfg.federation
     total = fed.pretrain_rounds if phase == P.PRETRAIN else fed.finetune_rounds
@@ -40,6 +47,7 @@ def instructions(cfg, phase=P.PRETRAIN, rnd=1, **changes) -> ConfigRecord:
         P.TOTAL_ROUNDS: total,
         P.LOCAL_EPOCHS: fed.local_epochs,
         P.CONFIG_DIGEST: P.config_digest(cfg),
+        P.PLAN: plan_text(phantom_plan(cfg)),
     }
     if phase == P.PRETRAIN:
         from amlp_core.methods import mask_ratio_at

@@ -23,6 +23,7 @@ from tests.client.helpers import cfg as _cfg
 from tests.client.helpers import context as _context
 from tests.client.helpers import instructions as _instructions
 from tests.client.helpers import message as _message
+from tests.client.helpers import phantom_plan
 from tests.client.helpers import train_message as _train_message
 
 
@@ -161,7 +162,7 @@ def test_site_mask_ratio_depends_only_on_the_round(tmp_path):
     cfg = _cfg(tmp_path)
     a = get_site(9, 1, flat_dict(cfg), {"partition-id": 0, "num-partitions": 2})
     b = get_site(9, 2, flat_dict(cfg), {"partition-id": 1, "num-partitions": 2})
-    assert not np.array_equal(a.split.train[0].image, b.split.train[0].image)  # different hospitals' data
+    assert not np.array_equal(a.raw.train[0].image, b.raw.train[0].image)  # different hospitals' data
     assert [site_mask_ratio(a, r) for r in (1, 2, 3)] == [site_mask_ratio(b, r) for r in (1, 2, 3)]
 
 
@@ -178,7 +179,9 @@ def test_the_example_site_file_is_valid():
 def _server_instructions(cfg, rnd: int) -> ConfigRecord:
     from server.federation import Federation
 
-    return Federation(None, cfg)._instructions(P.FINETUNE, rnd, cfg.federation.finetune_rounds)
+    server = Federation(None, cfg)
+    server.plan = phantom_plan(cfg)  # what the server decides for phantom sites
+    return server._instructions(P.FINETUNE, rnd, cfg.federation.finetune_rounds)
 
 
 @pytest.mark.parametrize("fraction, local_steps, planned", [(0.25, 0, 8), (1.0, 0, 8), (0.25, 5, 5), (1.0, 5, 5)])

@@ -8,11 +8,13 @@ import yaml
 from flwr.app import ConfigRecord, RecordDict
 
 from amlp_core.data import write_phantom_dataset
+from amlp_core.data.plan import plan_text
 from client.app import app
 from fedamlp import protocol as P
 from tests.client.helpers import cfg as _cfg
 from tests.client.helpers import context as _context
 from tests.client.helpers import message as _message
+from tests.client.helpers import phantom_plan
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +30,8 @@ def _ask(tmp_path, data, site: dict, **run):
     path.write_text(yaml.safe_dump({**body, **site}))
     cfg = _cfg(tmp_path, **run)
     ctx = _context(cfg, 0, node_config={"site-config": str(path)})
-    return app(_message(RecordDict({P.CONFIG: ConfigRecord({})}), ctx.node_id, "query"), ctx)
+    plan = ConfigRecord({P.PLAN: plan_text(phantom_plan(cfg))})  # the declaration query carries the plan
+    return app(_message(RecordDict({P.CONFIG: plan}), ctx.node_id, "query"), ctx)
 
 
 DP = {"privacy.site_dp": True, "privacy.phases": "both", "privacy.budget": 3.0}

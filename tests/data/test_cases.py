@@ -153,4 +153,4 @@ def test_unusable_folder_named(tmp_path, make_root):
 
 def test_unknown_format(msd_root):
     with pytest.raises(DataError, match="unknown dataset format"):
-        discover(msd_root, fmt="dicom")
+        discover(msd_root, fmt="analyze")

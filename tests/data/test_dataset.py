@@ -23,7 +23,7 @@ def test_load_samples(msd_root):
     samples = load_samples(discover(msd_root), progress=False)
     assert [s.name for s in samples] == ["case_000", "case_001", "case_002"]
     assert samples[0].image.shape == (1, 8, 10, 6) and samples[0].label.dtype == np.int64
-    assert abs(samples[0].image.mean()) < 1e-4
+    assert samples[0].image.mean() > 1  # as read: the plan normalises (amlp_core/data/plan.py)
     assert all(s.label is None for s in load_samples(discover(msd_root), with_labels=False, progress=False))
 
 
