@@ -15,6 +15,7 @@ from amlp_core.errors import ConfigError
 from amlp_core.methods import METHODS, build_method, mask_ratio_at
 from amlp_core.methods.ace import blocks, overlap_ids, teacher_momentum, two_scale_views, unblocks
 from amlp_core.models import SegmentationNet, encoder_state, patchify, unpatchify
+from tests.client.helpers import phantom_plan
 from tests.conftest import tiny_model
 
 
@@ -298,6 +299,7 @@ def test_federated_rounds_through_the_client_app(tmp_path, name):
 
     cfg = _cfg(tmp_path, **{"method.name": name})
     server = Federation(None, cfg)  # no grid needed for the instructions and the initial weights
+    server.plan = phantom_plan(cfg)  # what it decides for phantom sites
     total = cfg.federation.pretrain_rounds
     ctx = _context(cfg, 0)
     sent = server.initial_encoder().to_torch_state_dict()
