@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from amlp_core.data import make_phantom, partition_names, split_names, write_phantom_dataset
 from amlp_core.engine.artefacts import load_segmentation
@@ -91,8 +92,12 @@ def test_plain_unet_federation_trains_from_scratch(tmp_path):
     summary = (run / "results" / "summary.md").read_text()
     assert "- pretraining: none (plain U-Net, no encoder)" in summary
     assert "- evaluation: skipped: no site has test cases" in summary
+    # The plan the server decided from the sites' fingerprints: in the summary, the run's config and the model.
+    assert "- plan: MR, 1 x 1 x 1 mm (linear), zscore" in summary
+    assert yaml.safe_load((run / "config.yaml").read_text())["plan"]["target_spacing"] == [1.0, 1.0, 1.0]
     model, meta = load_segmentation(run / "model")
     assert isinstance(model, UNet) and meta["init_method"] == "scratch"
+    assert meta["config"]["plan"]["normalization"] == "zscore" and meta["config"]["plan"]["modality"] == "MR"
     every_case = evaluate(run / "model", device="cpu", all_cases=True)  # the final model, on the training cases
     assert 0.0 <= every_case["dice_mean"] <= 1.0 and every_case["num_examples"] > 0
     image, _ = make_phantom((16, 16, 16), np.random.default_rng(0))

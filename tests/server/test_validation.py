@@ -172,3 +172,30 @@ def test_the_norm_factor_is_checked(value):
 def test_the_minimum_cosine_is_checked(value):
     with pytest.raises(ConfigError, match="federation.update_min_cosine"):
         FederationConfig(update_min_cosine=value)
+
+
+def test_the_plan_is_decided_from_the_fingerprints_and_a_site_that_does_not_fit_is_refused():
+    from amlp_core.config import PlanConfig
+    from amlp_core.data.plan import Fingerprint
+
+    def fp(cases, modality, spacing):
+        geometry = dict.fromkeys(("spacing_median", "spacing_min", "spacing_max"), spacing)
+        sizes = dict.fromkeys(("size_median", "size_min", "size_max"), (40.0, 50.0, 40.0))
+        return Fingerprint(cases=cases, labelled=cases, modality=modality, **geometry, **sizes)
+
+    declared = Declarations(timeout=1.0)
+    declared.names = {1: "a", 2: "b", 3: "c", 4: "d"}
+    declared.fingerprints = {
+        1: fp(20, "MR", (1.0, 1.0, 1.0)),
+        2: fp(10, "MR", (1.0, 1.0, 1.2)),
+        3: fp(5, "CT", (1.0, 1.0, 1.0)),  # another modality
+        4: fp(5, "MR", (1.0, 1.0, 5.0)),  # far coarser slices
+    }
+    plan = declared.decide(PlanConfig())
+    assert plan.modality == "MR" and plan.target_spacing == (1.0, 1.0, 1.0) and plan.normalization == "zscore"
+    assert sorted(declared.refused) == [3, 4]
+    assert "CT" in declared.refused[3] and "axis 2" in declared.refused[4]
+    # A plan given in the run config (or kept by a resumed run) is used as it is.
+    fixed = PlanConfig(target_spacing=(1.0, 1.0, 5.0), modality="MR", normalization="zscore")
+    again = Declarations(timeout=1.0, fingerprints=dict(declared.fingerprints))
+    assert again.decide(fixed) == fixed and sorted(again.refused) == [1, 2, 3]

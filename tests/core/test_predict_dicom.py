@@ -1,0 +1,129 @@
+"""fedamlp predict on what a hospital holds: a DICOM series in, a DICOM SEG that references it out (or a
+NIfTI on request), the result on the scan's own grid; the model carries the plan it was trained on."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import highdicom as hd
+import nibabel as nib
+import numpy as np
+import pydicom
+import pytest
+
+from amlp_core.data import make_phantom, write_phantom_dataset
+from amlp_core.data.dicom import find_series, read_seg
+from amlp_core.engine.artefacts import load_segmentation
+from fedamlp.cli import main
+from tests.core.test_cli import _yaml
+from tests.data.test_geometry import oblique_lps_affine
+from tests.dicom_files import write_series
+
+SHARED = Path(__file__).resolve().parents[2].parent / "shared" / "data"
+HIPPOCAMPUS, STUDY = SHARED / "msd_hippocampus", SHARED / "dicom_brain" / "Study1"
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory) -> Path:
+    """A tiny 3D model fine-tuned on 1 mm phantoms (its plan: MR-like, 1 mm, per-case z-score)."""
+    tmp = tmp_path_factory.mktemp("model")
+    data = write_phantom_dataset(tmp / "data", n=6, shape=(16, 16, 16), seed=0)
+    fine = tmp / "fine"
+    assert main(["finetune", "--data", str(data), "--config", _yaml(tmp, 3), "--epochs", "1", "--out", str(fine)]) == 0
+    return fine
+
+
+def _scan_series(folder: Path, affine: np.ndarray) -> list[Path]:
+    image, _ = make_phantom((24, 20, 10), np.random.default_rng(3))
+    return write_series(folder, (image * 100).astype(np.int16), affine, description="phantom")
+
+
+def test_the_model_carries_its_plan(model):
+    _, meta = load_segmentation(model)
+    plan = meta["config"]["plan"]
+    assert plan["target_spacing"] == [1.0, 1.0, 1.0] and plan["normalization"] == "zscore"
+    assert plan["modality"] == "MR"
+
+
+def test_predict_on_an_oblique_lps_series_writes_a_seg_that_references_it(model, tmp_path):
+    _scan_series(tmp_path / "series", oblique_lps_affine())
+    (series,), _, _ = find_series(tmp_path / "series")
+    out = tmp_path / "seg.dcm"
+    assert main(["predict", "--model", str(model), "--input", str(tmp_path / "series"), "--output", str(out)]) == 0
+    ds = pydicom.dcmread(out)
+    assert ds.Modality == "SEG" and ds.ReferencedSeriesSequence[0].SeriesInstanceUID == series.uid
+    assert ds.FrameOfReferenceUID == pydicom.dcmread(series.files[0]).FrameOfReferenceUID
+    seg = hd.seg.segread(out)
+    assert [s.SegmentLabel for s in seg.SegmentSequence] == ["lesion"]
+    label = read_seg(out, series)
+    assert label.shape == series.shape  # on the series' own grid
+    # On request, the same result as NIfTI, with the series' shape and geometry.
+    nifti = tmp_path / "seg.nii.gz"
+    assert main(["predict", "--model", str(model), "--input", str(tmp_path / "series"), "--output", str(nifti)]) == 0
+    img = nib.load(nifti)
+    assert img.shape == series.shape
+    np.testing.assert_allclose(img.affine, series.affine, atol=1e-4)
+    np.testing.assert_array_equal(np.asarray(img.dataobj), label)
+
+
+def test_predict_on_an_oblique_nifti_keeps_its_grid(model, tmp_path):
+    image, _ = make_phantom((24, 20, 10), np.random.default_rng(4))
+    affine = oblique_lps_affine()
+    nib.save(nib.Nifti1Image(image, affine), tmp_path / "scan.nii.gz")
+    out = tmp_path / "seg.nii.gz"
+    assert main(["predict", "--model", str(model), "--input", str(tmp_path / "scan.nii.gz"), "--output", str(out)]) == 0
+    assert nib.load(out).shape == (24, 20, 10)
+    np.testing.assert_allclose(nib.load(out).affine, affine, atol=1e-5)
+
+
+def test_predict_refuses_a_seg_output_for_a_nifti_and_a_folder_of_two_series(model, tmp_path, capsys):
+    image, _ = make_phantom((16, 16, 16), np.random.default_rng(5))
+    nib.save(nib.Nifti1Image(image, np.eye(4)), tmp_path / "scan.nii.gz")
+    assert main(["predict", "--model", str(model), "--input", str(tmp_path / "scan.nii.gz"),
+                 "--output", str(tmp_path / "o.dcm")]) == 2  # fmt: skip
+    assert "must end in .nii or .nii.gz" in capsys.readouterr().err
+    _scan_series(tmp_path / "two", oblique_lps_affine())
+    write_series(tmp_path / "two", np.zeros((8, 8, 4), np.int16), np.eye(4), prefix="B")
+    assert main(["predict", "--model", str(model), "--input", str(tmp_path / "two"),
+                 "--output", str(tmp_path / "o2.dcm")]) == 2  # fmt: skip
+    err = capsys.readouterr().err
+    assert str(tmp_path / "two") in err and "Traceback" not in err and not (tmp_path / "o2.dcm").exists()
+
+
+def test_predict_refuses_a_ct_series_for_an_mr_model(model, tmp_path, capsys):
+    image, _ = make_phantom((16, 16, 8), np.random.default_rng(6))
+    write_series(tmp_path / "ct", (image * 100).astype(np.int16), np.eye(4), modality="CT")
+    out = tmp_path / "o.dcm"
+    assert main(["predict", "--model", str(model), "--input", str(tmp_path / "ct"), "--output", str(out)]) == 2
+    assert "it is CT, the run's plan is for MR" in capsys.readouterr().err and not out.exists()
+
+
+@pytest.mark.realdata
+@pytest.mark.slow
+def test_real_hippocampus_model_segments_the_real_hippocampus_crop_series(tmp_path, capsys):
+    """A model fine-tuned on the MSD hippocampus cases, run on the real DICOM study's hippocampus crop."""
+    if not HIPPOCAMPUS.is_dir() or not STUDY.is_dir():
+        pytest.skip("the hippocampus data or the DICOM study is absent")
+    assert main(["data", "check", str(STUDY)]) == 0  # every series of the study is read
+    assert capsys.readouterr().out.count("SERIES ") == 5
+    fine = tmp_path / "fine"
+    settings = [
+        "model.num_classes=3",
+        "model.img_size=48,64,48",
+        "train.finetune_steps=4",
+        "train.batch_size=2",
+        "data.test_fraction=0.05",
+    ]
+    args = ["finetune", "--data", str(HIPPOCAMPUS), "--config", _yaml(tmp_path, 3), "--out", str(fine)]
+    assert main([*args, *[x for s in settings for x in ("--set", s)]]) == 0
+    crop = STUDY / "13_HCropVolume"
+    (series,), _, _ = find_series(crop)
+    out = tmp_path / "hippocampus_seg.dcm"
+    assert main(["predict", "--model", str(fine), "--input", str(crop), "--output", str(out)]) == 0
+    ds = pydicom.dcmread(out)
+    assert ds.Modality == "SEG" and ds.ReferencedSeriesSequence[0].SeriesInstanceUID == series.uid
+    referenced = {i.ReferencedSOPInstanceUID for i in ds.ReferencedSeriesSequence[0].ReferencedInstanceSequence}
+    assert referenced == set(series.instance_uids)
+    seg = hd.seg.segread(out)
+    assert [s.SegmentLabel for s in seg.SegmentSequence] == ["Anterior", "Posterior"]
+    assert read_seg(out, series).shape == series.shape == (35, 51, 32)
