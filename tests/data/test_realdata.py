@@ -37,3 +37,23 @@ def test_load_first_cases(root):
     samples = load_samples(dataclasses.replace(index, cases=index.cases[:3]), progress=False)
     assert all(s.image.ndim == 4 and s.label.shape == s.image.shape[1:] for s in samples)
     assert {int(v) for s in samples for v in set(s.label.ravel())} <= {0, 1, 2}
+
+
+def test_the_plan_leaves_the_hippocampus_cases_as_they_were(root):
+    """Every hippocampus case is RAS at 1 mm: the plan decided from them is 1 mm MR z-score, and it brings
+    each case to the model exactly as before plans existed (the z-scored image, the label, the affine)."""
+    import numpy as np
+
+    from amlp_core.config import PlanConfig
+    from amlp_core.data.plan import decide_plan, fingerprint, prepare
+    from amlp_core.data.transforms import normalize_intensity
+
+    index = discover(root)
+    samples = load_samples(dataclasses.replace(index, cases=index.cases[::20]), progress=False)
+    plan = decide_plan({"hippocampus": fingerprint(samples, index.modality)}, PlanConfig())
+    assert (plan.target_spacing, plan.modality, plan.normalization) == ((1.0, 1.0, 1.0), "MR", "zscore")
+    for sample in samples:
+        planned = prepare(sample, plan)
+        np.testing.assert_array_equal(planned.image, normalize_intensity(sample.image))
+        np.testing.assert_array_equal(planned.label, sample.label)
+        np.testing.assert_array_equal(planned.affine, sample.affine)
