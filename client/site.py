@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from amlp_core.config import Config, PlanConfig, apply_site_file, build_config, read_site_file
-from amlp_core.data.plan import describe, fit_problem
+from amlp_core.data.plan import describe, fit_problem, planned_config
 from amlp_core.engine.split import DataSplit, plan_split, read_split
 from amlp_core.errors import AMLPError, DataError
 from client.state import SiteState
@@ -45,7 +45,7 @@ class RoundRefused(AMLPError):
 class Site:
     """Everything one hospital needs to answer messages."""
 
-    cfg: Config
+    cfg: Config  # the run's config; on the server's plan once it has come (use_plan)
     index: int
     num_sites: int
     raw: DataSplit  # the cases as read, and their fingerprint
@@ -81,7 +81,9 @@ class Site:
         problem = fit_problem(self.raw.fingerprint, plan)
         if problem:
             raise RoundRefused(f"site {self.name}'s data do not fit the run's plan ({describe(plan)}): {problem}")
+        cfg = planned_config(self.cfg, plan)  # the networks take the plan's input size
         self.planned = plan_split(self.raw, plan, self.cfg)
+        self.cfg = cfg
         log.info("%s: data on the plan: %s", self.name, describe(plan))
 
 

@@ -20,7 +20,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.exception import PrivacyBudgetExhausted
 
 from amlp_core.config import Config, PlanConfig, save_config
-from amlp_core.data.plan import describe, plan_text, read_plan_text
+from amlp_core.data.plan import describe, plan_text, planned_config, read_plan_text
 from amlp_core.engine.artefacts import (
     SERVER_CHECKPOINT,
     ServerCheckpoint,
@@ -174,7 +174,7 @@ class Federation:
             P.GLOBAL_ROUND: rnd,
             P.TOTAL_ROUNDS: total,
             P.LOCAL_EPOCHS: self.fed.local_epochs,
-            P.CONFIG_DIGEST: P.config_digest(self.cfg),
+            P.CONFIG_DIGEST: P.config_digest(self.planned_config()),
             P.PLAN: plan_text(self.plan),
         }
         if phase == P.PRETRAIN:
@@ -293,7 +293,7 @@ class Federation:
         base = read_plan_text(self.saved_plan, "the checkpoint") if self.saved_plan else self.cfg.plan
         if not self.declared.fingerprints and not base.decided:
             return base  # no site could answer: the first round reports why (sites' problems)
-        plan = self.declared.decide(base)
+        plan = self.declared.decide(base, self.cfg.model.img_size, self.cfg.input_step)
         refused = {self.declared.site(n): why for n, why in sorted(self.declared.refused.items())}
         self.results.info["plan"] = describe(plan)
         if refused:
@@ -304,12 +304,12 @@ class Federation:
                 f"only {fit} of {len(self.declared.fingerprints)} sites fit the run's plan ({describe(plan)}), "
                 f"federation.min_sites={f.min_sites}: " + "; ".join(f"{s} {why}" for s, why in refused.items())
             )
-        save_config(self.cfg.replace(plan=dataclasses.asdict(plan)), self.run_dir / "config.yaml")
+        save_config(planned_config(self.cfg, plan), self.run_dir / "config.yaml")
         return plan
 
     # -- initial weights -----------------------------------------------------------------
     def initial_encoder(self) -> ArrayRecord:
-        return ArrayRecord(initial_shared_state(self.cfg))
+        return ArrayRecord(initial_shared_state(self.planned_config()))
 
     def pretrained_encoder(self) -> ArrayRecord:
         """The encoder of the pretraining checkpoint ``federation.init_encoder``, keys under ``encoder.``.
@@ -319,7 +319,7 @@ class Federation:
                 (the message names the file).
         """
         path = self.fed.init_encoder
-        encoder, meta = load_pretrained_encoder(path, self.cfg.model)
+        encoder, meta = load_pretrained_encoder(path, self.planned_config().model)
         log.info(
             "fine-tuning from the pretrained encoder in %s (%s, %s epochs)", path, meta.get("method"), meta.get("epoch")
         )
@@ -329,7 +329,7 @@ class Federation:
         """The first global segmentation network (:func:`~amlp_core.engine.weights.initial_segmentation_state`)."""
         shared = None if encoder_arrays is None else encoder_arrays.to_torch_state_dict()
         where = self.fed.init_encoder or "the aggregated encoder"
-        return ArrayRecord(initial_segmentation_state(self.cfg, shared, where))
+        return ArrayRecord(initial_segmentation_state(self.planned_config(), shared, where))
 
     def save_encoder(self, arrays: ArrayRecord) -> Path:
         """The aggregated encoder after pretraining, as a pretraining checkpoint folder (``RUN_DIR/encoder``)
@@ -404,8 +404,9 @@ class Federation:
         return self.save_model(arrays)
 
     def planned_config(self) -> Config:
-        """The run config with the decided plan: what the saved models carry, so that predict applies it."""
-        return self.cfg.replace(plan=dataclasses.asdict(self.plan))
+        """The run config on the decided plan (its input size as ``model.img_size``): what the networks are
+        built from, what the sites check, and what the saved models carry, so that predict applies it."""
+        return planned_config(self.cfg, self.plan)
 
     def save_model(self, arrays: ArrayRecord) -> Path:
         """The final segmentation model, loadable by ``fedamlp predict --model RUN_DIR/model``."""

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -100,12 +101,13 @@ class Declarations:
         assert self.plan is not None
         problem = fit_problem(self.fingerprints[node], self.plan)
         if problem:
-            self.refused[node] = problem
+            self.refused[node] = str(problem)
             log.warning("%s is refused: its data do not fit the run's plan: %s", self.site(node), problem)
 
-    def decide(self, base: PlanConfig) -> PlanConfig:
+    def decide(self, base: PlanConfig, budget: Sequence[int], step: int) -> PlanConfig:
         """The run's plan: ``base`` when it is decided (a resumed run's, or the run config's), else the one
-        :func:`~amlp_core.data.plan.decide_plan` makes of the fingerprints; every node is checked against it.
+        :func:`~amlp_core.data.plan.decide_plan` makes of the fingerprints, the input size within ``budget``
+        (``model.img_size``) in multiples of ``step``; every node is checked against it.
 
         Raises:
             PlanError: no fingerprint to decide from.
@@ -113,7 +115,8 @@ class Declarations:
         if base.decided:
             self.plan = base
         else:
-            self.plan = decide_plan({self.site(n): fp for n, fp in sorted(self.fingerprints.items())}, base)
+            fingerprints = {self.site(n): fp for n, fp in sorted(self.fingerprints.items())}
+            self.plan = decide_plan(fingerprints, base, budget, step)
         for node in sorted(self.fingerprints):
             self._check_fit(node)
         return self.plan

@@ -285,6 +285,9 @@ class PlanConfig:
     mean: float = 0.0  # ct: the federation's foreground mean and std (decided with clip)
     std: float = 0.0
     interpolation: str = "linear"  # images: linear | bspline (cubic); labels: nearest
+    # The network's input in voxels per axis (it becomes model.img_size); (): model.img_size when the sites'
+    # median case fits in it, else the sites' median shape within model.img_size's voxel count.
+    input_size: tuple[int, ...] = ()
     # A site whose median spacing differs from the target by more than this factor on an axis is refused.
     max_spacing_ratio: float = 3.0
 
@@ -307,6 +310,12 @@ class PlanConfig:
         _check(
             self.interpolation in INTERPOLATIONS, "plan.interpolation", self.interpolation, "must be linear or bspline"
         )
+        _check(
+            all(isinstance(s, int) and s >= 1 for s in self.input_size) and len(self.input_size) in (0, 2, 3),
+            "plan.input_size",
+            self.input_size,
+            "must be empty or 2 or 3 positive sizes in voxels",
+        )
         _check(self.max_spacing_ratio > 1, "plan.max_spacing_ratio", self.max_spacing_ratio, "must be above 1")
         if self.normalization == "ct" and self.clip:
             _check(self.std > 0, "plan.std", self.std, "must be positive with plan.normalization=ct")
@@ -315,7 +324,8 @@ class PlanConfig:
     def decided(self) -> bool:
         """Whether every value is set (the run's plan), so that it can be applied as it is."""
         ct_ready = self.normalization != "ct" or (len(self.clip) == 2 and self.std > 0)
-        return bool(self.target_spacing) and bool(self.modality) and bool(self.normalization) and ct_ready
+        chosen = (self.target_spacing, self.modality, self.normalization, self.input_size)
+        return all(chosen) and ct_ready
 
 
 @dataclass(frozen=True)
@@ -733,6 +743,14 @@ class Config:
     def to_dict(self) -> dict[str, Any]:
         """Nested plain dict (tuples as lists), the form written to YAML and checkpoints."""
         return json.loads(json.dumps(dataclasses.asdict(self)))
+
+    @property
+    def input_step(self) -> int:
+        """What every side of the network's input must be a multiple of: the patch side, and the plain
+        U-Net's :data:`UNET_FACTOR`; method ace wants an even number of patches per axis."""
+        m = self.model
+        step = math.lcm(m.patch_size, UNET_FACTOR) if m.seg_arch == "unet" else m.patch_size
+        return 2 * step if self.method.name == "ace" else step
 
     def replace(self, **sections: Mapping[str, Any]) -> Config:
         """A copy with some fields changed: ``cfg.replace(train={"epochs": 3})``."""

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from amlp_core.config import PlanConfig, build_config
+from amlp_core.config import Config, PlanConfig, build_config
 from amlp_core.data.cases import Sample
 from amlp_core.data.geometry import SPLINE_ORDER, canonical_grid, planned_grid, spacing_of, to_grid
 from amlp_core.data.transforms import normalize_intensity
@@ -189,13 +189,17 @@ def _weighted_median(values: Sequence[float], weights: Sequence[float]) -> float
     return float(np.asarray(values)[order][np.searchsorted(cumulative, cumulative[-1] / 2)])
 
 
-def decide_plan(fingerprints: Mapping[str, Fingerprint], base: PlanConfig) -> PlanConfig:
+def decide_plan(
+    fingerprints: Mapping[str, Fingerprint], base: PlanConfig, budget: Sequence[int], step: int
+) -> PlanConfig:
     """The run's plan from the sites' fingerprints; the values ``base`` sets are kept.
 
     - modality: that of most cases (a site of another modality is then refused by :func:`fit_problem`);
     - target spacing: per axis, the median of the sites' median spacings weighted by their cases;
     - normalisation: ``ct`` for CT (clip to the sites' 0.5 to 99.5 foreground percentiles, then z-score
-      with the pooled foreground mean and std of channel 0), else per-case ``zscore``.
+      with the pooled foreground mean and std of channel 0), else per-case ``zscore``;
+    - input size: :func:`decide_input_size` of the sites' median shape on the target spacing, within
+      ``budget`` (``model.img_size``), every side a multiple of ``step`` (``Config.input_step``).
 
     Raises:
         PlanError: no fingerprint, or CT without any labelled case to take the intensities from.
@@ -219,12 +223,81 @@ def decide_plan(fingerprints: Mapping[str, Fingerprint], base: PlanConfig) -> Pl
             for a in range(dims)
         )
     normalization = base.normalization or ("ct" if modality == "CT" else "zscore")
-    decided: dict[str, Any] = {"target_spacing": spacing, "modality": modality, "normalization": normalization}
+    input_size = base.input_size or decide_input_size(_median_shape(kept, spacing), spacing, budget, step)
+    decided: dict[str, Any] = {
+        "target_spacing": spacing,
+        "modality": modality,
+        "normalization": normalization,
+        "input_size": tuple(input_size),
+    }
     if normalization == "ct" and not (base.clip and base.std > 0):
         decided.update(_ct_intensities(kept, base))
     plan = dataclasses.replace(base, **decided)
     logger.info("plan: %s", describe(plan))
     return plan
+
+
+def _median_shape(fps: Sequence[Fingerprint], spacing: Sequence[float]) -> tuple[float, ...] | None:
+    """The sites' median case shape on the target ``spacing`` (the median of their medians, weighted by
+    cases); None when the fingerprints are of other dimensions (2D slices of 3D scans, data.as_slices)."""
+    same = [fp for fp in fps if len(fp.size_median) == len(spacing)]
+    if not same:
+        return None
+    if len(spacing) == 3:  # the plan resamples 3D cases; 2D images keep their pixels
+        shapes = [[n * own / t for n, own, t in zip(fp.size_median, fp.spacing_median, spacing)] for fp in same]
+    else:
+        shapes = [list(fp.size_median) for fp in same]
+    weights = [fp.cases for fp in same]
+    return tuple(_weighted_median([s[a] for s in shapes], weights) for a in range(len(spacing)))
+
+
+def decide_input_size(
+    median: Sequence[float] | None, spacing: Sequence[float], budget: Sequence[int], step: int
+) -> tuple[int, ...]:
+    """The network's input in voxels per axis.
+
+    ``budget`` (``model.img_size``) when the median case fits in it (the whole case in one window, as
+    nnU-Net's patch covers the median shape); else the median shape rounded up to multiples of ``step``,
+    and while that holds more voxels than ``budget`` does (the memory the config allows), the side
+    that is longest in mm loses one step: the box stays as near a cube in mm as the budget lets it.
+
+    Args:
+        median: the median case shape on the plan's spacing (None: other dimensions than the
+            model's; the budget is kept).
+        spacing: the plan's target spacing in mm (only the ratios matter).
+        budget: the configured input size, also the voxel budget.
+        step: every side is a multiple of it.
+    """
+    if median is None or len(median) != len(budget):
+        return tuple(budget)
+    need = [max(step, math.ceil(m / step - 1e-6) * step) for m in median]
+    if all(n <= b for n, b in zip(need, budget)):
+        return tuple(budget)
+    limit = math.prod(budget)
+    mm = list(spacing) if len(spacing) == len(need) else [1.0] * len(need)
+    while math.prod(need) > limit:
+        shrinkable = [a for a in range(len(need)) if need[a] > step]
+        if not shrinkable:
+            break
+        # The longest side in mm; of equal ones, that which covers most of the median case.
+        axis = max(shrinkable, key=lambda a: (round(need[a] * mm[a], 6), need[a] / median[a]))
+        need[axis] -= step
+    return tuple(need)
+
+
+def planned_config(cfg: Config, plan: PlanConfig) -> Config:
+    """``cfg`` on ``plan``: the plan in its ``plan`` section and the plan's input size as ``model.img_size``
+    (the config a run builds its networks from and saves with its models).
+
+    Raises:
+        ConfigError: an input size the network cannot take (other dimensions, not a multiple of the patch).
+    """
+    if plan.input_size and len(plan.input_size) != cfg.model.spatial_dims:
+        raise ConfigError(
+            f"invalid plan.input_size={plan.input_size}: must have model.spatial_dims={cfg.model.spatial_dims} sizes"
+        )
+    model = {"img_size": plan.input_size} if plan.input_size else {}
+    return cfg.replace(plan=dataclasses.asdict(plan), model=model)
 
 
 def _ct_intensities(fps: Sequence[Fingerprint], base: PlanConfig) -> dict[str, Any]:
@@ -276,21 +349,35 @@ def describe_values(plan: PlanConfig) -> str:
     return ", ".join(f"{f.name}={getattr(plan, f.name)!r}" for f in dataclasses.fields(plan))
 
 
-def fit_problem(fp: Fingerprint, plan: PlanConfig) -> str:
-    """Why a site's data do not fit the plan (empty when they do): another modality, other dimensions,
+@dataclass(frozen=True)
+class Misfit:
+    """Why data do not fit a plan: ``kind`` is ``modality`` or ``dimensions`` (a model of the plan cannot
+    read them) or ``spacing`` (far off the target: resampling would change them a lot); ``str()`` says it."""
+
+    kind: str
+    reason: str
+
+    def __str__(self) -> str:
+        return self.reason
+
+
+def fit_problem(fp: Fingerprint, plan: PlanConfig) -> Misfit | None:
+    """Why a site's data do not fit the plan (None when they do): another modality, other dimensions,
     or a median spacing more than ``plan.max_spacing_ratio`` times off the target on some axis."""
     if fp.modality not in (plan.modality, UNKNOWN) and plan.modality != UNKNOWN:
-        return f"its scans are {fp.modality}, the run's plan is for {plan.modality}"
+        return Misfit("modality", f"its scans are {fp.modality}, the run's plan is for {plan.modality}")
     if len(fp.spacing_median) != len(plan.target_spacing):
-        return f"its scans are {len(fp.spacing_median)}D, the plan is for {len(plan.target_spacing)}D"
+        dims = len(fp.spacing_median)
+        return Misfit("dimensions", f"its scans are {dims}D, the plan is for {len(plan.target_spacing)}D")
     ratio = plan.max_spacing_ratio
     for axis, (own, target) in enumerate(zip(fp.spacing_median, plan.target_spacing)):
         if not 1 / ratio <= own / target <= ratio:
-            return (
+            return Misfit(
+                "spacing",
                 f"its median spacing {_mm(fp.spacing_median)} is more than {ratio:g}x off the plan's "
-                f"{_mm(plan.target_spacing)} along axis {axis} (plan.max_spacing_ratio)"
+                f"{_mm(plan.target_spacing)} along axis {axis} (plan.max_spacing_ratio)",
             )
-    return ""
+    return None
 
 
 def _mm(values: Sequence[float]) -> str:
@@ -302,7 +389,8 @@ def describe(plan: PlanConfig) -> str:
     norm = plan.normalization
     if norm == "ct":
         norm += f" (clip {plan.clip[0]:g}..{plan.clip[1]:g}, mean {plan.mean:g}, std {plan.std:g})"
-    return f"{plan.modality}, {_mm(plan.target_spacing)} ({plan.interpolation}), {norm}"
+    size = "x".join(map(str, plan.input_size)) or "?"
+    return f"{plan.modality}, {_mm(plan.target_spacing)} ({plan.interpolation}), {norm}, input {size}"
 
 
 def normalize(image: np.ndarray, plan: PlanConfig) -> np.ndarray:

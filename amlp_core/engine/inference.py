@@ -56,9 +56,12 @@ def model_plan(cfg: Config, affine: np.ndarray, spatial_dims: int) -> PlanConfig
     the scan's own spacing (after reorientation to RAS) and per-case z-score."""
     if cfg.plan.decided:
         return cfg.plan
-    own = spacing_of(canonical_grid((1, 1, 1), affine)[1])[:spatial_dims]
-    spacing = tuple(float(v) for v in own)
-    return dataclasses.replace(cfg.plan, target_spacing=spacing, modality="unknown", normalization="zscore")
+    plan = cfg.plan
+    if not plan.target_spacing:
+        own = spacing_of(canonical_grid((1, 1, 1), affine)[1])[:spatial_dims]
+        spacing = tuple(float(v) for v in own)
+        plan = dataclasses.replace(plan, target_spacing=spacing, modality="unknown", normalization="zscore")
+    return dataclasses.replace(plan, input_size=cfg.model.img_size)  # (plans before the input size was planned)
 
 
 def read_scan(input_path: str | Path, max_voxels: int) -> tuple[np.ndarray, np.ndarray, str, Series | None]:
@@ -105,11 +108,15 @@ def predict_file(run: str | Path, input_path: str | Path, output_path: str | Pat
         raise DataError(f"{input_path}: is a {dims}D image, the model segments {cfg.model.spatial_dims}D images")
     plan = model_plan(cfg, affine, dims)
     scan = Sample(Path(input_path).name, image, None, affine)
-    problem = fit_problem(fingerprint([scan], modality), plan)
-    if problem.startswith("its scans are"):  # another modality or dimensionality: the model cannot read it
-        raise DataError(f"{input_path}: does not fit the model's plan: {problem.replace('its scans are', 'it is')}")
+    problem = fit_problem(fingerprint([scan], modality), plan)  # (no label: its geometry and modality only)
+    if problem and problem.kind != "spacing":  # another modality or dimensionality: the model cannot read it
+        raise DataError(
+            f"{input_path}: does not fit the model's plan: {str(problem).replace('its scans are', 'it is')}"
+        )
     if problem:
-        log.warning("%s: %s; it is resampled onto the plan's grid", input_path, problem.replace("its", "the scan's"))
+        log.warning(
+            "%s: %s; it is resampled onto the plan's grid", input_path, str(problem).replace("its", "the scan's")
+        )
     planned = prepare(scan, plan)
     probs = predict_volume(model, planned.image, cfg.model.img_size, dev, cfg.train.amp, slice_axis=cfg.data.slice_axis)
     labels = restore(probs.numpy(), planned.affine, image.shape[1:], affine).argmax(0).astype(np.uint8)

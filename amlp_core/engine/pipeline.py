@@ -255,6 +255,8 @@ def finetune(
             "a plain U-Net has no encoder to load (omit --init to train it from scratch, or use "
             "model.seg_arch=vit)"
         )
+    split = split or load_split(cfg)  # bad data is refused before anything is written
+    cfg = with_plan(cfg, split)  # the network takes the plan's input size
     model = build_segmentation_model(cfg.model)
     init_meta: dict = {}
     if init is not None:

@@ -22,7 +22,15 @@ from amlp_core.data import (
     split_names,
     to_slices,
 )
-from amlp_core.data.plan import Fingerprint, PlanError, decide_plan, fingerprint, fit_problem, prepare
+from amlp_core.data.plan import (
+    Fingerprint,
+    PlanError,
+    decide_plan,
+    fingerprint,
+    fit_problem,
+    planned_config,
+    prepare,
+)
 from amlp_core.errors import ConfigError, DataError
 from amlp_core.presets import ROI, phantoms
 
@@ -54,13 +62,16 @@ def load_split(cfg: Config, site: int = 0, num_sites: int = 1) -> DataSplit:
     """
     raw = read_split(cfg, site, num_sites)
     assert raw.fingerprint is not None
-    plan = cfg.plan if cfg.plan.decided else decide_plan({cfg.data.path: raw.fingerprint}, cfg.plan)
+    plan = cfg.plan
+    if not plan.decided:
+        plan = decide_plan({cfg.data.path: raw.fingerprint}, cfg.plan, cfg.model.img_size, cfg.input_step)
     return plan_split(raw, plan, cfg)
 
 
 def with_plan(cfg: Config, split: DataSplit) -> Config:
-    """``cfg`` with the plan its data were prepared on (the config a run saves with its model)."""
-    return cfg.replace(plan=dataclasses.asdict(split.plan)) if split.plan is not None else cfg
+    """``cfg`` on the plan its data were prepared on (:func:`~amlp_core.data.plan.planned_config`): the
+    config a run builds its networks from and saves with its model."""
+    return planned_config(cfg, split.plan) if split.plan is not None else cfg
 
 
 def plan_split(raw: DataSplit, plan: PlanConfig, cfg: Config) -> DataSplit:

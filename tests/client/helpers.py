@@ -33,9 +33,12 @@ def context(cfg, site: int, node_id: int | None = None, node_config=None) -> Con
 
 
 def phantom_plan(cfg) -> PlanConfig:
-    """The plan a server decides for phantom sites: their 1 mm grid (they have no other), per-case z-score."""
+    """The plan a server decides for phantom sites: their 1 mm grid (they have no other), per-case z-score,
+    and the model's input (phantoms are of its size)."""
     dims = len(cfg.data.synthetic_size)
-    return PlanConfig(target_spacing=(1.0,) * dims, modality="MR", normalization="zscore")
+    return PlanConfig(
+        target_spacing=(1.0,) * dims, modality="MR", normalization="zscore", input_size=cfg.model.img_size
+    )
 
 
 def instructions(cfg, phase=P.PRETRAIN, rnd=1, **changes) -> ConfigRecord:

@@ -70,7 +70,14 @@ def test_the_first_answer_is_the_fingerprint_and_nothing_per_case(tmp_path, hosp
 
 
 def test_a_plan_for_another_modality_is_refused_saying_why(tmp_path, hospital):
-    plan = PlanConfig(target_spacing=(1.0, 1.0, 2.0), modality="CT", normalization="ct", clip=(-100, 200), std=50)
+    plan = PlanConfig(
+        target_spacing=(1.0, 1.0, 2.0),
+        modality="CT",
+        normalization="ct",
+        clip=(-100, 200),
+        std=50,
+        input_size=(16, 16, 16),
+    )
     reply = _query(tmp_path, hospital, {P.PLAN: plan_text(plan)})
     assert reply.has_error()
     assert "st-mary's data do not fit the run's plan" in reply.error.reason
@@ -78,7 +85,7 @@ def test_a_plan_for_another_modality_is_refused_saying_why(tmp_path, hospital):
 
 
 def test_with_the_plan_the_site_declares_its_counts(tmp_path, hospital):
-    plan = PlanConfig(target_spacing=(1.0, 1.0, 2.0), modality="MR", normalization="zscore")
+    plan = PlanConfig(target_spacing=(1.0, 1.0, 2.0), modality="MR", normalization="zscore", input_size=(16, 16, 16))
     reply = _query(tmp_path, hospital, {P.PLAN: plan_text(plan)})
     assert not reply.has_error(), reply.error.reason
     assert reply.content[P.METRICS][P.DECLARED_TRAIN] == 5 and reply.content[P.METRICS][P.DECLARED_LABELLED] == 3

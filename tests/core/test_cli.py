@@ -247,14 +247,14 @@ def test_bad_arguments_give_one_line_without_traceback(args, needle, tmp_path):
 
 
 @pytest.mark.slow
-def test_predict_and_evaluate_check_their_outputs_before_any_work(tmp_path):
+def test_predict_and_evaluate_check_their_outputs_before_any_work(tmp_path, capsys):
+    """In-process (``main`` returns the exit code and prints the one line); the subprocess tests above and
+    tests/corpus check that a real process exits the same way."""
     import nibabel as nib
 
     data = write_phantom_dataset(tmp_path / "data", n=6, shape=(32, 32), seed=0)
     fine = tmp_path / "fine"
-    assert (
-        _run_cli("finetune", "--data", str(data), "--out", str(fine), "--set", "train.finetune_steps=2").returncode == 0
-    )
+    assert main(["finetune", "--data", str(data), "--out", str(fine), "--set", "train.finetune_steps=2"]) == 0
     scan = tmp_path / "scan.nii.gz"
     nib.save(nib.Nifti1Image(np.zeros((32, 32), np.float32), np.eye(4)), scan)
     before = scan.read_bytes()
@@ -267,17 +267,19 @@ def test_predict_and_evaluate_check_their_outputs_before_any_work(tmp_path):
         locked = tmp_path / "locked"
         locked.mkdir(mode=0o500)
         cases.append((locked / "seg.nii.gz", "is not writable"))
+    capsys.readouterr()
     for output, needle in cases:
-        result = _run_cli("predict", "--model", str(fine), "--input", str(scan), "--output", str(output))
-        assert result.returncode == 2 and needle in result.stderr and "Traceback" not in result.stderr, result.stderr
+        code = main(["predict", "--model", str(fine), "--input", str(scan), "--output", str(output)])
+        err = capsys.readouterr().err
+        assert code == 2 and needle in err and len(err.strip().splitlines()) == 1, err
     assert scan.read_bytes() == before
-    result = _run_cli("evaluate", "--model", str(fine), "--json", str(tmp_path / "missing" / "e.json"))
-    assert result.returncode == 2 and "does not exist" in result.stderr and "Traceback" not in result.stderr
+    code = main(["evaluate", "--model", str(fine), "--json", str(tmp_path / "missing" / "e.json")])
+    assert code == 2 and "does not exist" in capsys.readouterr().err
     # A run without test cases trains to the end and says it skipped the final evaluation.
     bare = tmp_path / "bare"
-    args = ("finetune", "--data", str(data), "--out", str(bare), "--set", "train.finetune_steps=2")
-    result = _run_cli(*args, "--set", "data.test_fraction=0")
-    assert result.returncode == 0 and "the final evaluation was skipped" in result.stdout, result.stderr
+    args = ["finetune", "--data", str(data), "--out", str(bare), "--set", "train.finetune_steps=2"]
+    assert main([*args, "--set", "data.test_fraction=0"]) == 0
+    assert "the final evaluation was skipped" in capsys.readouterr().out
     assert json.loads((bare / "evaluation.json").read_text())["evaluation"] == "skipped: no test cases"
 
 

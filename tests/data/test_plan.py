@@ -1,18 +1,22 @@
 """The fingerprint a site sends, the plan the server makes of them, and a case brought onto the plan."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 
-from amlp_core.config import PlanConfig
+from amlp_core.config import PlanConfig, build_config
 from amlp_core.data.cases import Sample
 from amlp_core.data.geometry import spacing_of
 from amlp_core.data.plan import (
     Fingerprint,
     PlanError,
+    decide_input_size,
     decide_plan,
     fingerprint,
     fit_problem,
     modality_name,
+    planned_config,
     prepare,
     restore,
 )
@@ -20,6 +24,8 @@ from amlp_core.data.transforms import normalize_intensity
 from amlp_core.errors import ConfigError
 
 from .test_geometry import dice, oblique_lps_affine, sphere
+
+BUDGET = (32, 32, 32)  # model.img_size: the input when the median case fits in it, else its voxel count
 
 
 def case(name, shape=(20, 24, 16), spacing=(1.0, 1.0, 1.0), labelled=True, seed=0, offset=0.0) -> Sample:
@@ -80,10 +86,10 @@ def test_mr_plan_is_median_spacing_and_per_case_zscore():
         "a": fingerprint([case("a", spacing=(1, 1, 1)), case("b", spacing=(1, 1, 1))], "MR"),
         "b": fingerprint([case("c", spacing=(0.5, 0.5, 3.0))], "MR"),
     }
-    plan = decide_plan(fps, PlanConfig())
+    plan = decide_plan(fps, PlanConfig(), BUDGET, 8)
     assert plan.decided and plan.modality == "MR" and plan.normalization == "zscore"
     assert plan.target_spacing == (1.0, 1.0, 1.0)  # two cases at 1 mm outweigh one at 0.5 x 0.5 x 3
-    fixed = decide_plan(fps, PlanConfig(target_spacing=(0.8, 0.8, 2.0)))
+    fixed = decide_plan(fps, PlanConfig(target_spacing=(0.8, 0.8, 2.0)), BUDGET, 8)
     assert fixed.target_spacing == (0.8, 0.8, 2.0)
 
 
@@ -92,7 +98,7 @@ def test_ct_plan_pools_foreground_intensities():
         "a": fingerprint([case("a", offset=0.0)], "CT"),
         "b": fingerprint([case("b", offset=100.0)], "CT"),
     }
-    plan = decide_plan(fps, PlanConfig())
+    plan = decide_plan(fps, PlanConfig(), BUDGET, 8)
     assert plan.normalization == "ct" and plan.decided
     # Foreground ~150 at one site and ~250 at the other: the pooled mean is between, the std covers both.
     assert 190 < plan.mean < 210 and plan.std > 45
@@ -103,23 +109,75 @@ def test_ct_plan_pools_foreground_intensities():
 
 def test_ct_without_labels_needs_explicit_intensities():
     with pytest.raises(PlanError, match="plan.clip"):
-        decide_plan({"a": fingerprint([case("a", labelled=False)], "CT")}, PlanConfig())
+        decide_plan({"a": fingerprint([case("a", labelled=False)], "CT")}, PlanConfig(), BUDGET, 8)
 
 
 def test_sites_that_do_not_fit_are_named_why():
-    plan = decide_plan({"a": fingerprint([case("a")] * 3, "MR"), "b": fingerprint([case("b")], "CT")}, PlanConfig())
+    fps = {"a": fingerprint([case("a")] * 3, "MR"), "b": fingerprint([case("b")], "CT")}
+    plan = decide_plan(fps, PlanConfig(), BUDGET, 8)
     assert plan.modality == "MR"
-    assert "CT" in fit_problem(fingerprint([case("b")], "CT"), plan)
-    assert fit_problem(fingerprint([case("u")], "auto"), plan) == ""  # a site that does not know: accepted
-    coarse = fingerprint([case("c", spacing=(1.0, 1.0, 5.0))], "MR")
-    assert "more than 3x" in fit_problem(coarse, plan) and "axis 2" in fit_problem(coarse, plan)
-    assert fit_problem(fingerprint([case("d", spacing=(1.0, 1.0, 2.5))], "MR"), plan) == ""
+    ct = fit_problem(fingerprint([case("b")], "CT"), plan)
+    assert ct is not None and ct.kind == "modality" and "CT" in str(ct)
+    assert fit_problem(fingerprint([case("u")], "auto"), plan) is None  # a site that does not know: accepted
+    coarse = fit_problem(fingerprint([case("c", spacing=(1.0, 1.0, 5.0))], "MR"), plan)
+    assert coarse is not None and coarse.kind == "spacing"
+    assert "more than 3x" in str(coarse) and "axis 2" in str(coarse)
+    assert fit_problem(fingerprint([case("d", spacing=(1.0, 1.0, 2.5))], "MR"), plan) is None
+    flat = fit_problem(fingerprint([Sample("p", np.zeros((1, 8, 8), np.float32), None, np.eye(4))], "MR"), plan)
+    assert flat is not None and flat.kind == "dimensions"
+
+
+def test_the_input_size_is_the_budget_when_the_median_case_fits_in_it():
+    # 40^3 voxels at 0.5 mm on a 1 mm plan: 20^3, which a 32^3 input holds whole.
+    fps = {"a": fingerprint([case("a", shape=(40, 40, 40), spacing=(0.5, 0.5, 0.5))], "MR")}
+    plan = decide_plan(fps, PlanConfig(target_spacing=(1.0, 1.0, 1.0)), BUDGET, 8)
+    assert plan.input_size == BUDGET
+    assert decide_plan(fps, PlanConfig(input_size=(16, 16, 16)), BUDGET, 8).input_size == (16, 16, 16)  # given
+
+
+def test_a_larger_median_case_gets_an_input_of_its_shape_within_the_voxel_budget():
+    # 64 x 64 x 20 at 0.5 x 0.5 x 3 mm (32 x 32 x 60 mm): the input keeps the in-plane 64 x 64 and takes
+    # as many slices as the budget's voxels allow, which is near a cube in mm (32 x 32 x 24 mm).
+    fps = {"a": fingerprint([case("a", shape=(64, 64, 20), spacing=(0.5, 0.5, 3.0))] * 3, "MR")}
+    plan = decide_plan(fps, PlanConfig(), BUDGET, 8)
+    assert plan.target_spacing == (0.5, 0.5, 3.0) and plan.input_size == (64, 64, 8)
+
+
+@pytest.mark.parametrize(
+    "median, spacing, budget, step",
+    [
+        ((512.0, 512.0, 22.0), (0.43, 0.43, 6.5), (48, 64, 48), 8),
+        ((300.0, 90.0, 90.0), (1.0, 1.0, 1.0), (48, 64, 48), 16),
+        ((100.0, 700.0), (1.0, 1.0), (64, 64), 8),
+        ((33.0, 12.0, 12.0), (1.0, 1.0, 1.0), (32, 32, 32), 8),
+    ],
+)
+def test_a_decided_input_size_fits_the_network_and_the_budget(median, spacing, budget, step):
+    size = decide_input_size(median, spacing, budget, step)
+    assert len(size) == len(budget) and all(s % step == 0 and s >= step for s in size)
+    assert np.prod(size) <= np.prod(budget)
+    # Never larger than the median case needs along an axis.
+    assert all(s <= max(step, -(-m // step) * step) for s, m in zip(size, median))
+
+
+def test_slices_of_3d_scans_keep_the_2d_budget():
+    fps = {"a": fingerprint([case("a", shape=(64, 64, 64))], "MR")}
+    assert decide_plan(fps, PlanConfig(), (32, 32), 8).input_size == (32, 32)
+
+
+def test_the_planned_config_builds_the_network_for_the_plans_input():
+    cfg = build_config({"model.img_size": (32, 32, 32)})
+    plan = PlanConfig(target_spacing=(1.0, 1.0, 1.0), modality="MR", normalization="zscore", input_size=(64, 64, 8))
+    planned = planned_config(cfg, plan)
+    assert planned.model.img_size == (64, 64, 8) and planned.plan == plan
+    with pytest.raises(ConfigError, match="model.img_size"):  # a plan the network cannot take
+        planned_config(cfg, dataclasses.replace(plan, input_size=(60, 64, 8)))
 
 
 def test_prepare_keeps_a_ras_case_at_the_target_spacing_unchanged():
     """The hippocampus cases (RAS, 1 mm) reach the model exactly as before the plan existed."""
     sample = case("a")
-    plan = PlanConfig(target_spacing=(1.0, 1.0, 1.0), modality="MR", normalization="zscore")
+    plan = PlanConfig(target_spacing=(1.0, 1.0, 1.0), modality="MR", normalization="zscore", input_size=BUDGET)
     out = prepare(sample, plan)
     np.testing.assert_array_equal(out.image, normalize_intensity(sample.image))
     np.testing.assert_array_equal(out.label, sample.label)
@@ -131,7 +189,7 @@ def test_prepare_and_restore_an_oblique_lps_case():
     centre = (affine @ np.array([20, 24, 7, 1.0]))[:3]
     label = sphere(shape, affine, centre, 9.0)
     sample = Sample("x", (label * 100 + 20).astype(np.float32)[None], label, affine)
-    plan = PlanConfig(target_spacing=(1.0, 1.0, 1.0), modality="MR", normalization="zscore")
+    plan = PlanConfig(target_spacing=(1.0, 1.0, 1.0), modality="MR", normalization="zscore", input_size=BUDGET)
     out = prepare(sample, plan)
     np.testing.assert_allclose(spacing_of(out.affine), 1.0)
     assert (

@@ -50,8 +50,9 @@ def test_the_plan_leaves_the_hippocampus_cases_as_they_were(root):
 
     index = discover(root)
     samples = load_samples(dataclasses.replace(index, cases=index.cases[::20]), progress=False)
-    plan = decide_plan({"hippocampus": fingerprint(samples, index.modality)}, PlanConfig())
+    plan = decide_plan({"hippocampus": fingerprint(samples, index.modality)}, PlanConfig(), (48, 64, 48), 8)
     assert (plan.target_spacing, plan.modality, plan.normalization) == ((1.0, 1.0, 1.0), "MR", "zscore")
+    assert plan.input_size == (48, 64, 48)  # the median case fits in the configured input: it is kept
     for sample in samples:
         planned = prepare(sample, plan)
         np.testing.assert_array_equal(planned.image, normalize_intensity(sample.image))

@@ -78,7 +78,17 @@ def test_plain_unet_federation_trains_from_scratch(tmp_path):
     with pytest.raises(ConfigError, match="federation.pretrain_rounds"):  # refused before anything starts
         simulate(sim_config(run, **{"model.seg_arch": "unet"}), timeout=600)
     assert not run.exists()
-    cfg = sim_config(run, **{"model.seg_arch": "unet", "federation.pretrain_rounds": 0, "data.test_fraction": 0})
+    # Phantoms of 24 x 8 x 16 voxels, a 16^3 model.img_size: the server plans a 24 x 8 x 16 input (the
+    # median case does not fit the configured box but fits its voxel count), and every network is built for it.
+    cfg = sim_config(
+        run,
+        **{
+            "model.seg_arch": "unet",
+            "federation.pretrain_rounds": 0,
+            "data.test_fraction": 0,
+            "data.synthetic_size": "24,8,16",
+        },
+    )
     simulate(cfg, timeout=600)
     assert_no_process_left(run)
     rows = round_rows(run)
@@ -93,11 +103,13 @@ def test_plain_unet_federation_trains_from_scratch(tmp_path):
     assert "- pretraining: none (plain U-Net, no encoder)" in summary
     assert "- evaluation: skipped: no site has test cases" in summary
     # The plan the server decided from the sites' fingerprints: in the summary, the run's config and the model.
-    assert "- plan: MR, 1 x 1 x 1 mm (linear), zscore" in summary
-    assert yaml.safe_load((run / "config.yaml").read_text())["plan"]["target_spacing"] == [1.0, 1.0, 1.0]
+    assert "- plan: MR, 1 x 1 x 1 mm (linear), zscore, input 24x8x16" in summary
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved["plan"]["target_spacing"] == [1.0, 1.0, 1.0] and saved["model"]["img_size"] == [24, 8, 16]
     model, meta = load_segmentation(run / "model")
     assert isinstance(model, UNet) and meta["init_method"] == "scratch"
     assert meta["config"]["plan"]["normalization"] == "zscore" and meta["config"]["plan"]["modality"] == "MR"
+    assert meta["config"]["plan"]["input_size"] == meta["config"]["model"]["img_size"] == [24, 8, 16]
     every_case = evaluate(run / "model", device="cpu", all_cases=True)  # the final model, on the training cases
     assert 0.0 <= every_case["dice_mean"] <= 1.0 and every_case["num_examples"] > 0
     image, _ = make_phantom((16, 16, 16), np.random.default_rng(0))

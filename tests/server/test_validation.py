@@ -7,6 +7,7 @@ made every strategy's average NaN, an inflated ``num-examples`` replaced the glo
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 
@@ -191,11 +192,14 @@ def test_the_plan_is_decided_from_the_fingerprints_and_a_site_that_does_not_fit_
         3: fp(5, "CT", (1.0, 1.0, 1.0)),  # another modality
         4: fp(5, "MR", (1.0, 1.0, 5.0)),  # far coarser slices
     }
-    plan = declared.decide(PlanConfig())
+    plan = declared.decide(PlanConfig(), (48, 64, 48), 8)
     assert plan.modality == "MR" and plan.target_spacing == (1.0, 1.0, 1.0) and plan.normalization == "zscore"
+    assert plan.input_size == (48, 64, 48)  # the median case (40 x 50 x 40 voxels at 1 mm) fits in model.img_size
     assert sorted(declared.refused) == [3, 4]
     assert "CT" in declared.refused[3] and "axis 2" in declared.refused[4]
     # A plan given in the run config (or kept by a resumed run) is used as it is.
-    fixed = PlanConfig(target_spacing=(1.0, 1.0, 5.0), modality="MR", normalization="zscore")
+    fixed = PlanConfig(target_spacing=(1.0, 1.0, 5.0), modality="MR", normalization="zscore", input_size=(48, 64, 48))
     again = Declarations(timeout=1.0, fingerprints=dict(declared.fingerprints))
-    assert again.decide(fixed) == fixed and sorted(again.refused) == [1, 2, 3]
+    assert again.decide(fixed, (32, 32, 32), 8) == fixed and sorted(again.refused) == [1, 2, 3]
+    # A plan that leaves the input size open (a resumed run's from before it was planned) gets it decided.
+    assert again.decide(dataclasses.replace(fixed, input_size=()), (48, 64, 48), 8) == fixed
