@@ -255,6 +255,7 @@ class Federation:
                 metrics[SERVER_EPSILON] = self.accountant.get_privacy_spent().epsilon
             self._record(phase, rnd, "train", outcome, metrics, _bytes(arrays))
             self.results.info["site data"] = self._data_counts()
+            self._note_refused()  # (a site that joined late may have been refused since)
             if phase == P.FINETUNE:
                 metrics, outcome = rounds.evaluate_round(
                     self.grid, strategy, rnd, arrays, self._instructions(phase, rnd, total), f, self.declared
@@ -294,10 +295,8 @@ class Federation:
         if not self.declared.fingerprints and not base.decided:
             return base  # no site could answer: the first round reports why (sites' problems)
         plan = self.declared.decide(base, self.cfg.model.img_size, self.cfg.input_step)
-        refused = {self.declared.site(n): why for n, why in sorted(self.declared.refused.items())}
+        refused = self._note_refused()
         self.results.info["plan"] = describe(plan)
-        if refused:
-            self.results.info["refused sites"] = "; ".join(f"{site}: {why}" for site, why in refused.items())
         fit = len(self.declared.fingerprints) - len(refused)
         if refused and fit < f.min_sites:
             raise rounds.FederationError(
@@ -306,6 +305,13 @@ class Federation:
             )
         save_config(planned_config(self.cfg, plan), self.run_dir / "config.yaml")
         return plan
+
+    def _note_refused(self) -> dict[str, str]:
+        """The sites refused for not fitting the plan, and why (also into the summary)."""
+        refused = {self.declared.site(n): why for n, why in sorted(self.declared.refused.items())}
+        if refused:
+            self.results.info["refused sites"] = "; ".join(f"{site}: {why}" for site, why in refused.items())
+        return refused
 
     # -- initial weights -----------------------------------------------------------------
     def initial_encoder(self) -> ArrayRecord:

@@ -46,6 +46,7 @@ SEARCH_PATH = os.pathsep.join([BIN, os.environ.get("PATH", "")])
 MARKER = "FEDAMLP_DEPLOY_TEST_ID"
 LIFETIME = 240  # seconds: `timeout` ends every process after this, whatever happens to pytest
 SITES = ("st-anna", "st-bruno")
+CT_SITE = "st-clara"  # a hospital whose scans are CT
 
 
 def _free_port() -> int:
@@ -173,12 +174,12 @@ def _run_config(run_dir: Path, path: Path, **overrides) -> Path:
     return path
 
 
-def _site_file(root: Path, name: str, index: int) -> Path:
+def _site_file(root: Path, name: str, index: int, modality: str = "auto") -> Path:
     """A hospital's site file and its own synthetic scans (MSD layout, its own scanner style)."""
     data = write_phantom_dataset(root / "data" / name, n=10, shape=(16, 16, 16), seed=100 + index, site=index)
     site = {
         "site": {"name": name, "state_dir": str(root / "state" / name)},
-        "data": {"path": str(data), "format": "msd", "test_fraction": 0.2},
+        "data": {"path": str(data), "format": "msd", "test_fraction": 0.2, "modality": modality},
         "train": {"device": "cpu", "batch_size": 4, "num_threads": 1},
     }
     path = root / "etc" / f"{name}.yaml"
@@ -323,7 +324,7 @@ def test_secure_deployment_two_hospitals_end_to_end(tmp_path):
     for args in (
         ["ca"],
         ["server-cert", "--host", "127.0.0.1", "--host", "localhost"],
-        *[["site-key", name] for name in (*SITES, "intruder")],
+        *[["site-key", name] for name in (*SITES, CT_SITE, "intruder")],
     ):
         done = _pki(*args, "--dir", str(pki))
         assert done.returncode == 0, done.stderr
@@ -367,7 +368,7 @@ def test_secure_deployment_two_hospitals_end_to_end(tmp_path):
         )
         _wait_for_port(port, link, 60, procs)
 
-        for name in SITES:
+        for name in (*SITES, CT_SITE):
             reg = subprocess.run(
                 ["flwr", "supernode", "register", str(pki / "sites" / f"{name}.pub"), "fedamlp", "--name", name],
                 env=procs.env(operator_home),
@@ -397,6 +398,9 @@ def test_secure_deployment_two_hospitals_end_to_end(tmp_path):
 
         for i, name in enumerate(SITES):
             supernode(name, name, ["--node-config", f"site-config='{_site_file(tmp_path, name, i)}'"])
+        # A third hospital brings CT: the plan the server decides (MR, the modality of most cases) refuses it.
+        ct_site = _site_file(tmp_path, CT_SITE, 2, modality="CT")
+        supernode(CT_SITE, CT_SITE, ["--node-config", f"site-config='{ct_site}'"])
         intruder = supernode("intruder", "intruder", ["--max-retries", "2", "--max-wait-time", "30"])
 
         def submit(run_config: Path, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -420,6 +424,11 @@ def test_secure_deployment_two_hospitals_end_to_end(tmp_path):
             sites = {r["site"]: r["status"] for r in rows if r["phase"] == phase and r["site"] != P.ALL_SITES}
             assert sites == {name: "ok" for name in SITES}, (phase, rows)
         assert (run_dir / "model" / "checkpoint.pt").is_file(), context
+        # The CT site was refused, saying why, and sent nothing after its fingerprint.
+        summary = (run_dir / "results" / "summary.md").read_text()
+        assert f"- refused sites: site {CT_SITE}: its scans are CT, the run's plan is for MR" in summary, summary
+        assert not [r for r in rows if r["site"] == CT_SITE]
+        assert not (tmp_path / "state" / CT_SITE).exists() or not any((tmp_path / "state" / CT_SITE).rglob("*.pt"))
         for name in SITES:  # each hospital kept its own state in its own folder
             assert any((tmp_path / "state" / name).iterdir()), name
 
@@ -438,9 +447,15 @@ def test_secure_deployment_two_hospitals_end_to_end(tmp_path):
         assert tree_digest(run_dir) == finished
         # A run that needs more sites than connect fails within its connect timeout, saying so.
         short = tmp_path / "short"
-        plan = {"federation.min_sites": 3, "federation.sites": 3, "federation.connect_timeout": 5}
+        plan = {"federation.min_sites": 4, "federation.sites": 4, "federation.connect_timeout": 5}
         submit(_run_config(short, tmp_path / "short.toml", **plan), timeout=120)
-        assert "only 2 of the 3 sites needed" in (short / "FAILED").read_text()
+        assert "only 3 of the 4 sites needed" in (short / "FAILED").read_text()
+        # A run that needs all three: only two fit the plan, and it stops saying which did not and why.
+        every = tmp_path / "every"
+        plan = {"federation.min_sites": 3, "federation.sites": 3}
+        submit(_run_config(every, tmp_path / "every.toml", **plan), timeout=120)
+        failed = (every / "FAILED").read_text()
+        assert "only 2 of 3 sites fit the run's plan" in failed and f"site {CT_SITE} its scans are CT" in failed, failed
     finally:
         procs.stop_all()
     assert procs.left() == [], procs.logs()
