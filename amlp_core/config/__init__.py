@@ -12,6 +12,7 @@ from amlp_core.config.files import apply_site_file, load_config, read_site_file,
 from amlp_core.config.parsing import build_config, build_section, check_keys, flat_dict
 from amlp_core.config.schema import (
     ARCHITECTURE,
+    BAD_CASE_POLICIES,
     DATA_FORMATS,
     METHOD_NAMES,
     PARTITIONS,
@@ -39,6 +40,7 @@ from amlp_core.config.schema import (
 
 __all__ = [
     "ARCHITECTURE",
+    "BAD_CASE_POLICIES",
     "DATA_FORMATS",
     "METHOD_NAMES",
     "PARTITIONS",

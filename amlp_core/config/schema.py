@@ -27,6 +27,8 @@ PRETRAIN_DECODERS = ("transformer", "unet")
 
 #: ``data.format`` values (amlp_core/data/cases.py reads each layout; auto picks one).
 DATA_FORMATS = ("auto", "msd", "nifti", "png", "dicom")
+#: ``data.on_bad_case`` values: refuse the dataset at its first bad case, or log the case and leave it out.
+BAD_CASE_POLICIES = ("refuse", "skip")
 
 
 UNET_FACTOR = 8  # the plain U-Net halves the resolution three times
@@ -239,7 +241,12 @@ class DataConfig:
     modality: str = "auto"
 
     def __post_init__(self) -> None:
-        _check(self.on_bad_case in ("refuse", "skip"), "data.on_bad_case", self.on_bad_case, "must be refuse or skip")
+        _check(
+            self.on_bad_case in BAD_CASE_POLICIES,
+            "data.on_bad_case",
+            self.on_bad_case,
+            f"must be one of {', '.join(BAD_CASE_POLICIES)}",
+        )
         _check(self.max_voxels >= 1, "data.max_voxels", self.max_voxels, "must be at least 1")
         _check(
             self.format in DATA_FORMATS,

@@ -10,10 +10,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from amlp_core.config import BAD_CASE_POLICIES
 from amlp_core.data.cases import DatasetIndex, Sample
 from amlp_core.data.io import data_error
 from amlp_core.data.transforms import AUGMENTATIONS, fit_to_roi, random_flip, strong_augment
-from amlp_core.data.validate import BAD_CASE_POLICIES, Expect, inspect_case, refuse_or_skip
+from amlp_core.data.validate import Expect, inspect_case, refuse_or_skip
 from amlp_core.errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)

@@ -28,9 +28,6 @@ from amlp_core.errors import DataError
 
 logger = logging.getLogger(__name__)
 
-#: ``data.on_bad_case`` values: refuse the dataset at its first bad case, or log the case and leave it out.
-BAD_CASE_POLICIES = ("refuse", "skip")
-
 
 @dataclass(frozen=True)
 class Expect:
