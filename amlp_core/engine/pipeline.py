@@ -257,6 +257,7 @@ def finetune(
         )
     split = split or load_split(cfg)  # bad data is refused before anything is written
     cfg = with_plan(cfg, split)  # the network takes the plan's input size
+    seed_everything(cfg.train.seed)  # the initial weights follow the seed, not the process's random state
     model = build_segmentation_model(cfg.model)
     init_meta: dict = {}
     if init is not None:

@@ -134,3 +134,19 @@ def test_a_pretrained_encoder_ramps_up_while_the_decoder_learns():
         decoder, encoder = (g["lr"] for g in pre.param_groups)
         assert decoder == pytest.approx(base) and encoder == pytest.approx(base * 0.5 * ramp)
         assert [g["lr"] for g in scratch.param_groups] == pytest.approx([base, base])
+
+
+def test_the_same_seed_fine_tunes_the_same_network_whatever_ran_before(tmp_path):
+    """The seed fixes the initial weights too (runs paired by seed must differ only in their init)."""
+    import torch
+
+    cfg = _cfg(**{"train.finetune_steps": 2, "train.seed": 3})
+    split = load_split(cfg)
+    states = []
+    for i, disturb in enumerate((11, 12345)):
+        torch.manual_seed(disturb)  # what a benchmark did in this process before
+        finetune(cfg, tmp_path / f"run{i}", split=split)
+        states.append(load_checkpoint(tmp_path / f"run{i}" / CHECKPOINT)[0]["model"])
+    assert states[0].keys() == states[1].keys()
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+
