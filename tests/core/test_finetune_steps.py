@@ -149,4 +149,3 @@ def test_the_same_seed_fine_tunes_the_same_network_whatever_ran_before(tmp_path)
         states.append(load_checkpoint(tmp_path / f"run{i}" / CHECKPOINT)[0]["model"])
     assert states[0].keys() == states[1].keys()
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
-
