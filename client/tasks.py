@@ -86,9 +86,9 @@ def round_seed(seed: int, site: int, phase: str, round_: int) -> int:
 
 
 def _check(site: Site, ins: Instructions) -> None:
-    cfg, fed = site.cfg, site.cfg.federation
     if ins.plan is not None:
-        site.use_plan(ins.plan)
+        site.use_plan(ins.plan)  # (before reading site.cfg: the plan sets the network's input size)
+    cfg, fed = site.cfg, site.cfg.federation
     if ins.digest != P.config_digest(cfg):
         raise RoundRefused(
             f"model/method configuration differs from the server's (digest {ins.digest} at the "

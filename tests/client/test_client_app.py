@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -241,3 +242,17 @@ def test_a_local_steps_mismatch_is_refused(tmp_path):
     del old[P.LOCAL_STEPS]  # a server from before the key
     reply = app(_train_message(cfg, model, old, ctx.node_id), ctx)
     assert reply.has_error() and f"lacks {P.LOCAL_STEPS!r}" in reply.error.reason
+
+
+def test_a_first_round_message_brings_the_site_onto_the_planned_input_size(tmp_path):
+    """A site's first message may be a round (a simulated site in a fresh process): it takes the plan's
+    input size before it compares its network's digest with the server's."""
+    from amlp_core.data.plan import planned_config
+
+    cfg = _cfg(tmp_path, **{"data.synthetic_size": "32,16"})
+    planned = planned_config(cfg, dataclasses.replace(phantom_plan(cfg), input_size=(32, 16)))
+    assert planned.model.img_size != cfg.model.img_size
+    ctx = _context(cfg, 0)  # the run config the site reads: model.img_size as configured
+    reply = app(_train_message(cfg, _encoder_state(planned), _instructions(planned), ctx.node_id), ctx)
+    assert not reply.has_error(), reply.error.reason
+    assert reply.content[P.METRICS][P.NUM_EXAMPLES] > 0
