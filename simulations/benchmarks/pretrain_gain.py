@@ -20,7 +20,9 @@ labelled subset, the decoder's initialisation and the sampling, so the spread th
         --pretrain-epochs 50 --finetune-steps 800 --set train.batch_size=4 --out results/pretrain_gain.json
 
 Budgets are in epochs and steps, not wall time, so other load on the machine does not change a result.
-One site only: the federated rows (4 sites) are not made by this script yet.
+One site only. The federated rows (4 sites, the same pairing by seed) come from
+:mod:`simulations.benchmarks.compare` with ``--methods scratch,mae,amlp --sites 4``, whose table has each
+method minus scratch paired by seed (docs/results.md gives the command).
 """
 
 from __future__ import annotations
