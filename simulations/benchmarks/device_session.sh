@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# The one prepared run for a lent GPU (the `device` tool; issue 11 item 8), and its preparation here.
+#
+#   bash simulations/benchmarks/device_session.sh prepare   # here: wheels into .whl/, the data into shared/
+#   device run: command "bash simulations/benchmarks/device_session.sh run", carry [".whl"], timeout_s 580
+#
+# `prepare` (on this machine, with the package registries): the wheels the GPU image lacks (monai,
+# nibabel, pydicom; everything else amlp_core and the benchmarks import is there, torch included)
+# into .whl/, and the hippocampus data into shared/ (which travels with the working tree). Both
+# folders are listed in .git/info/exclude, so they are never committed.
+#
+# `run` (on the GPU machine): installs the wheels into /tmp/site, then
+#   1. device_check: CUDA and bf16 autocast for every method and both pretraining decoders, and the
+#      segmentation step; step times and peak memory ($OUT/device_check.json);
+#   2. pretrain_gain: AMLP pretrained for $EPOCHS epochs (SparK's decoder), then scratch and AMLP
+#      fine-tuned at 10 % labels, seeds 0-2, 800 steps ($OUT/pretrain_gain_gpu.json / .md).
+# Each stage has its own time box (CHECK_S, GAIN_S seconds) so that what finished comes back.
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+WHEELS="monai==1.6.1 nibabel==5.4.2 pydicom==3.0.2"
+
+case "${1:-}" in
+prepare)
+  exclude="$(git rev-parse --git-path info/exclude)"
+  for path in /.whl/ /shared/; do grep -qxF "$path" "$exclude" 2>/dev/null || echo "$path" >>"$exclude"; done
+  platforms=""
+  for p in manylinux_2_28_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64; do platforms+=" --platform $p"; done
+  # shellcheck disable=SC2086
+  python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp $platforms \
+    -d .whl $WHEELS || exit 2
+  mkdir -p shared/data
+  [ -d shared/data/msd_hippocampus ] || cp -r ../shared/data/msd_hippocampus shared/data/ || exit 2
+  du -sh .whl shared
+  ;;
+run)
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    || exit 2
+  export PYTHONPATH="/tmp/site:$PWD" PYTHONUNBUFFERED=1
+  OUT="${OUT:-results/device}"
+  mkdir -p "$OUT"
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
+  timeout "${CHECK_S:-150}" python3 -m simulations.benchmarks.device_check --out "$OUT/device_check.json" 2>&1 \
+    | tee "$OUT/device_check.log" | grep -v " INFO "
+  timeout "${GAIN_S:-380}" python3 -m simulations.benchmarks.pretrain_gain --data shared/data/msd_hippocampus \
+    --fractions 0.1 --finetune-steps 800 --curve-every 100 --set train.batch_size=4 --methods scratch,amlp \
+    --seeds 0,1,2 --pretrain-epochs "${EPOCHS:-300}" --variant "SparK decoder, GPU" \
+    --set model.pretrain_decoder=unet --runs /tmp/gain_runs --out "$OUT/pretrain_gain_gpu.json" >"$OUT/gain.log" 2>&1
+  echo "pretrain_gain exit $?"
+  tail -40 "$OUT/gain.log"
+  ;;
+*)
+  echo "usage: $0 prepare|run" >&2
+  exit 2
+  ;;
+esac
