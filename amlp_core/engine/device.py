@@ -31,9 +31,14 @@ def resolve_device(name: str = "auto") -> torch.device:
     return device
 
 
+def uses_bf16(device: torch.device, enabled: bool = True) -> bool:
+    """Whether :func:`autocast` runs in bf16 on ``device``: CUDA with bf16 support, when enabled."""
+    return enabled and device.type == "cuda" and torch.cuda.is_bf16_supported()
+
+
 def autocast(device: torch.device, enabled: bool = True) -> contextlib.AbstractContextManager:
     """bf16 autocast on CUDA (when enabled and supported); a no-op elsewhere."""
-    if enabled and device.type == "cuda" and torch.cuda.is_bf16_supported():
+    if uses_bf16(device, enabled):
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
 

@@ -31,7 +31,7 @@ from torch import nn
 
 from amlp_core.config import METHOD_NAMES, ModelConfig, build_config
 from amlp_core.data import make_phantom_samples
-from amlp_core.engine.device import autocast, resolve_device
+from amlp_core.engine.device import autocast, resolve_device, uses_bf16
 from amlp_core.engine.optim import finetune_optimizer, pretrain_optimizer
 from amlp_core.errors import ConfigError
 from amlp_core.losses import dice_ce_loss
@@ -122,7 +122,7 @@ def segmentation_row(cfg, images: torch.Tensor, labels: torch.Tensor, device, am
 
 def check(rows: list[dict[str, Any]], device: torch.device, amp: bool) -> None:
     """Fill ``vs_mae`` and ``ok`` (finite, and bf16 under autocast on a bf16 device) in place."""
-    bf16 = amp and device.type == "cuda" and torch.cuda.is_bf16_supported()
+    bf16 = uses_bf16(device, amp)
     mae = {r["decoder"]: r["step_s"] for r in rows if r["net"] == "mae"}
     for r in rows:
         r["vs_mae"] = r["step_s"] / mae[r["decoder"]] if r["decoder"] in mae else float("nan")
@@ -170,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "device_check",
         "machine": machine(),
         "device": str(device),
-        "bf16_supported": device.type == "cuda" and torch.cuda.is_bf16_supported(),
+        "bf16_supported": uses_bf16(device),
         "amp": amp,
         "batch": args.batch,
         "img_size": list(model_cfg.img_size),
