@@ -239,6 +239,9 @@ class DataConfig:
     max_voxels: int = 268_435_456  # 2**28: a file whose header declares more values is refused before decompressing
     # The site's imaging modality (MR, CT, ...); auto: from dataset.json or the DICOM headers, else unknown.
     modality: str = "auto"
+    # 2D images whose 16x16 thumbnails correlate above this are near-duplicates, kept on one side of every
+    # split (amlp_core/data/duplicates.py); 1: not looked for.
+    near_duplicates: float = 0.95
 
     def __post_init__(self) -> None:
         _check(
@@ -267,6 +270,7 @@ class DataConfig:
         )
         _check(self.synthetic_site >= 0, "data.synthetic_site", self.synthetic_site, "must not be negative")
         _check(self.synthetic_cases >= 2, "data.synthetic_cases", self.synthetic_cases, "must be at least 2")
+        _check(0.5 <= self.near_duplicates <= 1, "data.near_duplicates", self.near_duplicates, "must be in [0.5, 1]")
 
     @property
     def synthetic(self) -> bool:
@@ -412,7 +416,7 @@ SECAGG_REFUSED = ("fedmedian", "fedtrimmedavg")
 SECAGG_MODULUS = 2**32  # Flower's SecAggPlusWorkflow modulus_range (its default, kept)
 
 
-PARTITIONS = ("iid", "dirichlet")
+PARTITIONS = ("iid", "dirichlet", "category")
 
 
 @dataclass(frozen=True)
@@ -440,7 +444,7 @@ class FederationConfig:
     # honest sites late in training measured down to -0.39, sign-flipped updates -0.35 to -0.87).
     update_min_cosine: float = -0.5
     inject: str = ""  # simulation only: faults of simulated sites, e.g. "site1:crash@finetune:2" (amlp_core/faults.py)
-    partition: str = "iid"  # simulation: iid | dirichlet (quantity skew)
+    partition: str = "iid"  # simulation: iid | dirichlet (quantity skew) | category (class skew, by sub-folder)
     dirichlet_alpha: float = 0.5
     run_dir: str = "runs/federated"  # server: checkpoints and results
     resume: bool = False  # continue from run_dir's checkpoint

@@ -49,6 +49,10 @@ class Case:
     image: Path
     label: Path | None
     series: str | None = None
+    # The class sub-folder a PNG image is filed in (BUSI's benign/malignant/normal): case metadata that
+    # a site may stratify its split by; it leaves the site only as counts. None: the image is in the root.
+    category: str | None = None
+    extra_labels: tuple[Path, ...] = ()  # further masks of the same image (x_mask_1.png, ...), joined by union
 
 
 @dataclass
@@ -59,6 +63,15 @@ class Sample:
     image: np.ndarray  # float32 [C, *spatial] (normalised once loaded for training)
     label: np.ndarray | None  # int64 [*spatial]
     affine: np.ndarray  # float64 (4, 4)
+    # The near-duplicate group the case belongs to (amlp_core/data/duplicates.py): the name of the group's
+    # first case; "" for a case that has no near-duplicate (its own group). Splits keep a group together.
+    group: str = ""
+    category: str | None = None  # as the case's (Case.category)
+
+    @property
+    def group_key(self) -> str:
+        """The key that keeps near-duplicates together: the group's name, else the case's own."""
+        return self.group or self.name
 
 
 @dataclass(frozen=True)
@@ -309,23 +322,24 @@ def _discover_dicom(root: Path) -> tuple[list[Case], list[Problem], dict[int, st
 
 
 def _discover_png(root: Path) -> list[Case]:
-    """Every ``x.png`` under ``root`` that is not a mask; its label is its first mask."""
+    """Every ``x.png`` under ``root`` that is not a mask; its label is its first mask (``x_mask.png``),
+    its further masks (``x_mask_1.png``, ...) are joined to it; its category is its sub-folder's name."""
     pngs = sorted(p for p in root.rglob("*.png") if not p.name.startswith("."))
-    first_mask: dict[Path, Path] = {}
-    for path in pngs:
+    masks: dict[Path, list[Path]] = {}
+    for path in pngs:  # sorted: x_mask.png comes before x_mask_1.png
         if match := _MASK_STEM.match(path.stem):
-            first_mask.setdefault(path.with_stem(match["image"]), path)
+            masks.setdefault(path.with_stem(match["image"]), []).append(path)
     return [
-        Case(image.relative_to(root).with_suffix("").as_posix(), image, first_mask.get(image))
+        Case(
+            image.relative_to(root).with_suffix("").as_posix(),
+            image,
+            masks[image][0] if image in masks else None,
+            category=image.parent.name if image.parent != root else None,
+            extra_labels=tuple(masks.get(image, [])[1:]),
+        )
         for image in pngs
         if not _MASK_STEM.match(image.stem)
     ]
-
-
-def _png_masks(image: Path) -> list[Path]:
-    """All masks of a PNG image, sorted: ``x_mask.png``, ``x_mask_1.png``, ..."""
-    siblings = image.parent.glob("*.png")
-    return sorted(p for p in siblings if (m := _MASK_STEM.match(p.stem)) and m["image"] == image.stem)
 
 
 def label_is_seg(case: Case) -> bool:
@@ -363,8 +377,7 @@ def read_case_label(case: Case, max_voxels: int | None = None) -> np.ndarray:
 
         return read_seg(case.label, series_of(case), max_voxels)
     label = read_label(case.label, max_voxels)
-    extras = _png_masks(case.image) if file_suffix(case.label) == ".png" else []
-    for extra in (p for p in extras if p != case.label):
+    for extra in case.extra_labels:
         more = read_label(extra, max_voxels)
         if more.shape != label.shape:
             raise data_error(extra, f"mask shape {more.shape} differs from {case.label.name} {label.shape}")

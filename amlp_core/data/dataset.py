@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -87,7 +87,7 @@ def to_slices(samples: Sequence[Sample], axis: int = -1, min_foreground: float |
                 continue
             image = np.take(sample.image, k, axis=ax + 1)
             affine = _slice_affine(sample.affine, ax, k)
-            slices.append(Sample(f"{sample.name}#z{k:03d}", image, label, affine))
+            slices.append(Sample(f"{sample.name}#z{k:03d}", image, label, affine, category=sample.category))
     return slices
 
 
@@ -151,12 +151,45 @@ class SegDataset(torch.utils.data.Dataset):
         return item
 
 
-def split_names(names: Sequence[str], test_fraction: float, seed: int) -> tuple[list[str], list[str]]:
+def _units(names: Sequence[str], groups: Mapping[str, str] | None) -> list[list[str]]:
+    """``names`` gathered by group (``groups``: name -> group key; a name without one is its own group),
+    sorted by key, each unit sorted."""
+    units: dict[str, list[str]] = {}
+    for name in sorted(names):
+        units.setdefault((groups or {}).get(name, name), []).append(name)
+    return [units[key] for key in sorted(units)]
+
+
+def _take(units: list[list[str]], order: np.ndarray, quota: dict[str, int], stratum: Callable[[str], str]):
+    """Units in ``order`` whose cases fit in their stratum's ``quota`` (a group that would overshoot is
+    passed over). With singleton units and one stratum: exactly the first ``quota`` units in order."""
+    taken, chosen = Counter[str](), []
+    for j in order:
+        unit, s = units[j], stratum(units[j][0])
+        if taken[s] + len(unit) <= quota.get(s, 0):
+            chosen.append(unit)
+            taken[s] += len(unit)
+    return chosen
+
+
+def split_names(
+    names: Sequence[str],
+    test_fraction: float,
+    seed: int,
+    groups: Mapping[str, str] | None = None,
+    strata: Mapping[str, str] | None = None,
+) -> tuple[list[str], list[str]]:
     """Deterministic train/test split of unique ``names`` (independent of their order).
 
+    Args:
+        groups: ``{name: group key}`` of near-duplicates (:mod:`~amlp_core.data.duplicates`): a group goes
+            wholly to one side. Names without a group are groups of their own.
+        strata: ``{name: category}`` (BUSI's benign / malignant / normal): each category gives its own
+            share to the test part. None: one stratum.
+
     Returns:
-        ``(train, test)``, each sorted; ``test`` has ``round(test_fraction * n)`` names,
-        at least one when ``test_fraction > 0``, and ``train`` keeps at least one.
+        ``(train, test)``, each sorted; ``test`` has about ``round(test_fraction * n)`` names (exactly,
+        without groups and strata), at least one when ``test_fraction > 0``, and ``train`` keeps at least one.
     """
     if not 0 <= test_fraction < 1:
         raise ConfigError(f"test_fraction must be in [0, 1), got {test_fraction}")
@@ -167,13 +200,26 @@ def split_names(names: Sequence[str], test_fraction: float, seed: int) -> tuple[
     n_test = round(test_fraction * len(ordered))
     if test_fraction > 0 and len(ordered) > 1:
         n_test = min(max(n_test, 1), len(ordered) - 1)
-    perm = np.random.default_rng(seed).permutation(len(ordered))
-    test = {ordered[j] for j in perm[:n_test]}
+    units = _units(ordered, groups)
+    perm = np.random.default_rng(seed).permutation(len(units))
+    if strata:
+        sizes = Counter(strata.get(n, "") for n in ordered)
+        quota = {s: round(test_fraction * count) for s, count in sizes.items()}
+        chosen = _take(units, perm, quota, lambda n: strata.get(n, ""))
+    else:
+        chosen = _take(units, perm, {"": n_test}, lambda n: "")
+    if test_fraction > 0 and not chosen and len(units) > 1:  # every group too large for the quota
+        chosen = [units[perm[0]]]
+    test = {n for unit in chosen for n in unit}
+    if len(test) == len(ordered):  # (one stratum's quota took every case)
+        test -= set(units[perm[-1]])
     return [n for n in ordered if n not in test], [n for n in ordered if n in test]
 
 
 def label_subset(samples: Sequence[Sample], fraction: float, seed: int) -> list[Sample]:
-    """Deterministic subset of the labelled samples: ``max(1, round(fraction * n))`` of them.
+    """Deterministic subset of the labelled samples: about ``max(1, round(fraction * n))`` of them (exactly,
+    when no two are near-duplicates), near-duplicates (:attr:`~amlp_core.data.cases.Sample.group_key`)
+    all in or all out, so that the unlabelled pool holds no copy of a labelled case.
 
     Raises:
         ConfigError: ``fraction`` not in (0, 1].
@@ -185,5 +231,9 @@ def label_subset(samples: Sequence[Sample], fraction: float, seed: int) -> list[
     if not labelled:
         raise DataError(f"label_subset: none of the {len(samples)} samples has a label")
     k = max(1, round(fraction * len(labelled)))
-    chosen = np.sort(np.random.default_rng(seed).permutation(len(labelled))[:k])
-    return [labelled[j] for j in chosen]
+    by_name = {s.name: s for s in labelled}
+    units = _units(list(by_name), {s.name: s.group_key for s in labelled})
+    perm = np.random.default_rng(seed).permutation(len(units))
+    chosen = _take(units, perm, {"": k}, lambda n: "") or [units[perm[0]]]
+    picked = {n for unit in chosen for n in unit}
+    return [s for s in labelled if s.name in picked]

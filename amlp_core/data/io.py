@@ -127,7 +127,7 @@ def read_label(path: str | os.PathLike, max_voxels: int | None = None) -> np.nda
     """
     path = Path(path)
     if _check_readable(path) == ".png":
-        return (_load_png(path, max_voxels) != 0).astype(np.int64)
+        return _png_mask(path, max_voxels)
     data, _ = _load_nifti(path, max_voxels)
     if data.ndim == 4 and data.shape[3] == 1:
         data = data[..., 0]
@@ -136,6 +136,22 @@ def read_label(path: str | os.PathLike, max_voxels: int | None = None) -> np.nda
     if np.issubdtype(data.dtype, np.floating) and not np.array_equal(data, np.round(data)):
         raise data_error(path, "label map has non-integer (or NaN/Inf) values")
     return data.astype(np.int64)
+
+
+#: The pixel values a PNG mask may hold: 0 and 255 (or 0 and 1; a bilevel PNG reads as False/True).
+MASK_VALUES = (frozenset({0, 255}), frozenset({0, 1}))
+
+
+def _png_mask(path: Path, max_voxels: int | None) -> np.ndarray:
+    """A PNG mask as int64 ``[H, W]`` of 0 and 1: every value must be 0 or 255 (or 0 and 1), so that a
+    grey or anti-aliased mask, whose lesion border nobody drew, is refused rather than thresholded."""
+    raw = _load_png(path, max_voxels)
+    values = frozenset(int(v) for v in np.unique(raw))
+    if not any(values <= allowed for allowed in MASK_VALUES):
+        other = sorted(values - {0, 255})
+        shown = ", ".join(map(str, other[:5])) + (", ..." if len(other) > 5 else "")
+        raise data_error(path, f"mask holds values other than 0 and 255 ({shown}): a mask must be black and white")
+    return (raw != 0).astype(np.int64)
 
 
 def label_affine(path: str | os.PathLike) -> np.ndarray:

@@ -2,22 +2,37 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from amlp_core.config import PARTITIONS
 from amlp_core.errors import ConfigError
+
+_CATEGORY_TRIES = 100  # Dirichlet draws of the category partition before it gives up on min_per_site
 
 
 def partition_names(
-    names: Sequence[str], num_sites: int, scheme: str = "iid", alpha: float = 0.5, seed: int = 0, min_per_site: int = 1
+    names: Sequence[str],
+    num_sites: int,
+    scheme: str = "iid",
+    alpha: float = 0.5,
+    seed: int = 0,
+    min_per_site: int = 1,
+    groups: Mapping[str, str] | None = None,
+    categories: Mapping[str, str] | None = None,
 ) -> list[list[str]]:
     """Deal case names to ``num_sites`` sites.
 
     ``iid``: shuffled, then dealt round robin (sizes differ by at most one). ``dirichlet``:
     quantity skew, site shares drawn from Dirichlet(alpha) (smaller alpha, more skew), every
-    site keeping at least ``min_per_site`` cases. Deterministic for the same names (in any
-    order), sites and seed.
+    site keeping at least ``min_per_site`` cases. ``category``: class skew, as Hsu et al. (2019) cut
+    by label: each category's cases (``categories``, e.g. BUSI's benign / malignant / normal) are
+    shared among the sites by its own Dirichlet(alpha) draw, so one site holds mostly benign images
+    and another mostly malignant ones. Deterministic for the same names (in any order), sites and seed.
+
+    ``groups`` (``{name: group key}``, near-duplicates) deal a group to one site as a whole; without
+    groups each name is its own and the deal is as described above.
 
     Raises:
         ConfigError: too few names for the sites, or an unknown scheme.
@@ -25,16 +40,70 @@ def partition_names(
     names = sorted(names)
     if num_sites < 1 or len(names) < num_sites * min_per_site:
         raise ConfigError(f"cannot cut {len(names)} cases into {num_sites} sites of at least {min_per_site}")
+    if scheme not in PARTITIONS:
+        raise ConfigError(f"unknown partition scheme {scheme!r}: expected one of {', '.join(PARTITIONS)}")
+    units: dict[str, list[str]] = {}
+    for name in names:
+        units.setdefault((groups or {}).get(name, name), []).append(name)
+    keys = sorted(units)
     rng = np.random.default_rng(seed)
-    order = [names[i] for i in rng.permutation(len(names))]
+    order = [keys[i] for i in rng.permutation(len(keys))]
     if scheme == "iid":
-        return [order[s::num_sites] for s in range(num_sites)]
-    if scheme != "dirichlet":
-        raise ConfigError(f"unknown partition scheme {scheme!r}: expected iid or dirichlet")
+        return _deal([units[k] for k in order], num_sites)
+    if scheme == "category":
+        return _by_category(units, order, num_sites, alpha, rng, min_per_site, categories or {})
     spare = len(names) - num_sites * min_per_site
     shares = rng.dirichlet(np.full(num_sites, alpha))
     extra = np.floor(shares * spare).astype(int)
     extra[np.argsort(-shares)[: spare - extra.sum()]] += 1  # hand out the rounding remainder
     counts = extra + min_per_site
-    bounds = np.concatenate([[0], np.cumsum(counts)])
-    return [order[bounds[s] : bounds[s + 1]] for s in range(num_sites)]
+    sites: list[list[str]] = [[] for _ in range(num_sites)]
+    site, dealt, bounds = 0, 0, np.cumsum(counts)
+    for k in order:  # the flat order cut at the bounds; a group stays whole on the site its first case falls to
+        while site < num_sites - 1 and dealt >= bounds[site]:
+            site += 1
+        sites[site] += units[k]
+        dealt += len(units[k])
+    return sites
+
+
+def _deal(units: list[list[str]], num_sites: int) -> list[list[str]]:
+    """Each unit in turn to the site holding fewest cases (the first such site): round robin for singletons."""
+    sites: list[list[str]] = [[] for _ in range(num_sites)]
+    for unit in units:
+        min(sites, key=len).extend(unit)
+    return sites
+
+
+def _by_category(
+    units: dict[str, list[str]],
+    order: list[str],
+    num_sites: int,
+    alpha: float,
+    rng: np.random.Generator,
+    min_per_site: int,
+    categories: Mapping[str, str],
+) -> list[list[str]]:
+    """Each category's units cut among the sites by a Dirichlet(alpha) draw of its own; redrawn until
+    every site holds at least ``min_per_site`` cases."""
+    by_category: dict[str, list[str]] = {}
+    for key in order:
+        by_category.setdefault(categories.get(units[key][0], ""), []).append(key)
+    for _ in range(_CATEGORY_TRIES):
+        sites: list[list[str]] = [[] for _ in range(num_sites)]
+        for category in sorted(by_category):
+            keys = by_category[category]
+            total = sum(len(units[k]) for k in keys)
+            bounds = np.cumsum(rng.dirichlet(np.full(num_sites, alpha))) * total
+            done, site = 0, 0
+            for k in keys:
+                while site < num_sites - 1 and done >= bounds[site]:
+                    site += 1
+                sites[site] += units[k]
+                done += len(units[k])
+        if min(map(len, sites)) >= min_per_site:
+            return sites
+    raise ConfigError(
+        f"cannot cut {sum(map(len, units.values()))} cases by category into {num_sites} sites of at least "
+        f"{min_per_site} with federation.dirichlet_alpha={alpha}: raise the alpha or use fewer sites"
+    )

@@ -422,7 +422,7 @@ def prepare(sample: Sample, plan: PlanConfig) -> Sample:
         image = to_grid(image, sample.affine, shape, affine, SPLINE_ORDER[plan.interpolation])
         if label is not None:
             label = to_grid(label[None], sample.affine, shape, affine, order=0, fill=0)[0]
-    return Sample(sample.name, normalize(image, plan), label, affine)
+    return dataclasses.replace(sample, image=normalize(image, plan), label=label, affine=affine)
 
 
 def restore(probabilities: np.ndarray, planned_affine: np.ndarray, shape: Sequence[int], affine: np.ndarray):

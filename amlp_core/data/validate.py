@@ -150,7 +150,7 @@ def inspect_case(case: Case, expect: Expect, with_label: bool = True) -> tuple[S
             problems.append(_problem(case.label, exc))
     if any(p.severity == "error" for p in problems):
         return None, problems
-    return Sample(case.name, image, label, affine), problems
+    return Sample(case.name, image, label, affine, category=case.category), problems
 
 
 def check_dataset(

@@ -13,6 +13,7 @@ from typing import Any
 
 from amlp_core.config import Config, PlanConfig
 from amlp_core.data import (
+    DatasetIndex,
     Expect,
     Sample,
     discover,
@@ -22,6 +23,7 @@ from amlp_core.data import (
     split_names,
     to_slices,
 )
+from amlp_core.data.duplicates import find_near_duplicates, group_names
 from amlp_core.data.plan import (
     Fingerprint,
     PlanError,
@@ -121,23 +123,41 @@ def read_split(cfg: Config, site: int = 0, num_sites: int = 1) -> DataSplit:
         class_names = index.class_names or {k: f"class_{k}" for k in range(m.num_classes)}
         dims = index.spatial_dims
         _check_fits(class_names, dims, cfg)  # before reading: the model cannot take data of another kind
+        groups = _near_duplicates(index, cfg)
+        strata = {c.name: c.category for c in index.cases if c.category is not None} or None
         # Test cases come from the labelled ones; unlabelled images all train (pretraining uses them).
         labelled = [c.name for c in index.cases if c.label is not None]
-        train_names, test_names = split_names(labelled, d.test_fraction, d.split_seed) if labelled else ([], [])
+        split = split_names(labelled, d.test_fraction, d.split_seed, groups, strata) if labelled else ([], [])
+        train_names, test_names = split
         train_names = sorted(train_names + [c.name for c in index.cases if c.label is None])
         if num_sites > 1:
             f = cfg.federation
-            train_names = partition_names(train_names, num_sites, f.partition, f.dirichlet_alpha, d.split_seed)[site]
-            test_names = partition_names(test_names, num_sites, "iid", seed=d.split_seed)[site] if test_names else []
+            train_names = partition_names(
+                train_names, num_sites, f.partition, f.dirichlet_alpha, d.split_seed, groups=groups, categories=strata
+            )[site]
+            test_names = (
+                partition_names(test_names, num_sites, "iid", seed=d.split_seed, groups=groups)[site]
+                if test_names
+                else []
+            )
         wanted = set(train_names) | set(test_names)
         index = dataclasses.replace(index, cases=tuple(c for c in index.cases if c.name in wanted))
         expect = Expect(dims, frozenset(class_names), m.in_channels, d.max_voxels)
         samples = load_samples(index, expect, d.on_bad_case)  # (each case's channels checked against the model)
+        samples = [dataclasses.replace(s, group=groups.get(s.name, "")) for s in samples]
     by_name = {s.name: s for s in samples}  # (data.on_bad_case=skip may have left cases out)
     train = [by_name[n] for n in train_names if n in by_name]
     test = [by_name[n] for n in test_names if n in by_name]
     # The fingerprint sums up every case the site holds (train and test), never one case alone.
     return DataSplit(train, test, class_names, fingerprint(train + test, modality, d.split_seed))
+
+
+def _near_duplicates(index: DatasetIndex, cfg: Config) -> dict[str, str]:
+    """``{case name: group name}`` of the near-duplicate 2D images of ``index`` (none for 3D data, or with
+    ``data.near_duplicates=1``)."""
+    if index.spatial_dims != 2 or cfg.data.near_duplicates >= 1:
+        return {}
+    return group_names(find_near_duplicates(index, cfg.data.near_duplicates, cfg.data.max_voxels))
 
 
 def _check_fits(class_names: dict[int, str], dims: int, cfg: Config, samples: Sequence[Sample] = ()) -> None:
