@@ -179,7 +179,11 @@ def cmd_data_check(args: argparse.Namespace) -> int:
     for flag, value in (("--num-classes", args.num_classes), ("--max-voxels", args.max_voxels)):
         if value is not None and value < 1:
             raise ConfigError(f"invalid {flag}={value}: must be at least 1")
-    report = check_dataset(args.path, args.format, args.num_classes, max_voxels=args.max_voxels)
+    if not 0.5 <= args.near_duplicates <= 1:
+        raise ConfigError(f"invalid --near-duplicates={args.near_duplicates}: must be in [0.5, 1]")
+    report = check_dataset(
+        args.path, args.format, args.num_classes, max_voxels=args.max_voxels, near_duplicates=args.near_duplicates
+    )
     print(report.render())
     if args.json:
         atomic_write_text(args.json, json.dumps(report.to_dict(), indent=2))
@@ -319,6 +323,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=DataConfig().max_voxels,
         help="refuse a file whose header declares more values (data.max_voxels)",
+    )
+    c.add_argument(
+        "--near-duplicates",
+        type=float,
+        default=DataConfig().near_duplicates,
+        help="2D images whose thumbnails correlate above this are near-duplicates (data.near_duplicates; 1: off)",
     )
     c.add_argument("--json", help="also write the report as JSON")
     c.set_defaults(func=cmd_data_check)

@@ -282,6 +282,10 @@ class DataConfig:
 NORMALIZATIONS = ("zscore", "ct")
 #: ``plan.interpolation`` values (images; labels are always resampled nearest-neighbour).
 INTERPOLATIONS = ("linear", "bspline")
+#: ``plan.image_fit`` values, how a 2D image meets the network: ``resize`` to the input size (and the
+#: prediction back to the image's own pixels), or ``window``: kept at its own pixels, cropped for training
+#: and segmented by sliding windows. 3D scans are always ``window`` (they are resampled to a spacing).
+IMAGE_FITS = ("resize", "window")
 
 
 @dataclass(frozen=True)
@@ -301,6 +305,8 @@ class PlanConfig:
     input_size: tuple[int, ...] = ()
     # A site whose median spacing differs from the target by more than this factor on an axis is refused.
     max_spacing_ratio: float = 3.0
+    # 2D images: resize | window (IMAGE_FITS); "": resize for 2D plans (measured, docs/data.md), else window.
+    image_fit: str = ""
 
     def __post_init__(self) -> None:
         _check(
@@ -328,6 +334,18 @@ class PlanConfig:
             "must be empty or 2 or 3 positive sizes in voxels",
         )
         _check(self.max_spacing_ratio > 1, "plan.max_spacing_ratio", self.max_spacing_ratio, "must be above 1")
+        _check(
+            self.image_fit in ("", *IMAGE_FITS),
+            "plan.image_fit",
+            self.image_fit,
+            f"must be one of {', '.join(IMAGE_FITS)}",
+        )
+        _check(
+            self.image_fit != "resize" or len(self.target_spacing) != 3,
+            "plan.image_fit",
+            self.image_fit,
+            "resize is for 2D images; 3D scans are resampled to plan.target_spacing",
+        )
         if self.normalization == "ct" and self.clip:
             _check(self.std > 0, "plan.std", self.std, "must be positive with plan.normalization=ct")
 
@@ -337,6 +355,12 @@ class PlanConfig:
         ct_ready = self.normalization != "ct" or (len(self.clip) == 2 and self.std > 0)
         chosen = (self.target_spacing, self.modality, self.normalization, self.input_size)
         return all(chosen) and ct_ready
+
+    @property
+    def resizes(self) -> bool:
+        """Whether cases are resized to the input size (2D ``resize``); "" (a plan saved before image_fit
+        existed) keeps each image's own pixels."""
+        return self.image_fit == "resize"
 
 
 @dataclass(frozen=True)

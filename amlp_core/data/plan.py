@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 
 from amlp_core.config import Config, PlanConfig, build_config
 from amlp_core.data.cases import Sample
@@ -224,11 +226,15 @@ def decide_plan(
         )
     normalization = base.normalization or ("ct" if modality == "CT" else "zscore")
     input_size = base.input_size or decide_input_size(_median_shape(kept, spacing), spacing, budget, step)
+    # 2D images are resized to the input size: measured on BUSI, it segments as well as crops and sliding
+    # windows at a fraction of the cost (docs/data.md); 3D scans are resampled to the spacing instead.
+    image_fit = base.image_fit or ("resize" if len(spacing) == 2 else "window")
     decided: dict[str, Any] = {
         "target_spacing": spacing,
         "modality": modality,
         "normalization": normalization,
         "input_size": tuple(input_size),
+        "image_fit": image_fit,
     }
     if normalization == "ct" and not (base.clip and base.std > 0):
         decided.update(_ct_intensities(kept, base))
@@ -390,6 +396,8 @@ def describe(plan: PlanConfig) -> str:
     if norm == "ct":
         norm += f" (clip {plan.clip[0]:g}..{plan.clip[1]:g}, mean {plan.mean:g}, std {plan.std:g})"
     size = "x".join(map(str, plan.input_size)) or "?"
+    if plan.resizes:
+        return f"{plan.modality}, 2D images resized to {size}, {norm}"
     return f"{plan.modality}, {_mm(plan.target_spacing)} ({plan.interpolation}), {norm}, input {size}"
 
 
@@ -404,7 +412,8 @@ def normalize(image: np.ndarray, plan: PlanConfig) -> np.ndarray:
 def prepare(sample: Sample, plan: PlanConfig) -> Sample:
     """One case on the plan's grid and scale: a 3D case is reoriented to RAS and resampled to
     ``plan.target_spacing`` (image with ``plan.interpolation``, label nearest), then normalised.
-    A 2D image keeps its pixels (PNGs have no physical spacing) and is only normalised.
+    A 2D image is resized to ``plan.input_size`` (``plan.image_fit=resize``: image bilinear with
+    antialiasing, label nearest; the affine scaled to match) or keeps its pixels (``window``), then normalised.
 
     Returns:
         A new sample: image float32 ``[C, *planned]``, label int64 ``[*planned]`` or None, the planned affine.
@@ -422,12 +431,43 @@ def prepare(sample: Sample, plan: PlanConfig) -> Sample:
         image = to_grid(image, sample.affine, shape, affine, SPLINE_ORDER[plan.interpolation])
         if label is not None:
             label = to_grid(label[None], sample.affine, shape, affine, order=0, fill=0)[0]
+    elif plan.resizes and tuple(image.shape[1:]) != tuple(plan.input_size):
+        size = tuple(plan.input_size)
+        affine = affine @ _scaling(image.shape[1:], size)
+        image = resize(image, size)
+        if label is not None:
+            label = resize(label[None].astype(np.float32), size, nearest=True)[0].astype(label.dtype)
     return dataclasses.replace(sample, image=normalize(image, plan), label=label, affine=affine)
+
+
+def resize(array: np.ndarray, size: Sequence[int], nearest: bool = False) -> np.ndarray:
+    """``[C, *S]`` -> float32 ``[C, *size]``: bilinear with antialiasing (the pixel centres kept in place), or
+    nearest for labels."""
+    x = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))[None]  # [1, C, *S]
+    if nearest:
+        out = F.interpolate(x, size=tuple(size), mode="nearest-exact")
+    else:
+        out = F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False, antialias=True)
+    return out[0].numpy()
+
+
+def _scaling(own: Sequence[int], size: Sequence[int]) -> np.ndarray:
+    """``(4, 4)``: a resized image's pixel indices -> the original image's (pixel centres, as
+    :func:`resize` places them)."""
+    m = np.eye(4)
+    for axis, (n, k) in enumerate(zip(own, size)):
+        m[axis, axis] = n / k
+        m[axis, 3] = (n / k - 1) / 2
+    return m
 
 
 def restore(probabilities: np.ndarray, planned_affine: np.ndarray, shape: Sequence[int], affine: np.ndarray):
     """Class probabilities ``[K, *planned]`` on the plan's grid -> ``[K, *shape]`` on the scan's own grid
-    (linear; exact when the plan only reoriented). 2D: returned as they are."""
+    (linear; exact when the plan only reoriented). 2D: resized back to the image's own pixels when the
+    plan resized it, else returned as they are."""
+    if probabilities.ndim == 3 and tuple(probabilities.shape[1:]) != tuple(shape):
+        x = torch.from_numpy(np.ascontiguousarray(probabilities, dtype=np.float32))[None]
+        return F.interpolate(x, size=tuple(shape), mode="bilinear", align_corners=False)[0].numpy()
     if probabilities.ndim != 4:
         return probabilities
     return to_grid(probabilities, planned_affine, shape, affine, order=1)

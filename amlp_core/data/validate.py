@@ -23,6 +23,7 @@ from amlp_core.data.cases import (
     read_case_label,
 )
 from amlp_core.data.dicom import describe
+from amlp_core.data.duplicates import duplicate_groups, thumbnail
 from amlp_core.data.io import label_affine
 from amlp_core.errors import DataError
 
@@ -54,6 +55,7 @@ class DataReport:
     n_labelled: int
     problems: list[Problem] = field(default_factory=list)
     series: list[dict] = field(default_factory=list)
+    contents: Contents | None = None
 
     @property
     def errors(self) -> list[Problem]:
@@ -72,6 +74,7 @@ class DataReport:
         per problem, summary line."""
         lines = [f"Dataset {self.root} (format {self.fmt}): {self.n_cases} cases, {self.n_labelled} labelled"]
         lines += [_series_line(s) for s in self.series]
+        lines += self.contents.lines(self.n_labelled) if self.contents is not None else []
         lines += [f"{p.severity.upper()} {p.file}: {p.message}" for p in self.problems]
         verdict = "OK" if self.ok else "NOT USABLE"
         lines.append(f"{verdict}: {len(self.errors)} errors, {len(self.warnings)} warnings")
@@ -79,6 +82,46 @@ class DataReport:
 
     def to_dict(self) -> dict:
         return {**asdict(self), "ok": self.ok}
+
+
+@dataclass
+class Contents:
+    """What a dataset holds, over its readable cases: counts per category (class sub-folder), labelled
+    cases with an empty label (normal images), cases with several masks, the size range in voxels per
+    axis, and the near-duplicate groups (2D images, :mod:`~amlp_core.data.duplicates`)."""
+
+    categories: dict[str, int] = field(default_factory=dict)
+    empty_labels: int = 0
+    several_masks: list[str] = field(default_factory=list)
+    size_min: list[int] = field(default_factory=list)
+    size_max: list[int] = field(default_factory=list)
+    size_median: list[float] = field(default_factory=list)
+    duplicate_threshold: float | None = None  # None: not looked for (3D data)
+    duplicate_groups: list[list[str]] = field(default_factory=list)
+
+    def lines(self, labelled: int) -> list[str]:
+        """The summary lines of ``fedamlp data check`` (``labelled``: the labelled cases checked)."""
+        out = []
+        if self.categories:
+            out.append("Categories: " + ", ".join(f"{k} {n}" for k, n in sorted(self.categories.items())))
+        if self.size_min:
+            axes = " x ".join(f"{lo}..{hi}" for lo, hi in zip(self.size_min, self.size_max))
+            median = " x ".join(f"{m:g}" for m in self.size_median)
+            unit = "pixels (rows x columns)" if len(self.size_min) == 2 else "voxels"
+            out.append(f"Sizes: {axes} {unit} (median {median})")
+        if labelled:
+            out.append(f"Labelled cases with an empty label (no lesion): {self.empty_labels}")
+        if self.several_masks:
+            shown = ", ".join(self.several_masks[:5]) + (", ..." if len(self.several_masks) > 5 else "")
+            out.append(f"Cases with several masks (joined into one label): {len(self.several_masks)} ({shown})")
+        if self.duplicate_threshold is not None:
+            images = sum(map(len, self.duplicate_groups))
+            out.append(
+                f"Near-duplicates: {len(self.duplicate_groups)} groups of {images} images "
+                f"(thumbnail correlation > {self.duplicate_threshold:g}; each group stays on one side of a split)"
+            )
+            out += [f"DUPLICATES {', '.join(g)}" for g in self.duplicate_groups]
+        return out
 
 
 def _series_line(s: dict) -> str:
@@ -160,14 +203,18 @@ def check_dataset(
     label_dir: str | os.PathLike | None = None,
     limit: int | None = None,
     max_voxels: int | None = None,
+    near_duplicates: float = 0.95,
 ) -> DataReport:
-    """Read every case of the dataset in ``root`` and report every problem; never raises for data.
+    """Read every case of the dataset in ``root`` and report every problem and what it holds; never
+    raises for data.
 
     Args:
         root, fmt, label_dir: as for :func:`~amlp_core.data.cases.discover`.
         num_classes: allowed label values ``0..num_classes-1`` when the dataset declares none.
         limit: check only the first ``limit`` cases (sorted by name).
         max_voxels: values a file's header may declare (``data.max_voxels``).
+        near_duplicates: thumbnail correlation above which two 2D images are near-duplicates
+            (``data.near_duplicates``; 1: not looked for).
 
     Besides each case's own problems, images whose channel count differs from most cases' are errors.
     """
@@ -178,11 +225,18 @@ def check_dataset(
     cases = index.cases[:limit]
     expect = Expect(index.spatial_dims, classes_of(index, num_classes), None, max_voxels)
     problems, channels = list(index.problems), {}
+    look_for_duplicates = index.spatial_dims == 2 and near_duplicates < 1
+    sizes, names, thumbs, empty = [], [], [], 0
     for case in tqdm(cases, desc="Checking", unit="case", disable=None):
         sample, found = inspect_case(case, expect)
         problems += found
         if sample is not None:
             channels[case] = sample.image.shape[0]
+            sizes.append(sample.image.shape[1:])
+            empty += sample.label is not None and not sample.label.any()
+            if look_for_duplicates and sample.image.ndim == 3:
+                names.append(case.name)
+                thumbs.append(thumbnail(sample.image))
     if channels:
         usual = Counter(channels.values()).most_common(1)[0][0]
         problems += [
@@ -194,7 +248,18 @@ def check_dataset(
     series = [
         {**describe(s), "problems": [p.message for p in problems if p.file == str(s.folder)]} for s in index.series
     ]
-    report = DataReport(str(index.root), index.fmt, len(cases), n_labelled, problems, series)
+    shapes = [s for s in sizes if len(s) == len(sizes[0])] if sizes else []
+    contents = Contents(
+        categories=dict(Counter(c.category for c in cases if c.category is not None)),
+        empty_labels=int(empty),
+        several_masks=[c.name for c in cases if c.extra_labels],
+        size_min=[int(v) for v in np.min(shapes, axis=0)] if shapes else [],
+        size_max=[int(v) for v in np.max(shapes, axis=0)] if shapes else [],
+        size_median=[float(v) for v in np.median(shapes, axis=0)] if shapes else [],
+        duplicate_threshold=near_duplicates if look_for_duplicates else None,
+        duplicate_groups=duplicate_groups(names, np.stack(thumbs), near_duplicates) if thumbs else [],
+    )
+    report = DataReport(str(index.root), index.fmt, len(cases), n_labelled, problems, series, contents)
     logger.info("%s: %d cases checked, %d errors", root, len(cases), len(report.errors))
     return report
 
