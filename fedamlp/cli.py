@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from amlp_core.atomic import atomic_write_text, check_output
 from amlp_core.config import DATA_FORMATS, METHOD_NAMES, Config, DataConfig, build_config, check_keys, load_config
+from amlp_core.engine.lesions import EMPTY_CASES, EMPTY_HITS, EMPTY_SHARE, LESION_CASES, LESION_DICE
 from amlp_core.errors import AMLPError, ConfigError, DataError
 from amlp_core.runfolder import check_new_run, hold
 
@@ -99,6 +100,12 @@ def _print_dice(result: dict[str, Any], class_names: dict[str, str] | None = Non
             print(f"{class_names.get(k, 'class ' + k):<24}{value:>8.4f}")
     print(f"{'mean':<24}{result['dice_mean']:>8.4f}")
     print(f"({result['num_examples']} test cases)")
+    if result.get(EMPTY_CASES):
+        print(f"lesion Dice {result[LESION_DICE]:.4f} over the {result[LESION_CASES]} test images that hold a lesion;")
+        print(
+            f"{result[EMPTY_HITS]} of the {result[EMPTY_CASES]} lesion-free test images predicted empty "
+            f"({result[EMPTY_SHARE]:.1%})"
+        )
 
 
 @contextmanager

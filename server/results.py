@@ -11,6 +11,7 @@ from typing import Any
 
 from amlp_core.atomic import atomic_write_text as _atomic_write
 from amlp_core.engine.artefacts import KIND_RESULTS, RESULTS_VERSION
+from amlp_core.engine.lesions import EMPTY_CASES, EMPTY_HITS, EMPTY_SHARE, LESION_CASES, LESION_DICE
 from fedamlp import protocol as P
 from fedamlp.protocol import ALL_SITES
 
@@ -66,6 +67,7 @@ class RunResults:
             for r in dice:
                 values = " | ".join(_fmt(r.get(c)) for c in classes + ["dice_mean"])
                 lines.append(f"| {r['site']} | {r.get('num-examples', '')} | {values} |")
+            lines += _lesion_lines(dice)
         lines += self._privacy_lines()
         failures = [r for r in self.rows if r.get("status") not in (None, P.OK)]
         if failures:
@@ -109,6 +111,29 @@ class RunResults:
             "|---|---|",
             *(f"| {who} | {_fmt(eps)} |" for who, eps in sorted(last.items())),
         ]
+
+
+def _lesion_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """The lesion table of the final evaluation (when some site has lesion-free test images)."""
+    if not any(r.get(EMPTY_CASES) for r in rows):
+        return []
+    lines = [
+        "",
+        "Lesion metrics: Dice over the test images that hold a lesion; lesion-free images predicted empty.",
+        "",
+        "| site | images with a lesion | lesion Dice | lesion-free images | predicted empty |",
+        "|---|---|---|---|---|",
+    ]
+    for r in rows:
+        hits, empty = r.get(EMPTY_HITS), r.get(EMPTY_CASES)
+        share = f"{_fmt(r.get(EMPTY_SHARE))} ({_count(hits)} of {_count(empty)})" if empty else "-"
+        lesions = _count(r.get(LESION_CASES))
+        lines.append(f"| {r['site']} | {lesions} | {_fmt(r.get(LESION_DICE))} | {_count(empty)} | {share} |")
+    return lines
+
+
+def _count(value: Any) -> str:
+    return str(int(value)) if isinstance(value, (int, float)) and not math.isnan(value) else ""
 
 
 def _fmt(value: Any) -> str:

@@ -6,6 +6,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from flwr.app import MetricRecord, RecordDict
 from flwr.serverapp import RdpAccountant
 from flwr.serverapp.strategy import (
     DifferentialPrivacyServerSideFixedClipping,
@@ -16,10 +17,12 @@ from flwr.serverapp.strategy import (
     FedTrimmedAvg,
     Strategy,
 )
+from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 from flwr.supercore.privacy_accounting import NeighboringRelation, SamplingMethod
 from flwr.supercore.privacy_accounting import PrivacyConfig as FlowerPrivacyConfig
 
 from amlp_core.config import FederationConfig, PrivacyConfig
+from amlp_core.engine.lesions import LESION_KEYS, pool_lesion_metrics
 from amlp_core.errors import ConfigError
 from fedamlp import protocol as P
 
@@ -46,6 +49,19 @@ def server_accountant(fed: FederationConfig, privacy: PrivacyConfig) -> RdpAccou
     )
 
 
+def pool_evaluations(contents: list[RecordDict], weighting_key: str) -> MetricRecord:
+    """The sites' evaluation metrics as one: Dice per class weighted by ``weighting_key`` (Flower's
+    default), the lesion metrics pooled from their counts (:func:`~amlp_core.engine.lesions.pool_lesion_metrics`)."""
+    pooled = aggregate_metricrecords(contents, weighting_key)
+    for key in LESION_KEYS:
+        if key in pooled:
+            del pooled[key]
+    sites = [dict(next(iter(c.metric_records.values()))) for c in contents]
+    for key, value in pool_lesion_metrics(sites).items():
+        pooled[key] = value
+    return pooled
+
+
 def build_strategy(
     fed: FederationConfig, evaluate: bool, privacy: PrivacyConfig | None = None, accountant: RdpAccountant | None = None
 ) -> Strategy:
@@ -63,6 +79,7 @@ def build_strategy(
         min_train_nodes=fed.min_sites,
         min_evaluate_nodes=fed.min_sites if evaluate else 0,
         min_available_nodes=fed.min_sites,
+        evaluate_metrics_aggr_fn=pool_evaluations,
     )
     if accountant is None:
         return _base_strategy(fed, common)

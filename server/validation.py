@@ -30,6 +30,7 @@ from flwr.serverapp import Grid
 
 from amlp_core.config import PlanConfig
 from amlp_core.data.plan import Fingerprint, PlanError, decide_plan, fit_problem
+from amlp_core.engine.lesions import EMPTY_CASES, EMPTY_HITS, EMPTY_SHARE, LESION_CASES, LESION_DICE
 from fedamlp import protocol as P
 
 if TYPE_CHECKING:
@@ -191,6 +192,28 @@ def _dice_problem(metrics: dict[str, Any]) -> str:
     return ""
 
 
+def _lesion_problem(metrics: dict[str, Any]) -> str:
+    """Why an evaluation reply's lesion metrics are impossible: the counts must be whole, cover exactly
+    its test cases (``num-examples``, bounded by the site's declaration), and the values lie in [0, 1]; a
+    site cannot weigh its lesion Dice above its own test cases."""
+    if LESION_CASES not in metrics and EMPTY_CASES not in metrics:
+        return ""
+    counts = {k: metrics.get(k) for k in (LESION_CASES, EMPTY_CASES, EMPTY_HITS)}
+    for key, value in counts.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or value != int(value):
+            return f"{key}={value!r} is not a count"
+    if (
+        counts[LESION_CASES] + counts[EMPTY_CASES] != metrics.get(P.NUM_EXAMPLES)
+        or counts[EMPTY_HITS] > counts[EMPTY_CASES]
+    ):
+        return f"lesion counts {counts} do not add up to its {metrics.get(P.NUM_EXAMPLES)} test cases"
+    for key in (LESION_DICE, EMPTY_SHARE):
+        value = metrics.get(key, 0.0)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isnan(value) or 0 <= value <= 1):
+            return f"{key}={value!r} is not a share"
+    return ""
+
+
 def update_vector(reply: Message, reference: dict[str, np.ndarray]) -> np.ndarray:
     """The reply's update (its weights minus the global ones) over the floating-point arrays, flat
     ``[P]`` float64 (a reply that passed the shape checks)."""
@@ -232,7 +255,7 @@ def check_replies(
         if not why and reference is not None:
             why = _weights_problem(r.message, reference)
         if not why and kind == "evaluate":
-            why = _dice_problem(r.metrics)
+            why = _dice_problem(r.metrics) or _lesion_problem(r.metrics)
         if why:
             _reject(r, why)
     if reference is None:

@@ -65,9 +65,14 @@ class ModelConfig:
     num_classes: int = 3  # including background
     seg_arch: str = "vit"  # segmentation network: vit (encoder + conv decoder) | unet (plain conv U-Net, scratch)
     pretrain_decoder: str = "transformer"  # transformer (MAE, tokens only) | unet (SparK, every scale)
+    # Post-processing of the predicted label map (amlp_core/engine/lesions.py), saved with the model: keep
+    # only the largest connected component of each class, and remove components below this share of the image.
+    post_keep_largest: bool = False
+    post_min_share: float = 0.0
 
     def __post_init__(self) -> None:
         _check(self.spatial_dims in (2, 3), "model.spatial_dims", self.spatial_dims, "must be 2 or 3")
+        _check(0 <= self.post_min_share < 1, "model.post_min_share", self.post_min_share, "must be in [0, 1)")
         _check(
             len(self.img_size) == self.spatial_dims,
             "model.img_size",

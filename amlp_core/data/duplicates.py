@@ -72,12 +72,12 @@ def duplicate_groups(names: Sequence[str], thumbnails: np.ndarray, threshold: fl
     for start in range(0, len(t), _BLOCK):
         block = t[start : start + _BLOCK] @ t.T  # [b, N] correlations
         rows, cols = np.nonzero(block > threshold)
-        for i, j in zip(rows + start, cols):
-            if i < j:
-                parent[root(int(i))] = root(int(j))
+        for a, b in zip((rows + start).tolist(), cols.tolist()):
+            if a < b:
+                parent[root(a)] = root(b)
     members: dict[int, list[str]] = {}
-    for i, name in enumerate(names):
-        members.setdefault(root(i), []).append(name)
+    for k, name in enumerate(names):
+        members.setdefault(root(k), []).append(name)
     return sorted((sorted(g) for g in members.values() if len(g) > 1), key=lambda g: g[0])
 
 

@@ -192,3 +192,44 @@ def write_nifti(array: np.ndarray, affine: np.ndarray, path: str | os.PathLike) 
         tmp.unlink(missing_ok=True)
         raise
     logger.debug("wrote %s", path)
+
+
+def mask_pixels(labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """A label map ``[H, W]`` as the pixels of a mask PNG (uint8): 0 and 255 for two classes, as BUSI's
+    masks are; the class numbers themselves for more."""
+    labels = np.asarray(labels)
+    return (labels > 0).astype(np.uint8) * 255 if num_classes <= 2 else labels.astype(np.uint8)
+
+
+#: Overlay colours of classes 1, 2, ... (RGB), drawn at :data:`OVERLAY_ALPHA` over the grey image.
+OVERLAY_COLOURS = ((230, 40, 40), (40, 200, 60), (50, 110, 240), (240, 200, 30))
+OVERLAY_ALPHA = 0.4
+
+
+def overlay_pixels(image: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """The image ``[C, H, W]`` (its first channel, stretched to 0..255) as RGB uint8 ``[H, W, 3]`` with each
+    class of ``labels`` ``[H, W]`` tinted in its colour and its border drawn solid."""
+    grey = np.asarray(image[0], dtype=np.float64)
+    low, high = np.percentile(grey, (0.5, 99.5))
+    grey = np.clip((grey - low) / max(high - low, 1e-6), 0, 1) * 255
+    rgb = np.repeat(grey[..., None], 3, axis=2)
+    for k in range(1, int(labels.max(initial=0)) + 1):
+        inside = labels == k
+        if not inside.any():
+            continue
+        colour = np.asarray(OVERLAY_COLOURS[(k - 1) % len(OVERLAY_COLOURS)], dtype=np.float64)
+        rgb[inside] = (1 - OVERLAY_ALPHA) * rgb[inside] + OVERLAY_ALPHA * colour
+        padded = np.pad(inside, 1)
+        interior = padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:]
+        rgb[inside & ~interior] = colour
+    return rgb.round().astype(np.uint8)
+
+
+def write_png(pixels: np.ndarray, path: str | os.PathLike) -> Path:
+    """Write uint8 ``[H, W]`` (grey) or ``[H, W, 3]`` (RGB) pixels to ``path`` atomically (a temporary file
+    in the same folder, then renamed over it)."""
+    from amlp_core.atomic import atomic_write
+
+    path = Path(path)
+    image = Image.fromarray(np.ascontiguousarray(pixels, dtype=np.uint8))
+    return atomic_write(path, lambda f: image.save(f, format="PNG"))

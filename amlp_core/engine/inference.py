@@ -15,10 +15,11 @@ from amlp_core.data import read_image, write_nifti
 from amlp_core.data.cases import Sample
 from amlp_core.data.dicom import Series, find_series, read_series, write_seg
 from amlp_core.data.geometry import canonical_grid, spacing_of
-from amlp_core.data.io import NIFTI_SUFFIXES, data_error
+from amlp_core.data.io import NIFTI_SUFFIXES, data_error, mask_pixels, overlay_pixels, write_png
 from amlp_core.data.plan import fingerprint, fit_problem, prepare, restore
 from amlp_core.engine.artefacts import load_segmentation, saved_config
 from amlp_core.engine.device import resolve_device
+from amlp_core.engine.lesions import post_args, postprocess
 from amlp_core.engine.loops import evaluate_segmentation, predict_volume
 from amlp_core.engine.split import load_split
 from amlp_core.errors import DataError
@@ -41,14 +42,29 @@ def evaluate(
     if not cases:
         raise DataError(f"no cases to evaluate in {cfg.data.path} (data.test_fraction={cfg.data.test_fraction})")
     result = evaluate_segmentation(
-        model, cases, cfg.model.img_size, cfg.model.num_classes, dev, cfg.train.amp, slice_axis=cfg.data.slice_axis
+        model,
+        cases,
+        cfg.model.img_size,
+        cfg.model.num_classes,
+        dev,
+        cfg.train.amp,
+        slice_axis=cfg.data.slice_axis,
+        **post_args(cfg.model),
     )
     result["class_names"] = meta.get("class_names", {})
     return result
 
 
-#: Output names ``fedamlp predict`` writes: a NIfTI label map, or (for a DICOM series) a DICOM SEG object.
+#: Output names ``fedamlp predict`` writes: a NIfTI label map, or (for a DICOM series) a DICOM SEG object,
+#: or (for a PNG image) a mask PNG with an overlay PNG beside it.
 SEG_SUFFIXES = (".dcm",)
+PNG_SUFFIXES = (".png",)
+OVERLAY_SUFFIX = "_overlay.png"
+
+
+def overlay_path(mask: Path) -> Path:
+    """Where predict writes the overlay of the mask PNG ``mask``: ``x.png`` -> ``x_overlay.png``."""
+    return mask.with_name(mask.name[: -len(".png")] + OVERLAY_SUFFIX)
 
 
 def model_plan(cfg: Config, affine: np.ndarray, spatial_dims: int) -> PlanConfig:
@@ -95,8 +111,11 @@ def predict_file(run: str | Path, input_path: str | Path, output_path: str | Pat
     a NIfTI (or, for a DICOM input, a ``.dcm``) name in a writable folder, never the input itself.
     """
     dicom_input = Path(input_path).is_dir()
-    suffixes = NIFTI_SUFFIXES + (SEG_SUFFIXES if dicom_input else ())
+    png_input = Path(input_path).name.lower().endswith(".png")
+    suffixes = NIFTI_SUFFIXES + (SEG_SUFFIXES if dicom_input else ()) + (PNG_SUFFIXES if png_input else ())
     out = check_output(output_path, "output", suffixes, inputs=(input_path,))
+    if out.name.lower().endswith(PNG_SUFFIXES):
+        check_output(overlay_path(out), "overlay", PNG_SUFFIXES, inputs=(input_path,))
     dev = resolve_device(device)
     model, meta = load_segmentation(run, dev)
     cfg = saved_config(meta, run)
@@ -120,10 +139,16 @@ def predict_file(run: str | Path, input_path: str | Path, output_path: str | Pat
     planned = prepare(scan, plan)
     probs = predict_volume(model, planned.image, cfg.model.img_size, dev, cfg.train.amp, slice_axis=cfg.data.slice_axis)
     labels = restore(probs.numpy(), planned.affine, image.shape[1:], affine).argmax(0).astype(np.uint8)
+    labels = postprocess(labels, cfg.model.num_classes, **post_args(cfg.model))
     if series is not None and out.name.lower().endswith(SEG_SUFFIXES):
         class_names = {int(k): str(v) for k, v in meta.get("class_names", {}).items()} or {
             k: f"class_{k}" for k in range(cfg.model.num_classes)
         }
         return write_seg(labels, series, class_names, out)
+    if out.name.lower().endswith(PNG_SUFFIXES):  # the image's own pixels: a mask and an overlay beside it
+        write_png(mask_pixels(labels, cfg.model.num_classes), out)
+        write_png(overlay_pixels(image, labels), overlay_path(out))
+        log.info("wrote %s and %s", out, overlay_path(out))
+        return out
     write_nifti(labels, affine, out)
     return out

@@ -14,6 +14,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from amlp_core.engine.device import autocast
+from amlp_core.engine.lesions import LesionTally, postprocess
 from amlp_core.engine.optim import set_lr
 from amlp_core.methods import PretrainMethod
 from amlp_core.privacy import noise_only_step
@@ -245,26 +246,33 @@ def evaluate_segmentation(
     amp: bool = True,
     desc: str = "evaluate",
     slice_axis: int = -1,
+    keep_largest: bool = False,
+    min_share: float = 0.0,
 ) -> dict[str, float]:
-    """Dice per foreground class on whole images (MONAI ``DiceMetric``).
+    """Dice per foreground class on whole images (MONAI ``DiceMetric``), and the lesion metrics
+    (:class:`~amlp_core.engine.lesions.LesionTally`), after the post-processing ``keep_largest`` /
+    ``min_share`` (:func:`~amlp_core.engine.lesions.postprocess`).
 
     Args:
         samples: objects with ``image`` ``[C, *S]`` and ``label`` ``[*S]``.
 
     Returns:
-        ``{"dice_1": ..., "dice_K-1": ..., "dice_mean": ..., "num_examples": n}``; a class absent
-        from both the truth and the prediction of a case is left out of that class's mean.
+        ``{"dice_1": ..., "dice_K-1": ..., "dice_mean": ..., "num_examples": n}`` and
+        :data:`~amlp_core.engine.lesions.LESION_KEYS`; a class absent from both the truth and the
+        prediction of a case is left out of that class's mean.
     """
     metric = DiceMetric(include_background=False, reduction="mean_batch", ignore_empty=True, num_classes=num_classes)
+    lesions = LesionTally()
     for sample in tqdm(samples, desc=desc, leave=False, disable=None):
         probs = predict_volume(model, sample.image, roi_size, device, amp, slice_axis=slice_axis)  # [K, *S]
-        pred = probs.argmax(0, keepdim=True).unsqueeze(0)  # [1, 1, *S]
-        truth = torch.as_tensor(sample.label).long().unsqueeze(0).unsqueeze(0)  # [1, 1, *S]
-        metric(pred, truth)
+        pred = postprocess(probs.argmax(0).numpy(), num_classes, keep_largest, min_share)  # [*S]
+        metric(torch.from_numpy(pred)[None, None], torch.as_tensor(sample.label).long()[None, None])  # [1, 1, *S]
+        lesions.add(pred, sample.label)
     aggregated = metric.aggregate()
     assert isinstance(aggregated, torch.Tensor)
     per_class = aggregated.tolist()  # [K-1]
     out = {f"dice_{k + 1}": float(v) for k, v in enumerate(per_class)}
     out["dice_mean"] = float(np.nanmean(per_class)) if per_class else float("nan")
+    out.update(lesions.metrics())
     out["num_examples"] = len(samples)
     return out
