@@ -107,13 +107,16 @@ def pool_lesion_metrics(sites: Sequence[Mapping[str, Any]]) -> dict[str, float]:
     reported = [s for s in sites if LESION_CASES in s and EMPTY_CASES in s]
     if not reported:
         return {}
-    tally = LesionTally()
+    tally, weighed = LesionTally(), 0
     for s in reported:
         n = int(s[LESION_CASES])
         dice = float(s.get(LESION_DICE, math.nan))
         if n and not math.isnan(dice):
             tally.dice_sum += dice * n
-            tally.lesion_cases += n
+            weighed += n
+        tally.lesion_cases += n
         tally.empty_cases += int(s[EMPTY_CASES])
         tally.empty_hits += int(s.get(EMPTY_HITS, 0))
-    return tally.metrics()
+    out = tally.metrics()
+    out[LESION_DICE] = tally.dice_sum / weighed if weighed else math.nan
+    return out

@@ -36,7 +36,7 @@ from amlp_core.engine.artefacts import (
 )
 from amlp_core.engine.checkpoint import atomic_write_text, load_checkpoint, save_checkpoint
 from amlp_core.engine.device import make_generator, resolve_device, seed_everything, set_threads
-from amlp_core.engine.lesions import post_args
+from amlp_core.engine.lesions import EMPTY_SHARE, LESION_DICE, post_args
 from amlp_core.engine.local import finetune_for, make_loader, pretrain_epochs, run_epochs
 from amlp_core.engine.loops import evaluate_segmentation, finetune_budget
 from amlp_core.engine.optim import finetune_optimizer, pretrain_optimizer
@@ -53,6 +53,7 @@ from amlp_core.privacy import PrivacyLedger, PrivatePhase, ready_ledger
 from amlp_core.runfolder import RunFolderError, clear_run, holds_run
 
 log = logging.getLogger(__name__)
+CURVE_KEYS = (LESION_DICE, EMPTY_SHARE)  # besides Dice per class, what a curve point records
 
 
 CHECKPOINT_STEPS = 10  # fine-tuning: a checkpoint after a pass at most this often (in steps), and at the end
@@ -417,7 +418,7 @@ class _PassRecorder:
         if self.every and done - self.evaluated_at >= self.every and done < steps:  # the curve
             curve = self.test_dice()
             self.model.train()
-            record.update({f"test_{k}": v for k, v in curve.items() if k.startswith("dice_")})
+            record.update({f"test_{k}": v for k, v in curve.items() if k.startswith("dice_") or k in CURVE_KEYS})
             self.evaluated_at = done
         append_metrics(self.out, record)
         test = f" test Dice {record['test_dice_mean']:.4f}" if "test_dice_mean" in record else ""

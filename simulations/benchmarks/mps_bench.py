@@ -20,6 +20,7 @@ import argparse
 import logging
 import statistics
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -29,11 +30,11 @@ from amlp_core.data import make_phantom_samples
 from amlp_core.engine.local import make_loader
 from amlp_core.engine.loops import pretrain_epoch
 from amlp_core.engine.optim import pretrain_optimizer
-from amlp_core.engine.split import data_defaults
+from amlp_core.engine.split import data_defaults, load_split, with_plan
 from amlp_core.masking import random_mask
 from amlp_core.methods import build_method
 from amlp_core.models import patchify
-from simulations.benchmarks.common import machine, setup_logging, table, write_json
+from simulations.benchmarks.common import machine, set_overrides, setup_logging, table, write_json
 
 log = logging.getLogger(__name__)
 METHODS = ("mae", "mps_ams", "amlp")
@@ -97,7 +98,6 @@ def lesion_shares(method, samples, patch: int, ratios, seed: int = 0) -> list[di
 def before_and_after_pretraining(method_name: str, dims: int, epochs: int, measure, key: str = "encoder") -> list[dict]:
     """``measure(method, held_out_samples, patch) -> rows`` on 32 held-out phantoms (the demo's model
     size), at initialisation and after ``epochs`` of ``method_name`` pretraining on 64 other phantoms."""
-    torch.manual_seed(0)
     cfg = build_config(
         {
             **data_defaults("synthetic", dims=dims),
@@ -108,33 +108,55 @@ def before_and_after_pretraining(method_name: str, dims: int, epochs: int, measu
     )
     label = f"{dims}D {'x'.join(map(str, cfg.model.img_size))}, patch {cfg.model.patch_size}"
     held_out = make_phantom_samples(32, cfg.model.img_size, seed=123)
+    train = make_phantom_samples(64, cfg.model.img_size, seed=0)
+    return measured_pretraining(cfg, train, held_out, label, epochs, measure, key)
+
+
+def measured_pretraining(cfg, train, held_out, label: str, epochs: int, measure, key: str = "encoder") -> list[dict]:
+    """``measure(method, held_out, patch) -> rows`` at initialisation and after ``epochs`` of
+    ``cfg.method`` pretraining on ``train`` (their labels unused), each row tagged ``{"phantoms": label}``."""
+    torch.manual_seed(0)
     method = build_method(cfg.model, cfg.method)
     rows = [{"phantoms": label, key: "init", **r} for r in measure(method, held_out, cfg.model.patch_size)]
-    loader = make_loader(make_phantom_samples(64, cfg.model.img_size, seed=0), cfg, augment=True, labels=False)
+    loader = make_loader(train, cfg, augment=True, labels=False)
     opt = pretrain_optimizer(method, cfg.train)
     g = torch.Generator().manual_seed(0)
     for epoch in range(epochs):
         loader.dataset.set_epoch(epoch)
         metrics = pretrain_epoch(method, loader, opt, torch.device("cpu"), (epoch / epochs, (epoch + 1) / epochs), g)
-        log.info("%s %s epoch %d: %s", label, method_name, epoch + 1, {k: round(v, 4) for k, v in metrics.items()})
+        log.info("%s %s epoch %d: %s", label, cfg.method.name, epoch + 1, {k: round(v, 4) for k, v in metrics.items()})
     rows += [
-        {"phantoms": label, key: f"{method_name} {epochs} epochs", **r}
+        {"phantoms": label, key: f"{cfg.method.name} {epochs} epochs", **r}
         for r in measure(method, held_out, cfg.model.patch_size)
     ]
     return rows
 
 
+def _shares_with_group_loss(method, samples, patch):
+    return [
+        {**r, "group_loss": method.mps.group_loss.tolist()}
+        for r in lesion_shares(method, samples, patch, (0.25, 0.5, 0.75))
+    ]
+
+
 def lesion_share_rows(dims: int, pretrain_epochs: int) -> list[dict]:
     """MPS's lesion shares at initialisation and after AMLP pretraining (whose running group
     losses may then pick another group)."""
+    return before_and_after_pretraining("amlp", dims, pretrain_epochs, _shares_with_group_loss)
 
-    def measure(method, samples, patch):
-        return [
-            {**r, "group_loss": method.mps.group_loss.tolist()}
-            for r in lesion_shares(method, samples, patch, (0.25, 0.5, 0.75))
-        ]
 
-    return before_and_after_pretraining("amlp", dims, pretrain_epochs, measure)
+def real_lesion_share_rows(path: str, pretrain_epochs: int, overrides: dict) -> list[dict]:
+    """MPS's lesion shares on real lesions: the test images of the dataset at ``path`` that hold a lesion
+    (BUSI's benign and malignant ones), on the run's plan, at initialisation and after AMLP pretraining
+    on its training images (labels unused)."""
+    cfg = build_config({**data_defaults(path), "method.name": "amlp", "train.device": "cpu", **overrides})
+    split = load_split(cfg)
+    cfg = with_plan(cfg, split)
+    held_out = [s for s in split.test if s.label is not None and s.label.any()]
+    label = f"{Path(path).name} {'x'.join(map(str, cfg.model.img_size))}, patch {cfg.model.patch_size}"
+    label += "".join(f", {k.split('.')[-1]}={v}" for k, v in overrides.items() if k.startswith("method."))
+    log.info("%s: %d training images, %d held-out lesion images", label, len(split.train), len(held_out))
+    return measured_pretraining(cfg, split.train, held_out, label, pretrain_epochs, _shares_with_group_loss)
 
 
 def main() -> None:
@@ -144,6 +166,8 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--pretrain-epochs", type=int, default=5)
     p.add_argument("--parts", default="timing,shares", help="timing (needs an idle machine), shares, or both")
+    p.add_argument("--data", help="a dataset with lesion masks (BUSI): measure the shares on its lesions, not phantoms")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config value (with --data)")
     p.add_argument("--out", default="results/mps_bench.json")
     args = p.parse_args()
     parts = set(args.parts.split(","))
@@ -170,7 +194,9 @@ def main() -> None:
         print(table(timing_rows, ["model", "mae_s", "mps_ams_s", "amlp_s", "mps_ams/mae", "amlp/mae"]))
 
     share_rows = []
-    for dims in (3, 2) if "shares" in parts else ():
+    if args.data and "shares" in parts:
+        share_rows += real_lesion_share_rows(args.data, args.pretrain_epochs, set_overrides(args.set))
+    for dims in (3, 2) if "shares" in parts and not args.data else ():
         share_rows += lesion_share_rows(dims, args.pretrain_epochs)
     payload["lesion_share"] = share_rows
     print(

@@ -36,10 +36,12 @@ from typing import Any
 from amlp_core.config import Config, build_config
 from amlp_core.engine.artefacts import CHECKPOINT, METRICS
 from amlp_core.engine.checkpoint import load_checkpoint
+from amlp_core.engine.lesions import EMPTY_SHARE, LESION_DICE, LESION_KEYS
 from amlp_core.engine.pipeline import finetune, pretrain
 from amlp_core.engine.split import DataSplit, data_defaults, load_split
 from amlp_core.errors import CheckpointError, ConfigError
 from simulations.benchmarks.common import (
+    HIPPOCAMPUS,
     HIPPOCAMPUS_SPLIT,
     benchmark_parser,
     machine,
@@ -52,6 +54,7 @@ from simulations.benchmarks.common import (
 log = logging.getLogger(__name__)
 SCRATCH = "scratch"
 UNET = "unet"  # the plain conv U-Net from scratch (model.seg_arch=unet): the floor every gain is measured against
+METRIC_NAMES = {"dice_mean": "mean Dice", LESION_DICE: "lesion Dice"}
 
 
 def _ints(text: str) -> list[int]:
@@ -104,22 +107,23 @@ def pretrained(cfg: Config, method: str, epochs: int, seed: int, runs: Path, spl
 
 
 def curve(run: Path) -> list[dict[str, float]]:
-    """The fine-tuning curve of a run: step, training loss and (where measured) test Dice."""
+    """The fine-tuning curve of a run: step, training loss and (where measured) test Dice and lesion metrics."""
     points = []
     for line in (run / METRICS).read_text().splitlines():
         record = json.loads(line)
         point = {"step": record.get("step"), "loss": record.get("loss")}
-        if "test_dice_mean" in record:
-            point["test_dice_mean"] = record["test_dice_mean"]
+        point.update({k: record[k] for k in ("test_dice_mean", "test_lesion_dice", "test_empty_share") if k in record})
         points.append(point)
     return points
 
 
-def paired(rows: list[dict], fraction: float, init: str, baseline: str) -> dict[str, Any] | None:
-    """``init`` minus ``baseline`` in mean Dice at ``fraction``, seed by seed (only seeds both have)."""
+def paired(
+    rows: list[dict], fraction: float, init: str, baseline: str, metric: str = "dice_mean"
+) -> dict[str, Any] | None:
+    """``init`` minus ``baseline`` in ``metric`` at ``fraction``, seed by seed (only seeds both have)."""
 
     def by_seed(name: str) -> dict[int, float]:
-        return {r["seed"]: r["dice_mean"] for r in rows if r["label_fraction"] == fraction and r["init"] == name}
+        return {r["seed"]: r[metric] for r in rows if r["label_fraction"] == fraction and r["init"] == name}
 
     a, b = by_seed(init), by_seed(baseline)
     seeds = sorted(set(a) & set(b))
@@ -130,26 +134,32 @@ def paired(rows: list[dict], fraction: float, init: str, baseline: str) -> dict[
     return {"mean": mean, "std": std, "seeds": seeds, "per_seed": diffs}
 
 
-def summary(rows: list[dict], fractions: list[float]) -> tuple[list[dict], str]:
-    """Per fraction and initialisation: mean Dice over seeds and the paired differences; and the Markdown."""
+def summary(rows: list[dict], fractions: list[float], metric: str = "dice_mean") -> tuple[list[dict], str]:
+    """Per fraction and initialisation: ``metric`` (mean Dice; lesion Dice for lesion data) over seeds and
+    the paired differences, and, for lesion data, the share of lesion-free images predicted empty; and the
+    Markdown."""
     out, parts = [], []
     for fraction in fractions:
         inits = list(dict.fromkeys(r["init"] for r in rows if r["label_fraction"] == fraction))
         lines = []
         for init in inits:
-            values = [r["dice_mean"] for r in rows if r["label_fraction"] == fraction and r["init"] == init]
-            mean, std = mean_std(values)
+            these = [r for r in rows if r["label_fraction"] == fraction and r["init"] == init]
+            mean, std = mean_std([r[metric] for r in these])
             entry: dict[str, Any] = {
                 "label_fraction": fraction,
                 "init": init,
-                "seeds": len(values),
+                "seeds": len(these),
+                "metric": metric,
                 "dice_mean": mean,
                 "dice_std": std,
             }
+            empty = [r[EMPTY_SHARE] for r in these if EMPTY_SHARE in r]
+            if empty:
+                entry["empty_share"] = mean_std(empty)[0]
             if init != SCRATCH:
-                entry["minus_scratch"] = paired(rows, fraction, init, SCRATCH)
+                entry["minus_scratch"] = paired(rows, fraction, init, SCRATCH, metric)
             if init.startswith("amlp "):  # against MAE at the same pretraining budget
-                entry["minus_mae"] = paired(rows, fraction, init, "mae " + init.removeprefix("amlp "))
+                entry["minus_mae"] = paired(rows, fraction, init, "mae " + init.removeprefix("amlp "), metric)
             out.append(entry)
 
             def fmt(d):
@@ -161,16 +171,19 @@ def summary(rows: list[dict], fractions: list[float]) -> tuple[list[dict], str]:
             lines.append(
                 {
                     "init": init,
-                    "seeds": len(values),
-                    "mean Dice": f"{mean:.4f} ± {std:.4f}",
+                    "seeds": len(these),
+                    METRIC_NAMES[metric]: f"{mean:.4f} ± {std:.4f}",
+                    "lesion-free predicted empty": f"{entry['empty_share']:.3f}" if empty else "",
                     "minus scratch (paired)": fmt(entry.get("minus_scratch")),
                     "AMLP minus MAE (paired)": fmt(entry.get("minus_mae")),
                 }
             )
-        parts.append(
-            f"### {100 * fraction:g} % labels\n\n"
-            + table(lines, ["init", "seeds", "mean Dice", "minus scratch (paired)", "AMLP minus MAE (paired)"])
+        columns = (
+            ["init", "seeds", METRIC_NAMES[metric]]
+            + (["lesion-free predicted empty"] if any("empty_share" in e for e in out) else [])
+            + ["minus scratch (paired)", "AMLP minus MAE (paired)"]
         )
+        parts.append(f"### {100 * fraction:g} % labels\n\n" + table(lines, columns))
     return out, "\n\n".join(parts)
 
 
@@ -190,6 +203,12 @@ def _parser():
         "appended to the pretrained rows' names and run folders, so variants share one --out",
     )
     p.add_argument("--threads", type=int, default=0)
+    p.add_argument(
+        "--metric",
+        default="",
+        help="the figure compared: dice_mean, or lesion_dice (Dice over the images with a lesion; the default "
+        "for 2D lesion images such as BUSI)",
+    )
     p.add_argument("--runs", default="runs/pretrain_gain")
     return p
 
@@ -232,16 +251,17 @@ def _finetune_row(cfg, init: tuple[str, str | None, int], fraction: float, seed:
         "labelled_cases": result["labelled_cases"],
         "steps": args.finetune_steps,
         "train_seconds": result["train_seconds"],
-        **{k: v for k, v in result.items() if k.startswith("dice_")},
+        **{k: v for k, v in result.items() if k.startswith("dice_") or k in LESION_KEYS},
         "curve": curve(run),
     }
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = _parser().parse_args(argv)
-    cfg = build_config(
-        {**data_defaults(args.data), **HIPPOCAMPUS_SPLIT, "train.num_threads": args.threads, **set_overrides(args.set)}
-    )
+    fixed_split = HIPPOCAMPUS_SPLIT if Path(args.data).resolve() == HIPPOCAMPUS.resolve() else {}
+    defaults = data_defaults(args.data)
+    cfg = build_config({**defaults, **fixed_split, "train.num_threads": args.threads, **set_overrides(args.set)})
+    metric = args.metric or (LESION_DICE if cfg.model.spatial_dims == 2 and not cfg.data.as_slices else "dice_mean")
     runs = Path(args.runs)
     split = load_split(cfg)
     fractions, seeds, budgets = _floats(args.fractions), _ints(args.seeds), _ints(args.pretrain_epochs)
@@ -252,7 +272,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     header = {
         "benchmark": "pretrain_gain",
         "machine": machine(),
-        "split": HIPPOCAMPUS_SPLIT,
+        "split": {"data.test_fraction": cfg.data.test_fraction, "data.split_seed": cfg.data.split_seed},
+        "metric": metric,
         "train_cases": len(split.train),
         "test_cases": len(split.test),
         "finetune_steps": args.finetune_steps,
@@ -273,9 +294,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     header["pretraining"][name] = {k: pre[k] for k in ("seconds", "final_loss")} | {"epochs": epochs}
                     folder = pre["folder"]
                 rows.append(_finetune_row(cfg, init, fraction, seed, args, folder, split))
-                stats, _ = summary(rows, sorted({r["label_fraction"] for r in rows}))
+                stats, _ = summary(rows, sorted({r["label_fraction"] for r in rows}), metric)
                 write_json(out, {**header, "rows": rows, "summary": stats})
-    stats, markdown = summary(rows, sorted({r["label_fraction"] for r in rows}))  # every fraction measured so far
+    stats, markdown = summary(rows, sorted({r["label_fraction"] for r in rows}), metric)  # every fraction so far
     payload = {**header, "rows": rows, "summary": stats}
     write_json(out, payload)
     out.with_suffix(".md").write_text(markdown + "\n")

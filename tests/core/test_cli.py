@@ -136,6 +136,32 @@ def test_png_2d_pipeline_and_scratch_finetune(tmp_path):
     assert nib.load(out).shape == (32, 32)
 
 
+def test_lesion_images_as_they_arrive_finetune_evaluate_predict_png(tmp_path, capsys):
+    """A BUSI-like folder (class sub-folders, normal images with empty masks, 60x80 images): the 2D plan
+    resizes them, evaluation reports the lesion metrics, predict writes a mask and an overlay PNG at the
+    image's own size, and never over its input."""
+    from tests.data.test_lesion_data import write_busi
+
+    root = write_busi(tmp_path / "Dataset_BUSI_with_GT")
+    config = _yaml(tmp_path, 2)
+    fine = tmp_path / "fine"
+    assert main(["finetune", "--data", str(root), "--config", config, "--epochs", "1", "--out", str(fine)]) == 0
+    out = capsys.readouterr().out
+    assert "lesion-free test images predicted empty" in out and "lesion Dice" in out
+    saved = yaml.safe_load((fine / "config.yaml").read_text())
+    assert saved["plan"]["image_fit"] == "resize" and saved["plan"]["input_size"] == [32, 32]
+    image = root / "malignant" / "malignant (1).png"
+    mask = tmp_path / "malignant 1 mask.png"
+    assert main(["predict", "--model", str(fine), "--input", str(image), "--output", str(mask)]) == 0
+    pixels = np.asarray(Image.open(mask))
+    overlay = Image.open(tmp_path / "malignant 1 mask_overlay.png")
+    assert pixels.shape == (60, 80) and set(np.unique(pixels)) <= {0, 255}
+    assert overlay.mode == "RGB" and overlay.size == (80, 60)
+    before = image.read_bytes()
+    assert main(["predict", "--model", str(fine), "--input", str(image), "--output", str(image)]) == 2
+    assert image.read_bytes() == before and "is the input" in capsys.readouterr().err
+
+
 @pytest.mark.filterwarnings("ignore:Full backward hook is firing:UserWarning")
 def test_private_finetune_reports_epsilon_and_refuses_to_overspend(tmp_path, capsys):
     config = _yaml(tmp_path, 2)

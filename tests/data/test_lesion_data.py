@@ -51,7 +51,10 @@ def write_busi(root, n_per_class=4, duplicate_of=None):
         copy = Image.fromarray(np.clip(original * 1.1 + 8, 0, 255).astype(np.uint8)).resize((96, 72))
         copy = np.clip(np.asarray(copy, np.float64) + np.random.default_rng(7).normal(0, 4, (72, 96)), 0, 255)
         save_png(root / "benign" / "benign (99).png", copy.astype(np.uint8))
-        save_png(root / "benign" / "benign (99)_mask.png", np.asarray(Image.fromarray(_lesion()).resize((96, 72), Image.NEAREST)))
+        save_png(
+            root / "benign" / "benign (99)_mask.png",
+            np.asarray(Image.fromarray(_lesion()).resize((96, 72), Image.NEAREST)),
+        )
     return root
 
 
@@ -187,7 +190,9 @@ def test_category_partition_skews_the_classes():
     skew = partition_names(names, 4, "category", alpha=0.3, seed=1, categories=categories)
 
     def spread(sites):  # the largest gap between two sites' shares of one category
-        shares = [[sum(categories[n] == c for n in s) / len(s) for c in ("benign", "malignant", "normal")] for s in sites]
+        shares = [
+            [sum(categories[n] == c for n in s) / len(s) for c in ("benign", "malignant", "normal")] for s in sites
+        ]
         return max(max(col) - min(col) for col in zip(*shares))
 
     assert spread(iid) < 0.25 < 0.5 < spread(skew)
