@@ -34,7 +34,7 @@ from amlp_core.data.plan import (
     prepare,
 )
 from amlp_core.errors import ConfigError, DataError
-from amlp_core.presets import ROI, phantoms
+from amlp_core.presets import LESION_IMAGES, ROI, phantoms
 
 log = logging.getLogger(__name__)
 
@@ -185,7 +185,8 @@ def data_defaults(path: str, fmt: str = "auto", dims: int | None = None, as_slic
 
     The built-in phantoms get a model of their own size with two classes (:func:`~amlp_core.presets.phantoms`);
     a dataset gets its class count from its labels and the region of interest of its kind
-    (:data:`~amlp_core.presets.ROI`).
+    (:data:`~amlp_core.presets.ROI`); 2D lesion images (PNG) their post-processing
+    (:data:`~amlp_core.presets.LESION_IMAGES`).
     """
     if path == "synthetic":
         return phantoms(dims or 3)
@@ -205,4 +206,5 @@ def data_defaults(path: str, fmt: str = "auto", dims: int | None = None, as_slic
         "data.as_slices": as_slices,
         "data.path": path,
         "data.format": fmt,
+        **(LESION_IMAGES if index.fmt == "png" else {}),
     }

@@ -327,3 +327,40 @@ def test_private_federation_reports_the_epsilon_of_every_site_and_the_server(tmp
     assert len(server) == 2 and 0 < server[0] < server[1]  # one client-level release per round
     summary = (run / "results" / "summary.md").read_text()
     assert "Privacy spent" in summary and "site DP" in summary and "server DP" in summary
+
+
+def test_lesion_images_federation_reports_lesion_metrics(tmp_path):
+    """A BUSI-like folder in a real two-site simulation: the 2D plan resizes, each site evaluates the
+    lesion metrics, the server pools them from the counts, and the summary shows them."""
+    from amlp_core.engine.lesions import EMPTY_CASES, EMPTY_HITS, EMPTY_SHARE, LESION_CASES, LESION_DICE
+    from tests.conftest import tiny_model
+    from tests.data.test_lesion_data import write_busi
+
+    root = write_busi(tmp_path / "Dataset_BUSI_with_GT", n_per_class=6, duplicate_of=("malignant", 2))
+    run = tmp_path / "run"
+    small = tiny_model(2)
+    cfg = sim_config(
+        run,
+        **{
+            **{f"model.{k}": getattr(small, k) for k in ("spatial_dims", "img_size", "conv_channels", "embed_dim")},
+            "model.num_classes": 2,
+            "data.path": str(root),
+            "data.test_fraction": 0.4,
+            "federation.partition": "category",
+            "federation.dirichlet_alpha": 5.0,
+            "model.post_keep_largest": True,
+        },
+    )
+    simulate(cfg, timeout=600)
+    rows = round_rows(run)
+    sites = [r for r in rows if r["kind"] == "evaluate" and r["site"] != P.ALL_SITES]
+    pooled = next(r for r in rows if r["kind"] == "evaluate" and r["site"] == P.ALL_SITES)
+    assert len(sites) == 2 and all(r[LESION_CASES] + r[EMPTY_CASES] == r[P.NUM_EXAMPLES] for r in sites)
+    assert pooled[LESION_CASES] == sum(r[LESION_CASES] for r in sites) and pooled[EMPTY_CASES] > 0
+    assert pooled[EMPTY_SHARE] == pytest.approx(sum(r[EMPTY_HITS] for r in sites) / pooled[EMPTY_CASES])
+    lesion_weighted = sum(r[LESION_DICE] * r[LESION_CASES] for r in sites) / pooled[LESION_CASES]
+    assert pooled[LESION_DICE] == pytest.approx(lesion_weighted)
+    summary = (run / "results" / "summary.md").read_text()
+    assert "| site | images with a lesion | lesion Dice | lesion-free images | predicted empty |" in summary
+    saved = yaml.safe_load((run / "model" / "config.yaml").read_text())
+    assert saved["plan"]["image_fit"] == "resize" and saved["model"]["post_keep_largest"] is True
