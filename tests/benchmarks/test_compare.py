@@ -285,3 +285,35 @@ def test_tiny_comparison_end_to_end(tmp_path, capsys):
     assert f"ace {by['ace', 1.0]['encoder_change']:.3f}" in md
     svg = ET.parse(tmp_path / "compare.svg").getroot()  # matplotlib's plot, its text kept as text
     assert {"ace", "50 % labels", "100 % labels"} <= {t.text for t in svg.iter("{http://www.w3.org/2000/svg}text")}
+
+
+def test_lesion_rows_are_paired_and_reported_by_lesion_dice():
+    """On lesion data (test sets with lesion-free images) the comparison pairs the lesion Dice, not the
+    class mean, and reports the share of lesion-free images predicted empty."""
+    rows = []
+    for seed in (0, 1):
+        for method, lesion, mean in (("scratch", 0.60, 0.5), ("amlp", 0.65, 0.4)):
+            rows.append(
+                {
+                    "seed": seed,
+                    "method": method,
+                    "label_fraction": 0.1,
+                    "dice_1": mean,
+                    "dice_mean": mean,
+                    "lesion_dice": lesion + 0.01 * seed,
+                    "empty_cases": 20,
+                    "empty_share": 0.9,
+                    "seconds": 5.0,
+                }
+            )
+    cells = stats.aggregate(rows, ["scratch", "amlp"], [0.1])
+    assert cells[1]["metric"] == "lesion_dice" and cells[1]["vs_scratch_mean"] == pytest.approx(0.05)
+    payload = {
+        "budget": {"data": "busi", "sites": 4, "split": {}, "pretrain_rounds": 1, "finetune_rounds": 1,
+                   "local_epochs": 1, "set": {}},
+        "machine": {}, "seeds": [0, 1], "class_names": {"1": "lesion"}, "rows": rows, "table": cells,
+    }  # fmt: skip
+    md = report.markdown(payload)
+    assert "lesion Dice | lesion-free predicted empty |" in md and "lesion Dice by label fraction:" in md
+    assert "| amlp | +0.0500 ± 0.0000 |" in md
+    assert plot.bar_plot(cells, "t").axes[0].get_ylabel() == "lesion Dice"

@@ -15,6 +15,7 @@ import torch
 
 from amlp_core.config import METHOD_NAMES, Config, build_config
 from amlp_core.engine.checkpoint import load_checkpoint
+from amlp_core.engine.lesions import LESION_KEYS
 from amlp_core.engine.split import data_defaults
 from amlp_core.engine.weights import initial_shared_state
 from fedamlp import protocol as P
@@ -202,7 +203,7 @@ def run_once(cfg: Config, args: argparse.Namespace, label: str) -> tuple[dict[st
     def round_seconds(phase: str) -> float:  # the server's time in the rounds of a phase (no start-up)
         return round(sum(r["seconds"] for r in rows if r["site"] == P.ALL_SITES and r["phase"] == phase), 1)
 
-    row = {k: v for k, v in final.items() if k.startswith("dice_")}
+    row = {k: v for k, v in final.items() if k.startswith("dice_") or k in LESION_KEYS}
     row.update(
         seconds=round(seconds, 1),
         labelled_cases=sum(r.get(P.NUM_EXAMPLES, 0) for r in last_train),

@@ -16,10 +16,16 @@ from matplotlib.figure import Figure  # noqa: E402
 from simulations.benchmarks.comparison.plan import pct  # noqa: E402
 
 
+def _metric(cells: Sequence[dict[str, Any]]) -> str:
+    """The figure the cells are compared by (``stats.headline``: lesion Dice for lesion data)."""
+    return str(cells[0].get("metric", "dice_mean")) if cells else "dice_mean"
+
+
 def y_axis(cells: Sequence[dict[str, Any]]) -> tuple[float, float]:
     """``(top, tick step)`` of the Dice axis: it starts at 0 and ends at the first tick above every bar and
     error bar (at most 1), so that small differences stay visible without a truncated axis."""
-    highest = max((c["dice_mean_mean"] + c["dice_mean_std"] for c in cells), default=1.0)
+    key = _metric(cells)
+    highest = max((c[f"{key}_mean"] + c[f"{key}_std"] for c in cells), default=1.0)
     step = 0.1 if highest <= 0.5 else 0.2
     return min(1.0, max(1, math.ceil(round(highest / step, 6))) * step), step
 
@@ -36,14 +42,14 @@ def bar_plot(cells: Sequence[dict[str, Any]], title: str, subtitle: str = "") ->
         for g, fraction in enumerate(fractions):
             if (method, fraction) in by:
                 xs.append(g - 0.4 + (k + 0.5) * width)
-                means.append(by[method, fraction]["dice_mean_mean"])
-                stds.append(by[method, fraction]["dice_mean_std"])
+                means.append(by[method, fraction][f"{_metric(cells)}_mean"])
+                stds.append(by[method, fraction][f"{_metric(cells)}_std"])
         ax.bar(xs, means, width * 0.9, yerr=stds, capsize=3, label=method, color=f"C{k % 10}")
     top, step = y_axis(cells)
     ax.set_ylim(0, top)
     ax.set_yticks([round(i * step, 6) for i in range(round(top / step) + 1)])
     ax.set_xticks(range(len(fractions)), [f"{pct(f)} labels" for f in fractions])
-    ax.set_ylabel("mean Dice")
+    ax.set_ylabel("lesion Dice" if _metric(cells) == "lesion_dice" else "mean Dice")
     ax.grid(axis="y", color="#ddd")
     ax.set_axisbelow(True)
     ax.set_title(f"{title}\n{subtitle}" if subtitle else title, loc="left", fontsize=11)

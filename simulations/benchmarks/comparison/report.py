@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from amlp_core.engine.lesions import EMPTY_SHARE, LESION_DICE
 from simulations.benchmarks.common import (
     table,
 )
@@ -12,6 +13,7 @@ from simulations.benchmarks.comparison.plan import pct
 from simulations.benchmarks.comparison.stats import dice_keys
 
 log = logging.getLogger(__name__)
+NAMED = {LESION_DICE: "lesion Dice", EMPTY_SHARE: "lesion-free predicted empty"}
 
 
 def _pm(entry: dict[str, Any], key: str) -> str:
@@ -21,6 +23,8 @@ def _pm(entry: dict[str, Any], key: str) -> str:
 def _column(key: str, class_names: dict[str, str]) -> str:
     if key == "dice_mean":
         return "mean Dice"
+    if key in NAMED:
+        return NAMED[key]
     return f"Dice {class_names.get(key.split('_')[1], key).lower()}"
 
 
@@ -59,16 +63,17 @@ def markdown(payload: dict[str, Any]) -> str:
     lines += [table(rows, columns), ""]
     fractions = sorted({c["label_fraction"] for c in cells})
     methods = list(dict.fromkeys(c["method"] for c in cells))
-    lines += ["Mean Dice by label fraction:", ""]
+    metric = str(cells[0].get("metric", "dice_mean")) if cells else "dice_mean"
+    lines += [f"{_column(metric, names)} by label fraction:", ""]
     pivot = []
     for m in methods:
-        by = {pct(c["label_fraction"]): _pm(c, "dice_mean") for c in cells if c["method"] == m}
+        by = {pct(c["label_fraction"]): _pm(c, metric) for c in cells if c["method"] == m}
         pivot.append({"init": m, **by})
     lines += [table(pivot, ["init", *[pct(f) for f in fractions]]), ""]
     paired = [c for c in cells if "vs_scratch_mean" in c]
     if paired:
         lines += [
-            "Mean Dice minus scratch's, paired by seed (same labelled cases and sampling), mean ± standard "
+            f"{_column(metric, names)} minus scratch's, paired by seed (same labelled cases and sampling), mean ± standard "
             "deviation over the seeds:",
             "",
         ]

@@ -7,6 +7,7 @@ import statistics
 from collections.abc import Sequence
 from typing import Any
 
+from amlp_core.engine.lesions import EMPTY_CASES, EMPTY_SHARE, LESION_DICE
 from simulations.benchmarks.common import (
     mean_std,
 )
@@ -15,21 +16,31 @@ from simulations.benchmarks.comparison.plan import SCRATCH
 log = logging.getLogger(__name__)
 
 
+def headline(rows: Sequence[dict[str, Any]]) -> str:
+    """The figure the comparison pairs and plots: the lesion Dice when the test sets hold lesion-free
+    images (lesion data such as BUSI), else the mean Dice over the classes."""
+    return LESION_DICE if any(r.get(EMPTY_CASES) for r in rows) else "dice_mean"
+
+
 def dice_keys(rows: Sequence[dict[str, Any]]) -> list[str]:
-    """``dice_1``, ``dice_2``, ... (by class index), then ``dice_mean``."""
+    """``dice_1``, ``dice_2``, ... (by class index), then ``dice_mean``, then, for lesion data, the lesion
+    Dice and the share of lesion-free images predicted empty."""
     keys = {k for r in rows for k in r if k.startswith("dice_") and k != "dice_mean"}
-    return sorted(keys, key=lambda k: int(k.split("_")[1]) if k.split("_")[1].isdigit() else 0) + ["dice_mean"]
+    ordered = sorted(keys, key=lambda k: int(k.split("_")[1]) if k.split("_")[1].isdigit() else 0) + ["dice_mean"]
+    return ordered + ([LESION_DICE, EMPTY_SHARE] if headline(rows) == LESION_DICE else [])
 
 
-def paired_differences(rows: Sequence[dict[str, Any]], method: str, fraction: float) -> list[float]:
-    """Mean Dice of ``method`` minus that of ``scratch``, one value per seed that has both runs.
+def paired_differences(
+    rows: Sequence[dict[str, Any]], method: str, fraction: float, metric: str = "dice_mean"
+) -> list[float]:
+    """``metric`` of ``method`` minus that of ``scratch``, one value per seed that has both runs.
 
     Pairing by seed compares runs with the same labelled subset and the same fine-tuning sampling, so
     the seed-to-seed spread they share cancels out.
     """
 
     def by_seed(m: str) -> dict[int, float]:
-        return {r["seed"]: r["dice_mean"] for r in rows if r["method"] == m and r["label_fraction"] == fraction}
+        return {r["seed"]: r[metric] for r in rows if r["method"] == m and r["label_fraction"] == fraction}
 
     ours, scratch = by_seed(method), by_seed(SCRATCH)
     return [ours[s] - scratch[s] for s in sorted(ours) if s in scratch]
@@ -38,8 +49,9 @@ def paired_differences(rows: Sequence[dict[str, Any]], method: str, fraction: fl
 def aggregate(
     rows: Sequence[dict[str, Any]], methods: Sequence[str], fractions: Sequence[float]
 ) -> list[dict[str, Any]]:
-    """One entry per (method, fraction) that has rows: mean and std over the seeds of every Dice, seconds."""
-    keys, out = dice_keys(rows), []
+    """One entry per (method, fraction) that has rows: mean and std over the seeds of every Dice, seconds,
+    and the :func:`headline` figure minus scratch's, paired by seed."""
+    keys, out, metric = dice_keys(rows), [], headline(rows)
     for method in methods:
         for fraction in fractions:
             cell = [r for r in rows if r["method"] == method and r["label_fraction"] == fraction]
@@ -49,13 +61,14 @@ def aggregate(
                 "method": method,
                 "label_fraction": fraction,
                 "seeds": sorted(r["seed"] for r in cell),
+                "metric": metric,
             }
             for key in keys:
                 values = [r[key] for r in cell if key in r]
                 entry[f"{key}_mean"], entry[f"{key}_std"] = mean_std(values)
             entry["seconds_mean"] = round(statistics.fmean(r["seconds"] for r in cell), 1)
             if method != SCRATCH:
-                deltas = paired_differences(rows, method, fraction)
+                deltas = paired_differences(rows, method, fraction, metric)
                 if deltas:
                     entry["vs_scratch_mean"], entry["vs_scratch_std"] = mean_std(deltas)
                     entry["vs_scratch_seeds"] = len(deltas)
