@@ -170,6 +170,7 @@ class MethodConfig:
     mps_momentum: float = 0.9  # running mean of the per-group loss
     mps_margin: float = 0.05  # relative loss lead a group needs over the smallest to be the lesion group
     mps_proj_dim: int = 16  # fixed random projection of the embedding before k-means; 0: none
+    mps_embed_weight: float = 1.0  # the stem's weight against the patches' intensity mean/spread (0: those alone)
     kmeans_iters: int = 10
     kmeans_inits: int = 1  # restarts; each costs a full k-means (the step-time budget allows one)
     arl_tau: float = 1.0
@@ -207,6 +208,7 @@ class MethodConfig:
             self.mps_random_fraction,
             "must be in [0, 1]",
         )
+        _check(self.mps_embed_weight >= 0, "method.mps_embed_weight", self.mps_embed_weight, "must not be negative")
         _check(self.mps_features == "embed", "method.mps_features", self.mps_features, "only 'embed' is implemented")
         _check(self.mps_margin >= 0, "method.mps_margin", self.mps_margin, "must not be negative")
         _check(self.mps_proj_dim >= 0, "method.mps_proj_dim", self.mps_proj_dim, "must not be negative")

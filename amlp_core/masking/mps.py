@@ -81,18 +81,19 @@ class FeatureScale:
 
     Each column gets zero mean and unit variance over the image's patches; the embedding
     block is then divided by sqrt(D), so that the embedding, the mean and the standard
-    deviation weigh alike in the distances.
+    deviation weigh alike in the distances, and multiplied by ``embed_weight`` (0: the patches'
+    intensity mean and spread alone).
     """
 
     mean: torch.Tensor  # [B, 1, F]
     scale: torch.Tensor  # [B, 1, F]
 
     @classmethod
-    def fit(cls, feats: torch.Tensor) -> FeatureScale:
+    def fit(cls, feats: torch.Tensor, embed_weight: float = 1.0) -> FeatureScale:
         feats = feats.detach().float()
         d = feats.shape[-1] - 2
         block = torch.ones(feats.shape[-1], device=feats.device)
-        block[:d] = d**0.5
+        block[:d] = d**0.5 / embed_weight if embed_weight > 0 else float("inf")
         std = feats.std(dim=1, keepdim=True).clamp_min(1e-6)
         return cls(mean=feats.mean(dim=1, keepdim=True), scale=std * block)
 
@@ -116,10 +117,16 @@ class Clustering:
 
 
 def cluster_patches(
-    feats: torch.Tensor, k: int, iters: int, inits: int, generator: torch.Generator | None = None
+    feats: torch.Tensor,
+    k: int,
+    iters: int,
+    inits: int,
+    generator: torch.Generator | None = None,
+    embed_weight: float = 1.0,
 ) -> Clustering:
-    """Cluster ``[B, N, F]`` raw features into ``k`` groups per image, groups ordered by size."""
-    scale = FeatureScale.fit(feats)
+    """Cluster ``[B, N, F]`` raw features into ``k`` groups per image, groups ordered by size
+    (``embed_weight``: of the embedding block against the intensity statistics, :class:`FeatureScale`)."""
+    scale = FeatureScale.fit(feats, embed_weight)
     labels, centroids = batched_kmeans(scale(feats), k, iters=iters, inits=inits, generator=generator)
     sizes = torch.nn.functional.one_hot(labels, k).sum(1)  # [B, K]
     order = torch.argsort(sizes, dim=1, stable=True)  # order[b, r] = cluster of rank r
@@ -140,6 +147,8 @@ class MPSMasking(nn.Module):
         margin: relative loss lead a group needs over the smallest group to become the lesion group.
         embed_dim, proj_dim: project the ``embed_dim`` columns of the encoder's patch description to
             ``proj_dim`` with a fixed random matrix before clustering (0, or not fewer: no projection).
+        embed_weight: weight of the encoder's description against the intensity mean and spread in
+            the clustering (1: alike; 0: intensity alone).
     """
 
     def __init__(
@@ -152,9 +161,11 @@ class MPSMasking(nn.Module):
         margin: float = 0.0,
         embed_dim: int = 0,
         proj_dim: int = 0,
+        embed_weight: float = 1.0,
     ) -> None:
         super().__init__()
         self.margin = margin
+        self.embed_weight = embed_weight
         self.clusters = clusters
         self.random_fraction = random_fraction
         self.momentum = momentum
@@ -196,7 +207,7 @@ class MPSMasking(nn.Module):
         return 0
 
     def cluster(self, feats: torch.Tensor, generator: torch.Generator | None = None) -> Clustering:
-        return cluster_patches(feats, self.clusters, self.kmeans_iters, self.kmeans_inits, generator)
+        return cluster_patches(feats, self.clusters, self.kmeans_iters, self.kmeans_inits, generator, self.embed_weight)
 
     def select(self, clustering: Clustering, ratio: float, generator: torch.Generator | None = None) -> Mask:
         """Mask ``round(ratio * N)`` patches per image, lesion group first.

@@ -38,6 +38,7 @@ class MPSAMS(PretrainMethod):
             margin=m.mps_margin,
             embed_dim=model_cfg.conv_channels[0],
             proj_dim=m.mps_proj_dim,
+            embed_weight=m.mps_embed_weight,
         )
 
     def training_step(

@@ -160,3 +160,21 @@ def test_lesion_group_needs_a_clear_lead_to_leave_the_smallest_group():
     assert mps.lesion_rank == 0
     mps.update(c, both, torch.tensor([[1.00, 1.20]]))  # 20 % harder: a clear lead
     assert mps.lesion_rank == 1
+
+
+def test_mps_embed_weight_zero_clusters_on_intensity_alone():
+    """``method.mps_embed_weight=0``: the encoder's columns no longer count, the intensity mean and spread
+    alone decide the groups; weighed up, a strong embedding split wins instead."""
+    from amlp_core.masking import cluster_patches
+
+    n = 64
+    bright = torch.arange(n) < 16  # 16 bright patches: the small group by intensity
+    embed_split = torch.arange(n) % 2 == 0  # the embedding splits the patches another way, strongly
+    embed = torch.where(embed_split[:, None], 10.0, -10.0) * torch.ones(n, 16)
+    stats = torch.stack([torch.where(bright, 3.0, 0.0), torch.where(bright, 1.0, 0.2)], dim=-1)
+    feats = torch.cat([embed, stats], dim=-1)[None]  # [1, N, 18]
+    g = torch.Generator().manual_seed(0)
+    alone = cluster_patches(feats, 2, 20, 3, g, embed_weight=0.0)
+    assert torch.equal(alone.rank[0] == 0, bright)  # the smallest group: exactly the bright patches
+    heavy = cluster_patches(feats, 2, 20, 3, torch.Generator().manual_seed(0), embed_weight=4.0)
+    assert torch.equal(heavy.rank[0] == heavy.rank[0, 0], embed_split)
