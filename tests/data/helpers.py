@@ -8,6 +8,16 @@ import numpy as np
 from PIL import Image
 
 SHAPE = (8, 10, 6)
+SHARED_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
+
+
+def shared_dataset(folder: Path, marker: str, what: str) -> Path:
+    """``folder`` (under ../shared/data) when its ``marker`` exists, else skip the test saying ``what`` is absent."""
+    import pytest
+
+    if not (folder / marker).exists():
+        pytest.skip(f"real data not found at {folder} ({what} lives outside the repo)")
+    return folder
 
 
 def save_nii(path: Path, array: np.ndarray, affine: np.ndarray | None = None) -> Path:

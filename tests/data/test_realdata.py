@@ -7,16 +7,16 @@ import pytest
 
 from amlp_core.data import check_dataset, discover, load_samples
 
-HIPPOCAMPUS = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "msd_hippocampus"
+from .helpers import SHARED_DATA, shared_dataset
+
+HIPPOCAMPUS = SHARED_DATA / "msd_hippocampus"
 
 pytestmark = pytest.mark.realdata
 
 
 @pytest.fixture(scope="module")
 def root() -> Path:
-    if not (HIPPOCAMPUS / "dataset.json").is_file():
-        pytest.skip(f"real data not found at {HIPPOCAMPUS} (MSD hippocampus lives outside the repo)")
-    return HIPPOCAMPUS
+    return shared_dataset(HIPPOCAMPUS, "dataset.json", "MSD hippocampus")
 
 
 def test_discover_hippocampus(root):

@@ -9,16 +9,16 @@ from amlp_core.data import check_dataset, discover
 from amlp_core.data.duplicates import group_names
 from amlp_core.engine.split import data_defaults, read_split
 
-BUSI = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "busi" / "Dataset_BUSI_with_GT"
+from .helpers import SHARED_DATA, shared_dataset
+
+BUSI = SHARED_DATA / "busi" / "Dataset_BUSI_with_GT"
 
 pytestmark = pytest.mark.realdata
 
 
 @pytest.fixture(scope="module")
 def root() -> Path:
-    if not (BUSI / "benign").is_dir():
-        pytest.skip(f"real data not found at {BUSI} (BUSI lives outside the repo)")
-    return BUSI
+    return shared_dataset(BUSI, "benign", "BUSI")
 
 
 @pytest.fixture(scope="module")
