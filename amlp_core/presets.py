@@ -17,8 +17,10 @@ PHANTOM_SIZE = {3: (32, 32, 32), 2: (64, 64)}
 #: Regions of interest for a dataset on disk, the network's input size, by how it is read:
 #: ``volume``: 3D scans. It holds an MSD Task04 hippocampus crop (about 35 x 50 x 35 voxels, at most
 #: 43 x 59 x 47) padded to a multiple of the 8-voxel patch; larger scans are cropped, smaller padded.
-#: ``slices``: the 2D slices of 3D scans (the same crop's in-plane size). ``image``: a 2D dataset.
-ROI = {"volume": (48, 64, 48), "slices": (48, 64), "image": (256, 256)}
+#: ``slices``: the 2D slices of 3D scans (the same crop's in-plane size). ``image``: a 2D dataset (images
+#: are resized to it): 128 x 128 segmented BUSI better than 256 x 256 at the same steps, at a fifth of the
+#: cost on a CPU (docs/results.md).
+ROI = {"volume": (48, 64, 48), "slices": (48, 64), "image": (128, 128)}
 
 #: Post-processing of a 2D lesion dataset's predictions (BUSI: one lesion per image in 98 % of the cases,
 #: lesions cover 0.3 % to over 50 % of an image): keep each class's largest component, and drop components

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence, Sized
 
@@ -262,7 +263,7 @@ def evaluate_segmentation(
         prediction of a case is left out of that class's mean.
     """
     metric = DiceMetric(include_background=False, reduction="mean_batch", ignore_empty=True, num_classes=num_classes)
-    lesions = LesionTally()
+    lesions, start = LesionTally(), time.monotonic()
     for sample in tqdm(samples, desc=desc, leave=False, disable=None):
         probs = predict_volume(model, sample.image, roi_size, device, amp, slice_axis=slice_axis)  # [K, *S]
         pred = postprocess(probs.argmax(0).numpy(), num_classes, keep_largest, min_share)  # [*S]
@@ -275,4 +276,5 @@ def evaluate_segmentation(
     out["dice_mean"] = float(np.nanmean(per_class)) if per_class else float("nan")
     out.update(lesions.metrics())
     out["num_examples"] = len(samples)
+    log.info("%s: %d cases in %.1f s", desc, len(samples), time.monotonic() - start)
     return out
