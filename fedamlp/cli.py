@@ -163,7 +163,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     overrides = {"path": args.data, "format": args.format} if args.data else None
     out = check_output(args.json, "--json") if args.json else Path(args.model) / "evaluation.json"
-    result = evaluate(args.model, overrides, device=args.device, all_cases=args.all_cases)
+    post: dict[str, Any] = {} if args.keep_largest is None else {"post_keep_largest": args.keep_largest == "true"}
+    if args.min_share is not None:
+        post["post_min_share"] = args.min_share
+    result = evaluate(args.model, overrides, device=args.device, all_cases=args.all_cases, post=post)
     _print_dice(result, result.get("class_names"))
     atomic_write_text(out, json.dumps(result, indent=2))
     print(f"wrote {out}")
@@ -310,6 +313,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--all-cases", action="store_true", help="evaluate every case, not only the test split")
     p.add_argument("--json", help="where to write the result (default: MODEL/evaluation.json)")
     p.add_argument("--device", default="auto")
+    p.add_argument(
+        "--keep-largest",
+        choices=("true", "false"),
+        help="true|false: keep only each class's largest component (default: the model's model.post_keep_largest)",
+    )
+    p.add_argument("--min-share", type=float, help="drop components under this share (default: model.post_min_share)")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("predict", help="segment one scan (NIfTI in, NIfTI out)")

@@ -28,15 +28,22 @@ log = logging.getLogger(__name__)
 
 
 def evaluate(
-    run: str | Path, data_cfg_overrides: dict[str, Any] | None = None, device: str = "auto", all_cases: bool = False
+    run: str | Path,
+    data_cfg_overrides: dict[str, Any] | None = None,
+    device: str = "auto",
+    all_cases: bool = False,
+    post: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Dice per class of a fine-tuned model on the test cases of the data it names (or overrides); with
-    ``all_cases`` on every labelled case."""
+    """Dice per class (and the lesion metrics) of a fine-tuned model on the test cases of the data it names
+    (or overrides); with ``all_cases`` on every labelled case; ``post`` overrides the model's
+    post-processing (``{"post_keep_largest": ..., "post_min_share": ...}``) for this evaluation."""
     dev = resolve_device(device)
     model, meta = load_segmentation(run, dev)
     cfg = saved_config(meta, run)
     if data_cfg_overrides:
         cfg = build_config({f"data.{k}": v for k, v in data_cfg_overrides.items()}, base=cfg)
+    if post:
+        cfg = build_config({f"model.{k}": v for k, v in post.items()}, base=cfg)
     split = load_split(cfg)
     cases = [s for s in (split.train + split.test if all_cases else split.test) if s.label is not None]
     if not cases:
@@ -52,6 +59,7 @@ def evaluate(
         **post_args(cfg.model),
     )
     result["class_names"] = meta.get("class_names", {})
+    result.update({k: getattr(cfg.model, k) for k in ("post_keep_largest", "post_min_share")})
     return result
 
 

@@ -150,6 +150,12 @@ def test_lesion_images_as_they_arrive_finetune_evaluate_predict_png(tmp_path, ca
     assert "lesion-free test images predicted empty" in out and "lesion Dice" in out
     saved = yaml.safe_load((fine / "config.yaml").read_text())
     assert saved["plan"]["image_fit"] == "resize" and saved["plan"]["input_size"] == [32, 32]
+    assert saved["model"]["post_keep_largest"] is True and saved["model"]["post_min_share"] == 0.002  # the preset
+    raw = tmp_path / "raw.json"
+    args = ["evaluate", "--model", str(fine), "--keep-largest", "false", "--min-share", "0", "--json", str(raw)]
+    assert main(args) == 0
+    result = json.loads(raw.read_text())
+    assert result["post_keep_largest"] is False and result["post_min_share"] == 0.0 and "empty_share" in result
     image = root / "malignant" / "malignant (1).png"
     mask = tmp_path / "malignant 1 mask.png"
     assert main(["predict", "--model", str(fine), "--input", str(image), "--output", str(mask)]) == 0
