@@ -150,7 +150,6 @@ def test_lesion_images_as_they_arrive_finetune_evaluate_predict_png(tmp_path, ca
     assert "lesion-free test images predicted empty" in out and "lesion Dice" in out
     saved = yaml.safe_load((fine / "config.yaml").read_text())
     assert saved["plan"]["image_fit"] == "resize" and saved["plan"]["input_size"] == [32, 32]
-    assert saved["model"]["post_keep_largest"] is True and saved["model"]["post_min_share"] == 0.002  # the preset
     raw = tmp_path / "raw.json"
     args = ["evaluate", "--model", str(fine), "--keep-largest", "false", "--min-share", "0", "--json", str(raw)]
     assert main(args) == 0

@@ -11,7 +11,7 @@ from amlp_core.data import check_dataset, discover, label_subset, partition_name
 from amlp_core.data.cases import Sample
 from amlp_core.data.duplicates import duplicate_groups, find_near_duplicates, group_names, thumbnail
 from amlp_core.data.plan import decide_plan, fingerprint, prepare, restore
-from amlp_core.engine.split import read_split
+from amlp_core.engine.split import data_defaults, read_split
 from amlp_core.errors import DataError
 
 from .helpers import save_png
@@ -76,6 +76,13 @@ def test_busi_layout_is_read_as_it_arrives(tmp_path):
     text = report.render()
     assert "Categories: benign 4, malignant 4, normal 4" in text and "Near-duplicates: 0 groups" in text
     assert "Cases with several masks (joined into one label): 1 (benign/benign (1))" in text
+
+
+def test_lesion_images_get_their_presets(tmp_path):
+    root = write_busi(tmp_path / "busi")
+    defaults = data_defaults(str(root))
+    assert defaults["model.spatial_dims"] == 2 and defaults["model.img_size"] == (128, 128)
+    assert defaults["model.post_keep_largest"] is True and defaults["model.post_min_share"] == 0.002
 
 
 def test_union_of_several_masks(tmp_path):
