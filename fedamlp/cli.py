@@ -166,6 +166,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     post: dict[str, Any] = {} if args.keep_largest is None else {"post_keep_largest": args.keep_largest == "true"}
     if args.min_share is not None:
         post["post_min_share"] = args.min_share
+    if args.min_confidence is not None:
+        post["post_min_confidence"] = args.min_confidence
     result = evaluate(args.model, overrides, device=args.device, all_cases=args.all_cases, post=post)
     _print_dice(result, result.get("class_names"))
     atomic_write_text(out, json.dumps(result, indent=2))
@@ -319,6 +321,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="true|false: keep only each class's largest component (default: the model's model.post_keep_largest)",
     )
     p.add_argument("--min-share", type=float, help="drop components under this share (default: model.post_min_share)")
+    p.add_argument(
+        "--min-confidence",
+        type=float,
+        help="drop components whose mean class probability is under this (default: model.post_min_confidence)",
+    )
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("predict", help="segment one scan (NIfTI in, NIfTI out)")

@@ -69,10 +69,17 @@ class ModelConfig:
     # only the largest connected component of each class, and remove components below this share of the image.
     post_keep_largest: bool = False
     post_min_share: float = 0.0
+    post_min_confidence: float = 0.0  # components whose mean probability of their class is below this go
 
     def __post_init__(self) -> None:
         _check(self.spatial_dims in (2, 3), "model.spatial_dims", self.spatial_dims, "must be 2 or 3")
         _check(0 <= self.post_min_share < 1, "model.post_min_share", self.post_min_share, "must be in [0, 1)")
+        _check(
+            0 <= self.post_min_confidence < 1,
+            "model.post_min_confidence",
+            self.post_min_confidence,
+            "must be in [0, 1)",
+        )
         _check(
             len(self.img_size) == self.spatial_dims,
             "model.img_size",

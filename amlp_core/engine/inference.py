@@ -59,7 +59,7 @@ def evaluate(
         **post_args(cfg.model),
     )
     result["class_names"] = meta.get("class_names", {})
-    result.update({k: getattr(cfg.model, k) for k in ("post_keep_largest", "post_min_share")})
+    result.update({k: getattr(cfg.model, k) for k in ("post_keep_largest", "post_min_share", "post_min_confidence")})
     return result
 
 
@@ -146,8 +146,10 @@ def predict_file(run: str | Path, input_path: str | Path, output_path: str | Pat
         )
     planned = prepare(scan, plan)
     probs = predict_volume(model, planned.image, cfg.model.img_size, dev, cfg.train.amp, slice_axis=cfg.data.slice_axis)
-    labels = restore(probs.numpy(), planned.affine, image.shape[1:], affine).argmax(0).astype(np.uint8)
-    labels = postprocess(labels, cfg.model.num_classes, **post_args(cfg.model))
+    restored = restore(probs.numpy(), planned.affine, image.shape[1:], affine)  # [K, *S] on the scan's grid
+    labels = postprocess(
+        restored.argmax(0).astype(np.uint8), cfg.model.num_classes, probabilities=restored, **post_args(cfg.model)
+    )
     if series is not None and out.name.lower().endswith(SEG_SUFFIXES):
         class_names = {int(k): str(v) for k, v in meta.get("class_names", {}).items()} or {
             k: f"class_{k}" for k in range(cfg.model.num_classes)

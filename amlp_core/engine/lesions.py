@@ -30,23 +30,39 @@ LESION_KEYS = (LESION_DICE, LESION_CASES, EMPTY_CASES, EMPTY_HITS, EMPTY_SHARE)
 
 def post_args(model: ModelConfig) -> dict[str, Any]:
     """The post-processing keyword arguments (:func:`postprocess`, ``evaluate_segmentation``) of a model's config."""
-    return {"keep_largest": model.post_keep_largest, "min_share": model.post_min_share}
+    return {
+        "keep_largest": model.post_keep_largest,
+        "min_share": model.post_min_share,
+        "min_confidence": model.post_min_confidence,
+    }
 
 
-def postprocess(labels: np.ndarray, num_classes: int, keep_largest: bool = False, min_share: float = 0.0) -> np.ndarray:
+def postprocess(
+    labels: np.ndarray,
+    num_classes: int,
+    keep_largest: bool = False,
+    min_share: float = 0.0,
+    min_confidence: float = 0.0,
+    probabilities: np.ndarray | None = None,
+) -> np.ndarray:
     """Clean a predicted label map, class by class (connected components with full connectivity).
 
     Args:
         labels: integer ``[*S]`` (2D or 3D).
         num_classes: classes including background.
-        keep_largest: keep only the largest component of each foreground class.
+        keep_largest: keep only the largest component of each foreground class (of those that pass
+            ``min_share`` and ``min_confidence``).
         min_share: remove the components smaller than this share of the image's voxels.
+        min_confidence: remove the components whose mean probability of their class is below this
+            (the per-image decision: a faint blob on a normal image is no lesion); needs ``probabilities``.
+        probabilities: ``[K, *S]`` class probabilities behind ``labels``.
 
     Returns:
         A new label map ``[*S]``, same dtype; removed voxels become background.
     """
     out = np.array(labels, copy=True)
-    if not keep_largest and min_share <= 0:
+    confident = min_confidence > 0 and probabilities is not None
+    if not keep_largest and min_share <= 0 and not confident:
         return out
     structure = np.ones((3,) * out.ndim, dtype=bool)
     min_size = min_share * out.size
@@ -56,8 +72,12 @@ def postprocess(labels: np.ndarray, num_classes: int, keep_largest: bool = False
             continue
         sizes = np.bincount(components.ravel())[1:]  # [n] voxels per component
         keep = sizes >= min_size
-        if keep_largest:
-            keep &= np.arange(n) == int(np.argmax(sizes))
+        if confident:
+            assert probabilities is not None
+            mass = np.bincount(components.ravel(), weights=probabilities[k].ravel(), minlength=n + 1)[1:]
+            keep &= mass / np.maximum(sizes, 1) >= min_confidence
+        if keep_largest and keep.any():  # the largest of the components that pass the other tests
+            keep &= np.arange(n) == int(np.argmax(np.where(keep, sizes, -1)))
         out[(components > 0) & ~keep[np.maximum(components - 1, 0)]] = 0
     return out
 

@@ -249,10 +249,11 @@ def evaluate_segmentation(
     slice_axis: int = -1,
     keep_largest: bool = False,
     min_share: float = 0.0,
+    min_confidence: float = 0.0,
 ) -> dict[str, float]:
     """Dice per foreground class on whole images (MONAI ``DiceMetric``), and the lesion metrics
     (:class:`~amlp_core.engine.lesions.LesionTally`), after the post-processing ``keep_largest`` /
-    ``min_share`` (:func:`~amlp_core.engine.lesions.postprocess`).
+    ``min_share`` / ``min_confidence`` (:func:`~amlp_core.engine.lesions.postprocess`).
 
     Args:
         samples: objects with ``image`` ``[C, *S]`` and ``label`` ``[*S]``.
@@ -266,7 +267,8 @@ def evaluate_segmentation(
     lesions, start = LesionTally(), time.monotonic()
     for sample in tqdm(samples, desc=desc, leave=False, disable=None):
         probs = predict_volume(model, sample.image, roi_size, device, amp, slice_axis=slice_axis)  # [K, *S]
-        pred = postprocess(probs.argmax(0).numpy(), num_classes, keep_largest, min_share)  # [*S]
+        p = probs.numpy()
+        pred = postprocess(p.argmax(0), num_classes, keep_largest, min_share, min_confidence, p)  # [*S]
         metric(torch.from_numpy(pred)[None, None], torch.as_tensor(sample.label).long()[None, None])  # [1, 1, *S]
         lesions.add(pred, sample.label)
     aggregated = metric.aggregate()

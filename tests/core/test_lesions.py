@@ -136,3 +136,18 @@ def test_the_server_pools_lesion_metrics_from_counts():
     assert pooled[LESION_DICE] == pytest.approx(0.9)  # site b has lesion images but reported no Dice
     assert (pooled[LESION_CASES], pooled[EMPTY_CASES], pooled[EMPTY_HITS]) == (10, 8, 6)
     assert pooled[EMPTY_SHARE] == pytest.approx(0.75)
+
+
+def test_postprocess_drops_faint_components():
+    """The per-image decision: a component whose mean probability of its class is low is no lesion."""
+    labels = np.zeros((20, 20), np.int64)
+    labels[2:6, 2:6] = 1  # confident
+    labels[12:18, 12:18] = 1  # faint (larger)
+    fg = np.where(labels > 0, 0.55, 0.1)
+    fg[2:6, 2:6] = 0.95
+    probs = np.stack([1 - fg, fg])  # [2, 20, 20]
+    out = postprocess(labels, 2, min_confidence=0.7, probabilities=probs)
+    assert out[3, 3] == 1 and out[15, 15] == 0 and out.sum() == 16
+    kept = postprocess(labels, 2, keep_largest=True, min_confidence=0.7, probabilities=probs)
+    assert kept.sum() == 16 and kept[3, 3] == 1  # the largest of the confident ones, not the faint larger one
+    assert np.array_equal(postprocess(labels, 2, min_confidence=0.7), labels)  # no probabilities: not applied
