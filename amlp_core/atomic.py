@@ -35,13 +35,23 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
 
 
 def check_output(
-    path: str | Path, what: str, suffixes: tuple[str, ...] = (), inputs: tuple[str | Path, ...] = ()
+    path: str | Path,
+    what: str,
+    suffixes: tuple[str, ...] = (),
+    inputs: tuple[str | Path, ...] = (),
+    keep_out_of: tuple[str | Path, ...] = (),
 ) -> Path:
     """``path`` as a file this command may write, checked before any work is done.
 
+    Args:
+        inputs: files or folders the command reads: the output may not be one of them, nor lie in one
+            (a DICOM series folder).
+        keep_out_of: folders the output may not lie in (a model folder, a dataset): what the command
+            owns or reads there is never replaced. Paths are compared resolved, links followed.
+
     Raises:
         ConfigError: a suffix not in ``suffixes`` (when given), a folder that does not exist or cannot
-            be written, or ``path`` being one of the ``inputs`` (a command never writes over its input).
+            be written, or ``path`` being (or lying in) one of the ``inputs`` or ``keep_out_of`` folders.
     """
     from amlp_core.errors import ConfigError
 
@@ -55,7 +65,13 @@ def check_output(
         raise ConfigError(f"{what} {out}: folder {folder} is not writable")
     if out.is_dir():
         raise ConfigError(f"{what} {out} is a folder, not a file name")
+    resolved = out.resolve()
     for source in inputs:
-        if out.resolve() == Path(source).resolve() or (out.exists() and Path(source).exists() and out.samefile(source)):
+        if resolved == Path(source).resolve() or (out.exists() and Path(source).exists() and out.samefile(source)):
             raise ConfigError(f"{what} {out} is the input {source}: choose another file, the input is never replaced")
+        if str(source) and Path(source).is_dir() and resolved.is_relative_to(Path(source).resolve()):
+            raise ConfigError(f"{what} {out} lies in the input folder {source}: write it elsewhere")
+    for owned in keep_out_of:
+        if str(owned) and Path(owned).is_dir() and resolved.is_relative_to(Path(owned).resolve()):
+            raise ConfigError(f"{what} {out} lies in {owned}, which this command reads: write it elsewhere")
     return out

@@ -19,6 +19,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import yaml
+
 from amlp_core.atomic import atomic_write_text, check_output
 from amlp_core.config import DATA_FORMATS, METHOD_NAMES, Config, DataConfig, build_config, check_keys, load_config
 from amlp_core.engine.lesions import EMPTY_CASES, EMPTY_HITS, EMPTY_SHARE, LESION_CASES, LESION_DICE
@@ -162,7 +164,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from amlp_core.engine.inference import evaluate
 
     overrides = {"path": args.data, "format": args.format} if args.data else None
-    out = check_output(args.json, "--json") if args.json else Path(args.model) / "evaluation.json"
+    owned = (args.model, args.data or _trained_on(args.model))  # the model folder and the data are never written
+    out = check_output(args.json, "--json", keep_out_of=owned) if args.json else Path(args.model) / "evaluation.json"
     post: dict[str, Any] = {} if args.keep_largest is None else {"post_keep_largest": args.keep_largest == "true"}
     if args.min_share is not None:
         post["post_min_share"] = args.min_share
@@ -173,6 +176,16 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     atomic_write_text(out, json.dumps(result, indent=2))
     print(f"wrote {out}")
     return 0
+
+
+def _trained_on(model: str) -> str:
+    """The dataset folder a model folder's ``config.yaml`` names ("" when it names none or cannot be read:
+    the evaluation then fails on the model itself, with its own message)."""
+    try:
+        path = yaml.safe_load((Path(model) / "config.yaml").read_text(encoding="utf-8"))["data"]["path"]
+    except (OSError, ValueError, KeyError, TypeError, yaml.YAMLError):
+        return ""
+    return str(path) if isinstance(path, str) and path != "synthetic" else ""
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
@@ -187,7 +200,7 @@ def cmd_data_check(args: argparse.Namespace) -> int:
     from amlp_core.data import check_dataset
 
     if args.json:
-        check_output(args.json, "--json")
+        check_output(args.json, "--json", keep_out_of=(args.path,))
     for flag, value in (("--num-classes", args.num_classes), ("--max-voxels", args.max_voxels)):
         if value is not None and value < 1:
             raise ConfigError(f"invalid {flag}={value}: must be at least 1")

@@ -121,9 +121,9 @@ def predict_file(run: str | Path, input_path: str | Path, output_path: str | Pat
     dicom_input = Path(input_path).is_dir()
     png_input = Path(input_path).name.lower().endswith(".png")
     suffixes = NIFTI_SUFFIXES + (SEG_SUFFIXES if dicom_input else ()) + (PNG_SUFFIXES if png_input else ())
-    out = check_output(output_path, "output", suffixes, inputs=(input_path,))
+    out = check_output(output_path, "output", suffixes, inputs=(input_path,), keep_out_of=(run,))
     if out.name.lower().endswith(PNG_SUFFIXES):
-        check_output(overlay_path(out), "overlay", PNG_SUFFIXES, inputs=(input_path,))
+        check_output(overlay_path(out), "overlay", PNG_SUFFIXES, inputs=(input_path,), keep_out_of=(run,))
     dev = resolve_device(device)
     model, meta = load_segmentation(run, dev)
     cfg = saved_config(meta, run)

@@ -127,3 +127,34 @@ def test_real_hippocampus_model_segments_the_real_hippocampus_crop_series(tmp_pa
     seg = hd.seg.segread(out)
     assert [s.SegmentLabel for s in seg.SegmentSequence] == ["Anterior", "Posterior"]
     assert read_seg(out, series).shape == series.shape == (35, 51, 32)
+
+
+def test_no_output_replaces_what_the_command_reads(model, tmp_path, capsys):
+    """Issue 28's class 1: an output that is, or lies in, an input, the model folder or the dataset is
+    refused before any work, naming it, and every file stays as it was (links followed)."""
+    _scan_series(tmp_path / "series", np.eye(4))
+    slices = sorted((tmp_path / "series").iterdir())
+    data = Path(yaml_data_path(model))
+    (tmp_path / "link.json").symlink_to(model / "checkpoint.pt")
+    cases = [
+        (["predict", "--model", str(model), "--input", str(tmp_path / "series"), "--output", str(slices[0])], "lies in the input folder"),
+        (["predict", "--model", str(model), "--input", str(tmp_path / "series"), "--output", str(model / "seg.nii.gz")], "lies in"),
+        (["evaluate", "--model", str(model), "--json", str(model / "checkpoint.pt")], "lies in"),
+        (["evaluate", "--model", str(model), "--json", str(tmp_path / "link.json")], "lies in"),
+        (["evaluate", "--model", str(model), "--json", str(data / "dataset.json")], "lies in"),
+        (["data", "check", str(data), "--json", str(data / "dataset.json")], "lies in"),
+    ]  # fmt: skip
+    watched = [*slices, model / "checkpoint.pt", data / "dataset.json"]
+    before = {p: p.read_bytes() for p in watched}
+    for args, words in cases:
+        capsys.readouterr()
+        assert main(args) == 2, args
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and words in err[0] and "Traceback" not in err[0], err
+    assert {p: p.read_bytes() for p in watched} == before
+
+
+def yaml_data_path(model: Path) -> str:
+    import yaml
+
+    return yaml.safe_load((model / "config.yaml").read_text())["data"]["path"]
