@@ -19,7 +19,7 @@ from amlp_core.data import label_subset
 from amlp_core.data.plan import read_plan_text
 from amlp_core.engine import local
 from amlp_core.engine.device import resolve_device
-from amlp_core.engine.lesions import post_args
+from amlp_core.engine.lesions import inference_args
 from amlp_core.engine.local import Epoch
 from amlp_core.engine.loops import evaluate_segmentation, finetune_budget
 from amlp_core.errors import ConfigError
@@ -291,7 +291,7 @@ def evaluate_round(site: Site, global_state: dict[str, torch.Tensor]) -> dict[st
         cfg.train.amp,
         desc=f"{site.name} evaluate",
         slice_axis=cfg.data.slice_axis,
-        **post_args(cfg.model),
+        **inference_args(cfg.model),
     )
     result[P.NUM_EXAMPLES] = result.pop("num_examples")
     return result

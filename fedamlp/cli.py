@@ -171,6 +171,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         post["post_min_share"] = args.min_share
     if args.min_confidence is not None:
         post["post_min_confidence"] = args.min_confidence
+    if args.tta is not None:
+        post["tta_flips"] = args.tta == "true"
     result = evaluate(args.model, overrides, device=args.device, all_cases=args.all_cases, post=post)
     _print_dice(result, result.get("class_names"))
     atomic_write_text(out, json.dumps(result, indent=2))
@@ -338,6 +340,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--min-confidence",
         type=float,
         help="drop components whose mean class probability is under this (default: model.post_min_confidence)",
+    )
+    p.add_argument(
+        "--tta", choices=("true", "false"), help="average the mirrored predictions (default: model.tta_flips)"
     )
     p.set_defaults(func=cmd_evaluate)
 

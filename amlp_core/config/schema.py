@@ -70,6 +70,7 @@ class ModelConfig:
     post_keep_largest: bool = False
     post_min_share: float = 0.0
     post_min_confidence: float = 0.0  # components whose mean probability of their class is below this go
+    tta_flips: bool = False  # test-time augmentation: average the predictions of every mirrored image
 
     def __post_init__(self) -> None:
         _check(self.spatial_dims in (2, 3), "model.spatial_dims", self.spatial_dims, "must be 2 or 3")

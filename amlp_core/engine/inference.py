@@ -19,7 +19,7 @@ from amlp_core.data.io import NIFTI_SUFFIXES, data_error, mask_pixels, overlay_p
 from amlp_core.data.plan import fingerprint, fit_problem, prepare, restore
 from amlp_core.engine.artefacts import load_segmentation, saved_config
 from amlp_core.engine.device import resolve_device
-from amlp_core.engine.lesions import post_args, postprocess
+from amlp_core.engine.lesions import inference_args, post_args, postprocess
 from amlp_core.engine.loops import evaluate_segmentation, predict_volume
 from amlp_core.engine.split import load_split
 from amlp_core.errors import DataError
@@ -56,10 +56,11 @@ def evaluate(
         dev,
         cfg.train.amp,
         slice_axis=cfg.data.slice_axis,
-        **post_args(cfg.model),
+        **inference_args(cfg.model),
     )
     result["class_names"] = meta.get("class_names", {})
-    result.update({k: getattr(cfg.model, k) for k in ("post_keep_largest", "post_min_share", "post_min_confidence")})
+    scored = ("post_keep_largest", "post_min_share", "post_min_confidence", "tta_flips")
+    result.update({k: getattr(cfg.model, k) for k in scored})
     return result
 
 
@@ -145,7 +146,10 @@ def predict_file(run: str | Path, input_path: str | Path, output_path: str | Pat
             "%s: %s; it is resampled onto the plan's grid", input_path, str(problem).replace("its", "the scan's")
         )
     planned = prepare(scan, plan)
-    probs = predict_volume(model, planned.image, cfg.model.img_size, dev, cfg.train.amp, slice_axis=cfg.data.slice_axis)
+    m = cfg.model
+    probs = predict_volume(
+        model, planned.image, m.img_size, dev, cfg.train.amp, slice_axis=cfg.data.slice_axis, flips=m.tta_flips
+    )
     restored = restore(probs.numpy(), planned.affine, image.shape[1:], affine)  # [K, *S] on the scan's grid
     labels = postprocess(
         restored.argmax(0).astype(np.uint8), cfg.model.num_classes, probabilities=restored, **post_args(cfg.model)

@@ -29,12 +29,18 @@ LESION_KEYS = (LESION_DICE, LESION_CASES, EMPTY_CASES, EMPTY_HITS, EMPTY_SHARE)
 
 
 def post_args(model: ModelConfig) -> dict[str, Any]:
-    """The post-processing keyword arguments (:func:`postprocess`, ``evaluate_segmentation``) of a model's config."""
+    """The post-processing keyword arguments (:func:`postprocess`) of a model's config."""
     return {
         "keep_largest": model.post_keep_largest,
         "min_share": model.post_min_share,
         "min_confidence": model.post_min_confidence,
     }
+
+
+def inference_args(model: ModelConfig) -> dict[str, Any]:
+    """How a model's config asks to be scored (``evaluate_segmentation``): its post-processing and its
+    test-time mirroring."""
+    return {**post_args(model), "flips": model.tta_flips}
 
 
 def postprocess(

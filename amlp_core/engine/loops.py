@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from collections import defaultdict
@@ -199,11 +200,14 @@ def predict_volume(
     amp: bool = True,
     batch_size: int = 4,
     slice_axis: int = -1,
+    flips: bool = False,
 ) -> torch.Tensor:
     """Segment one whole image of any size by sliding windows of ``roi_size``.
 
     A 3D image given to a 2D model (``len(roi_size) == 2``) is segmented slice by slice
-    along the spatial axis ``slice_axis``.
+    along the spatial axis ``slice_axis``. With ``flips`` (test-time augmentation) the image is also
+    segmented mirrored along every combination of its spatial axes (2**dims passes, as nnU-Net
+    mirrors) and the probabilities are averaged.
 
     Args:
         image: ``[C, *S]`` normalised intensities.
@@ -215,7 +219,7 @@ def predict_volume(
     if image.ndim - 1 == len(roi_size) + 1:
         axis = slice_axis % (image.ndim - 1) + 1  # spatial axis -> axis of [C, *S]
         slices = [
-            predict_volume(model, image.select(axis, k), roi_size, device, amp, batch_size)
+            predict_volume(model, image.select(axis, k), roi_size, device, amp, batch_size, flips=flips)
             for k in range(image.shape[axis])
         ]
         return torch.stack(slices, dim=axis)  # [K, *S]
@@ -223,19 +227,28 @@ def predict_volume(
         raise ValueError(f"a {image.ndim - 1}D image cannot be segmented by a {len(roi_size)}D model")
     model.eval()
     x = image.unsqueeze(0).to(device)  # [1, C, *S]
-    with autocast(device, amp):
-        logits = sliding_window_inference(
-            x,
-            tuple(roi_size),
-            batch_size,
-            model,
-            overlap=0.5,
-            mode="gaussian",
-            padding_mode="constant",
-            cval=float(x.min()),
-        )
-    assert isinstance(logits, torch.Tensor)  # one output head
-    return torch.softmax(logits.float(), dim=1)[0].cpu()
+    spatial = list(range(2, x.ndim))
+    mirrors = [list(c) for n in range(len(spatial) + 1) for c in itertools.combinations(spatial, n)] if flips else [[]]
+    total = None
+    for axes in mirrors:
+        view = x.flip(axes) if axes else x
+        with autocast(device, amp):
+            logits = sliding_window_inference(
+                view,
+                tuple(roi_size),
+                batch_size,
+                model,
+                overlap=0.5,
+                mode="gaussian",
+                padding_mode="constant",
+                cval=float(x.min()),
+            )
+        assert isinstance(logits, torch.Tensor)  # one output head
+        probs = torch.softmax(logits.float(), dim=1)
+        probs = probs.flip(axes) if axes else probs
+        total = probs if total is None else total + probs
+    assert total is not None
+    return (total / len(mirrors))[0].cpu()
 
 
 def evaluate_segmentation(
@@ -250,10 +263,12 @@ def evaluate_segmentation(
     keep_largest: bool = False,
     min_share: float = 0.0,
     min_confidence: float = 0.0,
+    flips: bool = False,
 ) -> dict[str, float]:
     """Dice per foreground class on whole images (MONAI ``DiceMetric``), and the lesion metrics
     (:class:`~amlp_core.engine.lesions.LesionTally`), after the post-processing ``keep_largest`` /
-    ``min_share`` / ``min_confidence`` (:func:`~amlp_core.engine.lesions.postprocess`).
+    ``min_share`` / ``min_confidence`` (:func:`~amlp_core.engine.lesions.postprocess`); ``flips``:
+    test-time mirroring (:func:`predict_volume`).
 
     Args:
         samples: objects with ``image`` ``[C, *S]`` and ``label`` ``[*S]``.
@@ -266,7 +281,9 @@ def evaluate_segmentation(
     metric = DiceMetric(include_background=False, reduction="mean_batch", ignore_empty=True, num_classes=num_classes)
     lesions, start = LesionTally(), time.monotonic()
     for sample in tqdm(samples, desc=desc, leave=False, disable=None):
-        probs = predict_volume(model, sample.image, roi_size, device, amp, slice_axis=slice_axis)  # [K, *S]
+        probs = predict_volume(
+            model, sample.image, roi_size, device, amp, slice_axis=slice_axis, flips=flips
+        )  # [K, *S]
         p = probs.numpy()
         pred = postprocess(p.argmax(0), num_classes, keep_largest, min_share, min_confidence, p)  # [*S]
         metric(torch.from_numpy(pred)[None, None], torch.as_tensor(sample.label).long()[None, None])  # [1, 1, *S]

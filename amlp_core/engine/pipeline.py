@@ -36,7 +36,7 @@ from amlp_core.engine.artefacts import (
 )
 from amlp_core.engine.checkpoint import atomic_write_text, load_checkpoint, save_checkpoint
 from amlp_core.engine.device import make_generator, resolve_device, seed_everything, set_threads
-from amlp_core.engine.lesions import EMPTY_SHARE, LESION_DICE, post_args
+from amlp_core.engine.lesions import EMPTY_SHARE, LESION_DICE, inference_args
 from amlp_core.engine.local import finetune_for, make_loader, pretrain_epochs, run_epochs
 from amlp_core.engine.loops import evaluate_segmentation, finetune_budget
 from amlp_core.engine.optim import finetune_optimizer, pretrain_optimizer
@@ -354,7 +354,7 @@ def train_segmentation(
             device,
             cfg.train.amp,
             slice_axis=cfg.data.slice_axis,
-            **post_args(m),
+            **inference_args(m),
         )
 
     every = cfg.train.eval_every if ledger is None and split.test else 0  # a private run evaluates at the end only

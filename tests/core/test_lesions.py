@@ -151,3 +151,22 @@ def test_postprocess_drops_faint_components():
     kept = postprocess(labels, 2, keep_largest=True, min_confidence=0.7, probabilities=probs)
     assert kept.sum() == 16 and kept[3, 3] == 1  # the largest of the confident ones, not the faint larger one
     assert np.array_equal(postprocess(labels, 2, min_confidence=0.7), labels)  # no probabilities: not applied
+
+
+def test_mirrored_predictions_are_averaged():
+    """``flips``: 2**dims passes over mirrored images, each mapped back: a mirror-symmetric model gives the
+    same probabilities, an asymmetric one the average of its mirrored outputs."""
+    import torch
+
+    from amlp_core.engine.loops import predict_volume
+
+    class LeftBias(torch.nn.Module):  # logit of class 1 grows along the last axis
+        def forward(self, x):
+            ramp = torch.linspace(-3, 3, x.shape[-1]).expand_as(x[:, :1])
+            return torch.cat([torch.zeros_like(ramp), ramp], dim=1)
+
+    image = np.zeros((1, 8, 8), np.float32)
+    plain = predict_volume(LeftBias(), image, (8, 8), torch.device("cpu"), amp=False)
+    mirrored = predict_volume(LeftBias(), image, (8, 8), torch.device("cpu"), amp=False, flips=True)
+    assert plain[1, 0, 0] < 0.1 and plain[1, 0, -1] > 0.9
+    assert torch.allclose(mirrored[1], torch.full((8, 8), 0.5), atol=1e-5)  # the ramp and its mirror cancel
