@@ -83,6 +83,7 @@ def test_lesion_images_get_their_presets(tmp_path):
     defaults = data_defaults(str(root))
     assert defaults["model.spatial_dims"] == 2 and defaults["model.img_size"] == (128, 128)
     assert defaults["model.post_keep_largest"] is True and defaults["model.post_min_share"] == 0.002
+    assert defaults["model.post_min_confidence"] == 0.8
 
 
 def test_union_of_several_masks(tmp_path):
