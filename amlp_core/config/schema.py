@@ -320,7 +320,8 @@ class PlanConfig:
     input_size: tuple[int, ...] = ()
     # A site whose median spacing differs from the target by more than this factor on an axis is refused.
     max_spacing_ratio: float = 3.0
-    # 2D images: resize | window (IMAGE_FITS); "": resize for 2D plans (measured, docs/data.md), else window.
+    # 2D images: resize | window (IMAGE_FITS); "": decided resize for 2D plans (measured, docs/results.md);
+    # a 3D plan keeps "" (its scans are resampled to the spacing and tiled by windows).
     image_fit: str = ""
 
     def __post_init__(self) -> None:

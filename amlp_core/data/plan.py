@@ -226,9 +226,10 @@ def decide_plan(
         )
     normalization = base.normalization or ("ct" if modality == "CT" else "zscore")
     input_size = base.input_size or decide_input_size(_median_shape(kept, spacing), spacing, budget, step)
-    # 2D images are resized to the input size: measured on BUSI, it segments as well as crops and sliding
-    # windows at a fraction of the cost (docs/data.md); 3D scans are resampled to the spacing instead.
-    image_fit = base.image_fit or ("resize" if len(spacing) == 2 else "window")
+    # 2D images are resized to the input size: measured on BUSI, it segments better than crops and sliding
+    # windows at a fraction of the cost (docs/results.md); 3D scans are resampled to the spacing instead
+    # ("": their plans stay as they were before image_fit existed).
+    image_fit = base.image_fit or ("resize" if len(spacing) == 2 else "")
     decided: dict[str, Any] = {
         "target_spacing": spacing,
         "modality": modality,
