@@ -13,6 +13,7 @@ from tqdm import tqdm
 from amlp_core.config import BAD_CASE_POLICIES
 from amlp_core.data.cases import DatasetIndex, Sample
 from amlp_core.data.io import data_error
+from amlp_core.data.partition import group_units
 from amlp_core.data.transforms import AUGMENTATIONS, fit_to_roi, random_flip, strong_augment
 from amlp_core.data.validate import Expect, inspect_case, refuse_or_skip
 from amlp_core.errors import ConfigError, DataError
@@ -151,15 +152,6 @@ class SegDataset(torch.utils.data.Dataset):
         return item
 
 
-def _units(names: Sequence[str], groups: Mapping[str, str] | None) -> list[list[str]]:
-    """``names`` gathered by group (``groups``: name -> group key; a name without one is its own group),
-    sorted by key, each unit sorted."""
-    units: dict[str, list[str]] = {}
-    for name in sorted(names):
-        units.setdefault((groups or {}).get(name, name), []).append(name)
-    return [units[key] for key in sorted(units)]
-
-
 def _take(units: list[list[str]], order: np.ndarray, quota: dict[str, int], stratum: Callable[[str], str]):
     """Units in ``order`` whose cases fit in their stratum's ``quota`` (a group that would overshoot is
     passed over). With singleton units and one stratum: exactly the first ``quota`` units in order."""
@@ -200,7 +192,7 @@ def split_names(
     n_test = round(test_fraction * len(ordered))
     if test_fraction > 0 and len(ordered) > 1:
         n_test = min(max(n_test, 1), len(ordered) - 1)
-    units = _units(ordered, groups)
+    units = group_units(ordered, groups)
     perm = np.random.default_rng(seed).permutation(len(units))
     if strata:
         sizes = Counter(strata.get(n, "") for n in ordered)
@@ -232,7 +224,7 @@ def label_subset(samples: Sequence[Sample], fraction: float, seed: int) -> list[
         raise DataError(f"label_subset: none of the {len(samples)} samples has a label")
     k = max(1, round(fraction * len(labelled)))
     by_name = {s.name: s for s in labelled}
-    units = _units(list(by_name), {s.name: s.group_key for s in labelled})
+    units = group_units(list(by_name), {s.name: s.group_key for s in labelled})
     perm = np.random.default_rng(seed).permutation(len(units))
     chosen = _take(units, perm, {"": k}, lambda n: "") or [units[perm[0]]]
     picked = {n for unit in chosen for n in unit}

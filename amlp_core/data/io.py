@@ -15,6 +15,7 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 from PIL import Image
+from scipy import ndimage
 
 from amlp_core.errors import DataError
 
@@ -219,9 +220,7 @@ def overlay_pixels(image: np.ndarray, labels: np.ndarray) -> np.ndarray:
             continue
         colour = np.asarray(OVERLAY_COLOURS[(k - 1) % len(OVERLAY_COLOURS)], dtype=np.float64)
         rgb[inside] = (1 - OVERLAY_ALPHA) * rgb[inside] + OVERLAY_ALPHA * colour
-        padded = np.pad(inside, 1)
-        interior = padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:]
-        rgb[inside & ~interior] = colour
+        rgb[inside & ~ndimage.binary_erosion(inside)] = colour
     return rgb.round().astype(np.uint8)
 
 

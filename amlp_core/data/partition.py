@@ -42,29 +42,41 @@ def partition_names(
         raise ConfigError(f"cannot cut {len(names)} cases into {num_sites} sites of at least {min_per_site}")
     if scheme not in PARTITIONS:
         raise ConfigError(f"unknown partition scheme {scheme!r}: expected one of {', '.join(PARTITIONS)}")
-    units: dict[str, list[str]] = {}
-    for name in names:
-        units.setdefault((groups or {}).get(name, name), []).append(name)
-    keys = sorted(units)
+    units = group_units(names, groups)
     rng = np.random.default_rng(seed)
-    order = [keys[i] for i in rng.permutation(len(keys))]
+    order = [units[i] for i in rng.permutation(len(units))]
     if scheme == "iid":
-        return _deal([units[k] for k in order], num_sites)
+        return _deal(order, num_sites)
     if scheme == "category":
-        return _by_category(units, order, num_sites, alpha, rng, min_per_site, categories or {})
+        return _by_category(order, num_sites, alpha, rng, min_per_site, categories or {})
     spare = len(names) - num_sites * min_per_site
     shares = rng.dirichlet(np.full(num_sites, alpha))
     extra = np.floor(shares * spare).astype(int)
     extra[np.argsort(-shares)[: spare - extra.sum()]] += 1  # hand out the rounding remainder
     counts = extra + min_per_site
     sites: list[list[str]] = [[] for _ in range(num_sites)]
-    site, dealt, bounds = 0, 0, np.cumsum(counts)
-    for k in order:  # the flat order cut at the bounds; a group stays whole on the site its first case falls to
-        while site < num_sites - 1 and dealt >= bounds[site]:
-            site += 1
-        sites[site] += units[k]
-        dealt += len(units[k])
+    _cut(order, np.cumsum(counts), sites)
     return sites
+
+
+def group_units(names: Sequence[str], groups: Mapping[str, str] | None) -> list[list[str]]:
+    """``names`` gathered by group (``groups``: name -> group key; a name without one is its own group),
+    sorted by key, each unit sorted: what a split or a partition deals as a whole."""
+    units: dict[str, list[str]] = {}
+    for name in sorted(names):
+        units.setdefault((groups or {}).get(name, name), []).append(name)
+    return [units[key] for key in sorted(units)]
+
+
+def _cut(units: list[list[str]], bounds: np.ndarray, sites: list[list[str]]) -> None:
+    """Append ``units``, in order, to ``sites``: the flat order of their cases cut at the cumulative
+    ``bounds``; a unit stays whole on the site its first case falls to."""
+    site, dealt = 0, 0
+    for unit in units:
+        while site < len(sites) - 1 and dealt >= bounds[site]:
+            site += 1
+        sites[site] += unit
+        dealt += len(unit)
 
 
 def _deal(units: list[list[str]], num_sites: int) -> list[list[str]]:
@@ -76,34 +88,27 @@ def _deal(units: list[list[str]], num_sites: int) -> list[list[str]]:
 
 
 def _by_category(
-    units: dict[str, list[str]],
-    order: list[str],
+    units: list[list[str]],
     num_sites: int,
     alpha: float,
     rng: np.random.Generator,
     min_per_site: int,
     categories: Mapping[str, str],
 ) -> list[list[str]]:
-    """Each category's units cut among the sites by a Dirichlet(alpha) draw of its own; redrawn until
-    every site holds at least ``min_per_site`` cases."""
-    by_category: dict[str, list[str]] = {}
-    for key in order:
-        by_category.setdefault(categories.get(units[key][0], ""), []).append(key)
+    """Each category's units (in the given order) cut among the sites by a Dirichlet(alpha) draw of its
+    own; redrawn until every site holds at least ``min_per_site`` cases."""
+    by_category: dict[str, list[list[str]]] = {}
+    for unit in units:
+        by_category.setdefault(categories.get(unit[0], ""), []).append(unit)
     for _ in range(_CATEGORY_TRIES):
         sites: list[list[str]] = [[] for _ in range(num_sites)]
         for category in sorted(by_category):
-            keys = by_category[category]
-            total = sum(len(units[k]) for k in keys)
-            bounds = np.cumsum(rng.dirichlet(np.full(num_sites, alpha))) * total
-            done, site = 0, 0
-            for k in keys:
-                while site < num_sites - 1 and done >= bounds[site]:
-                    site += 1
-                sites[site] += units[k]
-                done += len(units[k])
+            these = by_category[category]
+            total = sum(map(len, these))
+            _cut(these, np.cumsum(rng.dirichlet(np.full(num_sites, alpha))) * total, sites)
         if min(map(len, sites)) >= min_per_site:
             return sites
     raise ConfigError(
-        f"cannot cut {sum(map(len, units.values()))} cases by category into {num_sites} sites of at least "
+        f"cannot cut {sum(map(len, units))} cases by category into {num_sites} sites of at least "
         f"{min_per_site} with federation.dirichlet_alpha={alpha}: raise the alpha or use fewer sites"
     )

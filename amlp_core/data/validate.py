@@ -234,7 +234,7 @@ def check_dataset(
             channels[case] = sample.image.shape[0]
             sizes.append(sample.image.shape[1:])
             empty += sample.label is not None and not sample.label.any()
-            if look_for_duplicates and sample.image.ndim == 3:
+            if look_for_duplicates:
                 names.append(case.name)
                 thumbs.append(thumbnail(sample.image))
     if channels:
