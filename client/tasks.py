@@ -45,6 +45,7 @@ class Instructions:
     digest: str
     proximal_mu: float
     local_steps: int = 0  # fine-tuning: federation.finetune_local_steps (0: local epochs over all labelled cases)
+    semi: str = ""  # fine-tuning: the server's semi-supervised settings (protocol.semi_settings)
     plan: PlanConfig | None = None  # the run's plan (every round message carries it)
 
     @classmethod
@@ -60,6 +61,7 @@ class Instructions:
                 digest=str(record[P.CONFIG_DIGEST]),
                 proximal_mu=float(record.get(P.PROXIMAL_MU, 0.0)),
                 local_steps=int(record[P.LOCAL_STEPS]) if phase == P.FINETUNE else 0,
+                semi=str(record[P.SEMI]) if phase == P.FINETUNE else "",
                 plan=server_plan(record),
             )
         except KeyError as e:
@@ -107,6 +109,11 @@ def _check(site: Site, ins: Instructions) -> None:
             f"(federation.finetune_local_steps={ins.local_steps}), this site "
             f"{_steps_plan(fed.finetune_local_steps)} (federation.finetune_local_steps="
             f"{fed.finetune_local_steps}): update the site or the run config"
+        )
+    if ins.phase == P.FINETUNE and ins.semi != P.semi_settings(cfg):
+        raise RoundRefused(
+            f"the server fine-tunes with the semi-supervised settings {ins.semi}, this site with "
+            f"{P.semi_settings(cfg)}: update the site or the run config"
         )
 
 
@@ -229,6 +236,7 @@ def finetune_round(
             local_finetune_steps(site),
             _round(site, ins, f"{site.name} finetune r{ins.round}"),
             pretrained=site.cfg.federation.encoder_pretrained,
+            train=site.split.train,
         )
     except local.WeightsMismatch as e:
         raise RoundRefused(str(e)) from None
@@ -237,6 +245,7 @@ def finetune_round(
         P.NUM_EXAMPLES: len(subset),
         P.UNIT_WEIGHT: 1,
         P.LOSS: metrics.get("loss", float("nan")),
+        P.SEMI_UNLABELLED: metrics["semi_unlabelled"],
         **_privacy_reply(metrics),
     }
 

@@ -11,6 +11,8 @@ Every key is snake_case except the two that Flower itself reads or writes: ``num
 strategies weigh by it) and ``proximal-mu`` (its FedProx sets it).
 """
 
+import json
+
 # Record keys (Flower's strategies use "arrays" and "config"; kept so that they work unchanged).
 ARRAYS = "arrays"
 CONFIG = "config"
@@ -30,6 +32,9 @@ LOCAL_STEPS = "local_steps"
 EXPECTED_RATIO = "expected_mask_ratio"  # AMR ratio the server expects at the round's start
 CONFIG_DIGEST = "config_digest"  # hash of the model and method config the server runs
 PROXIMAL_MU = "proximal-mu"  # set by Flower's FedProx
+#: Fine-tuning rounds: the semi-supervised settings (JSON of every ``train.semi_*`` value) the server runs;
+#: a site with others refuses the round, naming both.
+SEMI = "semi_supervised"
 PLAN = "plan"  # the run's plan (amlp_core/data/plan.py: JSON of the decided plan section), in every message
 ARRAY_KEYS = "array_keys"  # SecAgg+ rounds: JSON list naming the legacy FitIns arrays, in order
 WEIGHT_KEY = "weight_key"  # SecAgg+ rounds: the metric the site weights its update by (the strategy's)
@@ -39,6 +44,8 @@ NUM_EXAMPLES = "num-examples"
 LOSS = "loss"
 MASK_RATIO = "mask_ratio"
 EPSILON = "epsilon"  # site DP: the site's cumulative epsilon after this round (at privacy.delta)
+#: Fine-tuning replies: the unlabelled cases the round learnt from (0: it trained on its labels only).
+SEMI_UNLABELLED = "semi_unlabelled"
 UNIT_WEIGHT = "unit_weight"  # always 1: equal site weights, which Flower's accounted server DP requires
 
 # A site's declaration, its reply to the server's QUERY message (server/validation.py bounds every
@@ -66,6 +73,12 @@ ALL_SITES = "ALL"
 # Site description in SITE.
 SITE_NAME = "name"
 CLASS_NAMES = "class_names"  # JSON {"0": "background", ...}
+
+
+def semi_settings(cfg) -> str:
+    """The semi-supervised settings of a :class:`amlp_core.config.Config` as :data:`SEMI` carries them."""
+    train = cfg.to_dict()["train"]
+    return json.dumps({k: v for k, v in sorted(train.items()) if k.startswith("semi_")}, separators=(",", ":"))
 
 
 def config_digest(cfg) -> str:

@@ -182,6 +182,7 @@ class Federation:
             record[P.EXPECTED_RATIO] = mask_ratio_at(self.cfg.method, t)
         else:  # fine-tuning is counted in optimiser steps (each site checks it plans the same)
             record[P.LOCAL_STEPS] = self.fed.finetune_local_steps
+            record[P.SEMI] = P.semi_settings(self.cfg)
         return ConfigRecord(record)
 
     def _record(

@@ -379,6 +379,13 @@ class PlanConfig:
         return self.image_fit == "resize"
 
 
+#: ``train.semi_supervised`` values (amlp_core/engine/semi.py).
+SEMI_METHODS = ("none", "mean_teacher", "fixmatch")
+#: ``train.semi_teacher_start`` values: at each federated round the teacher restarts from the global model,
+#: or keeps the site's running average.
+TEACHER_STARTS = ("global", "keep")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Local optimisation, shared by pretraining and fine-tuning."""
@@ -410,6 +417,17 @@ class TrainConfig:
     # A labelled image larger than model.img_size is cropped around a foreground voxel with this probability
     # (nnU-Net's 1/3), else anywhere; an image that fits the box is only padded.
     foreground_share: float = 0.33
+    # Semi-supervised fine-tuning (amlp_core/engine/semi.py): the site's unlabelled pool (training cases whose
+    # label is not used) enters the loss through a teacher, the EMA of the student.
+    semi_supervised: str = "none"  # none | mean_teacher | fixmatch
+    semi_weight: float = 1.0  # the unlabelled loss's weight, once ramped up
+    semi_rampup: float = 0.1  # share of the run over which that weight ramps up (sigmoid; 0: none)
+    semi_ema: float = 0.99  # the teacher's EMA momentum per step (0: the teacher is the student)
+    semi_threshold: float = 0.95  # fixmatch: a pixel's pseudo-label counts from this teacher probability on
+    semi_cutmix: float = 0.5  # fixmatch: probability that a strong view takes a box of another unlabelled case
+    semi_noise: float = 0.1  # mean_teacher: std of each view's gaussian noise (clipped at 2 std)
+    semi_batch: int = 0  # unlabelled cases per step (0: train.batch_size)
+    semi_teacher_start: str = "global"  # federated: each round's teacher starts as the global model, or keeps
 
     def __post_init__(self) -> None:
         _check(self.epochs >= 1, "train.epochs", self.epochs, "must be at least 1")
@@ -443,6 +461,25 @@ class TrainConfig:
         _check(self.augment in ("strong", "flip"), "train.augment", self.augment, "must be strong or flip")
         _check(
             0.0 <= self.foreground_share <= 1.0, "train.foreground_share", self.foreground_share, "must be in [0, 1]"
+        )
+        _check(
+            self.semi_supervised in SEMI_METHODS,
+            "train.semi_supervised",
+            self.semi_supervised,
+            f"must be one of {', '.join(SEMI_METHODS)}",
+        )
+        _check(self.semi_weight >= 0, "train.semi_weight", self.semi_weight, "must not be negative")
+        _check(0.0 <= self.semi_rampup <= 1.0, "train.semi_rampup", self.semi_rampup, "must be in [0, 1]")
+        _check(0.0 <= self.semi_ema < 1.0, "train.semi_ema", self.semi_ema, "must be in [0, 1)")
+        _check(0.0 < self.semi_threshold <= 1.0, "train.semi_threshold", self.semi_threshold, "must be in (0, 1]")
+        _check(0.0 <= self.semi_cutmix <= 1.0, "train.semi_cutmix", self.semi_cutmix, "must be in [0, 1]")
+        _check(self.semi_noise >= 0, "train.semi_noise", self.semi_noise, "must not be negative")
+        _check(self.semi_batch >= 0, "train.semi_batch", self.semi_batch, "must not be negative (0: train.batch_size)")
+        _check(
+            self.semi_teacher_start in TEACHER_STARTS,
+            "train.semi_teacher_start",
+            self.semi_teacher_start,
+            f"must be one of {', '.join(TEACHER_STARTS)}",
         )
 
 
@@ -737,6 +774,12 @@ class Config:
                 "fedprox",
                 "cannot combine with privacy.site_dp: the proximal term's gradient is not per case, so DP-SGD "
                 "would drop it (use fedavg)",
+            )
+        if self.privacy.site_dp and self.train.semi_supervised != "none":  # (fine-tuning is always private then)
+            raise ConfigError(
+                f"invalid train.semi_supervised={self.train.semi_supervised!r} with privacy.site_dp=True: DP-SGD "
+                "samples and clips the labelled cases only, so the unlabelled cases would train outside the "
+                "accountant (use train.semi_supervised=none under site DP)"
             )
         if self.privacy.server_dp and self.federation.secure_aggregation:
             raise ConfigError(

@@ -18,6 +18,7 @@ functions cannot train privately and forget the ledger, or train on a private co
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -31,12 +32,15 @@ from amlp_core.data import Sample, SegDataset
 from amlp_core.engine.device import make_generator, resolve_device, seed_everything
 from amlp_core.engine.loops import finetune_steps, pretrain_epoch
 from amlp_core.engine.optim import finetune_optimizer, pretrain_optimizer, set_finetune_lr
+from amlp_core.engine.semi import SemiObjective, SemiTraining, unlabelled_pool
 from amlp_core.errors import AMLPError
 from amlp_core.losses import dice_ce_loss, proximal_term
 from amlp_core.methods import PretrainMethod, build_method
 from amlp_core.models import build_segmentation_model
 from amlp_core.privacy import PrivacyLedger, charged_training
 from amlp_core.schedules import warmup_cosine
+
+log = logging.getLogger(__name__)
 
 
 class WeightsMismatch(AMLPError, ValueError):
@@ -125,8 +129,10 @@ def finetune_for(
     regularizer: Callable[[], torch.Tensor] | None = None,
     on_pass: Callable[[dict[str, Any]], bool | None] | None = None,
     desc: str = "finetune",
+    semi: SemiTraining | None = None,
 ) -> dict[str, Any]:
-    """``steps`` optimiser steps of Dice + CE training of ``model`` over ``loader``'s cases (one stretch).
+    """``steps`` optimiser steps of Dice + CE training of ``model`` over ``loader``'s cases (one stretch),
+    with ``semi`` (:func:`semi_training`) the unlabelled pool's loss too.
 
     The rate of step ``k`` is :func:`~amlp_core.engine.optim.set_finetune_lr` at ``progress_at(k)``.
     The passes over the cases continue the numbering of the earlier stretches (``stretch``'s round:
@@ -157,8 +163,46 @@ def finetune_for(
             regularizer=regularizer,
             first_pass=(stretch[1] - 1) * passes,
             on_pass=on_pass,
+            semi=semi,
         )
     return {**metrics, **spent}
+
+
+def semi_training(
+    cfg: Config,
+    model: nn.Module,
+    train: list[Sample],
+    subset: list[Sample],
+    seed: int,
+    progress_at: Callable[[int], float],
+    first_pass: int = 0,
+    teacher: dict[str, torch.Tensor] | None = None,
+) -> SemiTraining | None:
+    """The semi-supervised side of a fine-tuning stretch of ``model`` (on its device), or None when
+    ``train.semi_supervised=none`` or the unlabelled pool of ``train`` beyond ``subset`` is empty (the
+    stretch trains supervised, and the log says why).
+
+    The unlabelled batches (``train.semi_batch`` cases, else ``train.batch_size``) are the weak view: the
+    crop and flips only (:mod:`~amlp_core.engine.semi` perturbs them). The teacher starts as ``model``, or
+    holds ``teacher`` (a kept teacher's weights).
+    """
+    t = cfg.train
+    if t.semi_supervised == "none":
+        return None
+    pool = unlabelled_pool(train, subset)
+    if not pool:
+        log.warning(
+            "train.semi_supervised=%s: no unlabelled case here, so fine-tuning is supervised only", t.semi_supervised
+        )
+        return None
+    weak = cfg.replace(train={"batch_size": t.semi_batch or t.batch_size, "augment": "flip"})
+    loader = make_loader(pool, weak, augment=True, labels=False, seed=seed + 1)
+    device = next(model.parameters()).device
+    objective = SemiObjective(t, model, make_generator(seed + 2, device))
+    if teacher is not None:
+        objective.teacher.load_state_dict(teacher)
+    log.info("semi-supervised (%s): %d unlabelled cases beside %d labelled", t.semi_supervised, len(pool), len(subset))
+    return SemiTraining(objective, loader, progress_at, first_pass)
 
 
 def make_loader(samples: list[Sample], cfg: Config, augment: bool, labels: bool, seed: int | None = None) -> DataLoader:
@@ -265,10 +309,15 @@ def finetune_round(
     steps: int,
     rnd: Round,
     pretrained: bool,
+    train: list[Sample] | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict, dict[str, float]]:
     """One federated fine-tuning round at a site: the global segmentation network (every key, strictly),
     the optimizer from ``kept``, ``steps`` steps over the site's labelled ``cases``. Step ``k`` of round
     ``r`` sits at the run's progress ``(r - 1 + (k + 1/2) / steps) / total``.
+
+    With ``train.semi_supervised``, the site's unlabelled pool (its training cases ``train`` beyond
+    ``cases``) joins the loss (:func:`semi_training`). The teacher stays at the site: it starts each round
+    as the global model (``train.semi_teacher_start=global``) or as the site kept it (``keep``).
 
     Returns:
         ``(network weights out, state to keep, metrics)``; metrics as :func:`finetune_for`'s.
@@ -284,6 +333,12 @@ def finetune_round(
         optimizer.load_state_dict(kept["optimizer"])
     loader = make_loader(cases, cfg, augment=True, labels=True, seed=rnd.seed)
     regularizer = proximal_term(model, rnd.proximal_mu) if rnd.proximal_mu > 0 else None
+
+    def progress_at(k: int) -> float:
+        return (rnd.number - 1 + (k + 0.5) / steps) / rnd.total
+
+    kept_teacher = kept.get("teacher") if kept is not None and cfg.train.semi_teacher_start == "keep" else None
+    semi = semi_training(cfg, model, train or [], cases, rnd.seed, progress_at, teacher=kept_teacher)
     metrics = finetune_for(
         model,
         optimizer,
@@ -291,15 +346,20 @@ def finetune_round(
         device,
         cfg,
         steps,
-        lambda k: (rnd.number - 1 + (k + 0.5) / steps) / rnd.total,
+        progress_at,
         ledger=rnd.ledger,
         seed=rnd.seed,
         stretch=("finetune", rnd.number),
         regularizer=regularizer,
         desc=rnd.desc,
+        semi=semi,
     )
     out = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    return out, {"optimizer": optimizer.state_dict()}, metrics
+    state: dict[str, Any] = {"optimizer": optimizer.state_dict()}
+    if semi is not None:
+        state["teacher"] = {k: v.detach().cpu() for k, v in semi.objective.teacher.state_dict().items()}
+    metrics["semi_unlabelled"] = semi.unlabelled if semi is not None else 0
+    return out, state, metrics
 
 
 def segmentation_model(cfg: Config, state: dict[str, torch.Tensor]) -> nn.Module:

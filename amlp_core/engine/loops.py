@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from amlp_core.engine.device import autocast
 from amlp_core.engine.lesions import LesionTally, postprocess
 from amlp_core.engine.optim import set_lr
+from amlp_core.engine.semi import SemiTraining
 from amlp_core.methods import PretrainMethod
 from amlp_core.privacy import noise_only_step
 
@@ -121,8 +122,9 @@ def finetune_steps(
     regularizer: Callable[[], torch.Tensor] | None = None,
     first_pass: int = 0,
     on_pass: Callable[[dict[str, float]], bool | None] | None = None,
+    semi: SemiTraining | None = None,
 ) -> dict[str, float]:
-    """``steps`` optimiser steps of supervised segmentation training, cycling through ``loader``.
+    """``steps`` optimiser steps of segmentation training, cycling through ``loader``.
 
     Each pass over ``loader`` first calls ``loader.dataset.set_epoch(first_pass + p)`` (when the dataset
     has it), so every pass is reshuffled and re-augmented. A step is one batch drawn from the loader:
@@ -138,9 +140,13 @@ def finetune_steps(
         on_pass: called after every pass (the last one may be partial) with that pass's mean ``loss``,
             ``num_examples``, ``pass`` (1-based, in this call) and ``step`` (steps done so far); when it
             returns True, training stops there.
+        semi: the semi-supervised side (:mod:`~amlp_core.engine.semi`): every step also draws an unlabelled
+            batch, the student sees both batches in one forward pass, and the unlabelled loss joins the
+            supervised one at its ramped weight; the teacher follows the student after every step.
 
     Returns:
-        Sample-weighted mean loss of all the steps taken, ``num_examples`` (samples seen), ``steps``, ``passes``.
+        Sample-weighted mean supervised ``loss`` of all the steps taken (and, semi-supervised, ``semi_loss``
+        and the method's other figures), ``num_examples`` (labelled samples seen), ``steps``, ``passes``.
     """
     if steps < 1:
         raise ValueError(f"fine-tuning needs at least one step, got {steps}")
@@ -161,19 +167,26 @@ def finetune_steps(
                 if batch is None:  # an empty Poisson batch of DP-SGD: still a step, of noise only
                     noise_only_step(optimizer)
                 else:
-                    images = batch["image"].to(device, non_blocking=True)
-                    labels = batch["label"].to(device, non_blocking=True)
-                    with autocast(device, amp):
-                        logits = model(images)  # [B, K, *S]
-                    loss = loss_fn(logits.float(), labels)
-                    full = loss + regularizer() if regularizer is not None else loss
+                    images = batch["image"].to(device, non_blocking=True)  # [B, C, *S]
+                    labels = batch["label"].to(device, non_blocking=True)  # [B, 1, *S]
+                    if semi is None:
+                        with autocast(device, amp):
+                            logits = model(images)  # [B, K, *S]
+                        loss = loss_fn(logits.float(), labels)
+                        full, figures = loss, {"loss": loss.item()}
+                    else:
+                        full, loss, figures = _semi_loss(model, images, labels, loss_fn, semi, done, device, amp)
+                    if regularizer is not None:
+                        full = full + regularizer()
                     optimizer.zero_grad(set_to_none=True)
                     full.backward()
                     optimizer.step()
-                    if not torch.isfinite(loss):
-                        raise FloatingPointError(f"segmentation loss became {loss.item()} at step {done + 1}")
-                    means.add({"loss": loss.item()}, images.shape[0])
-                    total.add({"loss": loss.item()}, images.shape[0])
+                    if not torch.isfinite(full):
+                        raise FloatingPointError(f"segmentation loss became {full.item()} at step {done + 1}")
+                    if semi is not None:
+                        semi.objective.after_step(model)
+                    means.add(figures, images.shape[0])
+                    total.add(figures, images.shape[0])
                     bar.set_postfix(loss=f"{loss.item():.4f}")
                 done += 1
                 bar.update(1)
@@ -189,6 +202,30 @@ def finetune_steps(
     finally:
         bar.close()
     return {**total.means(), "num_examples": total.count, "steps": done, "passes": passes}
+
+
+def _semi_loss(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    loss_fn: nn.Module,
+    semi: SemiTraining,
+    step: int,
+    device: torch.device,
+    amp: bool,
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
+    """One semi-supervised step's loss: ``(supervised + w * unlabelled, supervised, figures)``."""
+    if semi.stream is None:
+        semi.stream = semi.batches()
+    unlabelled = next(semi.stream).to(device, non_blocking=True)  # [U, C, *S]
+    with autocast(device, amp):
+        target = semi.objective.views(unlabelled)  # the teacher's targets (no gradient)
+        logits = model(torch.cat([images, target.images]))  # [B + U, K, *S]
+    n = images.shape[0]
+    loss = loss_fn(logits[:n].float(), labels)
+    loss_u, figures = semi.objective.loss(logits[n:], target)
+    weight = semi.objective.weight(semi.progress_at(step))
+    return loss + weight * loss_u, loss, {"loss": loss.item(), **figures, "semi_weight": weight}
 
 
 @torch.no_grad()

@@ -37,7 +37,7 @@ from amlp_core.engine.artefacts import (
 from amlp_core.engine.checkpoint import atomic_write_text, load_checkpoint, save_checkpoint
 from amlp_core.engine.device import make_generator, resolve_device, seed_everything, set_threads
 from amlp_core.engine.lesions import EMPTY_SHARE, LESION_DICE, inference_args
-from amlp_core.engine.local import finetune_for, make_loader, pretrain_epochs, run_epochs
+from amlp_core.engine.local import finetune_for, make_loader, pretrain_epochs, run_epochs, semi_training
 from amlp_core.engine.loops import evaluate_segmentation, finetune_budget
 from amlp_core.engine.optim import finetune_optimizer, pretrain_optimizer
 from amlp_core.engine.split import DataSplit, load_split, with_plan
@@ -359,6 +359,10 @@ def train_segmentation(
 
     every = cfg.train.eval_every if ledger is None and split.test else 0  # a private run evaluates at the end only
     on_pass = _PassRecorder(model, cfg, out, steps, meta if saveable else None, test_dice, every, start)
+
+    def progress_at(k: int) -> float:
+        return _progress(k, steps, start, cfg)
+
     metrics = finetune_for(
         model,
         optimizer,
@@ -366,10 +370,11 @@ def train_segmentation(
         device,
         cfg,
         steps,
-        lambda k: _progress(k, steps, start, cfg),
+        progress_at,
         ledger=ledger,
         seed=cfg.train.seed,
         on_pass=on_pass,
+        semi=semi_training(cfg, model, split.train, subset, cfg.train.seed, progress_at),
     )
     privacy = {"epsilon": metrics["epsilon"], "delta": cfg.privacy.delta} if ledger else {}
     result: dict[str, Any]
@@ -409,6 +414,7 @@ class _PassRecorder:
     def __call__(self, metrics: dict[str, Any]) -> bool:
         done, stop, steps = metrics["step"], _out_of_time(self.start, self.cfg), self.steps
         record = {
+            **{k: v for k, v in metrics.items() if k.startswith("semi_")},
             "loss": metrics.get("loss", float("nan")),
             "num_examples": metrics["num_examples"],
             "epoch": metrics["pass"],

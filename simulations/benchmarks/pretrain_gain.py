@@ -54,6 +54,7 @@ from simulations.benchmarks.common import (
 log = logging.getLogger(__name__)
 SCRATCH = "scratch"
 UNET = "unet"  # the plain conv U-Net from scratch (model.seg_arch=unet): the floor every gain is measured against
+SEMI_JOIN = " + "  # a semi-supervised row's name: "<start> + <train.semi_supervised>"
 METRIC_NAMES = {"dice_mean": "mean Dice", LESION_DICE: "lesion Dice"}
 
 
@@ -160,6 +161,11 @@ def summary(rows: list[dict], fractions: list[float], metric: str = "dice_mean")
                 entry["minus_scratch"] = paired(rows, fraction, init, SCRATCH, metric)
             if init.startswith("amlp "):  # against MAE at the same pretraining budget
                 entry["minus_mae"] = paired(rows, fraction, init, "mae " + init.removeprefix("amlp "), metric)
+            if SEMI_JOIN in init:  # semi-supervised: against the same start trained on its labels only
+                base, semi = init.rsplit(SEMI_JOIN, 1)
+                entry["minus_supervised"] = paired(rows, fraction, init, base, metric)
+                if base != SCRATCH:
+                    entry["minus_scratch_semi"] = paired(rows, fraction, init, SCRATCH + SEMI_JOIN + semi, metric)
             out.append(entry)
 
             def fmt(d):
@@ -176,12 +182,16 @@ def summary(rows: list[dict], fractions: list[float], metric: str = "dice_mean")
                     "lesion-free predicted empty": f"{entry['empty_share']:.3f}" if empty else "",
                     "minus scratch (paired)": fmt(entry.get("minus_scratch")),
                     "AMLP minus MAE (paired)": fmt(entry.get("minus_mae")),
+                    "semi minus supervised (paired)": fmt(entry.get("minus_supervised")),
+                    "minus scratch + semi (paired)": fmt(entry.get("minus_scratch_semi")),
                 }
             )
+        semi = any("minus_supervised" in e for e in out)
         columns = (
             ["init", "seeds", METRIC_NAMES[metric]]
             + (["lesion-free predicted empty"] if any("empty_share" in e for e in out) else [])
             + ["minus scratch (paired)", "AMLP minus MAE (paired)"]
+            + (["semi minus supervised (paired)", "minus scratch + semi (paired)"] if semi else [])
         )
         parts.append(f"### {100 * fraction:g} % labels\n\n" + table(lines, columns))
     return out, "\n\n".join(parts)
@@ -202,6 +212,11 @@ def _parser():
         help="a name for this invocation's --set (e.g. a fine-tuning recipe): "
         "appended to the pretrained rows' names and run folders, so variants share one --out",
     )
+    p.add_argument(
+        "--semi",
+        default="none",
+        help="train.semi_supervised values, each with every start (none: supervised only), e.g. none,fixmatch",
+    )
     p.add_argument("--threads", type=int, default=0)
     p.add_argument(
         "--metric",
@@ -213,27 +228,40 @@ def _parser():
     return p
 
 
-def _inits(methods: list[str], budgets: list[int], variant: str) -> list[tuple[str, str | None, int]]:
-    """The rows' initialisations: ``(row name, pretraining method or None, pretraining epochs)``."""
-    inits: list[tuple[str, str | None, int]] = []
+Init = tuple[str, str | None, int, str]  # (row name, pretraining method or None, pretraining epochs, semi)
+
+
+def _inits(methods: list[str], budgets: list[int], variant: str, semis: list[str] | None = None) -> list[Init]:
+    """The rows: ``(row name, pretraining method or None, pretraining epochs, train.semi_supervised)``; each
+    start with each semi-supervised method (``none``: the plain name; else ``"<start> + <method>"``). The plain
+    U-Net trains supervised only. Starts from scratch come first, so that a partial run pairs them early."""
+    starts: list[tuple[str, str | None, int]] = []
     suffix = f" [{variant}]" if variant else ""
     for method in methods:
         if method in (SCRATCH, UNET):
-            inits.append((method, None, 0))
+            starts.append((method, None, 0))
         else:
-            inits += [(f"{method} {e} ep{suffix}", method, e) for e in budgets]
+            starts += [(f"{method} {e} ep{suffix}", method, e) for e in budgets]
+    inits: list[Init] = []
+    for name, method, epochs in sorted(starts, key=lambda s: s[1] is not None):
+        for semi in semis or ["none"]:
+            if semi == "none":
+                inits.append((name, method, epochs, semi))
+            elif name != UNET:
+                inits.append((name + SEMI_JOIN + semi, method, epochs, semi))
     return inits
 
 
-def _finetune_row(cfg, init: tuple[str, str | None, int], fraction: float, seed: int, args, folder: Path | None, split):
+def _finetune_row(cfg, init: Init, fraction: float, seed: int, args, folder: Path | None, split):
     """One fine-tuning run from ``folder`` (a pretraining run, None: scratch) and its row."""
-    name, method, epochs = init
+    name, method, epochs, semi = init
     ft_cfg = cfg.replace(
         train={
             "label_fraction": fraction,
             "seed": seed,
             "finetune_steps": args.finetune_steps,
             "eval_every": args.curve_every,
+            "semi_supervised": semi,
         },
         model={"seg_arch": "unet" if name == UNET else cfg.model.seg_arch},
     )
@@ -245,6 +273,7 @@ def _finetune_row(cfg, init: tuple[str, str | None, int], fraction: float, seed:
         "init": name,
         "method": method or name,
         "pretrain_epochs": epochs,
+        "semi_supervised": semi,
         "overrides": args.set,
         "label_fraction": fraction,
         "seed": seed,
@@ -281,11 +310,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "pretrain_seed": args.pretrain_seed,
         "pretraining": previous.get("pretraining", {}),
     }
-    inits = _inits([m for m in args.methods.split(",") if m], budgets, args.variant)
+    semis = [m for m in args.semi.split(",") if m]
+    inits = _inits([m for m in args.methods.split(",") if m], budgets, args.variant, semis)
     for fraction in fractions:
         for seed in seeds:
             for init in inits:
-                name, method, epochs = init
+                name, method, epochs, _ = init
                 if (name, fraction, seed) in done:
                     continue
                 folder = None

@@ -97,3 +97,29 @@ def test_paired_differences_use_common_seeds_only():
     amlp = next(c for c in stats if c["init"] == "amlp 50 ep")
     assert amlp["minus_mae"]["per_seed"] == pytest.approx([0.02, -0.01])
     assert "+0.0250" in md and "+0.0050" in md  # amlp - scratch mean; amlp - mae mean
+
+
+def test_the_semi_supervised_axis_pairs_each_row_with_its_supervised_twin():
+    inits = pretrain_gain._inits(["scratch", "unet", "amlp"], [50], "", ["none", "fixmatch"])
+    assert [i[0] for i in inits] == ["scratch", "scratch + fixmatch", "unet", "amlp 50 ep", "amlp 50 ep + fixmatch"]
+    assert [i[3] for i in inits] == ["none", "fixmatch", "none", "none", "fixmatch"]  # the U-Net: supervised only
+    rows = [
+        {"label_fraction": 0.1, "init": i, "seed": s, "dice_mean": d}
+        for i, s, d in [
+            ("scratch", 0, 0.50),
+            ("scratch", 1, 0.60),
+            ("scratch + fixmatch", 0, 0.58),
+            ("scratch + fixmatch", 1, 0.62),
+            ("amlp 50 ep", 0, 0.52),
+            ("amlp 50 ep", 1, 0.60),
+            ("amlp 50 ep + fixmatch", 0, 0.60),
+            ("amlp 50 ep + fixmatch", 1, 0.65),
+        ]
+    ]
+    stats, md = summary(rows, [0.1])
+    semi = next(c for c in stats if c["init"] == "scratch + fixmatch")
+    assert semi["minus_supervised"]["per_seed"] == pytest.approx([0.08, 0.02])
+    both = next(c for c in stats if c["init"] == "amlp 50 ep + fixmatch")
+    assert both["minus_supervised"]["per_seed"] == pytest.approx([0.08, 0.05])
+    assert both["minus_scratch_semi"]["per_seed"] == pytest.approx([0.02, 0.03])
+    assert "semi minus supervised (paired)" in md and "+0.0500" in md

@@ -59,6 +59,7 @@ def instructions(cfg, phase=P.PRETRAIN, rnd=1, **changes) -> ConfigRecord:
         record[P.EXPECTED_RATIO] = mask_ratio_at(cfg.method, federated_progress(rnd, 0, fed.local_epochs, total))
     else:
         record[P.LOCAL_STEPS] = fed.finetune_local_steps
+        record[P.SEMI] = P.semi_settings(cfg)
     record.update(changes)
     return ConfigRecord(record)
 

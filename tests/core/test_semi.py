@@ -1,0 +1,259 @@
+"""Semi-supervised fine-tuning (amlp_core/engine/semi.py): the pool, the teacher, the views, the losses,
+a real fine-tuning run, and the federated round's side of it (real Flower messages)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from amlp_core.config import build_config
+from amlp_core.data import Sample
+from amlp_core.engine.device import make_generator
+from amlp_core.engine.local import semi_training
+from amlp_core.engine.pipeline import finetune
+from amlp_core.engine.semi import (
+    SemiObjective,
+    Teacher,
+    cutmix_boxes,
+    masked_dice_ce,
+    rampup,
+    strong_view,
+    unlabelled_pool,
+)
+from amlp_core.errors import ConfigError
+from amlp_core.models import SegmentationNet
+from client.app import app
+from client.state import SiteState
+from fedamlp import protocol as P
+from tests.client.helpers import cfg as site_cfg
+from tests.client.helpers import context, instructions, train_message
+from tests.conftest import tiny_config
+
+
+def _sample(name: str, labelled: bool = True) -> Sample:
+    image = np.zeros((1, 8, 8), np.float32)
+    return Sample(name, image, np.zeros((8, 8), np.int64) if labelled else None, np.eye(4))
+
+
+def test_the_pool_is_every_training_case_whose_label_is_not_used():
+    train = [_sample("a"), _sample("b"), _sample("c"), _sample("u", labelled=False)]
+    pool = unlabelled_pool(train, [train[0]])
+    assert [s.name for s in pool] == ["b", "c", "u"]
+    assert all(s.label is None for s in pool)  # their labels are never read
+    assert train[1].label is not None  # the site's own cases are not changed
+    assert unlabelled_pool(train[:1], train[:1]) == []
+
+
+def test_the_weight_ramps_up_to_one():
+    assert rampup(0.0, 0.1) == pytest.approx(math.exp(-5))
+    assert rampup(0.05, 0.1) == pytest.approx(math.exp(-5 * 0.25))
+    assert rampup(0.1, 0.1) == rampup(0.7, 0.1) == 1.0
+    assert rampup(0.0, 0.0) == 1.0
+
+
+def test_the_teacher_is_the_moving_average_of_the_student():
+    student = torch.nn.Linear(3, 2)
+    teacher = Teacher(student, momentum=0.9)
+    before = teacher.net.weight.clone()
+    with torch.no_grad():
+        student.weight.add_(1.0)
+    teacher.update(student)
+    assert torch.allclose(teacher.net.weight, 0.9 * before + 0.1 * student.weight)
+    assert not teacher.net.weight.requires_grad  # out of autograd
+    copy = Teacher(student, momentum=0.0)
+    with torch.no_grad():
+        student.bias.add_(2.0)
+    copy.update(student)
+    assert torch.equal(copy.net.bias, student.bias)  # momentum 0: the student itself
+
+
+def test_the_strong_view_moves_intensities_not_pixels():
+    g = torch.Generator().manual_seed(0)
+    images = torch.zeros(4, 1, 16, 16)
+    images[:, :, 4:8, 4:8] = 3.0
+    out = strong_view(images, g)
+    assert out.shape == images.shape and not torch.equal(out, images)
+    bright = out[:, :, 5:7, 5:7].mean(dim=(1, 2, 3))
+    dark = out[:, :, 12:, 12:].mean(dim=(1, 2, 3))
+    assert (bright > dark + 1.0).all()  # the structure stays where it was
+    again = strong_view(images, torch.Generator().manual_seed(0))
+    assert torch.equal(out, again)  # drawn from the generator alone
+    assert strong_view(torch.zeros(2, 1, 8, 8, 8), g).shape == (2, 1, 8, 8, 8)  # 3D too
+
+
+def test_cutmix_boxes_cover_a_share_of_each_image_when_drawn():
+    g = torch.Generator().manual_seed(1)
+    partner, box = cutmix_boxes((64, 1, 32, 32), 1.0, g)
+    assert sorted(partner.tolist()) == list(range(64))
+    shares = box.float().mean(dim=(1, 2, 3))
+    assert (shares > 0.01).all() and (shares < 0.45).all()
+    _, none = cutmix_boxes((8, 1, 32, 32), 0.0, g)
+    assert not none.any()
+    _, one = cutmix_boxes((1, 1, 32, 32), 1.0, g)
+    assert not one.any()  # a single image has no other to take from
+
+
+def test_the_masked_loss_counts_only_the_kept_pixels():
+    target = torch.zeros(2, 8, 8, dtype=torch.long)
+    target[:, 2:5, 2:5] = 1
+    right = torch.nn.functional.one_hot(target, 2).movedim(-1, 1).float() * 20 - 10  # confident and right
+    wrong = -right
+    keep = torch.ones(2, 8, 8)
+    assert masked_dice_ce(right, target, keep) < 0.01
+    assert masked_dice_ce(wrong, target, keep) > 5
+    nothing = torch.zeros(2, 8, 8)
+    logits = wrong.clone().requires_grad_(True)
+    loss = masked_dice_ce(logits, target, nothing)
+    loss.backward()
+    assert loss.item() == 0.0 and logits.grad is not None and not logits.grad.any()
+    half = keep.clone()
+    half[:, :, 4:] = 0
+    mixed = torch.where(torch.arange(8).view(1, 1, 1, 8) < 4, right, wrong)  # wrong only where not kept
+    assert masked_dice_ce(mixed, target, half) < 0.01
+
+
+def test_fixmatch_pseudo_labels_follow_their_boxes():
+    cfg = tiny_config(2, **{"train.semi_supervised": "fixmatch", "train.semi_cutmix": 1.0, "train.semi_threshold": 0.5})
+    model = SegmentationNet(cfg.model)
+    objective = SemiObjective(cfg.train, model, torch.Generator().manual_seed(0))
+    images = torch.randn(4, 1, *cfg.model.img_size)
+    u = objective.views(images)
+    teacher = objective.teacher.probs(images)
+    confidence, pseudo = teacher.max(dim=1)
+    assert u.images.shape == images.shape and u.pseudo is not None and u.keep is not None
+    for i in range(4):  # every pixel's pseudo-label is its own image's or its partner's, where the strong view is
+        own = u.pseudo[i] == pseudo[i]
+        assert own.any()
+        assert ((u.keep[i] == 1) <= ((confidence >= 0.5).any(0))).all()
+    logits = model(u.images)
+    loss, figures = objective.loss(logits, u)
+    assert loss.requires_grad and set(figures) == {"semi_loss", "semi_confident"}
+    plain = SemiObjective(dataclasses.replace(cfg.train, semi_cutmix=0.0), model, torch.Generator())
+    v = plain.views(images)  # without CutMix: exactly the teacher's argmax, kept where it is confident
+    assert torch.equal(v.pseudo, pseudo) and torch.equal(v.keep, (confidence >= 0.5).float())
+
+
+def test_mean_teacher_matches_the_teachers_probabilities():
+    cfg = tiny_config(3, **{"train.semi_supervised": "mean_teacher", "train.semi_noise": 0.05})
+    model = SegmentationNet(cfg.model)
+    objective = SemiObjective(cfg.train, model, torch.Generator().manual_seed(0))
+    images = torch.randn(2, 1, *cfg.model.img_size)
+    u = objective.views(images)
+    assert u.soft is not None and u.soft.shape == (2, cfg.model.num_classes, *cfg.model.img_size)
+    assert torch.allclose(u.soft.sum(1), torch.ones(1))
+    assert (u.images - images).abs().max() <= 0.1 + 1e-6  # the noise is clipped at 2 std
+    loss, _ = objective.loss(model(u.images), u)
+    assert 0 < loss.item() < 0.1  # the same weights on two noisy views: nearly agree
+
+
+def _run_cfg(tmp_path, dims: int, method: str, **extra):
+    return tiny_config(
+        dims,
+        **{
+            "data.synthetic_cases": 20,
+            "train.label_fraction": 0.25,
+            "train.finetune_steps": 4,
+            "train.semi_supervised": method,
+            "train.semi_threshold": 0.5,
+            **extra,
+        },
+    )
+
+
+@pytest.mark.parametrize("method", ["fixmatch", "mean_teacher"])
+def test_a_semi_supervised_finetuning_run_learns_from_the_pool(tmp_path, dims, method):
+    cfg = _run_cfg(tmp_path, dims, method, **{"train.semi_rampup": 0.0})
+    result = finetune(cfg, tmp_path / "semi")
+    lines = [json.loads(line) for line in (tmp_path / "semi" / "metrics.jsonl").read_text().splitlines()]
+    assert all(line["semi_weight"] == 1.0 and line["semi_loss"] > 0 for line in lines)
+    assert result["labelled_cases"] == 4  # 25 % of the 16 training cases: the other 12 are the pool
+    # the same run without the pool's loss ends elsewhere: the unlabelled cases changed the weights
+    plain = finetune(cfg.replace(train={"semi_supervised": "none"}), tmp_path / "plain")
+    assert "semi_loss" not in (tmp_path / "plain" / "metrics.jsonl").read_text()
+    state = torch.load(tmp_path / "semi" / "checkpoint.pt", weights_only=False)["state"]["model"]
+    other = torch.load(tmp_path / "plain" / "checkpoint.pt", weights_only=False)["state"]["model"]
+    assert any(not torch.equal(state[k], other[k]) for k in state)
+    assert plain["labelled_cases"] == 4
+
+
+def test_without_unlabelled_cases_it_trains_supervised_and_says_so(tmp_path, caplog):
+    cfg = _run_cfg(tmp_path, 2, "fixmatch", **{"train.label_fraction": 1.0})
+    model = SegmentationNet(cfg.model)
+    train = [_sample("a"), _sample("b")]
+    with caplog.at_level("WARNING"):
+        assert semi_training(cfg, model, train, train, 0, lambda k: 0.0) is None
+    assert "no unlabelled case here" in caplog.text
+    assert (
+        semi_training(cfg.replace(train={"semi_supervised": "none"}), model, train, train[:1], 0, lambda k: 0.0) is None
+    )
+
+
+def test_semi_settings_are_checked():
+    with pytest.raises(ConfigError, match="train.semi_supervised='bcp'"):
+        build_config({"train.semi_supervised": "bcp"})
+    for key, value in (("semi_ema", 1.0), ("semi_threshold", 0.0), ("semi_cutmix", 1.5), ("semi_teacher_start", "x")):
+        with pytest.raises(ConfigError, match=f"train.{key}"):
+            build_config({f"train.{key}": value})
+    with pytest.raises(ConfigError) as err:
+        build_config({"train.semi_supervised": "fixmatch", "privacy.site_dp": True})
+    assert "train.semi_supervised='fixmatch'" in str(err.value) and "privacy.site_dp=True" in str(err.value)
+
+
+def _finetune_message(cfg, model, ctx, rnd=1, **changes):
+    return train_message(cfg, model, instructions(cfg, phase=P.FINETUNE, rnd=rnd, **changes), ctx.node_id)
+
+
+def test_a_site_learns_from_its_pool_and_keeps_its_teacher(tmp_path):
+    cfg = site_cfg(
+        tmp_path,
+        **{
+            "data.synthetic_cases": 20,
+            "train.label_fraction": 0.25,
+            "federation.finetune_local_steps": 3,
+            "train.semi_supervised": "fixmatch",
+            "train.semi_teacher_start": "keep",
+        },
+    )
+    ctx = context(cfg, 0)
+    model = SegmentationNet(cfg.model).state_dict()
+    reply = app(_finetune_message(cfg, model, ctx), ctx)
+    assert not reply.has_error(), reply.error.reason
+    metrics = dict(reply.content[P.METRICS])
+    assert metrics[P.NUM_EXAMPLES] == 4 and metrics[P.SEMI_UNLABELLED] == 12  # its 16 training cases, 4 labelled
+    assert set(reply.content[P.ARRAYS].to_torch_state_dict()) == set(model)  # the student travels, only it
+    kept = SiteState(cfg.federation.run_dir + "/sites/site0").load_before(P.FINETUNE, 2)
+    assert set(kept["teacher"]) == set(model)  # the teacher stays at the site
+    reply = app(_finetune_message(cfg, reply.content[P.ARRAYS].to_torch_state_dict(), ctx, rnd=2), ctx)
+    assert not reply.has_error(), reply.error.reason
+
+
+def test_a_site_with_other_semi_settings_refuses_the_round(tmp_path):
+    cfg = site_cfg(tmp_path, **{"train.semi_supervised": "fixmatch"})
+    ctx = context(cfg, 0)
+    server = cfg.replace(train={"semi_supervised": "mean_teacher"})
+    reply = app(
+        _finetune_message(cfg, SegmentationNet(cfg.model).state_dict(), ctx, **{P.SEMI: P.semi_settings(server)}), ctx
+    )
+    assert reply.has_error()
+    reason = reply.error.reason
+    assert '"semi_supervised":"mean_teacher"' in reason and '"semi_supervised":"fixmatch"' in reason, reason
+
+
+def test_a_site_without_a_pool_trains_supervised_and_says_so(tmp_path):
+    cfg = site_cfg(tmp_path, **{"train.semi_supervised": "fixmatch", "federation.finetune_local_steps": 2})
+    ctx = context(cfg, 0)  # every training case labelled and used: an empty pool
+    reply = app(_finetune_message(cfg, SegmentationNet(cfg.model).state_dict(), ctx), ctx)
+    assert not reply.has_error(), reply.error.reason
+    assert reply.content[P.METRICS][P.SEMI_UNLABELLED] == 0
+
+
+def test_the_teacher_runs_on_the_students_device():
+    cfg = tiny_config(2, **{"train.semi_supervised": "fixmatch"})
+    model = SegmentationNet(cfg.model)
+    objective = SemiObjective(cfg.train, model, make_generator(0, torch.device("cpu")))
+    assert next(objective.teacher.net.parameters()).device == next(model.parameters()).device
