@@ -249,7 +249,7 @@ class SemiTraining:
         """Unlabelled image batches ``[B, C, *S]`` without end, each pass reshuffled and re-augmented."""
         passes = 0
         while True:
-            set_epoch = getattr(self.loader.dataset, "set_epoch", None)
+            set_epoch = getattr(getattr(self.loader, "dataset", None), "set_epoch", None)
             if set_epoch is not None:
                 set_epoch(self.first_pass + passes)
             for batch in self.loader:
