@@ -775,11 +775,11 @@ class Config:
                 "cannot combine with privacy.site_dp: the proximal term's gradient is not per case, so DP-SGD "
                 "would drop it (use fedavg)",
             )
-        if self.privacy.site_dp and self.train.semi_supervised != "none":  # (fine-tuning is always private then)
+        if self.privacy.site_dp and self.train.semi_supervised == "fixmatch" and self.train.semi_cutmix > 0:
             raise ConfigError(
-                f"invalid train.semi_supervised={self.train.semi_supervised!r} with privacy.site_dp=True: DP-SGD "
-                "samples and clips the labelled cases only, so the unlabelled cases would train outside the "
-                "accountant (use train.semi_supervised=none under site DP)"
+                f"invalid train.semi_cutmix={self.train.semi_cutmix!r} with privacy.site_dp=True: a CutMix view "
+                "mixes two patients' images in one sample, so clipping each case's gradient no longer bounds "
+                "what one case adds (set train.semi_cutmix=0 under site DP)"
             )
         if self.privacy.server_dp and self.federation.secure_aggregation:
             raise ConfigError(

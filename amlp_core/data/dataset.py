@@ -152,6 +152,34 @@ class SegDataset(torch.utils.data.Dataset):
         return item
 
 
+class RecordDataset(torch.utils.data.Dataset):
+    """A labelled and an unlabelled :class:`SegDataset` as one set of records: semi-supervised fine-tuning
+    under DP-SGD, whose Poisson sampling, clipping and accountant must cover every case it learns from.
+
+    Items are the labelled dataset's (``"labelled"`` 1), then the unlabelled one's with an all-zero
+    ``"label"`` (``"labelled"`` 0, the label never read); ``"index"`` runs over both.
+    """
+
+    def __init__(self, labelled: SegDataset, unlabelled: SegDataset):
+        if not labelled.has_labels or unlabelled.has_labels:
+            raise ValueError("RecordDataset takes a labelled dataset, then an unlabelled one")
+        self.labelled, self.unlabelled = labelled, unlabelled
+
+    def set_epoch(self, epoch: int) -> None:
+        self.labelled.set_epoch(epoch)
+        self.unlabelled.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.labelled) + len(self.unlabelled)
+
+    def __getitem__(self, i: int) -> dict:
+        if i < len(self.labelled):
+            return {**self.labelled[i], "labelled": 1}
+        item = self.unlabelled[i - len(self.labelled)]
+        label = torch.zeros((1, *item["image"].shape[1:]), dtype=torch.int64)
+        return {**item, "label": label, "index": i, "labelled": 0}
+
+
 def _take(units: list[list[str]], order: np.ndarray, quota: dict[str, int], stratum: Callable[[str], str]):
     """Units in ``order`` whose cases fit in their stratum's ``quota`` (a group that would overshoot is
     passed over). With singleton units and one stratum: exactly the first ``quota`` units in order."""

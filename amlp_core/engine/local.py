@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader
 
 from amlp_core.config import Config
 from amlp_core.data import Sample, SegDataset
+from amlp_core.data.dataset import RecordDataset
 from amlp_core.engine.device import make_generator, resolve_device, seed_everything
 from amlp_core.engine.loops import finetune_steps, pretrain_epoch
 from amlp_core.engine.optim import finetune_optimizer, pretrain_optimizer, set_finetune_lr
@@ -139,9 +140,17 @@ def finetune_for(
     every round's passes get their own shuffle and augmentation). With ``ledger``: DP-SGD, a step is one
     Poisson draw, and the steps are recorded as ``stretch``.
 
+    Under DP-SGD with ``semi``, the records are the labelled cases and the unlabelled pool together
+    (:class:`~amlp_core.data.dataset.RecordDataset`): Poisson sampling draws from both, each record's loss
+    is clipped alone, and the ledger counts them all (plan it with :func:`finetune_records`).
+
     Returns:
         :func:`~amlp_core.engine.loops.finetune_steps`' metrics, and ``epsilon`` when private.
     """
+    if ledger is not None and semi is not None:
+        pool = semi.loader.dataset
+        assert isinstance(pool, SegDataset)  # (semi_training's)
+        loader = DataLoader(RecordDataset(loader.dataset, pool))  # (only its dataset is used)
     with charged_training(
         model, optimizer, loader, ledger, cfg.train.batch_size, cfg.privacy.max_grad_norm, seed, *stretch
     ) as (opt, batches, spent):
@@ -166,6 +175,13 @@ def finetune_for(
             semi=semi,
         )
     return {**metrics, **spent}
+
+
+def finetune_records(cfg: Config, train: list[Sample], subset: list[Sample]) -> int:
+    """The records a fine-tuning stretch learns from, as DP-SGD samples and the ledger counts them: the
+    labelled ``subset``, and with ``train.semi_supervised`` the unlabelled pool of ``train`` beyond it."""
+    semi = cfg.train.semi_supervised != "none"
+    return len(subset) + (len(unlabelled_pool(train, subset)) if semi else 0)
 
 
 def semi_training(

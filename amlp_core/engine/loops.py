@@ -174,6 +174,11 @@ def finetune_steps(
                             logits = model(images)  # [B, K, *S]
                         loss = loss_fn(logits.float(), labels)
                         full, figures = loss, {"loss": loss.item()}
+                    elif "labelled" in batch:  # DP-SGD: one Poisson batch of both kinds of records
+                        flags = batch["labelled"].to(device).bool()
+                        full, loss, figures = _record_loss(
+                            model, images, labels, flags, loss_fn, semi, done, device, amp
+                        )
                     else:
                         full, loss, figures = _semi_loss(model, images, labels, loss_fn, semi, done, device, amp)
                     if regularizer is not None:
@@ -226,6 +231,43 @@ def _semi_loss(
     loss_u, figures = semi.objective.loss(logits[n:], target)
     weight = semi.objective.weight(semi.progress_at(step))
     return loss + weight * loss_u, loss, {"loss": loss.item(), **figures, "semi_weight": weight}
+
+
+def _record_loss(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    labelled: torch.Tensor,
+    loss_fn: nn.Module,
+    semi: SemiTraining,
+    step: int,
+    device: torch.device,
+    amp: bool,
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
+    """A semi-supervised step's loss under DP-SGD, where a Poisson batch mixes labelled and unlabelled
+    records (``labelled`` ``[B]`` bool): the mean over the batch of each record's own loss, supervised or
+    unlabelled (so that per-record clipping bounds each record's part). Returns ``(loss, supervised, figures)``.
+    """
+    n, unlabelled = images.shape[0], ~labelled
+    inputs, target = images, None
+    if unlabelled.any():
+        with autocast(device, amp):
+            target = semi.objective.views(images[unlabelled])  # per record: no CutMix under DP (the config)
+        inputs = images.clone()
+        inputs[unlabelled] = target.images.to(images.dtype)
+    with autocast(device, amp):
+        logits = model(inputs)  # [B, K, *S]
+    supervised = logits.sum() * 0.0
+    if labelled.any():  # the loss's mean over the labelled records, times their share of the batch
+        supervised = loss_fn(logits[labelled].float(), labels[labelled])
+    total = supervised * labelled.sum() / n
+    weight = semi.objective.weight(semi.progress_at(step))
+    figures = {"loss": supervised.item(), "semi_weight": weight}
+    if target is not None:
+        per_record, more = semi.objective.loss(logits[unlabelled], target, per_case=True)  # [U]
+        total = total + weight * per_record.sum() / n
+        figures.update(more)
+    return total, supervised, figures
 
 
 @torch.no_grad()

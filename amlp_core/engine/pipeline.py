@@ -37,7 +37,14 @@ from amlp_core.engine.artefacts import (
 from amlp_core.engine.checkpoint import atomic_write_text, load_checkpoint, save_checkpoint
 from amlp_core.engine.device import make_generator, resolve_device, seed_everything, set_threads
 from amlp_core.engine.lesions import EMPTY_SHARE, LESION_DICE, inference_args
-from amlp_core.engine.local import finetune_for, make_loader, pretrain_epochs, run_epochs, semi_training
+from amlp_core.engine.local import (
+    finetune_for,
+    finetune_records,
+    make_loader,
+    pretrain_epochs,
+    run_epochs,
+    semi_training,
+)
 from amlp_core.engine.loops import evaluate_segmentation, finetune_budget
 from amlp_core.engine.optim import finetune_optimizer, pretrain_optimizer
 from amlp_core.engine.split import DataSplit, load_split, with_plan
@@ -323,7 +330,7 @@ def train_segmentation(
     ledger = None
     if cfg.privacy.site_dp:  # an overspending run is refused before anything is written
         Path(out_dir).mkdir(parents=True, exist_ok=True)
-        phase = PrivatePhase(rounds=1, cases=len(subset), steps=steps)
+        phase = PrivatePhase(rounds=1, cases=finetune_records(cfg, split.train, subset), steps=steps)
         ledger = _privacy_ledger(cfg, Path(out_dir), phase, f"fine-tuning {steps} steps in {out_dir}")
     out, device = _prepare(cfg, out_dir, overwrite=overwrite)
     model.to(device)

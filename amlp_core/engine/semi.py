@@ -141,25 +141,31 @@ def cutmix_boxes(
     return partner, box
 
 
-def masked_dice_ce(logits: torch.Tensor, target: torch.Tensor, keep: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+def masked_dice_ce(
+    logits: torch.Tensor, target: torch.Tensor, keep: torch.Tensor, eps: float = 1e-5, per_case: bool = False
+) -> torch.Tensor:
     """Cross-entropy + soft Dice (foreground classes) over the pixels ``keep`` only.
 
     Args:
         logits: ``[B, K, *S]``; target: int64 ``[B, *S]``; keep: float ``[B, *S]`` (0/1 weights).
+        per_case: one loss per case, from that case's pixels alone (DP-SGD clips each case's gradient,
+            so no case's loss may depend on another's); else one over the batch's pixels together.
 
     Returns:
-        A scalar: ``(CE + Dice) / 2``; 0 where no pixel is kept.
+        ``(CE + Dice) / 2``: a scalar, or ``[B]`` per case; 0 where no pixel is kept.
     """
-    kept = keep.sum()
-    ce = (F.cross_entropy(logits, target, reduction="none") * keep).sum() / kept.clamp_min(1.0)
+    spatial = tuple(range(1, target.ndim))  # [*S] of each case
+    pixels = (0, *spatial) if not per_case else spatial
+    kept = keep.sum(pixels)  # [] or [B]
+    ce = (F.cross_entropy(logits, target, reduction="none") * keep).sum(pixels) / kept.clamp_min(1.0)
     probs = torch.softmax(logits, dim=1)[:, 1:]  # [B, K-1, *S]
     onehot = F.one_hot(target, logits.shape[1]).movedim(-1, 1)[:, 1:].to(probs.dtype)  # [B, K-1, *S]
     w = keep.unsqueeze(1)
-    axes = (0, *range(2, probs.ndim))  # over the batch and the pixels: one Dice per class
+    axes = (0, *range(2, probs.ndim)) if not per_case else tuple(range(2, probs.ndim))  # one Dice per class
     inter = (probs * onehot * w).sum(axes)
     denom = ((probs + onehot) * w).sum(axes)
-    dice = 1.0 - (2.0 * inter + eps) / (denom + eps)  # [K-1]
-    return torch.where(kept > 0, (ce + dice.mean()) / 2.0, logits.sum() * 0.0)
+    dice = 1.0 - (2.0 * inter + eps) / (denom + eps)  # [K-1] or [B, K-1]
+    return torch.where(kept > 0, (ce + dice.mean(-1)) / 2.0, torch.zeros_like(ce))
 
 
 @dataclass
@@ -214,16 +220,20 @@ class SemiObjective:
             keep = torch.where(box[:, 0], keep[partner], keep)
         return Unlabelled(strong, pseudo=pseudo, keep=keep)
 
-    def loss(self, logits: torch.Tensor, target: Unlabelled) -> tuple[torch.Tensor, dict[str, float]]:
-        """The unlabelled loss of the student's ``logits`` ``[B, K, *S]`` on ``target``'s view, and its
-        metrics (``semi_loss``; fixmatch: ``semi_confident``, the share of pixels with a pseudo-label)."""
+    def loss(
+        self, logits: torch.Tensor, target: Unlabelled, per_case: bool = False
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """The unlabelled loss of the student's ``logits`` ``[B, K, *S]`` on ``target``'s view (a scalar, or
+        with ``per_case`` ``[B]``, each case's from its own pixels: DP-SGD), and its metrics (``semi_loss``;
+        fixmatch: ``semi_confident``, the share of pixels with a pseudo-label)."""
         logits = logits.float()
         if target.soft is not None:
-            loss = F.mse_loss(torch.softmax(logits, dim=1), target.soft)
-            return loss, {"semi_loss": loss.item()}
+            squared = (torch.softmax(logits, dim=1) - target.soft) ** 2  # [B, K, *S]
+            loss = squared.flatten(1).mean(1) if per_case else squared.mean()
+            return loss, {"semi_loss": loss.mean().item()}
         assert target.pseudo is not None and target.keep is not None
-        loss = masked_dice_ce(logits, target.pseudo, target.keep)
-        return loss, {"semi_loss": loss.item(), "semi_confident": target.keep.mean().item()}
+        loss = masked_dice_ce(logits, target.pseudo, target.keep, per_case=per_case)
+        return loss, {"semi_loss": loss.mean().item(), "semi_confident": target.keep.mean().item()}
 
     def after_step(self, student: nn.Module) -> None:
         self.teacher.update(student)

@@ -132,3 +132,24 @@ def test_the_site_ledger_is_planned_and_charged_in_the_local_steps(tmp_path):
     assert [(q, n) for _, q, n in ledger["history"]] == [(1.0, 5), (1.0, 5)]
     # The noise was calibrated for the planned 2 x 5 steps: the run spends its budget, no more.
     assert eps[0] < eps[1] and eps[1] == pytest.approx(8.0, rel=0.03) and eps[1] <= 8.0
+
+
+def test_under_site_dp_a_sites_unlabelled_pool_is_on_its_ledger(tmp_path):
+    # 16 training cases, 4 labelled (a quarter), 12 in the pool: 16 records at batch 4, sample rate 1/4.
+    cfg = _cfg(
+        tmp_path,
+        **{
+            "data.synthetic_cases": 20,
+            "privacy.site_dp": True,
+            "privacy.budget": 8.0,
+            "train.label_fraction": 0.25,
+            "train.semi_supervised": "mean_teacher",
+            "federation.finetune_rounds": 2,
+            "federation.finetune_local_steps": 3,
+        },
+    )
+    ctx = _context(cfg, 0)
+    eps = _epsilons_of_rounds(cfg, ctx, (1, 2))
+    ledger = json.loads((tmp_path / "run" / "sites" / "site0" / LEDGER_FILE).read_text())
+    assert [(q, n) for _, q, n in ledger["history"]] == [(0.25, 3), (0.25, 3)]
+    assert eps[1] == pytest.approx(8.0, rel=0.03) and eps[1] <= 8.0  # planned for all 16 records' 6 steps

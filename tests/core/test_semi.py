@@ -27,6 +27,7 @@ from amlp_core.engine.semi import (
 )
 from amlp_core.errors import ConfigError
 from amlp_core.models import SegmentationNet
+from amlp_core.privacy.ledger import LEDGER_FILE
 from client.app import app
 from client.state import SiteState
 from fedamlp import protocol as P
@@ -199,9 +200,44 @@ def test_semi_settings_are_checked():
     for key, value in (("semi_ema", 1.0), ("semi_threshold", 0.0), ("semi_cutmix", 1.5), ("semi_teacher_start", "x")):
         with pytest.raises(ConfigError, match=f"train.{key}"):
             build_config({f"train.{key}": value})
-    with pytest.raises(ConfigError) as err:
+    with pytest.raises(ConfigError) as err:  # CutMix mixes two cases in one sample: no per-case bound under DP
         build_config({"train.semi_supervised": "fixmatch", "privacy.site_dp": True})
-    assert "train.semi_supervised='fixmatch'" in str(err.value) and "privacy.site_dp=True" in str(err.value)
+    assert "train.semi_cutmix=0.5" in str(err.value) and "privacy.site_dp=True" in str(err.value)
+    build_config({"train.semi_supervised": "fixmatch", "train.semi_cutmix": 0, "privacy.site_dp": True})
+    build_config({"train.semi_supervised": "mean_teacher", "privacy.site_dp": True})
+
+
+@pytest.mark.parametrize("method", ["fixmatch", "mean_teacher"])
+def test_a_per_case_loss_depends_on_that_case_alone(method):
+    cfg = tiny_config(2, **{"train.semi_supervised": method, "train.semi_cutmix": 0.0, "train.semi_threshold": 0.5})
+    model = SegmentationNet(cfg.model)
+    objective = SemiObjective(cfg.train, model, torch.Generator().manual_seed(0))
+    u = objective.views(torch.randn(3, 1, *cfg.model.img_size))
+    logits = torch.randn(3, cfg.model.num_classes, *cfg.model.img_size)
+    per_case, _ = objective.loss(logits, u, per_case=True)
+    assert per_case.shape == (3,)
+    changed = logits.clone()
+    changed[1] = -changed[1] * 5  # another prediction for case 1 only
+    again, _ = objective.loss(changed, u, per_case=True)
+    assert again[0] == per_case[0] and again[2] == per_case[2] and again[1] != per_case[1]
+
+
+@pytest.mark.filterwarnings("ignore:Full backward hook is firing:UserWarning")
+@pytest.mark.parametrize("method", ["fixmatch", "mean_teacher"])
+def test_under_site_dp_the_pool_is_sampled_clipped_and_counted(tmp_path, method):
+    cfg = _run_cfg(
+        tmp_path,
+        2,
+        method,
+        **{"train.semi_cutmix": 0.0, "train.finetune_steps": 3, "privacy.site_dp": True, "privacy.budget": 8.0},
+    )
+    result = finetune(cfg, tmp_path / "dp")
+    ledger = json.loads((tmp_path / "dp" / LEDGER_FILE).read_text())
+    # 4 labelled cases and 12 unlabelled ones are 16 records: batch 4 samples each at 4 / 16
+    assert [(q, n) for _, q, n in ledger["history"]] == [(0.25, 3)]
+    assert 0 < result["epsilon"] <= 8.0
+    lines = [json.loads(line) for line in (tmp_path / "dp" / "metrics.jsonl").read_text().splitlines()]
+    assert any("semi_loss" in line for line in lines)  # the unlabelled records entered the loss
 
 
 def _finetune_message(cfg, model, ctx, rnd=1, **changes):
