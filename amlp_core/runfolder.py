@@ -48,8 +48,10 @@ class RunFolderError(AMLPError):
 
 @contextmanager
 def hold(folder: str | Path) -> Iterator[Path]:
-    """Hold ``folder`` (created if missing) for this run; RunFolderError when another run holds it."""
+    """Hold ``folder`` (created if missing) for this run; RunFolderError when another run holds it. A folder
+    created here and still empty at the end (a refused start) is removed again: a refusal leaves no trace."""
     path = Path(folder)
+    created = not path.exists()
     path.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDONLY)  # not inherited by children (Python opens non-inheritable)
     try:
@@ -63,6 +65,8 @@ def hold(folder: str | Path) -> Iterator[Path]:
         yield path
     finally:
         os.close(fd)
+        if created and path.is_dir() and not any(path.iterdir()):
+            path.rmdir()
 
 
 def holds_run(folder: str | Path) -> bool:

@@ -111,10 +111,12 @@ def _print_dice(result: dict[str, Any], class_names: dict[str, str] | None = Non
 
 
 @contextmanager
-def _run_folder(out: str | Path, cfg: Config, resume: bool = False, overwrite: bool = False) -> Iterator[DataSplit]:
+def _run_folder(
+    out: str | Path, cfg: Config, resume: bool = False, overwrite: bool = False, phase: str = "pretrain"
+) -> Iterator[DataSplit]:
     """Hold the run folder ``out`` for a single-site run and yield its data, read and checked.
 
-    A folder that holds a run is refused unless resumed (a stopped pretraining of ``cfg``) or
+    A folder that holds a run is refused unless resumed (a stopped ``phase`` of ``cfg``) or
     overwritten; the pipeline removes an overwritten run only once every check of the start has
     passed (data, checkpoint, privacy budget), so a refused start changes nothing there.
     """
@@ -124,7 +126,7 @@ def _run_folder(out: str | Path, cfg: Config, resume: bool = False, overwrite: b
     check_new_run(out, resume, overwrite)
     with hold(out):
         if resume:
-            check_resume(out, cfg)
+            check_resume(out, cfg, phase)
         yield load_split(cfg)
 
 
@@ -152,7 +154,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
             {f"model.{k}": v for k, v in dataclasses.asdict(model).items() if k != "seg_arch"}
         )  # not the encoder's: model.seg_arch=unet with --init is refused
     cfg = _config(args, args.data, extra)
-    with _run_folder(args.out, cfg, overwrite=args.overwrite) as split:
+    with _run_folder(args.out, cfg, args.resume, args.overwrite, phase="finetune") as split:
         result = finetune(cfg, args.out, init=args.init, split=split, overwrite=args.overwrite)
     from amlp_core.engine.artefacts import load_segmentation
 
@@ -173,7 +175,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         post["post_min_confidence"] = args.min_confidence
     if args.tta is not None:
         post["tta_flips"] = args.tta == "true"
-    result = evaluate(args.model, overrides, device=args.device, all_cases=args.all_cases, post=post)
+    result = evaluate(
+        args.model,
+        overrides,
+        device=args.device,
+        all_cases=args.all_cases,
+        post=post,
+        allow_unfinished=args.allow_unfinished,
+    )
     _print_dice(result, result.get("class_names"))
     atomic_write_text(out, json.dumps(result, indent=2))
     print(f"wrote {out}")
@@ -183,9 +192,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def _trained_on(model: str) -> str:
     """The dataset folder a model folder's ``config.yaml`` names ("" when it names none or cannot be read:
     the evaluation then fails on the model itself, with its own message)."""
+    from amlp_core.reading import read_text
+
     try:
-        path = yaml.safe_load((Path(model) / "config.yaml").read_text(encoding="utf-8"))["data"]["path"]
-    except (OSError, ValueError, KeyError, TypeError, yaml.YAMLError):
+        path = yaml.safe_load(read_text(Path(model) / "config.yaml", "model config", limit=2**20))["data"]["path"]
+    except (AMLPError, ValueError, KeyError, TypeError, RecursionError, yaml.YAMLError):
         return ""
     return str(path) if isinstance(path, str) and path != "synthetic" else ""
 
@@ -193,7 +204,7 @@ def _trained_on(model: str) -> str:
 def cmd_predict(args: argparse.Namespace) -> int:
     from amlp_core.engine.inference import predict_file
 
-    out = predict_file(args.model, args.input, args.output, device=args.device)
+    out = predict_file(args.model, args.input, args.output, device=args.device, allow_unfinished=args.allow_unfinished)
     print(f"wrote {out}")
     return 0
 
@@ -320,6 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--init", help="pretraining run folder (omit to train from scratch)")
     p.add_argument("--label-fraction", type=float, default=1.0, help="share of labelled cases to use")
     p.add_argument("--out", required=True)
+    p.add_argument("--resume", action="store_true", help="go on with the stopped fine-tuning in --out")
     _add_overwrite(p)
     p.set_defaults(func=cmd_finetune)
 
@@ -344,6 +356,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--tta", choices=("true", "false"), help="average the mirrored predictions (default: model.tta_flips)"
     )
+    p.add_argument(
+        "--allow-unfinished",
+        action="store_true",
+        help="use a model whose fine-tuning stopped before its last step (refused otherwise)",
+    )
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("predict", help="segment one scan (NIfTI in, NIfTI out)")
@@ -351,6 +368,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", required=True)
     p.add_argument("--output", required=True)
     p.add_argument("--device", default="auto")
+    p.add_argument(
+        "--allow-unfinished",
+        action="store_true",
+        help="use a model whose fine-tuning stopped before its last step (refused otherwise)",
+    )
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("data", help="dataset tools")

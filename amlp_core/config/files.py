@@ -13,16 +13,22 @@ from amlp_core.atomic import atomic_write_text
 from amlp_core.config.parsing import build_config, section_updates
 from amlp_core.config.schema import SITE_KEYS, SITE_REQUIRED, Config, SiteConfig
 from amlp_core.errors import ConfigError
+from amlp_core.reading import read_text
 
 
 def _read_yaml(path: Path, what: str) -> Mapping[str, Any]:
     """A YAML mapping from ``path``; ConfigError naming the file otherwise."""
+    text = read_text(path, what, ConfigError)  # a regular file of bounded size: never a FIFO or /dev/zero
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except OSError as e:
-        raise ConfigError(f"cannot read {what} {path}: {e.strerror or e}") from None
+        raw = yaml.safe_load(text) or {}
     except yaml.YAMLError as e:
-        raise ConfigError(f"{what} {path} is not valid YAML: {e}") from None
+        where = getattr(e, "problem_mark", None)
+        at = f" (line {where.line + 1}, column {where.column + 1})" if where is not None else ""
+        raise ConfigError(
+            f"{what} {path} is not valid YAML{at}: {getattr(e, 'problem', None) or type(e).__name__}"
+        ) from None
+    except RecursionError:
+        raise ConfigError(f"{what} {path} is nested too deeply to be a configuration") from None
     if not isinstance(raw, Mapping):
         raise ConfigError(f"{what} {path} must hold a mapping at the top level")
     return raw

@@ -7,6 +7,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,6 +38,16 @@ UNET_FACTOR = 8  # the plain U-Net halves the resolution three times
 #: The layout of the networks' weights. Checkpoints carry it and a run's digest covers it, so a
 #: checkpoint of another layout (before 2: a ViT on raw patches beside a conv U-Net) is refused.
 ARCHITECTURE = 2
+
+
+#: Ceilings of the network a config may describe (far above any model this product trains: 256^3 voxels,
+#: 8^3 patches of 32^3 voxels...), so that a forged config or checkpoint is refused before it is built.
+MAX_WINDOW_VOXELS = 2**24  # the input window (256 x 256 x 256)
+MAX_PATCHES = 2**16  # tokens of the ViT
+MAX_WIDTH = 4096  # embedding, decoder and conv widths
+MAX_COUNT = 256  # depths, channels in, classes
+#: data.max_voxels may not be raised above this (8 GiB of float32 per array): the memory one case may take.
+MAX_VOXELS_CEILING = 2**31
 
 
 @dataclass(frozen=True)
@@ -93,6 +104,31 @@ class ModelConfig:
         for key in ("embed_dim", "depth", "num_heads", "decoder_dim", "decoder_depth", "decoder_heads"):
             _check(getattr(self, key) >= 1, f"model.{key}", getattr(self, key), "must be at least 1")
         _check(self.mlp_ratio > 0, "model.mlp_ratio", self.mlp_ratio, "must be positive")
+        # Bounds on what a config (or a checkpoint's config) may make the product build, checked before any
+        # tensor exists: a forged img_size of 1024^3 would otherwise build gigabytes of network first.
+        window = math.prod(self.img_size)
+        _check(
+            window <= MAX_WINDOW_VOXELS,
+            "model.img_size",
+            self.img_size,
+            f"the network's input window of {window:,} voxels is above the {MAX_WINDOW_VOXELS:,} any device holds",
+        )
+        _check(
+            window // self.patch_size**self.spatial_dims <= MAX_PATCHES,
+            "model.patch_size",
+            self.patch_size,
+            f"gives more than {MAX_PATCHES:,} patches in model.img_size={self.img_size}",
+        )
+        for key in ("embed_dim", "decoder_dim", "depth", "decoder_depth", "in_channels", "num_classes"):
+            limit = MAX_WIDTH if key.endswith("dim") else MAX_COUNT
+            _check(getattr(self, key) <= limit, f"model.{key}", getattr(self, key), f"must be at most {limit}")
+        _check(self.mlp_ratio <= 16, "model.mlp_ratio", self.mlp_ratio, "must be at most 16")
+        _check(
+            all(c <= MAX_WIDTH for c in self.conv_channels),
+            "model.conv_channels",
+            self.conv_channels,
+            f"every width must be at most {MAX_WIDTH}",
+        )
         for s in self.img_size:
             _check(
                 s % self.patch_size == 0,
@@ -265,7 +301,12 @@ class DataConfig:
             self.on_bad_case,
             f"must be one of {', '.join(BAD_CASE_POLICIES)}",
         )
-        _check(self.max_voxels >= 1, "data.max_voxels", self.max_voxels, "must be at least 1")
+        _check(
+            1 <= self.max_voxels <= MAX_VOXELS_CEILING,
+            "data.max_voxels",
+            self.max_voxels,
+            f"must be in [1, {MAX_VOXELS_CEILING:,}]",
+        )
         _check(
             self.format in DATA_FORMATS,
             "data.format",
@@ -379,6 +420,9 @@ class PlanConfig:
         return self.image_fit == "resize"
 
 
+#: The highest learning rate a config may set (AdamW's useful rates are far below; ours are 1e-3 and 1.5e-4).
+MAX_LR = 1.0
+
 #: ``train.semi_supervised`` values (amlp_core/engine/semi.py).
 SEMI_METHODS = ("none", "mean_teacher", "fixmatch")
 #: ``train.semi_teacher_start`` values: at each federated round the teacher restarts from the global model,
@@ -437,8 +481,9 @@ class TrainConfig:
         _check(
             self.num_threads >= 0, "train.num_threads", self.num_threads, "must not be negative (0: torch's default)"
         )
-        _check(self.lr > 0, "train.lr", self.lr, "must be positive")
-        _check(self.finetune_lr > 0, "train.finetune_lr", self.finetune_lr, "must be positive")
+        # (a rate of 1e308 is a number, and diverges at the first step: after --overwrite removed the old run)
+        _check(0 < self.lr <= MAX_LR, "train.lr", self.lr, f"must be in (0, {MAX_LR:g}]")
+        _check(0 < self.finetune_lr <= MAX_LR, "train.finetune_lr", self.finetune_lr, f"must be in (0, {MAX_LR:g}]")
         _check(0.0 <= self.encoder_warmup <= 1.0, "train.encoder_warmup", self.encoder_warmup, "must be in [0, 1]")
         _check(self.encoder_lr_scale >= 0, "train.encoder_lr_scale", self.encoder_lr_scale, "must not be negative")
         _check(self.max_minutes >= 0, "train.max_minutes", self.max_minutes, "must not be negative")
@@ -453,7 +498,7 @@ class TrainConfig:
         _check(self.weight_decay >= 0, "train.weight_decay", self.weight_decay, "must not be negative")
         _check(0.0 < self.label_fraction <= 1.0, "train.label_fraction", self.label_fraction, "must be in (0, 1]")
         _check(
-            self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
+            re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device) is not None,
             "train.device",
             self.device,
             "must be auto, cpu, cuda or cuda:N",

@@ -26,6 +26,7 @@ import numpy as np
 from amlp_core.config import DATA_FORMATS
 from amlp_core.data.io import NIFTI_SUFFIXES, data_error, file_suffix, read_image, read_label, strip_suffix
 from amlp_core.errors import DataError
+from amlp_core.reading import read_text
 
 if TYPE_CHECKING:
     from amlp_core.data.dicom import Series
@@ -146,7 +147,7 @@ def discover(root: str | os.PathLike, fmt: str = "auto", label_dir: str | os.Pat
 
 def _msd_modality(meta_path: Path) -> str:
     """The first channel's ``modality`` of a dataset.json that :func:`_discover_msd` has read."""
-    modality = json.loads(meta_path.read_text()).get("modality")
+    modality = json.loads(read_text(meta_path, "dataset index")).get("modality")
     if isinstance(modality, dict) and modality:
         return str(next(iter(modality.values())))
     return str(modality) if isinstance(modality, str) and modality else "unknown"
@@ -160,7 +161,7 @@ def _most_common(modalities: list[str], root: Path) -> str:
 
 
 def _detect_format(root: Path) -> str:
-    if (root / "dataset.json").is_file():
+    if (root / "dataset.json").exists():  # (not a regular file: its reader says so, naming it)
         return "msd"
     if next(root.rglob("*.png"), None) is not None:
         return "png"
@@ -189,12 +190,22 @@ def _holds_dicom(root: Path) -> bool:
 def _discover_msd(root: Path) -> tuple[list[Case], list[Problem], dict[int, str] | None, int]:
     """Cases, bad entries, class names and spatial dims from ``root/dataset.json``."""
     meta_path = root / "dataset.json"
+    text = read_text(meta_path, "dataset index")  # a regular file of bounded size: never a FIFO
     try:
-        meta = json.loads(meta_path.read_text())
+        meta = json.loads(text)
         entries = list(meta["training"])
         class_names = {int(k): str(v) for k, v in meta["labels"].items()} if "labels" in meta else None
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+    except RecursionError:
+        raise data_error(meta_path, "not a valid MSD dataset.json (nested too deeply)") from None
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise data_error(meta_path, f"not a valid MSD dataset.json ({type(exc).__name__}: {exc})") from exc
+    if class_names is not None and sorted(class_names) != list(range(len(class_names))):
+        keys = ", ".join(str(k) for k in sorted(class_names))
+        raise data_error(
+            meta_path,
+            f"its labels are {{{keys}}}: the classes must be numbered 0 to K-1 with 0 the background "
+            "(a label map of other values cannot be trained: renumber the labels and their files)",
+        )
     spatial_dims = 2 if str(meta.get("tensorImageSize", "3D")).upper() == "2D" else 3
     # Unlabelled images: MSD's "test" list (paths, or entries with an image only); their labels are not used.
     test = meta.get("test") if isinstance(meta.get("test"), list) else []

@@ -17,7 +17,9 @@ from __future__ import annotations
 import logging
 import math
 import os
+import stat
 import uuid
+import warnings
 from collections import defaultdict
 from dataclasses import dataclass
 from importlib import metadata
@@ -31,7 +33,8 @@ from pydicom.errors import InvalidDicomError
 from pydicom.pixels import apply_rescale
 
 from amlp_core.data.cases import Problem
-from amlp_core.data.io import data_error
+from amlp_core.data.io import data_error, file_suffix
+from amlp_core.reading import file_kind
 
 if TYPE_CHECKING:
     from amlp_core.data.cases import Case
@@ -43,6 +46,7 @@ _DEFER = 1024  # header reads: values above this many bytes (pixel data) are ski
 _SAME_MM = 0.01  # two slices closer than this along the normal share a position
 _GAP = 1.5  # a step above this many median steps is a gap (missing slices)
 _UNEVEN = 0.01  # a step off the median by more than this fraction is uneven
+_UNIT_TOLERANCE = 1e-3  # ImageOrientationPatient: unit lengths and a zero dot product to within this
 _PIXEL_TAGS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 _REQUIRED = ("SOPInstanceUID", "Rows", "Columns", "ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing")
 # Patient and study attributes that highdicom copies from the source images into a SEG; all are type 2
@@ -124,14 +128,44 @@ def _header(path: Path, ds: Any) -> _Slice:
 
 
 def _files(root: Path, recursive: bool) -> list[Path]:
-    """Non-hidden files under ``root`` (not in hidden folders), sorted."""
+    """Non-hidden entries under ``root`` that are not folders (not in hidden folders), sorted: regular files,
+    and the special ones (FIFOs, devices, sockets), which :func:`find_series` names without opening."""
     if not recursive:
-        return sorted(p for p in root.iterdir() if p.is_file() and not p.name.startswith("."))
+        return sorted(p for p in root.iterdir() if not p.is_dir() and not p.name.startswith("."))
     found = []
     for folder, dirs, names in os.walk(root):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         found += [Path(folder) / n for n in names if not n.startswith(".")]
     return sorted(found)
+
+
+#: Files a series folder may hold beside its slices without a word (notes, exports, labels).
+OTHER_SUFFIXES = frozenset(
+    {".md", ".txt", ".json", ".nii", ".gz", ".png", ".jpg", ".jpeg", ".csv", ".xml", ".pdf", ".html", ".yaml", ".yml"}
+)
+
+
+def _read_header(path: Path) -> Any:
+    """The DICOM header of ``path`` (pixels deferred); a file without the 128-byte preamble and ``DICM``
+    magic is read too when it parses as DICOM and names its series (older writers omit the preamble).
+
+    Raises:
+        InvalidDicomError: not DICOM. Anything else pydicom raises: a damaged file.
+    """
+    try:
+        return pydicom.dcmread(path, defer_size=_DEFER)
+    except InvalidDicomError:
+        if file_suffix(path) in OTHER_SUFFIXES:  # (notes and exports are not parsed as DICOM)
+            raise
+        try:
+            with warnings.catch_warnings():  # (pydicom warns at every guess it makes about a foreign file)
+                warnings.simplefilter("ignore")
+                ds = pydicom.dcmread(path, defer_size=_DEFER, force=True)
+        except Exception:
+            raise InvalidDicomError(f"{path} is not DICOM") from None
+        if ds.get("SeriesInstanceUID") and ds.get("SOPInstanceUID"):
+            return ds
+        raise
 
 
 def looks_like_dicom(path: Path) -> bool:
@@ -161,10 +195,16 @@ def find_series(root: str | os.PathLike, recursive: bool = True) -> tuple[list[S
     groups: dict[str, list[_Slice]] = defaultdict(list)
     segs: dict[str, Path] = {}
     problems: list[Problem] = []
+    not_dicom: list[Path] = []
     for path in _files(root, recursive):
+        mode = path.stat().st_mode
+        if not stat.S_ISREG(mode):  # opening a FIFO would wait for a writer forever
+            problems.append(Problem(str(path), f"is {file_kind(mode)}, not a file; remove it from the data folder"))
+            continue
         try:
-            ds = pydicom.dcmread(path, defer_size=_DEFER)
+            ds = _read_header(path)
         except InvalidDicomError:
+            not_dicom.append(path)
             continue
         except Exception as exc:  # pydicom raises many types for truncated or corrupt files
             problems.append(Problem(str(path), f"cannot read the DICOM header ({type(exc).__name__}: {exc})"))
@@ -177,7 +217,7 @@ def find_series(root: str | os.PathLike, recursive: bool = True) -> tuple[list[S
             problems.append(Problem(str(path), "image file has no SeriesInstanceUID"))
     # Series with no pixels and no Rows in any file are not images (SR, RTSTRUCT, KO, ...).
     images = {uid: s for uid, s in groups.items() if any(x.has_pixels or x.rows is not None for x in s)}
-    refused = _mixed_folders(images, problems)
+    refused = _mixed_folders(images, problems) | _unreadable_in_series(images, not_dicom, problems)
     found = []
     for uid, slices in sorted(images.items(), key=lambda item: (str(item[1][0].path.parent), item[0])):
         if uid in refused:
@@ -201,6 +241,28 @@ def _add_seg(path: Path, ds: Any, segs: dict[str, Path], problems: list[Problem]
         problems.append(Problem(str(path), message, "warning"))
         return
     segs[uid] = path
+
+
+def _unreadable_in_series(images: dict[str, list[_Slice]], not_dicom: list[Path], problems: list[Problem]) -> set[str]:
+    """The series refused because a file in their folder does not read as DICOM: a slice cut inside its
+    header, or written without its preamble and series, would otherwise leave the series a slice short
+    and "OK". Files of :data:`OTHER_SUFFIXES` (notes, exports) are let be."""
+    folders: dict[Path, set[str]] = defaultdict(set)
+    for uid, slices in images.items():
+        for s in slices:
+            folders[s.path.parent].add(uid)
+    refused: set[str] = set()
+    odd = [p for p in not_dicom if p.parent in folders and file_suffix(p) not in OTHER_SUFFIXES]
+    for folder in sorted({p.parent for p in odd}):
+        files = [p for p in odd if p.parent == folder]
+        shown = ", ".join(p.name for p in files[:3]) + (", ..." if len(files) > 3 else "")
+        message = (
+            f"{len(files)} file(s) in this series folder do not read as DICOM ({shown}): a damaged slice "
+            "would leave the series incomplete; repair or remove them"
+        )
+        problems.append(Problem(str(folder), message))
+        refused |= folders[folder]
+    return refused
 
 
 def _mixed_folders(images: dict[str, list[_Slice]], problems: list[Problem]) -> set[str]:
@@ -249,6 +311,9 @@ def _check_series(uid: str, slices: list[_Slice]) -> tuple[Series | None, list[P
             problems.append(Problem(where, f"{name} missing or invalid in {_example(lacking)} of {n}"))
     if problems:
         return None, problems
+    problems += _geometry_problems(where, slices)
+    if problems:
+        return None, problems
     for name, attr, atol in (("Rows", "rows", 0), ("Columns", "cols", 0), ("PixelSpacing", "pixel_spacing", 1e-4)):
         problems += _differing(where, slices, name, attr, atol)
     problems += _differing(where, slices, "ImageOrientationPatient", "orientation", 1e-4)
@@ -288,6 +353,33 @@ def _check_series(uid: str, slices: list[_Slice]) -> tuple[Series | None, list[P
         instance_uids=tuple(str(s.sop_uid) for s in slices),
     )
     return series, problems
+
+
+def _geometry_problems(where: str, slices: list[_Slice]) -> list[Problem]:
+    """ImageOrientationPatient that is not two orthogonal unit vectors, and spacings that are not positive."""
+    problems = []
+    for s in slices:
+        assert s.orientation is not None and s.pixel_spacing is not None
+        row, col = s.orientation[:3], s.orientation[3:]
+        norms, dot = (float(np.linalg.norm(row)), float(np.linalg.norm(col))), float(np.dot(row, col))
+        if max(abs(n - 1.0) for n in norms) > _UNIT_TOLERANCE or abs(dot) > _UNIT_TOLERANCE:
+            values = s.orientation.round(6).tolist()
+            message = (
+                f"ImageOrientationPatient {values} in {s.path.name} is not two orthogonal unit vectors "
+                f"(lengths {norms[0]:.4g} and {norms[1]:.4g}, dot product {dot:.4g})"
+            )
+            problems.append(Problem(where, message))
+            break
+    for s in slices:
+        assert s.pixel_spacing is not None
+        if (s.pixel_spacing <= 0).any():
+            values = s.pixel_spacing.tolist()
+            problems.append(Problem(where, f"PixelSpacing {values} in {s.path.name} must be positive"))
+            break
+    if len(slices) == 1 and slices[0].thickness is not None and slices[0].thickness <= 0:
+        message = f"SliceThickness {slices[0].thickness} in {slices[0].path.name} must be positive"
+        problems.append(Problem(where, message))
+    return problems
 
 
 def _differing(where: str, slices: list[_Slice], name: str, attr: str, atol: float) -> list[Problem]:

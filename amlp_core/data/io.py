@@ -18,6 +18,7 @@ from PIL import Image
 from scipy import ndimage
 
 from amlp_core.errors import DataError
+from amlp_core.reading import file_kind
 
 logger = logging.getLogger(__name__)
 
@@ -45,8 +46,8 @@ def data_error(path: str | os.PathLike, what: str) -> DataError:
 
 def _check_readable(path: Path) -> str:
     """The suffix of an existing file of a supported type."""
-    if not path.is_file():
-        raise data_error(path, "file does not exist" if not path.exists() else "is not a file")
+    if not path.is_file():  # (a FIFO or a device would block the read, or never end)
+        raise data_error(path, "file does not exist" if not path.exists() else f"is {file_kind(path.stat().st_mode)}")
     suffix = file_suffix(path)
     if suffix not in (*NIFTI_SUFFIXES, ".png"):
         raise data_error(path, f"unsupported file type {suffix!r}; expected .nii, .nii.gz or .png")
@@ -158,7 +159,7 @@ def _png_mask(path: Path, max_voxels: int | None) -> np.ndarray:
 def label_affine(path: str | os.PathLike) -> np.ndarray:
     """The (4, 4) affine in the header of a label file (identity for PNG), without reading its voxels."""
     path = Path(path)
-    if file_suffix(path) == ".png":
+    if _check_readable(path) == ".png":
         return np.eye(4)
     try:
         return np.asarray(nib.load(str(path)).affine, dtype=np.float64)  # type: ignore[attr-defined]

@@ -410,7 +410,7 @@ def normalize(image: np.ndarray, plan: PlanConfig) -> np.ndarray:
     return normalize_intensity(image)
 
 
-def prepare(sample: Sample, plan: PlanConfig) -> Sample:
+def prepare(sample: Sample, plan: PlanConfig, max_voxels: int | None = None, where: str = "") -> Sample:
     """One case on the plan's grid and scale: a 3D case is reoriented to RAS and resampled to
     ``plan.target_spacing`` (image with ``plan.interpolation``, label nearest), then normalised.
     A 2D image is resized to ``plan.input_size`` (``plan.image_fit=resize``: image bilinear with
@@ -421,6 +421,9 @@ def prepare(sample: Sample, plan: PlanConfig) -> Sample:
 
     Raises:
         ConfigError: a plan that is not decided, or for other dimensions than the case's.
+        DataError: on the plan's grid the case would hold more than ``max_voxels`` values (a header that
+            claims 40 mm voxels, resampled to 1 mm), refused before anything is allocated; the message
+            starts with ``where`` (the case's file), else the case's name.
     """
     if not plan.decided:
         raise ConfigError(f"the plan is not decided yet ({plan}): decide_plan first")
@@ -429,6 +432,12 @@ def prepare(sample: Sample, plan: PlanConfig) -> Sample:
         if len(plan.target_spacing) != 3:
             raise ConfigError(f"plan.target_spacing={plan.target_spacing} is not 3D, case {sample.name} is")
         shape, affine = planned_grid(image.shape[1:], sample.affine, plan.target_spacing)
+        planned = math.prod(shape) * image.shape[0]
+        if max_voxels is not None and planned > max_voxels:
+            raise DataError(
+                f"{where or sample.name}: on the plan's {_mm(plan.target_spacing)} grid it would hold {planned:,} voxels "
+                f"{tuple(shape)} (its own grid: {tuple(image.shape[1:])}), above data.max_voxels={max_voxels:,}"
+            )
         image = to_grid(image, sample.affine, shape, affine, SPLINE_ORDER[plan.interpolation])
         if label is not None:
             label = to_grid(label[None], sample.affine, shape, affine, order=0, fill=0)[0]

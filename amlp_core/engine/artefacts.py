@@ -59,6 +59,7 @@ SERVER_CHECKPOINT = "server_checkpoint.pt"
 #: layout is versioned apart: :data:`~amlp_core.config.ARCHITECTURE`.)
 KIND_PRETRAIN, PRETRAIN_VERSION = "pretrain", 1  # a pretraining run's checkpoint.pt (the encoder)
 KIND_RESUME, RESUME_VERSION = "pretrain-resume", 1  # an unfinished pretraining's resume.pt
+KIND_FINETUNE_RESUME, FINETUNE_RESUME_VERSION = "finetune-resume", 1  # an unfinished fine-tuning's resume.pt
 KIND_SEGMENTATION, SEGMENTATION_VERSION = "segmentation", 1  # a fine-tuned model's checkpoint.pt
 KIND_SERVER, SERVER_CHECKPOINT_VERSION = "server", 1  # a federation's server_checkpoint.pt
 KIND_SITE_STATE, SITE_STATE_VERSION = "site-state", 1  # a site's state between rounds
@@ -335,16 +336,31 @@ def model_config_of(run: str | Path) -> ModelConfig:
     return saved_config(meta, path).model
 
 
-def load_segmentation(run: str | Path, device: torch.device | None = None) -> tuple[torch.nn.Module, dict]:
-    """A fine-tuned segmentation model (the architecture its saved config names) and its checkpoint metadata."""
+def load_segmentation(
+    run: str | Path, device: torch.device | None = None, allow_unfinished: bool = False
+) -> tuple[torch.nn.Module, dict]:
+    """A fine-tuned segmentation model (the architecture its saved config names) and its checkpoint metadata.
+
+    Raises:
+        CheckpointError: not a segmentation checkpoint of this version, weights that do not fit or are not
+            finite, or (unless ``allow_unfinished``) a fine-tuning that stopped before its last step.
+    """
     path = checkpoint_path(run)
     state, meta = load_checkpoint(path)
     check_record(meta, path, KIND_SEGMENTATION, SEGMENTATION_VERSION)
     require_architecture(meta, path)
+    if meta.get("finished") is False and not allow_unfinished:  # (models from before the flag: finished)
+        raise CheckpointError(
+            f"model {run} is unfinished: its fine-tuning stopped at step {meta.get('step')} of {meta.get('steps')} "
+            f"(go on with `fedamlp finetune --resume --out {run}`, or pass --allow-unfinished to use it as it is)"
+        )
     cfg = saved_config(meta, path)
+    weights = _saved_weights(state, "model", path)
+    if bad := next((k for k, v in weights.items() if v.is_floating_point() and not torch.isfinite(v).all()), None):
+        raise CheckpointError(f"checkpoint {path} holds weights that are not finite ({bad}): it cannot segment")
     model = build_segmentation_model(cfg.model)
     try:
-        model.load_state_dict(_saved_weights(state, "model", path), strict=True)
+        model.load_state_dict(weights, strict=True)
     except RuntimeError as e:
         raise CheckpointError(f"checkpoint {path} does not fit its own model configuration: {e}") from None
     model.to(device or torch.device("cpu")).eval()

@@ -16,6 +16,7 @@ import torch
 
 from amlp_core.atomic import atomic_write, atomic_write_text
 from amlp_core.errors import CheckpointError
+from amlp_core.reading import regular_file
 
 __all__ = ["FORMAT_VERSION", "atomic_write_text", "load_checkpoint", "require_meta", "save_checkpoint"]
 
@@ -34,9 +35,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     Raises:
         CheckpointError: missing, unreadable or not one of ours; the message names the file.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist")
+    path = regular_file(path, "checkpoint", CheckpointError)  # never a FIFO or a device
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # torch raises many types for a corrupt or foreign file

@@ -33,12 +33,14 @@ def evaluate(
     device: str = "auto",
     all_cases: bool = False,
     post: dict[str, Any] | None = None,
+    allow_unfinished: bool = False,
 ) -> dict[str, Any]:
     """Dice per class (and the lesion metrics) of a fine-tuned model on the test cases of the data it names
     (or overrides); with ``all_cases`` on every labelled case; ``post`` overrides the model's
-    post-processing (``{"post_keep_largest": ..., "post_min_share": ...}``) for this evaluation."""
+    post-processing (``{"post_keep_largest": ..., "post_min_share": ...}``) for this evaluation. A model whose
+    fine-tuning stopped early is refused unless ``allow_unfinished``."""
     dev = resolve_device(device)
-    model, meta = load_segmentation(run, dev)
+    model, meta = load_segmentation(run, dev, allow_unfinished)
     cfg = saved_config(meta, run)
     if data_cfg_overrides:
         cfg = build_config({f"data.{k}": v for k, v in data_cfg_overrides.items()}, base=cfg)
@@ -109,7 +111,13 @@ def read_scan(input_path: str | Path, max_voxels: int) -> tuple[np.ndarray, np.n
     return image, affine, found[0].modality, found[0]
 
 
-def predict_file(run: str | Path, input_path: str | Path, output_path: str | Path, device: str = "auto") -> Path:
+def predict_file(
+    run: str | Path,
+    input_path: str | Path,
+    output_path: str | Path,
+    device: str = "auto",
+    allow_unfinished: bool = False,
+) -> Path:
     """Segment one scan, the result on the scan's own grid: shape and affine (NIfTI), or as a DICOM SEG
     object that references the source series (``.dcm`` output of a DICOM series input).
 
@@ -126,7 +134,7 @@ def predict_file(run: str | Path, input_path: str | Path, output_path: str | Pat
     if out.name.lower().endswith(PNG_SUFFIXES):
         check_output(overlay_path(out), "overlay", PNG_SUFFIXES, inputs=(input_path,), keep_out_of=(run,))
     dev = resolve_device(device)
-    model, meta = load_segmentation(run, dev)
+    model, meta = load_segmentation(run, dev, allow_unfinished)
     cfg = saved_config(meta, run)
     image, affine, modality, series = read_scan(input_path, cfg.data.max_voxels)  # [C, *S]
     if image.shape[0] != cfg.model.in_channels:
@@ -145,7 +153,7 @@ def predict_file(run: str | Path, input_path: str | Path, output_path: str | Pat
         log.warning(
             "%s: %s; it is resampled onto the plan's grid", input_path, str(problem).replace("its", "the scan's")
         )
-    planned = prepare(scan, plan)
+    planned = prepare(scan, plan, cfg.data.max_voxels, str(input_path))
     m = cfg.model
     probs = predict_volume(
         model, planned.image, m.img_size, dev, cfg.train.amp, slice_axis=cfg.data.slice_axis, flips=m.tta_flips

@@ -131,13 +131,14 @@ def finetune_for(
     on_pass: Callable[[dict[str, Any]], bool | None] | None = None,
     desc: str = "finetune",
     semi: SemiTraining | None = None,
+    first_pass: int | None = None,
 ) -> dict[str, Any]:
     """``steps`` optimiser steps of Dice + CE training of ``model`` over ``loader``'s cases (one stretch),
     with ``semi`` (:func:`semi_training`) the unlabelled pool's loss too.
 
     The rate of step ``k`` is :func:`~amlp_core.engine.optim.set_finetune_lr` at ``progress_at(k)``.
     The passes over the cases continue the numbering of the earlier stretches (``stretch``'s round:
-    every round's passes get their own shuffle and augmentation). With ``ledger``: DP-SGD, a step is one
+    every round's passes get their own shuffle and augmentation), or start at ``first_pass`` (a resumed run). With ``ledger``: DP-SGD, a step is one
     Poisson draw, and the steps are recorded as ``stretch``.
 
     Under DP-SGD with ``semi``, the records are the labelled cases and the unlabelled pool together
@@ -170,7 +171,7 @@ def finetune_for(
             cfg.train.amp,
             desc=desc,
             regularizer=regularizer,
-            first_pass=(stretch[1] - 1) * passes,
+            first_pass=(stretch[1] - 1) * passes if first_pass is None else first_pass,
             on_pass=on_pass,
             semi=semi,
         )

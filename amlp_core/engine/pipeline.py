@@ -24,6 +24,8 @@ from amlp_core.engine.artefacts import (
     CHECKPOINT,
     CONFIG,
     EVALUATION,
+    FINETUNE_RESUME_VERSION,
+    KIND_FINETUNE_RESUME,
     KIND_RESUME,
     METRICS,
     RESUME,
@@ -47,6 +49,7 @@ from amlp_core.engine.local import (
 )
 from amlp_core.engine.loops import evaluate_segmentation, finetune_budget
 from amlp_core.engine.optim import finetune_optimizer, pretrain_optimizer
+from amlp_core.engine.semi import SemiTraining
 from amlp_core.engine.split import DataSplit, load_split, with_plan
 from amlp_core.errors import CheckpointError, ConfigError, DataError
 from amlp_core.methods import build_method
@@ -112,11 +115,31 @@ def _resume_state(out: Path, cfg: Config) -> dict[str, Any] | None:
     return {**state, "epoch": meta["epoch"]}
 
 
-def check_resume(out: str | Path, cfg: Config) -> None:
-    """RunFolderError unless ``out`` is empty or holds a stopped pretraining of ``cfg`` to go on with."""
-    if holds_run(out) and _resume_state(Path(out), cfg) is None:
+def _finetune_resume_state(out: Path, cfg: Config) -> dict[str, Any] | None:
+    """The saved state of an unfinished fine-tuning of ``cfg`` in ``out`` (see :data:`RESUME`), or None."""
+    path = out / RESUME
+    if not path.is_file():
+        return None
+    try:
+        state, meta = load_checkpoint(path)
+        check_record(meta, path, KIND_FINETUNE_RESUME, FINETUNE_RESUME_VERSION)
+    except CheckpointError as err:
+        log.warning("%s; fine-tuning starts again", err)
+        return None
+    if meta.get("digest") != _resume_digest(cfg) or not isinstance(meta.get("step"), int) or meta["step"] < 1:
+        log.warning("%s is another run's (other settings); this fine-tuning starts again", path)
+        return None
+    return {**state, "step": meta["step"], "passes": meta["passes"]}
+
+
+def check_resume(out: str | Path, cfg: Config, phase: str = "pretrain") -> None:
+    """RunFolderError unless ``out`` is empty or holds a stopped ``phase`` (pretrain or finetune) of ``cfg``
+    to go on with."""
+    found = _resume_state if phase == "pretrain" else _finetune_resume_state
+    what = "pretraining" if phase == "pretrain" else "fine-tuning"
+    if holds_run(out) and found(Path(out), cfg) is None:
         raise RunFolderError(
-            f"run folder {out} holds no stopped pretraining of these settings to resume (it has finished, or "
+            f"run folder {out} holds no stopped {what} of these settings to resume (it has finished, or "
             "was made with other settings); pass --overwrite to start it again, or choose another folder"
         )
 
@@ -327,22 +350,30 @@ def train_segmentation(
         raise DataError(f"no labelled training cases in {cfg.data.path}: fine-tuning needs labels")
     subset = label_subset(labelled, cfg.train.label_fraction, cfg.train.seed)
     steps = finetune_budget(cfg.train.finetune_steps, cfg.train.epochs, len(labelled), cfg.train.batch_size)
+    resumed = None if overwrite else _finetune_resume_state(Path(out_dir), cfg)
+    if resumed is not None and cfg.privacy.site_dp:
+        raise RunFolderError(
+            f"run folder {out_dir} holds a stopped private fine-tuning: its steps were never charged to the ledger, "
+            "so it cannot go on; pass --overwrite to start it again (the ledger keeps what was charged)"
+        )
     ledger = None
     if cfg.privacy.site_dp:  # an overspending run is refused before anything is written
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         phase = PrivatePhase(rounds=1, cases=finetune_records(cfg, split.train, subset), steps=steps)
         ledger = _privacy_ledger(cfg, Path(out_dir), phase, f"fine-tuning {steps} steps in {out_dir}")
-    out, device = _prepare(cfg, out_dir, overwrite=overwrite)
+    first_step, first_pass = (resumed["step"], resumed["passes"]) if resumed else (0, 0)
+    out, device = _prepare(cfg, out_dir, keep_metrics=first_pass, overwrite=overwrite)
     model.to(device)
     loader = make_loader(subset, cfg, augment=True, labels=True)
     optimizer = finetune_optimizer(model, cfg.train, pretrained=init_method != "scratch")
     log.info(
-        "fine-tuning on %d of %d labelled cases (%s) for %d steps on %s",
+        "fine-tuning on %d of %d labelled cases (%s) for %d steps on %s%s",
         len(subset),
         len(labelled),
         init_method,
         steps,
         device,
+        f", resumed after step {first_step}" if resumed else "",
     )
     meta = segmentation_meta(
         cfg, {str(k): v for k, v in split.class_names.items()}, init_method, init_from, len(subset)
@@ -365,23 +396,29 @@ def train_segmentation(
         )
 
     every = cfg.train.eval_every if ledger is None and split.test else 0  # a private run evaluates at the end only
+
+    def progress_at(k: int) -> float:  # (k counts the steps of this call: a resumed run goes on where it stopped)
+        return _progress(first_step + k, steps, start, cfg)
+
+    semi = semi_training(cfg, model, split.train, subset, cfg.train.seed, progress_at, first_pass)
+    streams = _FinetuneStreams(model, optimizer, loader.generator, semi)
+    if resumed:
+        streams.restore(resumed)
     on_pass = _PassRecorder(model, cfg, out, steps, meta if saveable else None, test_dice, every, start)
-
-    def progress_at(k: int) -> float:
-        return _progress(k, steps, start, cfg)
-
+    on_pass.resume_from(first_step, first_pass, streams if saveable and ledger is None else None)
     metrics = finetune_for(
         model,
         optimizer,
         loader,
         device,
         cfg,
-        steps,
+        steps - first_step,
         progress_at,
         ledger=ledger,
         seed=cfg.train.seed,
         on_pass=on_pass,
-        semi=semi_training(cfg, model, split.train, subset, cfg.train.seed, progress_at),
+        semi=semi,
+        first_pass=first_pass,
     )
     privacy = {"epsilon": metrics["epsilon"], "delta": cfg.privacy.delta} if ledger else {}
     result: dict[str, Any]
@@ -392,8 +429,8 @@ def train_segmentation(
         result = {"num_examples": 0, "evaluation": "skipped: no test cases"}
     result.update(
         train_seconds=round(time.monotonic() - start, 2),
-        epochs=metrics["passes"],
-        steps=metrics["steps"],
+        epochs=first_pass + metrics["passes"],
+        steps=first_step + metrics["steps"],
         labelled_cases=len(subset),
         **privacy,
     )
@@ -417,14 +454,22 @@ class _PassRecorder:
     start: float
     saved_at: int = 0
     evaluated_at: int = 0
+    first_step: int = 0  # a resumed run's steps and passes before this call
+    first_pass: int = 0
+    streams: _FinetuneStreams | None = None  # what resume.pt keeps of an unfinished run (None: nothing)
+
+    def resume_from(self, step: int, passes: int, streams: _FinetuneStreams | None) -> None:
+        """Count on from a resumed run's ``step`` and ``passes``; with ``streams``, keep resume.pt."""
+        self.first_step = self.saved_at = self.evaluated_at = step
+        self.first_pass, self.streams = passes, streams
 
     def __call__(self, metrics: dict[str, Any]) -> bool:
-        done, stop, steps = metrics["step"], _out_of_time(self.start, self.cfg), self.steps
+        done, stop, steps = self.first_step + metrics["step"], _out_of_time(self.start, self.cfg), self.steps
         record = {
             **{k: v for k, v in metrics.items() if k.startswith("semi_")},
             "loss": metrics.get("loss", float("nan")),
             "num_examples": metrics["num_examples"],
-            "epoch": metrics["pass"],
+            "epoch": self.first_pass + metrics["pass"],
             "step": done,
             "seconds": round(time.monotonic() - self.start, 2),
         }
@@ -437,14 +482,54 @@ class _PassRecorder:
         test = f" test Dice {record['test_dice_mean']:.4f}" if "test_dice_mean" in record else ""
         log.info("pass %d, step %d/%d loss %.4f%s", record["epoch"], done, steps, record["loss"], test)
         if self.meta is not None and (done >= steps or stop or done - self.saved_at >= CHECKPOINT_STEPS):
-            state, meta = {"model": self.model.state_dict()}, {**self.meta, "epoch": record["epoch"], "step": done}
+            finished = done >= steps or stop  # (a time budget, train.max_minutes, ends a run as planned)
+            state = {"model": self.model.state_dict()}
+            meta = {**self.meta, "epoch": record["epoch"], "step": done, "steps": steps, "finished": finished}
+            if self.streams is not None and not finished:  # first what resumes it, then the model it resumes
+                resume = {"kind": KIND_FINETUNE_RESUME, "version": FINETUNE_RESUME_VERSION, "step": done}
+                resume.update(passes=record["epoch"], digest=_resume_digest(self.cfg))
+                save_checkpoint(self.out / RESUME, self.streams.state(), resume)
             save_checkpoint(self.out / CHECKPOINT, state, meta)
+            if finished:
+                (self.out / RESUME).unlink(missing_ok=True)
             self.saved_at = done
         if stop and done < steps:
             log.info(
                 "stopping after %d of %d steps: train.max_minutes=%s reached", done, steps, self.cfg.train.max_minutes
             )
         return stop
+
+
+@dataclass
+class _FinetuneStreams:
+    """What a stopped fine-tuning needs to go on (:data:`RESUME`): the network, the optimiser, the loader's
+    shuffle stream, torch's global stream, and semi-supervised, the teacher and the unlabelled shuffle."""
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    shuffle: torch.Generator
+    semi: SemiTraining | None
+
+    def state(self) -> dict[str, Any]:
+        state = {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "shuffle": self.shuffle.get_state(),
+            "torch": torch.get_rng_state(),
+        }
+        if self.semi is not None:
+            state["teacher"] = self.semi.objective.teacher.state_dict()
+            state["semi_shuffle"] = self.semi.loader.generator.get_state()
+        return state
+
+    def restore(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.shuffle.set_state(state["shuffle"])
+        torch.set_rng_state(state["torch"])
+        if self.semi is not None and "teacher" in state:
+            self.semi.objective.teacher.load_state_dict(state["teacher"])
+            self.semi.loader.generator.set_state(state["semi_shuffle"])
 
 
 def _progress(step: int, steps: int, start: float, cfg: Config) -> float:

@@ -87,8 +87,9 @@ def plan_split(raw: DataSplit, plan: PlanConfig, cfg: Config) -> DataSplit:
     problem = fit_problem(raw.fingerprint, plan)
     if problem:
         raise PlanError(f"{cfg.data.path}: does not fit the run's plan: {problem}")
-    train = [prepare(s, plan) for s in raw.train]
-    test = [prepare(s, plan) for s in raw.test]
+    where = {s.name: f"{cfg.data.path}, case {s.name}" for s in (*raw.train, *raw.test)}
+    train = [prepare(s, plan, cfg.data.max_voxels, where[s.name]) for s in raw.train]
+    test = [prepare(s, plan, cfg.data.max_voxels, where[s.name]) for s in raw.test]
     if cfg.data.as_slices:
         train = to_slices(train, cfg.data.slice_axis)
     return DataSplit(train, test, raw.class_names, raw.fingerprint, plan)

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from amlp_core.atomic import atomic_write_text
 from amlp_core.errors import AMLPError
+from amlp_core.reading import read_text
 
 log = logging.getLogger(__name__)
 LEDGER_FILE = "privacy_ledger.json"
@@ -109,12 +110,12 @@ class PrivacyLedger:
         if not ledger.path.exists():
             return ledger
         try:
-            raw = json.loads(ledger.path.read_text())
+            raw = json.loads(read_text(ledger.path, "privacy ledger", PrivacyError))
             if raw.get("format") != FORMAT_VERSION:
                 raise ValueError(f"format {raw.get('format')!r}, expected {FORMAT_VERSION}")
             history = [(float(s), float(q), int(n)) for s, q, n in raw["history"]]
             rounds, sigma, delta_then = list(raw["rounds"]), raw["noise_multiplier"], float(raw["delta"])
-        except (OSError, ValueError, KeyError, TypeError) as e:
+        except (PrivacyError, ValueError, KeyError, TypeError, RecursionError) as e:
             raise PrivacyError(
                 f"privacy ledger {ledger.path} cannot be read ({e}); it is never reset "
                 "automatically: restore it from a backup or start a new state directory"

@@ -4,6 +4,7 @@ Every file is a real DICOM file written with pydicom (tests/dicom_files.py); the
 ../shared/data/dicom_brain/Study1 and skip where it is absent.
 """
 
+import os
 from pathlib import Path
 
 import highdicom as hd
@@ -197,6 +198,57 @@ def test_missing_geometry_is_found(tmp_path, name):
     paths = write_series(tmp_path / "nogeo", random_volume((6, 5, 5)), np.eye(4), edit=_drop(name))
     (message,) = errors_of(tmp_path)
     assert message == f"{tmp_path / 'nogeo'}: {name} missing or invalid in 1 file(s), e.g. {paths[2].name} of 5"
+
+
+def _every_slice(name, value):
+    def edit(k, ds):
+        setattr(ds, name, value)
+
+    return edit
+
+
+@pytest.mark.parametrize(
+    "name, value, needle",
+    [
+        ("ImageOrientationPatient", [2, 0, 0, 0, 2, 0], "is not two orthogonal unit vectors (lengths 2 and 2"),
+        ("ImageOrientationPatient", [1, 0, 0, 0.5, 0.866025, 0], "dot product 0.5"),
+        ("PixelSpacing", [0, 0], "PixelSpacing [0.0, 0.0] in"),
+        ("PixelSpacing", [1, -0.5], "must be positive"),
+    ],
+)
+def test_impossible_geometry_is_refused(tmp_path, name, value, needle):
+    write_series(tmp_path / "geo", random_volume((6, 5, 5)), np.eye(4), edit=_every_slice(name, value))
+    (message,) = errors_of(tmp_path)
+    assert message.startswith(f"{tmp_path / 'geo'}: ") and needle in message, message
+
+
+def test_a_slice_cut_inside_its_header_refuses_its_series(tmp_path):
+    """Cut before the DICM magic, the top slice is not DICOM at all: the series must not read as one slice
+    short and OK."""
+    paths = write_series(tmp_path / "cut", random_volume((6, 5, 6)), np.eye(4))
+    top = paths[-1]
+    top.write_bytes(top.read_bytes()[:100])
+    (tmp_path / "cut" / "notes.txt").write_text("acquired on the old scanner")  # a note is let be
+    (message,) = errors_of(tmp_path)
+    assert message.startswith(f"{tmp_path / 'cut'}: 1 file(s) in this series folder do not read as DICOM ({top.name})")
+
+
+def test_a_slice_without_its_preamble_still_counts(tmp_path):
+    """Older writers omit the 128-byte preamble and the DICM magic: such a slice is DICOM all the same."""
+    paths = write_series(tmp_path / "old", random_volume((6, 5, 6)), np.eye(4))
+    paths[0].write_bytes(paths[0].read_bytes()[132:])
+    series = only_series(tmp_path)
+    assert series.shape == (6, 5, 6) and paths[0] in series.files
+
+
+def test_a_fifo_in_a_series_folder_is_named_not_opened(tmp_path):
+    write_series(tmp_path / "s", random_volume((6, 5, 4)), np.eye(4))
+    fifo = tmp_path / "s" / "pipe"
+    os.mkfifo(fifo)
+    found, _, problems = find_series(tmp_path)  # would wait forever if it opened the FIFO
+    assert [p.message for p in problems if p.file == str(fifo)] == [
+        "is a FIFO, not a file; remove it from the data folder"
+    ]
 
 
 def test_data_check_lists_the_series_and_their_problems(tmp_path):

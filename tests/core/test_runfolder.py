@@ -17,9 +17,11 @@ def test_a_held_folder_is_refused_to_a_second_run_and_freed_after(tmp_path):
         with pytest.raises(RunFolderError, match=f"run folder {run} is in use by another run"):
             with hold(run):
                 pass
+    assert not run.exists()  # created by the hold and left empty: removed again (a refused start leaves no trace)
+    run.mkdir()
     with hold(run):  # released when the first run ended
         pass
-    assert list(run.iterdir()) == []  # holding writes nothing into the folder
+    assert list(run.iterdir()) == []  # holding writes nothing into the folder, and keeps one it did not create
 
 
 def test_the_lock_dies_with_a_killed_process(tmp_path):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import pickle
 import shutil
 from dataclasses import dataclass
@@ -146,6 +147,8 @@ def _datasets(root: Path, base: Path) -> list[Entry]:
     add("image_eight_channels", lambda f: _nii(f / img, np.stack([_image(2)] * 8, axis=-1)))
     add("image_voxel_bomb", lambda f: _bomb(f / img.replace(".gz", "")) and _point(f, 2, img.replace(".gz", "")))
     add("image_missing", lambda f: (f / img).unlink() or f / img)
+    coarse = np.diag([64.0, 64.0, 64.0, 1.0])  # 16^3 voxels of 64 mm: 1024^3 voxels on the others' 1 mm grid
+    entries.append(_resampling_bomb(root, base, coarse))
     add("label_missing", lambda f: (f / lab).unlink() or f / lab)
     add(
         "entry_duplicate",
@@ -161,6 +164,20 @@ def _datasets(root: Path, base: Path) -> list[Entry]:
     add("entry_without_image", lambda f: _edit_json(f, lambda m: m["training"].append({"label": lab})))
     add("entry_unsupported_type", lambda f: _txt_entry(f))
     add("dataset_json_not_json", lambda f: (f / "dataset.json").write_text("{training: [") and f / "dataset.json")
+    add("dataset_json_a_fifo", lambda f: _fifo(f / "dataset.json"))
+    add("labels_not_contiguous", lambda f: _edit_json(f, lambda m: m.update(labels={"0": "background", "2": "b"})))
+    add(
+        "labels_negative",
+        lambda f: _edit_json(f, lambda m: m.update(labels={"-1": "ignore", "0": "background", "1": "a", "2": "b"})),
+    )
+    add(
+        "dataset_json_deeply_nested",
+        lambda f: (
+            (f / "dataset.json").write_text('{"training": ' + "[" * 200_000 + "]" * 200_000 + "}")
+            and f / "dataset.json"
+        ),
+    )
+    add("dataset_json_binary", lambda f: (f / "dataset.json").write_bytes(bytes(range(256)) * 8) and f / "dataset.json")
     add("dataset_json_no_training", lambda f: _edit_json(f, lambda m: m.pop("training")))
 
     empty = root / "datasets" / "empty_folder"
@@ -177,6 +194,23 @@ def _datasets(root: Path, base: Path) -> list[Entry]:
         Entry("nifti_name_twice", "dataset", str(twice), str(twice / "images" / "a.nii.gz"), ("data check",))
     )
     return entries
+
+
+def _fifo(path: Path) -> Path:
+    """A FIFO at ``path`` (in place of a file): opening it for reading waits for a writer forever."""
+    path.unlink(missing_ok=True)
+    os.mkfifo(path)
+    return path
+
+
+def _resampling_bomb(root: Path, base: Path, affine: np.ndarray) -> Entry:
+    """A small case whose header claims huge voxels: on the plan's grid (the other cases' 1 mm) it would need
+    gigabytes. Refused when it is brought onto the plan, before anything is allocated (``data check`` does
+    not plan)."""
+    folder = _spoiled(root, base, "image_resampling_bomb")
+    _nii(folder / "imagesTr/case_002.nii.gz", _image(2), affine)
+    _nii(folder / "labelsTr/case_002.nii.gz", _label(2), affine)
+    return Entry("image_resampling_bomb", "dataset", str(folder), "case_002", ("pretrain", "finetune", "evaluate"))
 
 
 def _point(folder: Path, i: int, relative: str) -> Path:
@@ -209,6 +243,13 @@ def _settings() -> list[Entry]:
         ("unknown_policy", "data.on_bad_case=ignore"),
         ("voxel_limit_zero", "data.max_voxels=0"),
         ("label_fraction_above_one", "train.label_fraction=1.5"),
+        ("device_typo", "train.device=cudaXYZ"),
+        ("lr_huge", "train.lr=1e308"),
+        ("finetune_lr_huge", "train.finetune_lr=1e12"),
+        ("img_size_huge", "model.img_size=1024,1024,1024"),
+        ("patch_size_one", "model.patch_size=1"),
+        ("embed_dim_huge", "model.embed_dim=98304"),
+        ("max_voxels_above_ceiling", "data.max_voxels=1e12"),
     ]
     entries = [Entry(kind, "setting", value, value.split("=")[0]) for kind, value in bad]
     simulation_only = ("simulate",)  # a single-site run has no federation to check
@@ -241,6 +282,17 @@ def _config_files(root: Path) -> list[Entry]:
         path = folder / f"{kind}.yaml"
         path.write_text(text)
         entries.append(Entry(kind, "config_file", str(path), culprit or str(path)))
+    binary = folder / "config_binary.yaml"
+    binary.write_bytes(b"train:\n  epochs: \xff\xfe\x00\x01\n")
+    nested = folder / "config_deeply_nested.yaml"
+    nested.write_text("train: " + "[" * 100_000 + "]" * 100_000 + "\n")
+    entries += [
+        Entry("config_a_fifo", "config_file", str(_fifo(folder / "fifo.yaml")), str(folder / "fifo.yaml")),
+        Entry("config_dev_zero", "config_file", "/dev/zero", "/dev/zero"),
+        Entry("config_a_folder", "config_file", str(folder), str(folder)),
+        Entry("config_binary", "config_file", str(binary), str(binary)),
+        Entry("config_deeply_nested", "config_file", str(nested), str(nested)),
+    ]
     return entries
 
 
@@ -264,8 +316,47 @@ def _models(root: Path, good_model: Path) -> list[Entry]:
         "checkpoint_forged_bad_config",
         lambda m: _forged(m, {}, {"kind": "segmentation", "architecture": 2, "config": {"model": {"depth": -1}}}),
     )
+    add("checkpoint_a_fifo", lambda m: _fifo(m / "checkpoint.pt"))
+    # Forged configs that would make the product allocate without end: a plan of 0.01 mm voxels (a 16^3 scan
+    # becomes 1600^3; evaluate refuses its data as off the plan first), a network of 1024^3 input voxels.
+    entries.append(
+        _forged_config(
+            folder,
+            good_model,
+            "checkpoint_plan_tiny_spacing",
+            ("plan", "target_spacing"),
+            [0.01] * 3,
+            "data.max_voxels",
+            ("predict",),
+        )
+    )
+    entries.append(
+        _forged_config(
+            folder,
+            good_model,
+            "checkpoint_huge_network",
+            ("model", "img_size"),
+            [1024] * 3,
+            "model.img_size",
+            ("evaluate", "predict"),
+        )
+    )
     add("checkpoint_pretraining_kind", lambda m: _forged(m, {"method": {}}, {"kind": "pretrain", "architecture": 2}))
     return entries
+
+
+def _forged_config(
+    folder: Path, good_model: Path, kind: str, key: tuple[str, str], value, culprit: str, only: tuple[str, ...]
+) -> Entry:
+    """The good model with one value of its saved config changed (its weights and format intact)."""
+    from amlp_core.engine.checkpoint import load_checkpoint, save_checkpoint
+
+    model = folder / kind
+    shutil.copytree(good_model, model)
+    state, meta = load_checkpoint(model / "checkpoint.pt")
+    meta["config"][key[0]][key[1]] = value
+    save_checkpoint(model / "checkpoint.pt", state, meta)
+    return Entry(kind, "model", str(model), culprit, only)
 
 
 def _copy(path: Path, folder: Path) -> Path:
@@ -314,6 +405,7 @@ def _scans(root: Path) -> list[Entry]:
     png = folder / "broken.png"
     Image.fromarray(np.zeros((16, 16), np.uint8)).save(png)
     add("scan_truncated_png", _truncate(png))
+    add("scan_a_fifo", _fifo(folder / "pipe.nii.gz"))
     return entries
 
 

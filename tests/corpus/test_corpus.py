@@ -124,3 +124,35 @@ def test_corpus_covers_every_sort_and_kind_once(tmp_path):
     assert len(kinds) == len(set(kinds)) and {e.sort for e in entries} == set(SORTS) - {"model"}
     assert all(Path(p).exists() for p in good.values())
     assert not list(itertools.filterfalse(lambda e: e.culprit, entries))
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        ["--set", "train.device=cudaXYZ"],
+        ["--set", "train.lr=1e308"],
+        ["--set", "model.img_size=1024,1024,1024"],
+        ["--set", "data.max_voxels=10"],
+        ["--data", "LABELS_0_2"],
+    ],
+    ids=["device", "lr", "img_size", "max_voxels", "labels"],
+)
+def test_a_refused_overwrite_keeps_the_old_run(corpus, tmp_path, bad):
+    """--overwrite removes the old run only once every check of the new start has passed."""
+    root, _, good = corpus
+    data = str(good["dataset"])
+    if "LABELS_0_2" in bad:
+        copy = write_good_dataset(tmp_path / "labels_0_2")
+        meta = (copy / "dataset.json").read_text().replace('"1": "a", "2": "b"', '"2": "b"')
+        (copy / "dataset.json").write_text(meta)
+        bad = ["--data", str(copy)]
+    run = tmp_path / "run"
+    assert main(["finetune", "--data", data, "--out", str(run), *TINY]) == 0
+    before = _digest(run)
+    argv = ["finetune", "--data", data, "--out", str(run), "--overwrite", *TINY]
+    if bad[0] == "--data":
+        argv[2] = bad[1]
+    else:
+        argv += bad
+    assert main(argv) == 2
+    assert _digest(run) == before
