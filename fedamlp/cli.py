@@ -49,8 +49,9 @@ def _config(args: argparse.Namespace, data_path: str, extra: dict[str, Any]) -> 
     from amlp_core.engine.split import data_defaults
 
     overrides: dict[str, Any] = {}
-    if not getattr(args, "config", None):
-        overrides.update(data_defaults(data_path, args.format, args.dims))
+    sets = _parse_set(args.set)
+    if not getattr(args, "config", None):  # (the user's class count serves data that name none)
+        overrides.update(data_defaults(data_path, args.format, args.dims, num_classes=sets.get("model.num_classes")))
     overrides["data.path"] = data_path
     overrides["data.format"] = args.format
     for flag, key in (
@@ -63,7 +64,7 @@ def _config(args: argparse.Namespace, data_path: str, extra: dict[str, Any]) -> 
         if getattr(args, flag, None) is not None:
             overrides[key] = getattr(args, flag)
     overrides.update(extra)
-    overrides.update(_parse_set(args.set))
+    overrides.update(sets)
     if getattr(args, "config", None):
         return load_config(args.config, overrides)
     return build_config(overrides)

@@ -181,18 +181,21 @@ def _check_fits(class_names: dict[int, str], dims: int, cfg: Config, samples: Se
         )
 
 
-def data_defaults(path: str, fmt: str = "auto", dims: int | None = None, as_slices: bool = False) -> dict[str, Any]:
+def data_defaults(
+    path: str, fmt: str = "auto", dims: int | None = None, as_slices: bool = False, num_classes: Any = None
+) -> dict[str, Any]:
     """Model and data settings that follow from the data, as flat config overrides.
 
     The built-in phantoms get a model of their own size with two classes (:func:`~amlp_core.presets.phantoms`);
-    a dataset gets its class count from its labels and the region of interest of its kind
+    a dataset gets its class count from its labels (or ``num_classes``, the user's ``model.num_classes``, for
+    data that name no classes: unlabelled folders) and the region of interest of its kind
     (:data:`~amlp_core.presets.ROI`); 2D lesion images (PNG) their post-processing
     (:data:`~amlp_core.presets.LESION_IMAGES`).
     """
     if path == "synthetic":
         return phantoms(dims or 3)
     index = discover(path, fmt)
-    if index.class_names is None:
+    if index.class_names is None and num_classes is None:
         raise DataError(f"{path}: no class names found; pass --set model.num_classes=K")
     data_dims = index.spatial_dims
     if dims is None:
@@ -203,7 +206,7 @@ def data_defaults(path: str, fmt: str = "auto", dims: int | None = None, as_slic
     return {
         "model.spatial_dims": dims,
         "model.img_size": size,
-        "model.num_classes": len(index.class_names),
+        "model.num_classes": len(index.class_names) if index.class_names is not None else num_classes,
         "data.as_slices": as_slices,
         "data.path": path,
         "data.format": fmt,

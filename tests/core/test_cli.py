@@ -463,3 +463,20 @@ def test_single_site_runs_own_their_folder_and_a_refused_start_changes_nothing(t
         main(["pretrain", "--data", "synthetic", "--config", config, "--out", str(pre), "--resume", "--overwrite"]) == 2
     )
     assert "contradict" in capsys.readouterr().err
+
+
+def test_an_unlabelled_folder_takes_the_class_count_from_set(tmp_path, capsys):
+    """A plain folder of NIfTI images names no classes: the user's --set model.num_classes serves, as the
+    error message says (it used to be asked for and then ignored)."""
+    folder = tmp_path / "plain"
+    folder.mkdir()
+    for i in range(4):
+        image = make_phantom((16, 16, 16), np.random.default_rng(i))[0].astype(np.float32)
+        nib.save(nib.Nifti1Image(image, np.eye(4)), str(folder / f"scan_{i}.nii.gz"))
+    tiny = ["model.img_size=16,16,16", "model.embed_dim=48", "model.depth=1", "model.num_heads=2"]
+    tiny += ["model.decoder_dim=24", "model.decoder_depth=1", "model.decoder_heads=2", "train.batch_size=2"]
+    base = ["pretrain", "--data", str(folder), "--epochs", "1", *[a for t in tiny for a in ("--set", t)]]
+    assert main([*base, "--out", str(tmp_path / "a")]) == 2
+    assert "pass --set model.num_classes=K" in capsys.readouterr().err
+    assert main([*base, "--out", str(tmp_path / "b"), "--set", "model.num_classes=3"]) == 0
+    assert yaml.safe_load((tmp_path / "b" / "config.yaml").read_text())["model"]["num_classes"] == 3
