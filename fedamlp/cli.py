@@ -13,11 +13,12 @@ import argparse
 import dataclasses
 import json
 import logging
+import math
 import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import yaml
 
@@ -314,8 +315,29 @@ def _add_overwrite(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace the run already in --out (refused otherwise)")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its errors on one ``fedamlp: error:`` line (exit 2) like every other error."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"fedamlp: error: {error_line(message)} (see {self.prog} --help)\n")
+
+
+def error_line(text: object, limit: int = 1000) -> str:
+    """``text`` as one line of at most ``limit`` characters: line breaks and other control characters (a
+    newline in a file name) shown escaped, the rest of an enormous message (a YAML alias bomb) cut."""
+    line = "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in str(text))
+    return line if len(line) <= limit else f"{line[:limit]}... ({len(line) - limit:,} more characters)"
+
+
+def _positive_seconds(text: str) -> float:
+    value = float(text)
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"{text} is not a positive number of seconds")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fedamlp", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="fedamlp", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -414,7 +436,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="run folder (default: runs/simulation)")
     p.add_argument("--resume", action="store_true", help="continue a stopped run from its checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace the run already in --out")
-    p.add_argument("--timeout", type=float, help="give up after this many seconds")
+    p.add_argument("--timeout", type=_positive_seconds, help="give up after this many seconds")
     p.add_argument(
         "--inject", metavar="SPEC", help="faults of simulated sites, e.g. site1:crash@finetune:2 (docs/federation.md)"
     )
@@ -450,7 +472,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     missing = _missing_input(args)
     if missing:
-        print(f"fedamlp: error: {missing}", file=sys.stderr)
+        print(f"fedamlp: error: {error_line(missing)}", file=sys.stderr)
         return 2
     # force: importing Opacus already called basicConfig (root at WARNING), which would hide our INFO lines.
     logging.basicConfig(
@@ -463,7 +485,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         check_keys(_parse_set(getattr(args, "set", None) or []))  # a mistyped key fails before the heavy imports
         return args.func(args)
     except AMLPError as e:
-        print(f"fedamlp: error: {e}", file=sys.stderr)
+        print(f"fedamlp: error: {error_line(e)}", file=sys.stderr)
+        return 2
+    except OSError as e:  # the system refused a file: a name too long, a full disk, no permission
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"fedamlp: error: {error_line(where + (e.strerror or str(e)))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("fedamlp: interrupted", file=sys.stderr)

@@ -267,6 +267,10 @@ def test_data_check_exit_codes_and_report(tmp_path):
         (["simulate", "--inject", "site1:explode"], "federation.inject entry 'site1:explode'"),
         (["simulate", "--out", "x", "--resume", "--overwrite"], "contradict"),
         (["data", "check", "synthetic", "--json", "/nonexistent/dir/r.json"], "folder /nonexistent/dir does not exist"),
+        (["pretrain", "--data", "synthetic", "--out", "x", "--seed", "1e23"], "argument --seed: invalid int value"),
+        (["simulate", "--timeout", "-1"], "-1 is not a positive number of seconds"),
+        (["data", "check", "/nonexistent/a\nb"], "/nonexistent/a\\nb: no such file"),  # a newline, shown escaped
+        (["pretrain", "--data", "synthetic", "--out", "d" * 300, "--epochs", "1"], "File name too long"),
     ],
 )
 def test_bad_arguments_give_one_line_without_traceback(args, needle, tmp_path):
@@ -275,6 +279,7 @@ def test_bad_arguments_give_one_line_without_traceback(args, needle, tmp_path):
     assert "Traceback" not in result.stderr
     lines = [line for line in result.stderr.splitlines() if line.startswith("fedamlp: error:")]
     assert len(lines) == 1 and needle in lines[0], result.stderr
+    assert not [line for line in result.stderr.splitlines() if line.startswith(("usage:", "  "))]  # nothing more
 
 
 @pytest.mark.slow
