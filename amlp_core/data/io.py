@@ -76,7 +76,16 @@ def _load_nifti(path: Path, max_voxels: int | None) -> tuple[np.ndarray, np.ndar
         raise data_error(path, _UNREADABLE.format("NIfTI", type(exc).__name__, exc)) from exc
     if data.size == 0 or not (np.issubdtype(data.dtype, np.number) or data.dtype == bool):
         raise data_error(path, f"no numeric voxels (shape {data.shape}, type {data.dtype})")
-    return data, np.asarray(img.affine, dtype=np.float64)
+    if np.iscomplexobj(data):  # (casting would drop the imaginary part with only numpy's warning)
+        raise data_error(path, f"complex-valued voxels ({data.dtype}): save the magnitude image as real values")
+    affine = np.asarray(img.affine, dtype=np.float64)
+    if not np.isfinite(affine).all():
+        raise data_error(
+            path, "the header's voxel-to-world geometry is not finite (NaN or Inf in pixdim or the affine)"
+        )
+    if abs(np.linalg.det(affine[:3, :3])) < 1e-12:
+        raise data_error(path, "the header's voxel-to-world geometry is singular (a voxel size of 0)")
+    return data, affine
 
 
 def _load_png(path: Path, max_voxels: int | None) -> np.ndarray:
@@ -120,6 +129,10 @@ def read_image(path: str | os.PathLike, max_voxels: int | None = None) -> tuple[
     return image, affine
 
 
+#: The largest value a label map may hold (classes are numbered 0 to K-1, and K is at most 256).
+MAX_LABEL_VALUE = 255
+
+
 def read_label(path: str | os.PathLike, max_voxels: int | None = None) -> np.ndarray:
     """Read a label map as int64 ``[*spatial]``; in PNG masks every nonzero pixel becomes 1. A header
     that declares more than ``max_voxels`` values is refused before anything is decompressed.
@@ -137,6 +150,10 @@ def read_label(path: str | os.PathLike, max_voxels: int | None = None) -> np.nda
         raise data_error(path, f"label map has shape {data.shape}; expected 2D or 3D")
     if np.issubdtype(data.dtype, np.floating) and not np.array_equal(data, np.round(data)):
         raise data_error(path, "label map has non-integer (or NaN/Inf) values")
+    low, high = data.min().item(), data.max().item()  # (Python numbers: a uint64 2**64-1 stays itself)
+    if low < 0 or high > MAX_LABEL_VALUE:
+        odd = low if low < 0 else high
+        raise data_error(path, f"label value {odd} is not a class number (0 to {MAX_LABEL_VALUE})")
     return data.astype(np.int64)
 
 

@@ -142,6 +142,25 @@ def _datasets(root: Path, base: Path) -> list[Entry]:
         return _nii(f / img, image)
 
     add("image_nan", nan)
+    add("image_complex", lambda f: _nii(f / img, _image(2).astype(np.complex64) * (1 + 1j)))
+
+    def uint64_max(f: Path) -> Path:
+        path = f / lab
+        nib.save(nib.Nifti1Image(np.full(SHAPE, 2**64 - 1, np.uint64), np.eye(4), dtype=np.uint64), str(path))
+        return path
+
+    add("label_uint64_max", uint64_max)
+    add("label_negative", lambda f: _nii(f / lab, _label(2).astype(np.int16) - 1))
+
+    def nan_pixdim(f: Path) -> Path:
+        path = _nii(f / img, _image(2))
+        header = nib.load(str(path)).header.copy()
+        header.set_sform(None, code=0)  # the geometry from the qform and pixdim, as many writers leave it
+        header["pixdim"][1] = np.nan
+        nib.save(nib.Nifti1Image(_image(2), None, header), str(path))
+        return path
+
+    add("image_nan_pixdim", nan_pixdim)
     add("image_2d_in_3d_dataset", lambda f: _nii(f / img, _image(2)[:, :, 0]))
     add("image_two_channels", lambda f: _nii(f / img, np.stack([_image(2), _image(3)], axis=-1)))
     add("image_eight_channels", lambda f: _nii(f / img, np.stack([_image(2)] * 8, axis=-1)))
