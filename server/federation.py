@@ -40,7 +40,7 @@ from server import rounds
 from server.results import ALL_SITES, RunResults
 from server.secagg import SecAggRound
 from server.strategies import build_strategy, restore_strategy_state, server_accountant, strategy_state
-from server.validation import Declarations
+from server.validation import Declarations, NormHistory
 
 log = logging.getLogger(__name__)
 CHECKPOINT = SERVER_CHECKPOINT
@@ -136,6 +136,7 @@ class Federation:
         self.accountant = server_accountant(self.fed, cfg.privacy)  # server DP: one for the whole run
         # What each site holds (bounds num-examples); a first answer may wait for the site to start.
         self.declared = Declarations(timeout=self.fed.connect_timeout + self.fed.round_timeout)
+        self.norms = NormHistory()  # each phase's last reference update norm (server/validation.py)
         self.plan = cfg.plan  # decided at the start of the run (decide_plan)
         self.saved_plan: str | None = None  # a resumed run's
 
@@ -245,7 +246,14 @@ class Federation:
                 raise StopRequested
             try:
                 arrays, metrics, outcome = train_round(
-                    self.grid, strategy, rnd, arrays, self._instructions(phase, rnd, total), f, self.declared
+                    self.grid,
+                    strategy,
+                    rnd,
+                    arrays,
+                    self._instructions(phase, rnd, total),
+                    f,
+                    self.declared,
+                    self.norms,
                 )
             except PrivacyBudgetExhausted as e:
                 raise rounds.FederationError(

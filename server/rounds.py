@@ -24,7 +24,7 @@ from flwr.serverapp.strategy import Strategy
 from amlp_core.config import FederationConfig
 from amlp_core.errors import AMLPError
 from fedamlp import protocol as P
-from server.validation import Declarations, check_replies, nonfinite_key
+from server.validation import Declarations, NormHistory, check_replies, nonfinite_key
 
 log = logging.getLogger(__name__)
 
@@ -165,13 +165,22 @@ def train_round(
     config: ConfigRecord,
     fed: FederationConfig,
     declared: Declarations,
+    history: NormHistory | None = None,
 ) -> tuple[ArrayRecord, dict[str, Any], RoundOutcome]:
-    """Send a training round through ``strategy``, check the replies and aggregate them, or raise
-    FederationError."""
+    """Send a training round through ``strategy``, check the replies (against ``history`` too: the run's
+    earlier rounds) and aggregate them, or raise FederationError."""
     what = f"{config[P.PHASE]} round {rnd}"
     sent, outcome = _ask(grid, strategy, rnd, arrays, config, fed, declared, train=True)
     check_replies(
-        outcome.replies, arrays, str(config[P.PHASE]), declared, fed.update_norm_factor, fed.update_min_cosine
+        outcome.replies,
+        arrays,
+        str(config[P.PHASE]),
+        declared,
+        fed.update_norm_factor,
+        fed.update_min_cosine,
+        clip=fed.update_clip_factor,
+        history=history,
+        weight_ratio=fed.max_weight_ratio,
     )
     check_outcome(outcome, what, len(sent), fed.min_sites)
     new_arrays, metrics = strategy.aggregate_train(rnd, [r.message for r in outcome.ok])

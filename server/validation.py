@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
 from amlp_core.config import PlanConfig
@@ -37,6 +37,8 @@ if TYPE_CHECKING:
     from server.rounds import SiteReply
 
 log = logging.getLogger(__name__)
+#: In the round's record of a reply whose update was clipped: the factor it was scaled by.
+CLIPPED = "update_clipped"
 #: Norm checks need a median that one site cannot move: three accepted replies at least.
 MIN_SITES_FOR_NORM = 3
 
@@ -136,6 +138,15 @@ class Declarations:
             except (KeyError, TypeError, ValueError) as e:
                 self.problems[node] = f"sent an unreadable declaration ({type(e).__name__}: {e})"
 
+    def weight_cap(self, node: int, kind: str, ratio: float) -> float | None:
+        """The most ``num-examples`` node ``node`` is weighted by in a reply of ``kind``: ``ratio`` times the
+        median of what the *other* sites declared (a figure it cannot inflate); None with no other site or
+        ``ratio`` 0."""
+        others = [c[P.DECLARED_FOR[kind]] for n, c in self.counts.items() if n != node]
+        if ratio <= 0 or not others:
+            return None
+        return max(1.0, ratio * float(np.median(others)))
+
     def bound(self, node: int, kind: str) -> int:
         """The largest ``num-examples`` node ``node`` may report in a reply of ``kind``
         (:data:`~fedamlp.protocol.DECLARED_FOR`); ValueError when it declared none."""
@@ -226,6 +237,29 @@ def update_vector(reply: Message, reference: dict[str, np.ndarray]) -> np.ndarra
     return np.concatenate(parts) if parts else np.zeros(0)
 
 
+@dataclass
+class NormHistory:
+    """The reference update norm of each phase's last training round, for a round with one reply (which has
+    nothing of its own to be measured against), and whether the run was warned that its rounds are too
+    small to check an update's direction."""
+
+    last: dict[str, float] = field(default_factory=dict)
+    warned: bool = False
+
+
+def reference_norm(norms: Sequence[float], previous: float | None) -> tuple[float | None, str]:
+    """The norm a round's updates are measured against, and how it was found: the median of three or more
+    (no one site moves it), the smaller of two (a site cannot raise it by scaling its own update up), or
+    with one reply the previous round's reference (None: nothing to measure against)."""
+    if len(norms) >= MIN_SITES_FOR_NORM:
+        return float(np.median(norms)), "the round's median"
+    if len(norms) == 2:
+        return float(min(norms)), "the other site's"
+    if previous is not None:
+        return previous, "the previous round's reference"
+    return None, ""
+
+
 def check_replies(
     replies: list[SiteReply],
     global_arrays: ArrayRecord | None,
@@ -233,16 +267,25 @@ def check_replies(
     declared: Declarations,
     factor: float,
     min_cosine: float = -1.0,
+    clip: float = 0.0,
+    history: NormHistory | None = None,
+    weight_ratio: float = 0.0,
 ) -> None:
-    """Mark every unacceptable ``ok`` reply of a round as ``rejected``, with the reason, in place.
+    """Mark every unacceptable ``ok`` reply of a round as ``rejected``, with the reason, in place, and clip
+    the accepted updates that are long against the round's reference norm (:func:`reference_norm`).
 
     Args:
         replies: the round's replies (:func:`server.rounds.collect`).
         global_arrays: the weights the round was sent (None for an evaluation round: no weights back).
         kind: ``pretrain`` | ``finetune`` (training) or ``evaluate``.
         declared: the sites' declarations (bounds on ``num-examples``).
-        factor: ``federation.update_norm_factor`` (0: no norm bound).
-        min_cosine: ``federation.update_min_cosine`` (-1: no direction check).
+        factor: ``federation.update_norm_factor`` (0: no norm bound): longer updates are rejected.
+        min_cosine: ``federation.update_min_cosine`` (-1: no direction check; it needs three replies).
+        clip: ``federation.update_clip_factor`` (0: none): an accepted update longer than this times the
+            reference is scaled down to it before aggregation, so one site moves the average by a bounded step.
+        history: the run's :class:`NormHistory` (None: rounds are judged on their own replies only).
+        weight_ratio: ``federation.max_weight_ratio`` (0: none): an accepted reply's ``num-examples``, the
+            weight of its average, is capped at :meth:`Declarations.weight_cap`.
     """
     reference = None if global_arrays is None else {k: v.numpy() for k, v in global_arrays.items()}
     for r in replies:
@@ -258,23 +301,45 @@ def check_replies(
             why = _dice_problem(r.metrics) or _lesion_problem(r.metrics)
         if why:
             _reject(r, why)
+        elif kind != "evaluate":
+            _cap_weight(r, declared.weight_cap(r.node_id, kind, weight_ratio))
     if reference is None:
         return
     accepted = [r for r in replies if r.status == P.OK and r.message is not None]
-    if len(accepted) < MIN_SITES_FOR_NORM:
+    if not accepted:
         return
+    if len(accepted) < MIN_SITES_FOR_NORM and history is not None and not history.warned:
+        log.warning(
+            "%s round with %d acceptable replies: the server cannot check an update's direction with fewer than "
+            "%d, and measures lengths against %s; a hostile site among so few is bounded, not detected",
+            kind,
+            len(accepted),
+            MIN_SITES_FOR_NORM,
+            "the other site's update" if len(accepted) == 2 else "the previous round",
+        )
+        history.warned = True
     updates = {r.site: update_vector(r.message, reference) for r in accepted}
-    if factor > 0:
-        norms = {site: float(np.linalg.norm(u)) for site, u in updates.items()}
-        median = float(np.median(list(norms.values())))
+    norms = {site: float(np.linalg.norm(u)) for site, u in updates.items()}
+    ref, how = reference_norm(list(norms.values()), history.last.get(kind) if history else None)
+    if factor > 0 and ref:
         for r in accepted:
-            if median > 0 and norms[r.site] > factor * median:
+            if norms[r.site] > factor * ref:
                 _reject(
                     r,
-                    f"update norm {norms[r.site]:.3g} is over {factor:g} x the round's median {median:.3g} "
+                    f"update norm {norms[r.site]:.3g} is over {factor:g} x {how} {ref:.3g} "
                     "(federation.update_norm_factor)",
                 )
+    if history is not None and ref:
+        history.last[kind] = ref
     accepted = [r for r in accepted if r.status == P.OK]
+    if clip > 0 and ref:
+        for r in accepted:
+            if norms[r.site] > clip * ref:
+                assert r.message is not None
+                scale = clip * ref / norms[r.site]
+                r.message.content[P.ARRAYS] = _scaled(r.message.content[P.ARRAYS], reference, scale)
+                r.metrics[CLIPPED] = round(scale, 6)  # (the round's record only: the strategy averages the message)
+                log.info("clipped the update of %s to %g x %s (x%.3f)", r.site, clip, how, scale)
     if min_cosine > -1 and len(accepted) >= MIN_SITES_FOR_NORM:
         consensus = np.median(np.stack([updates[r.site] for r in accepted]), axis=0)
         for r in accepted:
@@ -285,6 +350,26 @@ def check_replies(
                     f"update points away from the others' (cosine {cosine:.2f} with their coordinate-wise median, "
                     f"below federation.update_min_cosine={min_cosine:g})",
                 )
+
+
+def _cap_weight(reply: SiteReply, cap: float | None) -> None:
+    """Lower a reply's ``num-examples`` to ``cap`` (None: no cap), in the message the strategy averages."""
+    weight = reply.metrics.get(P.NUM_EXAMPLES)
+    if cap is None or reply.message is None or not isinstance(weight, (int, float)) or weight <= cap:
+        return
+    log.info("%s: weighted by %g, not its %g cases (federation.max_weight_ratio)", reply.site, cap, weight)
+    reply.message.content[P.METRICS][P.NUM_EXAMPLES] = int(cap) if float(cap).is_integer() else float(cap)
+
+
+def _scaled(arrays: ArrayRecord, reference: dict[str, np.ndarray], scale: float) -> ArrayRecord:
+    """The weights ``reference + scale * (arrays - reference)`` (floating-point arrays; the others as sent)."""
+    out = {}
+    for key, array in arrays.items():
+        value, ref = array.numpy(), reference[key]
+        if ref.dtype.kind == "f":
+            value = (ref.astype(np.float64) + scale * (value.astype(np.float64) - ref)).astype(value.dtype)
+        out[key] = Array(np.array(value, order="C"))  # (ascontiguousarray would make a 0-d array 1-d)
+    return ArrayRecord(array_dict=out)
 
 
 def _cosine(a: np.ndarray, b: np.ndarray) -> float:

@@ -560,8 +560,15 @@ class FederationConfig:
     min_sites: int = 2  # a round with fewer successful replies fails the run
     round_timeout: float = 1800.0  # seconds to wait for the replies of one round
     connect_timeout: float = 300.0  # seconds to wait for min_sites sites to be connected
-    # A site's update whose norm exceeds this many times the round's median is rejected (3+ sites; 0: off).
+    # A site's update whose norm exceeds this many times the round's reference is rejected (0: off): the median of
+    # 3+ replies, the smaller of 2, the previous round's for 1 (server/validation.py).
     update_norm_factor: float = 10.0
+    # An accepted update longer than this many times the reference is scaled down to it before aggregation, so
+    # that one site moves the average by a bounded step however few the sites (0: off; not under SecAgg+).
+    update_clip_factor: float = 3.0
+    # A site's weight in the average (its num-examples) is capped at this many times the median of what the other
+    # sites declared, which it cannot inflate (0: off).
+    max_weight_ratio: float = 4.0
     # ... and one whose cosine with the round's coordinate-wise median update is below this (3+ sites; -1: off;
     # honest sites late in training measured down to -0.39, sign-flipped updates -0.35 to -0.87).
     update_min_cosine: float = -0.5
@@ -617,6 +624,26 @@ class FederationConfig:
             self.update_min_cosine,
             "must be in [-1, 1) (-1 turns the direction check off)",
         )
+        _check(
+            self.update_clip_factor == 0 or self.update_clip_factor >= 1,
+            "federation.update_clip_factor",
+            self.update_clip_factor,
+            "must be at least 1 (times the round's reference update norm), or 0 to turn clipping off",
+        )
+        _check(
+            self.max_weight_ratio == 0 or self.max_weight_ratio >= 1,
+            "federation.max_weight_ratio",
+            self.max_weight_ratio,
+            "must be at least 1 (times the other sites' median declaration), or 0 for no cap",
+        )
+        for fault in parse_faults(self.inject):  # (simulated sites are site0 .. site{sites-1})
+            number = fault.site.removeprefix("site")
+            _check(
+                fault.site.startswith("site") and number.isdigit() and int(number) < self.sites,
+                "federation.inject",
+                self.inject,
+                f"names {fault.site!r}, none of the simulation's {self.sites} sites (site0 to site{self.sites - 1})",
+            )
         _check(
             self.update_norm_factor == 0 or self.update_norm_factor > 1,
             "federation.update_norm_factor",

@@ -1,12 +1,13 @@
-"""One hostile site among four: the final Dice of the federation under each attack and strategy.
+"""One hostile site among two, three or four: the final Dice of the federation under each attack and strategy.
 
-Site ``site3`` attacks in every round of both phases (``federation.inject``, amlp_core/faults.py):
-``poison`` (its update scaled x100), ``flip`` (sign-flipped), ``nan`` (one NaN weight) or
-``inflate`` (``num-examples`` = 1e9). Each strategy runs with the server's reply checks
-(server/validation.py), which every run has. A row's Dice is the last evaluation round's, over
-all four sites' test cases (the attacker's included: it is the model everyone gets).
+The last site attacks in every round of both phases (``federation.inject``, amlp_core/faults.py):
+``poison`` (its update scaled x100), ``scale8`` (scaled x8: under the norm bound of 10), ``flip``
+(sign-flipped), ``nan`` (one NaN weight) or ``inflate`` (``num-examples`` = 1e9). Each strategy runs with
+the server's reply checks, norm clipping and weight cap (server/validation.py), which every run has. A
+row's Dice is the last evaluation round's, over all the sites' test cases (the attacker's included: it is
+the model everyone gets).
 
-    python -m simulations.benchmarks.robustness --out results/robustness.json
+    python -m simulations.benchmarks.robustness --sites 2,3,4 --strategies fedavg --out results/robustness.json
 
 Resumable: rows already in ``--out`` are kept. Phantoms, a small 2D network, one seed: a check that
 the attacks change nothing that matters, not a study of robust aggregation.
@@ -23,17 +24,17 @@ from typing import Any
 
 from amlp_core.config import build_config
 from fedamlp import protocol as P
+from server.validation import CLIPPED
 from simulations.benchmarks.common import SMALL_FEDERATION, machine, table, write_json
 from simulations.simulate import simulate
 
 log = logging.getLogger(__name__)
-ATTACKER = "site3"
-ATTACKS = ("none", "poison", "flip", "nan", "inflate")
+ATTACKS = ("none", "poison", "scale8", "flip", "nan", "inflate")
+SPECS = {"scale8": "poison=8"}  # attacks that are another attack's kind with a value
 STRATEGIES = ("fedavg", "fedmedian", "fedtrimmedavg")
 SETTINGS: dict[str, Any] = {
     **SMALL_FEDERATION,
     "federation.sites": 4,
-    "federation.min_sites": 2,
     "federation.pretrain_rounds": 2,
     "federation.finetune_rounds": 6,
     "federation.finetune_local_steps": 20,
@@ -42,38 +43,44 @@ SETTINGS: dict[str, Any] = {
 }
 
 
-def run_one(strategy: str, attack: str, seed: int, runs: Path) -> dict[str, Any]:
-    """One federation; its final Dice and how many of the attacker's replies the server rejected."""
-    run_dir = runs / f"{strategy}-{attack}-s{seed}"
+def run_one(strategy: str, attack: str, seed: int, runs: Path, sites: int = 4) -> dict[str, Any]:
+    """One federation of ``sites``; its final Dice and how many of the attacker's replies the server rejected
+    or clipped."""
+    attacker = f"site{sites - 1}"
+    run_dir = runs / f"{sites}sites-{strategy}-{attack}-s{seed}"
     overrides = {
         **SETTINGS,
+        "federation.sites": sites,
+        "federation.min_sites": max(1, sites - 1),  # the honest sites go on without the attacker's reply
         "federation.strategy": strategy,
         "federation.run_dir": str(run_dir),
-        "federation.inject": "" if attack == "none" else f"{ATTACKER}:{attack}",
+        "federation.inject": "" if attack == "none" else f"{attacker}:{SPECS.get(attack, attack)}",
         "train.seed": seed,
     }
     started = time.monotonic()
     simulate(build_config(overrides), timeout=3600, overwrite=True)  # a row not in --out yet starts over
     rows = json.loads((run_dir / "results" / "rounds.json").read_text())["rows"]
     final = [r for r in rows if r["kind"] == "evaluate" and r["site"] == P.ALL_SITES][-1]
-    attacker = [r for r in rows if r["site"] == ATTACKER and r["kind"] == "train"]
+    replies = [r for r in rows if r["site"] == attacker and r["kind"] == "train"]
     return {
+        "sites": sites,
         "strategy": strategy,
         "attack": attack,
         "seed": seed,
         "dice_mean": final["dice_mean"],
-        "attacker_rejected": sum(r["status"] == P.REJECTED for r in attacker),
-        "attacker_rounds": len(attacker),
+        "attacker_rejected": sum(r["status"] == P.REJECTED for r in replies),
+        "attacker_clipped": sum(CLIPPED in r for r in replies),
+        "attacker_rounds": len(replies),
         "seconds": round(time.monotonic() - started, 1),
     }
 
 
 def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Each row with its Dice minus the clean run of the same strategy and seed."""
-    clean = {(r["strategy"], r["seed"]): r["dice_mean"] for r in rows if r["attack"] == "none"}
+    clean = {(r.get("sites", 4), r["strategy"], r["seed"]): r["dice_mean"] for r in rows if r["attack"] == "none"}
     out = []
     for r in rows:
-        base = clean.get((r["strategy"], r["seed"]))
+        base = clean.get((r.get("sites", 4), r["strategy"], r["seed"]))
         delta = None if base is None else r["dice_mean"] - base
         out.append({**r, "minus_clean": delta, "within_0.01": None if delta is None else abs(delta) <= 0.01})
     return out
@@ -86,21 +93,25 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--strategies", default=",".join(STRATEGIES))
     parser.add_argument("--attacks", default=",".join(ATTACKS))
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--sites", default="4", help="federation sizes, e.g. 2,3,4 (the last site attacks)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     out = Path(args.out)
     rows: list[dict[str, Any]] = json.loads(out.read_text())["rows"] if out.exists() else []
-    done = {(r["strategy"], r["attack"], r["seed"]) for r in rows}
-    for strategy in args.strategies.split(","):
-        for attack in args.attacks.split(","):
-            if (strategy, attack, args.seed) in done:
-                continue
-            log.info("%s under %s", strategy, attack)
-            rows.append(run_one(strategy, attack, args.seed, Path(args.runs)))
-            write_json(out, {"benchmark": "robustness", "machine": machine(), "settings": SETTINGS, "rows": rows})
+    done = {(r.get("sites", 4), r["strategy"], r["attack"], r["seed"]) for r in rows}
+    for sites in (int(n) for n in args.sites.split(",")):
+        for strategy in args.strategies.split(","):
+            for attack in args.attacks.split(","):
+                if (sites, strategy, attack, args.seed) in done:
+                    continue
+                log.info("%d sites, %s under %s", sites, strategy, attack)
+                rows.append(run_one(strategy, attack, args.seed, Path(args.runs), sites))
+                payload = {"benchmark": "robustness", "machine": machine(), "settings": SETTINGS, "rows": rows}
+                write_json(out, payload)
     summary = summarise(rows)
     write_json(out, {"benchmark": "robustness", "machine": machine(), "settings": SETTINGS, "rows": summary})
-    columns = ["strategy", "attack", "dice_mean", "minus_clean", "attacker_rejected", "attacker_rounds", "seconds"]
+    columns = ["sites", "strategy", "attack", "dice_mean", "minus_clean", "attacker_rejected", "attacker_clipped"]
+    columns += ["attacker_rounds", "seconds"]
     text = table(summary, columns)
     out.with_suffix(".md").write_text(text + "\n")
     log.info("\n%s", text)

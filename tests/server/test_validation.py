@@ -21,7 +21,7 @@ from amlp_core.errors import ConfigError
 from fedamlp import protocol as P
 from server.rounds import FederationError, check_finite, check_outcome, collect
 from server.strategies import build_strategy
-from server.validation import Declarations, check_replies
+from server.validation import Declarations, NormHistory, check_replies
 from tests.server.helpers import reply, request
 
 GLOBAL = {"w": torch.zeros(4, 3), "b": torch.zeros(3), "steps": torch.zeros((), dtype=torch.int64)}
@@ -86,7 +86,7 @@ def test_a_hostile_reply_is_rejected_naming_why(poisoned, n, reason):
     assert all(status[s][0] == P.OK for s in "abc")
 
 
-def test_the_norm_and_direction_checks_can_be_turned_off_and_need_three_sites():
+def test_the_norm_and_direction_checks_can_be_turned_off_and_two_sites_judge_by_the_smaller():
     assert _status(_round(_with(w=100 * _honest(4)["w"]), factor=0.0))["d"][0] == P.OK
     assert _status(_round(_with(w=-_honest(4)["w"]), cosine=-1.0))["d"][0] == P.OK
     sent = [request(1), request(2)]
@@ -96,7 +96,55 @@ def test_the_norm_and_direction_checks_can_be_turned_off_and_need_three_sites():
     ]
     outcome = collect(sent, replies, time.monotonic())
     check_replies(outcome.replies, ArrayRecord(GLOBAL), P.PRETRAIN, _declared(), 10.0)
-    assert all(r.status == P.OK for r in outcome.replies)  # a median of two is moved by either
+    status = _status(outcome)  # of two, the smaller is the reference: scaling one's own update up cannot move it
+    assert status["a"][0] == P.OK and status["b"][0] == P.REJECTED and "x the other site's" in status["b"][1]
+
+
+def _norm(arrays: ArrayRecord) -> float:
+    return float(np.sqrt(sum(((arrays[k].numpy() - GLOBAL[k].numpy()) ** 2).sum() for k in ("w", "b"))))
+
+
+def test_a_small_federation_bounds_a_hostile_site_by_clipping_and_history():
+    history = NormHistory()
+    honest = _honest(1)
+    scaled = {k: 5 * v if v.is_floating_point() else v for k, v in _honest(2).items()}  # x5: under the factor 10
+    sent = [request(1), request(2)]
+    replies = [reply(1, honest, {P.NUM_EXAMPLES: 10}, "a"), reply(2, scaled, {P.NUM_EXAMPLES: 10}, "b")]
+    outcome = collect(sent, replies, time.monotonic())
+    before = {r.site: _norm(r.message.content[P.ARRAYS]) for r in outcome.replies}
+    check_replies(outcome.replies, ArrayRecord(GLOBAL), P.FINETUNE, _declared(), 10.0, clip=3.0, history=history)
+    after = {r.site: _norm(r.message.content[P.ARRAYS]) for r in outcome.replies}
+    assert all(r.status == P.OK for r in outcome.replies)
+    assert after["a"] == pytest.approx(before["a"]) and after["b"] == pytest.approx(3 * before["a"], rel=1e-5)
+    b = outcome.replies[1].message.content[P.ARRAYS]
+    assert torch.equal(torch.from_numpy(b["steps"].numpy()), scaled["steps"])  # integers travel as sent
+    assert history.last[P.FINETUNE] == pytest.approx(before["a"]) and history.warned
+    # Alone in the next round, a x100 site is measured against the round before.
+    alone = collect([request(2)], [reply(2, {**_with(w=100 * _honest(2)["w"])}, {P.NUM_EXAMPLES: 10}, "b")], 0.0)
+    check_replies(alone.replies, ArrayRecord(GLOBAL), P.FINETUNE, _declared(), 10.0, clip=3.0, history=history)
+    assert alone.replies[0].status == P.REJECTED and "the previous round's reference" in alone.replies[0].error
+
+
+def test_a_sites_weight_is_capped_by_the_others_declarations():
+    declared = _declared()
+    declared.counts[4] = {P.DECLARED_TRAIN: 10**6, P.DECLARED_LABELLED: 10**6, P.DECLARED_TEST: 10}  # it says so
+    sent = [request(node) for node in range(1, 5)]
+    replies = [reply(node, _honest(node), {P.NUM_EXAMPLES: 10}, site) for node, site in zip((1, 2, 3), SITES)]
+    replies.append(reply(4, _honest(4), {P.NUM_EXAMPLES: 10**6}, "d"))
+    outcome = collect(sent, replies, time.monotonic())
+    check_replies(outcome.replies, ArrayRecord(GLOBAL), P.PRETRAIN, declared, 10.0, weight_ratio=4.0)
+    weights = {r.site: r.message.content[P.METRICS][P.NUM_EXAMPLES] for r in outcome.replies}
+    assert weights == {"a": 10, "b": 10, "c": 10, "d": 40}  # 4 x the others' median, not its million
+    strategy = build_strategy(FederationConfig(), evaluate=False)
+    arrays, _ = strategy.aggregate_train(1, [r.message for r in outcome.ok])
+    expected = (10 * (_honest(1)["w"] + _honest(2)["w"] + _honest(3)["w"]) + 40 * _honest(4)["w"]) / 70
+    assert np.allclose(arrays["w"].numpy(), expected.numpy(), atol=1e-6)  # FedAvg used the capped weight
+
+
+def test_an_injection_must_name_a_simulated_site():
+    with pytest.raises(ConfigError, match="names 'site7', none of the simulation's 4 sites"):
+        FederationConfig(sites=4, inject="site7:poison")
+    FederationConfig(sites=4, inject="site3:poison")
 
 
 def test_a_site_that_declared_nothing_is_rejected():
