@@ -24,9 +24,10 @@ from typing import Any
 import tomli_w
 
 from amlp_core.config import Config, flat_dict
-from amlp_core.data import check_dataset
+from amlp_core.data import check_dataset, discover
 from amlp_core.data.validate import refuse_or_skip
 from amlp_core.engine.artefacts import load_pretrained_encoder
+from amlp_core.engine.split import near_duplicate_groups, site_case_names
 from amlp_core.errors import ConfigError
 from amlp_core.runfolder import check_new_run, clear_run, hold
 from server.federation import FAILED, MODEL_DIR, check_resumable
@@ -116,6 +117,10 @@ def check_data(cfg: Config) -> None:
     if not d.synthetic:
         report = check_dataset(d.path, d.format, cfg.model.num_classes, max_voxels=d.max_voxels)
         refuse_or_skip(report.problems, d.on_bad_case, d.path)
+        # Each site's share, dealt as the sites will deal it: too many sites for the cases is said here, not
+        # by every site after Flower started (whose errors the server sees redacted).
+        index = discover(d.path, d.format)
+        site_case_names(cfg, index, near_duplicate_groups(index, cfg), cfg.federation.sites)
 
 
 def _environment(run_dir: Path, project: Path, marker: str, ray_tmp: str) -> dict[str, str]:

@@ -95,6 +95,35 @@ def plan_split(raw: DataSplit, plan: PlanConfig, cfg: Config) -> DataSplit:
     return DataSplit(train, test, raw.class_names, raw.fingerprint, plan)
 
 
+def site_case_names(
+    cfg: Config, index: DatasetIndex, groups: dict[str, str], num_sites: int = 1
+) -> list[tuple[list[str], list[str]]]:
+    """The ``(training, test)`` case names of each of ``num_sites`` sites of ``index``'s data: the fixed
+    train/test split (test cases from the labelled ones, near-duplicate ``groups`` whole, each category its
+    share; unlabelled images all train), then, for a simulated federation, cut by ``federation.partition``.
+
+    Raises:
+        ConfigError: more sites than cases to deal them (naming ``federation.sites``).
+    """
+    d, f = cfg.data, cfg.federation
+    strata = {c.name: c.category for c in index.cases if c.category is not None} or None
+    labelled = [c.name for c in index.cases if c.label is not None]
+    train, test = split_names(labelled, d.test_fraction, d.split_seed, groups, strata) if labelled else ([], [])
+    train = sorted(train + [c.name for c in index.cases if c.label is None])
+    if num_sites == 1:
+        return [(train, test)]
+    try:
+        trains = partition_names(
+            train, num_sites, f.partition, f.dirichlet_alpha, d.split_seed, groups=groups, categories=strata
+        )
+        tests = partition_names(test, num_sites, "iid", seed=d.split_seed, groups=groups) if test else None
+    except ConfigError as e:
+        raise ConfigError(
+            f"invalid federation.sites={num_sites} for {d.path} ({len(train)} training and {len(test)} test cases): {e}"
+        ) from None
+    return [(trains[k], tests[k] if tests else []) for k in range(num_sites)]
+
+
 def read_split(cfg: Config, site: int = 0, num_sites: int = 1) -> DataSplit:
     """Read (or synthesise) the data named by ``cfg.data`` and split it by case, each case as read.
 
@@ -124,23 +153,8 @@ def read_split(cfg: Config, site: int = 0, num_sites: int = 1) -> DataSplit:
         class_names = index.class_names or {k: f"class_{k}" for k in range(m.num_classes)}
         dims = index.spatial_dims
         _check_fits(class_names, dims, cfg)  # before reading: the model cannot take data of another kind
-        groups = _near_duplicates(index, cfg)
-        strata = {c.name: c.category for c in index.cases if c.category is not None} or None
-        # Test cases come from the labelled ones; unlabelled images all train (pretraining uses them).
-        labelled = [c.name for c in index.cases if c.label is not None]
-        split = split_names(labelled, d.test_fraction, d.split_seed, groups, strata) if labelled else ([], [])
-        train_names, test_names = split
-        train_names = sorted(train_names + [c.name for c in index.cases if c.label is None])
-        if num_sites > 1:
-            f = cfg.federation
-            train_names = partition_names(
-                train_names, num_sites, f.partition, f.dirichlet_alpha, d.split_seed, groups=groups, categories=strata
-            )[site]
-            test_names = (
-                partition_names(test_names, num_sites, "iid", seed=d.split_seed, groups=groups)[site]
-                if test_names
-                else []
-            )
+        groups = near_duplicate_groups(index, cfg)
+        train_names, test_names = site_case_names(cfg, index, groups, num_sites)[site]
         wanted = set(train_names) | set(test_names)
         index = dataclasses.replace(index, cases=tuple(c for c in index.cases if c.name in wanted))
         expect = Expect(dims, frozenset(class_names), m.in_channels, d.max_voxels)
@@ -153,7 +167,7 @@ def read_split(cfg: Config, site: int = 0, num_sites: int = 1) -> DataSplit:
     return DataSplit(train, test, class_names, fingerprint(train + test, modality, d.split_seed))
 
 
-def _near_duplicates(index: DatasetIndex, cfg: Config) -> dict[str, str]:
+def near_duplicate_groups(index: DatasetIndex, cfg: Config) -> dict[str, str]:
     """``{case name: group name}`` of the near-duplicate 2D images of ``index`` (none for 3D data, or with
     ``data.near_duplicates=1``)."""
     if index.spatial_dims != 2 or cfg.data.near_duplicates >= 1:

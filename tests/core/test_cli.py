@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import nibabel as nib
@@ -485,3 +486,13 @@ def test_an_unlabelled_folder_takes_the_class_count_from_set(tmp_path, capsys):
     assert "pass --set model.num_classes=K" in capsys.readouterr().err
     assert main([*base, "--out", str(tmp_path / "b"), "--set", "model.num_classes=3"]) == 0
     assert yaml.safe_load((tmp_path / "b" / "config.yaml").read_text())["model"]["num_classes"] == 3
+
+
+def test_simulate_refuses_more_sites_than_cases_before_flower_starts(tmp_path, capsys):
+    data = write_phantom_dataset(tmp_path / "data", 6, (16, 16, 16), seed=0)
+    started = time.monotonic()
+    assert main(["simulate", "--data", str(data), "--sites", "50", "--out", str(tmp_path / "run")]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("fedamlp: error:")]
+    assert len(err) == 1 and err[0].startswith("fedamlp: error: invalid federation.sites=50 for "), err
+    assert "cannot cut 5 cases into 50 sites" in err[0]  # 6 cases, 1 held out for testing
+    assert time.monotonic() - started < 60 and not (tmp_path / "run").exists()  # said before any process started
