@@ -78,6 +78,14 @@ def _site_name(reply: Message) -> str:
     return f"node {reply.metadata.src_node_id}"
 
 
+def error_reason(reason: str, limit: int = 300) -> str:
+    """A site's error as one line for the record: a traceback (a crashed worker of Flower's simulation
+    engine sends kilobytes of one) becomes its last line, the exception, and the line is cut at ``limit``."""
+    lines = [line.strip() for line in reason.splitlines() if line.strip()]
+    line = lines[-1] if len(lines) > 1 and "Traceback" in reason else " ".join(lines)
+    return line if len(line) <= limit else line[:limit] + "..."
+
+
 def collect(
     sent: list[Message], replies: Iterable[Message], started: float, names: dict[int, str] | None = None
 ) -> RoundOutcome:
@@ -92,8 +100,9 @@ def collect(
             name = (names or {}).get(node, f"node {node}")
             out.append(SiteReply(name, node, P.MISSING, error="no reply before the round timeout"))
         elif reply.has_error():
-            reason = reply.error.reason or f"error code {reply.error.code}"
-            site = reason.split(":", 1)[0].removeprefix("site ") if reason.startswith("site ") else f"node {node}"
+            reason = error_reason(reply.error.reason or f"error code {reply.error.code}")
+            named = (names or {}).get(node, f"node {node}")  # (a crash in Flower's engine names no site)
+            site = reason.split(":", 1)[0].removeprefix("site ") if reason.startswith("site ") else named
             out.append(SiteReply(site, node, P.ERROR, error=reason, message=reply))
         else:
             metrics = dict(reply.content[P.METRICS]) if P.METRICS in reply.content.metric_records else {}

@@ -251,3 +251,17 @@ def test_the_plan_is_decided_from_the_fingerprints_and_a_site_that_does_not_fit_
     assert again.decide(fixed, (32, 32, 32), 8) == fixed and sorted(again.refused) == [1, 2, 3]
     # A plan that leaves the input size open (a resumed run's from before it was planned) gets it decided.
     assert again.decide(dataclasses.replace(fixed, input_size=()), (48, 64, 48), 8) == fixed
+
+
+def test_a_crashed_worker_is_named_by_its_site_in_one_line():
+    """A site whose worker died answers with Flower's traceback and no site name: the record names the site from
+    its declaration and keeps the exception's line."""
+    from flwr.app import Error, Message
+
+    trace = "Traceback (most recent call last):\n" + '  File "x.py", line 1\n' * 40
+    trace += "ray.exceptions.RayActorError: The actor died unexpectedly before finishing this task."
+    crashed = Message(error=Error(code=0, reason=trace), reply_to=request(2))
+    outcome = collect([request(2)], [crashed], time.monotonic(), {2: "site1"})
+    (only,) = outcome.replies
+    assert only.site == "site1" and only.status == P.ERROR
+    assert only.error == "ray.exceptions.RayActorError: The actor died unexpectedly before finishing this task."
