@@ -12,8 +12,9 @@
 # `run` (on the GPU machine): installs the wheels into /tmp/site, then
 #   1. device_check: CUDA and bf16 autocast for every method and both pretraining decoders, and the
 #      segmentation step; step times and peak memory ($OUT/device_check.json);
-#   2. pretrain_gain: AMLP pretrained for $EPOCHS epochs (SparK's decoder), then scratch and AMLP
-#      fine-tuned at 10 % labels, seeds 0-2, 800 steps ($OUT/pretrain_gain_gpu.json / .md).
+#   2. pretrain_gain: scratch fine-tuned at 10 % labels, supervised and with each semi-supervised method
+#      (issue 27), seeds 0-2, 800 steps; then AMLP pretrained for $EPOCHS epochs (SparK's decoder) and
+#      fine-tuned supervised and with fixmatch ($OUT/pretrain_gain_gpu.json / .md).
 # Each stage has its own time box (CHECK_S, GAIN_S seconds) so that what finished comes back.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -43,7 +44,7 @@ run)
     | tee "$OUT/device_check.log" | grep -v " INFO "
   timeout "${GAIN_S:-380}" python3 -m simulations.benchmarks.pretrain_gain --data shared/data/msd_hippocampus \
     --fractions 0.1 --finetune-steps 800 --curve-every 100 --set train.batch_size=4 --methods scratch,amlp \
-    --seeds 0,1,2 --pretrain-epochs "${EPOCHS:-300}" --variant "SparK decoder, GPU" \
+    --semi none,fixmatch,mean_teacher --seeds 0,1,2 --pretrain-epochs "${EPOCHS:-300}" --variant "SparK decoder, GPU" \
     --set model.pretrain_decoder=unet --runs /tmp/gain_runs --out "$OUT/pretrain_gain_gpu.json" >"$OUT/gain.log" 2>&1
   echo "pretrain_gain exit $?"
   tail -40 "$OUT/gain.log"
