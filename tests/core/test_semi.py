@@ -293,3 +293,35 @@ def test_the_teacher_runs_on_the_students_device():
     model = SegmentationNet(cfg.model)
     objective = SemiObjective(cfg.train, model, make_generator(0, torch.device("cpu")))
     assert next(objective.teacher.net.parameters()).device == next(model.parameters()).device
+
+
+def test_the_pool_never_holds_a_test_case(tmp_path, monkeypatch):
+    """What the single-site run hands the unlabelled loss: training cases beyond the labelled subset (an MSD
+    folder with unlabelled images too), never a test case."""
+    from amlp_core.data import write_phantom_dataset
+    from amlp_core.engine import local, pipeline
+    from amlp_core.engine.split import load_split
+
+    data = write_phantom_dataset(tmp_path / "data", 12, (16, 16), seed=0)
+    meta = json.loads((data / "dataset.json").read_text())
+    meta["test"] = [e["image"] for e in meta["training"][:3]]  # three images listed without their labels
+    meta["training"] = meta["training"][3:]
+    (data / "dataset.json").write_text(json.dumps(meta))
+    cfg = tiny_config(2, **{"data.path": str(data), "data.synthetic_size": (16, 16), "model.img_size": (16, 16)})
+    cfg = cfg.replace(
+        train={"semi_supervised": "fixmatch", "label_fraction": 0.5, "finetune_steps": 2}, model={"num_classes": 2}
+    )
+    seen = {}
+    real = local.semi_training
+
+    def spy(cfg, model, train, subset, *args, **kwargs):
+        seen["pool"] = {s.name for s in unlabelled_pool(train, subset)}
+        seen["subset"] = {s.name for s in subset}
+        return real(cfg, model, train, subset, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "semi_training", spy)
+    split = load_split(cfg)
+    finetune(cfg, tmp_path / "run", split=split)
+    test = {s.name for s in split.test}
+    assert seen["pool"] and test and not seen["pool"] & test and not seen["pool"] & seen["subset"]
+    assert {s.name for s in split.train} == seen["pool"] | seen["subset"]  # every other training case is in it
