@@ -16,6 +16,7 @@ import torch
 
 from amlp_core.config import PlanConfig
 from amlp_core.data import label_subset
+from amlp_core.data.dataset import record_count
 from amlp_core.data.plan import read_plan_text
 from amlp_core.engine import local
 from amlp_core.engine.device import resolve_device
@@ -271,7 +272,7 @@ def _private_phases(site: Site, ins: Instructions) -> tuple[PrivatePhase, list[P
 
     def phase(name: str, rounds: int) -> PrivatePhase:
         if name == P.PRETRAIN:
-            return PrivatePhase(rounds, len(site.split.train), epochs=fed.local_epochs)
+            return PrivatePhase(rounds, record_count(site.split.train), epochs=fed.local_epochs)
         records = local.finetune_records(cfg, site.split.train, _labelled_subset(site))
         return PrivatePhase(rounds, records, steps=local_finetune_steps(site))
 

@@ -88,7 +88,8 @@ def to_slices(samples: Sequence[Sample], axis: int = -1, min_foreground: float |
                 continue
             image = np.take(sample.image, k, axis=ax + 1)
             affine = _slice_affine(sample.affine, ax, k)
-            slices.append(Sample(f"{sample.name}#z{k:03d}", image, label, affine, category=sample.category))
+            name = f"{sample.name}#z{k:03d}"  # its group: the volume's (one patient, one record under DP)
+            slices.append(Sample(name, image, label, affine, group=sample.group_key, category=sample.category))
     return slices
 
 
@@ -135,6 +136,10 @@ class SegDataset(torch.utils.data.Dataset):
         """Choose the augmentation stream for this epoch."""
         self.epoch = epoch
 
+    def record_keys(self) -> list[str]:
+        """Each item's record (:attr:`~amlp_core.data.cases.Sample.group_key`): the patient, for DP-SGD."""
+        return [s.group_key for s in self.samples]
+
     def __len__(self) -> int:
         return len(self.samples)
 
@@ -169,6 +174,9 @@ class RecordDataset(torch.utils.data.Dataset):
         self.labelled.set_epoch(epoch)
         self.unlabelled.set_epoch(epoch)
 
+    def record_keys(self) -> list[str]:
+        return self.labelled.record_keys() + self.unlabelled.record_keys()
+
     def __len__(self) -> int:
         return len(self.labelled) + len(self.unlabelled)
 
@@ -178,6 +186,43 @@ class RecordDataset(torch.utils.data.Dataset):
         item = self.unlabelled[i - len(self.labelled)]
         label = torch.zeros((1, *item["image"].shape[1:]), dtype=torch.int64)
         return {**item, "label": label, "index": i, "labelled": 0}
+
+
+class PatientRecords(torch.utils.data.Dataset):
+    """One item per record (patient) of a dataset whose items share records (the 2D slices of one volume,
+    near-duplicate images): a draw returns one of the record's items, chosen by ``(seed, epoch, record)``.
+    DP-SGD samples, clips and counts these, so that one patient is one record however many slices it has.
+    """
+
+    def __init__(self, dataset: SegDataset | RecordDataset, seed: int = 0):
+        groups: dict[str, list[int]] = {}
+        for i, key in enumerate(dataset.record_keys()):
+            groups.setdefault(key, []).append(i)
+        self.dataset, self.members, self.seed, self.epoch = dataset, list(groups.values()), seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.dataset.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.members)
+
+    def __getitem__(self, i: int) -> dict:
+        members = self.members[i]
+        pick = members[int(np.random.default_rng((self.seed, self.epoch, i)).integers(len(members)))]
+        return self.dataset[pick]
+
+
+def as_records(dataset: SegDataset | RecordDataset, seed: int = 0) -> torch.utils.data.Dataset:
+    """``dataset`` as DP-SGD's records: itself when every item is its own record, else
+    :class:`PatientRecords`."""
+    keys = dataset.record_keys()
+    return dataset if len(set(keys)) == len(keys) else PatientRecords(dataset, seed)
+
+
+def record_count(samples: Sequence[Sample]) -> int:
+    """The number of records (patients: :attr:`~amlp_core.data.cases.Sample.group_key`) among ``samples``."""
+    return len({s.group_key for s in samples})
 
 
 def _take(units: list[list[str]], order: np.ndarray, quota: dict[str, int], stratum: Callable[[str], str]):

@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader
 
 from amlp_core.config import Config
 from amlp_core.data import Sample, SegDataset
-from amlp_core.data.dataset import RecordDataset
+from amlp_core.data.dataset import RecordDataset, as_records, record_count
 from amlp_core.engine.device import make_generator, resolve_device, seed_everything
 from amlp_core.engine.loops import finetune_steps, pretrain_epoch
 from amlp_core.engine.optim import finetune_optimizer, pretrain_optimizer, set_finetune_lr
@@ -93,6 +93,8 @@ def pretrain_epochs(
     warmup = min(cfg.train.warmup_epochs / total_epochs, 0.5)
     method.private = ledger is not None  # statistics of the cases stay frozen under DP
     metrics: dict[str, float] = {}
+    if ledger is not None:  # DP-SGD's records are patients: the slices of one volume are one record
+        loader = DataLoader(as_records(loader.dataset, seed))
     with charged_training(
         method, optimizer, loader, ledger, cfg.train.batch_size, cfg.privacy.max_grad_norm, seed, *stretch
     ) as (opt, batches, spent):
@@ -152,6 +154,8 @@ def finetune_for(
         pool = semi.loader.dataset
         assert isinstance(pool, SegDataset)  # (semi_training's)
         loader = DataLoader(RecordDataset(loader.dataset, pool))  # (only its dataset is used)
+    if ledger is not None:  # DP-SGD's records are patients: the slices of one volume are one record
+        loader = DataLoader(as_records(loader.dataset, seed))
     with charged_training(
         model, optimizer, loader, ledger, cfg.train.batch_size, cfg.privacy.max_grad_norm, seed, *stretch
     ) as (opt, batches, spent):
@@ -179,10 +183,10 @@ def finetune_for(
 
 
 def finetune_records(cfg: Config, train: list[Sample], subset: list[Sample]) -> int:
-    """The records a fine-tuning stretch learns from, as DP-SGD samples and the ledger counts them: the
-    labelled ``subset``, and with ``train.semi_supervised`` the unlabelled pool of ``train`` beyond it."""
+    """The records (patients) a fine-tuning stretch learns from, as DP-SGD samples and the ledger counts them:
+    those of the labelled ``subset``, and with ``train.semi_supervised`` of the unlabelled pool beyond it."""
     semi = cfg.train.semi_supervised != "none"
-    return len(subset) + (len(unlabelled_pool(train, subset)) if semi else 0)
+    return record_count([*subset, *(unlabelled_pool(train, subset) if semi else [])])
 
 
 def semi_training(

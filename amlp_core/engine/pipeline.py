@@ -20,6 +20,7 @@ from amlp_core.config import Config, save_config
 from amlp_core.data import (
     label_subset,
 )
+from amlp_core.data.dataset import record_count
 from amlp_core.engine.artefacts import (
     CHECKPOINT,
     CONFIG,
@@ -207,7 +208,7 @@ def pretrain(
         if not private:
             return None
         Path(out_dir).mkdir(parents=True, exist_ok=True)
-        phase = PrivatePhase(rounds=epochs - epoch, cases=len(split.train), epochs=1)
+        phase = PrivatePhase(rounds=epochs - epoch, cases=record_count(split.train), epochs=1)
         return _privacy_ledger(cfg, Path(out_dir), phase, f"pretraining epoch {epoch + 1} in {out_dir}")
 
     first_ledger = epoch_ledger(first) if first < epochs else None  # overspending: refused before any write
