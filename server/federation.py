@@ -34,10 +34,11 @@ from amlp_core.engine.weights import initial_segmentation_state, initial_shared_
 from amlp_core.errors import CheckpointError
 from amlp_core.methods import mask_ratio_at
 from amlp_core.models import has_encoder
+from amlp_core.privacy import coverage
 from amlp_core.schedules import federated_progress
 from fedamlp import protocol as P
 from server import rounds
-from server.results import ALL_SITES, RunResults
+from server.results import ALL_SITES, COVERS, RunResults
 from server.secagg import SecAggRound
 from server.strategies import build_strategy, restore_strategy_state, server_accountant, strategy_state
 from server.validation import Declarations, NormHistory
@@ -106,6 +107,7 @@ def privacy_info(cfg: Config) -> dict[str, str]:
             f"DP-SGD ({p.phases}), budget epsilon {p.budget:g} per site at delta {p.delta:g}, "
             f"clip {p.max_grad_norm:g}, {noise}"
         )
+        info[COVERS] = coverage(cfg)
     if p.server_dp:
         cap = f", cap epsilon {p.server_budget:g}" if p.server_budget else ""
         info["server DP"] = (

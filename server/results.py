@@ -15,6 +15,9 @@ from amlp_core.engine.lesions import EMPTY_CASES, EMPTY_HITS, EMPTY_SHARE, LESIO
 from fedamlp import protocol as P
 from fedamlp.protocol import ALL_SITES
 
+#: The run information saying what the sites' epsilon covers (amlp_core.privacy.coverage), shown with it.
+COVERS = "site DP covers"
+
 
 class RunResults:
     """Rows ``{phase, round, kind, site, status, ...metrics}``; rewritten to disk after every round
@@ -110,6 +113,7 @@ class RunResults:
             "| who | epsilon |",
             "|---|---|",
             *(f"| {who} | {_fmt(eps)} |" for who, eps in sorted(last.items())),
+            *(["", f"What the sites' epsilon covers: {self.info[COVERS]}."] if COVERS in self.info else []),
         ]
 
 

@@ -421,7 +421,9 @@ def train_segmentation(
         semi=semi,
         first_pass=first_pass,
     )
-    privacy = {"epsilon": metrics["epsilon"], "delta": cfg.privacy.delta} if ledger else {}
+    covers = f"fine-tuning; the encoder from {init_from} was made outside this budget" if init_from else "fine-tuning"
+    covers += "; one record is one patient"
+    privacy = {"epsilon": metrics["epsilon"], "delta": cfg.privacy.delta, "dp_covers": covers} if ledger else {}
     result: dict[str, Any]
     if split.test:
         result = test_dice()

@@ -17,7 +17,7 @@ from amlp_core.privacy.ledger import (
     calibrate_noise,
     epsilon_of,
 )
-from amlp_core.privacy.plan import PrivatePhase, ready_ledger
+from amlp_core.privacy.plan import PrivatePhase, coverage, ready_ledger
 
 __all__ = [
     "LEDGER_FILE",
@@ -27,6 +27,7 @@ __all__ = [
     "PrivatePhase",
     "PrivateTraining",
     "calibrate_noise",
+    "coverage",
     "charged_training",
     "check_private",
     "epsilon_of",

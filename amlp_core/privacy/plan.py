@@ -16,7 +16,7 @@ from amlp_core.privacy.dp import sample_rate, steps_per_epoch
 from amlp_core.privacy.ledger import PrivacyLedger
 
 if TYPE_CHECKING:
-    from amlp_core.config import PrivacyConfig
+    from amlp_core.config import Config, PrivacyConfig
 
 
 @dataclass(frozen=True)
@@ -68,3 +68,29 @@ def ready_ledger(
         now.round_steps(batch_size),
         what,
     )
+
+
+def coverage(cfg: Config) -> str:
+    """What a run's site-DP epsilon covers and what it does not, in a sentence for its summary (next to the
+    epsilon): the phases under DP, an encoder pretrained without DP or brought from elsewhere, and the
+    evaluation messages."""
+    p, f = cfg.privacy, cfg.federation
+    pretrained = f.pretrain_rounds > 0 and cfg.model.seg_arch != "unet"
+    if p.phases == "both":
+        parts = [
+            "pretraining and fine-tuning: one noise level, fixed at the first private round for every planned step "
+            "of both phases, so each phase spends the budget in proportion to its steps"
+        ]
+    else:
+        parts = ["fine-tuning only"]
+        if pretrained:
+            parts.append(
+                "the encoder was pretrained on the sites' own scans WITHOUT DP (privacy.phases=finetune): what it "
+                "learnt from them is not covered"
+            )
+    if f.init_encoder:
+        parts.append(f"the initial encoder ({f.init_encoder}) was made outside this run and is outside the budget")
+    if cfg.train.semi_supervised != "none":
+        parts.append("the unlabelled cases fine-tuning learns from are records too")
+    parts.append("one record is one patient; evaluation replies are not covered")
+    return "; ".join(parts)

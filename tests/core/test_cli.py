@@ -191,6 +191,7 @@ def test_private_finetune_reports_epsilon_and_refuses_to_overspend(tmp_path, cap
     )
     result = json.loads((tmp_path / "fine" / "evaluation.json").read_text())
     assert 0 < result["epsilon"] <= 5.0 and result["delta"] == 1e-5
+    assert result["dp_covers"].startswith("fine-tuning") and "one patient" in result["dp_covers"]
     # The same output folder holds the same cases' ledger: another run would overspend, and is refused;
     # --overwrite replaces the run, never the ledger.
     again = ["finetune", "--data", "synthetic", "--config", config, "--epochs", "2", "--out", str(tmp_path / "fine")]

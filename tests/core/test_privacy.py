@@ -194,3 +194,18 @@ def test_opacus_is_imported_only_where_dp_runs():
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_the_summary_says_what_the_epsilon_covers():
+    from amlp_core.privacy import coverage
+
+    base = {"privacy.site_dp": True, "federation.pretrain_rounds": 4}
+    finetune_only = coverage(build_config(base))
+    assert finetune_only.startswith("fine-tuning only; the encoder was pretrained on the sites' own scans WITHOUT DP")
+    both = coverage(build_config({**base, "privacy.phases": "both"}))
+    assert both.startswith("pretraining and fine-tuning") and "WITHOUT DP" not in both
+    given = coverage(build_config({**base, "federation.pretrain_rounds": 0, "federation.init_encoder": "runs/pre"}))
+    assert "the initial encoder (runs/pre) was made outside this run and is outside the budget" in given
+    semi = coverage(build_config({**base, "train.semi_supervised": "mean_teacher"}))
+    assert "the unlabelled cases fine-tuning learns from are records too" in semi
+    assert all(text.endswith("one record is one patient; evaluation replies are not covered") for text in (both, semi))

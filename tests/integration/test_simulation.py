@@ -327,6 +327,7 @@ def test_private_federation_reports_the_epsilon_of_every_site_and_the_server(tmp
     assert len(server) == 2 and 0 < server[0] < server[1]  # one client-level release per round
     summary = (run / "results" / "summary.md").read_text()
     assert "Privacy spent" in summary and "site DP" in summary and "server DP" in summary
+    assert "What the sites' epsilon covers: pretraining and fine-tuning: one noise level" in summary
 
 
 def test_lesion_images_federation_reports_lesion_metrics(tmp_path):
