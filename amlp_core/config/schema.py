@@ -423,6 +423,9 @@ class PlanConfig:
 #: The highest learning rate a config may set (AdamW's useful rates are far below; ours are 1e-3 and 1.5e-4).
 MAX_LR = 1.0
 
+#: ``privacy.trainable`` values: what trains under site DP (amlp_core/engine/optim.py select_trainable).
+PRIVATE_TRAINABLE = ("all", "decoder", "norms_biases")
+
 #: ``train.semi_supervised`` values (amlp_core/engine/semi.py).
 SEMI_METHODS = ("none", "mean_teacher", "fixmatch")
 #: ``train.semi_teacher_start`` values: at each federated round the teacher restarts from the global model,
@@ -742,6 +745,10 @@ class PrivacyConfig:
     server_noise_multiplier: float = 1.0
     server_clipping_norm: float = 5.0  # L2 norm of one site's update
     server_budget: float = 0.0  # 0 = report epsilon without a cap
+    # Site DP fine-tuning recipe: which parameters train (all | decoder | norms_biases: fewer parameters take less
+    # of the noise) and the optimiser (adamw | sgd, momentum 0.9; its rate is train.finetune_lr).
+    trainable: str = "all"
+    optimizer: str = "adamw"
 
     def __post_init__(self) -> None:
         _check(
@@ -761,6 +768,13 @@ class PrivacyConfig:
             self.server_clipping_norm > 0, "privacy.server_clipping_norm", self.server_clipping_norm, "must be positive"
         )
         _check(self.server_budget >= 0, "privacy.server_budget", self.server_budget, "must not be negative")
+        _check(
+            self.trainable in PRIVATE_TRAINABLE,
+            "privacy.trainable",
+            self.trainable,
+            f"must be one of {', '.join(PRIVATE_TRAINABLE)}",
+        )
+        _check(self.optimizer in ("adamw", "sgd"), "privacy.optimizer", self.optimizer, "must be adamw or sgd")
 
     def private(self, phase: str) -> bool:
         """Whether training in ``phase`` ("pretrain" or "finetune") is private."""

@@ -349,7 +349,7 @@ def finetune_round(
     device = resolve_device(cfg.train.device)
     seed_everything(rnd.seed)
     model = segmentation_model(cfg, global_state).to(device)
-    optimizer = finetune_optimizer(model, cfg.train, pretrained=pretrained)
+    optimizer = finetune_optimizer(model, cfg.train, pretrained=pretrained, privacy=cfg.privacy)
     if kept is not None:
         optimizer.load_state_dict(kept["optimizer"])
     loader = make_loader(cases, cfg, augment=True, labels=True, seed=rnd.seed)

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from amlp_core.config import TrainConfig
+from amlp_core.config import PrivacyConfig, TrainConfig
 from amlp_core.methods.base import PretrainMethod
 from amlp_core.models.segmentation import SegmentationNet
 from amlp_core.schedules import warmup_cosine
@@ -26,20 +26,45 @@ def pretrain_optimizer(method: nn.Module, train: TrainConfig) -> torch.optim.Opt
     return torch.optim.AdamW(groups, lr=train.lr, weight_decay=train.weight_decay, betas=(0.9, 0.95))
 
 
-def finetune_optimizer(model: nn.Module, train: TrainConfig, pretrained: bool) -> torch.optim.Optimizer:
-    """AdamW over the segmentation network.
+def select_trainable(model: nn.Module, which: str) -> int:
+    """Freeze every parameter of ``model`` outside ``which`` (``privacy.trainable``): ``all``; ``decoder``
+    (all but the encoder); ``norms_biases`` (the normalisation layers' weights and every bias). Fewer trained
+    parameters take less of DP-SGD's noise (De et al. 2022; DP-BiTFiT). Returns the number left trainable."""
+    norms = (nn.LayerNorm, nn.GroupNorm, nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d, nn.BatchNorm3d)
+    norm_params = {id(p) for m in model.modules() if isinstance(m, norms) for p in m.parameters(recurse=False)}
+    for name, param in model.named_parameters():
+        if which == "decoder":
+            param.requires_grad_(not name.startswith("encoder."))
+        elif which == "norms_biases":
+            param.requires_grad_(name.endswith(".bias") or id(param) in norm_params)
+        else:
+            param.requires_grad_(True)
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def finetune_optimizer(
+    model: nn.Module, train: TrainConfig, pretrained: bool, privacy: PrivacyConfig | None = None
+) -> torch.optim.Optimizer:
+    """AdamW over the segmentation network's trainable parameters.
 
     What comes from pretraining (the encoder, and with ``train.init_decoder`` the decoder but its
     output level) learns at ``train.encoder_lr_scale`` of the fresh part's rate, and its rate ramps
     up from 0 over the first ``train.encoder_warmup`` of fine-tuning, while the fresh part learns
     (so its first, random gradients do not wash out the pretrained features); an encoder from
-    scratch is just the network's down path and learns like the rest.
+    scratch is just the network's down path and learns like the rest. Under site DP (``privacy``
+    with ``site_dp``): only ``privacy.trainable`` trains (:func:`select_trainable`), with
+    ``privacy.optimizer`` (AdamW, or SGD with momentum 0.9).
     """
+    private = privacy is not None and privacy.site_dp
+    if private:
+        assert privacy is not None
+        select_trainable(model, privacy.trainable)
     # The plain U-Net (model.seg_arch=unet) has no encoder: one group, at the fresh rate.
     names = model.pretrained_names(pretrained and train.init_decoder) if isinstance(model, SegmentationNet) else set()
-    loaded = [p for n, p in model.named_parameters() if n in names]
-    rest = [p for n, p in model.named_parameters() if n not in names]
-    groups = [{"params": rest, "lr_scale": 1.0}]
+    trained = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    loaded = [p for n, p in trained if n in names]
+    rest = [p for n, p in trained if n not in names]
+    groups = [{"params": rest, "lr_scale": 1.0}] if rest else []
     if loaded:
         groups.append(
             {
@@ -48,6 +73,8 @@ def finetune_optimizer(model: nn.Module, train: TrainConfig, pretrained: bool) -
                 "ramp": train.encoder_warmup if pretrained else 0.0,
             }
         )
+    if private and privacy is not None and privacy.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=train.finetune_lr, momentum=0.9)
     return torch.optim.AdamW(groups, lr=train.finetune_lr, weight_decay=train.weight_decay)
 
 

@@ -366,7 +366,7 @@ def train_segmentation(
     out, device = _prepare(cfg, out_dir, keep_metrics=first_pass, overwrite=overwrite)
     model.to(device)
     loader = make_loader(subset, cfg, augment=True, labels=True)
-    optimizer = finetune_optimizer(model, cfg.train, pretrained=init_method != "scratch")
+    optimizer = finetune_optimizer(model, cfg.train, pretrained=init_method != "scratch", privacy=cfg.privacy)
     log.info(
         "fine-tuning on %d of %d labelled cases (%s) for %d steps on %s%s",
         len(subset),

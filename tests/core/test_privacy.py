@@ -209,3 +209,33 @@ def test_the_summary_says_what_the_epsilon_covers():
     semi = coverage(build_config({**base, "train.semi_supervised": "mean_teacher"}))
     assert "the unlabelled cases fine-tuning learns from are records too" in semi
     assert all(text.endswith("one record is one patient; evaluation replies are not covered") for text in (both, semi))
+
+
+@pytest.mark.parametrize("which", ["decoder", "norms_biases"])
+def test_a_private_recipe_trains_only_what_it_names(which, tmp_path):
+    """privacy.trainable: the frozen parameters stay as they were, the others train under DP-SGD (Opacus takes
+    every layer that still trains), and SGD with momentum is there to choose."""
+    from amlp_core.engine.pipeline import finetune
+
+    cfg = tiny_config(
+        2,
+        **{
+            "privacy.site_dp": True,
+            "privacy.trainable": which,
+            "privacy.optimizer": "sgd",
+            "train.finetune_steps": 2,
+            "train.finetune_lr": 0.05,
+        },
+    )
+    torch.manual_seed(0)
+    before = SegmentationNet(cfg.model).state_dict()
+    finetune(cfg, tmp_path / "run")
+    from amlp_core.engine.checkpoint import load_checkpoint
+
+    after = load_checkpoint(tmp_path / "run" / "checkpoint.pt")[0]["model"]
+    changed = {k for k in before if before[k].is_floating_point() and not torch.equal(before[k], after[k])}
+    encoder = {k for k in changed if k.startswith("encoder.")}
+    if which == "decoder":
+        assert changed and not encoder  # the encoder froze, the decoder trained
+    else:
+        assert changed and all(k.endswith(".bias") or "norm" in k for k in changed), sorted(changed)[:5]
