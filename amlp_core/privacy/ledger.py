@@ -75,7 +75,12 @@ def calibrate_noise(
     while eps(high) > budget:
         low, high = high, high * 2
         if high > 1e4:
-            raise PrivacyBudgetExceeded(f"no noise multiplier keeps the plan within epsilon={budget}")
+            steps, rate = sum(n for _, n in plan), max((q for q, _ in plan), default=0.0)
+            raise PrivacyBudgetExceeded(
+                f"no noise multiplier keeps {steps:,} private steps at sample rate up to {rate:.3g} within "
+                f"privacy.budget={budget:g} (privacy.delta={delta:g}): plan fewer steps (train.finetune_steps, "
+                "the rounds), a smaller sample rate (train.batch_size, more cases) or a larger budget"
+            )
     while high - low > tolerance * high:  # eps falls as sigma grows
         mid = (low + high) / 2
         low, high = (mid, high) if eps(mid) > budget else (low, mid)

@@ -239,3 +239,10 @@ def test_a_private_recipe_trains_only_what_it_names(which, tmp_path):
         assert changed and not encoder  # the encoder froze, the decoder trained
     else:
         assert changed and all(k.endswith(".bias") or "norm" in k for k in changed), sorted(changed)[:5]
+
+
+def test_a_plan_no_noise_can_keep_within_the_budget_is_refused_naming_the_settings():
+    with pytest.raises(PrivacyBudgetExceeded) as err:
+        calibrate_noise(0.01, 1e-5, [(1.0, 10**6)])
+    message = str(err.value)
+    assert "1,000,000 private steps at sample rate up to 1" in message and "privacy.budget=0.01" in message
