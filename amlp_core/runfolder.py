@@ -34,6 +34,7 @@ RUN_ENTRIES = (
     "encoder",
     "sites",
     "FAILED",
+    "tensorboard",
     "superlink.log",
     "run_config.toml",
     ".flwr",

@@ -127,7 +127,8 @@ def evaluate(msg: Message, context: Context) -> Message:
     try:
         site = _site(context)
         site.use_plan(tasks.server_plan(msg.content[P.CONFIG]))
-        metrics = tasks.evaluate_round(site, msg.content[P.ARRAYS].to_torch_state_dict())
+        round_ = int(msg.content[P.CONFIG].get(P.GLOBAL_ROUND, 0))  # (the site's TensorBoard step)
+        metrics = tasks.evaluate_round(site, msg.content[P.ARRAYS].to_torch_state_dict(), round_)
     except Exception as e:  # noqa: BLE001 - every failure becomes an error reply that leaks nothing
         return _error_reply(msg, context, e)
     return Message(content=RecordDict({P.METRICS: MetricRecord(metrics), P.SITE: _site_record(site)}), reply_to=msg)

@@ -25,6 +25,7 @@ from typing import Any
 
 from amlp_core.config import Config, PlanConfig, apply_site_file, build_config, read_site_file
 from amlp_core.data.plan import describe, fit_problem, planned_config
+from amlp_core.engine.board import BOARD_DIR, Board
 from amlp_core.engine.split import DataSplit, plan_split, read_split
 from amlp_core.errors import AMLPError, DataError
 from client.state import SiteState
@@ -51,10 +52,18 @@ class Site:
     raw: DataSplit  # the cases as read, and their fingerprint
     state: SiteState
     planned: DataSplit | None = None  # the cases on the run's plan (use_plan)
+    _board: Board | None = None
 
     @property
     def name(self) -> str:
         return self.cfg.site.name
+
+    @property
+    def board(self) -> Board:
+        """The site's own TensorBoard folder (``STATE/tensorboard``): its scalars and pictures, which stay here."""
+        if self._board is None:
+            self._board = Board(self.state.root / BOARD_DIR)
+        return self._board
 
     @property
     def split(self) -> DataSplit:

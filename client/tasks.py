@@ -18,13 +18,15 @@ from amlp_core.config import PlanConfig
 from amlp_core.data import label_subset
 from amlp_core.data.dataset import record_count
 from amlp_core.data.plan import read_plan_text
+from amlp_core.data.transforms import fit_to_roi
 from amlp_core.engine import local
+from amlp_core.engine.board import mask_picture, prediction_picture
 from amlp_core.engine.device import resolve_device
 from amlp_core.engine.lesions import inference_args
 from amlp_core.engine.local import Epoch
-from amlp_core.engine.loops import evaluate_segmentation, finetune_budget
+from amlp_core.engine.loops import evaluate_segmentation, finetune_budget, predict_volume
 from amlp_core.errors import ConfigError
-from amlp_core.methods import mask_ratio_at
+from amlp_core.methods import build_method, mask_ratio_at
 from amlp_core.privacy import PrivatePhase, ready_ledger
 from amlp_core.schedules import federated_progress
 from client.site import RoundRefused, Site
@@ -176,6 +178,8 @@ def pretrain_round(
     except local.WeightsMismatch as e:
         raise RoundRefused(str(e)) from None
     site.state.save(P.PRETRAIN, ins.round, kept)
+    site.board.scalars("pretrain", metrics, ins.round)
+    _mask_picture(site, kept, federated_progress(ins.round, 0, ins.local_epochs, ins.total_rounds), ins.round)
     return shared, {
         P.NUM_EXAMPLES: len(site.split.train),
         P.UNIT_WEIGHT: 1,
@@ -242,6 +246,7 @@ def finetune_round(
     except local.WeightsMismatch as e:
         raise RoundRefused(str(e)) from None
     site.state.save(P.FINETUNE, ins.round, kept)
+    site.board.scalars("finetune", metrics, ins.round)
     return weights, {
         P.NUM_EXAMPLES: len(subset),
         P.UNIT_WEIGHT: 1,
@@ -284,8 +289,25 @@ def _private_phases(site: Site, ins: Instructions) -> tuple[PrivatePhase, list[P
     return now, later
 
 
-def evaluate_round(site: Site, global_state: dict[str, torch.Tensor]) -> dict[str, float]:
-    """Dice per class of the global model on the site's test cases (their mean over cases only)."""
+def _mask_picture(site: Site, kept: dict, progress: float, round_: int) -> None:
+    """Where this round's mask falls on the site's first training case, beside its label, into the site's own
+    TensorBoard (never sent). A method without a patch mask (ACE) draws nothing."""
+    cfg = site.cfg
+    case = min(site.split.train, key=lambda s: s.name)
+    image, label = fit_to_roi(case.image, case.label, cfg.model.img_size, None)  # the centre crop
+    method = build_method(cfg.model, cfg.method)
+    method.load_state_dict(kept["method"])
+    method.eval()
+    with torch.no_grad():
+        out = method.training_step(torch.from_numpy(image)[None], progress, torch.Generator().manual_seed(round_))
+    if out.mask is not None:
+        picture = mask_picture(image, label, out.mask.masked[0], cfg.model.grid_size)
+        site.board.image(f"pretrain/mask over {case.name}", picture, round_)
+
+
+def evaluate_round(site: Site, global_state: dict[str, torch.Tensor], round_: int = 0) -> dict[str, float]:
+    """Dice per class of the global model on the site's test cases (their mean over cases only); with the
+    server's ``round_``, also into the site's own TensorBoard, with the prediction on its first test case."""
     cfg, device = site.cfg, resolve_device(site.cfg.train.device)
     if not site.split.test:
         raise RoundRefused(f"site {site.name} has no test cases to evaluate on")
@@ -305,4 +327,12 @@ def evaluate_round(site: Site, global_state: dict[str, torch.Tensor]) -> dict[st
         **inference_args(cfg.model),
     )
     result[P.NUM_EXAMPLES] = result.pop("num_examples")
+    if round_:
+        site.board.scalars("evaluate", result, round_)
+        case = min(site.split.test, key=lambda s: s.name)
+        probs = predict_volume(
+            model, case.image, cfg.model.img_size, device, cfg.train.amp, slice_axis=cfg.data.slice_axis
+        )
+        picture = prediction_picture(case.image, case.label, probs.argmax(0).numpy())
+        site.board.image(f"evaluate/prediction on {case.name}", picture, round_)
     return result

@@ -12,6 +12,7 @@ import dataclasses
 import json
 import logging
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,7 @@ from amlp_core.engine.artefacts import (
     pretraining_method,
     segmentation_meta,
 )
+from amlp_core.engine.board import BOARD_DIR, Board
 from amlp_core.engine.weights import initial_segmentation_state, initial_shared_state
 from amlp_core.errors import CheckpointError
 from amlp_core.methods import mask_ratio_at
@@ -139,6 +141,7 @@ class Federation:
         # What each site holds (bounds num-examples); a first answer may wait for the site to start.
         self.declared = Declarations(timeout=self.fed.connect_timeout + self.fed.round_timeout)
         self.norms = NormHistory()  # each phase's last reference update norm (server/validation.py)
+        self.board: Board | None = None  # RUN_DIR/tensorboard, opened at the first recorded round
         self.plan = cfg.plan  # decided at the start of the run (decide_plan)
         self.saved_plan: str | None = None  # a resumed run's
 
@@ -219,6 +222,7 @@ class Federation:
             seconds=round(outcome.seconds, 2),
             **aggregated,
         )
+        self._board_round(phase, rnd, kind, outcome, aggregated)
         log.info(
             "%s round %d %s, all sites: %d/%d ok; %s",
             phase,
@@ -279,6 +283,21 @@ class Federation:
             self._save(Progress(phase, rnd), arrays, strategy)
             self.results.write()
         return arrays
+
+    def _board_round(
+        self, phase: str, rnd: int, kind: str, outcome: rounds.RoundOutcome, aggregated: dict[str, Any]
+    ) -> None:
+        """The round in the run's TensorBoard: the aggregates, the sites' outcomes, and each site's reported
+        numbers (what rounds.json holds: aggregates only, never a picture)."""
+        if self.board is None:
+            self.board = Board(self.run_dir / BOARD_DIR)
+        statuses = Counter(r.status for r in outcome.replies)
+        counts = {f"sites_{status}": statuses.get(status, 0) for status in (P.OK, P.ERROR, P.MISSING, P.REJECTED)}
+        self.board.scalars(f"{phase}/{kind}", {**aggregated, **counts, "seconds": outcome.seconds}, rnd)
+        for r in outcome.replies:
+            if r.status == P.OK:
+                bytes_up = {"bytes_up": _bytes(r.message.content[P.ARRAYS])} if kind == "train" and r.message else {}
+                self.board.scalars(f"{phase}/{kind}/{r.site}", {**r.metrics, **bytes_up}, rnd)
 
     def _data_counts(self) -> str:
         """What the sites declared, summed (counts only: no site's cases are named)."""

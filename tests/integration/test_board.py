@@ -1,0 +1,59 @@
+"""The TensorBoard event files of a real two-phase simulation: the server's hold the round's aggregates and
+nothing image-like; each site's hold its own scalars and its pictures, in its own state folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from amlp_core.engine.board import BOARD_DIR, mask_picture, prediction_picture
+
+pytestmark = pytest.mark.slow
+
+
+def _events(folder: Path) -> EventAccumulator:
+    assert list(folder.glob("events.out.tfevents.*")), f"no event file in {folder}"
+    events = EventAccumulator(str(folder), size_guidance={"images": 0, "scalars": 0})
+    events.Reload()
+    return events
+
+
+def test_the_server_board_holds_aggregates_and_each_site_its_own_pictures(two_phase_run):
+    run, cfg = two_phase_run
+    server = _events(run / BOARD_DIR)
+    tags = set(server.Tags()["scalars"])
+    assert {"finetune/evaluate/dice_mean", "pretrain/train/sites_ok", "finetune/train/loss"} <= tags
+    assert {"finetune/evaluate/site0/dice_mean", "pretrain/train/site1/mask_ratio"} <= tags
+    assert [e.step for e in server.Scalars("pretrain/train/sites_ok")] == list(
+        range(1, cfg.federation.pretrain_rounds + 1)
+    )
+    assert server.Tags()["images"] == [] and server.Tags()["tensors"] == []  # no picture leaves a site
+    for site in ("site0", "site1"):
+        own = _events(run / "sites" / site / BOARD_DIR)
+        pictures = own.Tags()["images"]
+        assert any(t.startswith("pretrain/mask over ") for t in pictures), pictures
+        assert any(t.startswith("evaluate/prediction on ") for t in pictures), pictures
+        assert "evaluate/dice_mean" in own.Tags()["scalars"] and "pretrain/loss" in own.Tags()["scalars"]
+    server_files = [p for p in run.rglob("*") if p.is_file() and "sites" not in p.relative_to(run).parts]
+    assert not [p for p in server_files if p.suffix.lower() in (".png", ".jpg", ".nii", ".gz", ".dcm")]
+
+
+def test_the_pictures_show_the_label_beside_the_prediction_or_the_mask():
+    image = np.zeros((1, 16, 16, 6), np.float32)
+    label = np.zeros((16, 16, 6), np.int64)
+    label[4:8, 4:8, 4] = 1  # the lesion's largest cross-section is slice 4
+    picture = prediction_picture(image, label, np.zeros_like(label))
+    assert picture.shape == (16, 32, 3) and picture.dtype == np.uint8
+    assert picture[:, :16].any() and not picture[:, 16:].any()  # the label drawn left, an empty prediction right
+    import torch
+
+    masked = torch.zeros(8, dtype=torch.bool)
+    masked[0] = True  # the patch at x 0-7, y 0-7, z 0-2: not on slice 4, the label's
+    assert not mask_picture(image, label, masked, (2, 2, 2))[:, 16:].any()
+    masked[:] = False
+    masked[1] = True  # the patch at x 0-7, y 0-7, z 3-5: on slice 4, in the top-left quarter
+    shown = mask_picture(image, label, masked, (2, 2, 2))[:, 16:]
+    assert shown[:8, :8].any() and not shown[8:].any() and not shown[:, 8:].any()
