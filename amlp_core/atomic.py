@@ -75,3 +75,31 @@ def check_output(
         if str(owned) and Path(owned).is_dir() and resolved.is_relative_to(Path(owned).resolve()):
             raise ConfigError(f"{what} {out} lies in {owned}, which this command reads: write it elsewhere")
     return out
+
+
+def check_output_folder(
+    path: str | Path, what: str, inputs: tuple[str | Path, ...] = (), keep_out_of: tuple[str | Path, ...] = ()
+) -> Path:
+    """``path`` as a folder this command may write its files into (made when missing, in an existing
+    folder), checked before any work is done: never one of the ``inputs``, nor inside them or ``keep_out_of``.
+
+    Raises:
+        ConfigError: its parent does not exist, it is a file, it cannot be written, or it is (or lies in) an
+            input or a folder the command reads.
+    """
+    from amlp_core.errors import ConfigError
+
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{what} {out} is a file, not a folder")
+    resolved = out.resolve()
+    for source in (*inputs, *keep_out_of):
+        if str(source) and Path(source).is_dir() and resolved.is_relative_to(Path(source).resolve()):
+            raise ConfigError(f"{what} {out} is or lies in {source}, which this command reads: write it elsewhere")
+    target = out if out.is_dir() else (out.parent if str(out.parent) else Path("."))
+    if not target.is_dir():
+        raise ConfigError(f"{what} {out}: folder {target} does not exist")
+    if not os.access(target, os.W_OK | os.X_OK):
+        raise ConfigError(f"{what} {out}: folder {target} is not writable")
+    out.mkdir(exist_ok=True)
+    return out

@@ -204,8 +204,12 @@ def _trained_on(model: str) -> str:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from amlp_core.engine.inference import predict_file
+    from amlp_core.engine.inference import predict_file, predict_folder, scans_in
 
+    if Path(args.input).is_dir() and scans_in(args.input):  # a folder of scans (not one DICOM series)
+        sizes = predict_folder(args.model, args.input, args.output, args.device, args.allow_unfinished)
+        print(f"wrote the segmentations, quick-looks and {sizes.name} (each class's size) to {sizes.parent}")
+        return 0
     out = predict_file(args.model, args.input, args.output, device=args.device, allow_unfinished=args.allow_unfinished)
     print(f"wrote {out}")
     return 0
@@ -388,8 +392,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("predict", help="segment one scan (NIfTI in, NIfTI out)")
     p.add_argument("--model", required=True)
-    p.add_argument("--input", required=True)
-    p.add_argument("--output", required=True)
+    p.add_argument("--input", required=True, help="a NIfTI or PNG scan, a DICOM series folder, or a folder of scans")
+    p.add_argument("--output", required=True, help="the segmentation file (a folder for a folder of scans)")
     p.add_argument("--device", default="auto")
     p.add_argument(
         "--allow-unfinished",

@@ -242,6 +242,23 @@ def overlay_pixels(image: np.ndarray, labels: np.ndarray) -> np.ndarray:
     return rgb.round().astype(np.uint8)
 
 
+def quicklook_pixels(image: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """A quick look at a segmented case: a 2D image ``[C, H, W]`` with its labels over it
+    (:func:`overlay_pixels`), or for a volume ``[C, X, Y, Z]`` three orthogonal slices through the centre of
+    the labels (the volume's centre without any), side by side on one black strip. RGB uint8 ``[H, W, 3]``."""
+    if image.ndim == 3:
+        return overlay_pixels(image, labels)
+    found = np.argwhere(labels > 0)
+    centre = found.mean(0).round().astype(int) if len(found) else np.asarray(labels.shape) // 2
+    views = [
+        overlay_pixels(np.take(image, int(centre[axis]), axis=axis + 1), np.take(labels, int(centre[axis]), axis=axis))
+        for axis in range(3)
+    ]
+    height = max(v.shape[0] for v in views)
+    padded = [np.pad(v, ((0, height - v.shape[0]), (0, 0), (0, 0))) for v in views]
+    return np.concatenate(padded, axis=1)
+
+
 def write_png(pixels: np.ndarray, path: str | os.PathLike) -> Path:
     """Write uint8 ``[H, W]`` (grey) or ``[H, W, 3]`` (RGB) pixels to ``path`` atomically (a temporary file
     in the same folder, then renamed over it)."""

@@ -2,20 +2,33 @@
 
 from __future__ import annotations
 
+import csv
 import dataclasses
+import io
 import logging
+import re
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
+from tqdm.auto import tqdm
 
-from amlp_core.atomic import check_output
+from amlp_core.atomic import atomic_write_text, check_output, check_output_folder
 from amlp_core.config import Config, PlanConfig, build_config
 from amlp_core.data import read_image, write_nifti
 from amlp_core.data.cases import Sample
 from amlp_core.data.dicom import Series, find_series, read_series, write_seg
 from amlp_core.data.geometry import canonical_grid, spacing_of
-from amlp_core.data.io import NIFTI_SUFFIXES, data_error, mask_pixels, overlay_pixels, write_png
+from amlp_core.data.io import (
+    NIFTI_SUFFIXES,
+    data_error,
+    mask_pixels,
+    overlay_pixels,
+    quicklook_pixels,
+    strip_suffix,
+    write_png,
+)
 from amlp_core.data.plan import fingerprint, fit_problem, prepare, restore
 from amlp_core.engine.artefacts import load_segmentation, saved_config
 from amlp_core.engine.device import resolve_device
@@ -111,31 +124,22 @@ def read_scan(input_path: str | Path, max_voxels: int) -> tuple[np.ndarray, np.n
     return image, affine, found[0].modality, found[0]
 
 
-def predict_file(
-    run: str | Path,
-    input_path: str | Path,
-    output_path: str | Path,
-    device: str = "auto",
-    allow_unfinished: bool = False,
-) -> Path:
-    """Segment one scan, the result on the scan's own grid: shape and affine (NIfTI), or as a DICOM SEG
-    object that references the source series (``.dcm`` output of a DICOM series input).
+def segment_scan(
+    model: torch.nn.Module, cfg: Config, dev: torch.device, input_path: str | Path
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, Series | None]:
+    """Segment one scan (:func:`read_scan`) with a loaded model, the result on the scan's own grid.
 
     The scan is brought onto the model's plan (:func:`~amlp_core.data.plan.prepare`: RAS, the plan's
     spacing, its normalisation), segmented by sliding windows, and the class probabilities are mapped
-    back onto the scan's grid before the argmax. A 2D model segments a 3D volume slice by slice along
-    ``data.slice_axis``. The output is checked before any work (:func:`~amlp_core.atomic.check_output`):
-    a NIfTI (or, for a DICOM input, a ``.dcm``) name in a writable folder, never the input itself.
+    back onto the scan's grid before the argmax and the model's post-processing. A 2D model segments a
+    3D volume slice by slice along ``data.slice_axis``.
+
+    Returns:
+        ``(labels uint8 [*S], image [C, *S], affine (4, 4), series or None)``.
+
+    Raises:
+        DataError: a scan the model cannot read (channels, dimensions, modality), naming it.
     """
-    dicom_input = Path(input_path).is_dir()
-    png_input = Path(input_path).name.lower().endswith(".png")
-    suffixes = NIFTI_SUFFIXES + (SEG_SUFFIXES if dicom_input else ()) + (PNG_SUFFIXES if png_input else ())
-    out = check_output(output_path, "output", suffixes, inputs=(input_path,), keep_out_of=(run,))
-    if out.name.lower().endswith(PNG_SUFFIXES):
-        check_output(overlay_path(out), "overlay", PNG_SUFFIXES, inputs=(input_path,), keep_out_of=(run,))
-    dev = resolve_device(device)
-    model, meta = load_segmentation(run, dev, allow_unfinished)
-    cfg = saved_config(meta, run)
     image, affine, modality, series = read_scan(input_path, cfg.data.max_voxels)  # [C, *S]
     if image.shape[0] != cfg.model.in_channels:
         raise DataError(f"{input_path}: has {image.shape[0]} channel(s), the model expects {cfg.model.in_channels}")
@@ -162,6 +166,31 @@ def predict_file(
     labels = postprocess(
         restored.argmax(0).astype(np.uint8), cfg.model.num_classes, probabilities=restored, **post_args(cfg.model)
     )
+    return labels, image, affine, series
+
+
+def predict_file(
+    run: str | Path,
+    input_path: str | Path,
+    output_path: str | Path,
+    device: str = "auto",
+    allow_unfinished: bool = False,
+) -> Path:
+    """Segment one scan (:func:`segment_scan`), the result on the scan's own grid: shape and affine (NIfTI), a
+    mask PNG of the image's size with an overlay beside it (PNG input), or a DICOM SEG object that references
+    the source series (``.dcm`` output of a DICOM series input). The output is checked before any work
+    (:func:`~amlp_core.atomic.check_output`): a name of the right kind in a writable folder, never an input.
+    """
+    dicom_input = Path(input_path).is_dir()
+    png_input = Path(input_path).name.lower().endswith(".png")
+    suffixes = NIFTI_SUFFIXES + (SEG_SUFFIXES if dicom_input else ()) + (PNG_SUFFIXES if png_input else ())
+    out = check_output(output_path, "output", suffixes, inputs=(input_path,), keep_out_of=(run,))
+    if out.name.lower().endswith(PNG_SUFFIXES):
+        check_output(overlay_path(out), "overlay", PNG_SUFFIXES, inputs=(input_path,), keep_out_of=(run,))
+    dev = resolve_device(device)
+    model, meta = load_segmentation(run, dev, allow_unfinished)
+    cfg = saved_config(meta, run)
+    labels, image, affine, series = segment_scan(model, cfg, dev, input_path)
     if series is not None and out.name.lower().endswith(SEG_SUFFIXES):
         class_names = {int(k): str(v) for k, v in meta.get("class_names", {}).items()} or {
             k: f"class_{k}" for k in range(cfg.model.num_classes)
@@ -174,3 +203,80 @@ def predict_file(
         return out
     write_nifti(labels, affine, out)
     return out
+
+
+#: The table ``predict`` writes beside a folder's segmentations: one row per case and class.
+SIZES_CSV = "sizes.csv"
+
+
+def scans_in(folder: str | Path) -> list[Path]:
+    """The NIfTI and PNG scans directly in ``folder`` (PNG masks, ``x_mask.png``, left out), sorted."""
+    found = []
+    for path in sorted(Path(folder).iterdir()):
+        name = path.name.lower()
+        if not path.is_file() or name.startswith("."):
+            continue
+        if name.endswith(NIFTI_SUFFIXES) or (name.endswith(PNG_SUFFIXES) and not _MASK_NAME.match(path.stem)):
+            found.append(path)
+    return found
+
+
+_MASK_NAME = re.compile(r"^.+_mask(?:_\d+)?$")
+
+
+def class_sizes(labels: np.ndarray, affine: np.ndarray, num_classes: int, spaced: bool) -> list[dict[str, Any]]:
+    """Each foreground class's size: voxels, and mL from the voxel spacing where the scan has one.
+
+    Args:
+        labels: ``[*S]``; affine: ``(4, 4)`` voxel-to-world in mm; spaced: whether it means mm (not a PNG's pixels).
+    """
+    voxel_ml = abs(float(np.linalg.det(affine[:3, :3]))) / 1000.0 if spaced and labels.ndim == 3 else None
+    rows = []
+    for k in range(1, num_classes):
+        count = int((labels == k).sum())
+        rows.append({"class": k, "voxels": count, "volume_ml": round(count * voxel_ml, 4) if voxel_ml else ""})
+    return rows
+
+
+def predict_folder(
+    run: str | Path, input_dir: str | Path, output_dir: str | Path, device: str = "auto", allow_unfinished: bool = False
+) -> Path:
+    """Segment every scan of a folder (:func:`scans_in`) with one model: per case, its segmentation (NIfTI, or a
+    mask PNG for a PNG), a quick-look PNG (:func:`~amlp_core.data.io.quicklook_pixels`: three orthogonal
+    slices of a volume, or the image, with the labels over it), and its rows of ``sizes.csv`` (each class's
+    voxels, and mL from the spacing; a PNG has pixels only).
+
+    Returns:
+        The path of ``sizes.csv`` in ``output_dir``.
+
+    Raises:
+        DataError: no scan in the folder, or a scan the model cannot read (those before it are written).
+        ConfigError: an output folder inside the input folder or the model folder.
+    """
+    scans = scans_in(input_dir)
+    if not scans:
+        raise data_error(input_dir, "holds no NIfTI or PNG scan to segment")
+    out = check_output_folder(output_dir, "output folder", inputs=(input_dir,), keep_out_of=(run,))
+    dev = resolve_device(device)
+    model, meta = load_segmentation(run, dev, allow_unfinished)
+    cfg = saved_config(meta, run)
+    names = {int(k): str(v) for k, v in meta.get("class_names", {}).items()}
+    rows: list[dict[str, Any]] = []
+    for scan in tqdm(scans, desc="predict", unit="scan", disable=None):
+        labels, image, affine, _ = segment_scan(model, cfg, dev, scan)
+        png = scan.name.lower().endswith(PNG_SUFFIXES)
+        stem = strip_suffix(scan.name)
+        if png:
+            write_png(mask_pixels(labels, cfg.model.num_classes), out / f"{stem}_seg.png")
+        else:
+            write_nifti(labels, affine, out / f"{stem}_seg.nii.gz")
+        write_png(quicklook_pixels(image, labels), out / f"{stem}_quicklook.png")
+        for row in class_sizes(labels, affine, cfg.model.num_classes, spaced=not png):
+            rows.append({"case": scan.name, "class_name": names.get(row["class"], f"class_{row['class']}"), **row})
+    table = io.StringIO()
+    writer = csv.DictWriter(table, fieldnames=["case", "class", "class_name", "voxels", "volume_ml"])
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(out / SIZES_CSV, table.getvalue())
+    log.info("segmented %d scans into %s", len(scans), out)
+    return out / SIZES_CSV
