@@ -32,13 +32,11 @@ def select_trainable(model: nn.Module, which: str) -> int:
     parameters take less of DP-SGD's noise (De et al. 2022; DP-BiTFiT). Returns the number left trainable."""
     norms = (nn.LayerNorm, nn.GroupNorm, nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d, nn.BatchNorm3d)
     norm_params = {id(p) for m in model.modules() if isinstance(m, norms) for p in m.parameters(recurse=False)}
-    for name, param in model.named_parameters():
+    for name, param in model.named_parameters():  # (a parameter that never trains, a fixed table, stays frozen)
         if which == "decoder":
-            param.requires_grad_(not name.startswith("encoder."))
+            param.requires_grad_(param.requires_grad and not name.startswith("encoder."))
         elif which == "norms_biases":
-            param.requires_grad_(name.endswith(".bias") or id(param) in norm_params)
-        else:
-            param.requires_grad_(True)
+            param.requires_grad_(param.requires_grad and (name.endswith(".bias") or id(param) in norm_params))
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
