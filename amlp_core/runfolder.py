@@ -35,6 +35,7 @@ RUN_ENTRIES = (
     "sites",
     "FAILED",
     "tensorboard",
+    "report",
     "superlink.log",
     "run_config.toml",
     ".flwr",

@@ -266,6 +266,18 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     run_dir = simulate(cfg, timeout=args.timeout, overwrite=args.overwrite)
     print((run_dir / "results" / "summary.md").read_text())
     print(f"model: {run_dir / 'model'}  (fedamlp predict --model {run_dir / 'model'} --input X --output Y)")
+    report = run_dir / "report" / "report.html"
+    if report.is_file():
+        print(f"report: {report}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    """The run report of a federated run folder: HTML (self-contained) and Markdown with its figures."""
+    from server.report import write_report
+
+    out = write_report(args.run_dir)
+    print(f"wrote {out} and {out.with_suffix('.md')}")
     return 0
 
 
@@ -446,6 +458,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.set_defaults(func=cmd_simulate)
+
+    p = sub.add_parser("report", help="the run report of a federated run: HTML and Markdown with figures")
+    p.add_argument("run_dir", help="the run folder (federation.run_dir, e.g. runs/simulation)")
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("demo", help="pretrain + fine-tune on synthetic phantoms (the quick first try)")
     p.add_argument("--out", default="runs/demo")

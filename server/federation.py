@@ -40,6 +40,7 @@ from amlp_core.privacy import coverage
 from amlp_core.schedules import federated_progress
 from fedamlp import protocol as P
 from server import rounds
+from server.report import write_report
 from server.results import ALL_SITES, COVERS, RunResults
 from server.secagg import SecAggRound
 from server.strategies import build_strategy, restore_strategy_state, server_accountant, strategy_state
@@ -437,7 +438,12 @@ class Federation:
             return None
         self.results.info["server seconds"] = round(time.monotonic() - started, 1)
         self.results.write()
-        return self.save_model(arrays)
+        model = self.save_model(arrays)
+        try:  # (the report is for people: a failure to draw it is said, and the run stands)
+            write_report(self.run_dir)
+        except Exception as e:  # noqa: BLE001 - matplotlib may fail in many ways
+            log.warning("the run report could not be written (%s: %s)", type(e).__name__, e)
+        return model
 
     def planned_config(self) -> Config:
         """The run config on the decided plan (its input size as ``model.img_size``): what the networks are

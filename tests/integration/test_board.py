@@ -38,7 +38,8 @@ def test_the_server_board_holds_aggregates_and_each_site_its_own_pictures(two_ph
         assert any(t.startswith("evaluate/prediction on ") for t in pictures), pictures
         assert "evaluate/dice_mean" in own.Tags()["scalars"] and "pretrain/loss" in own.Tags()["scalars"]
     server_files = [p for p in run.rglob("*") if p.is_file() and "sites" not in p.relative_to(run).parts]
-    assert not [p for p in server_files if p.suffix.lower() in (".png", ".jpg", ".nii", ".gz", ".dcm")]
+    pictures = [p for p in server_files if p.suffix.lower() in (".png", ".jpg", ".nii", ".gz", ".dcm")]
+    assert all(p.parent.name == "report" and p.name.startswith("figure_") for p in pictures), pictures  # plots only
 
 
 def test_the_pictures_show_the_label_beside_the_prediction_or_the_mask():
@@ -57,3 +58,26 @@ def test_the_pictures_show_the_label_beside_the_prediction_or_the_mask():
     masked[1] = True  # the patch at x 0-7, y 0-7, z 3-5: on slice 4, in the top-left quarter
     shown = mask_picture(image, label, masked, (2, 2, 2))[:, 16:]
     assert shown[:8, :8].any() and not shown[8:].any() and not shown[:, 8:].any()
+
+
+def test_the_run_writes_its_report_and_the_command_writes_it_again(two_phase_run, tmp_path, capsys):
+    """The report of a real run: self-contained HTML (figures inline), Markdown with PNG figures, what ran,
+    the final Dice and the curves; `fedamlp report` on a folder that is not a run says so in one line."""
+    import shutil
+
+    from fedamlp.cli import main
+
+    run, _ = two_phase_run
+    page = (run / "report" / "report.html").read_text()
+    assert page.count("data:image/png;base64,") >= 3 and 'src="http' not in page  # opens offline
+    assert "Dice after fine-tuning round" in page and "pretraining: amlp" in page
+    md = (run / "report" / "report.md").read_text()
+    figures = sorted(p.name for p in (run / "report").glob("figure_*.png"))
+    assert figures and all(f"({name})" in md for name in figures)
+    copy = tmp_path / "copy"
+    shutil.copytree(run / "results", copy / "results")
+    assert main(["report", str(copy)]) == 0 and (copy / "report" / "report.html").is_file()
+    capsys.readouterr()
+    assert main(["report", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"fedamlp: error: {tmp_path} is not a federated run folder: it has no results/rounds.json"]
