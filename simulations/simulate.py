@@ -133,6 +133,7 @@ def _environment(run_dir: Path, project: Path, marker: str, ray_tmp: str) -> dic
         "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
         "FLWR_DISABLE_UPDATE_CHECK": "1",
         "RAY_DEDUP_LOGS": "0",
+        "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",  # (Ray's FutureWarning at every worker start: the behaviour it announces)
         "RAY_TMPDIR": ray_tmp,  # Ray's session folder, removed with the run's processes (not left in /tmp)
         "PYTHONPATH": os.pathsep.join(filter(None, [str(project), os.environ.get("PYTHONPATH", "")])),
     }
