@@ -472,6 +472,7 @@ class TrainConfig:
     semi_ema: float = 0.99  # the teacher's EMA momentum per step (0: the teacher is the student)
     semi_threshold: float = 0.95  # fixmatch: a pixel's pseudo-label counts from this teacher probability on
     semi_cutmix: float = 0.5  # fixmatch: probability that a strong view takes a box of another unlabelled case
+    semi_loss: str = "ce_dice"  # fixmatch: the loss on the pseudo-labels: ce_dice | ce (cross-entropy alone)
     semi_noise: float = 0.1  # mean_teacher: std of each view's gaussian noise (clipped at 2 std)
     semi_batch: int = 0  # unlabelled cases per step (0: train.batch_size)
     semi_teacher_start: str = "global"  # federated: each round's teacher starts as the global model, or keeps
@@ -521,6 +522,7 @@ class TrainConfig:
         _check(0.0 <= self.semi_ema < 1.0, "train.semi_ema", self.semi_ema, "must be in [0, 1)")
         _check(0.0 < self.semi_threshold <= 1.0, "train.semi_threshold", self.semi_threshold, "must be in (0, 1]")
         _check(0.0 <= self.semi_cutmix <= 1.0, "train.semi_cutmix", self.semi_cutmix, "must be in [0, 1]")
+        _check(self.semi_loss in ("ce_dice", "ce"), "train.semi_loss", self.semi_loss, "must be ce_dice or ce")
         _check(self.semi_noise >= 0, "train.semi_noise", self.semi_noise, "must not be negative")
         _check(self.semi_batch >= 0, "train.semi_batch", self.semi_batch, "must not be negative (0: train.batch_size)")
         _check(

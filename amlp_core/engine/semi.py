@@ -142,7 +142,12 @@ def cutmix_boxes(
 
 
 def masked_dice_ce(
-    logits: torch.Tensor, target: torch.Tensor, keep: torch.Tensor, eps: float = 1e-5, per_case: bool = False
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    keep: torch.Tensor,
+    eps: float = 1e-5,
+    per_case: bool = False,
+    dice: bool = True,
 ) -> torch.Tensor:
     """Cross-entropy + soft Dice (foreground classes) over the pixels ``keep`` only.
 
@@ -150,22 +155,25 @@ def masked_dice_ce(
         logits: ``[B, K, *S]``; target: int64 ``[B, *S]``; keep: float ``[B, *S]`` (0/1 weights).
         per_case: one loss per case, from that case's pixels alone (DP-SGD clips each case's gradient,
             so no case's loss may depend on another's); else one over the batch's pixels together.
+        dice: with the Dice term (``train.semi_loss=ce_dice``); else cross-entropy alone (``ce``).
 
     Returns:
-        ``(CE + Dice) / 2``: a scalar, or ``[B]`` per case; 0 where no pixel is kept.
+        ``(CE + Dice) / 2`` (or CE): a scalar, or ``[B]`` per case; 0 where no pixel is kept.
     """
     spatial = tuple(range(1, target.ndim))  # [*S] of each case
     pixels = (0, *spatial) if not per_case else spatial
     kept = keep.sum(pixels)  # [] or [B]
     ce = (F.cross_entropy(logits, target, reduction="none") * keep).sum(pixels) / kept.clamp_min(1.0)
+    if not dice:
+        return ce
     probs = torch.softmax(logits, dim=1)[:, 1:]  # [B, K-1, *S]
     onehot = F.one_hot(target, logits.shape[1]).movedim(-1, 1)[:, 1:].to(probs.dtype)  # [B, K-1, *S]
     w = keep.unsqueeze(1)
     axes = (0, *range(2, probs.ndim)) if not per_case else tuple(range(2, probs.ndim))  # one Dice per class
     inter = (probs * onehot * w).sum(axes)
     denom = ((probs + onehot) * w).sum(axes)
-    dice = 1.0 - (2.0 * inter + eps) / (denom + eps)  # [K-1] or [B, K-1]
-    return torch.where(kept > 0, (ce + dice.mean(-1)) / 2.0, torch.zeros_like(ce))
+    soft_dice = 1.0 - (2.0 * inter + eps) / (denom + eps)  # [K-1] or [B, K-1]
+    return torch.where(kept > 0, (ce + soft_dice.mean(-1)) / 2.0, torch.zeros_like(ce))
 
 
 @dataclass
@@ -232,7 +240,9 @@ class SemiObjective:
             loss = squared.flatten(1).mean(1) if per_case else squared.mean()
             return loss, {"semi_loss": loss.mean().item()}
         assert target.pseudo is not None and target.keep is not None
-        loss = masked_dice_ce(logits, target.pseudo, target.keep, per_case=per_case)
+        loss = masked_dice_ce(
+            logits, target.pseudo, target.keep, per_case=per_case, dice=self.train.semi_loss == "ce_dice"
+        )
         return loss, {"semi_loss": loss.mean().item(), "semi_confident": target.keep.mean().item()}
 
     def after_step(self, student: nn.Module) -> None:

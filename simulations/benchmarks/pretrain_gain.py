@@ -162,8 +162,10 @@ def summary(rows: list[dict], fractions: list[float], metric: str = "dice_mean")
             if init.startswith("amlp "):  # against MAE at the same pretraining budget
                 entry["minus_mae"] = paired(rows, fraction, init, "mae " + init.removeprefix("amlp "), metric)
             if SEMI_JOIN in init:  # semi-supervised: against the same start trained on its labels only
-                base, semi = init.rsplit(SEMI_JOIN, 1)
-                entry["minus_supervised"] = paired(rows, fraction, init, base, metric)
+                base, semi = init.rsplit(SEMI_JOIN, 1)  # ("amlp 50 ep", "fixmatch [variant]")
+                variant = semi[semi.index(" [") :] if " [" in semi else ""
+                supervised = base if base in (SCRATCH, UNET) else base + variant
+                entry["minus_supervised"] = paired(rows, fraction, init, supervised, metric)
                 if base != SCRATCH:
                     entry["minus_scratch_semi"] = paired(rows, fraction, init, SCRATCH + SEMI_JOIN + semi, metric)
             out.append(entry)
@@ -247,8 +249,8 @@ def _inits(methods: list[str], budgets: list[int], variant: str, semis: list[str
         for semi in semis or ["none"]:
             if semi == "none":
                 inits.append((name, method, epochs, semi))
-            elif name != UNET:
-                inits.append((name + SEMI_JOIN + semi, method, epochs, semi))
+            elif name != UNET:  # a variant names the semi-supervised rows too: its --set is their recipe
+                inits.append((name.removesuffix(suffix) + SEMI_JOIN + semi + suffix, method, epochs, semi))
     return inits
 
 

@@ -118,6 +118,16 @@ def test_the_masked_loss_counts_only_the_kept_pixels():
     assert masked_dice_ce(mixed, target, half) < 0.01
 
 
+def test_the_pseudo_label_loss_may_be_cross_entropy_alone():
+    target = torch.zeros(2, 8, 8, dtype=torch.long)
+    target[:, 2:5, 2:5] = 1
+    logits = torch.randn(2, 2, 8, 8)
+    keep = torch.ones(2, 8, 8)
+    ce = torch.nn.functional.cross_entropy(logits, target)
+    assert masked_dice_ce(logits, target, keep, dice=False) == pytest.approx(ce.item())
+    assert masked_dice_ce(logits, target, keep) != pytest.approx(ce.item())
+
+
 def test_fixmatch_pseudo_labels_follow_their_boxes():
     cfg = tiny_config(2, **{"train.semi_supervised": "fixmatch", "train.semi_cutmix": 1.0, "train.semi_threshold": 0.5})
     model = SegmentationNet(cfg.model)
