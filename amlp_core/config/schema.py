@@ -201,7 +201,7 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class MethodConfig:
-    """The pretext method and its masking (DESIGN.md section 3; defaults are the spec's)."""
+    """The pretext method and its masking (docs/methods.md; defaults are the spec's)."""
 
     name: str = "amlp"
     mask_ratio: float = 0.75  # fixed ratio of mae

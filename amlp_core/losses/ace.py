@@ -1,4 +1,4 @@
-"""ACE's consistency losses (DESIGN.md section 3): global DINO-style cross-entropy, local matching.
+"""ACE's consistency losses (docs/methods.md): global DINO-style cross-entropy, local matching.
 
 Teacher inputs are targets only (detached here); the student's carry the gradient.
 """

@@ -1,4 +1,4 @@
-"""CCL, the category consistency loss (DESIGN.md section 3).
+"""CCL, the category consistency loss (docs/methods.md).
 
 Two categorisations of the masked patches must agree: the cluster one (soft assignment
 to the lesion centroid) and the difficulty one (loss above the image's median).

@@ -1,4 +1,4 @@
-"""Reconstruction losses of masked image modelling (DESIGN.md section 3).
+"""Reconstruction losses of masked image modelling (docs/methods.md).
 
 ``l_i`` is the mean squared error of patch i's prediction against its per-patch
 normalised pixels; M is the set of masked patches of one image.

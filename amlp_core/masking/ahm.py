@@ -1,4 +1,4 @@
-"""AHM, adaptive hard masking: an actor-critic masking agent (DESIGN.md section 3).
+"""AHM, adaptive hard masking: an actor-critic masking agent (docs/methods.md).
 
 A small CNN looks at the image and gives, for every patch, a logit (the actor) and a
 predicted reconstruction loss (the critic). The policy samples ``r * N`` patches without

@@ -1,6 +1,6 @@
 """MPS, Masked Patch Selection: cluster each image's patches and mask the likely lesions first.
 
-DESIGN.md section 3. Per image the N patches are described by a feature vector (the
+docs/methods.md. Per image the N patches are described by a feature vector (the
 encoder's stem, its first downsampling conv, averaged over each patch, joined with the patch's
 intensity mean and standard deviation),
 clustered into K groups by batched k-means, and the *lesion* group, the one whose patches

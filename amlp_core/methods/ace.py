@@ -1,4 +1,4 @@
-"""ACE: teacher-student consistency across two grid-aligned crops at a 2:1 side ratio (DESIGN.md section 3).
+"""ACE: teacher-student consistency across two grid-aligned crops at a 2:1 side ratio (docs/methods.md).
 
 Views. The *large* view is the training image itself (``[B, C, *S]``, the model's input size).
 The *small* view is a crop of half its side, placed on the large view's patch grid (offset a

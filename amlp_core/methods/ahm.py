@@ -1,4 +1,4 @@
-"""AHM: masked autoencoding whose mask is chosen by an actor-critic agent (DESIGN.md section 3).
+"""AHM: masked autoencoding whose mask is chosen by an actor-critic agent (docs/methods.md).
 
 The MAE and the agent train together in one step: the agent scores the patches, its
 policy draws the mask (no gradient), the MAE reconstructs, and the masked patches' losses

@@ -1,4 +1,4 @@
-"""The heads of ACE's student and teacher (DESIGN.md section 3): projection, composition, decomposition.
+"""The heads of ACE's student and teacher (docs/methods.md): projection, composition, decomposition.
 
 All are plain ``Linear`` layers (per-case gradients available to Opacus). Shapes: ``D`` the
 encoder's width, ``E`` the projection's bottleneck, ``K`` the prototypes, ``c = 2**dims`` the

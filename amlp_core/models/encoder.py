@@ -2,7 +2,7 @@
 
 It is the segmentation network's whole down path (every skip feature comes from it) and
 what every pretraining method trains, so nothing the network segments with is left
-unpretrained (DESIGN.md section 3, "What pretraining must reach").
+unpretrained (docs/methods.md, "The encoder every method trains").
 
 A mask lives on the patch grid ``G = S / p`` (the grid MPS clusters, AMR sizes and AHM
 samples). It is honoured at every scale, as in SparK: the hidden patches are zeroed in the

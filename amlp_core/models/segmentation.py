@@ -5,7 +5,7 @@ stages give the skip features at 1/2, ..., 1/2**L and its ViT the tokens on the 
 the decoder is new at fine-tuning: the tokens are projected to the deepest stage's grid and joined
 to its features, then each level upsamples (transposed conv + residual unit, as MONAI's ``UNet``)
 and takes the skip of its resolution. Nothing is wide at full resolution: UNETR-style decoders
-with full-resolution feature maps cost far more on a CPU (DESIGN.md section 6).
+with full-resolution feature maps cost far more on a CPU (docs/results.md, how results are measured).
 
 :func:`build_segmentation_model` picks the network named by ``model.seg_arch``: this one
 (``vit``) or MONAI's plain conv ``UNet`` (``unet``), the baseline every pretraining gain is
@@ -27,7 +27,7 @@ from amlp_core.models.encoder import HybridEncoder
 # Dice+CE loss of about 0.75 where these settings go on down with the plain U-Net.
 NORM = "instance"
 ACT = "PRELU"
-#: The plain U-Net (DESIGN.md section 6, the floor to beat): widths at full, 1/2, 1/4 and 1/8 resolution.
+#: The plain U-Net (docs/results.md, how results are measured, the floor to beat): widths at full, 1/2, 1/4 and 1/8 resolution.
 UNET_CHANNELS = (16, 32, 64, 128)
 
 

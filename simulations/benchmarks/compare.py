@@ -7,7 +7,7 @@ label fraction (100 % by default); its aggregated encoder (``RUN_DIR/encoder``) 
 fine-tuned alone (``federation.init_encoder``, no pretraining rounds) with each smaller
 fraction. ``scratch`` fine-tunes a freshly initialised encoder (no pretraining) with each
 fraction; ``unet`` does the same with a plain conv U-Net (``model.seg_arch=unet``, no encoder:
-the floor to beat of DESIGN.md section 6). Every run has the same fine-tuning budget in
+the floor to beat of docs/results.md, how results are measured). Every run has the same fine-tuning budget in
 optimiser steps: a run with a smaller fraction f trains ``local_epochs x largest / f`` local
 epochs per round (rounded), so a site takes about as many steps per round over its few
 labelled cases as over all of them. Seeds change ``train.seed`` (model

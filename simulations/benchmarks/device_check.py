@@ -7,7 +7,7 @@ has it, backward, AdamW), the device synchronised around each. A row checks that
 every gradient are finite, that autocast really ran in bf16 (the dtype of the encoder's first
 linear layer's output inside the autocast region), and gives the median step time, the peak
 device memory and the ratio to MAE's step with the same decoder. The first job of a lent GPU
-(DESIGN.md section 6, issue 11 item 8); on the CPU it checks the same code paths in float32.
+(docs/results.md, how results are measured, issue 11 item 8); on the CPU it checks the same code paths in float32.
 
     python -m simulations.benchmarks.device_check --out results/device_check.json
 

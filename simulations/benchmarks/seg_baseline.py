@@ -1,6 +1,6 @@
 """Segmentation from scratch at equal CPU time: our ViT+conv network against a plain 3D U-Net.
 
-DESIGN.md section 6: a MONAI ``UNet`` (channels 16-128, Dice+CE, flips, no pretraining)
+docs/results.md, how results are measured: a MONAI ``UNet`` (channels 16-128, Dice+CE, flips, no pretraining)
 reached about 0.85 mean Dice after 10 minutes on the 2-core CPU with all labels. The
 product's segmentation network must not lose to it. Prints a table and writes JSON. ``unet``
 is the product's ``model.seg_arch=unet`` (:func:`amlp_core.models.plain_unet`), ``ours`` its
