@@ -34,6 +34,8 @@ KINDS = {
     "2D 128x128 (BUSI)": {"model.spatial_dims": 2, "model.img_size": ROI["image"], "model.num_classes": 2},
     "3D 48x64x48 (hippocampus)": {"model.spatial_dims": 3, "model.img_size": ROI["volume"], "model.num_classes": 3},
 }
+for _kind in KINDS.values():  # (the config's phantoms must have the model's dimensions; none is generated)
+    _kind["data.synthetic_size"] = _kind["model.img_size"]
 METHODS = ("mean_teacher", "fixmatch")
 
 
