@@ -272,6 +272,19 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_status(args: argparse.Namespace) -> int:
+    """The live status page of a federated run, served until interrupted."""
+    from server.status import status_server
+
+    server = status_server(args.run_dir, args.port, args.host)
+    print(f"status of {args.run_dir}: http://{args.host}:{server.server_address[1]}/  (Ctrl-C to stop)", flush=True)
+    try:
+        server.serve_forever()
+    finally:
+        server.server_close()
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     """The run report of a federated run folder: HTML (self-contained) and Markdown with its figures."""
     from server.report import write_report
@@ -458,6 +471,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.set_defaults(func=cmd_simulate)
+
+    p = sub.add_parser("status", help="a live status page of a federated run, on loopback")
+    p.add_argument("run_dir", help="the run folder (federation.run_dir)")
+    p.add_argument("--port", type=int, default=8765)
+    p.add_argument("--host", default="127.0.0.1", help="the address to serve on (loopback unless told otherwise)")
+    p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("report", help="the run report of a federated run: HTML and Markdown with figures")
     p.add_argument("run_dir", help="the run folder (federation.run_dir, e.g. runs/simulation)")
