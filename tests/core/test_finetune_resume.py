@@ -48,6 +48,7 @@ def _weights(run):
     return state["model"], meta
 
 
+@pytest.mark.slow
 def test_a_stopped_finetuning_is_refused_until_it_is_resumed(tmp_path, data, monkeypatch, capsys):
     whole = tmp_path / "whole"
     assert main(["finetune", "--data", str(data), "--out", str(whole), *SETS]) == 0

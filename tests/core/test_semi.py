@@ -176,6 +176,7 @@ def _run_cfg(tmp_path, dims: int, method: str, **extra):
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["fixmatch", "mean_teacher"])
 def test_a_semi_supervised_finetuning_run_learns_from_the_pool(tmp_path, dims, method):
     cfg = _run_cfg(tmp_path, dims, method, **{"train.semi_rampup": 0.0})
@@ -232,6 +233,7 @@ def test_a_per_case_loss_depends_on_that_case_alone(method):
     assert again[0] == per_case[0] and again[2] == per_case[2] and again[1] != per_case[1]
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:Full backward hook is firing:UserWarning")
 @pytest.mark.parametrize("method", ["fixmatch", "mean_teacher"])
 def test_under_site_dp_the_pool_is_sampled_clipped_and_counted(tmp_path, method):
