@@ -47,7 +47,7 @@ from flwr.serverapp.strategy import Strategy
 from amlp_core.config import SECAGG_MODULUS, FederationConfig
 from fedamlp import protocol as P
 from server.rounds import FederationError, RoundOutcome, check_finite, check_outcome, collect, start_round
-from server.validation import Declarations
+from server.validation import Declarations, NormHistory
 
 log = logging.getLogger(__name__)
 # Flower's workflow reads the round and the weights from these records of the context state
@@ -187,10 +187,11 @@ class SecAggRound:
         config: ConfigRecord,
         fed: FederationConfig,
         declared: Declarations,
+        history: NormHistory | None = None,
     ) -> tuple[ArrayRecord, dict[str, Any], RoundOutcome]:
         """One SecAgg+ training round. The sites' updates and weights stay masked, so the server's
-        per-site checks (:mod:`server.validation`) cannot run: each weight is bounded by
-        ``secagg_max_weight`` (the site refuses beyond it) and the unmasked average must be finite."""
+        per-site checks (:mod:`server.validation`) cannot run (``history`` is unused): each weight is bounded
+        by ``secagg_max_weight`` (the site refuses beyond it) and the unmasked average must be finite."""
         min_sites = fed.min_sites
         what = f"{config[P.PHASE]} round {rnd}"
         sent, started = start_round(grid, strategy, rnd, arrays, config, fed, declared, train=True)

@@ -239,24 +239,19 @@ def update_vector(reply: Message, reference: dict[str, np.ndarray]) -> np.ndarra
 
 @dataclass
 class NormHistory:
-    """The reference update norm of each phase's last training round, for a round with one reply (which has
-    nothing of its own to be measured against), and whether the run was warned that its rounds are too
-    small to check an update's direction."""
+    """What the server remembers of the run's rounds for the checks: whether it has warned that its rounds are
+    too small to judge an update by the others."""
 
-    last: dict[str, float] = field(default_factory=dict)
     warned: bool = False
 
 
-def reference_norm(norms: Sequence[float], previous: float | None) -> tuple[float | None, str]:
-    """The norm a round's updates are measured against, and how it was found: the median of three or more
-    (no one site moves it), the smaller of two (a site cannot raise it by scaling its own update up), or
-    with one reply the previous round's reference (None: nothing to measure against)."""
+def reference_norm(norms: Sequence[float]) -> tuple[float | None, str]:
+    """The norm a round's updates are measured against, and how it was found: the median of three or more,
+    which no one site moves; None with fewer (nothing a hostile site cannot move: two honest sites of
+    different sizes were measured 100x apart in a first round, so the smaller of two would reject the
+    larger honest one)."""
     if len(norms) >= MIN_SITES_FOR_NORM:
         return float(np.median(norms)), "the round's median"
-    if len(norms) == 2:
-        return float(min(norms)), "the other site's"
-    if previous is not None:
-        return previous, "the previous round's reference"
     return None, ""
 
 
@@ -283,7 +278,7 @@ def check_replies(
         min_cosine: ``federation.update_min_cosine`` (-1: no direction check; it needs three replies).
         clip: ``federation.update_clip_factor`` (0: none): an accepted update longer than this times the
             reference is scaled down to it before aggregation, so one site moves the average by a bounded step.
-        history: the run's :class:`NormHistory` (None: rounds are judged on their own replies only).
+        history: the run's :class:`NormHistory` (the warning for rounds too small to judge, said once).
         weight_ratio: ``federation.max_weight_ratio`` (0: none): an accepted reply's ``num-examples``, the
             weight of its average, is capped at :meth:`Declarations.weight_cap`.
     """
@@ -310,17 +305,17 @@ def check_replies(
         return
     if len(accepted) < MIN_SITES_FOR_NORM and history is not None and not history.warned:
         log.warning(
-            "%s round with %d acceptable replies: the server cannot check an update's direction with fewer than "
-            "%d, and measures lengths against %s; a hostile site among so few is bounded, not detected",
+            "NO DEFENCE against a hostile site in this %s round: with %d acceptable replies (fewer than %d) the "
+            "server cannot judge an update's length or direction by the others; only each site's weight is "
+            "capped (federation.max_weight_ratio). Run with three sites or more to have them checked",
             kind,
             len(accepted),
             MIN_SITES_FOR_NORM,
-            "the other site's update" if len(accepted) == 2 else "the previous round",
         )
         history.warned = True
     updates = {r.site: update_vector(r.message, reference) for r in accepted}
     norms = {site: float(np.linalg.norm(u)) for site, u in updates.items()}
-    ref, how = reference_norm(list(norms.values()), history.last.get(kind) if history else None)
+    ref, how = reference_norm(list(norms.values()))
     if factor > 0 and ref:
         for r in accepted:
             if norms[r.site] > factor * ref:
@@ -329,8 +324,6 @@ def check_replies(
                     f"update norm {norms[r.site]:.3g} is over {factor:g} x {how} {ref:.3g} "
                     "(federation.update_norm_factor)",
                 )
-    if history is not None and ref:
-        history.last[kind] = ref
     accepted = [r for r in accepted if r.status == P.OK]
     if clip > 0 and ref:
         for r in accepted:

@@ -116,7 +116,10 @@ def site_case_names(
         trains = partition_names(
             train, num_sites, f.partition, f.dirichlet_alpha, d.split_seed, groups=groups, categories=strata
         )
-        tests = partition_names(test, num_sites, "iid", seed=d.split_seed, groups=groups) if test else None
+        # (fewer test cases than sites: a site may hold none, and is not asked to evaluate)
+        tests = (
+            partition_names(test, num_sites, "iid", seed=d.split_seed, min_per_site=0, groups=groups) if test else None
+        )
     except ConfigError as e:
         raise ConfigError(
             f"invalid federation.sites={num_sites} for {d.path} ({len(train)} training and {len(test)} test cases): {e}"

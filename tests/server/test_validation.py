@@ -86,7 +86,7 @@ def test_a_hostile_reply_is_rejected_naming_why(poisoned, n, reason):
     assert all(status[s][0] == P.OK for s in "abc")
 
 
-def test_the_norm_and_direction_checks_can_be_turned_off_and_two_sites_judge_by_the_smaller():
+def test_the_norm_and_direction_checks_can_be_turned_off_and_need_three_sites():
     assert _status(_round(_with(w=100 * _honest(4)["w"]), factor=0.0))["d"][0] == P.OK
     assert _status(_round(_with(w=-_honest(4)["w"]), cosine=-1.0))["d"][0] == P.OK
     sent = [request(1), request(2)]
@@ -95,34 +95,33 @@ def test_the_norm_and_direction_checks_can_be_turned_off_and_two_sites_judge_by_
         reply(2, _with(w=100 * _honest(2)["w"]), {P.NUM_EXAMPLES: 10}, "b"),
     ]
     outcome = collect(sent, replies, time.monotonic())
-    check_replies(outcome.replies, ArrayRecord(GLOBAL), P.PRETRAIN, _declared(), 10.0)
-    status = _status(outcome)  # of two, the smaller is the reference: scaling one's own update up cannot move it
-    assert status["a"][0] == P.OK and status["b"][0] == P.REJECTED and "x the other site's" in status["b"][1]
+    history = NormHistory()
+    check_replies(outcome.replies, ArrayRecord(GLOBAL), P.PRETRAIN, _declared(), 10.0, clip=3.0, history=history)
+    assert all(r.status == P.OK for r in outcome.replies)  # two cannot judge each other: honest sites of other
+    assert history.warned  # sizes were measured 100x apart; the server says loudly that it has no defence here
 
 
 def _norm(arrays: ArrayRecord) -> float:
     return float(np.sqrt(sum(((arrays[k].numpy() - GLOBAL[k].numpy()) ** 2).sum() for k in ("w", "b"))))
 
 
-def test_a_small_federation_bounds_a_hostile_site_by_clipping_and_history():
-    history = NormHistory()
-    honest = _honest(1)
-    scaled = {k: 5 * v if v.is_floating_point() else v for k, v in _honest(2).items()}  # x5: under the factor 10
-    sent = [request(1), request(2)]
-    replies = [reply(1, honest, {P.NUM_EXAMPLES: 10}, "a"), reply(2, scaled, {P.NUM_EXAMPLES: 10}, "b")]
+def test_an_accepted_update_longer_than_the_clip_factor_is_scaled_down():
+    """Three honest sites and one x5 (under the rejection factor of 10): the long one is clipped to 3x the
+    round's median before FedAvg sees it; integers travel as sent."""
+    scaled = {k: 5 * v if v.is_floating_point() else v for k, v in _honest(4).items()}
+    sent = [request(node) for node in range(1, 5)]
+    replies = [reply(node, _honest(node), {P.NUM_EXAMPLES: 10}, site) for node, site in zip((1, 2, 3), SITES)]
+    replies.append(reply(4, scaled, {P.NUM_EXAMPLES: 10}, "d"))
     outcome = collect(sent, replies, time.monotonic())
     before = {r.site: _norm(r.message.content[P.ARRAYS]) for r in outcome.replies}
-    check_replies(outcome.replies, ArrayRecord(GLOBAL), P.FINETUNE, _declared(), 10.0, clip=3.0, history=history)
+    check_replies(outcome.replies, ArrayRecord(GLOBAL), P.FINETUNE, _declared(), 10.0, clip=3.0)
     after = {r.site: _norm(r.message.content[P.ARRAYS]) for r in outcome.replies}
+    median = float(np.median(list(before.values())))
     assert all(r.status == P.OK for r in outcome.replies)
-    assert after["a"] == pytest.approx(before["a"]) and after["b"] == pytest.approx(3 * before["a"], rel=1e-5)
-    b = outcome.replies[1].message.content[P.ARRAYS]
-    assert torch.equal(torch.from_numpy(b["steps"].numpy()), scaled["steps"])  # integers travel as sent
-    assert history.last[P.FINETUNE] == pytest.approx(before["a"]) and history.warned
-    # Alone in the next round, a x100 site is measured against the round before.
-    alone = collect([request(2)], [reply(2, {**_with(w=100 * _honest(2)["w"])}, {P.NUM_EXAMPLES: 10}, "b")], 0.0)
-    check_replies(alone.replies, ArrayRecord(GLOBAL), P.FINETUNE, _declared(), 10.0, clip=3.0, history=history)
-    assert alone.replies[0].status == P.REJECTED and "the previous round's reference" in alone.replies[0].error
+    assert after["d"] == pytest.approx(3 * median, rel=1e-5) and after["a"] == pytest.approx(before["a"])
+    assert outcome.replies[3].metrics["update_clipped"] == pytest.approx(3 * median / before["d"], rel=1e-4)
+    d = outcome.replies[3].message.content[P.ARRAYS]
+    assert torch.equal(torch.from_numpy(d["steps"].numpy()), scaled["steps"])
 
 
 def test_a_sites_weight_is_capped_by_the_others_declarations():
