@@ -41,7 +41,7 @@ from amlp_core.schedules import federated_progress
 from fedamlp import protocol as P
 from server import rounds
 from server.report import write_report
-from server.results import ALL_SITES, COVERS, RunResults
+from server.results import ALL_SITES, BUDGET, COVERS, RunResults
 from server.secagg import SecAggRound
 from server.strategies import build_strategy, restore_strategy_state, server_accountant, strategy_state
 from server.validation import Declarations, NormHistory
@@ -110,6 +110,7 @@ def privacy_info(cfg: Config) -> dict[str, str]:
             f"DP-SGD ({p.phases}), budget epsilon {p.budget:g} per site at delta {p.delta:g}, "
             f"clip {p.max_grad_norm:g}, {noise}"
         )
+        info[BUDGET] = p.budget
         info[COVERS] = coverage(cfg)
     if p.server_dp:
         cap = f", cap epsilon {p.server_budget:g}" if p.server_budget else ""

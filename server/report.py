@@ -22,7 +22,7 @@ from amlp_core.atomic import atomic_write, atomic_write_text
 from amlp_core.engine.artefacts import KIND_RESULTS
 from amlp_core.errors import AMLPError
 from fedamlp import protocol as P
-from server.results import RunResults
+from server.results import BUDGET, RunResults
 
 log = logging.getLogger(__name__)
 REPORT_DIR = "report"
@@ -80,9 +80,8 @@ def _figures(rows: list[dict], info: dict[str, Any]) -> dict[str, bytes]:
         fig, ax = plt.subplots(figsize=(6, 3.2), dpi=100)
         for name, points in sorted(curves.items()):
             ax.plot([x for x, _ in points], [y for _, y in points], marker="o", markersize=3, label=name)
-        if title.startswith("Epsilon") and "budget" in str(info.get("site DP", "")):
-            budget = str(info["site DP"]).split("budget epsilon ", 1)[1].split(" ", 1)[0]
-            ax.axhline(float(budget), color="black", linestyle="--", linewidth=1, label="budget")
+        if title.startswith("Epsilon") and isinstance(info.get(BUDGET), (int, float)):
+            ax.axhline(float(info[BUDGET]), color="black", linestyle="--", linewidth=1, label="budget")
         ax.set_xlabel("round")
         ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.3)

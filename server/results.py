@@ -17,6 +17,8 @@ from fedamlp.protocol import ALL_SITES
 
 #: The run information saying what the sites' epsilon covers (amlp_core.privacy.coverage), shown with it.
 COVERS = "site DP covers"
+#: The run information holding the sites' epsilon budget as a number (the report and the status page draw it).
+BUDGET = "site DP budget (epsilon)"
 
 
 class RunResults:

@@ -20,6 +20,7 @@ from typing import Any
 
 from amlp_core.errors import AMLPError
 from fedamlp import protocol as P
+from server.results import BUDGET
 
 log = logging.getLogger(__name__)
 #: What makes a folder a run folder the page can watch, before its first round is recorded.
@@ -62,9 +63,7 @@ def run_state(run_dir: Path) -> dict[str, Any]:
             entry["dice_mean"] = r["dice_mean"]
         if isinstance(r.get(P.EPSILON), (int, float)):
             entry["epsilon"] = r[P.EPSILON]
-    budget = None
-    if "budget epsilon " in str(info.get("site DP", "")):
-        budget = float(str(info["site DP"]).split("budget epsilon ", 1)[1].split(" ", 1)[0])
+    budget = info.get(BUDGET) if isinstance(info.get(BUDGET), (int, float)) else None
     evaluations = [r for r in rows if r.get("site") == P.ALL_SITES and r.get("kind") == "evaluate"]
     return {
         "run": str(run_dir),

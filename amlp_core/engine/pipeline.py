@@ -98,47 +98,41 @@ def _resume_digest(cfg: Config) -> str:
     return cfg.replace(train={"max_minutes": 0.0}).run_digest()
 
 
-def _resume_state(out: Path, cfg: Config) -> dict[str, Any] | None:
-    """The saved state of an unfinished pretraining of ``cfg`` in ``out`` (see :data:`RESUME`), or None
-    (none there, or one of other settings: the run starts again, and says so)."""
+#: A stopped run's resume.pt of each phase: its record kind and version, its name in messages, and the count
+#: (epochs, steps) it stopped after.
+_RESUMES = {
+    "pretrain": (KIND_RESUME, RESUME_VERSION, "pretraining", "epoch"),
+    "finetune": (KIND_FINETUNE_RESUME, FINETUNE_RESUME_VERSION, "fine-tuning", "step"),
+}
+
+
+def _resume_state(out: Path, cfg: Config, phase: str = "pretrain") -> dict[str, Any] | None:
+    """The saved state of an unfinished ``phase`` (pretrain, finetune) of ``cfg`` in ``out`` (see
+    :data:`RESUME`) with the epoch (pretraining; and ``passes``, fine-tuning) or step it stopped after, or
+    None (none there, or one of other settings: the run starts again, and says so)."""
+    kind, version, what, count = _RESUMES[phase]
     path = out / RESUME
     if not path.is_file():
         return None
     try:
         state, meta = load_checkpoint(path)
-        check_record(meta, path, KIND_RESUME, RESUME_VERSION)
+        check_record(meta, path, kind, version)
     except CheckpointError as err:
-        log.warning("%s; pretraining starts again", err)
+        log.warning("%s; %s starts again", err, what)
         return None
-    if meta.get("digest") != _resume_digest(cfg) or not 0 < meta.get("epoch", 0) < cfg.train.epochs:
-        log.warning("%s is another pretraining's (other settings); this one starts again", path)
+    done = meta.get(count)
+    within = isinstance(done, int) and done >= 1 and (phase != "pretrain" or done < cfg.train.epochs)
+    if meta.get("digest") != _resume_digest(cfg) or not within:
+        log.warning("%s is another %s's (other settings); this one starts again", path, what)
         return None
-    return {**state, "epoch": meta["epoch"]}
-
-
-def _finetune_resume_state(out: Path, cfg: Config) -> dict[str, Any] | None:
-    """The saved state of an unfinished fine-tuning of ``cfg`` in ``out`` (see :data:`RESUME`), or None."""
-    path = out / RESUME
-    if not path.is_file():
-        return None
-    try:
-        state, meta = load_checkpoint(path)
-        check_record(meta, path, KIND_FINETUNE_RESUME, FINETUNE_RESUME_VERSION)
-    except CheckpointError as err:
-        log.warning("%s; fine-tuning starts again", err)
-        return None
-    if meta.get("digest") != _resume_digest(cfg) or not isinstance(meta.get("step"), int) or meta["step"] < 1:
-        log.warning("%s is another run's (other settings); this fine-tuning starts again", path)
-        return None
-    return {**state, "step": meta["step"], "passes": meta["passes"]}
+    return {**state, count: done, **({"passes": meta["passes"]} if phase == "finetune" else {})}
 
 
 def check_resume(out: str | Path, cfg: Config, phase: str = "pretrain") -> None:
     """RunFolderError unless ``out`` is empty or holds a stopped ``phase`` (pretrain or finetune) of ``cfg``
     to go on with."""
-    found = _resume_state if phase == "pretrain" else _finetune_resume_state
-    what = "pretraining" if phase == "pretrain" else "fine-tuning"
-    if holds_run(out) and found(Path(out), cfg) is None:
+    what = _RESUMES[phase][2]
+    if holds_run(out) and _resume_state(Path(out), cfg, phase) is None:
         raise RunFolderError(
             f"run folder {out} holds no stopped {what} of these settings to resume (it has finished, or "
             "was made with other settings); pass --overwrite to start it again, or choose another folder"
@@ -351,7 +345,7 @@ def train_segmentation(
         raise DataError(f"no labelled training cases in {cfg.data.path}: fine-tuning needs labels")
     subset = label_subset(labelled, cfg.train.label_fraction, cfg.train.seed)
     steps = finetune_budget(cfg.train.finetune_steps, cfg.train.epochs, len(labelled), cfg.train.batch_size)
-    resumed = None if overwrite else _finetune_resume_state(Path(out_dir), cfg)
+    resumed = None if overwrite else _resume_state(Path(out_dir), cfg, "finetune")
     if resumed is not None and cfg.privacy.site_dp:
         raise RunFolderError(
             f"run folder {out_dir} holds a stopped private fine-tuning: its steps were never charged to the ledger, "
