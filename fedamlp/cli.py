@@ -259,12 +259,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_simulate(args: argparse.Namespace) -> int:
     """The whole two-phase federation on this machine (Flower's simulation engine)."""
+    from server.results import RunResults
     from simulations.simulate import check_data, simulate
 
     cfg = simulate_config(args)
     check_data(cfg)
-    run_dir = simulate(cfg, timeout=args.timeout, overwrite=args.overwrite)
-    print((run_dir / "results" / "summary.md").read_text())
+    run_dir = simulate(cfg, timeout=args.timeout, overwrite=args.overwrite, console=_console(args))
+    print(RunResults.console_summary((run_dir / "results" / "summary.md").read_text()))
     print(f"model: {run_dir / 'model'}  (fedamlp predict --model {run_dir / 'model'} --input X --output Y)")
     report = run_dir / "report" / "report.html"
     if report.is_file():
@@ -287,9 +288,16 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     """The run report of a federated run folder: HTML (self-contained) and Markdown with its figures."""
-    from server.report import write_report
+    if (args.run_dir is None) == (args.site is None):
+        raise ConfigError("fedamlp report takes a run folder, or --site and a site's state folder (one of the two)")
+    if args.site:
+        from client.report import write_site_report
 
-    out = write_report(args.run_dir)
+        out = write_site_report(args.site)
+    else:
+        from server.report import write_report
+
+        out = write_report(args.run_dir)
     print(f"wrote {out} and {out.with_suffix('.md')}")
     return 0
 
@@ -345,7 +353,12 @@ def _add_overwrite(p: argparse.ArgumentParser) -> None:
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse, with its errors on one ``fedamlp: error:`` line (exit 2) like every other error."""
+    """argparse, with its errors on one ``fedamlp: error:`` line (exit 2) like every other error, and the
+    console flags on every sub-command."""
+
+    def __init__(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+        super().__init__(*args, **kwargs)
+        self.register("action", "parsers", _SubParsers)
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"fedamlp: error: {error_line(message)} (see {self.prog} --help)\n")
@@ -365,9 +378,39 @@ def _positive_seconds(text: str) -> float:
     return value
 
 
+def _console(args: argparse.Namespace) -> str:
+    """``quiet``, ``normal`` or ``verbose``: how much the command says (``-q`` / ``-v``, before or after it)."""
+    if getattr(args, "verbose", False):
+        return "verbose"
+    return "quiet" if getattr(args, "quiet", False) else "normal"
+
+
+def _console_flags() -> argparse.ArgumentParser:
+    """``-q/--quiet`` and ``-v/--verbose``, taken before the command and after it (``fedamlp -q simulate``
+    and ``fedamlp simulate -q``); SUPPRESS keeps a sub-command from resetting what was given before it."""
+    flags = argparse.ArgumentParser(add_help=False)
+    group = flags.add_mutually_exclusive_group()
+    group.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help="warnings and errors only")
+    group.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="debug logging; a simulation shows every site's lines and Flower's",
+    )
+    return flags
+
+
+class _SubParsers(argparse._SubParsersAction):
+    """Every sub-command (and sub-sub-command) takes the console flags."""
+
+    def add_parser(self, name, **kwargs):  # type: ignore[no-untyped-def]
+        kwargs.setdefault("parents", []).append(_console_flags())
+        return super().add_parser(name, **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="fedamlp", description=__doc__.splitlines()[0])
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser = _Parser(prog="fedamlp", description=__doc__.splitlines()[0], parents=[_console_flags()])
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("pretrain", help="self-supervised pretraining at one site")
@@ -478,8 +521,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="the address to serve on (loopback unless told otherwise)")
     p.set_defaults(func=cmd_status)
 
-    p = sub.add_parser("report", help="the run report of a federated run: HTML and Markdown with figures")
-    p.add_argument("run_dir", help="the run folder (federation.run_dir, e.g. runs/simulation)")
+    p = sub.add_parser(
+        "report", help="the run report of a federated run, or a site's own (--site): HTML and Markdown with figures"
+    )
+    p.add_argument("run_dir", nargs="?", help="the run folder (federation.run_dir, e.g. runs/simulation)")
+    p.add_argument("--site", metavar="STATE_DIR", help="a site's own report, with its pictures, from its state folder")
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("demo", help="pretrain + fine-tune on synthetic phantoms (the quick first try)")
@@ -515,7 +561,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     # force: importing Opacus already called basicConfig (root at WARNING), which would hide our INFO lines.
     logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
+        level={"quiet": logging.WARNING, "normal": logging.INFO, "verbose": logging.DEBUG}[_console(args)],
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
         force=True,

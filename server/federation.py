@@ -32,6 +32,7 @@ from amlp_core.engine.artefacts import (
     segmentation_meta,
 )
 from amlp_core.engine.board import BOARD_DIR, Board
+from amlp_core.engine.lesions import EMPTY_CASES, EMPTY_HITS, LESION_DICE
 from amlp_core.engine.weights import initial_segmentation_state, initial_shared_state
 from amlp_core.errors import CheckpointError
 from amlp_core.methods import mask_ratio_at
@@ -47,6 +48,8 @@ from server.strategies import build_strategy, restore_strategy_state, server_acc
 from server.validation import Declarations, NormHistory
 
 log = logging.getLogger(__name__)
+#: One line per phase-round with the overall figures: what ``fedamlp simulate`` shows on the console.
+progress_log = logging.getLogger("server.progress")
 CHECKPOINT = SERVER_CHECKPOINT
 MODEL_DIR = "model"
 ENCODER_DIR = "encoder"  # the aggregated encoder after pretraining, a pretraining checkpoint folder
@@ -123,6 +126,38 @@ def privacy_info(cfg: Config) -> dict[str, str]:
 
 def _fmt_metrics(metrics: dict[str, Any]) -> str:
     return ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())
+
+
+def round_line(
+    phase: str,
+    rnd: int,
+    total: int,
+    trained: rounds.RoundOutcome,
+    train: dict[str, Any],
+    evaluated: dict[str, Any],
+    seconds: float,
+) -> str:
+    """The round in one line: sites ok, the aggregated loss (and masking ratio), the pooled Dice (lesion Dice
+    and normal images predicted empty where the test images say), epsilon where spent, and the seconds."""
+    parts = [f"{phase} round {rnd}/{total}: {len(trained.ok)}/{len(trained.replies)} sites ok"]
+    if isinstance(train.get(P.LOSS), float):
+        parts.append(f"loss {train[P.LOSS]:.4f}")
+    if phase == P.PRETRAIN and isinstance(train.get(P.MASK_RATIO), float):
+        parts.append(f"mask ratio {train[P.MASK_RATIO]:.2f}")
+    if isinstance(evaluated.get("dice_mean"), float):
+        parts.append(f"Dice {evaluated['dice_mean']:.4f}")
+    if evaluated.get(EMPTY_CASES):
+        parts.append(
+            f"lesion Dice {evaluated.get(LESION_DICE, float('nan')):.4f}, normal images predicted empty "
+            f"{evaluated.get(EMPTY_HITS, 0)} of {evaluated[EMPTY_CASES]}"
+        )
+    site_eps = [float(r.metrics[P.EPSILON]) for r in trained.replies if r.status == P.OK and P.EPSILON in r.metrics]
+    if site_eps:
+        parts.append(f"site epsilon up to {max(site_eps):.2f}")
+    if isinstance(train.get(SERVER_EPSILON), float):
+        parts.append(f"server epsilon {train[SERVER_EPSILON]:.2f}")
+    parts.append(f"{seconds:.0f} s")
+    return ", ".join(parts)
 
 
 def _bytes(arrays: ArrayRecord) -> int:
@@ -252,6 +287,7 @@ class Federation:
         for rnd in range(start, total + 1):
             if f.stop_after_rounds and self.rounds_this_process >= f.stop_after_rounds:
                 raise StopRequested
+            round_started = time.monotonic()
             try:
                 arrays, metrics, outcome = train_round(
                     self.grid,
@@ -273,14 +309,18 @@ class Federation:
             self._record(phase, rnd, "train", outcome, metrics, _bytes(arrays))
             self.results.info["site data"] = self._data_counts()
             self._note_refused()  # (a site that joined late may have been refused since)
+            evaluated: dict[str, Any] = {}
             if phase == P.FINETUNE:
-                metrics, outcome = rounds.evaluate_round(
+                evaluated, eval_outcome = rounds.evaluate_round(
                     self.grid, strategy, rnd, arrays, self._instructions(phase, rnd, total), f, self.declared
                 )
-                if outcome.replies:
-                    self._record(phase, rnd, "evaluate", outcome, metrics, 0)
+                if eval_outcome.replies:
+                    self._record(phase, rnd, "evaluate", eval_outcome, evaluated, 0)
                 else:
                     self.results.info["evaluation"] = NO_TEST_CASES
+            progress_log.info(
+                "%s", round_line(phase, rnd, total, outcome, metrics, evaluated, time.monotonic() - round_started)
+            )
             self.rounds_this_process += 1
             self._save(Progress(phase, rnd), arrays, strategy)
             self.results.write()
@@ -383,7 +423,7 @@ class Federation:
             pretrain_rounds=f.pretrain_rounds,
             local_epochs=f.local_epochs,
         )
-        log.info("pretrained encoder: %s", folder)
+        progress_log.info("pretrained encoder: %s", folder)
         return folder
 
     def pretraining_label(self) -> str:
@@ -476,5 +516,5 @@ class Federation:
             "epoch": f.finetune_rounds,
         }
         export_segmentation(folder, self.planned_config(), arrays.to_torch_state_dict(), meta)
-        log.info("final model: %s", folder)
+        progress_log.info("final model: %s", folder)
         return folder

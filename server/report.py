@@ -9,27 +9,20 @@ table (the summary's), and the sites that failed or were refused, with their rea
 
 from __future__ import annotations
 
-import base64
-import html
-import io
 import json
 import logging
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from amlp_core.atomic import atomic_write, atomic_write_text
+from amlp_core import plots
 from amlp_core.engine.artefacts import KIND_RESULTS
-from amlp_core.errors import AMLPError
+from amlp_core.plots import ReportError, curves_png
 from fedamlp import protocol as P
 from server.results import BUDGET, RunResults
 
 log = logging.getLogger(__name__)
 REPORT_DIR = "report"
-
-
-class ReportError(AMLPError):
-    """The folder holds no run record to report on; the message names it."""
 
 
 def _record(run_dir: Path) -> dict[str, Any]:
@@ -57,11 +50,6 @@ def _series(rows: list[dict], phase: str, kind: str, key: str) -> dict[str, list
 
 def _figures(rows: list[dict], info: dict[str, Any]) -> dict[str, bytes]:
     """The report's figures as PNG bytes, by title (only those the run has data for)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     wanted = [
         ("Training loss per round", [("pretrain", "train", "loss"), ("finetune", "train", "loss")]),
         ("Masking ratio per pretraining round", [("pretrain", "train", P.MASK_RATIO)]),
@@ -75,22 +63,9 @@ def _figures(rows: list[dict], info: dict[str, Any]) -> dict[str, bytes]:
             for phase, kind, key in sources
             for site, points in _series(rows, phase, kind, key).items()
         }
-        if not curves:
-            continue
-        fig, ax = plt.subplots(figsize=(6, 3.2), dpi=100)
-        for name, points in sorted(curves.items()):
-            ax.plot([x for x, _ in points], [y for _, y in points], marker="o", markersize=3, label=name)
-        if title.startswith("Epsilon") and isinstance(info.get(BUDGET), (int, float)):
-            ax.axhline(float(info[BUDGET]), color="black", linestyle="--", linewidth=1, label="budget")
-        ax.set_xlabel("round")
-        ax.set_title(title, fontsize=10)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        buffer = io.BytesIO()
-        fig.savefig(buffer, format="png")
-        plt.close(fig)
-        out[title] = buffer.getvalue()
+        if curves:
+            budget = info.get(BUDGET) if title.startswith("Epsilon") else None
+            out[title] = curves_png(curves, title, hline=float(budget) if isinstance(budget, (int, float)) else None)
     return out
 
 
@@ -107,55 +82,7 @@ def write_report(run_dir: str | Path) -> Path:
     record = _record(run_dir)
     results = RunResults(run_dir / "results", record["rows"])
     results.info = dict(record.get("info") or {})
-    figures = _figures(results.rows, results.info)
-    folder = run_dir / REPORT_DIR
-    folder.mkdir(exist_ok=True)
     summary = results.summary()  # what ran, the final Dice, privacy, failures (the summary's own text)
-    md = [summary.rstrip(), "", "## Curves", ""]
-    blocks = []
-    for i, (title, png) in enumerate(figures.items()):
-        name = f"figure_{i + 1}.png"
-        atomic_write(folder / name, lambda f, data=png: f.write(data))
-        md.append(f"![{title}]({name})")
-        data = base64.b64encode(png).decode()
-        blocks.append(f'<figure><img alt="{html.escape(title)}" src="data:image/png;base64,{data}"></figure>')
-    atomic_write_text(folder / "report.md", "\n".join(md) + "\n")
-    page = [
-        "<!doctype html><html><head><meta charset='utf-8'><title>fedamlp run report</title>",
-        "<style>body{font-family:sans-serif;max-width:960px;margin:2em auto}table{border-collapse:collapse}"
-        "td,th{border:1px solid #ccc;padding:2px 6px}img{max-width:100%}</style></head><body>",
-        _markdown_html(summary),
-        "<h2>Curves</h2>",
-        *blocks,
-        "</body></html>",
-    ]
-    out = folder / "report.html"
-    atomic_write_text(out, "\n".join(page))
+    out = plots.write_report(run_dir / REPORT_DIR, "fedamlp run report", summary, _figures(results.rows, results.info))
     log.info("wrote the run report %s", out)
     return out
-
-
-def _markdown_html(text: str) -> str:
-    """The summary's Markdown (headings, bullet lines, tables, paragraphs) as HTML, every value escaped."""
-    out, table = [], False
-    for line in text.splitlines():
-        if line.startswith("|") and not set(line) <= set("|-"):
-            cells = [html.escape(c.strip()) for c in line.strip("|").split("|")]
-            out.append(("<table>" if not table else "") + "<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
-            table = True
-            continue
-        if line.startswith("|"):  # the header rule
-            continue
-        if table:
-            out.append("</table>")
-            table = False
-        if line.startswith("#"):
-            level = min(len(line) - len(line.lstrip("#")), 4)
-            out.append(f"<h{level}>{html.escape(line.lstrip('#').strip())}</h{level}>")
-        elif line.startswith("- "):
-            out.append(f"<li>{html.escape(line[2:])}</li>")
-        elif line.strip():
-            out.append(f"<p>{html.escape(line)}</p>")
-    if table:
-        out.append("</table>")
-    return "\n".join(out)

@@ -97,6 +97,14 @@ class RunResults:
             ]
         return "\n".join(lines) + "\n"
 
+    @staticmethod
+    def console_summary(summary: str) -> str:
+        """``summary`` (the text of summary.md) as the console shows it at the end of a run: the results and
+        the sites' failures, without what ran (the report has it) or the rounds (the console showed them)."""
+        sections = summary.split("\n## ")[1:]
+        kept = [s for s in sections if not s.startswith("Training rounds")]
+        return "".join(f"## {s.rstrip()}\n\n" for s in kept).rstrip() + "\n"
+
     def _privacy_lines(self) -> list[str]:
         """Epsilon spent: each site's last value (site DP) and the server's (server DP)."""
         last: dict[str, Any] = {}

@@ -2,7 +2,8 @@
 
 ``fedamlp simulate`` starts a private ``flower-superlink --simulation`` on a free loopback
 port (its own process session), submits this project with ``flwr run`` and streams the
-run's log until the run ends. Whatever happens (success, error, Ctrl-C, SIGTERM), every
+run's log until the run ends: all of it into ``RUN_DIR/simulation.log``, and to the console one line per
+round, the warnings and the errors (:func:`console_line`; everything with ``console="verbose"``). Whatever happens (success, error, Ctrl-C, SIGTERM), every
 process it started is stopped afterwards: the SuperLink's session and any process that carries this
 simulation's marker in its environment (the ServerApp, the simulation engine, Ray). If this process
 is killed outright (SIGKILL), Linux sends the SuperLink SIGTERM, and the SuperLink stops the rest.
@@ -12,10 +13,12 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -47,6 +50,50 @@ log = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parents[1]
 
+#: How much of the federation's output the console shows (all of it is in ``RUN_DIR/simulation.log``).
+CONSOLE_LEVELS = ("quiet", "normal", "verbose")
+#: The loggers whose INFO lines the console shows: one line per round, the run's start and end.
+CONSOLE_LOGGERS = ("server.progress", "simulations.simulate")
+SIMULATION_LOG = "simulation.log"
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_RAY_PREFIX = re.compile(r"^\(\w+ pid=\d+(?:, ip=[\d.]+)?\)\s*")  # Ray's "(ClientAppActor pid=123) "
+_OUR_LINE = re.compile(r"^\d\d:\d\d:\d\d (DEBUG|INFO|WARNING|ERROR|CRITICAL) ([\w.]+): ")
+
+
+def console_line(line: str, console: str) -> bool:
+    """Whether one line of the federation's output is shown on the console.
+
+    ``verbose`` shows every line; ``normal`` our packages' warnings and errors, Flower's and Ray's errors, and
+    the INFO lines of :data:`CONSOLE_LOGGERS`; ``quiet`` the warnings and errors only.
+    """
+    if console == "verbose":
+        return True
+    plain = _RAY_PREFIX.sub("", _ANSI.sub("", line))
+    ours = _OUR_LINE.match(plain)
+    if ours:
+        severity, name = ours.groups()
+        return severity in ("WARNING", "ERROR", "CRITICAL") or (console == "normal" and name in CONSOLE_LOGGERS)
+    return plain.startswith(("ERROR", "CRITICAL", "Traceback"))
+
+
+def _tee(source, log_file: Path, console: str, out) -> threading.Thread:
+    """A thread that copies ``source`` (the runner's output) into ``log_file`` whole, and the lines
+    :func:`console_line` keeps to ``out``."""
+
+    def copy() -> None:
+        with open(log_file, "a", encoding="utf-8") as f:
+            for line in iter(source.readline, ""):
+                f.write(line)
+                f.flush()
+                if console_line(line, console):
+                    out.write(line)
+                    out.flush()
+
+    thread = threading.Thread(target=copy, name="simulation-log", daemon=True)
+    thread.start()
+    return thread
+
 
 def _run_config_file(cfg: Config, path: Path) -> Path:
     nested: dict[str, dict[str, Any]] = {}
@@ -65,11 +112,16 @@ def simulate(
     cpus_per_site: int = 1,
     gpus_per_site: float = 0.0,
     overwrite: bool = False,
+    console: str = "normal",
 ) -> Path:
     """Run ``cfg``'s federation with ``cfg.federation.sites`` simulated sites; returns the run folder.
 
     Each site's ClientApp gets ``cpus_per_site`` CPUs and, when positive, ``gpus_per_site`` of a
     GPU (a share: 0.25 lets four sites train on one GPU at once).
+
+    The federation's output goes whole to ``stream_to`` when given (an open file); otherwise into
+    ``RUN_DIR/simulation.log``, with the lines :func:`console_line` keeps at ``console`` (one of
+    :data:`CONSOLE_LEVELS`) on standard output.
 
     The run folder is held for the whole run (:func:`amlp_core.runfolder.hold`). A folder that already
     holds a run is refused unless ``federation.resume`` (whose checkpoint must match this
@@ -89,7 +141,7 @@ def simulate(
         check_resumable(cfg.replace(federation={"run_dir": str(run_dir)}))
         if overwrite:
             clear_run(run_dir)
-        return _simulate(cfg, run_dir, project, timeout, stream_to, cpus_per_site, gpus_per_site)
+        return _simulate(cfg, run_dir, project, timeout, stream_to, cpus_per_site, gpus_per_site, console)
 
 
 def _check_simulation(cfg: Config) -> None:
@@ -163,7 +215,8 @@ def _check_finished(cfg: Config, run_dir: Path, code: int, superlink_log: Path) 
     if failed.exists():
         raise SimulationError(f"the federation failed: {failed.read_text().strip()}")
     if code != 0:
-        raise SimulationError(f"flwr run exited with code {code}; see {superlink_log}")
+        whole = run_dir / SIMULATION_LOG
+        raise SimulationError(f"flwr run exited with code {code}; see {whole if whole.exists() else superlink_log}")
     if not (run_dir / MODEL_DIR / "checkpoint.pt").exists() and not cfg.federation.stop_after_rounds:
         raise SimulationError(
             f"the run ended without a final model in {run_dir}: see {run_dir / 'results'} and {superlink_log}"
@@ -178,6 +231,7 @@ def _simulate(
     stream_to,
     cpus_per_site: int,
     gpus_per_site: float,
+    console: str,
 ) -> Path:
     """:func:`simulate` once the run folder is held and checked."""
     init = cfg.federation.init_encoder  # the ServerApp and the sites run elsewhere: paths must be absolute
@@ -195,6 +249,7 @@ def _simulate(
     sessions: list[subprocess.Popen] = []
     watchdog = start_watchdog(marker, ray_tmp)  # kills what is left should this process be killed outright
     started = time.monotonic()
+    tee: threading.Thread | None = None
     with sigterm_exits():  # a SIGTERM ends the run through the finally below, like Ctrl-C
         try:
             with open(superlink_log, "wb") as out:
@@ -205,18 +260,34 @@ def _simulate(
                     )
                 )
             wait_for_port(port, sessions[0], 60, superlink_log)
-            log.info("simulating %d sites; run folder %s", cfg.federation.sites, run_dir)
+            log.info(
+                "simulating %d sites; run folder %s%s",
+                cfg.federation.sites,
+                run_dir,
+                "" if stream_to else f" (the whole log: {run_dir / SIMULATION_LOG})",
+            )
             command = dies_with_parent(_flwr_run_command(cfg, project, run_dir, cpus_per_site, gpus_per_site))
             runner = subprocess.Popen(
-                command, env=env, cwd=project, stdout=stream_to, stderr=subprocess.STDOUT, start_new_session=True
+                command,
+                env=env,
+                cwd=project,
+                stdout=stream_to or subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                text=True,
+                errors="replace",
             )
             sessions.append(runner)
+            if stream_to is None:
+                tee = _tee(runner.stdout, run_dir / SIMULATION_LOG, console, sys.stdout)
             try:
                 code = runner.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
                 raise SimulationError(
                     f"the simulation did not finish within {timeout:.0f} s; log: {superlink_log}"
                 ) from None
+            if tee is not None:
+                tee.join(timeout=30)  # the rest of the output, once the runner has exited
             _check_finished(cfg, run_dir, code, superlink_log)
             log.info("simulation finished in %.0f s", time.monotonic() - started)
             return run_dir

@@ -38,6 +38,7 @@ from typing import Any
 
 import torch
 
+from amlp_core.plots import save_plot
 from server.federation import ENCODER_DIR
 from simulations.benchmarks.common import (
     machine,
@@ -55,7 +56,6 @@ from simulations.benchmarks.comparison.plan import (
     run_name,
     run_once,
 )
-from simulations.benchmarks.comparison.plot import save_plot
 from simulations.benchmarks.comparison.report import markdown
 from simulations.benchmarks.comparison.stats import aggregate
 

@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from amlp_core import plots as plot
 from simulations.benchmarks import compare
-from simulations.benchmarks.comparison import plan, plot, report, stats
+from simulations.benchmarks.comparison import plan, report, stats
 
 #: A tiny model on 16^3 phantoms (as tests.conftest.tiny_config(3)), CPU, short waits.
 TINY = [

@@ -497,3 +497,48 @@ def test_simulate_refuses_more_sites_than_cases_before_flower_starts(tmp_path, c
     assert len(err) == 1 and err[0].startswith("fedamlp: error: invalid federation.sites=50 for "), err
     assert "cannot cut 5 cases into 50 sites" in err[0]  # 6 cases, 1 held out for testing
     assert time.monotonic() - started < 60 and not (tmp_path / "run").exists()  # said before any process started
+
+
+@pytest.mark.parametrize(
+    "line, shown",
+    [
+        ("01:02:03 INFO server.progress: finetune round 2/12: 3/3 sites ok, loss 0.4, Dice 0.81, 9 s", "n"),
+        ("01:02:03 INFO server.federation: finetune round 2 train, site0: loss=0.4", ""),
+        ("01:02:03 WARNING server.validation: NO DEFENCE: 2 replies", "nqv"),
+        ("(ClientAppActor pid=28953) 01:02:03 WARNING client.site: site1 has no unlabelled case", "nqv"),
+        ("(ClientAppActor pid=28953) \x1b[93mWARNING \x1b[0m:   Manually terminating ClientAppActor", ""),
+        ("\x1b[92mINFO \x1b[0m:      Starting Flower Simulation", ""),
+        ("\x1b[91mERROR \x1b[0m:     ServerApp thread raised an exception", "nq"),
+        ("Traceback (most recent call last):", "nq"),
+        ("01:02:03 INFO simulations.simulate: simulation finished in 40 s", "n"),
+    ],
+)
+def test_the_console_shows_rounds_warnings_and_errors_and_verbose_shows_all(line, shown):
+    from simulations.simulate import console_line
+
+    assert console_line(line, "normal") == ("n" in shown)
+    assert console_line(line, "quiet") == ("q" in shown)
+    assert console_line(line, "verbose")
+
+
+@pytest.mark.parametrize(
+    "argv, level",
+    [
+        (["-q", "report", "x"], "quiet"),
+        (["report", "x", "--verbose"], "verbose"),
+        (["report", "x"], "normal"),
+        (["data", "check", "p", "-q"], "quiet"),
+        (["-v", "simulate"], "verbose"),
+    ],
+)
+def test_every_command_takes_quiet_and_verbose_before_or_after_it(argv, level):
+    from fedamlp.cli import _console, build_parser
+
+    assert _console(build_parser().parse_args(argv)) == level
+
+
+def test_a_quiet_command_says_only_its_result(tmp_path):
+    data = write_phantom_dataset(tmp_path / "ds", n=4, shape=(16, 16, 16), seed=0)
+    quiet, normal = _run_cli("-q", "data", "check", str(data)), _run_cli("data", "check", str(data))
+    assert quiet.returncode == normal.returncode == 0
+    assert " INFO " in normal.stderr and " INFO " not in quiet.stderr and quiet.stdout == normal.stdout

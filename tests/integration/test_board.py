@@ -81,3 +81,49 @@ def test_the_run_writes_its_report_and_the_command_writes_it_again(two_phase_run
     assert main(["report", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"fedamlp: error: {tmp_path} is not a federated run folder: it has no results/rounds.json"]
+
+
+def test_the_console_shows_a_line_a_round_and_the_log_file_holds_the_rest(two_phase_run):
+    """The run's console: one line per phase-round with the overall figures, no site's line and no Flower
+    or Ray chatter; the whole output, every site's lines included, in RUN_DIR/simulation.log."""
+    from simulations.simulate import SIMULATION_LOG
+    from tests.integration.conftest import CONSOLE_FILE
+
+    run, cfg = two_phase_run
+    console = (run.parent / CONSOLE_FILE).read_text().splitlines()
+    rounds = [line for line in console if " round " in line]
+    f = cfg.federation
+    assert [line.split("server.progress: ")[1].split(":")[0] for line in rounds] == [
+        *(f"pretrain round {r}/{f.pretrain_rounds}" for r in range(1, f.pretrain_rounds + 1)),
+        *(f"finetune round {r}/{f.finetune_rounds}" for r in range(1, f.finetune_rounds + 1)),
+    ], console
+    assert all("sites ok, loss " in line for line in rounds) and "Dice " in rounds[-1]
+    assert len(console) <= 4 + f.pretrain_rounds + f.finetune_rounds, console
+    assert not [line for line in console if "site0" in line or "Flower" in line or "INFO [0m" in line], console
+    whole = (run / SIMULATION_LOG).read_text()
+    assert "finetune round 1 train, site0: " in whole and "Starting Flower Simulation" in whole
+
+
+def test_a_site_writes_its_own_report_with_its_pictures_in_its_own_folder(two_phase_run, tmp_path, capsys):
+    """`fedamlp report --site STATE_DIR`: the site's curves and its pictures (first and last round of each),
+    written in its state folder; a folder without a site's events, or no folder at all, is one error line."""
+    import shutil
+
+    from fedamlp.cli import main
+
+    run, _ = two_phase_run
+    state = tmp_path / "site0"
+    shutil.copytree(run / "sites" / "site0" / BOARD_DIR, state / BOARD_DIR)
+    assert main(["report", "--site", str(state)]) == 0
+    page = (state / "report" / "report.html").read_text()
+    assert "Site report: site0" in page and "Test Dice per round" in page and 'src="http' not in page
+    assert "pretrain/mask over " in page and "evaluate/prediction on " in page
+    md = (state / "report" / "report.md").read_text()
+    figures = sorted(p.name for p in (state / "report").glob("figure_*.png"))
+    assert len(figures) >= 5 and page.count("data:image/png;base64,") == len(figures)
+    assert all(f"({name})" in md for name in figures)
+    capsys.readouterr()
+    assert main(["report", "--site", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fedamlp: error: ") and "not a site's state folder" in err and err.count("\n") == 1
+    assert main(["report"]) == 2 and "one of the two" in capsys.readouterr().err
