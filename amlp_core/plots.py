@@ -13,12 +13,13 @@ its pictures, is written in the site's own state folder and never leaves it.
 from __future__ import annotations
 
 import base64
+import functools
 import html
 import io
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import matplotlib
 
@@ -43,6 +44,10 @@ def _png(fig: Figure) -> bytes:
     fig.savefig(buffer, format="png")
     plt.close(fig)
     return buffer.getvalue()
+
+
+def _write_bytes(data: bytes, f: IO[bytes]) -> None:
+    f.write(data)
 
 
 def curves_png(curves: Curves, title: str, xlabel: str = "round", hline: float | None = None) -> bytes:
@@ -131,7 +136,7 @@ def write_report(folder: Path, title: str, markdown: str, figures: Mapping[str, 
     blocks = []
     for i, (caption, png) in enumerate(figures.items()):
         name = f"figure_{i + 1}.png"
-        atomic_write(folder / name, lambda f, data=png: f.write(data))
+        atomic_write(folder / name, functools.partial(_write_bytes, png))
         md.append(f"![{caption}]({name})")
         data = base64.b64encode(png).decode()
         blocks.append(
