@@ -15,6 +15,7 @@ import logging
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from amlp_core import protocol as P
 from amlp_core.errors import AMLPError, CheckpointError, ConfigError, DataError
 from amlp_core.privacy.ledger import PrivacyBudgetExceeded, PrivacyError
 from client import tasks
@@ -22,7 +23,6 @@ from client.faults import fault_mod
 from client.secagg import secagg_mod
 from client.site import Site, get_site, site_config
 from client.terms import TermsRefused
-from fedamlp import protocol as P
 
 log = logging.getLogger(__name__)
 SITE_ERROR = 1  # Error.code of a site's refusal or data problem

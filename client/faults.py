@@ -11,10 +11,10 @@ import time
 from flwr.app import ArrayRecord, Context, Error, Message, MessageType, MetricRecord
 from flwr.clientapp.typing import ClientAppCallable
 
+from amlp_core import protocol as P
 from amlp_core.config import build_config
 from amlp_core.faults import WEIGHT_FAULTS, Fault, corrupt, parse_faults
 from client.site import SITE_CONFIG, site_config
-from fedamlp import protocol as P
 
 log = logging.getLogger(__name__)
 FAULT_ERROR = 2  # Error.code of an injected crash

@@ -37,9 +37,9 @@ from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 from flwr.compat.common import recorddict_compat as compat
 
+from amlp_core import protocol as P
 from amlp_core.config import FederationConfig, build_config
 from amlp_core.errors import AMLPError
-from fedamlp import protocol as P
 
 log = logging.getLogger(__name__)
 SECAGG_ERROR = 2  # Error.code of a site's refusal to take part in (or to skip) secure aggregation

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from amlp_core import protocol as P
 from amlp_core.config import PlanConfig
 from amlp_core.data import label_subset
 from amlp_core.data.dataset import record_count
@@ -30,7 +31,6 @@ from amlp_core.methods import build_method, mask_ratio_at
 from amlp_core.privacy import PrivatePhase, ready_ledger
 from amlp_core.schedules import federated_progress
 from client.site import RoundRefused, Site
-from fedamlp import protocol as P
 
 log = logging.getLogger(__name__)
 RATIO_TOLERANCE = 1e-6

@@ -20,6 +20,7 @@ from flwr.app import ArrayRecord, ConfigRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.exception import PrivacyBudgetExhausted
 
+from amlp_core import protocol as P
 from amlp_core.config import Config, PlanConfig, save_config
 from amlp_core.data.plan import describe, plan_text, planned_config, read_plan_text
 from amlp_core.engine.artefacts import (
@@ -39,7 +40,6 @@ from amlp_core.methods import mask_ratio_at
 from amlp_core.models import has_encoder
 from amlp_core.privacy import coverage
 from amlp_core.schedules import federated_progress
-from fedamlp import protocol as P
 from server import rounds
 from server.report import write_report
 from server.results import ALL_SITES, BUDGET, COVERS, RunResults

@@ -9,46 +9,30 @@ table (the summary's), and the sites that failed or were refused, with their rea
 
 from __future__ import annotations
 
-import json
 import logging
 from collections import defaultdict
 from pathlib import Path
-from typing import Any
 
 from amlp_core import plots
-from amlp_core.engine.artefacts import KIND_RESULTS
-from amlp_core.plots import ReportError, curves_png
-from fedamlp import protocol as P
-from server.results import BUDGET, RunResults
+from amlp_core import protocol as P
+from amlp_core.plots import curves_png
+from server.results import BUDGET, RunRecord, RunResults
 
 log = logging.getLogger(__name__)
 REPORT_DIR = "report"
 
 
-def _record(run_dir: Path) -> dict[str, Any]:
-    path = run_dir / "results" / "rounds.json"
-    if not path.is_file():
-        raise ReportError(f"{run_dir} is not a federated run folder: it has no results/rounds.json")
-    try:
-        record = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise ReportError(f"{path} cannot be read ({type(e).__name__}: {e})") from None
-    if not isinstance(record, dict) or record.get("kind") != KIND_RESULTS or not isinstance(record.get("rows"), list):
-        raise ReportError(f"{path} is not a run record of this product")
-    return record
-
-
-def _series(rows: list[dict], phase: str, kind: str, key: str) -> dict[str, list[tuple[int, float]]]:
+def _series(record: RunRecord, phase: str, kind: str, key: str) -> dict[str, list[tuple[int, float]]]:
     """``{site: [(round, value), ...]}`` of ``key`` in the ``phase``/``kind`` rounds that hold it."""
     out: dict[str, list[tuple[int, float]]] = defaultdict(list)
-    for r in rows:
-        value = r.get(key)
-        if r["phase"] == phase and r["kind"] == kind and isinstance(value, (int, float)) and r.get("status") == P.OK:
-            out[r["site"]].append((int(r["round"]), float(value)))
+    for r in record.select(phase=phase, kind=kind, status=P.OK):
+        value = r.number(key)
+        if value is not None:
+            out[r.site].append((r.round, value))
     return dict(out)
 
 
-def _figures(rows: list[dict], info: dict[str, Any]) -> dict[str, bytes]:
+def _figures(record: RunRecord) -> dict[str, bytes]:
     """The report's figures as PNG bytes, by title (only those the run has data for)."""
     wanted = [
         ("Training loss per round", [("pretrain", "train", "loss"), ("finetune", "train", "loss")]),
@@ -61,10 +45,10 @@ def _figures(rows: list[dict], info: dict[str, Any]) -> dict[str, bytes]:
         curves = {
             f"{phase} {site}": points
             for phase, kind, key in sources
-            for site, points in _series(rows, phase, kind, key).items()
+            for site, points in _series(record, phase, kind, key).items()
         }
         if curves:
-            budget = info.get(BUDGET) if title.startswith("Epsilon") else None
+            budget = record.info.get(BUDGET) if title.startswith("Epsilon") else None
             out[title] = curves_png(curves, title, hline=float(budget) if isinstance(budget, (int, float)) else None)
     return out
 
@@ -76,13 +60,13 @@ def write_report(run_dir: str | Path) -> Path:
         The HTML file.
 
     Raises:
-        ReportError: ``run_dir`` holds no readable run record.
+        RecordError: ``run_dir`` holds no readable run record.
     """
     run_dir = Path(run_dir)
-    record = _record(run_dir)
-    results = RunResults(run_dir / "results", record["rows"])
-    results.info = dict(record.get("info") or {})
+    record = RunRecord.read(run_dir)
+    results = RunResults(run_dir / "results", record.dict_rows())
+    results.info = record.info
     summary = results.summary()  # what ran, the final Dice, privacy, failures (the summary's own text)
-    out = plots.write_report(run_dir / REPORT_DIR, "fedamlp run report", summary, _figures(results.rows, results.info))
+    out = plots.write_report(run_dir / REPORT_DIR, "fedamlp run report", summary, _figures(record))
     log.info("wrote the run report %s", out)
     return out

@@ -6,19 +6,140 @@ import csv
 import io
 import json
 import math
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from amlp_core import protocol as P
 from amlp_core.atomic import atomic_write_text as _atomic_write
 from amlp_core.engine.artefacts import KIND_RESULTS, RESULTS_VERSION
 from amlp_core.engine.lesions import EMPTY_CASES, EMPTY_HITS, EMPTY_SHARE, LESION_CASES, LESION_DICE
-from fedamlp import protocol as P
-from fedamlp.protocol import ALL_SITES
+from amlp_core.errors import AMLPError
+from amlp_core.protocol import ALL_SITES, Phase
 
 #: The run information saying what the sites' epsilon covers (amlp_core.privacy.coverage), shown with it.
 COVERS = "site DP covers"
 #: The run information holding the sites' epsilon budget as a number (the report and the status page draw it).
 BUDGET = "site DP budget (epsilon)"
+
+
+RECORD_FILE = "results/rounds.json"  # inside the run folder
+
+
+class RecordError(AMLPError):
+    """The run's record cannot be read; the message names the file."""
+
+
+@dataclass(frozen=True)
+class Row:
+    """One row of the run's record: a site's reply in a round, or the round's aggregate (``site`` = ALL)."""
+
+    phase: Phase
+    round: int
+    kind: str  # P.TRAIN | P.EVALUATE
+    site: str  # the site's name, or ALL_SITES
+    status: str  # P.OK, P.ERROR, P.MISSING, P.REJECTED
+    values: dict[str, Any] = field(default_factory=dict)  # the rest: metrics, bytes, seconds, error, sites_ok
+
+    @property
+    def aggregate(self) -> bool:
+        return self.site == ALL_SITES
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.values.get(key, default)
+
+    def number(self, key: str) -> float | None:
+        """``key``'s value when it is a number (not a flag), else None."""
+        value = self.values.get(key)
+        return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+    def as_dict(self) -> dict[str, Any]:
+        """The row as it is stored."""
+        return {
+            "phase": self.phase.value,
+            "round": self.round,
+            "kind": self.kind,
+            "site": self.site,
+            "status": self.status,
+            **self.values,
+        }
+
+    @classmethod
+    def parse(cls, raw: Any, where: str) -> Row:
+        """A stored row; RecordError naming ``where`` when it is not one."""
+        try:
+            values = dict(raw)
+            return cls(
+                phase=Phase(values.pop("phase")),
+                round=int(values.pop("round")),
+                kind=str(values.pop("kind")),
+                site=str(values.pop("site")),
+                status=str(values.pop("status")),
+                values=values,
+            )
+        except (TypeError, ValueError, KeyError) as e:
+            raise RecordError(f"{where}: a row that is not a round of this product ({type(e).__name__}: {e})") from None
+
+
+@dataclass
+class RunRecord:
+    """A federation's record read back (``RUN_DIR/results/rounds.json``): what ran, and its rows in order.
+    The one reader of the record: the report, the status page and the benchmarks read it through this."""
+
+    info: dict[str, Any]
+    rows: list[Row]
+
+    @classmethod
+    def read(cls, run_dir: str | Path) -> RunRecord:
+        """The record of ``run_dir``.
+
+        Raises:
+            RecordError: it has none, or not one of this product (the message names the file).
+        """
+        path = Path(run_dir) / RECORD_FILE
+        if not path.is_file():
+            raise RecordError(f"{run_dir} is not a federated run folder: it has no {RECORD_FILE}")
+        try:
+            raw = json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            raise RecordError(f"{path} cannot be read ({type(e).__name__}: {e})") from None
+        if not isinstance(raw, dict) or raw.get("kind") != KIND_RESULTS or not isinstance(raw.get("rows"), list):
+            raise RecordError(f"{path} is not a run record of this product")
+        if raw.get("version") != RESULTS_VERSION:
+            raise RecordError(f"{path} is version {raw.get('version')!r} of the record; this product reads version 1")
+        info = raw.get("info") if isinstance(raw.get("info"), dict) else {}
+        return cls(info=dict(info), rows=[Row.parse(r, str(path)) for r in raw["rows"]])
+
+    def select(
+        self,
+        phase: str | None = None,
+        kind: str | None = None,
+        site: str | None = None,
+        status: str | None = None,
+        aggregate: bool | None = None,
+    ) -> list[Row]:
+        """The rows that match every given field (``aggregate``: the ALL rows, or only the sites')."""
+        return [
+            r
+            for r in self.rows
+            if (phase is None or r.phase == phase)
+            and (kind is None or r.kind == kind)
+            and (site is None or r.site == site)
+            and (status is None or r.status == status)
+            and (aggregate is None or r.aggregate == aggregate)
+        ]
+
+    def final_evaluation(self) -> Row | None:
+        """The last evaluation round's aggregate row (all sites' test cases), None before the first."""
+        rows = self.select(kind=P.EVALUATE, aggregate=True)
+        return rows[-1] if rows else None
+
+    def round_seconds(self, phase: str | None = None) -> float:
+        """The server's seconds in the rounds (of ``phase``): the rounds' own time, no start-up."""
+        return sum(r.number("seconds") or 0.0 for r in self.select(phase=phase, aggregate=True))
+
+    def dict_rows(self) -> list[dict[str, Any]]:
+        return [r.as_dict() for r in self.rows]
 
 
 class RunResults:

@@ -21,9 +21,9 @@ from flwr.app import ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
+from amlp_core import protocol as P
 from amlp_core.config import FederationConfig
 from amlp_core.errors import AMLPError
-from fedamlp import protocol as P
 from server.validation import Declarations, NormHistory, check_replies, nonfinite_key
 
 log = logging.getLogger(__name__)

@@ -44,8 +44,8 @@ from flwr.server.workflow import SecAggPlusWorkflow
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
+from amlp_core import protocol as P
 from amlp_core.config import SECAGG_MODULUS, FederationConfig
-from fedamlp import protocol as P
 from server.rounds import FederationError, RoundOutcome, check_finite, check_outcome, collect, start_round
 from server.validation import Declarations, NormHistory
 

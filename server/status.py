@@ -18,9 +18,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+from amlp_core import protocol as P
 from amlp_core.errors import AMLPError
-from fedamlp import protocol as P
-from server.results import BUDGET
+from server.results import BUDGET, RecordError, RunRecord
 
 log = logging.getLogger(__name__)
 #: What makes a folder a run folder the page can watch, before its first round is recorded.
@@ -33,49 +33,42 @@ class StatusError(AMLPError):
 
 def run_state(run_dir: Path) -> dict[str, Any]:
     """What the page shows, read from ``run_dir`` now (aggregates only: what ``rounds.json`` holds)."""
-    record: dict[str, Any] = {}
-    path = run_dir / "results" / "rounds.json"
-    if path.is_file():
-        try:
-            record = json.loads(path.read_text())
-        except (OSError, ValueError):  # (being rewritten: the next poll reads it)
-            record = {}
-    rows = [r for r in record.get("rows", []) if isinstance(r, dict)]
-    info = record.get("info", {}) if isinstance(record.get("info"), dict) else {}
+    try:
+        record = RunRecord.read(run_dir)
+    except RecordError:  # (not written yet, or being rewritten: the next poll reads it)
+        record = RunRecord(info={}, rows=[])
+    info = record.info
     failed = run_dir / "FAILED"
     outcome = "failed" if failed.is_file() else ("finished" if (run_dir / "model").is_dir() else "in progress")
-    rounds = [r for r in rows if r.get("site") == P.ALL_SITES and r.get("kind") == "train"]
-    last = rounds[-1] if rounds else {}
-    seconds = [float(r["seconds"]) for r in rounds if isinstance(r.get("seconds"), (int, float))]
+    rounds = record.select(kind=P.TRAIN, aggregate=True)
+    last = rounds[-1] if rounds else None
+    seconds = [s for s in (r.number("seconds") for r in rounds) if s is not None]
     planned = int(info.get("pretrain rounds", 0) or 0) + int(info.get("finetune rounds", 0) or 0)
     left = max(planned - len(rounds), 0)
     per_round = sum(seconds) / len(seconds) if seconds else None
     sites: dict[str, dict[str, Any]] = {}
-    for r in rows:
-        site = r.get("site")
-        if not isinstance(site, str) or site == P.ALL_SITES:
-            continue
-        entry = sites.setdefault(site, {"site": site})
-        entry.update(status=r.get("status"), phase=r.get("phase"), round=r.get("round"))
+    for r in record.select(aggregate=False):
+        entry = sites.setdefault(r.site, {"site": r.site})
+        entry.update(status=r.status, phase=r.phase.value, round=r.round)
         if r.get("error"):
-            entry["error"] = str(r["error"])[:300]
-        if r.get("kind") == "evaluate" and isinstance(r.get("dice_mean"), (int, float)):
-            entry["dice_mean"] = r["dice_mean"]
-        if isinstance(r.get(P.EPSILON), (int, float)):
-            entry["epsilon"] = r[P.EPSILON]
+            entry["error"] = str(r.get("error"))[:300]
+        if r.kind == P.EVALUATE and r.number("dice_mean") is not None:
+            entry["dice_mean"] = r.number("dice_mean")
+        if r.number(P.EPSILON) is not None:
+            entry["epsilon"] = r.number(P.EPSILON)
     budget = info.get(BUDGET) if isinstance(info.get(BUDGET), (int, float)) else None
-    evaluations = [r for r in rows if r.get("site") == P.ALL_SITES and r.get("kind") == "evaluate"]
+    final = record.final_evaluation()
     return {
         "run": str(run_dir),
         "outcome": outcome,
         "failure": failed.read_text().strip()[:500] if failed.is_file() else "",
-        "phase": last.get("phase", ""),
-        "round": last.get("round", 0),
+        "phase": last.phase.value if last else "",
+        "round": last.round if last else 0,
         "rounds_done": len(rounds),
         "rounds_planned": planned,
         "seconds_per_round": per_round,
         "seconds_left": per_round * left if per_round is not None and outcome == "in progress" else None,
-        "dice_mean": evaluations[-1].get("dice_mean") if evaluations else None,
+        "dice_mean": final.number("dice_mean") if final else None,
         "epsilon_budget": budget,
         "sites": sorted(sites.values(), key=lambda e: e["site"]),
     }

@@ -21,10 +21,10 @@ from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 from flwr.supercore.privacy_accounting import NeighboringRelation, SamplingMethod
 from flwr.supercore.privacy_accounting import PrivacyConfig as FlowerPrivacyConfig
 
+from amlp_core import protocol as P
 from amlp_core.config import FederationConfig, PrivacyConfig
 from amlp_core.engine.lesions import LESION_KEYS, pool_lesion_metrics
 from amlp_core.errors import ConfigError
-from fedamlp import protocol as P
 
 #: Attributes of server-side optimiser state that a checkpoint must carry (FedOpt family).
 STATEFUL_ATTRS = ("m_t", "v_t")

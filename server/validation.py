@@ -28,10 +28,10 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
+from amlp_core import protocol as P
 from amlp_core.config import PlanConfig
 from amlp_core.data.plan import Fingerprint, PlanError, decide_plan, fit_problem
 from amlp_core.engine.lesions import EMPTY_CASES, EMPTY_HITS, EMPTY_SHARE, LESION_CASES, LESION_DICE
-from fedamlp import protocol as P
 
 if TYPE_CHECKING:
     from server.rounds import SiteReply
@@ -149,7 +149,7 @@ class Declarations:
 
     def bound(self, node: int, kind: str) -> int:
         """The largest ``num-examples`` node ``node`` may report in a reply of ``kind``
-        (:data:`~fedamlp.protocol.DECLARED_FOR`); ValueError when it declared none."""
+        (:data:`~amlp_core.protocol.DECLARED_FOR`); ValueError when it declared none."""
         if node not in self.counts:
             raise ValueError(self.problems.get(node, "did not declare its data at the start of the run"))
         return self.counts[node][P.DECLARED_FOR[kind]]

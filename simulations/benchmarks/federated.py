@@ -23,10 +23,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from amlp_core import protocol as P
 from amlp_core.config import Config, build_config, load_config
 from amlp_core.engine.pipeline import finetune, pretrain
 from amlp_core.engine.split import data_defaults, load_split
-from fedamlp import protocol as P
+from server.results import RunRecord
 from simulations.benchmarks.common import (
     HIPPOCAMPUS_SPLIT,
     benchmark_parser,
@@ -156,19 +157,21 @@ def _federated(cfg: Config, runs: Path) -> tuple[dict[str, Any], dict[str, Any],
     start = time.monotonic()
     simulate(cfg, timeout=3 * 3600, overwrite=True)  # an interrupted federated run starts over
     seconds = time.monotonic() - start
-    rows = json.loads((runs / "federated" / "results" / "rounds.json").read_text())["rows"]
-    final = [r for r in rows if r["kind"] == "evaluate" and r["site"] == P.ALL_SITES][-1]
-    round_seconds = sum(r["seconds"] for r in rows if r["site"] == P.ALL_SITES)
-    per_site = [r for r in rows if r["kind"] == "train" and r["site"] != P.ALL_SITES and r["status"] == P.OK]
+    record = RunRecord.read(runs / "federated")
+    final = record.final_evaluation()
+    assert final is not None, "the federation ended without an evaluation"
+    round_seconds = record.round_seconds()
     sizes = {
         phase: {
-            "bytes_up_per_site": max(r["bytes_up"] for r in per_site if r["phase"] == phase),
-            "bytes_down_per_site": max(r["bytes_down"] for r in per_site if r["phase"] == phase),
+            f"{key}_per_site": max(
+                r.get(key) for r in record.select(phase=phase, kind=P.TRAIN, status=P.OK, aggregate=False)
+            )
+            for key in ("bytes_up", "bytes_down")
         }
-        for phase in ("pretrain", "finetune")
+        for phase in (P.PRETRAIN, P.FINETUNE)
     }
     timing = {"round_seconds": round_seconds, "startup_seconds": seconds - round_seconds, "bytes_per_round": sizes}
-    return final, timing, seconds
+    return final.as_dict(), timing, seconds
 
 
 def main() -> None:

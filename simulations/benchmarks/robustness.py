@@ -22,8 +22,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from amlp_core import protocol as P
 from amlp_core.config import build_config
-from fedamlp import protocol as P
+from server.results import RunRecord
 from server.validation import CLIPPED
 from simulations.benchmarks.common import SMALL_FEDERATION, machine, table, write_json
 from simulations.simulate import simulate
@@ -59,17 +60,18 @@ def run_one(strategy: str, attack: str, seed: int, runs: Path, sites: int = 4) -
     }
     started = time.monotonic()
     simulate(build_config(overrides), timeout=3600, overwrite=True)  # a row not in --out yet starts over
-    rows = json.loads((run_dir / "results" / "rounds.json").read_text())["rows"]
-    final = [r for r in rows if r["kind"] == "evaluate" and r["site"] == P.ALL_SITES][-1]
-    replies = [r for r in rows if r["site"] == attacker and r["kind"] == "train"]
+    record = RunRecord.read(run_dir)
+    final = record.final_evaluation()
+    assert final is not None, f"{run_dir}: the federation ended without an evaluation"
+    replies = record.select(site=attacker, kind=P.TRAIN)
     return {
         "sites": sites,
         "strategy": strategy,
         "attack": attack,
         "seed": seed,
-        "dice_mean": final["dice_mean"],
-        "attacker_rejected": sum(r["status"] == P.REJECTED for r in replies),
-        "attacker_clipped": sum(CLIPPED in r for r in replies),
+        "dice_mean": final.number("dice_mean"),
+        "attacker_rejected": sum(r.status == P.REJECTED for r in replies),
+        "attacker_clipped": sum(r.get(CLIPPED) is not None for r in replies),
         "attacker_rounds": len(replies),
         "seconds": round(time.monotonic() - started, 1),
     }

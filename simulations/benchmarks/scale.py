@@ -26,6 +26,7 @@ from typing import Any
 
 from amlp_core.config import build_config
 from amlp_core.runfolder import RUN_ENTRIES
+from server.results import RecordError, RunRecord
 from simulations.benchmarks.common import SMALL_FEDERATION, machine, table, write_json
 from simulations.processes import MARKER
 from simulations.simulate import simulate
@@ -85,10 +86,10 @@ class Sampler(threading.Thread):
 
     def rounds(self) -> int:
         try:
-            rows = json.loads((self.run_dir / "results" / "rounds.json").read_text())["rows"]
-        except (OSError, ValueError, KeyError):
+            record = RunRecord.read(self.run_dir)
+        except RecordError:  # (not written yet, or being rewritten)
             return 0
-        return len({(r["phase"], r["round"]) for r in rows})
+        return len({(r.phase, r.round) for r in record.rows})
 
     def run(self) -> None:
         start = time.monotonic()

@@ -6,9 +6,9 @@ import time
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, Metadata, RecordDict
 
+from amlp_core import protocol as P
 from amlp_core.config import PlanConfig, flat_dict
 from amlp_core.data.plan import plan_text
-from fedamlp import protocol as P
 from tests.conftest import tiny_config
 
 

@@ -11,6 +11,7 @@ import torch
 import yaml
 from flwr.app import ConfigRecord, RecordDict
 
+from amlp_core import protocol as P
 from amlp_core.config import apply_site_file, flat_dict
 from amlp_core.data import write_phantom_dataset
 from amlp_core.errors import ConfigError
@@ -19,7 +20,6 @@ from amlp_core.models import SegmentationNet
 from client.app import app
 from client.state import SiteState
 from client.tasks import site_mask_ratio
-from fedamlp import protocol as P
 from tests.client.helpers import cfg as _cfg
 from tests.client.helpers import context as _context
 from tests.client.helpers import instructions as _instructions

@@ -6,12 +6,12 @@ import json
 
 import pytest
 
+from amlp_core import protocol as P
 from amlp_core.methods import build_method
 from amlp_core.models import SegmentationNet
 from amlp_core.privacy import LEDGER_FILE, epsilon_of
 from client import site as site_module
 from client.app import app
-from fedamlp import protocol as P
 from tests.client.helpers import cfg as _cfg
 from tests.client.helpers import context as _context
 from tests.client.helpers import instructions as _instructions

@@ -8,10 +8,10 @@ import pytest
 import yaml
 from flwr.app import ConfigRecord, RecordDict
 
+from amlp_core import protocol as P
 from amlp_core.config import PlanConfig
 from amlp_core.data.plan import Fingerprint, plan_text
 from client.app import app
-from fedamlp import protocol as P
 from tests.client.helpers import cfg as _cfg
 from tests.client.helpers import context as _context
 from tests.client.helpers import message as _message

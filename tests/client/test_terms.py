@@ -7,10 +7,10 @@ import pytest
 import yaml
 from flwr.app import ConfigRecord, RecordDict
 
+from amlp_core import protocol as P
 from amlp_core.data import write_phantom_dataset
 from amlp_core.data.plan import plan_text
 from client.app import app
-from fedamlp import protocol as P
 from tests.client.helpers import cfg as _cfg
 from tests.client.helpers import context as _context
 from tests.client.helpers import message as _message

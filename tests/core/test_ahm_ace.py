@@ -289,9 +289,9 @@ def test_ratios_the_server_sends():
 def test_federated_rounds_through_the_client_app(tmp_path, name):
     from flwr.app import ArrayRecord
 
+    from amlp_core import protocol as P
     from client.app import app
     from client.state import SiteState
-    from fedamlp import protocol as P
     from server.federation import Federation
     from tests.client.helpers import cfg as _cfg
     from tests.client.helpers import context as _context

@@ -6,6 +6,7 @@ import time
 import numpy as np
 import pytest
 
+from amlp_core import protocol as P
 from amlp_core.engine.lesions import (
     EMPTY_CASES,
     EMPTY_HITS,
@@ -16,7 +17,6 @@ from amlp_core.engine.lesions import (
     pool_lesion_metrics,
     postprocess,
 )
-from fedamlp import protocol as P
 from server.rounds import collect
 from server.strategies import pool_evaluations
 from server.validation import Declarations, check_replies

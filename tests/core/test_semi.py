@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from amlp_core import protocol as P
 from amlp_core.config import build_config
 from amlp_core.data import Sample
 from amlp_core.engine.device import make_generator
@@ -30,7 +31,6 @@ from amlp_core.models import SegmentationNet
 from amlp_core.privacy.ledger import LEDGER_FILE
 from client.app import app
 from client.state import SiteState
-from fedamlp import protocol as P
 from tests.client.helpers import cfg as site_cfg
 from tests.client.helpers import context, instructions, train_message
 from tests.conftest import tiny_config

@@ -30,9 +30,9 @@ import pytest
 import tomli_w
 import yaml
 
+from amlp_core import protocol as P
 from amlp_core.config import flat_dict
 from amlp_core.data import write_phantom_dataset
-from fedamlp import protocol as P
 from simulations.processes import processes_with_env
 from tests.conftest import tiny_config
 from tests.integration.helpers import tree_digest

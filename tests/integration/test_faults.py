@@ -9,8 +9,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from amlp_core import protocol as P
 from amlp_core.engine.artefacts import load_segmentation
-from fedamlp import protocol as P
 from simulations.simulate import SimulationError, simulate
 from tests.integration.helpers import assert_no_process_left, round_rows, sim_config
 

@@ -10,8 +10,8 @@ import json
 import pytest
 import torch
 
+from amlp_core import protocol as P
 from amlp_core.engine.artefacts import load_pretrained_encoder, load_segmentation
-from fedamlp import protocol as P
 from simulations.simulate import simulate
 from tests.integration.helpers import assert_no_process_left, round_rows, sim_config
 

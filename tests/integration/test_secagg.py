@@ -21,11 +21,11 @@ from flwr.app import Array, ArrayRecord, Message, MessageType, Metadata, MetricR
 from flwr.common import bytes_to_ndarray
 from flwr.serverapp.strategy import FedAvg
 
+from amlp_core import protocol as P
 from amlp_core.config import Config, flat_dict
 from amlp_core.data import partition_names, split_names, write_phantom_dataset
 from client import tasks
 from client.site import get_site
-from fedamlp import protocol as P
 from server.inbox import ENV
 from server.secagg import ERROR_BOUND, SecAggRound
 from simulations.simulate import simulate

@@ -20,13 +20,13 @@ import pytest
 import torch
 import yaml
 
+from amlp_core import protocol as P
 from amlp_core.data import make_phantom, partition_names, split_names, write_phantom_dataset
 from amlp_core.engine.artefacts import load_segmentation
 from amlp_core.engine.inference import evaluate, predict_file
 from amlp_core.errors import CheckpointError, ConfigError
 from amlp_core.methods import build_method
 from amlp_core.runfolder import RunFolderError
-from fedamlp import protocol as P
 from simulations.processes import processes_with_env
 from simulations.simulate import simulate
 from tests.integration.helpers import TWO_PHASE_PLAN, assert_no_process_left, round_rows, sim_config, tree_digest

@@ -7,7 +7,7 @@ import time
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, Metadata, MetricRecord, RecordDict
 
-from fedamlp import protocol as P
+from amlp_core import protocol as P
 
 
 def _meta(src: int, dst: int, message_id: str, reply_to: str = "") -> Metadata:

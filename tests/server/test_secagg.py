@@ -10,11 +10,11 @@ import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 
+from amlp_core import protocol as P
 from amlp_core.config import build_config, flat_dict
 from amlp_core.errors import ConfigError
 from client.app import app
 from client.secagg import SECAGG_ERROR, expected_shares
-from fedamlp import protocol as P
 from server.secagg import SecAggRound, _apply
 from tests.client.helpers import message
 from tests.conftest import tiny_config

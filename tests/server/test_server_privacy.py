@@ -7,8 +7,8 @@ from flwr.app import ArrayRecord
 from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping
 from flwr.supercore.privacy_accounting import GaussianPrivacyEvent
 
+from amlp_core import protocol as P
 from amlp_core.config import build_config
-from fedamlp import protocol as P
 from server.federation import Federation, Progress
 from server.strategies import build_strategy, server_accountant
 

@@ -14,7 +14,9 @@ def test_the_state_shows_each_sites_epsilon_against_the_budget(tmp_path):
     ]
     info = {BUDGET: 8.0, "pretrain rounds": 0, "finetune rounds": 3}
     (tmp_path / "results").mkdir()
-    (tmp_path / "results" / "rounds.json").write_text(json.dumps({"kind": "results", "info": info, "rows": rows}))
+    (tmp_path / "results" / "rounds.json").write_text(
+        json.dumps({"kind": "results", "version": 1, "info": info, "rows": rows})
+    )
     state = run_state(tmp_path)
     assert state["epsilon_budget"] == 8.0 and state["sites"][0]["epsilon"] == 2.5
     assert state["seconds_left"] == 8.0 and state["outcome"] == "in progress"  # 2 rounds left at 4 s

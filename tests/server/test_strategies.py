@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from flwr.app import Error, Message
 
+from amlp_core import protocol as P
 from amlp_core.config import FederationConfig
-from fedamlp import protocol as P
 from server.rounds import collect
 from server.strategies import build_strategy, restore_strategy_state, strategy_state
 from tests.server.helpers import filled_reply, request

@@ -16,9 +16,9 @@ import pytest
 import torch
 from flwr.app import ArrayRecord
 
+from amlp_core import protocol as P
 from amlp_core.config import FederationConfig
 from amlp_core.errors import ConfigError
-from fedamlp import protocol as P
 from server.rounds import FederationError, check_finite, check_outcome, collect
 from server.strategies import build_strategy
 from server.validation import Declarations, NormHistory, check_replies

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import shutil
 import time
@@ -13,13 +12,14 @@ from typing import Any
 
 import torch
 
+from amlp_core import protocol as P
 from amlp_core.config import METHOD_NAMES, Config, build_config
 from amlp_core.engine.checkpoint import load_checkpoint
 from amlp_core.engine.lesions import LESION_KEYS
 from amlp_core.engine.split import data_defaults
 from amlp_core.engine.weights import initial_shared_state
-from fedamlp import protocol as P
 from server.federation import ENCODER_DIR, MODEL_DIR
+from server.results import RunRecord
 from simulations.benchmarks.common import (
     HIPPOCAMPUS,
     HIPPOCAMPUS_SPLIT,
@@ -188,27 +188,19 @@ def run_once(cfg: Config, args: argparse.Namespace, label: str) -> tuple[dict[st
             gpus_per_site=args.gpus_per_site,
         )
     seconds = time.monotonic() - start
-    rows = json.loads((run_dir / "results" / "rounds.json").read_text())["rows"]
-    final = [r for r in rows if r["kind"] == "evaluate" and r["site"] == P.ALL_SITES][-1]
+    record = RunRecord.read(run_dir)
+    final = record.final_evaluation()
+    if final is None:
+        raise RuntimeError(f"{run_dir}: the federation ended without an evaluation")
     last_train = [
-        r
-        for r in rows
-        if r["kind"] == "train"
-        and r["phase"] == "finetune"
-        and r["site"] != P.ALL_SITES
-        and r["status"] == "ok"
-        and r["round"] == final["round"]
+        r for r in record.select(phase=P.FINETUNE, kind=P.TRAIN, status=P.OK, aggregate=False) if r.round == final.round
     ]
-
-    def round_seconds(phase: str) -> float:  # the server's time in the rounds of a phase (no start-up)
-        return round(sum(r["seconds"] for r in rows if r["site"] == P.ALL_SITES and r["phase"] == phase), 1)
-
-    row = {k: v for k, v in final.items() if k.startswith("dice_") or k in LESION_KEYS}
+    row = {k: v for k, v in final.values.items() if k.startswith("dice_") or k in LESION_KEYS}
     row.update(
         seconds=round(seconds, 1),
         labelled_cases=sum(r.get(P.NUM_EXAMPLES, 0) for r in last_train),
-        pretrain_seconds=round_seconds("pretrain"),
-        finetune_seconds=round_seconds("finetune"),
+        pretrain_seconds=round(record.round_seconds(P.PRETRAIN), 1),
+        finetune_seconds=round(record.round_seconds(P.FINETUNE), 1),
     )
     _, meta = load_checkpoint(run_dir / MODEL_DIR / "checkpoint.pt")
     log.info(

@@ -12,6 +12,7 @@ strategies weigh by it) and ``proximal-mu`` (its FedProx sets it).
 """
 
 import json
+from enum import StrEnum
 
 # Record keys (Flower's strategies use "arrays" and "config"; kept so that they work unchanged).
 ARRAYS = "arrays"
@@ -21,8 +22,19 @@ SITE = "site"
 
 # Instructions in CONFIG.
 PHASE = "phase"  # PRETRAIN | FINETUNE
-PRETRAIN = "pretrain"
-FINETUNE = "finetune"
+
+
+class Phase(StrEnum):
+    """The two phases of a federation: pretraining the encoder, then fine-tuning the segmentation network."""
+
+    PRETRAIN = "pretrain"
+    FINETUNE = "finetune"
+
+
+PRETRAIN: str = Phase.PRETRAIN.value  # (plain strings: what travels and what the records hold)
+FINETUNE: str = Phase.FINETUNE.value
+#: The kinds of round in the run's record: a training round, and fine-tuning's evaluation after it.
+TRAIN, EVALUATE = "train", "evaluate"
 GLOBAL_ROUND = "global_round"  # this phase's round, 1-based, continuing across restarts
 TOTAL_ROUNDS = "total_rounds"  # rounds of this phase in the whole run
 LOCAL_EPOCHS = "local_epochs"
@@ -54,7 +66,7 @@ DECLARED_TRAIN = "train_cases"  # pretraining: the site's training images
 DECLARED_LABELLED = "labelled_cases"  # fine-tuning: its labelled subset (train.label_fraction)
 DECLARED_TEST = "test_cases"  # evaluation: its test cases
 #: The declaration that bounds a reply of each kind.
-DECLARED_FOR = {PRETRAIN: DECLARED_TRAIN, FINETUNE: DECLARED_LABELLED, "evaluate": DECLARED_TEST}
+DECLARED_FOR = {PRETRAIN: DECLARED_TRAIN, FINETUNE: DECLARED_LABELLED, EVALUATE: DECLARED_TEST}
 
 #: The reply to a QUERY without a PLAN: the site's fingerprint (a ConfigRecord of aggregates only, from
 #: amlp_core.data.plan.Fingerprint), which the server decides the plan from. A QUERY with the PLAN is

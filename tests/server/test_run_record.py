@@ -1,0 +1,60 @@
+"""The run's record read back through its one loader: typed rows, selections, and refusals that name the file."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from amlp_core import protocol as P
+from server.results import RECORD_FILE, RecordError, RunRecord, RunResults
+
+
+def _written(tmp_path):
+    results = RunResults(tmp_path / "run" / "results")
+    results.info = {"pretraining": "amlp", "finetune rounds": 2}
+    for rnd in (1, 2):
+        for site, loss in (("site0", 0.5), ("site1", 0.7)):
+            results.add(phase=P.FINETUNE, round=rnd, kind=P.TRAIN, site=site, status=P.OK, loss=loss, bytes_up=10)
+        results.add(phase=P.FINETUNE, round=rnd, kind=P.TRAIN, site=P.ALL_SITES, status=P.OK, loss=0.6, seconds=2.5)
+        results.add(phase=P.FINETUNE, round=rnd, kind=P.EVALUATE, site=P.ALL_SITES, status=P.OK, dice_mean=0.1 * rnd)
+    results.add(phase=P.FINETUNE, round=2, kind=P.TRAIN, site="site2", status=P.MISSING, error="no reply")
+    results.write()
+    return tmp_path / "run"
+
+
+def test_the_record_reads_back_as_typed_rows_in_order(tmp_path):
+    run = _written(tmp_path)
+    record = RunRecord.read(run)
+    assert record.info["pretraining"] == "amlp" and len(record.rows) == 9
+    assert record.rows[0].phase is P.Phase.FINETUNE and record.rows[0].round == 1 and record.rows[0].site == "site0"
+    assert record.final_evaluation().round == 2 and record.final_evaluation().number("dice_mean") == pytest.approx(0.2)
+    assert [r.site for r in record.select(kind=P.TRAIN, aggregate=False, status=P.OK, phase=P.FINETUNE)] == [
+        "site0",
+        "site1",
+        "site0",
+        "site1",
+    ]
+    assert record.select(status=P.MISSING)[0].get("error") == "no reply"
+    assert record.round_seconds(P.FINETUNE) == 5.0 and record.round_seconds(P.PRETRAIN) == 0
+    stored = json.loads((run / RECORD_FILE).read_text())["rows"]
+    assert record.dict_rows() == stored  # nothing lost or renamed on the way
+
+
+@pytest.mark.parametrize(
+    "content, says",
+    [
+        (None, "is not a federated run folder"),
+        ("{", "cannot be read"),
+        ('{"kind": "pretrain", "rows": []}', "is not a run record of this product"),
+        ('{"kind": "results", "version": 7, "rows": []}', "version 7"),
+        ('{"kind": "results", "version": 1, "rows": [{"phase": "train", "round": 1}]}', "not a round"),
+    ],
+)
+def test_a_record_that_is_not_one_is_refused_naming_the_file(tmp_path, content, says):
+    if content is not None:
+        (tmp_path / "results").mkdir()
+        (tmp_path / RECORD_FILE).write_text(content)
+    with pytest.raises(RecordError, match=says) as e:
+        RunRecord.read(tmp_path)
+    assert str(tmp_path) in str(e.value)
