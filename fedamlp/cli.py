@@ -26,6 +26,7 @@ from amlp_core.atomic import atomic_write_text, check_output
 from amlp_core.config import DATA_FORMATS, METHOD_NAMES, Config, DataConfig, build_config, check_keys, load_config
 from amlp_core.engine.lesions import EMPTY_CASES, EMPTY_HITS, EMPTY_SHARE, LESION_CASES, LESION_DICE
 from amlp_core.errors import AMLPError, ConfigError, DataError
+from amlp_core.logs import setup_logging
 from amlp_core.runfolder import check_new_run, hold
 
 if TYPE_CHECKING:
@@ -559,13 +560,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if missing:
         print(f"fedamlp: error: {error_line(missing)}", file=sys.stderr)
         return 2
-    # force: importing Opacus already called basicConfig (root at WARNING), which would hide our INFO lines.
-    logging.basicConfig(
-        level={"quiet": logging.WARNING, "normal": logging.INFO, "verbose": logging.DEBUG}[_console(args)],
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-        force=True,
-    )
+    setup_logging({"quiet": logging.WARNING, "normal": logging.INFO, "verbose": logging.DEBUG}[_console(args)])
     try:
         check_keys(_parse_set(getattr(args, "set", None) or []))  # a mistyped key fails before the heavy imports
         return args.func(args)

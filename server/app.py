@@ -13,6 +13,7 @@ from flwr.serverapp import Grid, ServerApp
 from amlp_core.atomic import atomic_write_text
 from amlp_core.config import FederationConfig, build_config
 from amlp_core.errors import AMLPError
+from amlp_core.logs import setup_logging
 from amlp_core.runfolder import SIMULATION_ENV, check_new_run, clear_run, hold
 from server.federation import FAILED, Federation
 from server.inbox import maybe_record
@@ -22,18 +23,6 @@ log = logging.getLogger(__name__)
 app = ServerApp()
 
 
-def _setup_logging() -> None:
-    """Our packages log at INFO to stderr (Flower keeps its own handlers)."""
-    handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
-    for name in ("server", "client", "amlp_core", "fedamlp"):
-        logger = logging.getLogger(name)
-        if not logger.handlers:
-            logger.addHandler(handler)
-        logger.setLevel(logging.INFO)
-        logger.propagate = False
-
-
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Build the configuration once from the run config and run the federation.
@@ -41,7 +30,7 @@ def main(grid: Grid, context: Context) -> None:
     A failure is also written to ``RUN_DIR/FAILED`` (one line), so that whoever started the
     run can say what went wrong without reading the log.
     """
-    _setup_logging()
+    setup_logging(own_handlers=True)  # Flower keeps its own handlers
     cfg = build_config(dict(context.run_config)).check_federation()
     failed = Path(cfg.federation.run_dir) / FAILED
     federation = Federation(maybe_record(grid), cfg)  # FEDAMLP_SERVER_INBOX: audit log (server/inbox.py)

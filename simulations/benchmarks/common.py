@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import platform
 import statistics
 from collections.abc import Sequence
@@ -12,6 +11,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from amlp_core.logs import setup_logging
 
 REPO = Path(__file__).resolve().parents[2]
 HIPPOCAMPUS = REPO.parent / "shared" / "data" / "msd_hippocampus"
@@ -91,10 +92,3 @@ def benchmark_parser(doc: str, out: str) -> argparse.ArgumentParser:
 def set_overrides(items: list[str]) -> dict[str, str]:
     """``--set KEY=VALUE`` items as config overrides."""
     return dict(item.split("=", 1) for item in items)
-
-
-def setup_logging() -> None:
-    # force: importing Opacus already called basicConfig (root at WARNING), which would hide our INFO lines.
-    logging.basicConfig(
-        force=True, level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
-    )

@@ -24,6 +24,7 @@ from typing import Any
 
 from amlp_core import protocol as P
 from amlp_core.config import build_config
+from amlp_core.logs import setup_logging
 from server.results import RunRecord
 from server.validation import CLIPPED
 from simulations.benchmarks.common import SMALL_FEDERATION, machine, table, write_json
@@ -97,7 +98,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--sites", default="4", help="federation sizes, e.g. 2,3,4 (the last site attacks)")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging()
     out = Path(args.out)
     rows: list[dict[str, Any]] = json.loads(out.read_text())["rows"] if out.exists() else []
     done = {(r.get("sites", 4), r["strategy"], r["attack"], r["seed"]) for r in rows}

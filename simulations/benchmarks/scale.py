@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from amlp_core.config import build_config
+from amlp_core.logs import setup_logging
 from amlp_core.runfolder import RUN_ENTRIES
 from server.results import RecordError, RunRecord
 from simulations.benchmarks.common import SMALL_FEDERATION, machine, table, write_json
@@ -211,7 +212,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--runs", default="runs/scale", help="the runs' folders")
     parser.add_argument("--experiments", default=",".join(EXPERIMENTS))
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging()
     out = Path(args.out)
     results: list[dict[str, Any]] = json.loads(out.read_text())["experiments"] if out.exists() else []
     for name in args.experiments.split(","):
