@@ -19,3 +19,7 @@ class DataError(AMLPError, ValueError):
 
 class CheckpointError(AMLPError, RuntimeError):
     """A checkpoint is missing, corrupt or does not match the requested model."""
+
+
+class TrainingError(AMLPError, FloatingPointError):
+    """Training cannot go on (its loss is not finite): raised before the step that would spoil the weights."""

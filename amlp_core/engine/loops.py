@@ -19,6 +19,7 @@ from amlp_core.engine.device import autocast
 from amlp_core.engine.lesions import LesionTally, postprocess
 from amlp_core.engine.optim import set_lr
 from amlp_core.engine.semi import SemiTraining
+from amlp_core.errors import TrainingError
 from amlp_core.methods import PretrainMethod
 from amlp_core.privacy import noise_only_step
 
@@ -86,11 +87,11 @@ def pretrain_epoch(
         with autocast(device, amp):
             out = method.training_step(images, t, generator)
         loss = out.loss + regularizer() if regularizer is not None else out.loss
+        if not torch.isfinite(loss):  # before the step: the weights stay as they were
+            raise TrainingError(f"the pretraining loss became {loss.item()} at progress {t:.3f}; the weights are kept")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        if not torch.isfinite(out.loss):
-            raise FloatingPointError(f"pretraining loss became {out.loss.item()} at progress {t:.3f}")
         means.add(out.metrics, images.shape[0])
         bar.set_postfix(loss=f"{out.metrics['loss']:.4f}", ratio=f"{out.metrics.get('ratio', 0):.2f}")
     return {**means.means(), "num_examples": means.count}
@@ -183,11 +184,13 @@ def finetune_steps(
                         full, loss, figures = _semi_loss(model, images, labels, loss_fn, semi, done, device, amp)
                     if regularizer is not None:
                         full = full + regularizer()
+                    if not torch.isfinite(full):  # before the step: the weights stay as they were
+                        raise TrainingError(
+                            f"the segmentation loss became {full.item()} at step {done + 1}; the weights are kept"
+                        )
                     optimizer.zero_grad(set_to_none=True)
                     full.backward()
                     optimizer.step()
-                    if not torch.isfinite(full):
-                        raise FloatingPointError(f"segmentation loss became {full.item()} at step {done + 1}")
                     if semi is not None:
                         semi.objective.after_step(model)
                     means.add(figures, images.shape[0])

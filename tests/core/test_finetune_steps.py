@@ -149,3 +149,25 @@ def test_the_same_seed_fine_tunes_the_same_network_whatever_ran_before(tmp_path)
         states.append(load_checkpoint(tmp_path / f"run{i}" / CHECKPOINT)[0]["model"])
     assert states[0].keys() == states[1].keys()
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+
+
+def test_a_loss_that_is_not_finite_stops_training_before_the_step_keeping_the_weights():
+    import torch
+    from torch import nn
+
+    from amlp_core.engine.loops import finetune_steps
+    from amlp_core.errors import AMLPError, TrainingError
+
+    model = nn.Conv2d(1, 2, 1)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    image = torch.full((2, 1, 4, 4), float("nan"))
+    batch = {"image": image, "label": torch.zeros((2, 1, 4, 4), dtype=torch.int64)}
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+
+    def loss_fn(logits, labels):
+        return nn.functional.cross_entropy(logits, labels[:, 0])
+
+    with pytest.raises(TrainingError, match="segmentation loss became nan at step 1; the weights are kept") as e:
+        finetune_steps(model, [batch], optimizer, loss_fn, torch.device("cpu"), steps=3, amp=False)
+    assert isinstance(e.value, AMLPError)  # one error line at the command line, a named error at a site
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
