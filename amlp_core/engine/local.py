@@ -91,7 +91,8 @@ def pretrain_epochs(
         The last epoch's mean step metrics, ``num_examples``, and ``epsilon`` when private.
     """
     warmup = min(cfg.train.warmup_epochs / total_epochs, 0.5)
-    method.private = ledger is not None  # statistics of the cases stay frozen under DP
+    if method.private != (ledger is not None):  # statistics of the cases stay frozen under DP
+        raise ValueError(f"a method built with private={method.private} trained {'with' if ledger else 'without'} DP")
     metrics: dict[str, float] = {}
     if ledger is not None:  # DP-SGD's records are patients: the slices of one volume are one record
         loader = DataLoader(as_records(loader.dataset, seed))
@@ -284,7 +285,7 @@ def pretrain_round(
     """
     device = resolve_device(cfg.train.device)
     seed_everything(rnd.seed)
-    method = build_method(cfg.model, cfg.method)
+    method = build_method(cfg.model, cfg.method, private=rnd.ledger is not None)
     if kept is not None:
         method.load_state_dict(kept["method"])  # decoder, running statistics (the encoder is replaced next)
     expected = set(method.shared_state_dict())

@@ -207,7 +207,7 @@ def pretrain(
 
     first_ledger = epoch_ledger(first) if first < epochs else None  # overspending: refused before any write
     out, device = _prepare(cfg, out_dir, keep_metrics=first, overwrite=overwrite)
-    method = build_method(cfg.model, cfg.method).to(device)
+    method = build_method(cfg.model, cfg.method, private=private).to(device)
     loader = make_loader(split.train, cfg, augment=True, labels=False)
     optimizer = pretrain_optimizer(method, cfg.train)
     generator = make_generator(cfg.train.seed, device)

@@ -132,8 +132,8 @@ class ACE(PretrainMethod):
 
     uses_decoder = False
 
-    def __init__(self, model_cfg: ModelConfig, method_cfg: MethodConfig) -> None:
-        super().__init__(model_cfg, method_cfg)
+    def __init__(self, model_cfg: ModelConfig, method_cfg: MethodConfig, private: bool = False) -> None:
+        super().__init__(model_cfg, method_cfg, private)
         if any(g % 2 for g in model_cfg.grid_size):
             raise ConfigError(
                 f"invalid model.img_size={model_cfg.img_size}: method ace needs an even number of "

@@ -27,8 +27,8 @@ class AHM(PretrainMethod):
 
     shared_prefixes = ("encoder.", "agent.")
 
-    def __init__(self, model_cfg: ModelConfig, method_cfg: MethodConfig) -> None:
-        super().__init__(model_cfg, method_cfg)
+    def __init__(self, model_cfg: ModelConfig, method_cfg: MethodConfig, private: bool = False) -> None:
+        super().__init__(model_cfg, method_cfg, private)
         self.agent = AHMMasking(
             model_cfg.spatial_dims,
             model_cfg.in_channels,

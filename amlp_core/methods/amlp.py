@@ -11,6 +11,8 @@ import torch
 from amlp_core.config import MethodConfig, ModelConfig
 from amlp_core.losses import category_consistency_loss, plain_reconstruction_loss, relative_reconstruction_loss
 from amlp_core.masking import MPSMasking
+from amlp_core.masking.base import Mask
+from amlp_core.masking.mps import Clustering
 from amlp_core.methods.base import PretrainMethod, StepOutput, register_method
 
 
@@ -26,8 +28,8 @@ class MPSAMS(PretrainMethod):
     #: Whether a loss reaches the MPS features (CCL does): otherwise the stem runs without gradient.
     feature_gradient: bool = False
 
-    def __init__(self, model_cfg: ModelConfig, method_cfg: MethodConfig) -> None:
-        super().__init__(model_cfg, method_cfg)
+    def __init__(self, model_cfg: ModelConfig, method_cfg: MethodConfig, private: bool = False) -> None:
+        super().__init__(model_cfg, method_cfg, private)
         m = method_cfg
         self.mps = MPSMasking(
             m.mps_clusters,
@@ -65,7 +67,18 @@ class MPSAMS(PretrainMethod):
     def reconstruction_loss(self, l_masked: torch.Tensor) -> torch.Tensor:
         return plain_reconstruction_loss(l_masked)
 
-    def extra_loss(self, feats, clustering, lesion, mask, l_masked) -> tuple[torch.Tensor, dict[str, float]]:
+    def extra_loss(
+        self, feats: torch.Tensor, clustering: Clustering, lesion: int, mask: Mask, l_masked: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """A loss beside the reconstruction (none here; AMLP's CCL) and its figures.
+
+        Args:
+            feats: ``[B, N, F]`` the patches' MPS features (with gradient where the method lets it through).
+            clustering: the step's per-image patch groups (:class:`~amlp_core.masking.mps.Clustering`).
+            lesion: the size rank of the lesion group.
+            mask: the step's mask (``ids_masked`` ``[B, M]``).
+            l_masked: ``[B, M]`` the masked patches' reconstruction losses.
+        """
         return l_masked.new_zeros(()), {}
 
 
@@ -80,7 +93,9 @@ class AMLP(MPSAMS):
     def reconstruction_loss(self, l_masked: torch.Tensor) -> torch.Tensor:
         return relative_reconstruction_loss(l_masked, self.method_cfg.arl_tau)
 
-    def extra_loss(self, feats, clustering, lesion, mask, l_masked) -> tuple[torch.Tensor, dict[str, float]]:
+    def extra_loss(
+        self, feats: torch.Tensor, clustering: Clustering, lesion: int, mask: Mask, l_masked: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, float]]:
         """CCL on the masked patches, with gradient through the encoder's stem."""
         m = self.method_cfg
         scaled = clustering.scale(feats)  # [B, N, F], standardised with detached statistics

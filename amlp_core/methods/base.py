@@ -40,12 +40,12 @@ class PretrainMethod(nn.Module):
     shared_prefixes: ClassVar[tuple[str, ...]] = ("encoder.",)
     #: Whether the method reconstructs pixels with the MAE decoder (one that does not gets none).
     uses_decoder: ClassVar[bool] = True
-    #: Set under DP-SGD: no statistic of the cases may then steer training outside the noised
-    #: gradients, so a method freezes such state (e.g. MPS's running per-group loss).
-    private: bool = False
 
-    def __init__(self, model_cfg: ModelConfig, method_cfg: MethodConfig) -> None:
+    def __init__(self, model_cfg: ModelConfig, method_cfg: MethodConfig, private: bool = False) -> None:
+        """``private``: trained under DP-SGD, where no statistic of the cases may steer training outside the
+        noised gradients, so the method freezes such state (e.g. MPS's running per-group loss)."""
         super().__init__()
+        self.private = private
         self.model_cfg = model_cfg
         self.method_cfg = method_cfg
         self.encoder = HybridEncoder(model_cfg)
@@ -129,9 +129,9 @@ def method_class(name: str) -> type[PretrainMethod]:
         raise ConfigError(f"unknown pretraining method {name!r}; available: {', '.join(METHODS)}") from None
 
 
-def build_method(model_cfg: ModelConfig, method_cfg: MethodConfig) -> PretrainMethod:
-    """The method named ``method_cfg.name``, freshly initialised."""
-    return method_class(method_cfg.name)(model_cfg, method_cfg)
+def build_method(model_cfg: ModelConfig, method_cfg: MethodConfig, private: bool = False) -> PretrainMethod:
+    """The method named ``method_cfg.name``, freshly initialised (``private``: to be trained under DP-SGD)."""
+    return method_class(method_cfg.name)(model_cfg, method_cfg, private)
 
 
 def mask_ratio_at(method_cfg: MethodConfig, progress: float) -> float:

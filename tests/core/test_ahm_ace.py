@@ -334,8 +334,7 @@ def test_a_private_step(name):
     from amlp_core.privacy.dp import PrivateTraining
 
     cfg = tiny_model(2)
-    method = build_method(cfg, MethodConfig(name=name))
-    method.private = True
+    method = build_method(cfg, MethodConfig(name=name), private=True)
     cases = [{"image": torch.tensor(s.image)} for s in make_phantom_samples(8, cfg.img_size, seed=0)]
     before = {k: v.clone() for k, v in method.state_dict().items()}
     with PrivateTraining(method, pretrain_optimizer(method, TrainConfig()), cases, 4, 1.0, 1.0, seed=0) as dp:

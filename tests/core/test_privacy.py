@@ -67,8 +67,7 @@ def _private_steps(model, step_loss, dataset, noise=1.0, clip=1.0, lr=0.05):
 def test_a_private_pretraining_step_for_every_method(name, decoder, dims):
     """Every method, and SparK's pretraining decoder (its learned fills included), trains under DP-SGD."""
     cfg = tiny_config(dims, **{"model.pretrain_decoder": decoder})
-    method = build_method(cfg.model, MethodConfig(name=name))
-    method.private = True
+    method = build_method(cfg.model, MethodConfig(name=name), private=True)
     check_private(method)  # Opacus' validator accepts it
     g = torch.Generator().manual_seed(0)
     stretches, changed, trainable, per_case = _private_steps(
@@ -120,12 +119,11 @@ def test_opacus_refuses_batch_norm():
 
 def test_mps_running_loss_is_frozen_under_dp():
     cfg = tiny_config(2)
-    method = build_method(cfg.model, MethodConfig(name="amlp"))
     images = torch.stack([_dataset(cfg, labels=False)[i]["image"] for i in range(4)])
-    method.private = True
+    method = build_method(cfg.model, MethodConfig(name="amlp"), private=True)
     method.training_step(images, 0.5, torch.Generator().manual_seed(0))
     assert torch.isnan(method.mps.group_loss).all()  # no statistic of the cases steers later masks
-    method.private = False
+    method = build_method(cfg.model, MethodConfig(name="amlp"))
     method.training_step(images, 0.5, torch.Generator().manual_seed(0))
     assert not torch.isnan(method.mps.group_loss).all()
 
