@@ -128,7 +128,9 @@ def two_scale_views(
 @register_method("ace")
 class ACE(PretrainMethod):
     """ACE: teacher-student consistency of two grid-aligned views at a 2:1 side ratio, globally and by
-    composition/decomposition of corresponding tokens (the module docstring); no pixel decoder."""
+    composition/decomposition of corresponding tokens (the module docstring); no pixel decoder.
+
+    Reference: ACE, WACV 2025, official code jlianglab/ACE (branch ACEv3: the 2:1 crops); docs/methods.md, "ACE"."""
 
     uses_decoder = False
 

@@ -23,7 +23,9 @@ from amlp_core.methods.base import PretrainMethod, StepOutput, register_method
 @register_method("ahm")
 class AHM(PretrainMethod):
     """AHM: the mask drawn by an actor-critic agent that learns which patches are hard to reconstruct
-    (the module docstring); the agent is shared with the encoder in a federation."""
+    (the module docstring); the agent is shared with the encoder in a federation.
+
+    Reference: adaptive hard masking, IEEE TMI 2024 (docs/methods.md, "AHM")."""
 
     shared_prefixes = ("encoder.", "agent.")
 

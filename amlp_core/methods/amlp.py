@@ -22,6 +22,10 @@ class MPSAMS(PretrainMethod):
     masked first, then random patches) at the AMR ratio of the progress; plain reconstruction loss.
 
     A step on ``images [B, C, *S]`` returns the loss, the metrics and the mask on the patch grid.
+
+    Reference: Wang et al., "MPS-AMS: Masked Patches Selection and Adaptive Masking Strategy Based
+    Self-Supervised Medical Image Segmentation", ICASSP 2023 (arXiv:2302.13699). Where we depart from it:
+    docs/methods.md, "MPS".
     """
 
     uses_amr = True
@@ -86,7 +90,12 @@ class MPSAMS(PretrainMethod):
 class AMLP(MPSAMS):
     """AMLP: MPS-AMS's masking, the relative reconstruction loss (ARL/RRL, ``method.arl_tau``) and
     ``method.ccl_weight`` x the category consistency loss on the masked patches' features, whose
-    gradient reaches the encoder's stem."""
+    gradient reaches the encoder's stem.
+
+    Reference: Wang et al., "AMLP: Adjustable Masking Lesion Patches for Self-Supervised Medical Image
+    Segmentation", arXiv:2309.04312 (v1 2023 as "Adaptive ...", with ARL and the adaptive ratio; v2 2025 names
+    them RRL and AMR). Where we depart from it: docs/methods.md.
+    """
 
     feature_gradient = True
 

@@ -12,7 +12,10 @@ from amlp_core.methods.base import PretrainMethod, StepOutput, register_method
 @register_method("mae")
 class MAE(PretrainMethod):
     """MAE: uniformly random patches masked at the fixed ``method.mask_ratio``, plain reconstruction loss
-    on the hidden patches."""
+    on the hidden patches (docs/methods.md, "MAE").
+
+    Reference: He et al., "Masked Autoencoders Are Scalable Vision Learners", CVPR 2022 (arXiv:2111.06377).
+    """
 
     def training_step(
         self, images: torch.Tensor, progress: float, generator: torch.Generator | None = None
