@@ -240,6 +240,60 @@ def cmd_data_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data_fingerprint(args: argparse.Namespace) -> int:
+    """Exactly what this dataset would tell a federation's server: its fingerprint (aggregates only)."""
+    from amlp_core.engine.split import read_split
+
+    if args.out:
+        check_output(args.out, "--out", (".json",), keep_out_of=(args.path,))
+    args.dims, args.config = None, None
+    split = read_split(_config(args, args.path, {"data.modality": args.modality}))
+    assert split.fingerprint is not None
+    text = json.dumps(split.fingerprint.to_record(), indent=1)
+    if args.out:
+        atomic_write_text(args.out, text + "\n")
+        logging.getLogger(__name__).info("wrote %s: what leaves the site at a run's first query", args.out)
+    print(text)
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    """What a federation's server decides from these sites' fingerprints, and which site fits it."""
+    from collections import Counter
+
+    from amlp_core.data.plan import UNKNOWN, Fingerprint, PlanError, decide_plan, describe, fit_problem, plan_text
+    from amlp_core.presets import ROI
+    from amlp_core.reading import read_text
+
+    sets = _parse_set(args.set)
+    fingerprints = {}
+    for path in args.fingerprints:
+        try:
+            record = json.loads(read_text(path, "fingerprint"))
+        except ValueError as e:
+            raise PlanError(f"{path}: not a fingerprint (fedamlp data fingerprint writes one): {e}") from None
+        if not isinstance(record, dict):
+            raise PlanError(f"{path}: not a fingerprint (fedamlp data fingerprint writes one)")
+        fingerprints[path] = Fingerprint.from_record(record, path)
+    # The network's input budget of the dimension most cases have (a run's data defaults), unless --set.
+    votes: Counter[int] = Counter()
+    known = [fp for fp in fingerprints.values() if fp.modality != UNKNOWN] or list(fingerprints.values())
+    for fp in known:  # (as decide_plan does: sites of a known modality decide over those of an unknown one)
+        votes[len(fp.spacing_median)] += fp.cases
+    dims = votes.most_common(1)[0][0]
+    size = ROI["volume" if dims == 3 else "image"]
+    cfg = build_config({"model.spatial_dims": dims, "model.img_size": size, "data.synthetic_size": size, **sets})
+    plan = decide_plan(fingerprints, cfg.plan, cfg.model.img_size, cfg.input_step)
+    print(f"plan: {describe(plan)}")
+    for path, fp in fingerprints.items():
+        problem = fit_problem(fp, plan)
+        print(
+            f"  {path}: {'refused: ' + problem.reason if problem else 'fits'} ({fp.cases} cases, {fp.labelled} labelled)"
+        )
+    print(plan_text(plan))
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     """Pretrain AMLP on synthetic phantoms, fine-tune with 25 % of the labels, print Dice."""
     from amlp_core.engine.pipeline import finetune, pretrain
@@ -491,6 +545,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     c.add_argument("--json", help="also write the report as JSON")
     c.set_defaults(func=cmd_data_check)
+    c = data_sub.add_parser(
+        "fingerprint", help="what this dataset would tell a federation's server (aggregates only), as JSON"
+    )
+    c.add_argument("path")
+    c.add_argument("--format", default="auto", choices=DATA_FORMATS)
+    c.add_argument("--modality", default="auto", help="the scans' modality (default: the dataset's own)")
+    c.add_argument("--out", help="also write it to this JSON file (for fedamlp plan)")
+    c.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a data.* setting")
+    c.set_defaults(func=cmd_data_fingerprint)
+
+    p = sub.add_parser("plan", help="the plan a server decides from sites' fingerprints, and which site fits it")
+    p.add_argument("fingerprints", nargs="+", help="fingerprint JSON files (fedamlp data fingerprint --out)")
+    p.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="a plan.* or model.img_size value to keep"
+    )
+    p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("simulate", help="the two-phase federation on this machine (Flower simulation)")
     p.add_argument("--data", help="dataset folder, or 'synthetic' (the default: built-in phantoms, one style per site)")
@@ -541,16 +611,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 #: Flags that name something to read: checked before the heavy imports, so a wrong path fails at once.
-INPUT_FLAGS = ("data", "init", "model", "input", "path")
+INPUT_FLAGS = ("data", "init", "model", "input", "path", "fingerprints")  # (fingerprints: a list)
 
 
 def _missing_input(args: argparse.Namespace) -> str | None:
     """The first input flag whose file or folder does not exist, as an error line; None when all exist."""
     for flag in INPUT_FLAGS:
-        value = getattr(args, flag, None)
-        if value and value != "synthetic" and not Path(value).exists():
-            name = "PATH" if flag == "path" else f"--{flag}"
-            return f"{name} {value}: no such file or folder"
+        given = getattr(args, flag, None)
+        for value in given if isinstance(given, list) else [given]:
+            if value and value != "synthetic" and not Path(value).exists():
+                name = {"path": "PATH", "fingerprints": "FINGERPRINT"}.get(flag, f"--{flag}")
+                return f"{name} {value}: no such file or folder"
     return None
 
 

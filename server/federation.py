@@ -21,6 +21,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.exception import PrivacyBudgetExhausted
 
 from amlp_core import protocol as P
+from amlp_core.atomic import atomic_write_text
 from amlp_core.config import Config, PlanConfig, save_config
 from amlp_core.data.plan import describe, plan_text, planned_config, read_plan_text
 from amlp_core.engine.artefacts import (
@@ -55,6 +56,7 @@ MODEL_DIR = "model"
 ENCODER_DIR = "encoder"  # the aggregated encoder after pretraining, a pretraining checkpoint folder
 FAILED = "FAILED"  # written by the ServerApp when the run fails: one line saying why
 #: Settings that may change between a stopped run and its resumption.
+PLAN_FILE = "plan.json"  # the decided plan (as every message carries it), beside the user's config.yaml
 SERVER_EPSILON = "server_epsilon"  # results: client-level epsilon spent so far by server DP
 
 
@@ -457,6 +459,7 @@ class Federation:
             **privacy_info(cfg),
         }
         self.plan = self.decide_plan()  # (into the summary)
+        atomic_write_text(self.run_dir / PLAN_FILE, plan_text(self.plan) + "\n")  # the decided plan, on its own
         started = time.monotonic()
         try:
             if progress.phase == P.PRETRAIN:

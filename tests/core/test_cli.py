@@ -542,3 +542,31 @@ def test_a_quiet_command_says_only_its_result(tmp_path):
     quiet, normal = _run_cli("-q", "data", "check", str(data)), _run_cli("data", "check", str(data))
     assert quiet.returncode == normal.returncode == 0
     assert " INFO " in normal.stderr and " INFO " not in quiet.stderr and quiet.stdout == normal.stdout
+
+
+def test_a_site_sees_its_fingerprint_and_the_plan_a_server_would_decide(tmp_path, capsys):
+    """`fedamlp data fingerprint` shows exactly what leaves a site at a run's first query (aggregates, no
+    case's name), `fedamlp plan` what the server decides of several, and which site it refuses."""
+    from amlp_core.data.plan import Fingerprint
+
+    fps = []
+    for k, shape in enumerate([(16, 16, 16), (16, 16, 16), (32, 32)]):
+        data = write_phantom_dataset(tmp_path / f"site{k}", n=4, shape=shape, seed=k, site=k)
+        out = tmp_path / f"fp{k}.json"
+        assert main(["-q", "data", "fingerprint", str(data), "--out", str(out)]) == 0
+        shown = capsys.readouterr().out
+        record = json.loads(out.read_text())
+        assert json.loads(shown) == record and set(record) == set(Fingerprint.__dataclass_fields__)
+        assert "phantom" not in shown and record["cases"] == 4  # counts, never a case's name
+        fps.append(str(out))
+    assert main(["-q", "plan", *fps]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("plan: MR, 1 x 1 x 1 mm") and json.loads(lines[-1])["target_spacing"] == [1, 1, 1]
+    assert f"  {fps[0]}: fits (4 cases, 4 labelled)" in lines and f"  {fps[1]}: fits (4 cases, 4 labelled)" in lines
+    assert f"  {fps[2]}: refused: its scans are 2D, the plan is for 3D (4 cases, 4 labelled)" in lines
+    (tmp_path / "bad.json").write_text('{"cases": -1}')
+    assert main(["plan", str(tmp_path / "bad.json")]) == 2
+    err = capsys.readouterr().err
+    assert err == f"fedamlp: error: {tmp_path / 'bad.json'}: fingerprint cases=-1 is not a count\n"
+    assert main(["data", "fingerprint", str(tmp_path / "site0"), "--out", str(tmp_path / "site0" / "x.json")]) == 2
+    assert "--out" in capsys.readouterr().err  # an output inside the dataset it reads is refused

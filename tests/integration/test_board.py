@@ -103,6 +103,12 @@ def test_the_console_shows_a_line_a_round_and_the_log_file_holds_the_rest(two_ph
     whole = (run / SIMULATION_LOG).read_text()
     assert "finetune round 1 train, site0: " in whole and "Starting Flower Simulation" in whole
 
+    from amlp_core.data.plan import read_plan_text
+    from server.federation import PLAN_FILE
+
+    plan = read_plan_text((run / PLAN_FILE).read_text(), PLAN_FILE)  # the decided plan, on its own
+    assert plan.decided and list(plan.input_size) == list(cfg.model.img_size)
+
 
 def test_a_site_writes_its_own_report_with_its_pictures_in_its_own_folder(two_phase_run, tmp_path, capsys):
     """`fedamlp report --site STATE_DIR`: the site's curves and its pictures (first and last round of each),
