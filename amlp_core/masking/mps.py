@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from amlp_core.config import MethodConfig
 from amlp_core.masking.base import Mask, _lowest, num_masked
 from amlp_core.masking.kmeans import batched_kmeans
 
@@ -136,6 +137,9 @@ def cluster_patches(
     return Clustering(rank=rank, centroids=centroids, scale=scale)
 
 
+_DEFAULTS = MethodConfig()  # the constructor's defaults are the config's: one source
+
+
 class MPSMasking(nn.Module):
     """Lesion-first masking policy with a running per-group difficulty estimate.
 
@@ -153,15 +157,15 @@ class MPSMasking(nn.Module):
 
     def __init__(
         self,
-        clusters: int = 2,
-        random_fraction: float = 0.1,
-        momentum: float = 0.9,
-        kmeans_iters: int = 10,
-        kmeans_inits: int = 1,
-        margin: float = 0.0,
+        clusters: int = _DEFAULTS.mps_clusters,
+        random_fraction: float = _DEFAULTS.mps_random_fraction,
+        momentum: float = _DEFAULTS.mps_momentum,
+        kmeans_iters: int = _DEFAULTS.kmeans_iters,
+        kmeans_inits: int = _DEFAULTS.kmeans_inits,
+        margin: float = _DEFAULTS.mps_margin,
         embed_dim: int = 0,
         proj_dim: int = 0,
-        embed_weight: float = 1.0,
+        embed_weight: float = _DEFAULTS.mps_embed_weight,
     ) -> None:
         super().__init__()
         self.margin = margin
