@@ -291,15 +291,9 @@ class Federation:
                 raise StopRequested
             round_started = time.monotonic()
             try:
+                instructions = self._instructions(phase, rnd, total)
                 arrays, metrics, outcome = train_round(
-                    self.grid,
-                    strategy,
-                    rnd,
-                    arrays,
-                    self._instructions(phase, rnd, total),
-                    f,
-                    self.declared,
-                    self.norms,
+                    rounds.ServerRound(self.grid, strategy, rnd, arrays, instructions, f, self.declared, self.norms)
                 )
             except PrivacyBudgetExhausted as e:
                 raise rounds.FederationError(
@@ -314,7 +308,7 @@ class Federation:
             evaluated: dict[str, Any] = {}
             if phase == P.FINETUNE:
                 evaluated, eval_outcome = rounds.evaluate_round(
-                    self.grid, strategy, rnd, arrays, self._instructions(phase, rnd, total), f, self.declared
+                    rounds.ServerRound(self.grid, strategy, rnd, arrays, instructions, f, self.declared)
                 )
                 if eval_outcome.replies:
                     self._record(phase, rnd, "evaluate", eval_outcome, evaluated, 0)

@@ -111,40 +111,46 @@ def collect(
     return RoundOutcome(out, time.monotonic() - started)
 
 
-def start_round(
-    grid: Grid,
-    strategy: Strategy,
-    rnd: int,
-    arrays: ArrayRecord,
-    config: ConfigRecord,
-    fed: FederationConfig,
-    declared: Declarations,
-    train: bool,
-) -> tuple[list[Message], float]:
+@dataclass(frozen=True)
+class ServerRound:
+    """One round as the server runs it: to whom it goes and with what (the global ``arrays`` and the
+    ``instructions``), through which strategy, and what judges the replies (the sites' declarations and,
+    for training, the run's history of update norms)."""
+
+    grid: Grid
+    strategy: Strategy
+    number: int
+    arrays: ArrayRecord
+    instructions: ConfigRecord
+    fed: FederationConfig
+    declared: Declarations
+    history: NormHistory | None = None
+
+    @property
+    def phase(self) -> str:
+        return str(self.instructions[P.PHASE])
+
+    @property
+    def what(self) -> str:
+        return f"{self.phase} round {self.number}"
+
+
+def start_round(rnd: ServerRound, train: bool) -> tuple[list[Message], float]:
     """Wait for the sites, ask the new ones for their fingerprint and declaration, and build the round's
     messages (not sent yet) for every site but those refused by the plan; returns them and the round's
     start time."""
-    nodes = wait_for_sites(grid, fed.min_sites, fed.connect_timeout)
-    declared.ask(grid, nodes, config)
+    nodes = wait_for_sites(rnd.grid, rnd.fed.min_sites, rnd.fed.connect_timeout)
+    rnd.declared.ask(rnd.grid, nodes, rnd.instructions)
     started = time.monotonic()
-    configure = strategy.configure_train if train else strategy.configure_evaluate
-    sent = [m for m in configure(rnd, arrays, config, grid) if m.metadata.dst_node_id not in declared.refused]
-    return sent, started
+    configure = rnd.strategy.configure_train if train else rnd.strategy.configure_evaluate
+    messages = configure(rnd.number, rnd.arrays, rnd.instructions, rnd.grid)
+    return [m for m in messages if m.metadata.dst_node_id not in rnd.declared.refused], started
 
 
-def _ask(
-    grid: Grid,
-    strategy: Strategy,
-    rnd: int,
-    arrays: ArrayRecord,
-    config: ConfigRecord,
-    fed: FederationConfig,
-    declared: Declarations,
-    train: bool,
-) -> tuple[list[Message], RoundOutcome]:
-    """:func:`start_round`, then send the round and sort the replies."""
-    sent, started = start_round(grid, strategy, rnd, arrays, config, fed, declared, train)
-    return sent, collect(sent, grid.send_and_receive(sent, timeout=fed.round_timeout), started, declared.names)
+def exchange(rnd: ServerRound, sent: list[Message], started: float) -> RoundOutcome:
+    """Send the round's messages and sort the replies that come back within the round timeout."""
+    replies = rnd.grid.send_and_receive(sent, timeout=rnd.fed.round_timeout)
+    return collect(sent, replies, started, rnd.declared.names)
 
 
 def check_outcome(outcome: RoundOutcome, what: str, sent: int, min_sites: int) -> None:
@@ -166,57 +172,41 @@ def check_finite(arrays: ArrayRecord, what: str) -> None:
         raise FederationError(f"{what}: the aggregate's {key} is not finite; it is neither saved nor sent")
 
 
-def train_round(
-    grid: Grid,
-    strategy: Strategy,
-    rnd: int,
-    arrays: ArrayRecord,
-    config: ConfigRecord,
-    fed: FederationConfig,
-    declared: Declarations,
-    history: NormHistory | None = None,
-) -> tuple[ArrayRecord, dict[str, Any], RoundOutcome]:
-    """Send a training round through ``strategy``, check the replies (against ``history`` too: the run's
-    earlier rounds) and aggregate them, or raise FederationError."""
-    what = f"{config[P.PHASE]} round {rnd}"
-    sent, outcome = _ask(grid, strategy, rnd, arrays, config, fed, declared, train=True)
+def train_round(rnd: ServerRound) -> tuple[ArrayRecord, dict[str, Any], RoundOutcome]:
+    """Send a training round through its strategy, check the replies (against the run's earlier rounds too)
+    and aggregate them, or raise FederationError."""
+    sent, started = start_round(rnd, train=True)
+    outcome = exchange(rnd, sent, started)
+    f = rnd.fed
     check_replies(
         outcome.replies,
-        arrays,
-        str(config[P.PHASE]),
-        declared,
-        fed.update_norm_factor,
-        fed.update_min_cosine,
-        clip=fed.update_clip_factor,
-        history=history,
-        weight_ratio=fed.max_weight_ratio,
+        rnd.arrays,
+        rnd.phase,
+        rnd.declared,
+        f.update_norm_factor,
+        f.update_min_cosine,
+        clip=f.update_clip_factor,
+        history=rnd.history,
+        weight_ratio=f.max_weight_ratio,
     )
-    check_outcome(outcome, what, len(sent), fed.min_sites)
-    new_arrays, metrics = strategy.aggregate_train(rnd, [r.message for r in outcome.ok])
+    check_outcome(outcome, rnd.what, len(sent), f.min_sites)
+    new_arrays, metrics = rnd.strategy.aggregate_train(rnd.number, [r.message for r in outcome.ok])
     if new_arrays is None:
-        raise FederationError(f"{what}: the strategy could not aggregate the replies")
-    check_finite(new_arrays, what)
+        raise FederationError(f"{rnd.what}: the strategy could not aggregate the replies")
+    check_finite(new_arrays, rnd.what)
     return new_arrays, dict(metrics or {}), outcome
 
 
-def evaluate_round(
-    grid: Grid,
-    strategy: Strategy,
-    rnd: int,
-    arrays: ArrayRecord,
-    config: ConfigRecord,
-    fed: FederationConfig,
-    declared: Declarations,
-) -> tuple[dict[str, Any], RoundOutcome]:
-    """Federated evaluation of ``arrays`` at the sites that declared test cases (none: no replies, and
-    the caller says the evaluation was skipped); FederationError with fewer acceptable answers than
+def evaluate_round(rnd: ServerRound) -> tuple[dict[str, Any], RoundOutcome]:
+    """Federated evaluation of the round's arrays at the sites that declared test cases (none: no replies,
+    and the caller says the evaluation was skipped); FederationError with fewer acceptable answers than
     ``min_sites`` (or than the sites asked, when fewer hold test cases)."""
-    sent, started = start_round(grid, strategy, rnd, arrays, config, fed, declared, train=False)
-    sent = [m for m in sent if declared.counts.get(m.metadata.dst_node_id, {}).get(P.DECLARED_TEST) != 0]
+    sent, started = start_round(rnd, train=False)
+    sent = [m for m in sent if rnd.declared.counts.get(m.metadata.dst_node_id, {}).get(P.DECLARED_TEST) != 0]
     if not sent:
         return {}, RoundOutcome([], 0.0)
-    outcome = collect(sent, grid.send_and_receive(sent, timeout=fed.round_timeout), started, declared.names)
-    check_replies(outcome.replies, None, "evaluate", declared, 0.0)
-    check_outcome(outcome, f"evaluation round {rnd}", len(sent), min(fed.min_sites, len(sent)))
-    metrics = strategy.aggregate_evaluate(rnd, [r.message for r in outcome.ok])
+    outcome = exchange(rnd, sent, started)
+    check_replies(outcome.replies, None, "evaluate", rnd.declared, 0.0)
+    check_outcome(outcome, f"evaluation round {rnd.number}", len(sent), min(rnd.fed.min_sites, len(sent)))
+    metrics = rnd.strategy.aggregate_evaluate(rnd.number, [r.message for r in outcome.ok])
     return dict(metrics or {}), outcome

@@ -42,12 +42,18 @@ from flwr.server.compat.legacy_context import LegacyContext
 from flwr.server.strategy import Strategy as LegacyStrategy
 from flwr.server.workflow import SecAggPlusWorkflow
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import Strategy
 
 from amlp_core import protocol as P
 from amlp_core.config import SECAGG_MODULUS, FederationConfig
-from server.rounds import FederationError, RoundOutcome, check_finite, check_outcome, collect, start_round
-from server.validation import Declarations, NormHistory
+from server.rounds import (
+    FederationError,
+    RoundOutcome,
+    ServerRound,
+    check_finite,
+    check_outcome,
+    collect,
+    start_round,
+)
 
 log = logging.getLogger(__name__)
 # Flower's workflow reads the round and the weights from these records of the context state
@@ -178,23 +184,13 @@ class SecAggRound:
             timeout=timeout,
         )
 
-    def __call__(
-        self,
-        grid: Grid,
-        strategy: Strategy,
-        rnd: int,
-        arrays: ArrayRecord,
-        config: ConfigRecord,
-        fed: FederationConfig,
-        declared: Declarations,
-        history: NormHistory | None = None,
-    ) -> tuple[ArrayRecord, dict[str, Any], RoundOutcome]:
+    def __call__(self, rnd: ServerRound) -> tuple[ArrayRecord, dict[str, Any], RoundOutcome]:
         """One SecAgg+ training round. The sites' updates and weights stay masked, so the server's
-        per-site checks (:mod:`server.validation`) cannot run (``history`` is unused): each weight is bounded
-        by ``secagg_max_weight`` (the site refuses beyond it) and the unmasked average must be finite."""
-        min_sites = fed.min_sites
-        what = f"{config[P.PHASE]} round {rnd}"
-        sent, started = start_round(grid, strategy, rnd, arrays, config, fed, declared, train=True)
+        per-site checks (:mod:`server.validation`) cannot run (the round's norm history is unused): each weight
+        is bounded by ``secagg_max_weight`` (the site refuses beyond it) and the unmasked average must be
+        finite."""
+        grid, strategy, arrays, fed, what = rnd.grid, rnd.strategy, rnd.arrays, rnd.fed, rnd.what
+        sent, started = start_round(rnd, train=True)
         if len(sent) * self.fed.secagg_quantization_range >= SECAGG_MODULUS:
             raise FederationError(
                 f"{len(sent)} sites x federation.secagg_quantization_range="
@@ -206,41 +202,36 @@ class SecAggRound:
         legacy = _OneRound(
             [(GridClientProxy(m.metadata.dst_node_id, grid, run_id), _fit_ins(m, weight_key)) for m in sent]
         )
-        state = RecordDict({_CONFIGS: ConfigRecord({_ROUND: rnd}), _PARAMS: arrays})
+        state = RecordDict({_CONFIGS: ConfigRecord({_ROUND: rnd.number}), _PARAMS: arrays})
         context = LegacyContext(
             Context(run_id=run_id, node_id=0, node_config={}, state=state, run_config={}), strategy=legacy
         )
         recording = _RecordingGrid(grid)
-        log.info("%s round %d: secure aggregation (SecAgg+) with %d sites", config[P.PHASE], rnd, len(sent))
+        log.info("%s: secure aggregation (SecAgg+) with %d sites", what, len(sent))
         self.workflow(fed.round_timeout)(recording, context)
-        outcome = collect(sent, _site_replies(recording), started, declared.names)
+        outcome = collect(sent, _site_replies(recording), started, rnd.declared.names)
         if legacy.aggregate is None:
             for r in outcome.replies:
                 if r.status != P.OK:
                     log.warning("%s: %s %s: %s", what, r.site, r.status, r.error)
             raise FederationError(
-                f"{config[P.PHASE]} round {rnd}: secure aggregation halted (too few sites left to "
+                f"{what}: secure aggregation halted (too few sites left to "
                 f"unmask the sum; federation.secagg_reconstruction_threshold="
                 f"{self.fed.secagg_reconstruction_threshold}); problems: {outcome.problems()}"
             )
-        check_outcome(outcome, what, len(sent), min_sites)
+        check_outcome(outcome, what, len(sent), fed.min_sites)
         averaged = _apply(arrays, legacy.aggregate)
         check_finite(averaged, what)
         # Every site's reply, as the strategy sees it: the average (all it may know) and its metrics.
         replies = [_as_reply(r.message, averaged, r.metrics) for r in outcome.ok]
-        new_arrays, metrics = strategy.aggregate_train(rnd, replies)
+        new_arrays, metrics = strategy.aggregate_train(rnd.number, replies)
         if new_arrays is None:
-            raise FederationError(f"{config[P.PHASE]} round {rnd}: the strategy could not aggregate the replies")
+            raise FederationError(f"{what}: the strategy could not aggregate the replies")
         for r in outcome.ok:  # what the server holds of each site (and what the results count as sent)
             r.message = _masked_view(r.message)
         metrics = dict(metrics or {})
         metrics[ERROR_BOUND] = self.error_bound([float(r.metrics.get(weight_key, 0.0)) for r in outcome.ok])
-        log.info(
-            "%s round %d: SecAgg+ quantization error at most %.3g per parameter",
-            config[P.PHASE],
-            rnd,
-            metrics[ERROR_BOUND],
-        )
+        log.info("%s: SecAgg+ quantization error at most %.3g per parameter", what, metrics[ERROR_BOUND])
         return new_arrays, metrics, outcome
 
     def error_bound(self, weights: list[float]) -> float:
