@@ -23,7 +23,16 @@ from typing import TYPE_CHECKING, Any, NoReturn
 import yaml
 
 from amlp_core.atomic import atomic_write_text, check_output
-from amlp_core.config import DATA_FORMATS, METHOD_NAMES, Config, DataConfig, build_config, check_keys, load_config
+from amlp_core.config import (
+    DATA_FORMATS,
+    METHOD_NAMES,
+    STRATEGIES,
+    Config,
+    DataConfig,
+    build_config,
+    check_keys,
+    load_config,
+)
 from amlp_core.engine.lesions import EMPTY_CASES, EMPTY_HITS, EMPTY_SHARE, LESION_CASES, LESION_DICE
 from amlp_core.errors import AMLPError, ConfigError, DataError
 from amlp_core.logs import setup_logging
@@ -572,7 +581,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pretrain-rounds", type=int)
     p.add_argument("--finetune-rounds", type=int)
     p.add_argument("--local-epochs", type=int)
-    p.add_argument("--strategy", choices=["fedavg", "fedprox", "fedadam", "fedmedian", "fedtrimmedavg"])
+    p.add_argument("--strategy", choices=STRATEGIES)
     p.add_argument("--label-fraction", type=float)
     p.add_argument("--seed", type=int)
     p.add_argument("--device")
