@@ -67,6 +67,23 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
+def paired_test(differences: Sequence[float], alpha: float = 0.05) -> dict[str, Any]:
+    """What paired differences (one per seed) say: their mean and spread, a two-sided one-sample t-test of
+    a zero mean (scipy), and the verdict it supports: ``gain`` or ``loss`` below ``alpha``, else ``tie``
+    (with one seed, or differences all equal, no test: ``one seed`` / the sign)."""
+    mean, std = mean_std(differences)
+    out: dict[str, Any] = {"mean": mean, "std": std, "n": len(differences)}
+    if len(differences) < 2:
+        return {**out, "p": None, "verdict": "one seed"}
+    if std == 0:
+        return {**out, "p": None, "verdict": "tie" if mean == 0 else ("gain" if mean > 0 else "loss")}
+    from scipy import stats
+
+    p = float(stats.ttest_1samp(differences, 0.0).pvalue)
+    verdict = "tie" if p >= alpha else ("gain" if mean > 0 else "loss")
+    return {**out, "p": p, "verdict": verdict}
+
+
 def table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
     """A Markdown table of ``rows`` (floats with 4 decimals)."""
 

@@ -46,6 +46,7 @@ from simulations.benchmarks.common import (
     benchmark_parser,
     machine,
     mean_std,
+    paired_test,
     set_overrides,
     table,
     write_json,
@@ -131,8 +132,8 @@ def paired(
     if not seeds:
         return None
     diffs = [a[s] - b[s] for s in seeds]
-    mean, std = mean_std(diffs)
-    return {"mean": mean, "std": std, "seeds": seeds, "per_seed": diffs}
+    test = paired_test(diffs)
+    return {"mean": test["mean"], "std": test["std"], "seeds": seeds, "per_seed": diffs, **test}
 
 
 def summary(rows: list[dict], fractions: list[float], metric: str = "dice_mean") -> tuple[list[dict], str]:
@@ -174,7 +175,8 @@ def summary(rows: list[dict], fractions: list[float], metric: str = "dice_mean")
                 if not d:
                     return ""
                 per = ", ".join(f"{v:+.3f}" for v in d["per_seed"])
-                return f"{d['mean']:+.4f} ± {d['std']:.4f} ({per})"
+                p = f", p {d['p']:.3f}" if d.get("p") is not None else ""
+                return f"{d['mean']:+.4f} ± {d['std']:.4f} ({per}): {d.get('verdict', '')}{p}"
 
             lines.append(
                 {

@@ -318,3 +318,13 @@ def test_lesion_rows_are_paired_and_reported_by_lesion_dice():
     assert "lesion Dice | lesion-free predicted empty |" in md and "lesion Dice by label fraction:" in md
     assert "| amlp | +0.0500 ± 0.0000 |" in md
     assert plot.bar_plot(cells, "t").axes[0].get_ylabel() == "lesion Dice"
+
+
+def test_every_tie_and_gain_has_a_paired_test_behind_it():
+    from simulations.benchmarks.common import paired_test
+
+    assert paired_test([0.03, 0.05, 0.04])["verdict"] == "gain" and paired_test([0.03, 0.05, 0.04])["p"] < 0.05
+    assert paired_test([-0.02, -0.03, -0.025])["verdict"] == "loss"
+    spread = paired_test([0.045, 0.021, -0.01])
+    assert spread["verdict"] == "tie" and spread["p"] > 0.05 and spread["n"] == 3
+    assert paired_test([0.05])["verdict"] == "one seed" and paired_test([0.05])["p"] is None

@@ -10,6 +10,7 @@ from typing import Any
 from amlp_core.engine.lesions import EMPTY_CASES, EMPTY_SHARE, LESION_DICE
 from simulations.benchmarks.common import (
     mean_std,
+    paired_test,
 )
 from simulations.benchmarks.comparison.plan import SCRATCH
 
@@ -70,8 +71,10 @@ def aggregate(
             if method != SCRATCH:
                 deltas = paired_differences(rows, method, fraction, metric)
                 if deltas:
-                    entry["vs_scratch_mean"], entry["vs_scratch_std"] = mean_std(deltas)
+                    test = paired_test(deltas)
+                    entry["vs_scratch_mean"], entry["vs_scratch_std"] = test["mean"], test["std"]
                     entry["vs_scratch_seeds"] = len(deltas)
+                    entry["vs_scratch_p"], entry["vs_scratch_verdict"] = test["p"], test["verdict"]
             changes = [r["encoder_change"] for r in cell if r.get("encoder_change") is not None]
             if changes:
                 entry["encoder_change_mean"] = round(statistics.fmean(changes), 5)
