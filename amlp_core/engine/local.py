@@ -63,6 +63,26 @@ def run_epochs(first: int, last: int, total: int) -> list[Epoch]:
     return [Epoch(e, e / total, (e + 1) / total) for e in range(first, last)]
 
 
+@dataclass(frozen=True)
+class Stretch:
+    """One stretch of training, as the privacy ledger counts it: a site's federated round, or an epoch (a
+    whole fine-tuning) of a local run. ``phase`` and ``number`` name it on the ledger (and number the
+    augmentation passes of a federated round's fine-tuning); ``seed`` seeds its randomness; with ``ledger``
+    it is DP-SGD; ``regularizer`` is added to every step's loss (FedProx's term); ``desc`` names the bar."""
+
+    phase: str
+    number: int = 1
+    seed: int = 0
+    ledger: PrivacyLedger | None = None
+    regularizer: Callable[[], torch.Tensor] | None = None
+    desc: str = ""
+
+    @property
+    def name(self) -> tuple[str, int]:
+        """``(phase, number)``: the stretch on the privacy ledger."""
+        return self.phase, self.number
+
+
 def pretrain_epochs(
     method: PretrainMethod,
     optimizer: torch.optim.Optimizer,
@@ -71,33 +91,30 @@ def pretrain_epochs(
     cfg: Config,
     epochs: Sequence[Epoch],
     generator: torch.Generator,
+    stretch: Stretch,
     *,
     total_epochs: int,
     hold_ratio: bool = False,
-    ledger: PrivacyLedger | None = None,
-    seed: int = 0,
-    stretch: tuple[str, int] = ("pretrain", 1),
-    regularizer: Callable[[], torch.Tensor] | None = None,
-    desc: str = "pretrain",
 ) -> dict[str, float]:
-    """Pretrain ``method`` for ``epochs`` of a run of ``total_epochs`` (one stretch of training).
+    """Pretrain ``method`` for ``epochs`` of a run of ``total_epochs`` (one ``stretch`` of training).
 
     The rate is ``train.lr`` with a warm-up over ``train.warmup_epochs`` (at most half the run) and a
     cosine, following each step's progress. The AMLP/AHM masking ratio follows the progress too, or
     with ``hold_ratio`` stays each epoch's start value (a federated round: every site masks alike).
-    With ``ledger``: DP-SGD at the ledger's noise, the steps recorded as ``stretch`` (phase, round).
+    With the stretch's ledger: DP-SGD at the ledger's noise, the steps recorded as the stretch.
 
     Returns:
         The last epoch's mean step metrics, ``num_examples``, and ``epsilon`` when private.
     """
     warmup = min(cfg.train.warmup_epochs / total_epochs, 0.5)
+    ledger, seed = stretch.ledger, stretch.seed
     if method.private != (ledger is not None):  # statistics of the cases stay frozen under DP
         raise ValueError(f"a method built with private={method.private} trained {'with' if ledger else 'without'} DP")
     metrics: dict[str, float] = {}
     if ledger is not None:  # DP-SGD's records are patients: the slices of one volume are one record
         loader = DataLoader(as_records(loader.dataset, seed))
     with charged_training(
-        method, optimizer, loader, ledger, cfg.train.batch_size, cfg.privacy.max_grad_norm, seed, *stretch
+        method, optimizer, loader, ledger, cfg.train.batch_size, cfg.privacy.max_grad_norm, seed, *stretch.name
     ) as (opt, batches, spent):
         for epoch in epochs:
             loader.dataset.set_epoch(epoch.index)
@@ -111,8 +128,8 @@ def pretrain_epochs(
                 generator,
                 lr_at=lambda t: cfg.train.lr * warmup_cosine(t, warmup),
                 amp=cfg.train.amp,
-                desc=f"{desc} {epoch.index + 1}/{total_epochs}",
-                regularizer=regularizer,
+                desc=f"{stretch.desc or stretch.phase} {epoch.index + 1}/{total_epochs}",
+                regularizer=stretch.regularizer,
                 lr_progress=(epoch.start, epoch.end),
             )
     return {**metrics, **spent}
@@ -126,23 +143,19 @@ def finetune_for(
     cfg: Config,
     steps: int,
     progress_at: Callable[[int], float],
+    stretch: Stretch,
     *,
-    ledger: PrivacyLedger | None = None,
-    seed: int = 0,
-    stretch: tuple[str, int] = ("finetune", 1),
-    regularizer: Callable[[], torch.Tensor] | None = None,
     on_pass: Callable[[dict[str, Any]], bool | None] | None = None,
-    desc: str = "finetune",
     semi: SemiTraining | None = None,
     first_pass: int | None = None,
 ) -> dict[str, Any]:
-    """``steps`` optimiser steps of Dice + CE training of ``model`` over ``loader``'s cases (one stretch),
+    """``steps`` optimiser steps of Dice + CE training of ``model`` over ``loader``'s cases (one ``stretch``),
     with ``semi`` (:func:`semi_training`) the unlabelled pool's loss too.
 
     The rate of step ``k`` is :func:`~amlp_core.engine.optim.set_finetune_lr` at ``progress_at(k)``.
-    The passes over the cases continue the numbering of the earlier stretches (``stretch``'s round:
-    every round's passes get their own shuffle and augmentation), or start at ``first_pass`` (a resumed run). With ``ledger``: DP-SGD, a step is one
-    Poisson draw, and the steps are recorded as ``stretch``.
+    The passes over the cases continue the numbering of the earlier stretches (the stretch's number: every
+    round's passes get their own shuffle and augmentation), or start at ``first_pass`` (a resumed run). With
+    the stretch's ledger: DP-SGD, a step is one Poisson draw, and the steps are recorded as the stretch.
 
     Under DP-SGD with ``semi``, the records are the labelled cases and the unlabelled pool together
     (:class:`~amlp_core.data.dataset.RecordDataset`): Poisson sampling draws from both, each record's loss
@@ -151,6 +164,7 @@ def finetune_for(
     Returns:
         :func:`~amlp_core.engine.loops.finetune_steps`' metrics, and ``epsilon`` when private.
     """
+    ledger, seed = stretch.ledger, stretch.seed
     if ledger is not None and semi is not None:
         pool = semi.loader.dataset
         assert isinstance(pool, SegDataset)  # (semi_training's)
@@ -158,7 +172,7 @@ def finetune_for(
     if ledger is not None:  # DP-SGD's records are patients: the slices of one volume are one record
         loader = DataLoader(as_records(loader.dataset, seed))
     with charged_training(
-        model, optimizer, loader, ledger, cfg.train.batch_size, cfg.privacy.max_grad_norm, seed, *stretch
+        model, optimizer, loader, ledger, cfg.train.batch_size, cfg.privacy.max_grad_norm, seed, *stretch.name
     ) as (opt, batches, spent):
         passes = -(-steps // max(len(batches), 1))  # passes per stretch
 
@@ -174,9 +188,9 @@ def finetune_for(
             steps,
             schedule,
             cfg.train.amp,
-            desc=desc,
-            regularizer=regularizer,
-            first_pass=(stretch[1] - 1) * passes if first_pass is None else first_pass,
+            desc=stretch.desc or stretch.phase,
+            regularizer=stretch.regularizer,
+            first_pass=(stretch.number - 1) * passes if first_pass is None else first_pass,
             on_pass=on_pass,
             semi=semi,
         )
@@ -311,13 +325,9 @@ def pretrain_round(
         cfg,
         epochs,
         make_generator(rnd.seed, device),
+        Stretch("pretrain", rnd.number, rnd.seed, rnd.ledger, regularizer, rnd.desc),
         total_epochs=rnd.total * per_round,
         hold_ratio=True,
-        ledger=rnd.ledger,
-        seed=rnd.seed,
-        stretch=("pretrain", rnd.number),
-        regularizer=regularizer,
-        desc=rnd.desc,
     )
     out = {k: v.detach().cpu() for k, v in method.shared_state_dict().items()}
     return out, {"method": method.state_dict(), "optimizer": optimizer.state_dict()}, metrics
@@ -369,11 +379,7 @@ def finetune_round(
         cfg,
         steps,
         progress_at,
-        ledger=rnd.ledger,
-        seed=rnd.seed,
-        stretch=("finetune", rnd.number),
-        regularizer=regularizer,
-        desc=rnd.desc,
+        Stretch("finetune", rnd.number, rnd.seed, rnd.ledger, regularizer, rnd.desc),
         semi=semi,
     )
     out = {k: v.detach().cpu() for k, v in model.state_dict().items()}

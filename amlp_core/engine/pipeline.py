@@ -41,6 +41,7 @@ from amlp_core.engine.checkpoint import atomic_write_text, load_checkpoint, save
 from amlp_core.engine.device import make_generator, resolve_device, seed_everything, set_threads
 from amlp_core.engine.lesions import EMPTY_SHARE, LESION_DICE, inference_args
 from amlp_core.engine.local import (
+    Stretch,
     finetune_for,
     finetune_records,
     make_loader,
@@ -236,10 +237,8 @@ def pretrain(
             cfg,
             run_epochs(epoch, epoch + 1, epochs),
             generator,
+            Stretch("pretrain", epoch + 1, cfg.train.seed + epoch, ledger),
             total_epochs=epochs,
-            ledger=ledger,
-            seed=cfg.train.seed + epoch,
-            stretch=("pretrain", epoch + 1),
         )
         metrics.update(epoch=epoch + 1, seconds=round(time.monotonic() - start, 2))
         append_metrics(out, metrics)
@@ -409,8 +408,7 @@ def train_segmentation(
         cfg,
         steps - first_step,
         progress_at,
-        ledger=ledger,
-        seed=cfg.train.seed,
+        Stretch("finetune", 1, cfg.train.seed, ledger),
         on_pass=on_pass,
         semi=semi,
         first_pass=first_pass,
