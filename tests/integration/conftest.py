@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
+from server.inbox import ENV as INBOX_ENV
 from simulations.simulate import simulate
 from tests.integration.helpers import TWO_PHASE_PLAN, sim_config
 
 CONSOLE_FILE = "console.txt"  # what the two-phase run showed on the console, beside its run folder
+INBOX_DIR = "inbox"  # the server's audit log of the two-phase run (server/inbox.py), beside its run folder
 
 
 @pytest.fixture(scope="session")
@@ -22,7 +25,11 @@ def two_phase_run(tmp_path_factory) -> tuple[Path, object]:
     run = tmp_path_factory.mktemp("two_phase") / "run"
     cfg = sim_config(run, **TWO_PHASE_PLAN)
     console = io.StringIO()
-    with contextlib.redirect_stdout(console):  # what the console showed: next to the run, for test_board
-        simulate(cfg, timeout=600)
+    os.environ[INBOX_ENV] = str(run.parent / INBOX_DIR)  # every message and reply, beside the run (test_board)
+    try:
+        with contextlib.redirect_stdout(console):  # what the console showed: next to the run, for test_board
+            simulate(cfg, timeout=600)
+    finally:
+        del os.environ[INBOX_ENV]
     (run.parent / CONSOLE_FILE).write_text(console.getvalue())
     return run, cfg

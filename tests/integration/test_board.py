@@ -133,3 +133,30 @@ def test_a_site_writes_its_own_report_with_its_pictures_in_its_own_folder(two_ph
     err = capsys.readouterr().err
     assert err.startswith("fedamlp: error: ") and "not a site's state folder" in err and err.count("\n") == 1
     assert main(["report"]) == 2 and "one of the two" in capsys.readouterr().err
+
+
+def test_no_reply_the_server_receives_holds_anything_image_like(two_phase_run):
+    """Every reply of the real run, as the server's audit log kept it: weights of the model's own shapes in
+    training replies only, numbers as metrics, short text as configs; no array shaped like a scan, no bytes."""
+    import pickle
+
+    from amlp_core.engine.weights import initial_segmentation_state, initial_shared_state
+    from tests.integration.conftest import INBOX_DIR
+
+    run, cfg = two_phase_run
+    exchanges = [pickle.loads(p.read_bytes()) for p in sorted((run.parent / INBOX_DIR).glob("*.pkl"))]
+    replies = [r for e in exchanges for r in e["received"]]
+    assert len(replies) >= 2 * (cfg.federation.pretrain_rounds + 2 * cfg.federation.finetune_rounds)
+    shared = initial_shared_state(cfg)
+    model_shapes = {tuple(v.shape) for v in (*shared.values(), *initial_segmentation_state(cfg, shared).values())}
+    scan = tuple(cfg.data.synthetic_size)
+    for reply in replies:
+        for record in reply["arrays"].values():
+            for name, array in record.items():
+                assert tuple(array.shape) in model_shapes, (name, array.shape)  # the model's weights, nothing else
+                assert tuple(array.shape[-len(scan) :]) != scan, (name, array.shape)  # no scan-shaped array
+        for record in reply["metrics"].values():
+            assert all(isinstance(v, (int, float)) for v in record.values()), record  # numbers only
+        for record in reply["configs"].values():
+            for value in record.values():
+                assert not isinstance(value, bytes) and len(str(value)) < 4096, str(value)[:200]
