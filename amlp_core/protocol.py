@@ -54,6 +54,9 @@ WEIGHT_KEY = "weight_key"  # SecAgg+ rounds: the metric the site weights its upd
 # Metrics in METRICS (Flower weights by NUM_EXAMPLES: the number of samples, not batches).
 NUM_EXAMPLES = "num-examples"
 LOSS = "loss"
+DICE_MEAN = "dice_mean"  # evaluation: the mean over the classes of the per-case Dice (DICE_PREFIX + k per class)
+DICE_PREFIX = "dice_"
+SECONDS = "seconds"  # the run's record: a round's seconds at the server
 MASK_RATIO = "mask_ratio"
 EPSILON = "epsilon"  # site DP: the site's cumulative epsilon after this round (at privacy.delta)
 #: Fine-tuning replies: the unlabelled cases the round learnt from (0: it trained on its labels only).

@@ -146,7 +146,7 @@ def round_line(
         parts.append(f"loss {train[P.LOSS]:.4f}")
     if phase == P.PRETRAIN and isinstance(train.get(P.MASK_RATIO), float):
         parts.append(f"mask ratio {train[P.MASK_RATIO]:.2f}")
-    if isinstance(evaluated.get("dice_mean"), float):
+    if isinstance(evaluated.get(P.DICE_MEAN), float):
         parts.append(f"Dice {evaluated['dice_mean']:.4f}")
     if evaluated.get(EMPTY_CASES):
         parts.append(

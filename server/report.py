@@ -37,7 +37,7 @@ def _figures(record: RunRecord) -> dict[str, bytes]:
     wanted = [
         ("Training loss per round", [("pretrain", "train", "loss"), ("finetune", "train", "loss")]),
         ("Masking ratio per pretraining round", [("pretrain", "train", P.MASK_RATIO)]),
-        ("Test Dice per round (each site, and all)", [("finetune", "evaluate", "dice_mean")]),
+        ("Test Dice per round (each site, and all)", [("finetune", "evaluate", P.DICE_MEAN)]),
         ("Epsilon spent per site", [("pretrain", "train", P.EPSILON), ("finetune", "train", P.EPSILON)]),
     ]
     out = {}

@@ -136,7 +136,7 @@ class RunRecord:
 
     def round_seconds(self, phase: str | None = None) -> float:
         """The server's seconds in the rounds (of ``phase``): the rounds' own time, no start-up."""
-        return sum(r.number("seconds") or 0.0 for r in self.select(phase=phase, aggregate=True))
+        return sum(r.number(P.SECONDS) or 0.0 for r in self.select(phase=phase, aggregate=True))
 
     def dict_rows(self) -> list[dict[str, Any]]:
         return [r.as_dict() for r in self.rows]
@@ -182,7 +182,7 @@ class RunResults:
             lines.append(f"- {key}: {value}")
         dice = self.final_dice()
         if dice:
-            classes = sorted(k for k in dice[0] if k.startswith("dice_") and k != "dice_mean")
+            classes = sorted(k for k in dice[0] if k.startswith(P.DICE_PREFIX) and k != P.DICE_MEAN)
             lines += [
                 "",
                 f"## Dice after fine-tuning round {dice[0]['round']}",
@@ -191,7 +191,7 @@ class RunResults:
                 "|---" * (len(classes) + 3) + "|",
             ]
             for r in dice:
-                values = " | ".join(_fmt(r.get(c)) for c in classes + ["dice_mean"])
+                values = " | ".join(_fmt(r.get(c)) for c in classes + [P.DICE_MEAN])
                 lines.append(f"| {r['site']} | {r.get('num-examples', '')} | {values} |")
             lines += _lesion_lines(dice)
         lines += self._privacy_lines()

@@ -42,7 +42,7 @@ def run_state(run_dir: Path) -> dict[str, Any]:
     outcome = "failed" if failed.is_file() else ("finished" if (run_dir / "model").is_dir() else "in progress")
     rounds = record.select(kind=P.TRAIN, aggregate=True)
     last = rounds[-1] if rounds else None
-    seconds = [s for s in (r.number("seconds") for r in rounds) if s is not None]
+    seconds = [s for s in (r.number(P.SECONDS) for r in rounds) if s is not None]
     planned = int(info.get("pretrain rounds", 0) or 0) + int(info.get("finetune rounds", 0) or 0)
     left = max(planned - len(rounds), 0)
     per_round = sum(seconds) / len(seconds) if seconds else None
@@ -52,8 +52,8 @@ def run_state(run_dir: Path) -> dict[str, Any]:
         entry.update(status=r.status, phase=r.phase.value, round=r.round)
         if r.get("error"):
             entry["error"] = str(r.get("error"))[:300]
-        if r.kind == P.EVALUATE and r.number("dice_mean") is not None:
-            entry["dice_mean"] = r.number("dice_mean")
+        if r.kind == P.EVALUATE and r.number(P.DICE_MEAN) is not None:
+            entry[P.DICE_MEAN] = r.number(P.DICE_MEAN)
         if r.number(P.EPSILON) is not None:
             entry["epsilon"] = r.number(P.EPSILON)
     budget = info.get(BUDGET) if isinstance(info.get(BUDGET), (int, float)) else None
@@ -68,7 +68,7 @@ def run_state(run_dir: Path) -> dict[str, Any]:
         "rounds_planned": planned,
         "seconds_per_round": per_round,
         "seconds_left": per_round * left if per_round is not None and outcome == "in progress" else None,
-        "dice_mean": final.number("dice_mean") if final else None,
+        P.DICE_MEAN: final.number(P.DICE_MEAN) if final else None,
         "epsilon_budget": budget,
         "sites": sorted(sites.values(), key=lambda e: e["site"]),
     }

@@ -15,6 +15,7 @@ from monai.metrics import DiceMetric
 from torch import nn
 from tqdm.auto import tqdm
 
+from amlp_core import protocol as P
 from amlp_core.engine.device import autocast
 from amlp_core.engine.lesions import LesionTally, postprocess
 from amlp_core.engine.optim import set_lr
@@ -374,7 +375,7 @@ def evaluate_segmentation(
     assert isinstance(aggregated, torch.Tensor)
     per_class = aggregated.tolist()  # [K-1]
     out = {f"dice_{k + 1}": float(v) for k, v in enumerate(per_class)}
-    out["dice_mean"] = float(np.nanmean(per_class)) if per_class else float("nan")
+    out[P.DICE_MEAN] = float(np.nanmean(per_class)) if per_class else float("nan")
     out.update(lesions.metrics())
     out["num_examples"] = len(samples)
     log.info("%s: %d cases in %.1f s", desc, len(samples), time.monotonic() - start)
