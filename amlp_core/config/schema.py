@@ -427,7 +427,7 @@ MAX_LR = 1.0
 PRIVATE_TRAINABLE = ("all", "decoder", "norms_biases")
 
 #: ``train.semi_supervised`` values (amlp_core/engine/semi.py).
-SEMI_METHODS = ("none", "mean_teacher", "fixmatch")
+SEMI_METHODS = ("none", "mean_teacher", "fixmatch", "copy_paste")
 #: ``train.semi_teacher_start`` values: at each federated round the teacher restarts from the global model,
 #: or keeps the site's running average.
 TEACHER_STARTS = ("global", "keep")
@@ -466,7 +466,7 @@ class TrainConfig:
     foreground_share: float = 0.33
     # Semi-supervised fine-tuning (amlp_core/engine/semi.py): the site's unlabelled pool (training cases whose
     # label is not used) enters the loss through a teacher, the EMA of the student.
-    semi_supervised: str = "none"  # none | mean_teacher | fixmatch
+    semi_supervised: str = "none"  # none | mean_teacher | fixmatch | copy_paste
     semi_weight: float = 1.0  # the unlabelled loss's weight, once ramped up
     semi_rampup: float = 0.1  # share of the run over which that weight ramps up (sigmoid; 0: none)
     semi_ema: float = 0.99  # the teacher's EMA momentum per step (0: the teacher is the student)
@@ -474,6 +474,8 @@ class TrainConfig:
     semi_cutmix: float = 0.5  # fixmatch: probability that a strong view takes a box of another unlabelled case
     semi_loss: str = "ce_dice"  # fixmatch: the loss on the pseudo-labels: ce_dice | ce (cross-entropy alone)
     semi_noise: float = 0.1  # mean_teacher: std of each view's gaussian noise (clipped at 2 std)
+    semi_paste: float = 0.667  # copy_paste: the pasted box's share of each side of the image (BCP: 2/3)
+    semi_paste_weight: float = 0.5  # copy_paste: the pseudo-labelled pixels' weight against the labelled ones'
     semi_batch: int = 0  # unlabelled cases per step (0: train.batch_size)
     semi_teacher_start: str = "global"  # federated: each round's teacher starts as the global model, or keeps
 
@@ -523,6 +525,8 @@ class TrainConfig:
         _check(0.0 < self.semi_threshold <= 1.0, "train.semi_threshold", self.semi_threshold, "must be in (0, 1]")
         _check(0.0 <= self.semi_cutmix <= 1.0, "train.semi_cutmix", self.semi_cutmix, "must be in [0, 1]")
         _check(self.semi_loss in ("ce_dice", "ce"), "train.semi_loss", self.semi_loss, "must be ce_dice or ce")
+        _check(0.0 < self.semi_paste < 1.0, "train.semi_paste", self.semi_paste, "must be in (0, 1)")
+        _check(self.semi_paste_weight >= 0, "train.semi_paste_weight", self.semi_paste_weight, "must not be negative")
         _check(self.semi_noise >= 0, "train.semi_noise", self.semi_noise, "must not be negative")
         _check(self.semi_batch >= 0, "train.semi_batch", self.semi_batch, "must not be negative (0: train.batch_size)")
         _check(
@@ -868,6 +872,12 @@ class Config:
                 f"invalid train.semi_cutmix={self.train.semi_cutmix!r} with privacy.site_dp=True: a CutMix view "
                 "mixes two patients' images in one sample, so clipping each case's gradient no longer bounds "
                 "what one case adds (set train.semi_cutmix=0 under site DP)"
+            )
+        if self.privacy.site_dp and self.train.semi_supervised == "copy_paste":
+            raise ConfigError(
+                "invalid train.semi_supervised='copy_paste' with privacy.site_dp=True: every copy-paste sample "
+                "mixes a labelled and an unlabelled patient, so clipping each case's gradient no longer bounds "
+                "what one case adds (use mean_teacher, or fixmatch with train.semi_cutmix=0, under site DP)"
             )
         if self.privacy.server_dp and self.federation.secure_aggregation:
             raise ConfigError(

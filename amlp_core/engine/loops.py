@@ -228,7 +228,8 @@ def _semi_loss(
         semi.stream = semi.batches()
     unlabelled = next(semi.stream).to(device, non_blocking=True)  # [U, C, *S]
     with autocast(device, amp):
-        target = semi.objective.views(unlabelled)  # the teacher's targets (no gradient)
+        pair = (images, labels) if semi.objective.needs_labelled else None
+        target = semi.objective.views(unlabelled, pair)  # the teacher's targets (no gradient)
         logits = model(torch.cat([images, target.images]))  # [B + U, K, *S]
     n = images.shape[0]
     loss = loss_fn(logits[:n].float(), labels)

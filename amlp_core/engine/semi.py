@@ -12,6 +12,12 @@ batch; the student learns to agree with it under perturbation. The methods:
   the student sees a strong view (contrast, brightness, noise, blur, and with probability
   ``train.semi_cutmix`` a box of another unlabelled case, pseudo-label and all) and is trained on those
   pixels with cross-entropy + Dice.
+- ``copy_paste`` (BCP, Bai et al. CVPR 2023): each unlabelled image is paired with a labelled one of the
+  batch, and a box (``train.semi_paste`` of each side) of one is pasted into the other, in both directions
+  (labelled into unlabelled for even pairs, unlabelled into labelled for odd ones). The student learns the
+  mixed image against the ground truth where the pixels are labelled and the teacher's argmax where they
+  are not (those pixels weighted ``train.semi_paste_weight``), with cross-entropy + Dice. Unlike BCP the
+  plain supervised loss stays beside it and there is no separate warm-up (the weight's ramp is it).
 
 The total loss is ``supervised + w(t) * unlabelled``, with ``w`` ramped up (sigmoid, Laine & Aila) to
 ``train.semi_weight`` over ``train.semi_rampup`` of the run. One forward pass of the student takes the
@@ -141,6 +147,26 @@ def cutmix_boxes(
     return partner, box
 
 
+def paste_boxes(shape: Sequence[int], share: float, generator: torch.Generator) -> torch.Tensor:
+    """One box per image, ``share`` of each side, at a random place (BCP's copy-paste mask).
+
+    Args:
+        shape: the batch's ``[B, C, *S]``.
+
+    Returns:
+        ``[B, 1, *S]`` bool, True inside each image's box.
+    """
+    b, spatial = shape[0], list(shape[2:])
+    device = generator.device
+    box = torch.zeros((b, 1, *spatial), dtype=torch.bool, device=device)
+    sizes = [max(1, round(share * n)) for n in spatial]
+    draws = torch.rand(b, len(spatial), generator=generator, device=device).tolist()
+    for i, where in enumerate(draws):
+        starts = [int(w * (n - s + 1)) for w, n, s in zip(where, spatial, sizes, strict=True)]
+        box[i, 0][tuple(slice(a, a + s) for a, s in zip(starts, sizes, strict=True))] = True
+    return box
+
+
 def masked_dice_ce(
     logits: torch.Tensor,
     target: torch.Tensor,
@@ -206,9 +232,22 @@ class SemiObjective:
         """The unlabelled loss's weight at training progress ``progress`` in [0, 1]."""
         return self.train.semi_weight * rampup(progress, self.train.semi_rampup)
 
-    def views(self, images: torch.Tensor) -> Unlabelled:
-        """The student's view of an unlabelled batch ``[B, C, *S]`` and the teacher's targets."""
+    @property
+    def needs_labelled(self) -> bool:
+        """Whether :meth:`views` mixes the labelled batch in (``copy_paste``: never under DP, the config says)."""
+        return self.method == "copy_paste"
+
+    def views(self, images: torch.Tensor, labelled: tuple[torch.Tensor, torch.Tensor] | None = None) -> Unlabelled:
+        """The student's view of an unlabelled batch ``[U, C, *S]`` and the teacher's targets.
+
+        ``labelled`` (``copy_paste`` only): the step's labelled images ``[B, C, *S]`` and labels ``[B, 1, *S]``;
+        unlabelled image ``i`` is mixed with labelled image ``i mod B``.
+        """
         g = self.generator
+        if self.method == "copy_paste":
+            if labelled is None:
+                raise ValueError("copy_paste mixes each unlabelled image with a labelled one: give the labelled batch")
+            return self._copy_paste(images, *labelled)
         if self.method == "mean_teacher":
             sigma = self.train.semi_noise
 
@@ -228,6 +267,21 @@ class SemiObjective:
             keep = torch.where(box[:, 0], keep[partner], keep)
         return Unlabelled(strong, pseudo=pseudo, keep=keep)
 
+    def _copy_paste(self, images: torch.Tensor, images_l: torch.Tensor, labels_l: torch.Tensor) -> Unlabelled:
+        """BCP's bidirectional copy-paste of unlabelled ``images`` ``[U, C, *S]`` and labelled ``images_l``
+        ``[B, C, *S]`` with ``labels_l`` ``[B, 1, *S]``."""
+        u = images.shape[0]
+        pair = torch.arange(u, device=images.device) % images_l.shape[0]  # [U] the labelled partner
+        own_l, own_y = images_l[pair].to(images.dtype), labels_l[pair, 0].long()  # [U, C, *S], [U, *S]
+        pseudo = self.teacher.probs(images).argmax(dim=1)  # [U, *S] the teacher's labels of the unlabelled
+        box = paste_boxes(images.shape, self.train.semi_paste, self.generator)  # [U, 1, *S]
+        inward = (torch.arange(u, device=images.device) % 2 == 0).view(u, *([1] * (images.ndim - 1)))
+        from_labelled = torch.where(inward, box, ~box)  # [U, 1, *S] the pixels that come from the labelled image
+        mixed = torch.where(from_labelled, own_l, images)  # [U, C, *S]
+        target = torch.where(from_labelled[:, 0], own_y, pseudo)  # [U, *S]
+        weight = torch.where(from_labelled[:, 0], 1.0, self.train.semi_paste_weight).to(images.dtype)  # [U, *S]
+        return Unlabelled(mixed, pseudo=target, keep=weight.float())
+
     def loss(
         self, logits: torch.Tensor, target: Unlabelled, per_case: bool = False
     ) -> tuple[torch.Tensor, dict[str, float]]:
@@ -240,9 +294,10 @@ class SemiObjective:
             loss = squared.flatten(1).mean(1) if per_case else squared.mean()
             return loss, {"semi_loss": loss.mean().item()}
         assert target.pseudo is not None and target.keep is not None
-        loss = masked_dice_ce(
-            logits, target.pseudo, target.keep, per_case=per_case, dice=self.train.semi_loss == "ce_dice"
-        )
+        dice = self.method == "copy_paste" or self.train.semi_loss == "ce_dice"
+        loss = masked_dice_ce(logits, target.pseudo, target.keep, per_case=per_case, dice=dice)
+        if self.method == "copy_paste":
+            return loss, {"semi_loss": loss.mean().item()}
         return loss, {"semi_loss": loss.mean().item(), "semi_confident": target.keep.mean().item()}
 
     def after_step(self, student: nn.Module) -> None:

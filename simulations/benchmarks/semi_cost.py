@@ -36,7 +36,7 @@ KINDS = {
 }
 for _kind in KINDS.values():  # (the config's phantoms must have the model's dimensions; none is generated)
     _kind["data.synthetic_size"] = _kind["model.img_size"]
-METHODS = ("mean_teacher", "fixmatch")
+METHODS = ("mean_teacher", "fixmatch", "copy_paste")
 
 
 def _seconds_per_step(cfg, semi_method: str, steps: int, batch: dict, unlabelled: torch.Tensor) -> float:

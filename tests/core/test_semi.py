@@ -22,6 +22,7 @@ from amlp_core.engine.semi import (
     Teacher,
     cutmix_boxes,
     masked_dice_ce,
+    paste_boxes,
     rampup,
     strong_view,
     unlabelled_pool,
@@ -162,6 +163,41 @@ def test_mean_teacher_matches_the_teachers_probabilities():
     assert 0 < loss.item() < 0.1  # the same weights on two noisy views: nearly agree
 
 
+def test_paste_boxes_take_their_share_of_each_side_anywhere():
+    g = torch.Generator().manual_seed(0)
+    box = paste_boxes((16, 1, 12, 30), 2 / 3, g)
+    assert box.shape == (16, 1, 12, 30)
+    assert (box.sum(dim=(1, 2, 3)) == 8 * 20).all()  # a box of 8 x 20 in every image
+    corners = {tuple(torch.nonzero(b[0])[0].tolist()) for b in box}
+    assert len(corners) > 4  # at random places
+    assert paste_boxes((2, 1, 6, 6, 6), 0.5, g).sum(dim=(1, 2, 3, 4)).tolist() == [27, 27]  # 3D too
+
+
+def test_copy_paste_mixes_labels_where_labelled_and_pseudo_labels_elsewhere():
+    cfg = tiny_config(2, **{"train.semi_supervised": "copy_paste", "train.semi_paste_weight": 0.25})
+    model = SegmentationNet(cfg.model)
+    objective = SemiObjective(cfg.train, model, torch.Generator().manual_seed(0))
+    size = cfg.model.img_size
+    unlabelled = torch.randn(4, 1, *size) - 10.0  # told apart from the labelled images by their values
+    images_l = torch.randn(2, 1, *size) + 10.0
+    labels_l = torch.ones(2, 1, *size, dtype=torch.long)  # all foreground
+    with pytest.raises(ValueError, match="labelled batch"):
+        objective.views(unlabelled)
+    u = objective.views(unlabelled, (images_l, labels_l))
+    pseudo = objective.teacher.probs(unlabelled).argmax(1)
+    from_l = u.images[:, 0] > 0  # [U, *S] the pixels pasted from (or kept of) the labelled image
+    assert u.pseudo is not None and u.keep is not None
+    for i in range(4):
+        assert torch.equal(u.images[i, 0][from_l[i]], images_l[i % 2, 0][from_l[i]])  # partner i mod B
+        assert torch.equal(u.images[i, 0][~from_l[i]], unlabelled[i, 0][~from_l[i]])
+        assert (u.pseudo[i][from_l[i]] == 1).all() and torch.equal(u.pseudo[i][~from_l[i]], pseudo[i][~from_l[i]])
+        assert (u.keep[i][from_l[i]] == 1.0).all() and (u.keep[i][~from_l[i]] == 0.25).all()
+    share = from_l.float().mean(dim=(1, 2))
+    assert (share[0::2] < 0.5).all() and (share[1::2] > 0.5).all()  # both directions: a box in, a box out
+    loss, figures = objective.loss(model(u.images), u)
+    assert loss.requires_grad and set(figures) == {"semi_loss"}
+
+
 def _run_cfg(tmp_path, dims: int, method: str, **extra):
     return tiny_config(
         dims,
@@ -177,7 +213,7 @@ def _run_cfg(tmp_path, dims: int, method: str, **extra):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["fixmatch", "mean_teacher"])
+@pytest.mark.parametrize("method", ["fixmatch", "mean_teacher", "copy_paste"])
 def test_a_semi_supervised_finetuning_run_learns_from_the_pool(tmp_path, dims, method):
     cfg = _run_cfg(tmp_path, dims, method, **{"train.semi_rampup": 0.0})
     result = finetune(cfg, tmp_path / "semi")
@@ -215,6 +251,12 @@ def test_semi_settings_are_checked():
         build_config({"train.semi_supervised": "fixmatch", "privacy.site_dp": True})
     assert "train.semi_cutmix=0.5" in str(err.value) and "privacy.site_dp=True" in str(err.value)
     build_config({"train.semi_supervised": "fixmatch", "train.semi_cutmix": 0, "privacy.site_dp": True})
+    with pytest.raises(ConfigError) as err:  # copy-paste mixes a labelled and an unlabelled patient in every sample
+        build_config({"train.semi_supervised": "copy_paste", "privacy.site_dp": True})
+    assert "train.semi_supervised='copy_paste'" in str(err.value) and "privacy.site_dp=True" in str(err.value)
+    for key, value in (("semi_paste", 1.0), ("semi_paste_weight", -1)):
+        with pytest.raises(ConfigError, match=f"train.{key}"):
+            build_config({f"train.{key}": value})
     build_config({"train.semi_supervised": "mean_teacher", "privacy.site_dp": True})
 
 
