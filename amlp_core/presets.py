@@ -38,13 +38,12 @@ def phantoms(dims: int = 3) -> dict[str, Any]:
 
 
 #: The Flower app's embedded default run (``[tool.flwr.app.config]``): the README's first command, a
-#: federation of 3 simulated hospitals on 40 phantoms, half of them labelled, 4 pretraining and 12
+#: federation of 3 simulated hospitals (the schema's default) on 40 phantoms, half of them labelled, 4 pretraining and 12
 #: fine-tuning rounds of 5 local epochs. Everything else is the schema's default.
 EMBEDDED_RUN: dict[str, Any] = {
     **phantoms(3),
     "data.synthetic_cases": 40,
     "train.label_fraction": 0.5,
-    "federation.sites": 3,
     "federation.pretrain_rounds": 4,
     "federation.finetune_rounds": 12,
     "federation.local_epochs": 5,

@@ -554,7 +554,7 @@ PARTITIONS = ("iid", "dirichlet", "category")
 class FederationConfig:
     """The federated plan: rounds of each phase, aggregation, and how long to wait for sites."""
 
-    sites: int = 2  # simulation: number of sites cut from one dataset
+    sites: int = 3  # simulation: number of sites cut from one dataset
     pretrain_rounds: int = 2
     finetune_rounds: int = 2
     local_epochs: int = 1  # per round, in both phases

@@ -35,6 +35,22 @@ def test_run_config_is_the_schema_defaults_with_the_embedded_preset_value_for_va
     assert not differ, f"pyproject.toml [tool.flwr.app.config] differs from the schema + EMBEDDED_RUN: {differ}"
 
 
+def test_the_run_config_is_generated_and_up_to_date(tmp_path):
+    """pyproject.toml's run config is exactly what server/app_config.py generates; the generator mends a
+    stale file and its --check says so."""
+    from server.app_config import MARKER, current, main, render
+
+    text = (REPO / "pyproject.toml").read_text()
+    assert current(text) == render(), "pyproject.toml's run configuration is stale: run python -m server.app_config"
+    stale = tmp_path / "pyproject.toml"
+    stale.write_text(text.replace("semi_paste_weight = 0.5", "semi_paste_weight = 0.7"))
+    assert main(["--check", "--pyproject", str(stale)]) == 1
+    assert "semi_paste_weight = 0.7" in stale.read_text()  # --check changes nothing
+    assert main(["--pyproject", str(stale)]) == 0
+    assert stale.read_text() == text and main(["--check", "--pyproject", str(stale)]) == 0
+    assert text.index(MARKER) > text.index("[tool.flwr.app.components]")  # the rest of the file is kept
+
+
 def test_simulate_with_a_config_file_starts_from_the_embedded_run(tmp_path):
     """`fedamlp simulate --config FILE` lays the file over the app's embedded default run (not over the bare
     schema), then flags and --set over that."""
@@ -46,7 +62,8 @@ def test_simulate_with_a_config_file_starts_from_the_embedded_run(tmp_path):
     args = build_parser().parse_args(["simulate", "--config", str(path), "--set", "train.seed=7"])
     cfg = simulate_config(args)
     assert cfg.federation.pretrain_rounds == 1 and cfg.train.seed == 7
-    assert cfg.federation.sites == EMBEDDED_RUN["federation.sites"] != Config().federation.sites
+    assert cfg.federation.sites == Config().federation.sites == 3  # one default: the schema's
+    assert cfg.data.synthetic_cases == EMBEDDED_RUN["data.synthetic_cases"] != Config().data.synthetic_cases
     assert cfg.model.img_size == EMBEDDED_RUN["model.img_size"]
     plain = simulate_config(build_parser().parse_args(["simulate"]))
     assert flat_dict(plain) == flat_dict(build_config(_app_config()))
