@@ -50,6 +50,65 @@ MAX_COUNT = 256  # depths, channels in, classes
 MAX_VOXELS_CEILING = 2**31
 
 
+def opt(
+    default: Any,
+    *,
+    ge: float | None = None,
+    gt: float | None = None,
+    le: float | None = None,
+    lt: float | None = None,
+    choices: tuple[Any, ...] = (),
+    note: str = "",
+) -> Any:
+    """A config field: its default and what it may hold, a range (``ge``/``gt`` below, ``le``/``lt`` above) or
+    a closed set (``choices``), checked by :func:`check_fields`; ``note`` adds what a special value means."""
+    rule = {k: v for k, v in (("ge", ge), ("gt", gt), ("le", le), ("lt", lt)) if v is not None}
+    return field(default=default, metadata={**rule, "choices": choices, "note": note})
+
+
+def _num(v: float) -> str:
+    return f"{v:,}" if isinstance(v, int) and abs(v) >= 10_000 else f"{v:g}"
+
+
+def rule_text(meta: Mapping[str, Any]) -> str:
+    """What a field of :func:`opt` must hold, in words: ``must be in [0, 1)``, ``must be one of a, b``..."""
+    if meta.get("choices"):
+        names = [str(c) if c != "" else '""' for c in meta["choices"]]
+        text = f"must be one of {', '.join(names)}"
+    else:
+        low = ("[", meta["ge"]) if "ge" in meta else ("(", meta["gt"]) if "gt" in meta else None
+        high = ("]", meta["le"]) if "le" in meta else (")", meta["lt"]) if "lt" in meta else None
+        if low and high:
+            text = f"must be in {low[0]}{_num(low[1])}, {_num(high[1])}{high[0]}"
+        elif low:
+            text = {("[", 0): "must not be negative", ("(", 0): "must be positive"}.get(
+                low, f"must be {'at least' if low[0] == '[' else 'above'} {_num(low[1])}"
+            )
+        else:
+            assert high is not None
+            text = f"must be {'at most' if high[0] == ']' else 'below'} {_num(high[1])}"
+    return f"{text} ({meta['note']})" if meta.get("note") else text
+
+
+def _holds(meta: Mapping[str, Any], value: Any) -> bool:
+    if meta.get("choices"):
+        return value in meta["choices"]
+    ops = {"ge": float.__ge__, "gt": float.__gt__, "le": float.__le__, "lt": float.__lt__}
+    return all(ops[k](float(value), float(meta[k])) for k in ops if k in meta)
+
+
+def check_fields(section: Any, name: str) -> None:
+    """Checks every field of a config ``section`` (named ``name``) against its :func:`opt` rule.
+
+    Raises:
+        ConfigError: ``invalid NAME.FIELD=VALUE: must ...``, for the first field off its rule.
+    """
+    for f in dataclasses.fields(section):
+        if "note" in f.metadata:
+            value = getattr(section, f.name)
+            _check(_holds(f.metadata, value), f"{name}.{f.name}", value, rule_text(f.metadata))
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """The encoder (conv stages, then a ViT on the patch grid), the MAE decoder and the segmentation network.
@@ -61,49 +120,39 @@ class ModelConfig:
     pretrain or load).
     """
 
-    spatial_dims: int = 3
-    in_channels: int = 1
+    spatial_dims: int = opt(3, choices=(2, 3))
+    in_channels: int = opt(1, ge=1, le=MAX_COUNT)
     img_size: tuple[int, ...] = (48, 64, 48)
-    patch_size: int = 8
-    embed_dim: int = 192  # divisible by 6 (3D sin-cos position embedding) and by num_heads
-    depth: int = 4
-    num_heads: int = 6
-    mlp_ratio: float = 4.0
-    decoder_dim: int = 96
-    decoder_depth: int = 2
-    decoder_heads: int = 4
+    patch_size: int = opt(8, gt=0)
+    embed_dim: int = opt(192, ge=1, le=MAX_WIDTH)  # divisible by 6 (3D sin-cos position embedding) and num_heads
+    depth: int = opt(4, ge=1, le=MAX_COUNT)
+    num_heads: int = opt(6, ge=1)
+    mlp_ratio: float = opt(4.0, gt=0, le=16)
+    decoder_dim: int = opt(96, ge=1, le=MAX_WIDTH)
+    decoder_depth: int = opt(2, ge=1, le=MAX_COUNT)
+    decoder_heads: int = opt(4, ge=1)
     conv_channels: tuple[int, ...] = (16, 32, 64)  # encoder conv stages (the skips) at 1/2, 1/4, 1/8 resolution
-    num_classes: int = 3  # including background
-    seg_arch: str = "vit"  # segmentation network: vit (encoder + conv decoder) | unet (plain conv U-Net, scratch)
-    pretrain_decoder: str = "transformer"  # transformer (MAE, tokens only) | unet (SparK, every scale)
+    num_classes: int = opt(3, ge=2, le=MAX_COUNT, note="with background")
+    # The segmentation network: vit (encoder + conv decoder) | unet (plain conv U-Net, from scratch).
+    seg_arch: str = opt("vit", choices=SEG_ARCHS)
+    # The pretraining decoder: transformer (MAE, tokens only) | unet (SparK, every scale).
+    pretrain_decoder: str = opt("transformer", choices=PRETRAIN_DECODERS)
     # Post-processing of the predicted label map (amlp_core/engine/lesions.py), saved with the model: keep
     # only the largest connected component of each class, and remove components below this share of the image.
     post_keep_largest: bool = False
-    post_min_share: float = 0.0
-    post_min_confidence: float = 0.0  # components whose mean probability of their class is below this go
+    post_min_share: float = opt(0.0, ge=0, lt=1)
+    post_min_confidence: float = opt(0.0, ge=0, lt=1)  # components whose mean probability of their class is below
     tta_flips: bool = False  # test-time augmentation: average the predictions of every mirrored image
 
     def __post_init__(self) -> None:
-        _check(self.spatial_dims in (2, 3), "model.spatial_dims", self.spatial_dims, "must be 2 or 3")
-        _check(0 <= self.post_min_share < 1, "model.post_min_share", self.post_min_share, "must be in [0, 1)")
-        _check(
-            0 <= self.post_min_confidence < 1,
-            "model.post_min_confidence",
-            self.post_min_confidence,
-            "must be in [0, 1)",
-        )
+        check_fields(self, "model")
         _check(
             len(self.img_size) == self.spatial_dims,
             "model.img_size",
             self.img_size,
             f"must have {self.spatial_dims} sizes (model.spatial_dims)",
         )
-        _check(self.in_channels >= 1, "model.in_channels", self.in_channels, "must be at least 1")
         _check(all(s >= 1 for s in self.img_size), "model.img_size", self.img_size, "every size must be positive")
-        _check(self.patch_size > 0, "model.patch_size", self.patch_size, "must be positive")
-        for key in ("embed_dim", "depth", "num_heads", "decoder_dim", "decoder_depth", "decoder_heads"):
-            _check(getattr(self, key) >= 1, f"model.{key}", getattr(self, key), "must be at least 1")
-        _check(self.mlp_ratio > 0, "model.mlp_ratio", self.mlp_ratio, "must be positive")
         # Bounds on what a config (or a checkpoint's config) may make the product build, checked before any
         # tensor exists: a forged img_size of 1024^3 would otherwise build gigabytes of network first.
         window = math.prod(self.img_size)
@@ -119,15 +168,11 @@ class ModelConfig:
             self.patch_size,
             f"gives more than {MAX_PATCHES:,} patches in model.img_size={self.img_size}",
         )
-        for key in ("embed_dim", "decoder_dim", "depth", "decoder_depth", "in_channels", "num_classes"):
-            limit = MAX_WIDTH if key.endswith("dim") else MAX_COUNT
-            _check(getattr(self, key) <= limit, f"model.{key}", getattr(self, key), f"must be at most {limit}")
-        _check(self.mlp_ratio <= 16, "model.mlp_ratio", self.mlp_ratio, "must be at most 16")
         _check(
-            all(c <= MAX_WIDTH for c in self.conv_channels),
+            len(self.conv_channels) >= 1 and all(1 <= c <= MAX_WIDTH for c in self.conv_channels),
             "model.conv_channels",
             self.conv_channels,
-            f"every width must be at most {MAX_WIDTH}",
+            f"needs at least one stage, every width in [1, {MAX_WIDTH}]",
         )
         for s in self.img_size:
             _check(
@@ -156,14 +201,6 @@ class ModelConfig:
                 dim,
                 f"must be divisible by {pos_div} for the {self.spatial_dims}D sin-cos position embedding",
             )
-        _check(self.num_classes >= 2, "model.num_classes", self.num_classes, "must be at least 2 (with background)")
-        _check(len(self.conv_channels) >= 1, "model.conv_channels", self.conv_channels, "needs at least one stage")
-        _check(
-            all(c >= 1 for c in self.conv_channels),
-            "model.conv_channels",
-            self.conv_channels,
-            "every width must be positive",
-        )
         _check(
             self.patch_size % 2 ** len(self.conv_channels) == 0,
             "model.conv_channels",
@@ -171,13 +208,6 @@ class ModelConfig:
             f"too many stages for model.patch_size={self.patch_size} (each halves the resolution; "
             f"the patch side must be a multiple of 2 ** stages)",
         )
-        _check(
-            self.pretrain_decoder in PRETRAIN_DECODERS,
-            "model.pretrain_decoder",
-            self.pretrain_decoder,
-            f"must be one of {', '.join(PRETRAIN_DECODERS)}",
-        )
-        _check(self.seg_arch in SEG_ARCHS, "model.seg_arch", self.seg_arch, f"must be one of {', '.join(SEG_ARCHS)}")
         if self.seg_arch == "unet":
             _check(
                 all(s % UNET_FACTOR == 0 for s in self.img_size),
@@ -203,74 +233,40 @@ class ModelConfig:
 class MethodConfig:
     """The pretext method and its masking (docs/methods.md; defaults are the spec's)."""
 
-    name: str = "amlp"
-    mask_ratio: float = 0.75  # fixed ratio of mae
-    amr_start: float = 0.25
-    amr_end: float = 0.75
-    amr_schedule: str = "linear"  # linear | cosine
-    mps_clusters: int = 2
-    mps_random_fraction: float = 0.1
-    mps_features: str = "embed"  # embed: the encoder's stem averaged per patch + intensity mean/std
-    mps_momentum: float = 0.9  # running mean of the per-group loss
-    mps_margin: float = 0.05  # relative loss lead a group needs over the smallest to be the lesion group
-    mps_proj_dim: int = 16  # fixed random projection of the embedding before k-means; 0: none
-    mps_embed_weight: float = 1.0  # the stem's weight against the patches' intensity mean/spread (0: those alone)
-    kmeans_iters: int = 10
-    kmeans_inits: int = 1  # restarts; each costs a full k-means (the step-time budget allows one)
-    arl_tau: float = 1.0
-    ccl_weight: float = 0.1
-    ccl_temperature: float = 1.0
-    ahm_entropy_weight: float = 0.01  # beta of the masking agent's entropy bonus
-    ahm_agent_lr_scale: float = 10.0  # the agent learns at train.lr times this
-    ace_momentum: float = 0.996  # teacher EMA momentum at the start; cosine to 1 over training
-    ace_teacher_temp: float = 0.04
-    ace_student_temp: float = 0.1
-    ace_global_weight: float = 0.1  # total = this * global + (composition + decomposition) / 2
-    ace_head_dim: int = 256  # prototypes of the DINO-style head of the global loss
+    name: str = opt("amlp", choices=METHOD_NAMES)
+    mask_ratio: float = opt(0.75, gt=0, lt=1)  # fixed ratio of mae
+    amr_start: float = opt(0.25, gt=0, lt=1)
+    amr_end: float = opt(0.75, gt=0, lt=1)
+    amr_schedule: str = opt("linear", choices=("linear", "cosine"))
+    mps_clusters: int = opt(2, ge=2)
+    mps_random_fraction: float = opt(0.1, ge=0, le=1)
+    # embed: the encoder's stem averaged per patch + intensity mean/std (the only one built)
+    mps_features: str = opt("embed", choices=("embed",))
+    mps_momentum: float = opt(0.9, ge=0, lt=1)  # running mean of the per-group loss
+    mps_margin: float = opt(0.05, ge=0)  # relative loss lead a group needs over the smallest to be the lesion group
+    mps_proj_dim: int = opt(16, ge=0, note="0: none")  # fixed random projection of the embedding before k-means
+    mps_embed_weight: float = opt(1.0, ge=0)  # the stem's weight against the patches' intensity mean/spread
+    kmeans_iters: int = opt(10, ge=1)
+    kmeans_inits: int = opt(1, ge=1)  # restarts; each costs a full k-means (the step-time budget allows one)
+    arl_tau: float = opt(1.0, gt=0)
+    ccl_weight: float = opt(0.1, ge=0)
+    ccl_temperature: float = opt(1.0, gt=0)
+    ahm_entropy_weight: float = opt(0.01, ge=0)  # beta of the masking agent's entropy bonus
+    ahm_agent_lr_scale: float = opt(10.0, gt=0)  # the agent learns at train.lr times this
+    ace_momentum: float = opt(0.996, ge=0, le=1)  # teacher EMA momentum at the start; cosine to 1 over training
+    ace_teacher_temp: float = opt(0.04, gt=0)
+    ace_student_temp: float = opt(0.1, gt=0)
+    ace_global_weight: float = opt(0.1, ge=0)  # total = this * global + (composition + decomposition) / 2
+    ace_head_dim: int = opt(256, ge=2)  # prototypes of the DINO-style head of the global loss
 
     def __post_init__(self) -> None:
-        _check(self.name in METHOD_NAMES, "method.name", self.name, f"must be one of {', '.join(METHOD_NAMES)}")
-        for key in ("mask_ratio", "amr_start", "amr_end"):
-            v = getattr(self, key)
-            _check(0.0 < v < 1.0, f"method.{key}", v, "must be in (0, 1)")
+        check_fields(self, "method")
         _check(
             self.amr_start <= self.amr_end,
             "method.amr_start",
             self.amr_start,
             f"must not exceed method.amr_end={self.amr_end}",
         )
-        _check(
-            self.amr_schedule in ("linear", "cosine"),
-            "method.amr_schedule",
-            self.amr_schedule,
-            "must be linear or cosine",
-        )
-        _check(self.mps_clusters >= 2, "method.mps_clusters", self.mps_clusters, "must be at least 2")
-        _check(
-            0.0 <= self.mps_random_fraction <= 1.0,
-            "method.mps_random_fraction",
-            self.mps_random_fraction,
-            "must be in [0, 1]",
-        )
-        _check(self.mps_embed_weight >= 0, "method.mps_embed_weight", self.mps_embed_weight, "must not be negative")
-        _check(self.mps_features == "embed", "method.mps_features", self.mps_features, "only 'embed' is implemented")
-        _check(self.mps_margin >= 0, "method.mps_margin", self.mps_margin, "must not be negative")
-        _check(self.mps_proj_dim >= 0, "method.mps_proj_dim", self.mps_proj_dim, "must not be negative")
-        _check(0.0 <= self.mps_momentum < 1.0, "method.mps_momentum", self.mps_momentum, "must be in [0, 1)")
-        _check(self.kmeans_iters >= 1, "method.kmeans_iters", self.kmeans_iters, "must be at least 1")
-        _check(self.kmeans_inits >= 1, "method.kmeans_inits", self.kmeans_inits, "must be at least 1")
-        _check(self.arl_tau > 0, "method.arl_tau", self.arl_tau, "must be positive")
-        _check(self.ccl_weight >= 0, "method.ccl_weight", self.ccl_weight, "must not be negative")
-        _check(self.ccl_temperature > 0, "method.ccl_temperature", self.ccl_temperature, "must be positive")
-        _check(
-            self.ahm_entropy_weight >= 0, "method.ahm_entropy_weight", self.ahm_entropy_weight, "must not be negative"
-        )
-        _check(self.ahm_agent_lr_scale > 0, "method.ahm_agent_lr_scale", self.ahm_agent_lr_scale, "must be positive")
-        _check(0.0 <= self.ace_momentum <= 1.0, "method.ace_momentum", self.ace_momentum, "must be in [0, 1]")
-        for key in ("ace_teacher_temp", "ace_student_temp"):
-            _check(getattr(self, key) > 0, f"method.{key}", getattr(self, key), "must be positive")
-        _check(self.ace_global_weight >= 0, "method.ace_global_weight", self.ace_global_weight, "must not be negative")
-        _check(self.ace_head_dim >= 2, "method.ace_head_dim", self.ace_head_dim, "must be at least 2")
 
 
 @dataclass(frozen=True)
@@ -278,55 +274,32 @@ class DataConfig:
     """Where the scans are and how they are cut."""
 
     path: str = "synthetic"  # a dataset folder, or "synthetic" for the built-in phantoms
-    format: str = "auto"  # auto | msd | nifti | png | dicom
+    format: str = opt("auto", choices=DATA_FORMATS)
     as_slices: bool = False  # use 3D volumes as 2D slices (model.spatial_dims must be 2)
-    slice_axis: int = -1
-    test_fraction: float = 0.2
-    split_seed: int = 0
-    synthetic_cases: int = 48
+    slice_axis: int = opt(-1, ge=-3, le=2, note="a spatial axis")
+    test_fraction: float = opt(0.2, ge=0, lt=1)
+    split_seed: int = opt(0, ge=0)
+    synthetic_cases: int = opt(48, ge=2)
     synthetic_size: tuple[int, ...] = (32, 32, 32)
-    synthetic_site: int = 0
-    on_bad_case: str = "refuse"  # a case that cannot be read or checked: refuse the data | skip (log it, leave it out)
-    max_voxels: int = 268_435_456  # 2**28: a file whose header declares more values is refused before decompressing
+    synthetic_site: int = opt(0, ge=0)
+    # A case that cannot be read or checked: refuse the data | skip (log it, leave it out).
+    on_bad_case: str = opt("refuse", choices=BAD_CASE_POLICIES)
+    # 2**28: a file whose header declares more values is refused before decompressing.
+    max_voxels: int = opt(268_435_456, ge=1, le=MAX_VOXELS_CEILING)
     # The site's imaging modality (MR, CT, ...); auto: from dataset.json or the DICOM headers, else unknown.
     modality: str = "auto"
     # 2D images whose 16x16 thumbnails correlate above this are near-duplicates, kept on one side of every
     # split (amlp_core/data/duplicates.py); 1: not looked for.
-    near_duplicates: float = 0.95
+    near_duplicates: float = opt(0.95, ge=0.5, le=1)
 
     def __post_init__(self) -> None:
-        _check(
-            self.on_bad_case in BAD_CASE_POLICIES,
-            "data.on_bad_case",
-            self.on_bad_case,
-            f"must be one of {', '.join(BAD_CASE_POLICIES)}",
-        )
-        _check(
-            1 <= self.max_voxels <= MAX_VOXELS_CEILING,
-            "data.max_voxels",
-            self.max_voxels,
-            f"must be in [1, {MAX_VOXELS_CEILING:,}]",
-        )
-        _check(
-            self.format in DATA_FORMATS,
-            "data.format",
-            self.format,
-            f"must be one of {', '.join(DATA_FORMATS)}",
-        )
-        _check(0.0 <= self.test_fraction < 1.0, "data.test_fraction", self.test_fraction, "must be in [0, 1)")
-        _check(
-            -3 <= self.slice_axis <= 2, "data.slice_axis", self.slice_axis, "must be a spatial axis: 0, 1, 2 or -3..-1"
-        )
-        _check(self.split_seed >= 0, "data.split_seed", self.split_seed, "must not be negative")
+        check_fields(self, "data")
         _check(
             len(self.synthetic_size) in (2, 3) and all(s >= 8 for s in self.synthetic_size),
             "data.synthetic_size",
             self.synthetic_size,
             "must be 2 or 3 sizes of at least 8",
         )
-        _check(self.synthetic_site >= 0, "data.synthetic_site", self.synthetic_site, "must not be negative")
-        _check(self.synthetic_cases >= 2, "data.synthetic_cases", self.synthetic_cases, "must be at least 2")
-        _check(0.5 <= self.near_duplicates <= 1, "data.near_duplicates", self.near_duplicates, "must be in [0.5, 1]")
 
     @property
     def synthetic(self) -> bool:
@@ -351,51 +324,35 @@ class PlanConfig:
 
     target_spacing: tuple[float, ...] = ()  # mm per axis, RAS order; (): the median of the sites' spacings
     modality: str = ""  # the run's modality; "": that of most cases
-    normalization: str = ""  # zscore | ct; "": ct for CT, else zscore
+    normalization: str = opt("", choices=("", *NORMALIZATIONS))  # zscore | ct; "": ct for CT, else zscore
     clip: tuple[float, ...] = ()  # ct: (low, high) intensities; (): the sites' foreground 0.5 and 99.5 percentiles
     mean: float = 0.0  # ct: the federation's foreground mean and std (decided with clip)
-    std: float = 0.0
-    interpolation: str = "linear"  # images: linear | bspline (cubic); labels: nearest
+    std: float = opt(0.0, ge=0)
+    interpolation: str = opt("linear", choices=INTERPOLATIONS)  # images: linear | bspline (cubic); labels: nearest
     # The network's input in voxels per axis (it becomes model.img_size); (): model.img_size when the sites'
     # median case fits in it, else the sites' median shape within model.img_size's voxel count.
     input_size: tuple[int, ...] = ()
     # A site whose median spacing differs from the target by more than this factor on an axis is refused.
-    max_spacing_ratio: float = 3.0
+    max_spacing_ratio: float = opt(3.0, gt=1)
     # 2D images: resize | window (IMAGE_FITS); "": decided resize for 2D plans (measured, docs/results.md);
     # a 3D plan keeps "" (its scans are resampled to the spacing and tiled by windows).
-    image_fit: str = ""
+    image_fit: str = opt("", choices=("", *IMAGE_FITS))
 
     def __post_init__(self) -> None:
+        check_fields(self, "plan")
         _check(
             all(s > 0 and math.isfinite(s) for s in self.target_spacing) and len(self.target_spacing) in (0, 2, 3),
             "plan.target_spacing",
             self.target_spacing,
             "must be empty or 2 or 3 positive sizes in mm",
         )
-        _check(
-            self.normalization in ("", *NORMALIZATIONS),
-            "plan.normalization",
-            self.normalization,
-            "must be zscore or ct",
-        )
         _check(len(self.clip) in (0, 2) and (not self.clip or self.clip[0] < self.clip[1]), "plan.clip", self.clip,
                "must be empty or (low, high) with low < high")  # fmt: skip
-        _check(self.std >= 0, "plan.std", self.std, "must not be negative")
-        _check(
-            self.interpolation in INTERPOLATIONS, "plan.interpolation", self.interpolation, "must be linear or bspline"
-        )
         _check(
             all(isinstance(s, int) and s >= 1 for s in self.input_size) and len(self.input_size) in (0, 2, 3),
             "plan.input_size",
             self.input_size,
             "must be empty or 2 or 3 positive sizes in voxels",
-        )
-        _check(self.max_spacing_ratio > 1, "plan.max_spacing_ratio", self.max_spacing_ratio, "must be above 1")
-        _check(
-            self.image_fit in ("", *IMAGE_FITS),
-            "plan.image_fit",
-            self.image_fit,
-            f"must be one of {', '.join(IMAGE_FITS)}",
         )
         _check(
             self.image_fit != "resize" or len(self.target_spacing) != 3,
@@ -426,6 +383,10 @@ MAX_LR = 1.0
 #: ``privacy.trainable`` values: what trains under site DP (amlp_core/engine/optim.py select_trainable).
 PRIVATE_TRAINABLE = ("all", "decoder", "norms_biases")
 
+#: ``train.augment`` values: nnU-Net-style strong augmentation then flips (amlp_core/data/transforms.py
+#: strong_augment), or the crop and flips only.
+AUGMENTATIONS = ("strong", "flip")
+
 #: ``train.semi_supervised`` values (amlp_core/engine/semi.py).
 SEMI_METHODS = ("none", "mean_teacher", "fixmatch", "copy_paste")
 #: ``train.semi_teacher_start`` values: at each federated round the teacher restarts from the global model,
@@ -437,103 +398,59 @@ TEACHER_STARTS = ("global", "keep")
 class TrainConfig:
     """Local optimisation, shared by pretraining and fine-tuning."""
 
-    epochs: int = 10
-    batch_size: int = 8
-    lr: float = 1.5e-4  # pretraining
-    finetune_lr: float = 1e-3
+    epochs: int = opt(10, ge=1)
+    batch_size: int = opt(8, ge=1)
+    # (a rate of 1e308 is a number, and diverges at the first step: after --overwrite removed the old run)
+    lr: float = opt(1.5e-4, gt=0, le=MAX_LR)  # pretraining
+    finetune_lr: float = opt(1e-3, gt=0, le=MAX_LR)
     # Fine-tuning a pretrained encoder (measured, docs/results.md: 0.1 and no ramp lost 3 Dice points):
-    encoder_lr_scale: float = 1.0  # it learns at finetune_lr * this (an encoder from scratch: always 1)
-    encoder_warmup: float = 0.1  # its rate ramps from 0 over this share of the steps, while the decoder settles
+    encoder_lr_scale: float = opt(1.0, ge=0)  # it learns at finetune_lr * this (an encoder from scratch: always 1)
+    encoder_warmup: float = opt(0.1, ge=0, le=1)  # its rate ramps from 0 over this share of the steps
     # With model.pretrain_decoder=unet: the segmentation decoder starts from the pretraining decoder too
     # (all but its full-resolution level, which predicts classes, not pixels).
     init_decoder: bool = False
-    weight_decay: float = 0.05
-    warmup_epochs: int = 1
-    label_fraction: float = 1.0
-    seed: int = 0
+    weight_decay: float = opt(0.05, ge=0)
+    warmup_epochs: int = opt(1, ge=0)
+    label_fraction: float = opt(1.0, gt=0, le=1)
+    seed: int = opt(0, ge=0)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     amp: bool = True  # bf16 autocast where the device supports it (CUDA)
-    num_threads: int = 0  # torch CPU threads; 0 keeps torch's default
-    max_minutes: float = 0.0  # stop a command's training after this wall time; 0 = no limit
+    num_threads: int = opt(0, ge=0, note="0: torch's default")  # torch CPU threads
+    max_minutes: float = opt(0.0, ge=0)  # stop a command's training after this wall time; 0 = no limit
     # Fine-tuning budget in optimiser steps; 0 = epochs x the steps of one epoch over ALL the labelled
     # training cases (before label_fraction), so a small label fraction does not shrink the budget.
-    finetune_steps: int = 0
-    finetune_warmup: float = 0.05  # fine-tuning: share of the steps of linear warm-up, then cosine to 0
-    eval_every: int = 0  # single-site fine-tuning: test Dice every this many steps, into metrics.jsonl (0: at the end)
-    augment: str = "strong"  # training augmentation: strong (nnU-Net-style, then flips) | flip (crop and flips only)
+    finetune_steps: int = opt(0, ge=0, note="0: train.epochs over all the labelled cases")
+    finetune_warmup: float = opt(0.05, ge=0, lt=1)  # share of the steps of linear warm-up, then cosine to 0
+    # Single-site fine-tuning: test Dice every this many steps, into metrics.jsonl (0: at the end).
+    eval_every: int = opt(0, ge=0)
+    # Training augmentation: strong (nnU-Net-style, then flips) | flip (crop and flips only).
+    augment: str = opt("strong", choices=AUGMENTATIONS)
     # A labelled image larger than model.img_size is cropped around a foreground voxel with this probability
     # (nnU-Net's 1/3), else anywhere; an image that fits the box is only padded.
-    foreground_share: float = 0.33
+    foreground_share: float = opt(0.33, ge=0, le=1)
     # Semi-supervised fine-tuning (amlp_core/engine/semi.py): the site's unlabelled pool (training cases whose
     # label is not used) enters the loss through a teacher, the EMA of the student.
-    semi_supervised: str = "none"  # none | mean_teacher | fixmatch | copy_paste
-    semi_weight: float = 1.0  # the unlabelled loss's weight, once ramped up
-    semi_rampup: float = 0.1  # share of the run over which that weight ramps up (sigmoid; 0: none)
-    semi_ema: float = 0.99  # the teacher's EMA momentum per step (0: the teacher is the student)
-    semi_threshold: float = 0.95  # fixmatch: a pixel's pseudo-label counts from this teacher probability on
-    semi_cutmix: float = 0.5  # fixmatch: probability that a strong view takes a box of another unlabelled case
-    semi_loss: str = "ce_dice"  # fixmatch: the loss on the pseudo-labels: ce_dice | ce (cross-entropy alone)
-    semi_noise: float = 0.1  # mean_teacher: std of each view's gaussian noise (clipped at 2 std)
-    semi_paste: float = 0.667  # copy_paste: the pasted box's share of each side of the image (BCP: 2/3)
-    semi_paste_weight: float = 0.5  # copy_paste: the pseudo-labelled pixels' weight against the labelled ones'
-    semi_batch: int = 0  # unlabelled cases per step (0: train.batch_size)
-    semi_teacher_start: str = "global"  # federated: each round's teacher starts as the global model, or keeps
+    semi_supervised: str = opt("none", choices=SEMI_METHODS)
+    semi_weight: float = opt(1.0, ge=0)  # the unlabelled loss's weight, once ramped up
+    semi_rampup: float = opt(0.1, ge=0, le=1)  # share of the run over which that weight ramps up (sigmoid; 0: none)
+    semi_ema: float = opt(0.99, ge=0, lt=1)  # the teacher's EMA momentum per step (0: the teacher is the student)
+    semi_threshold: float = opt(0.95, gt=0, le=1)  # fixmatch: a pixel's pseudo-label counts from this probability
+    semi_cutmix: float = opt(0.5, ge=0, le=1)  # fixmatch: probability that a strong view takes another case's box
+    semi_loss: str = opt("ce_dice", choices=("ce_dice", "ce"))  # fixmatch: the pseudo-labels' loss (ce: CE alone)
+    semi_noise: float = opt(0.1, ge=0)  # mean_teacher: std of each view's gaussian noise (clipped at 2 std)
+    semi_paste: float = opt(0.667, gt=0, lt=1)  # copy_paste: the pasted box's share of each side (BCP: 2/3)
+    semi_paste_weight: float = opt(0.5, ge=0)  # copy_paste: the pseudo-labelled pixels' weight (labelled ones: 1)
+    semi_batch: int = opt(0, ge=0, note="0: train.batch_size")  # unlabelled cases per step
+    # Federated: each round's teacher starts as the global model, or keeps the site's running average.
+    semi_teacher_start: str = opt("global", choices=TEACHER_STARTS)
 
     def __post_init__(self) -> None:
-        _check(self.epochs >= 1, "train.epochs", self.epochs, "must be at least 1")
-        _check(self.batch_size >= 1, "train.batch_size", self.batch_size, "must be at least 1")
-        _check(self.seed >= 0, "train.seed", self.seed, "must not be negative")
-        _check(self.warmup_epochs >= 0, "train.warmup_epochs", self.warmup_epochs, "must not be negative")
-        _check(
-            self.num_threads >= 0, "train.num_threads", self.num_threads, "must not be negative (0: torch's default)"
-        )
-        # (a rate of 1e308 is a number, and diverges at the first step: after --overwrite removed the old run)
-        _check(0 < self.lr <= MAX_LR, "train.lr", self.lr, f"must be in (0, {MAX_LR:g}]")
-        _check(0 < self.finetune_lr <= MAX_LR, "train.finetune_lr", self.finetune_lr, f"must be in (0, {MAX_LR:g}]")
-        _check(0.0 <= self.encoder_warmup <= 1.0, "train.encoder_warmup", self.encoder_warmup, "must be in [0, 1]")
-        _check(self.encoder_lr_scale >= 0, "train.encoder_lr_scale", self.encoder_lr_scale, "must not be negative")
-        _check(self.max_minutes >= 0, "train.max_minutes", self.max_minutes, "must not be negative")
-        _check(
-            self.finetune_steps >= 0,
-            "train.finetune_steps",
-            self.finetune_steps,
-            "must not be negative (0: train.epochs over all the labelled cases)",
-        )
-        _check(self.eval_every >= 0, "train.eval_every", self.eval_every, "must not be negative")
-        _check(0.0 <= self.finetune_warmup < 1.0, "train.finetune_warmup", self.finetune_warmup, "must be in [0, 1)")
-        _check(self.weight_decay >= 0, "train.weight_decay", self.weight_decay, "must not be negative")
-        _check(0.0 < self.label_fraction <= 1.0, "train.label_fraction", self.label_fraction, "must be in (0, 1]")
+        check_fields(self, "train")
         _check(
             re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device) is not None,
             "train.device",
             self.device,
             "must be auto, cpu, cuda or cuda:N",
-        )
-        _check(self.augment in ("strong", "flip"), "train.augment", self.augment, "must be strong or flip")
-        _check(
-            0.0 <= self.foreground_share <= 1.0, "train.foreground_share", self.foreground_share, "must be in [0, 1]"
-        )
-        _check(
-            self.semi_supervised in SEMI_METHODS,
-            "train.semi_supervised",
-            self.semi_supervised,
-            f"must be one of {', '.join(SEMI_METHODS)}",
-        )
-        _check(self.semi_weight >= 0, "train.semi_weight", self.semi_weight, "must not be negative")
-        _check(0.0 <= self.semi_rampup <= 1.0, "train.semi_rampup", self.semi_rampup, "must be in [0, 1]")
-        _check(0.0 <= self.semi_ema < 1.0, "train.semi_ema", self.semi_ema, "must be in [0, 1)")
-        _check(0.0 < self.semi_threshold <= 1.0, "train.semi_threshold", self.semi_threshold, "must be in (0, 1]")
-        _check(0.0 <= self.semi_cutmix <= 1.0, "train.semi_cutmix", self.semi_cutmix, "must be in [0, 1]")
-        _check(self.semi_loss in ("ce_dice", "ce"), "train.semi_loss", self.semi_loss, "must be ce_dice or ce")
-        _check(0.0 < self.semi_paste < 1.0, "train.semi_paste", self.semi_paste, "must be in (0, 1)")
-        _check(self.semi_paste_weight >= 0, "train.semi_paste_weight", self.semi_paste_weight, "must not be negative")
-        _check(self.semi_noise >= 0, "train.semi_noise", self.semi_noise, "must not be negative")
-        _check(self.semi_batch >= 0, "train.semi_batch", self.semi_batch, "must not be negative (0: train.batch_size)")
-        _check(
-            self.semi_teacher_start in TEACHER_STARTS,
-            "train.semi_teacher_start",
-            self.semi_teacher_start,
-            f"must be one of {', '.join(TEACHER_STARTS)}",
         )
 
 
@@ -554,21 +471,21 @@ PARTITIONS = ("iid", "dirichlet", "category")
 class FederationConfig:
     """The federated plan: rounds of each phase, aggregation, and how long to wait for sites."""
 
-    sites: int = 3  # simulation: number of sites cut from one dataset
-    pretrain_rounds: int = 2
-    finetune_rounds: int = 2
-    local_epochs: int = 1  # per round, in both phases
+    sites: int = opt(3, ge=1)  # simulation: number of sites cut from one dataset
+    pretrain_rounds: int = opt(2, ge=0)
+    finetune_rounds: int = opt(2, ge=1)
+    local_epochs: int = opt(1, ge=1)  # per round, in both phases
     # Fine-tuning optimiser steps per site per round; 0 = local_epochs x the steps of one epoch over all
     # the site's labelled training cases (before train.label_fraction).
-    finetune_local_steps: int = 0
+    finetune_local_steps: int = opt(0, ge=0, note="0: federation.local_epochs over the site's labelled cases")
     init_encoder: str = ""  # a pretraining checkpoint (folder or file) to fine-tune from; needs pretrain_rounds=0
-    strategy: str = "fedavg"
+    strategy: str = opt("fedavg", choices=STRATEGIES)
     proximal_mu: float = 0.01  # fedprox
     server_lr: float = 0.01  # fedadam
-    trim_beta: float = 0.2  # fedtrimmedavg: share cut at each end
-    min_sites: int = 2  # a round with fewer successful replies fails the run
-    round_timeout: float = 1800.0  # seconds to wait for the replies of one round
-    connect_timeout: float = 300.0  # seconds to wait for min_sites sites to be connected
+    trim_beta: float = opt(0.2, ge=0, lt=0.5)  # fedtrimmedavg: share cut at each end
+    min_sites: int = opt(2, ge=1)  # a round with fewer successful replies fails the run
+    round_timeout: float = opt(1800.0, gt=0)  # seconds to wait for the replies of one round
+    connect_timeout: float = opt(300.0, gt=0)  # seconds to wait for min_sites sites to be connected
     # A site's update whose norm exceeds this many times the round's reference is rejected (0: off): the median of
     # 3+ replies, the smaller of 2, the previous round's for 1 (server/validation.py).
     update_norm_factor: float = 10.0
@@ -580,21 +497,26 @@ class FederationConfig:
     max_weight_ratio: float = 4.0
     # ... and one whose cosine with the round's coordinate-wise median update is below this (3+ sites; -1: off;
     # honest sites late in training measured down to -0.39, sign-flipped updates -0.35 to -0.87).
-    update_min_cosine: float = -0.5
+    update_min_cosine: float = opt(-0.5, ge=-1, lt=1, note="-1 turns the direction check off")
     inject: str = ""  # simulation only: faults of simulated sites, e.g. "site1:crash@finetune:2" (amlp_core/faults.py)
-    partition: str = "iid"  # simulation: iid | dirichlet (quantity skew) | category (class skew, by sub-folder)
-    dirichlet_alpha: float = 0.5
+    # Simulation: iid | dirichlet (quantity skew) | category (class skew, by sub-folder).
+    partition: str = opt("iid", choices=PARTITIONS)
+    dirichlet_alpha: float = opt(0.5, gt=0)
     run_dir: str = "runs/federated"  # server: checkpoints and results
     resume: bool = False  # continue from run_dir's checkpoint
     overwrite: bool = False  # replace the run already in run_dir (refused otherwise)
-    stop_after_rounds: int = 0  # stop (resumably) after this many rounds in this process; 0 = run to the end
+    stop_after_rounds: int = opt(0, ge=0)  # stop (resumably) after this many rounds in this process; 0 = run to the end
     # SecAgg+ (Flower's legacy workflow) for the training rounds; docs/privacy.md "Secure aggregation".
     secure_aggregation: bool = False  # the server sees only the weighted sum of the sites' updates
-    secagg_num_shares: float = 1.0  # share of a round's sites each site's mask secrets are split among
-    secagg_reconstruction_threshold: float = 0.67  # share of those shares needed to unmask; > 0.5
-    secagg_clipping_range: float = 1.0  # bound on |update * weight / max_weight|; a site refuses an update beyond
-    secagg_quantization_range: int = 67108864  # 2**26 levels over [-clipping, clipping]; sites * this < 2**32
-    secagg_max_weight: float = 1000.0  # >= every site's weight (training examples); a site above it refuses
+    # The share of a round's sites each site's mask secrets are split among.
+    secagg_num_shares: float = opt(1.0, gt=0, le=1)
+    # The share of those shares needed to unmask: with half or fewer, a server that lies about dropouts could
+    # unmask a site.
+    secagg_reconstruction_threshold: float = opt(0.67, gt=0.5, le=1)
+    secagg_clipping_range: float = opt(1.0, gt=0)  # bound on |update * weight / max_weight|; a site refuses beyond
+    # 2**26 levels over [-clipping, clipping]; sites * this < 2**32.
+    secagg_quantization_range: int = opt(67108864, ge=1, lt=SECAGG_MODULUS // 2)
+    secagg_max_weight: float = opt(1000.0, gt=0)  # >= every site's weight (training examples); a site above refuses
 
     @property
     def encoder_pretrained(self) -> bool:
@@ -602,16 +524,7 @@ class FederationConfig:
         return self.pretrain_rounds > 0 or bool(self.init_encoder)
 
     def __post_init__(self) -> None:
-        _check(self.sites >= 1, "federation.sites", self.sites, "must be at least 1")
-        _check(self.pretrain_rounds >= 0, "federation.pretrain_rounds", self.pretrain_rounds, "must not be negative")
-        _check(self.finetune_rounds >= 1, "federation.finetune_rounds", self.finetune_rounds, "must be at least 1")
-        _check(self.local_epochs >= 1, "federation.local_epochs", self.local_epochs, "must be at least 1")
-        _check(
-            self.finetune_local_steps >= 0,
-            "federation.finetune_local_steps",
-            self.finetune_local_steps,
-            "must not be negative (0: federation.local_epochs over the site's labelled cases)",
-        )
+        check_fields(self, "federation")
         _check(
             not self.init_encoder or self.pretrain_rounds == 0,
             "federation.pretrain_rounds",
@@ -619,20 +532,7 @@ class FederationConfig:
             f"must be 0 with federation.init_encoder={self.init_encoder!r}: the run fine-tunes from that "
             "pretrained encoder, so it has no pretraining phase (set one or the other)",
         )
-        _check(
-            self.strategy in STRATEGIES, "federation.strategy", self.strategy, f"must be one of {', '.join(STRATEGIES)}"
-        )
-        _check(0.0 <= self.trim_beta < 0.5, "federation.trim_beta", self.trim_beta, "must be in [0, 0.5)")
-        _check(self.min_sites >= 1, "federation.min_sites", self.min_sites, "must be at least 1")
-        _check(self.round_timeout > 0, "federation.round_timeout", self.round_timeout, "must be positive")
-        _check(self.connect_timeout > 0, "federation.connect_timeout", self.connect_timeout, "must be positive")
         parse_faults(self.inject)  # ConfigError naming a bad entry
-        _check(
-            -1.0 <= self.update_min_cosine < 1.0,
-            "federation.update_min_cosine",
-            self.update_min_cosine,
-            "must be in [-1, 1) (-1 turns the direction check off)",
-        )
         _check(
             self.update_clip_factor == 0 or self.update_clip_factor >= 1,
             "federation.update_clip_factor",
@@ -659,16 +559,6 @@ class FederationConfig:
             self.update_norm_factor,
             "must be above 1 (times the round's median update norm), or 0 to turn the bound off",
         )
-        _check(
-            self.partition in PARTITIONS,
-            "federation.partition",
-            self.partition,
-            f"must be one of {', '.join(PARTITIONS)}",
-        )
-        _check(self.dirichlet_alpha > 0, "federation.dirichlet_alpha", self.dirichlet_alpha, "must be positive")
-        _check(
-            self.stop_after_rounds >= 0, "federation.stop_after_rounds", self.stop_after_rounds, "must not be negative"
-        )
         if self.secure_aggregation:
             _check(
                 self.strategy not in SECAGG_REFUSED,
@@ -684,30 +574,6 @@ class FederationConfig:
                 self.min_sites,
                 "must be at least 2 with federation.secure_aggregation=true (a sum of one update is that update)",
             )
-        _check(
-            0.0 < self.secagg_num_shares <= 1.0,
-            "federation.secagg_num_shares",
-            self.secagg_num_shares,
-            "must be in (0, 1]: the share of a round's sites",
-        )
-        _check(
-            0.5 < self.secagg_reconstruction_threshold <= 1.0,
-            "federation.secagg_reconstruction_threshold",
-            self.secagg_reconstruction_threshold,
-            "must be in (0.5, 1]: with half or fewer, a server that lies about dropouts could unmask a site",
-        )
-        _check(
-            self.secagg_clipping_range > 0,
-            "federation.secagg_clipping_range",
-            self.secagg_clipping_range,
-            "must be positive",
-        )
-        _check(
-            1 <= self.secagg_quantization_range < SECAGG_MODULUS // 2,
-            "federation.secagg_quantization_range",
-            self.secagg_quantization_range,
-            "must be in [1, 2**31)",
-        )
         if self.secure_aggregation:  # (a deployment's number of sites is checked again in every round)
             _check(
                 self.secagg_quantization_range * self.sites < SECAGG_MODULUS,
@@ -716,7 +582,6 @@ class FederationConfig:
                 f"times federation.sites={self.sites} must stay below 2**32, "
                 "SecAgg+'s modulus (the sum of the quantized updates would overflow)",
             )
-        _check(self.secagg_max_weight > 0, "federation.secagg_max_weight", self.secagg_max_weight, "must be positive")
 
 
 PRIVACY_PHASES = ("finetune", "both")
@@ -743,44 +608,21 @@ class PrivacyConfig:
 
     site_dp: bool = False
     server_dp: bool = False
-    phases: str = "finetune"  # which phases are private: finetune | both
-    budget: float = 8.0  # site: epsilon the whole run may spend at each site
-    delta: float = 1e-5
-    max_grad_norm: float = 1.0  # site: per-case gradient clipping
-    noise_multiplier: float = 0.0  # site: 0 = calibrate to spend `budget` over the planned rounds
-    server_noise_multiplier: float = 1.0
-    server_clipping_norm: float = 5.0  # L2 norm of one site's update
-    server_budget: float = 0.0  # 0 = report epsilon without a cap
+    phases: str = opt("finetune", choices=PRIVACY_PHASES)  # which phases are private: finetune | both
+    budget: float = opt(8.0, gt=0)  # site: epsilon the whole run may spend at each site
+    delta: float = opt(1e-5, gt=0, lt=1)
+    max_grad_norm: float = opt(1.0, gt=0)  # site: per-case gradient clipping
+    noise_multiplier: float = opt(0.0, ge=0)  # site: 0 = calibrate to spend `budget` over the planned rounds
+    server_noise_multiplier: float = opt(1.0, gt=0, note="the accountant needs noise")
+    server_clipping_norm: float = opt(5.0, gt=0)  # L2 norm of one site's update
+    server_budget: float = opt(0.0, ge=0)  # 0 = report epsilon without a cap
     # Site DP fine-tuning recipe: which parameters train (all | decoder | norms_biases: fewer parameters take less
     # of the noise) and the optimiser (adamw | sgd, momentum 0.9; its rate is train.finetune_lr).
-    trainable: str = "all"
-    optimizer: str = "adamw"
+    trainable: str = opt("all", choices=PRIVATE_TRAINABLE)
+    optimizer: str = opt("adamw", choices=("adamw", "sgd"))
 
     def __post_init__(self) -> None:
-        _check(
-            self.phases in PRIVACY_PHASES, "privacy.phases", self.phases, f"must be one of {', '.join(PRIVACY_PHASES)}"
-        )
-        _check(self.budget > 0, "privacy.budget", self.budget, "must be positive")
-        _check(0.0 < self.delta < 1.0, "privacy.delta", self.delta, "must be in (0, 1)")
-        _check(self.max_grad_norm > 0, "privacy.max_grad_norm", self.max_grad_norm, "must be positive")
-        _check(self.noise_multiplier >= 0, "privacy.noise_multiplier", self.noise_multiplier, "must not be negative")
-        _check(
-            self.server_noise_multiplier > 0,
-            "privacy.server_noise_multiplier",
-            self.server_noise_multiplier,
-            "must be positive (the accountant needs noise)",
-        )
-        _check(
-            self.server_clipping_norm > 0, "privacy.server_clipping_norm", self.server_clipping_norm, "must be positive"
-        )
-        _check(self.server_budget >= 0, "privacy.server_budget", self.server_budget, "must not be negative")
-        _check(
-            self.trainable in PRIVATE_TRAINABLE,
-            "privacy.trainable",
-            self.trainable,
-            f"must be one of {', '.join(PRIVATE_TRAINABLE)}",
-        )
-        _check(self.optimizer in ("adamw", "sgd"), "privacy.optimizer", self.optimizer, "must be adamw or sgd")
+        check_fields(self, "privacy")
 
     def private(self, phase: str) -> bool:
         """Whether training in ``phase`` ("pretrain" or "finetune") is private."""

@@ -11,10 +11,10 @@ from monai.transforms import AdjustContrast
 from monai.transforms.utils import create_rotate, create_scale
 from monai.utils import convert_to_numpy
 
+from amlp_core.config.schema import AUGMENTATIONS
 from amlp_core.errors import ConfigError
 
-#: ``train.augment`` values: nnU-Net-style :func:`strong_augment` then flips, or the crop and flips only.
-AUGMENTATIONS = ("strong", "flip")
+__all__ = ["AUGMENTATIONS"]  # (defined with the config's other closed sets)
 
 
 def normalize_intensity(image: np.ndarray) -> np.ndarray:

@@ -14,7 +14,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from amlp_core.config import MethodConfig, ModelConfig
+from amlp_core.config import METHOD_NAMES, MethodConfig, ModelConfig
 from amlp_core.errors import ConfigError
 from amlp_core.losses import masked_losses, normalize_patches, patch_losses
 from amlp_core.masking import Mask
@@ -113,6 +113,8 @@ def register_method(name: str) -> Callable[[type[PretrainMethod]], type[Pretrain
     """Class decorator adding a method to :data:`METHODS` under ``name``."""
 
     def add(cls: type[PretrainMethod]) -> type[PretrainMethod]:
+        if name not in METHOD_NAMES:  # the config's closed set (method.name) is the one list of names
+            raise ValueError(f"pretraining method {name!r} is not in amlp_core.config METHOD_NAMES")
         if name in METHODS:
             raise ValueError(f"pretraining method {name!r} is registered twice")
         cls.name = name

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from amlp_core.config import ModelConfig
+from amlp_core.config import PRETRAIN_DECODERS, ModelConfig
 from amlp_core.masking.base import Mask
 from amlp_core.models.encoder import EncoderOutput, visible_map
 from amlp_core.models.segmentation import UNetDecoder
@@ -127,10 +127,12 @@ class DenseDecoder(nn.Module):
         return patchify(image, self.cfg.patch_size)  # [B, N, C * p**dims]
 
 
-#: ``model.pretrain_decoder`` -> its class.
-PRETRAIN_DECODERS: dict[str, type[nn.Module]] = {"transformer": MAEDecoder, "unet": DenseDecoder}
+#: ``model.pretrain_decoder`` (the config's closed set, PRETRAIN_DECODERS) -> its class.
+DECODER_CLASSES: dict[str, type[nn.Module]] = {"transformer": MAEDecoder, "unet": DenseDecoder}
+if set(DECODER_CLASSES) != set(PRETRAIN_DECODERS):
+    raise ImportError(f"pretraining decoders {sorted(DECODER_CLASSES)} differ from the config's {PRETRAIN_DECODERS}")
 
 
 def build_pretrain_decoder(cfg: ModelConfig) -> nn.Module:
     """The pretraining decoder named by ``cfg.pretrain_decoder``, freshly initialised."""
-    return PRETRAIN_DECODERS[cfg.pretrain_decoder](cfg)
+    return DECODER_CLASSES[cfg.pretrain_decoder](cfg)
