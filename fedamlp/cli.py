@@ -268,9 +268,7 @@ def cmd_data_fingerprint(args: argparse.Namespace) -> int:
 
 def cmd_plan(args: argparse.Namespace) -> int:
     """What a federation's server decides from these sites' fingerprints, and which site fits it."""
-    from collections import Counter
-
-    from amlp_core.data.plan import UNKNOWN, Fingerprint, PlanError, decide_plan, describe, fit_problem, plan_text
+    from amlp_core.data.plan import Fingerprint, PlanError, decide_plan, describe, fit_problem, plan_text, planned_dims
     from amlp_core.presets import ROI
     from amlp_core.reading import read_text
 
@@ -284,12 +282,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
         if not isinstance(record, dict):
             raise PlanError(f"{path}: not a fingerprint (fedamlp data fingerprint writes one)")
         fingerprints[path] = Fingerprint.from_record(record, path)
-    # The network's input budget of the dimension most cases have (a run's data defaults), unless --set.
-    votes: Counter[int] = Counter()
-    known = [fp for fp in fingerprints.values() if fp.modality != UNKNOWN] or list(fingerprints.values())
-    for fp in known:  # (as decide_plan does: sites of a known modality decide over those of an unknown one)
-        votes[len(fp.spacing_median)] += fp.cases
-    dims = votes.most_common(1)[0][0]
+    # The network's input budget of the dimension most deciding cases have (a run's data defaults), unless --set.
+    dims = planned_dims(fingerprints, sets.get("plan.modality", ""))
     size = ROI["volume" if dims == 3 else "image"]
     cfg = build_config({"model.spatial_dims": dims, "model.img_size": size, "data.synthetic_size": size, **sets})
     plan = decide_plan(fingerprints, cfg.plan, cfg.model.img_size, cfg.input_step)

@@ -191,6 +191,34 @@ def _weighted_median(values: Sequence[float], weights: Sequence[float]) -> float
     return float(np.asarray(values)[order][np.searchsorted(cumulative, cumulative[-1] / 2)])
 
 
+def deciding(fingerprints: Mapping[str, Fingerprint], modality: str = "") -> tuple[str, list[Fingerprint]]:
+    """The run's modality (``modality`` where set, else the known one of most cases) and the fingerprints
+    that decide the plan: those of that modality or of an unknown one (all, where none is).
+
+    Raises:
+        PlanError: no fingerprint.
+    """
+    if not fingerprints:
+        raise PlanError("no site sent a fingerprint: there is nothing to plan from")
+    votes: Counter[str] = Counter()
+    for fp in fingerprints.values():
+        votes[fp.modality] += fp.cases
+    chosen = modality and modality_name(modality)
+    if not chosen:
+        known = [m for m, _ in votes.most_common() if m != UNKNOWN]
+        chosen = known[0] if known else UNKNOWN
+    kept = [fp for fp in fingerprints.values() if fp.modality in (chosen, UNKNOWN)] or list(fingerprints.values())
+    return chosen, kept
+
+
+def planned_dims(fingerprints: Mapping[str, Fingerprint], modality: str = "") -> int:
+    """The dimensions (2 or 3) of most cases among the fingerprints that decide the plan (:func:`deciding`)."""
+    votes: Counter[int] = Counter()
+    for fp in deciding(fingerprints, modality)[1]:
+        votes[len(fp.spacing_median)] += fp.cases
+    return votes.most_common(1)[0][0]
+
+
 def decide_plan(
     fingerprints: Mapping[str, Fingerprint], base: PlanConfig, budget: Sequence[int], step: int
 ) -> PlanConfig:
@@ -206,16 +234,7 @@ def decide_plan(
     Raises:
         PlanError: no fingerprint, or CT without any labelled case to take the intensities from.
     """
-    if not fingerprints:
-        raise PlanError("no site sent a fingerprint: there is nothing to plan from")
-    votes: Counter[str] = Counter()
-    for fp in fingerprints.values():
-        votes[fp.modality] += fp.cases
-    modality = base.modality and modality_name(base.modality)
-    if not modality:
-        known = [m for m, _ in votes.most_common() if m != UNKNOWN]
-        modality = known[0] if known else UNKNOWN
-    kept = [fp for fp in fingerprints.values() if fp.modality in (modality, UNKNOWN)] or list(fingerprints.values())
+    modality, kept = deciding(fingerprints, base.modality)
     spacing = base.target_spacing
     if not spacing:
         dims = len(kept[0].spacing_median)

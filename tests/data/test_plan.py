@@ -17,6 +17,7 @@ from amlp_core.data.plan import (
     fit_problem,
     modality_name,
     planned_config,
+    planned_dims,
     prepare,
     restore,
 )
@@ -79,6 +80,18 @@ def test_fingerprint_from_a_site_is_checked(change, match):
     with pytest.raises(PlanError, match=match) as info:
         Fingerprint.from_record(record, "site hospital-b")
     assert "hospital-b" in str(info.value)
+
+
+def test_sites_of_a_known_modality_decide_the_plans_dimensions():
+    mr = fingerprint([case("a"), case("b")], "MR")  # 2 cases of 3D MR
+    images = [Sample(f"i{k}", np.zeros((1, 16, 16), np.float32), None, np.eye(3)) for k in range(5)]
+    unknown_2d = fingerprint(images, "")  # 5 images of an unknown modality
+    us_2d = fingerprint(images, "US")  # 5 ultrasound images
+    assert planned_dims({"mr": mr, "other": unknown_2d}) == 2  # unknown counts beside the known modality
+    assert planned_dims({"mr": mr, "us": us_2d}) == 2  # the known modality of most cases: US
+    assert planned_dims({"mr": mr, "us": us_2d}, modality="MRI") == 3  # the run's modality, where set
+    with pytest.raises(PlanError, match="no site"):
+        planned_dims({})
 
 
 def test_mr_plan_is_median_spacing_and_per_case_zscore():
