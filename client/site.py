@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from amlp_core.config import Config, PlanConfig, apply_site_file, build_config, read_site_file
-from amlp_core.data.plan import describe, fit_problem, planned_config
+from amlp_core.data.plan import PlanMisfit, describe, planned_config
 from amlp_core.engine.board import BOARD_DIR, Board
 from amlp_core.engine.split import DataSplit, plan_split, read_split
 from amlp_core.errors import AMLPError, DataError
@@ -86,13 +86,14 @@ class Site:
                     f"(was {describe(self.planned.plan)}, now {describe(plan)})"
                 )
             return
-        assert self.raw.fingerprint is not None
-        problem = fit_problem(self.raw.fingerprint, plan)
-        if problem:
-            raise RoundRefused(f"site {self.name}'s data do not fit the run's plan ({describe(plan)}): {problem}")
-        cfg = planned_config(self.cfg, plan)  # the networks take the plan's input size
-        self.planned = plan_split(self.raw, plan, self.cfg)
-        self.cfg = cfg
+        try:
+            planned = plan_split(self.raw, plan, self.cfg)
+        except PlanMisfit as e:
+            raise RoundRefused(
+                f"site {self.name}'s data do not fit the run's plan ({describe(plan)}): {e.problem}"
+            ) from None
+        self.cfg = planned_config(self.cfg, plan)  # the networks take the plan's input size
+        self.planned = planned
         log.info("%s: data on the plan: %s", self.name, describe(plan))
 
 

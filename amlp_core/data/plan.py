@@ -42,6 +42,14 @@ class PlanError(DataError):
     """A site's data do not fit the run's plan, or no plan can be made of the sites' fingerprints."""
 
 
+class PlanMisfit(PlanError):
+    """Data whose fingerprint does not fit the run's plan (:func:`fit_problem`); ``problem`` says why."""
+
+    def __init__(self, message: str, problem: Misfit):
+        super().__init__(message)
+        self.problem = problem
+
+
 def modality_name(text: str) -> str:
     """The plan's name of a modality: ``"MRI"`` -> ``"MR"``, ``"ct"`` -> ``"CT"``, ``""`` -> ``"unknown"``."""
     text = str(text).strip().upper()

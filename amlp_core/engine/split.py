@@ -26,7 +26,7 @@ from amlp_core.data import (
 from amlp_core.data.duplicates import find_near_duplicates, group_names
 from amlp_core.data.plan import (
     Fingerprint,
-    PlanError,
+    PlanMisfit,
     decide_plan,
     fingerprint,
     fit_problem,
@@ -81,12 +81,13 @@ def plan_split(raw: DataSplit, plan: PlanConfig, cfg: Config) -> DataSplit:
     slices when ``data.as_slices``.
 
     Raises:
-        PlanError: the data do not fit the plan (another modality, a spacing far off), naming the data.
+        PlanMisfit: the data do not fit the plan (another modality, a spacing far off), naming the data.
+        PlanError: a case cannot be brought onto it (naming the case).
     """
     assert raw.fingerprint is not None
-    problem = fit_problem(raw.fingerprint, plan)
+    problem = fit_problem(raw.fingerprint, plan)  # (the one check of the data's fit: a site's too)
     if problem:
-        raise PlanError(f"{cfg.data.path}: does not fit the run's plan: {problem}")
+        raise PlanMisfit(f"{cfg.data.path}: does not fit the run's plan: {problem}", problem)
     where = {s.name: f"{cfg.data.path}, case {s.name}" for s in (*raw.train, *raw.test)}
     train = [prepare(s, plan, cfg.data.max_voxels, where[s.name]) for s in raw.train]
     test = [prepare(s, plan, cfg.data.max_voxels, where[s.name]) for s in raw.test]
