@@ -23,6 +23,20 @@ logger = logging.getLogger(__name__)
 SPLINE_ORDER = {"linear": 1, "bspline": 3}
 #: Two spacings closer than this (relative) are the same: no resampling.
 SPACING_TOLERANCE = 1e-3
+#: A grid whose coarsest spacing is more than this many times its finest is anisotropic (thick slices):
+#: nnU-Net's threshold, for its target spacing (amlp_core/data/plan.py) and its separate-z resampling.
+ANISOTROPY = 3.0
+
+
+def low_resolution_axis(*spacings: Sequence[float] | np.ndarray) -> int | None:
+    """The axis of the thick slices where any of ``spacings`` (mm per axis) is anisotropic (its coarsest
+    side more than :data:`ANISOTROPY` times its finest), else None: that axis is resampled on its own
+    (nnU-Net's separate z), so that slices far apart are not blended into each other."""
+    for spacing in spacings:
+        s = np.asarray(spacing, dtype=np.float64)
+        if len(s) == 3 and s.max() > ANISOTROPY * s.min():
+            return int(s.argmax())
+    return None
 
 
 def spacing_of(affine: np.ndarray) -> np.ndarray:
@@ -109,6 +123,7 @@ def to_grid(
     dst_affine: np.ndarray,
     order: int,
     fill: float | None = None,
+    separate_axis: int | None = None,
 ) -> np.ndarray:
     """Move a channel-first array from its grid onto another grid of the same world.
 
@@ -117,6 +132,9 @@ def to_grid(
         dst_shape, dst_affine: the destination grid.
         order: spline order (0 nearest, for labels; 1 linear; 3 cubic B-spline).
         fill: the value outside the source grid (None: the nearest edge voxel, for images and probabilities).
+        separate_axis: the destination's thick-slice axis (:func:`low_resolution_axis`), resampled on its
+            own by nearest neighbour after the in-plane axes with ``order`` (nnU-Net's separate z), where the
+            two grids' axes are parallel (a planned grid's are); None: every axis together with ``order``.
 
     Returns:
         ``[C, *dst_shape]`` of ``array``'s dtype (rounded for integer arrays). A pure reorientation is an
@@ -129,6 +147,37 @@ def to_grid(
         out = np.transpose(array, (0, *(a + 1 for a in axes)))
         out = np.flip(out, axis=tuple(d + 1 for d, flip in enumerate(flips) if flip))
         return np.ascontiguousarray(out)
+    if separate_axis is not None and order > 0:
+        shape, affine = canonical_grid(array.shape[1:], src_affine)
+        canonical = to_grid(array, src_affine, shape, affine, order)  # (an exact permutation)
+        linear = _index_map(affine, dst_affine)[:3, :3]
+        if np.allclose(linear, np.diag(np.diag(linear)), atol=1e-6):  # parallel axes: one scale per axis
+            return _separate(canonical, _index_map(affine, dst_affine), dst_shape, order, separate_axis, fill)
+    out = _resample(array, matrix, dst_shape, order, fill)
+    if np.issubdtype(array.dtype, np.integer):
+        out = np.rint(out).astype(array.dtype)
+    return out.astype(array.dtype, copy=False)
+
+
+def _separate(
+    array: np.ndarray, matrix: np.ndarray, dst_shape: Sequence[int], order: int, axis: int, fill: float | None
+) -> np.ndarray:
+    """Resampling by a diagonal index map ``matrix`` in two passes: the axes but ``axis`` with ``order``,
+    then ``axis`` with order 0. ``array`` ``[C, *S]`` -> ``[C, *dst_shape]``, its dtype."""
+    scale, offset = np.diag(matrix[:3, :3]), matrix[:3, 3]
+    plane, along = np.eye(4), np.eye(4)
+    for a in range(3):
+        target = along if a == axis else plane
+        target[a, a], target[a, 3] = scale[a], offset[a]
+    middle = [int(n) if a != axis else array.shape[1 + a] for a, n in enumerate(dst_shape)]
+    out = _resample(_resample(array, plane, middle, order, fill), along, dst_shape, 0, fill)
+    return out.astype(array.dtype, copy=False)
+
+
+def _resample(
+    array: np.ndarray, matrix: np.ndarray, dst_shape: Sequence[int], order: int, fill: float | None
+) -> np.ndarray:
+    """``scipy.ndimage.affine_transform`` of each channel of ``array`` ``[C, *S]`` by the index map ``matrix``."""
     mode, cval = ("nearest", 0.0) if fill is None else ("constant", float(fill))
     channels = [
         ndimage.affine_transform(
@@ -143,7 +192,4 @@ def to_grid(
         )
         for channel in array
     ]
-    out = np.stack(channels)
-    if np.issubdtype(array.dtype, np.integer):
-        out = np.rint(out).astype(array.dtype)
-    return out.astype(array.dtype, copy=False)
+    return np.stack(channels)

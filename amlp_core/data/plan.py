@@ -24,7 +24,15 @@ import torch.nn.functional as F
 
 from amlp_core.config import Config, PlanConfig, build_config
 from amlp_core.data.cases import Sample
-from amlp_core.data.geometry import SPLINE_ORDER, canonical_grid, planned_grid, spacing_of, to_grid
+from amlp_core.data.geometry import (
+    ANISOTROPY,
+    SPLINE_ORDER,
+    canonical_grid,
+    low_resolution_axis,
+    planned_grid,
+    spacing_of,
+    to_grid,
+)
 from amlp_core.data.transforms import normalize_intensity
 from amlp_core.errors import ConfigError, DataError
 
@@ -73,6 +81,7 @@ class Fingerprint:
     size_median: tuple[float, ...]
     size_min: tuple[float, ...]
     size_max: tuple[float, ...]
+    spacing_p10: tuple[float, ...] = ()  # per axis, the 10th percentile of the cases' spacings
     foreground_voxels: int = 0  # voxels behind the intensity numbers
     intensity_p005: tuple[float, ...] = ()
     intensity_p50: tuple[float, ...] = ()
@@ -107,8 +116,10 @@ class Fingerprint:
         geometry = (fp.spacing_median, fp.spacing_min, fp.spacing_max, fp.size_median, fp.size_min, fp.size_max)
         if dims not in (2, 3) or any(len(v) != dims for v in geometry):
             raise PlanError(f"{who}: fingerprint spacings and sizes must all have 2 or 3 values")
-        if any(s <= 0 for v in geometry for s in v):
+        if any(s <= 0 for v in (*geometry, fp.spacing_p10) for s in v):
             raise PlanError(f"{who}: fingerprint spacings and sizes must be positive")
+        if len(fp.spacing_p10) not in (0, dims):
+            raise PlanError(f"{who}: fingerprint spacing_p10 must have {dims} values")
         if fp.labelled > fp.cases or fp.cases < 1:
             raise PlanError(f"{who}: fingerprint counts {fp.cases} cases, {fp.labelled} labelled")
         lengths = {len(v) for v in (fp.intensity_p005, fp.intensity_p50, fp.intensity_p995, fp.intensity_mean)}
@@ -172,6 +183,7 @@ def fingerprint(samples: Sequence[Sample], modality: str, seed: int = 0) -> Fing
         spacing_median=agg(spacings, np.median),
         spacing_min=agg(spacings, np.min),
         spacing_max=agg(spacings, np.max),
+        spacing_p10=agg(spacings, lambda a, axis: np.percentile(a, 10, axis=axis)),
         size_median=agg(sizes, np.median),
         size_min=agg(sizes, np.min),
         size_max=agg(sizes, np.max),
@@ -251,6 +263,7 @@ def decide_plan(
             round(_weighted_median([fp.spacing_median[a] for fp in same], [fp.cases for fp in same]), 4)
             for a in range(dims)
         )
+        spacing = _thick_slice_spacing(spacing, same)
     normalization = base.normalization or ("ct" if modality == "CT" else "zscore")
     input_size = base.input_size or decide_input_size(_median_shape(kept, spacing), spacing, budget, step)
     # 2D images are resized to the input size: measured on BUSI, it segments better than crops and sliding
@@ -269,6 +282,29 @@ def decide_plan(
     plan = dataclasses.replace(base, **decided)
     logger.info("plan: %s", describe(plan))
     return plan
+
+
+def _thick_slice_spacing(spacing: tuple[float, ...], fps: Sequence[Fingerprint]) -> tuple[float, ...]:
+    """nnU-Net's rule for thick slices: where the median spacing's coarsest axis is more than
+    :data:`~amlp_core.data.geometry.ANISOTROPY` times the others' and the median case has more than that
+    many times fewer voxels along it, the target along that axis is the 10th percentile of its spacings
+    (here the case-weighted median of the sites' 10th percentiles), no finer than the other axes: the
+    finer scans are not thinned to the typical one, and the thick ones are not made to look finer in plane.
+    """
+    if len(spacing) != 3:
+        return spacing
+    worst = int(np.argmax(spacing))
+    others = [a for a in range(3) if a != worst]
+    weights = [fp.cases for fp in fps]
+    size = [_weighted_median([fp.size_median[a] for fp in fps], weights) for a in range(3)]
+    thick = spacing[worst] > ANISOTROPY * max(spacing[a] for a in others)
+    few = size[worst] * ANISOTROPY < min(size[a] for a in others)
+    if not (thick and few):
+        return spacing
+    p10 = [fp.spacing_p10[worst] if fp.spacing_p10 else fp.spacing_min[worst] for fp in fps]
+    target = max(_weighted_median(p10, weights), max(spacing[a] for a in others))
+    logger.info("plan: thick slices along axis %d: target %.4g mm there (median %.4g)", worst, target, spacing[worst])
+    return tuple(round(target, 4) if a == worst else s for a, s in enumerate(spacing))
 
 
 def _median_shape(fps: Sequence[Fingerprint], spacing: Sequence[float]) -> tuple[float, ...] | None:
@@ -439,7 +475,8 @@ def normalize(image: np.ndarray, plan: PlanConfig) -> np.ndarray:
 
 def prepare(sample: Sample, plan: PlanConfig, max_voxels: int | None = None, where: str = "") -> Sample:
     """One case on the plan's grid and scale: a 3D case is reoriented to RAS and resampled to
-    ``plan.target_spacing`` (image with ``plan.interpolation``, label nearest), then normalised.
+    ``plan.target_spacing`` (image with ``plan.interpolation``, label nearest; where its own or the target
+    spacing is anisotropic, the thick-slice axis on its own, nearest), then normalised.
     A 2D image is resized to ``plan.input_size`` (``plan.image_fit=resize``: image bilinear with
     antialiasing, label nearest; the affine scaled to match) or keeps its pixels (``window``), then normalised.
 
@@ -465,7 +502,9 @@ def prepare(sample: Sample, plan: PlanConfig, max_voxels: int | None = None, whe
                 f"{where or sample.name}: on the plan's {_mm(plan.target_spacing)} grid it would hold {planned:,} voxels "
                 f"{tuple(shape)} (its own grid: {tuple(image.shape[1:])}), above data.max_voxels={max_voxels:,}"
             )
-        image = to_grid(image, sample.affine, shape, affine, SPLINE_ORDER[plan.interpolation])
+        own = spacing_of(canonical_grid(image.shape[1:], sample.affine)[1])
+        thick = low_resolution_axis(own, plan.target_spacing)  # resampled on its own, nearest (nnU-Net)
+        image = to_grid(image, sample.affine, shape, affine, SPLINE_ORDER[plan.interpolation], separate_axis=thick)
         if label is not None:
             label = to_grid(label[None], sample.affine, shape, affine, order=0, fill=0)[0]
     elif plan.resizes and tuple(image.shape[1:]) != tuple(plan.input_size):

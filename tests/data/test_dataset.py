@@ -102,7 +102,7 @@ def test_seg_dataset_and_config_reject_unknown_augmentation():
     with pytest.raises(ConfigError, match="'heavy'.*strong, flip"):
         SegDataset(samples, (16, 16), augment=True, strength="heavy")
     assert TrainConfig().augment == "strong" and build_config({"train.augment": "flip"}).train.augment == "flip"
-    with pytest.raises(ConfigError, match=r"train\.augment='heavy'.*strong or flip"):
+    with pytest.raises(ConfigError, match=r"train\.augment='heavy'.*strong, flip"):
         build_config({"train.augment": "heavy"})
 
 

@@ -218,3 +218,40 @@ def test_prepare_and_restore_an_oblique_lps_case():
 def test_prepare_refuses_an_undecided_plan():
     with pytest.raises(ConfigError, match="not decided"):
         prepare(case("a"), PlanConfig())
+
+
+def test_thick_slices_get_the_tenth_percentile_spacing_along_their_axis():
+    """nnU-Net's rule: a median spacing whose coarse axis is > 3x the others, on cases with > 3x fewer
+    voxels along it, targets the 10th percentile of that axis's spacings there, not the median."""
+    thick = [case(f"t{k}", shape=(60, 60, 10), spacing=(0.7, 0.7, 5.0)) for k in range(8)]
+    thin = [case(f"s{k}", shape=(60, 60, 10), spacing=(0.7, 0.7, 1.5)) for k in range(2)]
+    fp = fingerprint(thick + thin, "MR")
+    assert fp.spacing_median == (0.7, 0.7, 5.0) and fp.spacing_p10 == (0.7, 0.7, 1.5)
+    plan = decide_plan({"a": fp}, PlanConfig(), BUDGET, 8)
+    assert plan.target_spacing == (0.7, 0.7, 1.5)
+    # Not where the cases have about as many voxels along the thick axis as across it: the median holds.
+    cubes = [case(f"c{k}", shape=(20, 20, 20), spacing=(0.7, 0.7, 5.0 if k < 8 else 1.5)) for k in range(10)]
+    assert decide_plan({"a": fingerprint(cubes, "MR")}, PlanConfig(), BUDGET, 8).target_spacing == (0.7, 0.7, 5.0)
+    # Nor where the spacing is near isotropic.
+    near = [case(f"n{k}", shape=(60, 60, 10), spacing=(1.0, 1.0, 2.5 if k < 8 else 1.0)) for k in range(10)]
+    assert decide_plan({"a": fingerprint(near, "MR")}, PlanConfig(), BUDGET, 8).target_spacing == (1.0, 1.0, 2.5)
+    # A fingerprint from before spacing_p10 existed: the sites' finest spacing stands in for it.
+    old = dataclasses.replace(fp, spacing_p10=())
+    assert decide_plan({"a": old}, PlanConfig(), BUDGET, 8).target_spacing == (0.7, 0.7, 1.5)
+    with pytest.raises(PlanError, match="spacing_p10"):
+        Fingerprint.from_record({**fp.to_record(), "spacing_p10": [1.0, 1.0]}, "site0")
+
+
+def test_thick_slices_are_resampled_on_their_own_by_nearest_neighbour():
+    """Separate z: in plane with the plan's interpolation, across the thick slices by nearest neighbour, so
+    no output slice blends two scanned slices (nnU-Net); a near-isotropic case is resampled as one."""
+    shape = (12, 12, 6)
+    slices = np.broadcast_to(np.arange(6, dtype=np.float32) * 10, shape).copy()  # each slice one value
+    sample = Sample("t", slices[None], None, np.diag([1.0, 1.0, 4.0, 1.0]))
+    plan = PlanConfig(target_spacing=(0.5, 0.5, 1.5), modality="MR", normalization="zscore", input_size=BUDGET)
+    out = prepare(sample, plan)
+    assert out.image.shape == (1, 24, 24, 16)
+    assert len(np.unique(np.round(out.image, 5))) <= 6  # every voxel is one scanned slice's value
+    iso = Sample("i", slices[None], None, np.diag([1.0, 1.0, 2.0, 1.0]))  # 2 mm: not anisotropic
+    blended = prepare(iso, dataclasses.replace(plan, target_spacing=(1.0, 1.0, 1.0)))
+    assert len(np.unique(np.round(blended.image, 5))) > 6  # linear across the slices: values between them
