@@ -277,9 +277,9 @@ def _private_phases(site: Site, ins: Instructions) -> tuple[PrivatePhase, list[P
 
     def phase(name: str, rounds: int) -> PrivatePhase:
         if name == P.PRETRAIN:
-            return PrivatePhase(rounds, record_count(site.split.train), epochs=fed.local_epochs)
+            return PrivatePhase(rounds, record_count(site.split.train), epochs=fed.local_epochs, name=name)
         records = local.finetune_records(cfg, site.split.train, _labelled_subset(site))
-        return PrivatePhase(rounds, records, steps=local_finetune_steps(site))
+        return PrivatePhase(rounds, records, steps=local_finetune_steps(site), name=name)
 
     total = fed.pretrain_rounds if ins.phase == P.PRETRAIN else fed.finetune_rounds
     now = phase(ins.phase, total - ins.round + 1)

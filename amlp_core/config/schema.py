@@ -609,6 +609,9 @@ class PrivacyConfig:
     site_dp: bool = False
     server_dp: bool = False
     phases: str = opt("finetune", choices=PRIVACY_PHASES)  # which phases are private: finetune | both
+    # phases=both: the share of the budget pretraining's noise spends by itself; fine-tuning's noise spends the
+    # rest (0: one noise level for both phases, each spending in proportion to its steps).
+    pretrain_share: float = opt(0.0, ge=0, lt=1)
     budget: float = opt(8.0, gt=0)  # site: epsilon the whole run may spend at each site
     delta: float = opt(1e-5, gt=0, lt=1)
     max_grad_norm: float = opt(1.0, gt=0)  # site: per-case gradient clipping
@@ -623,6 +626,19 @@ class PrivacyConfig:
 
     def __post_init__(self) -> None:
         check_fields(self, "privacy")
+        _check(
+            self.pretrain_share == 0 or self.phases == "both",
+            "privacy.pretrain_share",
+            self.pretrain_share,
+            "splits the budget between the phases: it needs privacy.phases=both",
+        )
+        _check(
+            self.pretrain_share == 0 or self.noise_multiplier == 0,
+            "privacy.pretrain_share",
+            self.pretrain_share,
+            f"calibrates each phase's noise to its share: it cannot go with privacy.noise_multiplier="
+            f"{self.noise_multiplier:g} (set it to 0)",
+        )
 
     def private(self, phase: str) -> bool:
         """Whether training in ``phase`` ("pretrain" or "finetune") is private."""

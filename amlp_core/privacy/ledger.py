@@ -91,8 +91,9 @@ class PrivacyLedger:
     """The privacy spent by one site, at one delta, against one budget.
 
     Attributes:
-        noise_multiplier: fixed at the first private round of the run (calibrated or
-            configured) and kept, so that a restart does not change the plan.
+        noise: the noise multiplier of each phase (``""``: of every phase), fixed at the first private round
+            of the run (calibrated or configured) and kept, so that a restart does not change the plan.
+        noise_multiplier: that of the stretch being prepared (:meth:`fix_noise`).
         history: the accountant's stretches.
         rounds: one readable record per private round.
     """
@@ -100,6 +101,7 @@ class PrivacyLedger:
     def __init__(self, path: str | Path, budget: float, delta: float) -> None:
         self.path = Path(path)
         self.budget, self.delta = budget, delta
+        self.noise: dict[str, float] = {}
         self.noise_multiplier: float | None = None
         self.history: list[Stretch] = []
         self.rounds: list[dict] = []
@@ -120,6 +122,11 @@ class PrivacyLedger:
                 raise ValueError(f"format {raw.get('format')!r}, expected {FORMAT_VERSION}")
             history = [(float(s), float(q), int(n)) for s, q, n in raw["history"]]
             rounds, sigma, delta_then = list(raw["rounds"]), raw["noise_multiplier"], float(raw["delta"])
+            noise = {str(k): float(v) for k, v in raw.get("phase_noise", {}).items()}
+            if sigma is not None:
+                noise[""] = float(sigma)
+            if any(not (math.isfinite(v) and v > 0) for v in noise.values()):
+                raise ValueError(f"noise multipliers {noise} are not all positive")
         except (PrivacyError, ValueError, KeyError, TypeError, RecursionError) as e:
             raise PrivacyError(
                 f"privacy ledger {ledger.path} cannot be read ({e}); it is never reset "
@@ -130,8 +137,8 @@ class PrivacyLedger:
                 f"privacy ledger {ledger.path} was kept at delta={delta_then}, the run asks "
                 f"privacy.delta={delta}: use the same delta for the whole run"
             )
-        ledger.history, ledger.rounds = history, rounds
-        ledger.noise_multiplier = None if sigma is None else float(sigma)
+        ledger.history, ledger.rounds, ledger.noise = history, rounds, noise
+        ledger.noise_multiplier = noise.get("")
         return ledger
 
     @classmethod
@@ -145,6 +152,8 @@ class PrivacyLedger:
         sample_rate: float,
         steps: int,
         what: str,
+        phase: str = "",
+        split: tuple[float, Sequence[tuple[float, int]]] | None = None,
     ) -> PrivacyLedger:
         """The ledger in ``folder``, ready for ``steps`` Poisson draws at ``sample_rate``: its noise fixed
         for the whole ``plan`` (:meth:`fix_noise`) and those steps checked against the budget (:meth:`check`),
@@ -155,24 +164,51 @@ class PrivacyLedger:
             PrivacyBudgetExceeded: the steps would spend more than the budget (``what`` names them).
         """
         ledger = cls.open(folder, budget, delta)
-        ledger.fix_noise(configured_noise, plan)
+        ledger.fix_noise(configured_noise, plan, phase, split)
         ledger.check(sample_rate, steps, what)
         return ledger
 
-    def fix_noise(self, configured: float, plan: Sequence[tuple[float, int]]) -> float:
-        """The run's noise multiplier, fixed (and saved) at its first private round: ``configured``,
-        or, when that is 0, calibrated so that ``plan`` (``(sample_rate, steps)`` stretches still
-        to come) spends the rest of the budget."""
-        if self.noise_multiplier is None:
-            self.noise_multiplier = configured or calibrate_noise(self.budget, self.delta, plan, self.history)
+    def fix_noise(
+        self,
+        configured: float,
+        plan: Sequence[tuple[float, int]],
+        phase: str = "",
+        split: tuple[float, Sequence[tuple[float, int]]] | None = None,
+    ) -> float:
+        """The noise multiplier of ``phase``'s stretches, fixed (and saved) at the run's first private round:
+        ``configured``, or, when that is 0, calibrated so that ``plan`` (``(sample_rate, steps)`` stretches
+        still to come) spends the rest of the budget, at one noise level.
+
+        ``split`` ``(share, pretraining plan)`` (``privacy.pretrain_share``, at the first private pretraining
+        round of a run private in both phases) fixes two: pretraining's, so that its own stretches spend
+        ``share`` of the budget, and fine-tuning's, so that both phases together spend all of it (the
+        accountant composes them; the rest of ``plan`` is fine-tuning's)."""
+        if not self.noise:
+            if split is not None and not configured:
+                share, pre = split
+                finetune = list(plan[len(pre) :])
+                sigma_pre = calibrate_noise(self.budget * share, self.delta, pre, self.history)
+                spent = [*self.history, *((sigma_pre, q, n) for q, n in pre)]
+                self.noise = {
+                    "pretrain": sigma_pre,
+                    "finetune": calibrate_noise(self.budget, self.delta, finetune, spent),
+                }
+            else:
+                self.noise = {"": configured or calibrate_noise(self.budget, self.delta, plan, self.history)}
             self.save()
             log.info(
-                "privacy: noise multiplier %.3f for a budget of epsilon %g at delta %g",
-                self.noise_multiplier,
+                "privacy: noise multiplier %s for a budget of epsilon %g at delta %g",
+                self._noise_text(),
                 self.budget,
                 self.delta,
             )
+        self.noise_multiplier = self.noise.get(phase, self.noise.get(""))
+        if self.noise_multiplier is None:
+            raise PrivacyError(f"privacy ledger {self.path} holds no noise for phase {phase!r} ({self._noise_text()})")
         return self.noise_multiplier
+
+    def _noise_text(self) -> str:
+        return ", ".join(f"{k}: {v:.3f}" if k else f"{v:.3f}" for k, v in self.noise.items())
 
     @property
     def epsilon(self) -> float:
@@ -221,7 +257,8 @@ class PrivacyLedger:
             "format": FORMAT_VERSION,
             "delta": self.delta,
             "budget": self.budget,
-            "noise_multiplier": self.noise_multiplier,
+            "noise_multiplier": self.noise.get("") if self.noise else self.noise_multiplier,
+            "phase_noise": {k: v for k, v in self.noise.items() if k},
             "history": [list(h) for h in self.history],
             "rounds": self.rounds,
             "epsilon": round(self.epsilon, 6),

@@ -28,6 +28,7 @@ class PrivatePhase:
     cases: int
     epochs: int = 0
     steps: int = 0
+    name: str = ""  # the phase: pretrain | finetune ("": a local run's one phase)
 
     def rate(self, batch_size: int) -> float:
         """Poisson sampling rate of ``batch_size`` cases per batch on average."""
@@ -53,11 +54,12 @@ def ready_ledger(
         PrivacyError: an unreadable ledger, or one of another delta.
         PrivacyBudgetExceeded: this round would spend more than the budget (``what`` names it).
     """
-    plan = [
-        (phase.rate(batch_size), phase.rounds * phase.round_steps(batch_size))
-        for phase in (now, *later)
-        if phase.cases > 0 and phase.rounds > 0
-    ]
+    phases = [phase for phase in (now, *later) if phase.cases > 0 and phase.rounds > 0]
+    plan = [(phase.rate(batch_size), phase.rounds * phase.round_steps(batch_size)) for phase in phases]
+    names = [phase.name for phase in phases]
+    split = None
+    if privacy.pretrain_share > 0 and "pretrain" in names and "finetune" in names:  # (pretraining's first)
+        split = (privacy.pretrain_share, plan[: names.index("finetune")])
     return PrivacyLedger.planned(
         folder,
         privacy.budget,
@@ -67,6 +69,8 @@ def ready_ledger(
         now.rate(batch_size),
         now.round_steps(batch_size),
         what,
+        now.name,
+        split,
     )
 
 
@@ -76,7 +80,12 @@ def coverage(cfg: Config) -> str:
     evaluation messages."""
     p, f = cfg.privacy, cfg.federation
     pretrained = f.pretrain_rounds > 0 and cfg.model.seg_arch != "unet"
-    if p.phases == "both":
+    if p.phases == "both" and p.pretrain_share > 0:
+        parts = [
+            f"pretraining and fine-tuning: pretraining's noise spends {p.pretrain_share:.0%} of the budget by "
+            "itself (privacy.pretrain_share), fine-tuning's the rest of it, composed"
+        ]
+    elif p.phases == "both":
         parts = [
             "pretraining and fine-tuning: one noise level, fixed at the first private round for every planned step "
             "of both phases, so each phase spends the budget in proportion to its steps"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -167,6 +168,40 @@ def test_calibrated_noise_spends_the_budget_over_the_plan():
     assert calibrate_noise(3.0, 1e-5, plan) > calibrate_noise(8.0, 1e-5, plan)  # tighter budget, more noise
 
 
+@pytest.mark.slow  # calibrates twice: over 5 s
+def test_a_split_budget_gives_pretraining_its_share_and_fine_tuning_the_rest(tmp_path):
+    from amlp_core.privacy import PrivatePhase, ready_ledger
+
+    privacy = build_config({"privacy.site_dp": True, "privacy.phases": "both", "privacy.pretrain_share": 0.25}).privacy
+    pre = PrivatePhase(rounds=2, cases=40, epochs=1, name="pretrain")
+    fine = PrivatePhase(rounds=3, cases=40, steps=20, name="finetune")
+    ledger = ready_ledger(tmp_path, privacy, 8, pre, [fine], "pretrain round 1")
+    sigma_pre, sigma_ft = ledger.noise["pretrain"], ledger.noise["finetune"]
+    assert ledger.noise_multiplier == sigma_pre
+    pre_plan = [(pre.rate(8), pre.rounds * pre.round_steps(8))]
+    ft_plan = [(fine.rate(8), fine.rounds * fine.round_steps(8))]
+    alone = epsilon_of([(sigma_pre, q, n) for q, n in pre_plan], 1e-5)
+    assert 0.25 * 8 * 0.97 <= alone <= 0.25 * 8  # pretraining spends its share by itself
+    both = epsilon_of([*((sigma_pre, q, n) for q, n in pre_plan), *((sigma_ft, q, n) for q, n in ft_plan)], 1e-5)
+    assert 8 * 0.97 <= both <= 8  # and both phases the whole budget
+    # a restarted site, at its first fine-tuning round, reads fine-tuning's noise back
+    again = ready_ledger(tmp_path, privacy, 8, PrivatePhase(3, 40, steps=20, name="finetune"), [], "finetune round 1")
+    assert again.noise_multiplier == sigma_ft and again.noise == {"pretrain": sigma_pre, "finetune": sigma_ft}
+    # without a split: one noise level for both phases
+    one = ready_ledger(tmp_path / "one", dataclasses.replace(privacy, pretrain_share=0.0), 8, pre, [fine], "round 1")
+    assert set(one.noise) == {""} and sigma_pre > one.noise[""] > sigma_ft  # the split moves noise to pretraining
+    for bad, match in (
+        ({"privacy.pretrain_share": 0.5}, "needs privacy.phases=both"),
+        (
+            {"privacy.phases": "both", "privacy.pretrain_share": 0.5, "privacy.noise_multiplier": 1.0},
+            "noise_multiplier",
+        ),
+        ({"privacy.phases": "both", "privacy.pretrain_share": 1.0}, r"must be in \[0, 1\)"),
+    ):
+        with pytest.raises(ConfigError, match=match):
+            build_config(bad)
+
+
 def test_privacy_config_refuses_combinations_that_would_break_the_guarantee():
     with pytest.raises(ConfigError, match="federation.strategy.*fedprox"):
         build_config({"privacy.site_dp": True, "federation.strategy": "fedprox"})
@@ -202,6 +237,8 @@ def test_the_summary_says_what_the_epsilon_covers():
     assert finetune_only.startswith("fine-tuning only; the encoder was pretrained on the sites' own scans WITHOUT DP")
     both = coverage(build_config({**base, "privacy.phases": "both"}))
     assert both.startswith("pretraining and fine-tuning") and "WITHOUT DP" not in both
+    split = coverage(build_config({**base, "privacy.phases": "both", "privacy.pretrain_share": 0.3}))
+    assert "pretraining's noise spends 30% of the budget by itself (privacy.pretrain_share)" in split
     given = coverage(build_config({**base, "federation.pretrain_rounds": 0, "federation.init_encoder": "runs/pre"}))
     assert "the initial encoder (runs/pre) was made outside this run and is outside the budget" in given
     semi = coverage(build_config({**base, "train.semi_supervised": "mean_teacher"}))
