@@ -331,15 +331,16 @@ def _check_series(uid: str, slices: list[_Slice]) -> tuple[Series | None, list[P
     if problems:
         return None, problems
     if n == 1:
-        step = normal * (first.thickness or 1.0)
+        between = float(first.thickness or 1.0)
         problems.append(Problem(where, "a single slice: a 2D image, not a volume", "warning"))
     else:
-        step = (positions[-1] - positions[0]) / (n - 1)
-    affine_lps = np.eye(4)
-    affine_lps[:3, 0] = along_row * first.pixel_spacing[1]  # increasing column index i
-    affine_lps[:3, 1] = along_col * first.pixel_spacing[0]  # increasing row index j
-    affine_lps[:3, 2] = step
-    affine_lps[:3, 3] = positions[0]
+        between = float(np.dot(positions[-1] - positions[0], normal)) / (n - 1)  # (the slices lie on the normal)
+    # highdicom's affine (DICOM PS3.3 C.7.6.2.1.1): index (i, j, k) = (column, row, slice along the normal).
+    from highdicom.spatial import create_affine_matrix_from_attributes  # (0.4 s to import: only where DICOM is)
+
+    affine_lps = create_affine_matrix_from_attributes(
+        positions[0], first.orientation.tolist(), first.pixel_spacing.tolist(), between, index_convention="RD"
+    )
     assert first.cols is not None and first.rows is not None
     series = Series(
         uid=uid,
@@ -348,7 +349,7 @@ def _check_series(uid: str, slices: list[_Slice]) -> tuple[Series | None, list[P
         modality=first.modality,
         description=first.description,
         shape=(first.cols, first.rows, n),
-        spacing=(float(first.pixel_spacing[1]), float(first.pixel_spacing[0]), float(np.linalg.norm(step))),
+        spacing=(float(first.pixel_spacing[1]), float(first.pixel_spacing[0]), between),
         affine=LPS_TO_RAS @ affine_lps,
         instance_uids=tuple(str(s.sop_uid) for s in slices),
     )
