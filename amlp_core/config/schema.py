@@ -622,6 +622,9 @@ class PrivacyConfig:
     # Site DP fine-tuning recipe: which parameters train (all | decoder | norms_biases: fewer parameters take less
     # of the noise) and the optimiser (adamw | sgd, momentum 0.9; its rate is train.finetune_lr).
     trainable: str = opt("all", choices=PRIVATE_TRAINABLE)
+    # Augmentation multiplicity (De et al. 2022): each sampled case trains as this many augmentations, their
+    # gradients averaged before clipping (the noise does not grow; the step costs this many times more).
+    augmult: int = opt(1, ge=1, le=32)
     optimizer: str = opt("adamw", choices=("adamw", "sgd"))
 
     def __post_init__(self) -> None:

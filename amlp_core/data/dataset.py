@@ -130,11 +130,17 @@ class SegDataset(torch.utils.data.Dataset):
         self.seed = seed
         self.foreground_share = foreground_share
         self.epoch = 0
+        self.view = 0
         self.has_labels = not unlabelled
 
     def set_epoch(self, epoch: int) -> None:
         """Choose the augmentation stream for this epoch."""
         self.epoch = epoch
+
+    def set_view(self, view: int) -> None:
+        """Choose another augmentation of each item in this epoch (DP-SGD's augmentation multiplicity:
+        :class:`~amlp_core.privacy.dp.ViewsPerRecord`); view 0 is the epoch's own."""
+        self.view = view
 
     def record_keys(self) -> list[str]:
         """Each item's record (:attr:`~amlp_core.data.cases.Sample.group_key`): the patient, for DP-SGD."""
@@ -145,7 +151,8 @@ class SegDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> dict:
         sample = self.samples[i]
-        rng = np.random.default_rng((self.seed, self.epoch, i)) if self.augment else None
+        key = (self.seed, self.epoch, i) if not self.view else (self.seed, self.epoch, i, self.view)
+        rng = np.random.default_rng(key) if self.augment else None
         image, label = fit_to_roi(sample.image, sample.label, self.roi_size, rng, self.foreground_share)
         if rng is not None:
             if self.strength == "strong":
@@ -174,6 +181,10 @@ class RecordDataset(torch.utils.data.Dataset):
         self.labelled.set_epoch(epoch)
         self.unlabelled.set_epoch(epoch)
 
+    def set_view(self, view: int) -> None:
+        self.labelled.set_view(view)
+        self.unlabelled.set_view(view)
+
     def record_keys(self) -> list[str]:
         return self.labelled.record_keys() + self.unlabelled.record_keys()
 
@@ -198,18 +209,23 @@ class PatientRecords(torch.utils.data.Dataset):
         groups: dict[str, list[int]] = {}
         for i, key in enumerate(dataset.record_keys()):
             groups.setdefault(key, []).append(i)
-        self.dataset, self.members, self.seed, self.epoch = dataset, list(groups.values()), seed, 0
+        self.dataset, self.members, self.seed, self.epoch, self.view = dataset, list(groups.values()), seed, 0, 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
         self.dataset.set_epoch(epoch)
+
+    def set_view(self, view: int) -> None:
+        self.view = view
+        self.dataset.set_view(view)
 
     def __len__(self) -> int:
         return len(self.members)
 
     def __getitem__(self, i: int) -> dict:
         members = self.members[i]
-        pick = members[int(np.random.default_rng((self.seed, self.epoch, i)).integers(len(members)))]
+        key = (self.seed, self.epoch, i) if not self.view else (self.seed, self.epoch, i, self.view)
+        pick = members[int(np.random.default_rng(key).integers(len(members)))]
         return self.dataset[pick]
 
 

@@ -114,7 +114,15 @@ def pretrain_epochs(
     if ledger is not None:  # DP-SGD's records are patients: the slices of one volume are one record
         loader = DataLoader(as_records(loader.dataset, seed))
     with charged_training(
-        method, optimizer, loader, ledger, cfg.train.batch_size, cfg.privacy.max_grad_norm, seed, *stretch.name
+        method,
+        optimizer,
+        loader,
+        ledger,
+        cfg.train.batch_size,
+        cfg.privacy.max_grad_norm,
+        seed,
+        *stretch.name,
+        cfg.privacy.augmult,
     ) as (opt, batches, spent):
         for epoch in epochs:
             loader.dataset.set_epoch(epoch.index)
@@ -172,7 +180,15 @@ def finetune_for(
     if ledger is not None:  # DP-SGD's records are patients: the slices of one volume are one record
         loader = DataLoader(as_records(loader.dataset, seed))
     with charged_training(
-        model, optimizer, loader, ledger, cfg.train.batch_size, cfg.privacy.max_grad_norm, seed, *stretch.name
+        model,
+        optimizer,
+        loader,
+        ledger,
+        cfg.train.batch_size,
+        cfg.privacy.max_grad_norm,
+        seed,
+        *stretch.name,
+        cfg.privacy.augmult,
     ) as (opt, batches, spent):
         passes = -(-steps // max(len(batches), 1))  # passes per stretch
 

@@ -8,7 +8,9 @@ private counterparts for one stretch of training (a federated round, or a whole 
 - Poisson sampling of the cases (each case joins each batch with probability ``q``), the
   sampling the RDP analysis assumes; an empty batch is still a step, of noise only;
 - Opacus' DP optimizer: clip each case's gradient to ``max_grad_norm``, add Gaussian noise;
-- an RDP accountant that counts the steps actually taken, for the caller's ledger.
+- an RDP accountant that counts the steps actually taken, for the caller's ledger;
+- augmentation multiplicity (De et al. 2022, ``privacy.augmult``): each sampled record comes as ``k``
+  augmented views, whose gradients are averaged into the record's one gradient before it is clipped.
 """
 
 from __future__ import annotations
@@ -72,16 +74,66 @@ def _collate_or_none(items: list) -> dict | None:
     return default_collate(items) if items else None  # None: an empty Poisson batch
 
 
-def poisson_loader(dataset: Dataset, batch_size: int, generator: torch.Generator) -> DataLoader:
+def _collate_views(items: list) -> dict | None:
+    """Records of :class:`ViewsPerRecord` (each value ``[k, ...]``) as one batch of their views in a row:
+    ``[B * k, ...]``, record ``b``'s views at ``b * k`` to ``b * k + k - 1``."""
+    batch = _collate_or_none(items)
+    return None if batch is None else {key: value.flatten(0, 1) for key, value in batch.items()}
+
+
+class ViewsPerRecord(Dataset):
+    """Augmentation multiplicity (De et al. 2022): every draw of record ``i`` yields ``k`` augmentations of it
+    (the wrapped dataset's ``set_view``), each value stacked ``[k, ...]``. DP-SGD averages the ``k`` views'
+    gradients into the record's one gradient before clipping, so a record is still one record."""
+
+    def __init__(self, dataset: Any, k: int):
+        if k < 2 or not hasattr(dataset, "set_view"):
+            raise ValueError(f"{type(dataset).__name__} cannot give {k} views of a record")
+        self.dataset, self.k = dataset, k
+
+    def set_epoch(self, epoch: int) -> None:
+        self.dataset.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return dataset_size(self.dataset)
+
+    def __getitem__(self, i: int) -> dict:
+        views = []
+        for v in range(self.k):
+            self.dataset.set_view(v)
+            views.append(self.dataset[i])
+        self.dataset.set_view(0)
+        return {key: torch.stack([torch.as_tensor(view[key]) for view in views]) for key in views[0]}
+
+
+def poisson_loader(dataset: Dataset, batch_size: int, generator: torch.Generator, views: int = 1) -> DataLoader:
     """Batches where every case takes part independently with probability ``batch_size / N``.
 
-    Yields the dataset's collated items, or ``None`` for an empty batch.
+    Yields the dataset's collated items, or ``None`` for an empty batch; with ``views`` > 1, each case's
+    ``views`` augmentations in a row (:class:`ViewsPerRecord`).
     """
     from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 
     rate = sample_rate(dataset_size(dataset), batch_size)
     sampler = UniformWithReplacementSampler(num_samples=dataset_size(dataset), sample_rate=rate, generator=generator)
+    if views > 1:
+        return DataLoader(ViewsPerRecord(dataset, views), batch_sampler=sampler, collate_fn=_collate_views)
     return DataLoader(dataset, batch_sampler=sampler, collate_fn=_collate_or_none)
+
+
+def _view_averaging(optimizer_class: type, views: int) -> type:
+    """``optimizer_class`` (Opacus' DPOptimizer) that first averages each run of ``views`` per-sample
+    gradients (one record's views, :func:`_collate_views`) into one, then clips and noises per record."""
+
+    class ViewAveragingDPOptimizer(optimizer_class):  # type: ignore[valid-type,misc]
+        def pre_step(self, closure=None):
+            for p in self.params:
+                grad_sample = getattr(p, "grad_sample", None)
+                if isinstance(grad_sample, torch.Tensor) and grad_sample.shape[0] > 0:
+                    p.grad_sample = grad_sample.view(-1, views, *grad_sample.shape[1:]).mean(1)  # [B, *p]
+            return super().pre_step(closure)
+
+    return ViewAveragingDPOptimizer
 
 
 def noise_only_step(optimizer: DPOptimizer) -> None:
@@ -106,6 +158,7 @@ class PrivateTraining:
         noise_multiplier: Gaussian noise std / ``max_grad_norm``.
         max_grad_norm: per-case gradient clipping bound (L2 over all parameters).
         seed: seeds the sampling and the noise (seeded runs repeat; Opacus' secure mode is not used).
+        views: augmentations of each sampled case, their gradients averaged before clipping (1: none).
 
     Usage::
 
@@ -123,6 +176,7 @@ class PrivateTraining:
         noise_multiplier: float,
         max_grad_norm: float,
         seed: int,
+        views: int = 1,
     ) -> None:
         from opacus.accountants import RDPAccountant
 
@@ -130,6 +184,7 @@ class PrivateTraining:
         self.model, self.base_optimizer, self.dataset = model, optimizer, dataset
         self.rate = sample_rate(dataset_size(dataset), batch_size)
         self.noise_multiplier, self.max_grad_norm, self.seed = noise_multiplier, max_grad_norm, seed
+        self.views = views
         self.accountant = RDPAccountant()
         self.hooks: GradSampleHooks | None = None
         self.optimizer: DPOptimizer | None = None
@@ -142,7 +197,8 @@ class PrivateTraining:
         device = next(self.model.parameters()).device
         self.hooks = GradSampleHooks(self.model, batch_first=True, loss_reduction="mean", strict=False)
         noise = torch.Generator(device=device).manual_seed(self.seed)
-        self.optimizer = DPOptimizer(
+        optimizer_class = DPOptimizer if self.views == 1 else _view_averaging(DPOptimizer, self.views)
+        self.optimizer = optimizer_class(
             self.base_optimizer,
             noise_multiplier=self.noise_multiplier,
             max_grad_norm=self.max_grad_norm,
@@ -152,7 +208,10 @@ class PrivateTraining:
         )
         self.optimizer.attach_step_hook(self.accountant.get_optimizer_hook_fn(sample_rate=self.rate))
         self.loader = poisson_loader(
-            self.dataset, round(self.rate * dataset_size(self.dataset)), torch.Generator().manual_seed(self.seed + 1)
+            self.dataset,
+            round(self.rate * dataset_size(self.dataset)),
+            torch.Generator().manual_seed(self.seed + 1),
+            self.views,
         )
         return self
 
@@ -185,13 +244,15 @@ def charged_training(
     seed: int,
     phase: str,
     round_: int,
+    views: int = 1,
 ) -> Iterator[tuple[Any, Any, dict[str, float]]]:
     """``(optimizer, batches, spent)`` for one stretch of training, private or not.
 
     With a ledger (already planned and checked: :meth:`PrivacyLedger.planned`): DP-SGD at the
     ledger's noise (:class:`PrivateTraining`), and after the block the steps the accountant counted
     are recorded on the ledger as ``phase`` round ``round_``; ``spent`` then holds ``epsilon``, the
-    cumulative epsilon. Without one: the plain optimizer and loader, and ``spent`` stays empty.
+    cumulative epsilon; ``views`` > 1: each sampled case in that many augmentations (``privacy.augmult``).
+    Without one: the plain optimizer and loader, and ``spent`` stays empty.
     """
     if ledger is None:
         yield optimizer, loader, {}
@@ -200,7 +261,7 @@ def charged_training(
     if ledger.noise_multiplier is None:
         raise ValueError(f"privacy ledger {ledger.path}: its noise is not fixed yet (PrivacyLedger.planned fixes it)")
     with PrivateTraining(
-        model, optimizer, loader.dataset, batch_size, ledger.noise_multiplier, max_grad_norm, seed
+        model, optimizer, loader.dataset, batch_size, ledger.noise_multiplier, max_grad_norm, seed, views
     ) as dp:
         yield dp.optimizer, dp.loader, spent
     spent["epsilon"] = ledger.record(phase, round_, dp.stretches)

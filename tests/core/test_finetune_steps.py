@@ -75,6 +75,17 @@ def test_the_privacy_ledger_is_planned_and_charged_in_the_real_steps(tmp_path, s
     assert result["epsilon"] == pytest.approx(6.0, rel=0.03) and result["epsilon"] <= 6.0
 
 
+@pytest.mark.slow  # over 5 s
+@pytest.mark.filterwarnings("ignore:Full backward hook is firing:UserWarning")
+def test_augmentation_multiplicity_charges_the_same_steps_as_one_view(tmp_path, steps_taken):
+    """privacy.augmult=2: every step trains twice the images, the ledger counts the same records and steps."""
+    cfg = _cfg(**{"train.finetune_steps": 3, "privacy.site_dp": True, "privacy.budget": 6.0, "privacy.augmult": 2})
+    result = finetune(cfg, tmp_path)
+    ledger = json.loads((tmp_path / LEDGER_FILE).read_text())
+    assert [(q, n) for _, q, n in ledger["history"]] == [(0.125, 3)] and result["steps"] == 3  # 32 cases, batch 4
+    assert result["epsilon"] == pytest.approx(6.0, rel=0.03) and result["epsilon"] <= 6.0
+
+
 @pytest.mark.filterwarnings("ignore:Full backward hook is firing:UserWarning")
 def test_empty_poisson_draws_are_steps_of_the_budget(tmp_path, steps_taken, monkeypatch):
     # Batch 1 of 32 cases: a draw is empty with probability (31/32)^32 ~ 0.36, and still a step.

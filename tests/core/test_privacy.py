@@ -112,6 +112,63 @@ def test_clipping_bounds_every_update_without_noise():
     assert 0 < moved <= clip * batch["image"].shape[0] / 3 + 1e-7
 
 
+class _Views(torch.utils.data.Dataset):
+    """Records whose every (epoch, view) is another image: what a SegDataset's augmentation gives."""
+
+    def __init__(self, n: int):
+        self.n, self.epoch, self.view = n, 0, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def set_view(self, view: int) -> None:
+        self.view = view
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> dict:
+        g = torch.Generator().manual_seed(1000 * i + 10 * self.view + self.epoch)
+        return {"image": torch.randn(1, 4, 4, generator=g), "index": i}
+
+
+def test_augmentation_multiplicity_averages_a_records_views_before_clipping():
+    """With k views a record, the private gradient is the mean over records of each record's views' mean
+    gradient (clipped as one), divided by the expected batch size; without noise, that is all the step is."""
+    from amlp_core.privacy.dp import ViewsPerRecord
+
+    views = ViewsPerRecord(_Views(4), 3)
+    item = views[2]
+    assert item["image"].shape == (3, 1, 4, 4) and item["index"].tolist() == [2, 2, 2]
+    assert not torch.equal(item["image"][0], item["image"][1])  # other augmentations of one record
+    assert torch.equal(item["image"][0], _Views(4)[2]["image"])  # view 0 is the epoch's own
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 1))
+    before = [p.detach().clone() for p in model.parameters()]
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    with PrivateTraining(model, opt, _Views(4), 4, 0.0, 1e6, seed=0, views=3) as dp:
+        batch = next(b for b in dp.loader if b is not None)
+        records = batch["index"][::3].tolist()
+        assert batch["image"].shape[0] == 3 * len(records) and batch["index"].tolist() == [
+            r for r in records for _ in range(3)
+        ]
+        dp.optimizer.zero_grad()
+        (model(batch["image"]) ** 2).mean().backward()
+        dp.optimizer.step()
+    expected = [torch.zeros_like(p) for p in before]
+    reference = nn.Sequential(nn.Flatten(), nn.Linear(16, 1))
+    reference.load_state_dict({k: v for k, v in zip(reference.state_dict(), before, strict=True)})
+    for r in records:  # each record: the mean of its 3 views' gradients
+        reference.zero_grad()
+        (reference(ViewsPerRecord(_Views(4), 3)[r]["image"]) ** 2).mean().backward()
+        for e, p in zip(expected, reference.parameters(), strict=True):
+            e += p.grad / 4  # / the expected batch size
+    for p, b, e in zip(model.parameters(), before, expected, strict=True):
+        assert torch.allclose(b - p.detach(), e, atol=1e-5)
+    with pytest.raises(ConfigError, match="privacy.augmult"):
+        build_config({"privacy.augmult": 0})
+
+
 def test_opacus_refuses_batch_norm():
     model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4))
     with pytest.raises(ConfigError, match="cannot be trained with DP-SGD"):
