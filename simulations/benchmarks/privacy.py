@@ -1,86 +1,205 @@
-"""Dice with and without record-level DP (Opacus DP-SGD) on the hippocampus data, one site.
+"""The privacy-utility curve at one site: Dice against epsilon, for three starts of private fine-tuning.
 
-The site fine-tunes the segmentation network on its labelled training cases (the fixed
-160/48 split) for the same number of epochs without DP and with DP at each budget; the
-noise multiplier is calibrated so that the planned epochs spend exactly the budget (RDP
-accountant, delta 1e-5, per-case clipping at ``privacy.max_grad_norm``). The encoder may
-start from a pretraining run (``--init``: pretraining on unlabelled scans is outside the
-private fine-tuning here). Prints a table and writes JSON after every row.
+One site holds every labelled training case (the hippocampus's fixed 160/48 split by default) and
+fine-tunes with record-level DP-SGD (one record = one patient) at each budget, the noise calibrated so
+that the planned steps spend it (RDP accountant, ``privacy.delta``), and once without DP. The rows:
 
-    python -m simulations.benchmarks.privacy --epochs 10 --budgets none,8,3 \
-        --init runs/hippocampus/pretrain_amlp --out results/privacy.json
+- ``scratch``: no pretraining;
+- ``amlp``: AMLP pretrained on the site's scans WITHOUT DP (``privacy.phases=finetune``: what the
+  encoder learnt from those scans is not covered by the epsilon; the table says so);
+- ``amlp_private``: AMLP pretrained under DP on ``--pretrain-share`` of the budget, then fine-tuned under
+  DP on the rest (``privacy.phases=both``): the fine-tuning ledger starts from the pretraining's history,
+  so the epsilon reported is the accountant's for both phases composed.
+
+Every row records the accountant's epsilon after the run, the noise, the steps and the test-Dice curve
+(``--curve-every``), and its share of the non-private Dice of the same start; the summary pairs AMLP with
+scratch under DP seed by seed. Resumable: rows already in ``--out`` are kept. ::
+
+    python -m simulations.benchmarks.privacy --budgets none,1,3,8,16,32 --seeds 0 --seeds-at 8=0,1,2 \\
+        --inits scratch,amlp,amlp_private --finetune-steps 300 --out results/privacy.json
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import shutil
 from pathlib import Path
+from typing import Any
 
-from amlp_core.config import build_config
+from amlp_core.config import Config, build_config
 from amlp_core.engine.pipeline import finetune
 from amlp_core.engine.split import data_defaults, load_split
-from simulations.benchmarks.common import HIPPOCAMPUS_SPLIT, benchmark_parser, machine, set_overrides, table, write_json
+from amlp_core.privacy import epsilon_of
+from amlp_core.privacy.ledger import LEDGER_FILE
+from simulations.benchmarks.common import (
+    HIPPOCAMPUS,
+    HIPPOCAMPUS_SPLIT,
+    benchmark_parser,
+    machine,
+    paired_test,
+    set_overrides,
+    table,
+    write_json,
+)
+from simulations.benchmarks.pretrain_gain import curve, pretrained
 
 log = logging.getLogger(__name__)
-COLUMNS = ["budget", "epsilon", "noise_multiplier", "epochs", "train_seconds"]
+INITS = ("scratch", "amlp", "amlp_private")
+NONE = "none"  # the budget of the non-private row
+CAVEAT = {
+    "scratch": "",
+    "amlp": "encoder pretrained on the site's scans without DP: not covered by the epsilon",
+    "amlp_private": "pretraining and fine-tuning under DP, composed",
+}
 
 
-def main() -> None:
+def _parser():
     p = benchmark_parser(__doc__, "results/privacy.json")
-    p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--budgets", default="none,8,3", help="comma-separated epsilons; 'none' = without DP")
-    p.add_argument("--label-fraction", type=float, default=1.0)
-    p.add_argument("--init", default="", help="pretraining run whose encoder starts fine-tuning (default: scratch)")
+    p.add_argument("--budgets", default="none,1,3,8,16,32", help="epsilons ('none': without DP)")
+    p.add_argument("--inits", default=",".join(INITS), help=f"rows among {', '.join(INITS)}")
+    p.add_argument("--seeds", default="0", help="fine-tuning seeds at every budget")
+    p.add_argument("--seeds-at", action="append", default=[], metavar="EPS=SEEDS", help="more seeds at a budget")
+    p.add_argument("--finetune-steps", type=int, default=300)
+    p.add_argument("--curve-every", type=int, default=100)
+    p.add_argument("--pretrain-epochs", type=int, default=50)
+    p.add_argument("--pretrain-share", type=float, default=0.5, help="amlp_private: pretraining's share of epsilon")
     p.add_argument("--runs", default="runs/privacy")
-    args = p.parse_args()
+    return p
 
-    cfg = build_config(
-        {
-            **data_defaults(args.data),
-            **HIPPOCAMPUS_SPLIT,
-            "train.epochs": args.epochs,
-            "train.label_fraction": args.label_fraction,
-            **set_overrides(args.set),
-        }
+
+def _seeds(args) -> dict[str, list[int]]:
+    """The seeds of each budget: ``--seeds``, and ``--seeds-at EPS=a,b,c`` where given."""
+    base = [int(s) for s in args.seeds.split(",") if s]
+    extra = {eps: [int(s) for s in seeds.split(",") if s] for eps, seeds in (x.split("=", 1) for x in args.seeds_at)}
+    return {b: extra.get(b, base) for b in args.budgets.split(",") if b}
+
+
+def _private_pretraining(cfg: Config, args, budget: float, runs: Path, split) -> tuple[Path, list]:
+    """AMLP pretrained under DP on ``--pretrain-share`` of ``budget`` (reused when finished): the run's folder
+    and its ledger's history, the stretches fine-tuning's accountant continues from."""
+    share = budget * args.pretrain_share
+    pre_cfg = cfg.replace(privacy={"site_dp": True, "phases": "both", "budget": share})
+    folder = pretrained(pre_cfg, args.method, args.pretrain_epochs, 0, runs / f"private_{share:g}", split)["folder"]
+    history = json.loads((folder / LEDGER_FILE).read_text())["history"]
+    return folder, history
+
+
+def _row(cfg: Config, init: str, budget: str, seed: int, args, split, runs: Path) -> dict[str, Any]:
+    private = budget != NONE
+    run = runs / f"finetune_{init}_eps{budget}_s{seed}"
+    folder, spent = None, []
+    if init == "amlp" or (init == "amlp_private" and not private):
+        folder = pretrained(cfg, args.method, args.pretrain_epochs, 0, runs, split)["folder"]
+    elif init == "amlp_private":
+        folder, spent = _private_pretraining(cfg, args, float(budget), runs, split)
+    ft = cfg.replace(
+        train={"seed": seed, "finetune_steps": args.finetune_steps, "eval_every": args.curve_every},
+        privacy={"site_dp": private, **({"budget": float(budget)} if private else {})},
     )
+    if run.exists():
+        shutil.rmtree(run)  # a row not in the JSON is redone from its start, with a fresh ledger
+    if spent:  # fine-tuning's accountant goes on from the pretraining's stretches (its own noise, calibrated)
+        run.mkdir(parents=True)
+        ledger = {"format": 1, "delta": ft.privacy.delta, "budget": float(budget), "noise_multiplier": None}
+        (run / LEDGER_FILE).write_text(json.dumps({**ledger, "history": spent, "rounds": [], "epsilon": 0.0}))
+    result = finetune(ft, run, init=folder, split=split)
+    ledger = json.loads((run / LEDGER_FILE).read_text()) if private else {}
+    return {
+        "init": init,
+        "budget": budget,
+        "seed": seed,
+        "epsilon": epsilon_of([tuple(h) for h in ledger["history"]], ft.privacy.delta) if private else None,
+        "noise_multiplier": ledger.get("noise_multiplier"),
+        "steps": result["steps"],
+        "train_seconds": result["train_seconds"],
+        "dice_mean": result["dice_mean"],
+        "caveat": CAVEAT[init],
+        "curve": curve(run),
+    }
+
+
+def summary(rows: list[dict]) -> tuple[list[dict], str]:
+    """Per start and budget: mean Dice over seeds and its share of the same start's non-private Dice; per
+    budget, AMLP minus scratch paired by seed (with its test)."""
+    out = []
+    for init in INITS:
+        plain = [r["dice_mean"] for r in rows if r["init"] == init and r["budget"] == NONE]
+        reference = sum(plain) / len(plain) if plain else None
+        for budget in dict.fromkeys(r["budget"] for r in rows):
+            mine = [r for r in rows if r["init"] == init and r["budget"] == budget]
+            if not mine:
+                continue
+            dice = sum(r["dice_mean"] for r in mine) / len(mine)
+            entry = {
+                "init": init,
+                "budget": budget,
+                "seeds": len(mine),
+                "epsilon": max((r["epsilon"] or 0.0) for r in mine) if budget != NONE else None,
+                "dice_mean": dice,
+                "share_of_no_dp": dice / reference if reference else None,
+                "caveat": CAVEAT[init],
+            }
+            if init != "scratch":
+                base = {r["seed"]: r["dice_mean"] for r in rows if r["init"] == "scratch" and r["budget"] == budget}
+                diffs = [r["dice_mean"] - base[r["seed"]] for r in mine if r["seed"] in base]
+                if diffs:
+                    entry["minus_scratch"] = paired_test(diffs)
+            out.append(entry)
+
+    def fmt(v: Any) -> str:
+        return "" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)
+
+    lines = [
+        {
+            **{k: fmt(e[k]) for k in ("init", "budget", "seeds", "epsilon", "dice_mean", "share_of_no_dp")},
+            "minus scratch (paired)": fmt(e.get("minus_scratch", {}).get("mean"))
+            + (f" ({e['minus_scratch']['verdict']})" if "minus_scratch" in e else ""),
+            "caveat": e["caveat"],
+        }
+        for e in out
+    ]
+    columns = ["init", "budget", "seeds", "epsilon", "dice_mean", "share_of_no_dp", "minus scratch (paired)", "caveat"]
+    return out, table(lines, columns)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = _parser().parse_args(argv)
+    fixed = HIPPOCAMPUS_SPLIT if Path(args.data).resolve() == HIPPOCAMPUS.resolve() else {}
+    cfg = build_config({**data_defaults(args.data), **fixed, "train.label_fraction": 1.0, **set_overrides(args.set)})
     split = load_split(cfg)
+    runs, out = Path(args.runs), Path(args.out)
+    previous = json.loads(out.read_text()) if out.exists() else {}
+    rows: list[dict] = previous.get("rows", [])
+    done = {(r["init"], r["budget"], r["seed"]) for r in rows}
     header = {
         "benchmark": "privacy",
         "machine": machine(),
-        "split": HIPPOCAMPUS_SPLIT,
-        "epochs": args.epochs,
         "train_cases": len(split.train),
         "test_cases": len(split.test),
-        "init": args.init or "scratch",
         "delta": cfg.privacy.delta,
         "max_grad_norm": cfg.privacy.max_grad_norm,
         "batch_size": cfg.train.batch_size,
+        "finetune_steps": args.finetune_steps,
+        "pretrain_epochs": args.pretrain_epochs,
+        "pretrain_share": args.pretrain_share,
+        "overrides": args.set,
     }
-    rows = []
-    for budget in args.budgets.split(","):
-        private = budget != "none"
-        run_cfg = cfg.replace(privacy={"site_dp": private, **({"budget": float(budget)} if private else {})})
-        out = Path(args.runs) / f"budget_{budget}"
-        if (out / "privacy_ledger.json").exists():
-            (out / "privacy_ledger.json").unlink()  # a benchmark re-run starts a fresh ledger for its own output
-        result = finetune(run_cfg, out, init=args.init or None, split=split)
-        noise = None
-        if private:
-            noise = json.loads((out / "privacy_ledger.json").read_text())["noise_multiplier"]
-        rows.append(
-            {
-                "budget": budget,
-                "epsilon": result.get("epsilon"),
-                "noise_multiplier": noise,
-                "epochs": result["epochs"],
-                "train_seconds": result["train_seconds"],
-                **{k: v for k, v in result.items() if k.startswith("dice_")},
-            }
-        )  # per class (1 = anterior, 2 = posterior), mean
-        log.info("budget %s: %s", budget, rows[-1])
-        write_json(args.out, {**header, "rows": rows})
-    print(table(rows, COLUMNS + sorted(k for k in rows[0] if k.startswith("dice_"))))
+    for budget, seeds in _seeds(args).items():
+        for seed in seeds:
+            for init in [i for i in args.inits.split(",") if i]:
+                if init not in INITS:
+                    raise SystemExit(f"privacy: unknown row {init!r} (one of {', '.join(INITS)})")
+                if (init, budget, seed) in done:
+                    continue
+                rows.append(_row(cfg, init, budget, seed, args, split, runs))
+                log.info("%s at epsilon %s, seed %d: Dice %.4f", init, budget, seed, rows[-1]["dice_mean"])
+                write_json(out, {**header, "rows": rows, "summary": summary(rows)[0]})
+    stats, markdown = summary(rows)
+    write_json(out, {**header, "rows": rows, "summary": stats})
+    out.with_suffix(".md").write_text(markdown + "\n")
+    print(markdown)
+    return {**header, "rows": rows, "summary": stats}
 
 
 if __name__ == "__main__":

@@ -1,0 +1,49 @@
+"""The privacy-utility benchmark on a tiny real run: its rows, the composed epsilon of private pretraining
+and fine-tuning, the pairing with scratch, resumption."""
+
+import json
+
+import pytest
+
+from amlp_core.privacy import epsilon_of
+from simulations.benchmarks import privacy
+from tests.benchmarks.test_pretrain_gain import TINY
+
+
+def _args(tmp_path):
+    sets = [a for s in TINY for a in ("--set", s)]
+    return [
+        *("--data", "synthetic", "--out", str(tmp_path / "privacy.json"), "--runs", str(tmp_path / "runs")),
+        *("--budgets", "none,8", "--seeds", "0", "--seeds-at", "8=0,1", "--inits", "scratch,amlp,amlp_private"),
+        *("--finetune-steps", "3", "--curve-every", "0", "--pretrain-epochs", "1", "--pretrain-share", "0.5"),
+        *sets,
+    ]
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:Full backward hook is firing:UserWarning")
+def test_privacy_benchmark_rows_compose_and_resume(tmp_path, monkeypatch):
+    payload = privacy.main(_args(tmp_path))
+    rows = payload["rows"]
+    expected = [(i, b, s) for b, seeds in (("none", [0]), ("8", [0, 1])) for s in seeds for i in privacy.INITS]
+    assert [(r["init"], r["budget"], r["seed"]) for r in rows] == expected
+    for r in rows:
+        assert 0 <= r["dice_mean"] <= 1 and r["steps"] == 3 and r["curve"]
+        assert (r["epsilon"] is None) == (r["budget"] == "none")
+    for r in (r for r in rows if r["budget"] == "8"):
+        assert 8 * 0.9 <= r["epsilon"] <= 8.0  # the accountant's epsilon after the run, within the budget
+    # The private pretraining's stretches are in the private row's ledger: the epsilon covers both phases.
+    private = next(r for r in rows if r["init"] == "amlp_private" and r["budget"] == "8")
+    ledger = json.loads((tmp_path / "runs" / "finetune_amlp_private_eps8_s0" / "privacy_ledger.json").read_text())
+    pretraining = [h for h in ledger["history"] if h[0] != ledger["noise_multiplier"]]
+    assert pretraining and 3.5 <= epsilon_of([tuple(h) for h in pretraining], 1e-5) <= 4.0  # its half alone
+    assert private["epsilon"] == pytest.approx(epsilon_of([tuple(h) for h in ledger["history"]], 1e-5))
+    cell = next(c for c in payload["summary"] if c["init"] == "amlp" and c["budget"] == "8")
+    scratch = {r["seed"]: r["dice_mean"] for r in rows if r["init"] == "scratch" and r["budget"] == "8"}
+    amlp = {r["seed"]: r["dice_mean"] for r in rows if r["init"] == "amlp" and r["budget"] == "8"}
+    assert cell["seeds"] == 2 and cell["minus_scratch"]["mean"] == pytest.approx(
+        sum(amlp[s] - scratch[s] for s in (0, 1)) / 2
+    )
+    assert "without DP: not covered" in (tmp_path / "privacy.md").read_text()
+    monkeypatch.setattr(privacy, "finetune", lambda *a, **k: pytest.fail("a finished row was re-run"))
+    assert privacy.main(_args(tmp_path))["rows"] == rows
