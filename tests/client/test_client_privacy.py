@@ -39,6 +39,7 @@ def _epsilons_of_rounds(cfg, ctx, rounds) -> list[float]:
     return eps
 
 
+@pytest.mark.slow  # over 5 s (real processes or a long run)
 def test_site_dp_epsilon_grows_survives_a_restart_and_stops_at_the_budget(tmp_path):
     cfg = _cfg(
         tmp_path,

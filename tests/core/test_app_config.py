@@ -3,6 +3,7 @@
 import tomllib
 from pathlib import Path
 
+import pytest
 from flwr.cli.build import build_fab_from_disk
 from flwr.common.config import flatten_dict
 
@@ -69,6 +70,7 @@ def test_simulate_with_a_config_file_starts_from_the_embedded_run(tmp_path):
     assert flat_dict(plain) == flat_dict(build_config(_app_config()))
 
 
+@pytest.mark.slow  # over 5 s (real processes or a long run)
 def test_app_bundle_holds_the_code_and_nothing_else():
     import io
     import zipfile

@@ -254,6 +254,7 @@ def test_data_check_exit_codes_and_report(tmp_path):
     assert str(victim) in bad.stdout and "Traceback" not in bad.stdout + bad.stderr
 
 
+@pytest.mark.slow  # each case a real process: 2-5 s (tests/corpus runs the same refusals in-process)
 @pytest.mark.parametrize(
     "args, needle",
     [
@@ -321,6 +322,7 @@ def test_predict_and_evaluate_check_their_outputs_before_any_work(tmp_path, caps
     assert json.loads((bare / "evaluation.json").read_text())["evaluation"] == "skipped: no test cases"
 
 
+@pytest.mark.slow  # over 5 s (real processes or a long run)
 def test_simulate_refuses_a_folder_holding_a_run_and_changes_nothing(tmp_path):
     run = tmp_path / "run"
     (run / "results").mkdir(parents=True)
@@ -537,6 +539,7 @@ def test_every_command_takes_quiet_and_verbose_before_or_after_it(argv, level):
     assert _console(build_parser().parse_args(argv)) == level
 
 
+@pytest.mark.slow  # over 5 s (real processes or a long run)
 def test_a_quiet_command_says_only_its_result(tmp_path):
     data = write_phantom_dataset(tmp_path / "ds", n=4, shape=(16, 16, 16), seed=0)
     quiet, normal = _run_cli("-q", "data", "check", str(data)), _run_cli("data", "check", str(data))

@@ -269,6 +269,7 @@ def test_privacy_config_refuses_combinations_that_would_break_the_guarantee():
     assert json.dumps(build_config({"privacy.site_dp": True}).to_dict()["privacy"])
 
 
+@pytest.mark.slow  # over 5 s (real processes or a long run)
 def test_opacus_is_imported_only_where_dp_runs():
     """A run without DP does not pay for Opacus at start (about 2 s: it imports torch.distributed);
     a private stretch imports it when it starts."""
