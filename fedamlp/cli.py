@@ -323,7 +323,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     cfg = simulate_config(args)
     check_data(cfg)
     run_dir = simulate(cfg, timeout=args.timeout, overwrite=args.overwrite, console=_console(args))
-    print(RunResults.console_summary((run_dir / "results" / "summary.md").read_text()))
+    print(RunResults.read(run_dir).console_summary())
     print(f"model: {run_dir / 'model'}  (fedamlp predict --model {run_dir / 'model'} --input X --output Y)")
     report = run_dir / "report" / "report.html"
     if report.is_file():

@@ -176,14 +176,23 @@ class RunResults:
         last = max(r["round"] for r in evals)
         return [r for r in evals if r["round"] == last]
 
-    def summary(self) -> str:
-        lines = ["# Federated run", ""]
-        for key, value in self.info.items():
-            lines.append(f"- {key}: {value}")
+    @classmethod
+    def read(cls, run_dir: str | Path) -> RunResults:
+        """A finished (or stopped) run's results, read back from its record (:class:`RunRecord`)."""
+        record = RunRecord.read(run_dir)
+        results = cls(Path(run_dir) / "results", [row.as_dict() for row in record.rows])
+        results.info = dict(record.info)
+        return results
+
+    def sections(self) -> dict[str, list[str]]:
+        """The summary's sections, each its Markdown lines (empty where there is nothing to say): ``dice``
+        (the final Dice table, and lesion metrics on lesion data), ``privacy`` (epsilon spent), ``failures``
+        (the sites'), ``rounds`` (every training round)."""
+        out: dict[str, list[str]] = {"dice": [], "privacy": self._privacy_lines(), "failures": [], "rounds": []}
         dice = self.final_dice()
         if dice:
             classes = sorted(k for k in dice[0] if k.startswith(P.DICE_PREFIX) and k != P.DICE_MEAN)
-            lines += [
+            out["dice"] = [
                 "",
                 f"## Dice after fine-tuning round {dice[0]['round']}",
                 "",
@@ -192,39 +201,42 @@ class RunResults:
             ]
             for r in dice:
                 values = " | ".join(_fmt(r.get(c)) for c in classes + [P.DICE_MEAN])
-                lines.append(f"| {r['site']} | {r.get('num-examples', '')} | {values} |")
-            lines += _lesion_lines(dice)
-        lines += self._privacy_lines()
+                out["dice"].append(f"| {r['site']} | {r.get('num-examples', '')} | {values} |")
+            out["dice"] += _lesion_lines(dice)
         failures = [r for r in self.rows if r.get("status") not in (None, P.OK)]
         if failures:
-            lines += ["", "## Site failures", ""]
-            lines += [
+            out["failures"] = ["", "## Site failures", ""] + [
                 f"- {r['phase']} round {r['round']} ({r['kind']}): {r['site']}: {r['status']}: {r.get('error', '')}"
                 for r in failures
             ]
         train = [r for r in self.rows if r["kind"] == "train" and r["site"] == ALL_SITES]
         if train:
-            lines += [
+            out["rounds"] = [
                 "",
                 "## Training rounds",
                 "",
                 "| phase | round | loss | sites ok | seconds |",
                 "|---|---|---|---|---|",
-            ]
-            lines += [
+            ] + [
                 f"| {r['phase']} | {r['round']} | {_fmt(r.get('loss'))} | {r.get('sites_ok', '')} | "
                 f"{_fmt(r.get('seconds'))} |"
                 for r in train
             ]
+        return out
+
+    def summary(self) -> str:
+        """summary.md: what ran (the run's info), then every section."""
+        lines = ["# Federated run", "", *(f"- {key}: {value}" for key, value in self.info.items())]
+        for section in self.sections().values():
+            lines += section
         return "\n".join(lines) + "\n"
 
-    @staticmethod
-    def console_summary(summary: str) -> str:
-        """``summary`` (the text of summary.md) as the console shows it at the end of a run: the results and
-        the sites' failures, without what ran (the report has it) or the rounds (the console showed them)."""
-        sections = summary.split("\n## ")[1:]
-        kept = [s for s in sections if not s.startswith("Training rounds")]
-        return "".join(f"## {s.rstrip()}\n\n" for s in kept).rstrip() + "\n"
+    def console_summary(self) -> str:
+        """What the console shows at the end of a run: the results and the sites' failures, without what ran
+        (the report has it) or the rounds (the console showed them)."""
+        sections = self.sections()
+        lines = [line for name in ("dice", "privacy", "failures") for line in sections[name]]
+        return "\n".join(lines).strip() + "\n"
 
     def _privacy_lines(self) -> list[str]:
         """Epsilon spent: each site's last value (site DP) and the server's (server DP)."""

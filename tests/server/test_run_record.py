@@ -58,3 +58,13 @@ def test_a_record_that_is_not_one_is_refused_naming_the_file(tmp_path, content, 
     with pytest.raises(RecordError, match=says) as e:
         RunRecord.read(tmp_path)
     assert str(tmp_path) in str(e.value)
+
+
+def test_the_results_read_back_give_the_summary_and_the_consoles_part_of_it(tmp_path):
+    run = _written(tmp_path)
+    results = RunResults.read(run)
+    assert results.summary() == (run / "results" / "summary.md").read_text()  # the same text, read back
+    console = results.console_summary()
+    assert console.startswith("## Dice after fine-tuning round 2") and "| ALL |  | 0.2000 |" in console
+    assert "## Site failures" in console and "site2: missing: no reply" in console
+    assert "Training rounds" not in console and "pretraining: amlp" not in console  # the rounds and what ran: not here
