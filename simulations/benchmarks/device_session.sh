@@ -14,7 +14,7 @@
 #      segmentation step; step times and peak memory ($OUT/device_check.json);
 #   2. pretrain_gain: scratch fine-tuned at 10 % labels, supervised and with each semi-supervised method
 #      (issue 27), seeds 0-2, 800 steps; then AMLP pretrained for $EPOCHS epochs (SparK's decoder) and
-#      fine-tuned supervised and with fixmatch ($OUT/pretrain_gain_gpu.json / .md).
+#      fine-tuned supervised and with each semi-supervised method ($OUT/pretrain_gain_gpu.json / .md).
 # Each stage has its own time box (CHECK_S, GAIN_S seconds) so that what finished comes back.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -44,7 +44,7 @@ run)
     | tee "$OUT/device_check.log" | grep -v " INFO "
   timeout "${GAIN_S:-380}" python3 -m simulations.benchmarks.pretrain_gain --data shared/data/msd_hippocampus \
     --fractions 0.1 --finetune-steps 800 --curve-every 100 --set train.batch_size=4 --methods scratch,amlp \
-    --semi none,fixmatch,mean_teacher --seeds 0,1,2 --pretrain-epochs "${EPOCHS:-300}" --variant "SparK decoder, GPU" \
+    --semi none,mean_teacher,copy_paste --seeds 0,1,2 --pretrain-epochs "${EPOCHS:-300}" --variant "SparK decoder, GPU" \
     --set model.pretrain_decoder=unet --runs /tmp/gain_runs --out "$OUT/pretrain_gain_gpu.json" >"$OUT/gain.log" 2>&1
   echo "pretrain_gain exit $?"
   tail -40 "$OUT/gain.log"
