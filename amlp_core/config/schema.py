@@ -240,8 +240,9 @@ class MethodConfig:
     amr_schedule: str = opt("linear", choices=("linear", "cosine"))
     mps_clusters: int = opt(2, ge=2)
     mps_random_fraction: float = opt(0.1, ge=0, le=1)
-    # embed: the encoder's stem averaged per patch + intensity mean/std (the only one built)
-    mps_features: str = opt("embed", choices=("embed",))
+    # embed: the encoder's stem averaged per patch + intensity mean/std; tokens: its tokens on the whole, unmasked
+    # image + intensity mean/std (context from every patch, at a second forward pass a step)
+    mps_features: str = opt("embed", choices=("embed", "tokens"))
     mps_momentum: float = opt(0.9, ge=0, lt=1)  # running mean of the per-group loss
     mps_margin: float = opt(0.05, ge=0)  # relative loss lead a group needs over the smallest to be the lesion group
     mps_proj_dim: int = opt(16, ge=0, note="0: none")  # fixed random projection of the embedding before k-means

@@ -183,16 +183,18 @@ class MPSMasking(nn.Module):
         self.group_loss: torch.Tensor
         self.projection: torch.Tensor | None
 
-    def features(self, stem: torch.Tensor, images: torch.Tensor, patch_size: int) -> torch.Tensor:
+    def features(self, description: torch.Tensor, images: torch.Tensor, patch_size: int) -> torch.Tensor:
         """MPS features ``[B, N, R + 2]`` of ``images`` ``[B, C, *S]``.
 
         Args:
-            stem: ``[B, c, *S / 2]`` the encoder's stem on the whole image (with gradient for CCL).
+            description: the encoder's view of the whole image (with gradient for CCL): its stem
+                ``[B, c, *S / 2]``, averaged over each patch here, or its tokens ``[B, N, D]``, one per patch.
             images: the images, for the patches' intensity mean and standard deviation.
             patch_size: the patch side ``p``.
         """
-        grid = tuple(s // patch_size for s in images.shape[2:])
-        return patch_features(pool_to_patches(stem, grid), patch_stats(images, patch_size), self.projection)
+        if description.dim() != 3:
+            description = pool_to_patches(description, tuple(s // patch_size for s in images.shape[2:]))
+        return patch_features(description, patch_stats(images, patch_size), self.projection)
 
     @property
     def lesion_rank(self) -> int:

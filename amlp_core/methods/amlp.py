@@ -42,7 +42,7 @@ class MPSAMS(PretrainMethod):
             m.kmeans_iters,
             m.kmeans_inits,
             margin=m.mps_margin,
-            embed_dim=model_cfg.conv_channels[0],
+            embed_dim=model_cfg.embed_dim if m.mps_features == "tokens" else model_cfg.conv_channels[0],
             proj_dim=m.mps_proj_dim,
             embed_weight=m.mps_embed_weight,
         )
@@ -53,8 +53,8 @@ class MPSAMS(PretrainMethod):
         ratio = self.masking_ratio(progress)
         first = self.encoder.first_conv(images)  # [B, c_1, *S/2], shared with the masked pass
         with torch.set_grad_enabled(self.feature_gradient and torch.is_grad_enabled()):
-            stem = self.encoder.stem(first if self.feature_gradient else first.detach())  # whole image
-        feats = self.mps.features(stem, images, self.model_cfg.patch_size)  # [B, N, c_1 + 2], grad for CCL
+            description = self.describe_patches(images, first if self.feature_gradient else first.detach())
+        feats = self.mps.features(description, images, self.model_cfg.patch_size)  # [B, N, c + 2], grad for CCL
         clustering = self.mps.cluster(feats.detach(), generator)  # per-image groups, by size rank
         lesion = self.mps.lesion_rank
         mask = self.mps.select(clustering, ratio, generator)  # lesion group first
@@ -67,6 +67,15 @@ class MPSAMS(PretrainMethod):
         loss = rec + extra
         metrics.update(loss=loss.item(), rec=rec.item(), ratio=mask.ratio, lesion_rank=float(lesion))
         return StepOutput(loss, metrics, mask)
+
+    def describe_patches(self, images: torch.Tensor, first: torch.Tensor) -> torch.Tensor:
+        """What MPS clusters the patches of ``images`` ``[B, C, *S]`` by (``method.mps_features``): the
+        encoder's stem on the whole image ``[B, c_1, *S/2]`` (``embed``), or its tokens on the whole,
+        unmasked image ``[B, N, D]`` (``tokens``: context from every patch, at a second forward pass).
+        ``first``: the first conv of the images (:meth:`~amlp_core.models.HybridEncoder.first_conv`)."""
+        if self.method_cfg.mps_features == "tokens":
+            return self.encoder(images, first=first).tokens  # [B, N, D]
+        return self.encoder.stem(first)  # [B, c_1, *S/2]
 
     def reconstruction_loss(self, l_masked: torch.Tensor) -> torch.Tensor:
         return plain_reconstruction_loss(l_masked)

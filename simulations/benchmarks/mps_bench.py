@@ -73,7 +73,7 @@ def lesion_shares(method, samples, patch: int, ratios, seed: int = 0) -> list[di
     """Share of true lesion patches among MPS-masked and randomly masked patches, per ratio."""
     images, truth = lesion_patches(samples, patch)  # [B, C, *S], [B, N]
     with torch.no_grad():
-        feats = method.mps.features(method.encoder.stem(method.encoder.first_conv(images)), images, patch)
+        feats = method.mps.features(method.describe_patches(images, method.encoder.first_conv(images)), images, patch)
     rows = []
     for ratio in ratios:
         g = torch.Generator().manual_seed(seed)

@@ -41,6 +41,40 @@ def test_step_forward_backward(name, dims):
         assert out.metrics["ccl"] > 0 and out.metrics["loss"] > out.metrics["rec"]
 
 
+@pytest.mark.parametrize("name", ["mps_ams", "amlp"])
+def test_mps_may_cluster_the_encoders_tokens_on_the_whole_image(name):
+    """method.mps_features=tokens: the patches are described by the encoder's tokens on the unmasked image
+    (a second forward pass); AMLP's CCL then reaches the transformer through them, MPS-AMS's stays off."""
+    cfg = tiny_model(2)
+    method = build_method(cfg, MethodConfig(name=name, mps_features="tokens", mps_proj_dim=8))
+    images = _phantom_batch(cfg, n=3)
+    description = method.describe_patches(images, method.encoder.first_conv(images))
+    assert description.shape == (3, cfg.num_patches, cfg.embed_dim)
+    assert method.mps.features(description, images, cfg.patch_size).shape == (3, cfg.num_patches, 8 + 2)
+    out = method.training_step(images, progress=0.5, generator=torch.Generator().manual_seed(0))
+    assert torch.isfinite(out.loss)
+    plain = build_method(cfg, MethodConfig(name=name))  # the same weights, the stem's description
+    plain.load_state_dict(method.state_dict(), strict=False)
+    assert plain.mps.features(
+        plain.describe_patches(images, plain.encoder.first_conv(images)), images, cfg.patch_size
+    ).shape == (3, cfg.num_patches, cfg.conv_channels[0] + 2)
+    if name == "amlp":  # CCL's gradient through the unmasked pass: the last block learns from it too
+        method.zero_grad()
+        ccl = method.extra_loss(*_ccl_inputs(method, images))[0]
+        ccl.backward()
+        assert method.encoder.blocks[-1].mlp[0].weight.grad.abs().sum() > 0
+
+
+def _ccl_inputs(method, images):
+    g = torch.Generator().manual_seed(0)
+    first = method.encoder.first_conv(images)
+    feats = method.mps.features(method.describe_patches(images, first), images, method.model_cfg.patch_size)
+    clustering = method.mps.cluster(feats.detach(), g)
+    mask = method.mps.select(clustering, 0.5, g)
+    l_masked = torch.rand(mask.ids_masked.shape)
+    return feats, clustering, method.mps.lesion_rank, mask, l_masked
+
+
 def test_amr_drives_the_masking_ratio():
     cfg = tiny_model(2)
     method = build_method(cfg, MethodConfig(name="amlp", amr_start=0.2, amr_end=0.8))
