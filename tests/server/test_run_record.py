@@ -68,3 +68,16 @@ def test_the_results_read_back_give_the_summary_and_the_consoles_part_of_it(tmp_
     assert console.startswith("## Dice after fine-tuning round 2") and "| ALL |  | 0.2000 |" in console
     assert "## Site failures" in console and "site2: missing: no reply" in console
     assert "Training rounds" not in console and "pretraining: amlp" not in console  # the rounds and what ran: not here
+
+
+def test_the_comparison_reads_the_largest_epsilon_a_site_spent(tmp_path):
+    from simulations.benchmarks.comparison.plan import spent_epsilon
+
+    run = _written(tmp_path)
+    assert spent_epsilon(RunRecord.read(run)) is None  # no site DP
+    results = RunResults(run / "results")
+    for rnd, eps in ((1, (1.5, 2.0)), (2, (3.1, 2.9))):
+        for site, e in zip(("site0", "site1"), eps, strict=True):
+            results.add(phase=P.FINETUNE, round=rnd, kind=P.TRAIN, site=site, status=P.OK, epsilon=e)
+    results.write()
+    assert spent_epsilon(RunRecord.read(run)) == 3.1

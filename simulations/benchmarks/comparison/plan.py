@@ -196,6 +196,9 @@ def run_once(cfg: Config, args: argparse.Namespace, label: str) -> tuple[dict[st
         r for r in record.select(phase=P.FINETUNE, kind=P.TRAIN, status=P.OK, aggregate=False) if r.round == final.round
     ]
     row = {k: v for k, v in final.values.items() if k.startswith("dice_") or k in LESION_KEYS}
+    epsilon = spent_epsilon(record)
+    if epsilon is not None:
+        row["epsilon"] = epsilon
     row.update(
         seconds=round(seconds, 1),
         labelled_cases=sum(r.get(P.NUM_EXAMPLES, 0) for r in last_train),
@@ -210,6 +213,13 @@ def run_once(cfg: Config, args: argparse.Namespace, label: str) -> tuple[dict[st
         ", ".join(f"{k} {v:.4f}" for k, v in row.items() if k.startswith("dice_")),
     )
     return row, dict(meta.get("class_names", {}))
+
+
+def spent_epsilon(record: RunRecord) -> float | None:
+    """Under site DP, the largest epsilon a site spent over the whole run (its ledger's last value), else None."""
+    spent = [r.number(P.EPSILON) for r in record.select(kind=P.TRAIN, status=P.OK, aggregate=False)]
+    values = [e for e in spent if e is not None]
+    return max(values) if values else None
 
 
 def encoder_change(run_dir: str | Path) -> float | None:
