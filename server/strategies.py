@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -22,7 +23,7 @@ from flwr.supercore.privacy_accounting import NeighboringRelation, SamplingMetho
 from flwr.supercore.privacy_accounting import PrivacyConfig as FlowerPrivacyConfig
 
 from amlp_core import protocol as P
-from amlp_core.config import FederationConfig, PrivacyConfig
+from amlp_core.config import STRATEGIES, FederationConfig, PrivacyConfig
 from amlp_core.engine.lesions import LESION_KEYS, pool_lesion_metrics
 from amlp_core.errors import ConfigError
 
@@ -115,18 +116,23 @@ class _EqualSitesFedProx(_EvaluateByCases, FedProx):
     pass
 
 
+#: ``federation.strategy`` (the config's closed set, STRATEGIES) -> its Flower strategy, from the plan and the
+#: settings every strategy shares.
+BUILDERS: dict[str, Callable[[FederationConfig, dict[str, Any]], Strategy]] = {
+    "fedavg": lambda fed, common: FedAvg(**common),
+    "fedprox": lambda fed, common: FedProx(proximal_mu=fed.proximal_mu, **common),
+    "fedadam": lambda fed, common: FedAdam(eta=fed.server_lr, **common),
+    "fedmedian": lambda fed, common: FedMedian(**common),
+    "fedtrimmedavg": lambda fed, common: FedTrimmedAvg(beta=fed.trim_beta, **common),
+}
+if set(BUILDERS) != set(STRATEGIES):
+    raise ImportError(f"strategies {sorted(BUILDERS)} differ from the config's {STRATEGIES}")
+
+
 def _base_strategy(fed: FederationConfig, common: dict[str, Any]) -> Strategy:
-    if fed.strategy == "fedavg":
-        return FedAvg(**common)
-    if fed.strategy == "fedprox":
-        return FedProx(proximal_mu=fed.proximal_mu, **common)
-    if fed.strategy == "fedadam":
-        return FedAdam(eta=fed.server_lr, **common)
-    if fed.strategy == "fedmedian":
-        return FedMedian(**common)
-    if fed.strategy == "fedtrimmedavg":
-        return FedTrimmedAvg(beta=fed.trim_beta, **common)
-    raise ConfigError(f"unknown federation.strategy={fed.strategy!r}")
+    if fed.strategy not in BUILDERS:
+        raise ConfigError(f"unknown federation.strategy={fed.strategy!r}")
+    return BUILDERS[fed.strategy](fed, common)
 
 
 def strategy_state(strategy: Strategy) -> dict[str, dict[str, torch.Tensor]]:
