@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader
 
 from amlp_core.config import Config
 from amlp_core.data import Sample, SegDataset
-from amlp_core.data.dataset import RecordDataset, as_records, record_count
+from amlp_core.data.dataset import RecordDataset, record_count
 from amlp_core.engine.device import make_generator, resolve_device, seed_everything
 from amlp_core.engine.loops import finetune_steps, pretrain_epoch
 from amlp_core.engine.optim import finetune_optimizer, pretrain_optimizer, set_finetune_lr
@@ -111,21 +111,11 @@ def pretrain_epochs(
     if method.private != (ledger is not None):  # statistics of the cases stay frozen under DP
         raise ValueError(f"a method built with private={method.private} trained {'with' if ledger else 'without'} DP")
     metrics: dict[str, float] = {}
-    if ledger is not None:  # DP-SGD's records are patients: the slices of one volume are one record
-        loader = DataLoader(as_records(loader.dataset, seed))
     with charged_training(
-        method,
-        optimizer,
-        loader,
-        ledger,
-        cfg.train.batch_size,
-        cfg.privacy.max_grad_norm,
-        seed,
-        *stretch.name,
-        cfg.privacy.augmult,
+        method, optimizer, loader, ledger, cfg.train.batch_size, cfg.privacy, seed, *stretch.name
     ) as (opt, batches, spent):
         for epoch in epochs:
-            loader.dataset.set_epoch(epoch.index)
+            batches.dataset.set_epoch(epoch.index)  # (under DP: the records, which pick a slice per epoch)
             ratio_at = (epoch.start, epoch.start) if hold_ratio else (epoch.start, epoch.end)
             metrics = pretrain_epoch(
                 method,
@@ -177,19 +167,11 @@ def finetune_for(
         pool = semi.loader.dataset
         assert isinstance(pool, SegDataset)  # (semi_training's)
         loader = DataLoader(RecordDataset(loader.dataset, pool))  # (only its dataset is used)
-    if ledger is not None:  # DP-SGD's records are patients: the slices of one volume are one record
-        loader = DataLoader(as_records(loader.dataset, seed))
-    with charged_training(
-        model,
-        optimizer,
-        loader,
-        ledger,
-        cfg.train.batch_size,
-        cfg.privacy.max_grad_norm,
-        seed,
-        *stretch.name,
-        cfg.privacy.augmult,
-    ) as (opt, batches, spent):
+    with charged_training(model, optimizer, loader, ledger, cfg.train.batch_size, cfg.privacy, seed, *stretch.name) as (
+        opt,
+        batches,
+        spent,
+    ):
         passes = -(-steps // max(len(batches), 1))  # passes per stretch
 
         def schedule(step: int) -> None:

@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from opacus.grad_sample.grad_sample_module import GradSampleHooks
     from opacus.optimizers import DPOptimizer
 
+    from amlp_core.config import PrivacyConfig
     from amlp_core.privacy.ledger import PrivacyLedger
 
 # Opacus is imported where DP-SGD runs, not at module level: it costs about 2 s at every start
@@ -240,18 +241,18 @@ def charged_training(
     loader: DataLoader,
     ledger: PrivacyLedger | None,
     batch_size: int,
-    max_grad_norm: float,
+    privacy: PrivacyConfig,
     seed: int,
     phase: str,
     round_: int,
-    views: int = 1,
 ) -> Iterator[tuple[Any, Any, dict[str, float]]]:
     """``(optimizer, batches, spent)`` for one stretch of training, private or not.
 
     With a ledger (already planned and checked: :meth:`PrivacyLedger.planned`): DP-SGD at the
-    ledger's noise (:class:`PrivateTraining`), and after the block the steps the accountant counted
-    are recorded on the ledger as ``phase`` round ``round_``; ``spent`` then holds ``epsilon``, the
-    cumulative epsilon; ``views`` > 1: each sampled case in that many augmentations (``privacy.augmult``).
+    ledger's noise (:class:`PrivateTraining`) over ``loader``'s cases as records (patients: the slices of
+    one volume are one record), clipped at ``privacy.max_grad_norm``, each sampled case in
+    ``privacy.augmult`` augmentations; after the block the steps the accountant counted are recorded on
+    the ledger as ``phase`` round ``round_``, and ``spent`` then holds ``epsilon``, the cumulative epsilon.
     Without one: the plain optimizer and loader, and ``spent`` stays empty.
     """
     if ledger is None:
@@ -260,8 +261,11 @@ def charged_training(
     spent: dict[str, float] = {}
     if ledger.noise_multiplier is None:
         raise ValueError(f"privacy ledger {ledger.path}: its noise is not fixed yet (PrivacyLedger.planned fixes it)")
+    from amlp_core.data.dataset import as_records  # (the data layer; here only where DP runs)
+
+    records = as_records(loader.dataset, seed)  # type: ignore[arg-type]  # (a SegDataset or RecordDataset)
     with PrivateTraining(
-        model, optimizer, loader.dataset, batch_size, ledger.noise_multiplier, max_grad_norm, seed, views
+        model, optimizer, records, batch_size, ledger.noise_multiplier, privacy.max_grad_norm, seed, privacy.augmult
     ) as dp:
         yield dp.optimizer, dp.loader, spent
     spent["epsilon"] = ledger.record(phase, round_, dp.stretches)
