@@ -306,7 +306,7 @@ class Federation:
             self.results.info["site data"] = self._data_counts()
             self._note_refused()  # (a site that joined late may have been refused since)
             evaluated: dict[str, Any] = {}
-            if phase == P.FINETUNE:
+            if phase == P.FINETUNE and (rnd % f.eval_every == 0 or rnd == total):
                 evaluated, eval_outcome = rounds.evaluate_round(
                     rounds.ServerRound(self.grid, strategy, rnd, arrays, instructions, f, self.declared)
                 )

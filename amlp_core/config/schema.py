@@ -479,6 +479,8 @@ class FederationConfig:
     # Fine-tuning optimiser steps per site per round; 0 = local_epochs x the steps of one epoch over all
     # the site's labelled training cases (before train.label_fraction).
     finetune_local_steps: int = opt(0, ge=0, note="0: federation.local_epochs over the site's labelled cases")
+    # Federated evaluation of the global model after every this many fine-tuning rounds, and always after the last.
+    eval_every: int = opt(1, ge=1)
     init_encoder: str = ""  # a pretraining checkpoint (folder or file) to fine-tune from; needs pretrain_rounds=0
     strategy: str = opt("fedavg", choices=STRATEGIES)
     proximal_mu: float = 0.01  # fedprox

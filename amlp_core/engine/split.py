@@ -34,7 +34,7 @@ from amlp_core.data.plan import (
     prepare,
 )
 from amlp_core.errors import ConfigError, DataError
-from amlp_core.presets import LESION_IMAGES, ROI, phantoms
+from amlp_core.presets import LESION_IMAGES, ROI, VOLUMES, phantoms
 
 log = logging.getLogger(__name__)
 
@@ -208,7 +208,7 @@ def data_defaults(
     a dataset gets its class count from its labels (or ``num_classes``, the user's ``model.num_classes``, for
     data that name no classes: unlabelled folders) and the region of interest of its kind
     (:data:`~amlp_core.presets.ROI`); 2D lesion images (PNG) their post-processing
-    (:data:`~amlp_core.presets.LESION_IMAGES`).
+    (:data:`~amlp_core.presets.LESION_IMAGES`); 3D scans mirrored inference (:data:`~amlp_core.presets.VOLUMES`).
     """
     if path == "synthetic":
         return phantoms(dims or 3)
@@ -229,4 +229,5 @@ def data_defaults(
         "data.path": path,
         "data.format": fmt,
         **(LESION_IMAGES if index.fmt == "png" else {}),
+        **(VOLUMES if dims == 3 else {}),
     }

@@ -84,6 +84,17 @@ def test_lesion_images_get_their_presets(tmp_path):
     assert defaults["model.spatial_dims"] == 2 and defaults["model.img_size"] == (128, 128)
     assert defaults["model.post_keep_largest"] is True and defaults["model.post_min_share"] == 0.002
     assert defaults["model.post_min_confidence"] == 0.8
+    assert "model.tta_flips" not in defaults  # (an ultrasound image's top is the skin: no mirrored inference)
+
+
+def test_scans_get_mirrored_inference_and_their_slices_do_not(tmp_path):
+    from tests.data.helpers import write_msd
+
+    root = write_msd(tmp_path / "msd")
+    scans = data_defaults(str(root))
+    assert scans["model.tta_flips"] is True and scans["train.batch_size"] == 4
+    slices = data_defaults(str(root), as_slices=True)
+    assert "model.tta_flips" not in slices and "train.batch_size" not in slices
 
 
 def test_union_of_several_masks(tmp_path):

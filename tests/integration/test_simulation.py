@@ -332,7 +332,8 @@ def test_private_federation_reports_the_epsilon_of_every_site_and_the_server(tmp
 
 def test_lesion_images_federation_reports_lesion_metrics(tmp_path):
     """A BUSI-like folder in a real two-site simulation: the 2D plan resizes, each site evaluates the
-    lesion metrics, the server pools them from the counts, and the summary shows them."""
+    lesion metrics, the server pools them from the counts, and the summary shows them. Evaluated every
+    second fine-tuning round (``federation.eval_every``) and after the last."""
     from amlp_core.engine.lesions import EMPTY_CASES, EMPTY_HITS, EMPTY_SHARE, LESION_CASES, LESION_DICE
     from tests.conftest import tiny_model
     from tests.data.test_lesion_data import write_busi
@@ -350,10 +351,14 @@ def test_lesion_images_federation_reports_lesion_metrics(tmp_path):
             "federation.partition": "category",
             "federation.dirichlet_alpha": 5.0,
             "model.post_keep_largest": True,
+            "federation.finetune_rounds": 3,
+            "federation.eval_every": 2,  # evaluated after round 2, and after the last
         },
     )
     simulate(cfg, timeout=600)
     rows = round_rows(run)
+    assert sorted({r["round"] for r in rows if r["kind"] == "evaluate"}) == [2, 3]
+    rows = [r for r in rows if r["round"] == 3]
     sites = [r for r in rows if r["kind"] == "evaluate" and r["site"] != P.ALL_SITES]
     pooled = next(r for r in rows if r["kind"] == "evaluate" and r["site"] == P.ALL_SITES)
     assert len(sites) == 2 and all(r[LESION_CASES] + r[EMPTY_CASES] == r[P.NUM_EXAMPLES] for r in sites)
