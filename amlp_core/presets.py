@@ -31,7 +31,7 @@ ROI = {"volume": (48, 64, 48), "slices": (48, 64), "image": (128, 128)}
 LESION_IMAGES = {"model.post_keep_largest": True, "model.post_min_share": 0.002, "model.post_min_confidence": 0.8}
 
 #: 3D scans. Inference averages the predictions of every mirrored volume (nnU-Net mirrors at inference by
-#: default; the network trains with flips along every axis): on the hippocampus (one site, 10 % labels, 42
+#: default; the network trains with flips along every axis): on the hippocampus (one site, 10 % labels, 48
 #: test volumes) it lifted the final model's mean Dice from 0.801 to 0.819, at about 4x the inference time.
 #: Training batches of 4 (nnU-Net plans 2 for 3D): twice the steps of batch 8 for the same cases seen, which
 #: the few-label federated hippocampus needed to pass 0.80 (docs/results.md, the default federated run).

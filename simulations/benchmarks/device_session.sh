@@ -15,7 +15,11 @@
 #   2. pretrain_gain: scratch fine-tuned at 10 % labels, supervised and with each semi-supervised method
 #      (issue 27), seeds 0-2, 800 steps; then AMLP pretrained for $EPOCHS epochs (SparK's decoder) and
 #      fine-tuned supervised and with each semi-supervised method ($OUT/pretrain_gain_gpu.json / .md).
-# Each stage has its own time box (CHECK_S, GAIN_S seconds) so that what finished comes back.
+#   3. privacy (issue 29; only with PRIVACY_S > 0): the privacy-utility curve at one site, every budget,
+#      scratch / AMLP pretrained without DP / AMLP pretrained under DP, Poisson batches of 32 and the
+#      recipe in PRIVACY_SET (extra --set flags, e.g. "--set privacy.trainable=decoder"), resumable in
+#      $OUT/privacy_gpu.json: a session lent a GPU for issue 29 runs GAIN_S=0 PRIVACY_S=380.
+# Each stage has its own time box (CHECK_S, GAIN_S, PRIVACY_S seconds; 0 skips it) so that what finished comes back.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 WHEELS="monai==1.6.1 nibabel==5.4.2 pydicom==3.0.2"
@@ -42,12 +46,21 @@ run)
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
   timeout "${CHECK_S:-150}" python3 -m simulations.benchmarks.device_check --out "$OUT/device_check.json" 2>&1 \
     | tee "$OUT/device_check.log" | grep -v " INFO "
-  timeout "${GAIN_S:-380}" python3 -m simulations.benchmarks.pretrain_gain --data shared/data/msd_hippocampus \
+  [ "${GAIN_S:-380}" -gt 0 ] && timeout "${GAIN_S:-380}" python3 -m simulations.benchmarks.pretrain_gain --data shared/data/msd_hippocampus \
     --fractions 0.1 --finetune-steps 800 --curve-every 100 --set train.batch_size=4 --methods scratch,amlp \
     --semi none,mean_teacher,copy_paste --seeds 0,1,2 --pretrain-epochs "${EPOCHS:-300}" --variant "SparK decoder, GPU" \
     --set model.pretrain_decoder=unet --runs /tmp/gain_runs --out "$OUT/pretrain_gain_gpu.json" >"$OUT/gain.log" 2>&1
   echo "pretrain_gain exit $?"
   tail -40 "$OUT/gain.log"
+  if [ "${PRIVACY_S:-0}" -gt 0 ]; then
+    # shellcheck disable=SC2086
+    timeout "$PRIVACY_S" python3 -m simulations.benchmarks.privacy --data shared/data/msd_hippocampus \
+      --budgets none,8,3,16,1,32 --seeds 0 --seeds-at 8=0,1,2 --inits scratch,amlp,amlp_private \
+      --finetune-steps 300 --curve-every 100 --pretrain-epochs "${EPOCHS:-300}" --set train.batch_size=32 \
+      ${PRIVACY_SET:-} --runs /tmp/privacy_runs --out "$OUT/privacy_gpu.json" >"$OUT/privacy.log" 2>&1
+    echo "privacy exit $?"
+    tail -30 "$OUT/privacy.log"
+  fi
   ;;
 *)
   echo "usage: $0 prepare|run" >&2
