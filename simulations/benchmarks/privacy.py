@@ -11,9 +11,13 @@ that the planned steps spend it (RDP accountant, ``privacy.delta``), and once wi
   DP on the rest (``privacy.phases=both``): the fine-tuning ledger starts from the pretraining's history,
   so the epsilon reported is the accountant's for both phases composed.
 
-Every row records the accountant's epsilon after the run, the noise, the steps and the test-Dice curve
-(``--curve-every``), and its share of the non-private Dice of the same start; the summary pairs AMLP with
-scratch under DP seed by seed. Resumable: rows already in ``--out`` are kept. ::
+Private rows run once per recipe (``--recipe NAME=K=V;K=V``: the private fine-tuning settings under
+comparison, e.g. ``decoder_sgd=privacy.trainable=decoder;privacy.optimizer=sgd``; none given: the
+defaults, named ``default``); a recipe's settings are all ``privacy.*`` and change nothing without DP, so
+the non-private rows run once (recipe ``-``). Every row records the accountant's epsilon after the run, the
+noise, the steps and the test-Dice curve (``--curve-every``), and its share of the non-private Dice of the
+same start; the summary pairs AMLP with scratch under DP seed by seed, within a recipe. Resumable: rows
+already in ``--out`` are kept. ::
 
     python -m simulations.benchmarks.privacy --budgets none,1,3,8,16,32 --seeds 0 --seeds-at 8=0,1,2 \\
         --inits scratch,amlp,amlp_private --finetune-steps 300 --out results/privacy.json
@@ -64,8 +68,31 @@ def _parser():
     p.add_argument("--curve-every", type=int, default=100)
     p.add_argument("--pretrain-epochs", type=int, default=50)
     p.add_argument("--pretrain-share", type=float, default=0.5, help="amlp_private: pretraining's share of epsilon")
+    p.add_argument(
+        "--recipe", action="append", default=[], metavar="NAME=K=V;K=V", help="a private recipe (privacy.* values)"
+    )
     p.add_argument("--runs", default="runs/privacy")
     return p
+
+
+NO_RECIPE = "-"  # the recipe of a non-private row
+
+
+def _recipe_of(row: dict[str, Any]) -> str:
+    """A row's recipe (rows written before recipes were named: the defaults)."""
+    return row.get("recipe", NO_RECIPE if row["budget"] == NONE else "default")
+
+
+def recipes(items: list[str]) -> dict[str, dict[str, str]]:
+    """``--recipe`` items as ``{name: {key: value}}`` (none: ``{"default": {}}``); a key outside ``privacy.``
+    is refused: a recipe that changed anything else would not share its non-private reference."""
+    out: dict[str, dict[str, str]] = {}
+    for item in items or ["default="]:
+        name, _, sets = item.partition("=")
+        out[name] = dict(kv.split("=", 1) for kv in sets.split(";") if kv)
+        if bad := [k for k in out[name] if not k.startswith("privacy.")]:
+            raise SystemExit(f"privacy: recipe {name!r} sets {', '.join(bad)}: a recipe may set privacy.* only")
+    return out
 
 
 def _seeds(args) -> dict[str, list[int]]:
@@ -85,15 +112,18 @@ def _private_pretraining(cfg: Config, args, budget: float, runs: Path, split) ->
     return folder, history
 
 
-def _row(cfg: Config, init: str, budget: str, seed: int, args, split, runs: Path) -> dict[str, Any]:
+def _row(
+    cfg: Config, init: str, recipe: str, sets: dict[str, str], budget: str, seed: int, args, split, runs: Path
+) -> dict[str, Any]:
     private = budget != NONE
-    run = runs / f"finetune_{init}_eps{budget}_s{seed}"
+    run = runs / f"finetune_{init}_eps{budget}_s{seed}{'' if recipe in ('default', NO_RECIPE) else '_' + recipe}"
     folder, spent = None, []
     if init == "amlp" or (init == "amlp_private" and not private):
         folder = pretrained(cfg, args.method, args.pretrain_epochs, 0, runs, split)["folder"]
     elif init == "amlp_private":
         folder, spent = _private_pretraining(cfg, args, float(budget), runs, split)
-    ft = cfg.replace(
+    ft = build_config(sets, base=cfg) if private else cfg
+    ft = ft.replace(
         train={"seed": seed, "finetune_steps": args.finetune_steps, "eval_every": args.curve_every},
         privacy={"site_dp": private, **({"budget": float(budget)} if private else {})},
     )
@@ -107,6 +137,8 @@ def _row(cfg: Config, init: str, budget: str, seed: int, args, split, runs: Path
     ledger = json.loads((run / LEDGER_FILE).read_text()) if private else {}
     return {
         "init": init,
+        "recipe": recipe,
+        "recipe_sets": sets,
         "budget": budget,
         "seed": seed,
         "epsilon": epsilon_of([tuple(h) for h in ledger["history"]], ft.privacy.delta) if private else None,
@@ -123,16 +155,18 @@ def summary(rows: list[dict]) -> tuple[list[dict], str]:
     """Per start and budget: mean Dice over seeds and its share of the same start's non-private Dice; per
     budget, AMLP minus scratch paired by seed (with its test)."""
     out = []
+    cells = dict.fromkeys((_recipe_of(r), r["budget"]) for r in rows)
     for init in INITS:
         plain = [r["dice_mean"] for r in rows if r["init"] == init and r["budget"] == NONE]
         reference = sum(plain) / len(plain) if plain else None
-        for budget in dict.fromkeys(r["budget"] for r in rows):
-            mine = [r for r in rows if r["init"] == init and r["budget"] == budget]
+        for recipe, budget in cells:
+            mine = [r for r in rows if (r["init"], _recipe_of(r), r["budget"]) == (init, recipe, budget)]
             if not mine:
                 continue
             dice = sum(r["dice_mean"] for r in mine) / len(mine)
             entry = {
                 "init": init,
+                "recipe": recipe,
                 "budget": budget,
                 "seeds": len(mine),
                 "epsilon": max((r["epsilon"] or 0.0) for r in mine) if budget != NONE else None,
@@ -141,7 +175,11 @@ def summary(rows: list[dict]) -> tuple[list[dict], str]:
                 "caveat": CAVEAT[init],
             }
             if init != "scratch":
-                base = {r["seed"]: r["dice_mean"] for r in rows if r["init"] == "scratch" and r["budget"] == budget}
+                base = {
+                    r["seed"]: r["dice_mean"]
+                    for r in rows
+                    if (r["init"], _recipe_of(r), r["budget"]) == ("scratch", recipe, budget)
+                }
                 diffs = [r["dice_mean"] - base[r["seed"]] for r in mine if r["seed"] in base]
                 if diffs:
                     entry["minus_scratch"] = paired_test(diffs)
@@ -152,14 +190,15 @@ def summary(rows: list[dict]) -> tuple[list[dict], str]:
 
     lines = [
         {
-            **{k: fmt(e[k]) for k in ("init", "budget", "seeds", "epsilon", "dice_mean", "share_of_no_dp")},
+            **{k: fmt(e[k]) for k in ("init", "recipe", "budget", "seeds", "epsilon", "dice_mean", "share_of_no_dp")},
             "minus scratch (paired)": fmt(e.get("minus_scratch", {}).get("mean"))
             + (f" ({e['minus_scratch']['verdict']})" if "minus_scratch" in e else ""),
             "caveat": e["caveat"],
         }
         for e in out
     ]
-    columns = ["init", "budget", "seeds", "epsilon", "dice_mean", "share_of_no_dp", "minus scratch (paired)", "caveat"]
+    columns = ["init", "recipe", "budget", "seeds", "epsilon", "dice_mean", "share_of_no_dp", "minus scratch (paired)"]
+    columns.append("caveat")
     return out, table(lines, columns)
 
 
@@ -171,7 +210,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     runs, out = Path(args.runs), Path(args.out)
     previous = json.loads(out.read_text()) if out.exists() else {}
     rows: list[dict] = previous.get("rows", [])
-    done = {(r["init"], r["budget"], r["seed"]) for r in rows}
+    done = {(r["init"], _recipe_of(r), r["budget"], r["seed"]) for r in rows}
+    named = recipes(args.recipe)
     header = {
         "benchmark": "privacy",
         "machine": machine(),
@@ -184,17 +224,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "pretrain_epochs": args.pretrain_epochs,
         "pretrain_share": args.pretrain_share,
         "overrides": args.set,
+        "recipes": named,
     }
     for budget, seeds in _seeds(args).items():
         for seed in seeds:
             for init in [i for i in args.inits.split(",") if i]:
                 if init not in INITS:
                     raise SystemExit(f"privacy: unknown row {init!r} (one of {', '.join(INITS)})")
-                if (init, budget, seed) in done:
-                    continue
-                rows.append(_row(cfg, init, budget, seed, args, split, runs))
-                log.info("%s at epsilon %s, seed %d: Dice %.4f", init, budget, seed, rows[-1]["dice_mean"])
-                write_json(out, {**header, "rows": rows, "summary": summary(rows)[0]})
+                for recipe, sets in named.items() if budget != NONE else [(NO_RECIPE, {})]:
+                    if (init, recipe, budget, seed) in done:
+                        continue
+                    rows.append(_row(cfg, init, recipe, sets, budget, seed, args, split, runs))
+                    log.info(
+                        "%s (%s) at epsilon %s, seed %d: Dice %.4f", init, recipe, budget, seed, rows[-1]["dice_mean"]
+                    )
+                    write_json(out, {**header, "rows": rows, "summary": summary(rows)[0]})
     stats, markdown = summary(rows)
     write_json(out, {**header, "rows": rows, "summary": stats})
     out.with_suffix(".md").write_text(markdown + "\n")

@@ -27,6 +27,8 @@ def test_privacy_benchmark_rows_compose_and_resume(tmp_path, monkeypatch):
     rows = payload["rows"]
     expected = [(i, b, s) for b, seeds in (("none", [0]), ("8", [0, 1])) for s in seeds for i in privacy.INITS]
     assert [(r["init"], r["budget"], r["seed"]) for r in rows] == expected
+    assert {r["recipe"] for r in rows if r["budget"] == "none"} == {"-"}
+    assert {r["recipe"] for r in rows if r["budget"] == "8"} == {"default"}
     for r in rows:
         assert 0 <= r["dice_mean"] <= 1 and r["steps"] == 3 and r["curve"]
         assert (r["epsilon"] is None) == (r["budget"] == "none")
@@ -47,3 +49,34 @@ def test_privacy_benchmark_rows_compose_and_resume(tmp_path, monkeypatch):
     assert "without DP: not covered" in (tmp_path / "privacy.md").read_text()
     monkeypatch.setattr(privacy, "finetune", lambda *a, **k: pytest.fail("a finished row was re-run"))
     assert privacy.main(_args(tmp_path))["rows"] == rows
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:Full backward hook is firing:UserWarning")
+def test_private_recipes_are_rows_of_their_own_paired_within_a_recipe(tmp_path):
+    args = _args(tmp_path)
+    args[args.index("--inits") + 1] = "scratch,amlp"
+    args[args.index("--seeds-at") + 1] = "8=0"
+    recipes = ["--recipe", "default=", "--recipe", "bitfit=privacy.trainable=norms_biases;privacy.optimizer=sgd"]
+    payload = privacy.main([*args, *recipes])
+    rows = payload["rows"]
+    # Without DP a recipe changes nothing: one row per start; under DP one per start and recipe.
+    assert [(r["init"], r["recipe"], r["budget"]) for r in rows] == [
+        ("scratch", "-", "none"),
+        ("amlp", "-", "none"),
+        ("scratch", "default", "8"),
+        ("scratch", "bitfit", "8"),
+        ("amlp", "default", "8"),
+        ("amlp", "bitfit", "8"),
+    ]
+    bitfit = next(r for r in rows if r["init"] == "amlp" and r["recipe"] == "bitfit")
+    saved = (tmp_path / "runs" / "finetune_amlp_eps8_s0_bitfit" / "config.yaml").read_text()
+    assert "trainable: norms_biases" in saved and "optimizer: sgd" in saved
+    assert bitfit["recipe_sets"] == {"privacy.trainable": "norms_biases", "privacy.optimizer": "sgd"}
+    cell = next(c for c in payload["summary"] if (c["init"], c["recipe"], c["budget"]) == ("amlp", "bitfit", "8"))
+    scratch = next(r for r in rows if (r["init"], r["recipe"], r["budget"]) == ("scratch", "bitfit", "8"))
+    assert cell["minus_scratch"]["mean"] == pytest.approx(bitfit["dice_mean"] - scratch["dice_mean"])
+    plain = next(r for r in rows if (r["init"], r["budget"]) == ("amlp", "none"))
+    assert cell["share_of_no_dp"] == pytest.approx(bitfit["dice_mean"] / plain["dice_mean"])
+    with pytest.raises(SystemExit, match="a recipe may set privacy"):
+        privacy.main([*args, "--recipe", "lr=train.finetune_lr=0.1"])
