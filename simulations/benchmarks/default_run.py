@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from amlp_core.protocol import ALL_SITES, DICE_MEAN
+from amlp_core.protocol import ALL_SITES, DICE_MEAN, DICE_PREFIX
 from server.results import RunResults
 from simulations.benchmarks.common import benchmark_parser, machine, table, write_json
 
@@ -75,7 +75,7 @@ def read_run(run_dir: Path) -> dict[str, Any]:
     ]
     return {
         DICE_MEAN: final[DICE_MEAN],
-        **{k: v for k, v in final.items() if k.startswith("dice_") and k != DICE_MEAN},
+        **{k: v for k, v in final.items() if k.startswith(DICE_PREFIX) and k != DICE_MEAN},
         "rounds": final["round"],
         "curve": curve,
         "server_seconds": results.info.get("server seconds"),
@@ -110,9 +110,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             continue
         sets = args.set + [s for s in own.split(";") if s]
         run_dir = Path(args.runs) / name
-        log.info("default_run %s: %s", name, " ".join(simulate_command(args.data, args.sites, run_dir, sets)[3:]))
+        command = simulate_command(args.data, args.sites, run_dir, sets)
+        log.info("default_run %s: %s", name, " ".join(command[3:]))
         started = time.monotonic()
-        code = subprocess.run(simulate_command(args.data, args.sites, run_dir, sets)).returncode
+        code = subprocess.run(command).returncode
         if code != 0:
             raise SystemExit(f"default_run: the run {name} exited with {code} (see {run_dir}/simulation.log)")
         rows.append(_row(name, run_dir, time.monotonic() - started, sets, args))

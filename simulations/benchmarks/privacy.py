@@ -89,7 +89,7 @@ def recipes(items: list[str]) -> dict[str, dict[str, str]]:
     out: dict[str, dict[str, str]] = {}
     for item in items or ["default="]:
         name, _, sets = item.partition("=")
-        out[name] = dict(kv.split("=", 1) for kv in sets.split(";") if kv)
+        out[name] = set_overrides([kv for kv in sets.split(";") if kv])
         if bad := [k for k in out[name] if not k.startswith("privacy.")]:
             raise SystemExit(f"privacy: recipe {name!r} sets {', '.join(bad)}: a recipe may set privacy.* only")
     return out
@@ -197,8 +197,10 @@ def summary(rows: list[dict]) -> tuple[list[dict], str]:
         }
         for e in out
     ]
-    columns = ["init", "recipe", "budget", "seeds", "epsilon", "dice_mean", "share_of_no_dp", "minus scratch (paired)"]
-    columns.append("caveat")
+    columns = [
+        *("init", "recipe", "budget", "seeds", "epsilon", "dice_mean", "share_of_no_dp"),
+        *("minus scratch (paired)", "caveat"),
+    ]
     return out, table(lines, columns)
 
 
