@@ -16,6 +16,8 @@ from amlp_core.logs import setup_logging
 
 REPO = Path(__file__).resolve().parents[2]
 HIPPOCAMPUS = REPO.parent / "shared" / "data" / "msd_hippocampus"
+#: A semi-supervised row's name in the benchmarks' tables: ``"<start> + <train.semi_supervised>"``.
+SEMI_JOIN = " + "
 # The hippocampus split, fixed before any result was seen: 48 of 208 cases for testing
 # (data.split_seed=0), the other 160 for training (and, at a label fraction, a seeded subset).
 HIPPOCAMPUS_SPLIT = {"data.test_fraction": 48 / 208, "data.split_seed": 0}

@@ -10,7 +10,10 @@ fraction; ``unet`` does the same with a plain conv U-Net (``model.seg_arch=unet`
 the floor to beat of docs/results.md, how results are measured). Every run has the same fine-tuning budget in
 optimiser steps: a run with a smaller fraction f trains ``local_epochs x largest / f`` local
 epochs per round (rounded), so a site takes about as many steps per round over its few
-labelled cases as over all of them. Seeds change ``train.seed`` (model
+labelled cases as over all of them. ``--semi none,mean_teacher`` adds, for every method, a row
+``"<method> + mean_teacher"`` that fine-tunes from the same start with the site's unlabelled cases in the
+loss (``train.semi_supervised``), paired with its supervised row and, from a pretrained start, with
+``scratch + mean_teacher`` (issue 27's federated rows). Seeds change ``train.seed`` (model
 initialisation, masks, sampling, the labelled subset), never the test split, which is fixed
 before any result is seen (48 of the 208 hippocampus cases, ``data.split_seed=0``).
 
@@ -47,6 +50,7 @@ from simulations.benchmarks.common import (
 )
 from simulations.benchmarks.comparison.plan import (
     SCRATCH_LIKE,
+    SUPERVISED,
     base_config,
     budget_of,
     encoder_change,
@@ -55,6 +59,7 @@ from simulations.benchmarks.comparison.plan import (
     run_config,
     run_name,
     run_once,
+    split_semi,
 )
 from simulations.benchmarks.comparison.report import markdown
 from simulations.benchmarks.comparison.stats import aggregate
@@ -123,6 +128,7 @@ class _Table:
                 "seed": seed,
                 "method": method,
                 "label_fraction": fraction,
+                "semi_supervised": split_semi(method)[1],
                 "init": init,
                 "pretrain_rounds": pretrain_rounds,
                 **result,
@@ -161,16 +167,18 @@ def _payload(args, budget: dict[str, Any], rows: list[dict[str, Any]], class_nam
 def _start_of(cell: tuple[str, float, int], table: _Table, base, runs: Path, label: str) -> tuple[str, int, str]:
     """How the run of ``cell`` starts: ``(init, pretraining rounds, initial encoder)``. A pretraining method
     pretrains in its largest-fraction run and fine-tunes the smaller fractions from that run's encoder
-    (made again when its folder is gone)."""
-    method, fraction, seed = cell
+    (made again when its folder is gone); its semi-supervised rows fine-tune from that encoder at every
+    fraction, so that they differ from the supervised rows in the fine-tuning loss alone."""
+    row, fraction, seed = cell
+    method, semi = split_semi(row)
     args, largest = table.args, max(table.args.fractions)
     if method in SCRATCH_LIKE:
         return "scratch", 0, ""
-    if fraction == largest:
+    if fraction == largest and semi == SUPERVISED:
         return "federated pretraining", args.pretrain_rounds, ""
     encoder = runs / run_name(method, largest, seed) / ENCODER_DIR
-    if not (encoder / "checkpoint.pt").exists():  # its run is in --out but its folder is gone
-        log.warning("%s: the encoder %s is missing: pretraining again", label, encoder)
+    if not (encoder / "checkpoint.pt").exists():  # its run is not made yet, or its folder is gone
+        log.warning("%s: the encoder %s is missing: pretraining it", label, encoder)
         big_dir = runs / run_name(method, largest, seed)
         cfg = run_config(base, big_dir, method, largest, seed, args.pretrain_rounds)
         result, names = run_once(cfg, args, f"{label} (pretraining, {pct(largest)} labels)")

@@ -43,6 +43,7 @@ from amlp_core.errors import CheckpointError, ConfigError
 from simulations.benchmarks.common import (
     HIPPOCAMPUS,
     HIPPOCAMPUS_SPLIT,
+    SEMI_JOIN,
     benchmark_parser,
     machine,
     mean_std,
@@ -55,7 +56,6 @@ from simulations.benchmarks.common import (
 log = logging.getLogger(__name__)
 SCRATCH = "scratch"
 UNET = "unet"  # the plain conv U-Net from scratch (model.seg_arch=unet): the floor every gain is measured against
-SEMI_JOIN = " + "  # a semi-supervised row's name: "<start> + <train.semi_supervised>"
 METRIC_NAMES = {"dice_mean": "mean Dice", LESION_DICE: "lesion Dice"}
 
 

@@ -328,3 +328,48 @@ def test_every_tie_and_gain_has_a_paired_test_behind_it():
     spread = paired_test([0.045, 0.021, -0.01])
     assert spread["verdict"] == "tie" and spread["p"] > 0.05 and spread["n"] == 3
     assert paired_test([0.05])["verdict"] == "one seed" and paired_test([0.05])["p"] is None
+
+
+def test_semi_supervised_axis_pairs_each_row_with_its_start(tmp_path, monkeypatch):
+    """``--semi none,mean_teacher``: every method gets a '<method> + mean_teacher' row that sets
+    train.semi_supervised, fine-tunes from the same start as its supervised row (a pretrained method's
+    encoder at every fraction), and is paired with that row and with scratch + the same loss."""
+    calls = []
+
+    def run_once(cfg, args, label):
+        f, semi = cfg.federation, cfg.train.semi_supervised
+        calls.append((cfg.method.name if f.pretrain_rounds or f.init_encoder else "-", semi, cfg.train.label_fraction,
+                      f.pretrain_rounds, Path(f.init_encoder).parent.name if f.init_encoder else ""))  # fmt: skip
+        if f.pretrain_rounds:
+            (Path(f.run_dir) / "encoder").mkdir(parents=True)
+            (Path(f.run_dir) / "encoder" / "checkpoint.pt").write_text("x")
+        start = 0.6 if f.pretrain_rounds or f.init_encoder else 0.5
+        dice = start + (0.04 if semi != "none" else 0.0) + 0.01 * cfg.train.seed
+        return {"dice_1": dice, "dice_mean": dice, "seconds": 1.0}, {"0": "background", "1": "lesion"}
+
+    monkeypatch.setattr(compare, "run_once", run_once)
+    monkeypatch.setattr(compare, "encoder_change", lambda run_dir: 0.25)
+    argv = ["--methods", "scratch,amlp", "--semi", "none,mean_teacher", "--fractions", "0.5,1.0", "--seeds", "2"]
+    payload = compare.main(_args(tmp_path, *argv, "--pretrain-rounds", "2"))
+    assert calls[:6] == [
+        ("-", "none", 1.0, 0, ""),
+        ("-", "none", 0.5, 0, ""),
+        ("-", "mean_teacher", 1.0, 0, ""),
+        ("-", "mean_teacher", 0.5, 0, ""),
+        ("amlp", "none", 1.0, 2, ""),  # pretrains: the encoder every amlp row fine-tunes from
+        ("amlp", "none", 0.5, 0, "amlp_100pct"),
+    ]
+    assert calls[6:8] == [("amlp", "mean_teacher", f, 0, "amlp_100pct") for f in (1.0, 0.5)]
+    assert len(calls) == 16
+    assert any(r["run_dir"].endswith("seed1/amlp+mean_teacher_50pct") for r in payload["rows"])  # no space
+    cell = next(c for c in payload["table"] if c["method"] == "amlp + mean_teacher" and c["label_fraction"] == 0.5)
+    assert cell["vs_supervised_mean"] == pytest.approx(0.04) and cell["vs_scratch_semi_mean"] == pytest.approx(0.1)
+    assert cell["vs_scratch_mean"] == pytest.approx(0.14) and cell["vs_supervised_seeds"] == 2
+    plain = next(c for c in payload["table"] if c["method"] == "scratch + mean_teacher" and c["label_fraction"] == 1.0)
+    assert plain["vs_supervised_mean"] == pytest.approx(0.04) and "vs_scratch_semi_mean" not in plain
+    assert {r["semi_supervised"] for r in payload["rows"]} == {"none", "mean_teacher"}
+    md = (tmp_path / "compare.md").read_text()
+    assert "minus its start's on labels only" in md and "| scratch + mean_teacher | +0.0400 ± 0.0000 |" in md
+    assert "| amlp + mean_teacher | +0.1000 ± 0.0000 |" in md  # against scratch + mean_teacher
+    with pytest.raises(SystemExit):
+        plan.parse_args(_args(tmp_path, "--semi", "none,bogus"))

@@ -14,6 +14,7 @@ import torch
 
 from amlp_core import protocol as P
 from amlp_core.config import METHOD_NAMES, Config, build_config
+from amlp_core.config.schema import SEMI_METHODS
 from amlp_core.engine.checkpoint import load_checkpoint
 from amlp_core.engine.lesions import LESION_KEYS
 from amlp_core.engine.split import data_defaults
@@ -23,6 +24,7 @@ from server.results import RunRecord
 from simulations.benchmarks.common import (
     HIPPOCAMPUS,
     HIPPOCAMPUS_SPLIT,
+    SEMI_JOIN,
     set_overrides,
 )
 from simulations.simulate import default_run_config, simulate
@@ -43,6 +45,16 @@ SCRATCH_LIKE = (SCRATCH, UNET)
 ALL_METHODS = (*SCRATCH_LIKE, *METHOD_NAMES)
 
 
+SUPERVISED = "none"  # train.semi_supervised of a row that fine-tunes on its labels only
+
+
+def split_semi(row: str) -> tuple[str, str]:
+    """A row's start and its ``train.semi_supervised``: ``"amlp + mean_teacher"`` -> ``("amlp",
+    "mean_teacher")``, ``"amlp"`` -> ``("amlp", "none")``."""
+    start, _, semi = row.partition(SEMI_JOIN)
+    return start, semi or SUPERVISED
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument(
@@ -52,6 +64,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--methods", default=",".join(ALL_METHODS), help="comma-separated, 'scratch' and 'unet' included")
     p.add_argument("--fractions", default="0.1,0.25,1.0", help="label fractions, comma-separated")
+    p.add_argument(
+        "--semi",
+        default=SUPERVISED,
+        help="train.semi_supervised values, each with every method, e.g. none,mean_teacher (none: labels only); "
+        "a semi-supervised row is named '<method> + <value>' and fine-tunes from that method's start",
+    )
     p.add_argument("--seeds", type=int, default=3, help="number of seeds (train.seed = 0 .. N-1)")
     p.add_argument("--sites", type=int, default=4)
     p.add_argument("--pretrain-rounds", type=int, default=10)
@@ -85,6 +103,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         p.error("--seeds: at least 1")
     if args.pretrain_rounds < 1 and any(m not in SCRATCH_LIKE for m in args.methods):
         p.error(f"--pretrain-rounds: at least 1 for a pretraining method ({' and '.join(SCRATCH_LIKE)} need none)")
+    semis = [s.strip() for s in args.semi.split(",") if s.strip()]
+    if not semis or any(s not in SEMI_METHODS for s in semis):
+        p.error(f"--semi: {args.semi!r}; choose from {', '.join(SEMI_METHODS)}")
+    args.methods = [m if s == SUPERVISED else m + SEMI_JOIN + s for m in args.methods for s in semis]
     if args.gpus_per_site is None:
         args.gpus_per_site = round(1 / args.sites, 4) if torch.cuda.is_available() else 0.0
     return args
@@ -138,12 +160,15 @@ def run_config(
     local_epochs: int | None = None,
 ) -> Config:
     """One run's configuration; ``scratch`` and ``unet`` keep the default method, which no round uses,
-    and ``unet`` sets ``model.seg_arch=unet``.
+    and ``unet`` sets ``model.seg_arch=unet``. A row ``"<method> + <semi>"`` sets ``train.semi_supervised``
+    (every other row sets it to ``none``).
 
     ``local_epochs`` (when given) replaces the base's, for a fine-tuning-only run at a small fraction.
     """
+    method, semi = split_semi(method)
     overrides = {
         **base,
+        "train.semi_supervised": semi,
         "train.label_fraction": fraction,
         "train.seed": seed,
         "federation.pretrain_rounds": pretrain_rounds,
@@ -164,7 +189,8 @@ def pct(fraction: float) -> str:
 
 
 def run_name(method: str, fraction: float, seed: int) -> str:
-    return f"seed{seed}/{method}_{fraction * 100:g}pct"
+    """The run's folder under ``--runs``: ``seed0/amlp_10pct``, ``seed0/amlp+mean_teacher_10pct``."""
+    return f"seed{seed}/{method.replace(SEMI_JOIN, '+')}_{fraction * 100:g}pct"
 
 
 def run_once(cfg: Config, args: argparse.Namespace, label: str) -> tuple[dict[str, Any], dict[str, str]]:

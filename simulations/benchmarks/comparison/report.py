@@ -14,6 +14,12 @@ from simulations.benchmarks.comparison.stats import dice_keys
 
 log = logging.getLogger(__name__)
 NAMED = {LESION_DICE: "lesion Dice", EMPTY_SHARE: "lesion-free predicted empty"}
+#: The paired differences the report shows (stats.aggregate's keys), each under its own heading.
+PAIRINGS = (
+    ("vs_scratch", "minus scratch's"),
+    ("vs_supervised", "of a semi-supervised row minus its start's on labels only"),
+    ("vs_scratch_semi", "of a pretrained start's semi-supervised row minus scratch's with the same loss"),
+)
 
 
 def _pm(entry: dict[str, Any], key: str) -> str:
@@ -70,16 +76,18 @@ def markdown(payload: dict[str, Any]) -> str:
         by = {pct(c["label_fraction"]): _pm(c, metric) for c in cells if c["method"] == m}
         pivot.append({"init": m, **by})
     lines += [table(pivot, ["init", *[pct(f) for f in fractions]]), ""]
-    paired = [c for c in cells if "vs_scratch_mean" in c]
-    if paired:
+    for key, title in PAIRINGS:
+        paired = [c for c in cells if f"{key}_mean" in c]
+        if not paired:
+            continue
         lines += [
-            f"{_column(metric, names)} minus scratch's, paired by seed (same labelled cases and sampling), mean ± standard "
+            f"{_column(metric, names)} {title}, paired by seed (same labelled cases and sampling), mean ± standard "
             "deviation over the seeds:",
             "",
         ]
 
-        def signed(c: dict[str, Any]) -> str:
-            return f"{c['vs_scratch_mean']:+.4f} ± {c['vs_scratch_std']:.4f}"
+        def signed(c: dict[str, Any], key: str = key) -> str:
+            return f"{c[f'{key}_mean']:+.4f} ± {c[f'{key}_std']:.4f}"
 
         diff = [
             {"init": m, **{pct(c["label_fraction"]): signed(c) for c in paired if c["method"] == m}}

@@ -9,10 +9,11 @@ from typing import Any
 
 from amlp_core.engine.lesions import EMPTY_CASES, EMPTY_SHARE, LESION_DICE
 from simulations.benchmarks.common import (
+    SEMI_JOIN,
     mean_std,
     paired_test,
 )
-from simulations.benchmarks.comparison.plan import SCRATCH
+from simulations.benchmarks.comparison.plan import SCRATCH, SUPERVISED, split_semi
 
 log = logging.getLogger(__name__)
 
@@ -32,9 +33,10 @@ def dice_keys(rows: Sequence[dict[str, Any]]) -> list[str]:
 
 
 def paired_differences(
-    rows: Sequence[dict[str, Any]], method: str, fraction: float, metric: str = "dice_mean"
+    rows: Sequence[dict[str, Any]], method: str, fraction: float, metric: str = "dice_mean", reference: str = SCRATCH
 ) -> list[float]:
-    """``metric`` of ``method`` minus that of ``scratch``, one value per seed that has both runs.
+    """``metric`` of ``method`` minus that of ``reference`` (scratch by default), one value per seed that has
+    both runs.
 
     Pairing by seed compares runs with the same labelled subset and the same fine-tuning sampling, so
     the seed-to-seed spread they share cancels out.
@@ -43,15 +45,30 @@ def paired_differences(
     def by_seed(m: str) -> dict[int, float]:
         return {r["seed"]: r[metric] for r in rows if r["method"] == m and r["label_fraction"] == fraction}
 
-    ours, scratch = by_seed(method), by_seed(SCRATCH)
-    return [ours[s] - scratch[s] for s in sorted(ours) if s in scratch]
+    ours, theirs = by_seed(method), by_seed(reference)
+    return [ours[s] - theirs[s] for s in sorted(ours) if s in theirs]
+
+
+def _references(method: str) -> list[tuple[str, str]]:
+    """The rows ``method`` is paired with, as ``(key prefix, row)``: scratch; for a semi-supervised row also
+    the same start fine-tuned on its labels only, and, from a pretrained start, scratch with the same
+    semi-supervised loss."""
+    start, semi = split_semi(method)
+    if semi == SUPERVISED:
+        return [("vs_scratch", SCRATCH)] if method != SCRATCH else []
+    refs = [("vs_scratch", SCRATCH), ("vs_supervised", start)]
+    if start != SCRATCH:
+        refs.append(("vs_scratch_semi", SCRATCH + SEMI_JOIN + semi))
+    return refs
 
 
 def aggregate(
     rows: Sequence[dict[str, Any]], methods: Sequence[str], fractions: Sequence[float]
 ) -> list[dict[str, Any]]:
     """One entry per (method, fraction) that has rows: mean and std over the seeds of every Dice, seconds,
-    and the :func:`headline` figure minus scratch's, paired by seed."""
+    and the :func:`headline` figure minus scratch's, paired by seed (``vs_scratch_*``); a semi-supervised
+    row's also minus its start's supervised row (``vs_supervised_*``) and, from a pretrained start, minus
+    scratch's with the same semi-supervised loss (``vs_scratch_semi_*``)."""
     keys, out, metric = dice_keys(rows), [], headline(rows)
     for method in methods:
         for fraction in fractions:
@@ -68,13 +85,13 @@ def aggregate(
                 values = [r[key] for r in cell if key in r]
                 entry[f"{key}_mean"], entry[f"{key}_std"] = mean_std(values)
             entry["seconds_mean"] = round(statistics.fmean(r["seconds"] for r in cell), 1)
-            if method != SCRATCH:
-                deltas = paired_differences(rows, method, fraction, metric)
+            for key, reference in _references(method):
+                deltas = paired_differences(rows, method, fraction, metric, reference)
                 if deltas:
                     test = paired_test(deltas)
-                    entry["vs_scratch_mean"], entry["vs_scratch_std"] = test["mean"], test["std"]
-                    entry["vs_scratch_seeds"] = len(deltas)
-                    entry["vs_scratch_p"], entry["vs_scratch_verdict"] = test["p"], test["verdict"]
+                    entry[f"{key}_mean"], entry[f"{key}_std"] = test["mean"], test["std"]
+                    entry[f"{key}_seeds"] = len(deltas)
+                    entry[f"{key}_p"], entry[f"{key}_verdict"] = test["p"], test["verdict"]
             changes = [r["encoder_change"] for r in cell if r.get("encoder_change") is not None]
             if changes:
                 entry["encoder_change_mean"] = round(statistics.fmean(changes), 5)
