@@ -623,12 +623,15 @@ class PrivacyConfig:
     server_clipping_norm: float = opt(5.0, gt=0)  # L2 norm of one site's update
     server_budget: float = opt(0.0, ge=0)  # 0 = report epsilon without a cap
     # Site DP fine-tuning recipe: which parameters train (all | decoder | norms_biases: fewer parameters take less
-    # of the noise) and the optimiser (adamw | sgd, momentum 0.9; its rate is train.finetune_lr).
+    # of the noise) and the optimiser (adamw | sgd, momentum 0.9; its rate is privacy.lr, or train.finetune_lr).
     trainable: str = opt("all", choices=PRIVATE_TRAINABLE)
     # Augmentation multiplicity (De et al. 2022): each sampled case trains as this many augmentations, their
     # gradients averaged before clipping (the noise does not grow; the step costs this many times more).
     augmult: int = opt(1, ge=1, le=32)
     optimizer: str = opt("adamw", choices=("adamw", "sgd"))
+    # Private fine-tuning's peak learning rate (0: train.finetune_lr). DP-SGD steps on averaged clipped gradients of
+    # norm at most max_grad_norm, so SGD wants a rate far above AdamW's (De et al. 2022 use 2-4).
+    lr: float = opt(0.0, ge=0, le=16.0, note="0: train.finetune_lr")
 
     def __post_init__(self) -> None:
         check_fields(self, "privacy")

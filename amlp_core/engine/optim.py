@@ -51,7 +51,7 @@ def finetune_optimizer(
     (so its first, random gradients do not wash out the pretrained features); an encoder from
     scratch is just the network's down path and learns like the rest. Under site DP (``privacy``
     with ``site_dp``): only ``privacy.trainable`` trains (:func:`select_trainable`), with
-    ``privacy.optimizer`` (AdamW, or SGD with momentum 0.9).
+    ``privacy.optimizer`` (AdamW, or SGD with momentum 0.9) at ``privacy.lr`` (0: ``train.finetune_lr``).
     """
     private = privacy is not None and privacy.site_dp
     if private:
@@ -71,19 +71,25 @@ def finetune_optimizer(
                 "ramp": train.encoder_warmup if pretrained else 0.0,
             }
         )
+    rate = privacy.lr if private and privacy is not None and privacy.lr > 0 else train.finetune_lr
+    for group in groups:
+        group["peak_lr"] = rate  # set_finetune_lr's schedule peaks here
     if private and privacy is not None and privacy.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=train.finetune_lr, momentum=0.9)
-    return torch.optim.AdamW(groups, lr=train.finetune_lr, weight_decay=train.weight_decay)
+        return torch.optim.SGD(groups, lr=rate, momentum=0.9)
+    return torch.optim.AdamW(groups, lr=rate, weight_decay=train.weight_decay)
 
 
 def set_finetune_lr(optimizer: torch.optim.Optimizer, train: TrainConfig, progress: float) -> None:
-    """The fine-tuning rates at training progress ``progress`` in [0, 1]: ``train.finetune_lr`` with a
-    linear warm-up over ``train.finetune_warmup`` then a cosine to 0, times each group's ``lr_scale``,
-    and a group with a ``ramp`` (a pretrained encoder) also scaled by ``min(1, progress / ramp)``."""
-    base = train.finetune_lr * warmup_cosine(progress, train.finetune_warmup, floor=0.0)
+    """The fine-tuning rates at training progress ``progress`` in [0, 1]: the peak rate (the group's
+    ``peak_lr`` from :func:`finetune_optimizer`: ``privacy.lr`` under site DP where set, else
+    ``train.finetune_lr``) with a linear warm-up over ``train.finetune_warmup`` then a cosine to 0, times
+    each group's ``lr_scale``, and a group with a ``ramp`` (a pretrained encoder) also scaled by
+    ``min(1, progress / ramp)``."""
+    shape = warmup_cosine(progress, train.finetune_warmup, floor=0.0)
     for group in optimizer.param_groups:
         ramp = group.get("ramp", 0.0)
-        group["lr"] = base * group.get("lr_scale", 1.0) * (min(1.0, progress / ramp) if ramp > 0 else 1.0)
+        peak = group.get("peak_lr", train.finetune_lr)
+        group["lr"] = peak * shape * group.get("lr_scale", 1.0) * (min(1.0, progress / ramp) if ramp > 0 else 1.0)
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:

@@ -334,6 +334,25 @@ def test_a_private_recipe_trains_only_what_it_names(which, tmp_path):
         assert changed and all(k.endswith(".bias") or "norm" in k for k in changed), sorted(changed)[:5]
 
 
+def test_private_fine_tuning_has_its_own_learning_rate():
+    """privacy.lr: under site DP the schedule peaks at it (SGD on clipped, averaged gradients wants a far
+    larger rate than AdamW); without DP, or at 0, train.finetune_lr stays the rate."""
+    from amlp_core.engine.optim import finetune_optimizer, set_finetune_lr
+
+    def peak(**overrides):
+        cfg = tiny_config(2, **{"train.finetune_lr": 0.002, "train.finetune_warmup": 0.0, **overrides})
+        optimizer = finetune_optimizer(SegmentationNet(cfg.model), cfg.train, pretrained=False, privacy=cfg.privacy)
+        set_finetune_lr(optimizer, cfg.train, 0.0)
+        return type(optimizer).__name__, {g["lr"] for g in optimizer.param_groups}
+
+    private = {"privacy.site_dp": True, "privacy.optimizer": "sgd"}
+    assert peak(**private, **{"privacy.lr": 2.0}) == ("SGD", {2.0})
+    assert peak(**private) == ("SGD", {0.002})
+    assert peak(**{"privacy.lr": 2.0}) == ("AdamW", {0.002})  # not private: the recipe's rate does not apply
+    with pytest.raises(ConfigError, match="privacy.lr"):
+        build_config({"privacy.lr": -1})
+
+
 def test_a_plan_no_noise_can_keep_within_the_budget_is_refused_naming_the_settings():
     with pytest.raises(PrivacyBudgetExceeded) as err:
         calibrate_noise(0.01, 1e-5, [(1.0, 10**6)])
