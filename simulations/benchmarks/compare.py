@@ -1,7 +1,8 @@
 """The method comparison table: federated pretraining against scratch and a plain U-Net, at several label fractions.
 
 For every seed and every pretraining method (mae, mps_ams, amlp, ahm, ace) one federated run
-(``--sites`` simulated hospitals, the training cases dealt IID) pretrains for
+(``--sites`` simulated hospitals, the training cases dealt IID, or by ``--partition``: ``dirichlet`` for
+sites of unequal size, ``category`` for sites skewed by class, e.g. BUSI's benign / malignant / normal) pretrains for
 ``--pretrain-rounds`` rounds and fine-tunes for ``--finetune-rounds`` rounds with the largest
 label fraction (100 % by default); its aggregated encoder (``RUN_DIR/encoder``) is then
 fine-tuned alone (``federation.init_encoder``, no pretraining rounds) with each smaller

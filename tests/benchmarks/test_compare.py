@@ -156,6 +156,13 @@ def test_run_configurations_of_the_three_kinds(tmp_path):
     ]  # neither needs pretraining rounds
     with pytest.raises(SystemExit):
         plan.parse_args(_args(tmp_path, "--methods", "mae,bogus"))
+    skewed = plan.parse_args(_args(tmp_path, "--partition", "category"))  # sites skewed by class (issue 26)
+    assert plan.budget_of(skewed)["partition"] == "category" and plan.budget_of(args)["partition"] == "iid"
+    assert plan.run_config(plan.base_config(skewed), tmp_path / "e", "scratch", 1.0, 0, 0).federation.partition == (
+        "category"
+    )
+    with pytest.raises(SystemExit):
+        plan.parse_args(_args(tmp_path, "--partition", "by_hospital"))
 
 
 def test_resume_refuses_rows_of_another_budget(tmp_path):

@@ -14,7 +14,7 @@ import torch
 
 from amlp_core import protocol as P
 from amlp_core.config import METHOD_NAMES, Config, build_config
-from amlp_core.config.schema import SEMI_METHODS
+from amlp_core.config.schema import PARTITIONS, SEMI_METHODS
 from amlp_core.engine.checkpoint import load_checkpoint
 from amlp_core.engine.lesions import LESION_KEYS
 from amlp_core.engine.split import data_defaults
@@ -72,6 +72,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--seeds", type=int, default=3, help="number of seeds (train.seed = 0 .. N-1)")
     p.add_argument("--sites", type=int, default=4)
+    p.add_argument(
+        "--partition",
+        default="iid",
+        choices=PARTITIONS,
+        help="how the training cases are dealt to the sites: iid, dirichlet (quantity skew), category (class skew)",
+    )
     p.add_argument("--pretrain-rounds", type=int, default=10)
     p.add_argument("--finetune-rounds", type=int, default=10)
     p.add_argument("--local-epochs", type=int, default=2)
@@ -121,7 +127,7 @@ def budget_of(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "data": args.data,
         "sites": args.sites,
-        "partition": "iid",
+        "partition": args.partition,
         "pretrain_rounds": args.pretrain_rounds,
         "finetune_rounds": args.finetune_rounds,
         "local_epochs": args.local_epochs,
@@ -140,7 +146,7 @@ def base_config(args: argparse.Namespace) -> dict[str, Any]:
         **(HIPPOCAMPUS_SPLIT if args.data == "hippocampus" else {}),
         "federation.sites": args.sites,
         "federation.min_sites": args.sites,
-        "federation.partition": "iid",
+        "federation.partition": args.partition,
         "federation.finetune_rounds": args.finetune_rounds,
         "federation.local_epochs": args.local_epochs,
         "federation.resume": False,

@@ -39,7 +39,8 @@ def markdown(payload: dict[str, Any]) -> str:
     b, cells, names = payload["budget"], payload["table"], payload.get("class_names", {})
     keys = dice_keys(payload["rows"]) if payload["rows"] else ["dice_mean"]
     lines = [
-        f"# Method comparison: federated pretraining and fine-tuning, {b['sites']} sites",
+        f"# Method comparison: federated pretraining and fine-tuning, {b['sites']} sites"
+        + (f", cases dealt by {b['partition']}" if b.get("partition", "iid") != "iid" else ""),
         "",
         f"- data: {b['data']}; split: {b['split']}",
         f"- budget: pretraining rounds {b['pretrain_rounds']}, fine-tuning rounds {b['finetune_rounds']}, "
