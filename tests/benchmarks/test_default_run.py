@@ -38,3 +38,13 @@ def test_a_run_is_started_like_a_user_would_and_judged_against_the_targets(tmp_p
     assert not read["meets_dice"]
     assert json.loads(out.read_text())["rows"] == result["rows"]
     assert "| again |" in out.with_suffix(".md").read_text()
+    # Lesion images: the lesion Dice is held against the target (phantoms' test cases all hold a lesion).
+    lesion = f"--read=lesion={tmp_path / 'runs' / 'tiny'}="
+    result = default_run.main(
+        [*args, lesion, "--metric", "lesion_dice", "--target-dice", "0.0", "--out", str(out) + "2"]
+    )
+    (row,) = result["rows"]
+    assert 0.0 <= row["lesion_dice"] <= 1.0 and row["meets_dice"] and result["metric"] == "lesion_dice"
+    assert row["lesion_cases"] > 0 and row["curve"][-1]["lesion_dice"] == row["lesion_dice"]
+    assert not default_run.main([*args, lesion, "--metric", "lesion_dice", "--target-dice", "1.01", "--out",
+                                 str(tmp_path / "d3.json")])["rows"][0]["meets_dice"]  # fmt: skip
