@@ -389,7 +389,9 @@ def train_segmentation(
             **inference_args(m),
         )
 
-    every = cfg.train.eval_every if ledger is None and split.test else 0  # a private run evaluates at the end only
+    # The test-Dice curve (also under DP: the test cases are no training record, and a forward pass in eval
+    # mode without gradients leaves Opacus's per-case gradients untouched).
+    every = cfg.train.eval_every if split.test else 0
 
     def progress_at(k: int) -> float:  # (k counts the steps of this call: a resumed run goes on where it stopped)
         return _progress(first_step + k, steps, start, cfg)

@@ -353,6 +353,26 @@ def test_private_fine_tuning_has_its_own_learning_rate():
         build_config({"privacy.lr": -1})
 
 
+def test_a_private_run_draws_its_test_curve_without_changing_its_training(tmp_path):
+    """Under site DP the test-Dice curve is drawn too (the privacy benchmark's curves), and drawing it changes
+    neither the weights nor the epsilon spent: evaluation is a forward pass in eval mode, without gradients."""
+    from amlp_core.engine.checkpoint import load_checkpoint
+    from amlp_core.engine.pipeline import finetune
+
+    runs = {}
+    for every in (2, 0):
+        cfg = tiny_config(2, **{"privacy.site_dp": True, "train.finetune_steps": 4, "train.eval_every": every})
+        torch.manual_seed(0)
+        result = finetune(cfg, tmp_path / f"every{every}")
+        lines = [json.loads(x) for x in (tmp_path / f"every{every}" / "metrics.jsonl").read_text().splitlines()]
+        runs[every] = (result, lines, load_checkpoint(tmp_path / f"every{every}" / "checkpoint.pt")[0]["model"])
+    (curved, lines, weights), (plain, plain_lines, plain_weights) = runs[2], runs[0]
+    assert [x["step"] for x in lines if "test_dice_mean" in x] == [2]  # mid-run; the end is the result itself
+    assert not any("test_dice_mean" in x for x in plain_lines)
+    assert curved["epsilon"] == plain["epsilon"] > 0
+    assert all(torch.equal(weights[k], plain_weights[k]) for k in weights)
+
+
 def test_a_plan_no_noise_can_keep_within_the_budget_is_refused_naming_the_settings():
     with pytest.raises(PrivacyBudgetExceeded) as err:
         calibrate_noise(0.01, 1e-5, [(1.0, 10**6)])
