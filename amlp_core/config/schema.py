@@ -382,7 +382,7 @@ class PlanConfig:
 MAX_LR = 1.0
 
 #: ``privacy.trainable`` values: what trains under site DP (amlp_core/engine/optim.py select_trainable).
-PRIVATE_TRAINABLE = ("all", "decoder", "norms_biases")
+PRIVATE_TRAINABLE = ("all", "decoder", "norms_biases", "norms_biases_output")
 
 #: ``train.augment`` values: nnU-Net-style strong augmentation then flips (amlp_core/data/transforms.py
 #: strong_augment), or the crop and flips only.
@@ -622,8 +622,9 @@ class PrivacyConfig:
     server_noise_multiplier: float = opt(1.0, gt=0, note="the accountant needs noise")
     server_clipping_norm: float = opt(5.0, gt=0)  # L2 norm of one site's update
     server_budget: float = opt(0.0, ge=0)  # 0 = report epsilon without a cap
-    # Site DP fine-tuning recipe: which parameters train (all | decoder | norms_biases: fewer parameters take less
-    # of the noise) and the optimiser (adamw | sgd, momentum 0.9; its rate is privacy.lr, or train.finetune_lr).
+    # Site DP fine-tuning recipe: which parameters train (all | decoder | norms_biases | norms_biases_output, the
+    # latter with the decoder's output layer, the one level a pretrained decoder leaves fresh: fewer parameters take
+    # less of the noise) and the optimiser (adamw | sgd, momentum 0.9; its rate is privacy.lr, or train.finetune_lr).
     trainable: str = opt("all", choices=PRIVATE_TRAINABLE)
     # Augmentation multiplicity (De et al. 2022): each sampled case trains as this many augmentations, their
     # gradients averaged before clipping (the noise does not grow; the step costs this many times more).

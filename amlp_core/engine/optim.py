@@ -9,7 +9,7 @@ from torch import nn
 
 from amlp_core.config import PrivacyConfig, TrainConfig
 from amlp_core.methods.base import PretrainMethod
-from amlp_core.models.segmentation import SegmentationNet
+from amlp_core.models.segmentation import OUTPUT_LEVEL, SegmentationNet
 from amlp_core.schedules import warmup_cosine
 
 
@@ -28,15 +28,18 @@ def pretrain_optimizer(method: nn.Module, train: TrainConfig) -> torch.optim.Opt
 
 def select_trainable(model: nn.Module, which: str) -> int:
     """Freeze every parameter of ``model`` outside ``which`` (``privacy.trainable``): ``all``; ``decoder``
-    (all but the encoder); ``norms_biases`` (the normalisation layers' weights and every bias). Fewer trained
+    (all but the encoder); ``norms_biases`` (the normalisation layers' weights and every bias);
+    ``norms_biases_output`` (those and the decoder's output level, which ``train.init_decoder`` leaves fresh; the
+    plain U-Net has no such level and trains its norms and biases). Fewer trained
     parameters take less of DP-SGD's noise (De et al. 2022; DP-BiTFiT). Returns the number left trainable."""
     norms = (nn.LayerNorm, nn.GroupNorm, nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d, nn.BatchNorm3d)
     norm_params = {id(p) for m in model.modules() if isinstance(m, norms) for p in m.parameters(recurse=False)}
     for name, param in model.named_parameters():  # (a parameter that never trains, a fixed table, stays frozen)
         if which == "decoder":
             param.requires_grad_(param.requires_grad and not name.startswith("encoder."))
-        elif which == "norms_biases":
-            param.requires_grad_(param.requires_grad and (name.endswith(".bias") or id(param) in norm_params))
+        elif which in ("norms_biases", "norms_biases_output"):
+            output = which == "norms_biases_output" and name.startswith("decoder." + OUTPUT_LEVEL)
+            param.requires_grad_(param.requires_grad and (name.endswith(".bias") or id(param) in norm_params or output))
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 

@@ -304,7 +304,7 @@ def test_the_summary_says_what_the_epsilon_covers():
     assert all(text.endswith("one record is one patient; evaluation replies are not covered") for text in (both, semi))
 
 
-@pytest.mark.parametrize("which", ["decoder", "norms_biases"])
+@pytest.mark.parametrize("which", ["decoder", "norms_biases", "norms_biases_output"])
 def test_a_private_recipe_trains_only_what_it_names(which, tmp_path):
     """privacy.trainable: the frozen parameters stay as they were, the others train under DP-SGD (Opacus takes
     every layer that still trains), and SGD with momentum is there to choose."""
@@ -331,7 +331,10 @@ def test_a_private_recipe_trains_only_what_it_names(which, tmp_path):
     if which == "decoder":
         assert changed and not encoder  # the encoder froze, the decoder trained
     else:
-        assert changed and all(k.endswith(".bias") or "norm" in k for k in changed), sorted(changed)[:5]
+        output = {k for k in changed if k.startswith("decoder.up.0.") and not k.endswith(".bias")}
+        assert bool(output) == (which == "norms_biases_output")  # the output layer's weights train in that recipe
+        rest = changed - output
+        assert rest and all(k.endswith(".bias") or "norm" in k for k in rest), sorted(rest)[:5]
 
 
 def test_private_fine_tuning_has_its_own_learning_rate():
