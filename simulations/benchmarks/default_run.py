@@ -102,6 +102,9 @@ def _row(name: str, run_dir: Path, seconds: float | None, sets: list[str], args)
     return row
 
 
+EMPTY_COLUMN = "lesion-free predicted empty"  # the Markdown column of _empty (as the comparison's report names it)
+
+
 def _empty(row: dict[str, Any]) -> str:
     """Lesion-free test images predicted empty, as ``"hits of cases"`` (empty when the data has none)."""
     return f"{row[EMPTY_HITS]} of {row[EMPTY_CASES]}" if row.get(EMPTY_CASES) else ""
@@ -135,9 +138,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         rows.append(_row(name, run_dir, time.monotonic() - started, sets, args))
         write_json(out, {**header, "rows": rows})
     lesions = any(EMPTY_CASES in r for r in rows)
-    columns = ["name", "sets", DICE_MEAN, *([LESION_DICE, "empty predicted empty"] if lesions else [])]
+    columns = ["name", "sets", DICE_MEAN, *([LESION_DICE, EMPTY_COLUMN] if lesions else [])]
     columns += ["minutes", "timed", "meets_dice", "meets_time"]
-    shown = [{**r, "sets": " ".join(r["sets"]) or "(defaults)", "empty predicted empty": _empty(r)} for r in rows]
+    shown = [{**r, "sets": " ".join(r["sets"]) or "(defaults)", EMPTY_COLUMN: _empty(r)} for r in rows]
     markdown = table(shown, columns)
     write_json(out, {**header, "rows": rows})
     out.with_suffix(".md").write_text(markdown + "\n")
