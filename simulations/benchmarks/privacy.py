@@ -1,8 +1,12 @@
-"""The privacy-utility curve at one site: Dice against epsilon, for three starts of private fine-tuning.
+"""The privacy-utility curve: Dice against epsilon, for three starts of private fine-tuning, at one site or
+across federated sites.
 
 One site holds every labelled training case (the hippocampus's fixed 160/48 split by default) and
 fine-tunes with record-level DP-SGD (one record = one patient) at each budget, the noise calibrated so
-that the planned steps spend it (RDP accountant, ``privacy.delta``), and once without DP. The rows:
+that the planned steps spend it (RDP accountant, ``privacy.delta``), and once without DP. With ``--sites N``
+(N > 1) the same training cases are dealt to N simulated sites (about 40 each at 4) and every row is a real
+federation (``--finetune-rounds`` rounds of fine-tuning, site DP at each site, each site's epsilon its own
+accountant's); its curve is the federated test Dice per evaluated round. The rows:
 
 - ``scratch``: no pretraining;
 - ``amlp``: AMLP pretrained on the site's scans WITHOUT DP (``privacy.phases=finetune``: what the
@@ -11,16 +15,24 @@ that the planned steps spend it (RDP accountant, ``privacy.delta``), and once wi
   DP on the rest (``privacy.phases=both``): the fine-tuning ledger starts from the pretraining's history,
   so the epsilon reported is the accountant's for both phases composed.
 
+Federated, ``amlp`` pretrains in a federation of its own ``--pretrain-rounds`` rounds (without DP) once, kept
+in ``RUNS/federated_amlp_encoder`` and shared by every ``amlp`` row; ``amlp_private`` pretrains under site DP
+in each private row's own federation (``privacy.phases=both``, ``privacy.pretrain_share``), so each site's
+ledger composes both phases.
+
 Private rows run once per recipe (``--recipe NAME=K=V;K=V``: the private fine-tuning settings under
 comparison, e.g. ``decoder_sgd=privacy.trainable=decoder;privacy.optimizer=sgd``; none given: the
 defaults, named ``default``); a recipe's settings are all ``privacy.*`` and change nothing without DP, so
 the non-private rows run once (recipe ``-``). Every row records the accountant's epsilon after the run, the
-noise, the steps and the test-Dice curve (``--curve-every``), and its share of the non-private Dice of the
+noise, the steps and the test-Dice curve (``--curve-every`` steps; federated: every round, or
+``federation.eval_every``), and its share of the non-private Dice of the
 same start; the summary pairs AMLP with scratch under DP seed by seed, within a recipe. Resumable: rows
 already in ``--out`` are kept. ::
 
     python -m simulations.benchmarks.privacy --budgets none,1,3,8,16,32 --seeds 0 --seeds-at 8=0,1,2 \\
         --inits scratch,amlp,amlp_private --finetune-steps 300 --out results/privacy.json
+    python -m simulations.benchmarks.privacy --sites 4 --budgets none,8 --finetune-rounds 10 \\
+        --out results/privacy_federated.json --runs runs/privacy_federated
 """
 
 from __future__ import annotations
@@ -31,11 +43,14 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from amlp_core import protocol as P
 from amlp_core.config import Config, build_config
 from amlp_core.engine.pipeline import finetune
 from amlp_core.engine.split import data_defaults, load_split
 from amlp_core.privacy import epsilon_of
 from amlp_core.privacy.ledger import LEDGER_FILE
+from server.federation import ENCODER_DIR
+from server.results import RunRecord
 from simulations.benchmarks.common import (
     HIPPOCAMPUS,
     HIPPOCAMPUS_SPLIT,
@@ -46,6 +61,7 @@ from simulations.benchmarks.common import (
     table,
     write_json,
 )
+from simulations.benchmarks.comparison.plan import run_once
 from simulations.benchmarks.pretrain_gain import curve, pretrained
 
 log = logging.getLogger(__name__)
@@ -53,7 +69,7 @@ INITS = ("scratch", "amlp", "amlp_private")
 NONE = "none"  # the budget of the non-private row
 CAVEAT = {
     "scratch": "",
-    "amlp": "encoder pretrained on the site's scans without DP: not covered by the epsilon",
+    "amlp": "encoder pretrained on the sites' scans without DP: not covered by the epsilon",
     "amlp_private": "pretraining and fine-tuning under DP, composed",
 }
 
@@ -72,6 +88,13 @@ def _parser():
         "--recipe", action="append", default=[], metavar="NAME=K=V;K=V", help="a private recipe (privacy.* values)"
     )
     p.add_argument("--runs", default="runs/privacy")
+    fed = p.add_argument_group("federated rows (--sites > 1)")
+    fed.add_argument("--sites", type=int, default=1, help="1: one site holds every case; N: a federation of N sites")
+    fed.add_argument("--finetune-rounds", type=int, default=10)
+    fed.add_argument("--pretrain-rounds", type=int, default=10, help="the amlp rows' federated pretraining")
+    fed.add_argument("--timeout", type=float, default=4 * 3600, help="seconds one federation may take")
+    fed.add_argument("--cpus-per-site", type=int, default=1)
+    fed.add_argument("--gpus-per-site", type=float, default=0.0, help="share of a GPU per site")
     return p
 
 
@@ -151,6 +174,64 @@ def _row(
     }
 
 
+FEDERATED_ENCODER = "federated_amlp_encoder"  # under --runs: the amlp rows' shared federated pretraining
+
+
+def _federated_row(
+    flat: dict[str, Any], init: str, recipe: str, sets: dict[str, str], budget: str, seed: int, args, runs: Path
+) -> dict[str, Any]:
+    """One row as a federation of ``--sites`` simulated sites (:func:`run_once`): its final federated test Dice,
+    the largest epsilon a site's accountant spent, and the Dice of every evaluated round."""
+    private = budget != NONE
+    run = runs / f"federated_{init}_eps{budget}_s{seed}{'' if recipe in ('default', NO_RECIPE) else '_' + recipe}"
+    encoder = runs / FEDERATED_ENCODER
+    start: dict[str, Any] = {"federation.pretrain_rounds": 0, "federation.init_encoder": ""}
+    if init == "amlp_private" and private:  # private pretraining in this row's own federation, ledgers composed
+        start.update({"federation.pretrain_rounds": args.pretrain_rounds, "privacy.phases": "both"})
+        start["privacy.pretrain_share"] = args.pretrain_share
+    elif init != "scratch" and (encoder / "checkpoint.pt").exists():
+        start["federation.init_encoder"] = str(encoder.resolve())
+    elif init != "scratch":  # the first amlp row pretrains (without DP) and leaves its encoder to the others
+        start["federation.pretrain_rounds"] = args.pretrain_rounds
+    cfg = build_config(
+        {
+            **flat,
+            **(sets if private else {}),
+            **start,
+            "method.name": args.method,
+            "train.seed": seed,
+            "federation.sites": args.sites,
+            "federation.min_sites": args.sites,
+            "federation.finetune_rounds": args.finetune_rounds,
+            "federation.run_dir": str(run.resolve()),
+            "federation.resume": False,
+            "privacy.site_dp": private,
+            **({"privacy.budget": float(budget)} if private else {}),
+        }
+    )
+    result, _ = run_once(cfg, args, f"{init} ({recipe}) at epsilon {budget}, seed {seed}, {args.sites} sites")
+    if init == "amlp" and start["federation.pretrain_rounds"]:
+        shutil.rmtree(encoder, ignore_errors=True)
+        shutil.copytree(run / ENCODER_DIR, encoder)
+    record = RunRecord.read(run)
+    rounds = record.select(phase=P.FINETUNE, kind=P.EVALUATE, aggregate=True)
+    return {
+        "init": init,
+        "recipe": recipe,
+        "recipe_sets": sets,
+        "budget": budget,
+        "seed": seed,
+        "epsilon": result.get("epsilon"),
+        "noise_multiplier": None,
+        "steps": None,
+        "rounds": args.finetune_rounds,
+        "train_seconds": result["finetune_seconds"],
+        "dice_mean": result[P.DICE_MEAN],
+        "caveat": CAVEAT[init],
+        "curve": [{"round": r.round, "test_dice_mean": r.number(P.DICE_MEAN)} for r in rounds],
+    }
+
+
 def summary(rows: list[dict]) -> tuple[list[dict], str]:
     """Per start and budget: mean Dice over seeds and its share of the same start's non-private Dice; per
     budget, AMLP minus scratch paired by seed (with its test)."""
@@ -207,22 +288,31 @@ def summary(rows: list[dict]) -> tuple[list[dict], str]:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = _parser().parse_args(argv)
     fixed = HIPPOCAMPUS_SPLIT if Path(args.data).resolve() == HIPPOCAMPUS.resolve() else {}
-    cfg = build_config({**data_defaults(args.data), **fixed, "train.label_fraction": 1.0, **set_overrides(args.set)})
+    flat = {**data_defaults(args.data), **fixed, "train.label_fraction": 1.0, **set_overrides(args.set)}
+    cfg = build_config(flat)
     split = load_split(cfg)
     runs, out = Path(args.runs), Path(args.out)
     previous = json.loads(out.read_text()) if out.exists() else {}
+    if previous.get("rows") and previous.get("sites", 1) != args.sites:
+        raise SystemExit(
+            f"privacy: {out} holds rows of {previous.get('sites', 1)} site(s), not {args.sites}: give another --out"
+        )
     rows: list[dict] = previous.get("rows", [])
     done = {(r["init"], _recipe_of(r), r["budget"], r["seed"]) for r in rows}
     named = recipes(args.recipe)
     header = {
         "benchmark": "privacy",
         "machine": machine(),
+        "sites": args.sites,
+        **(
+            {"finetune_rounds": args.finetune_rounds, "pretrain_rounds": args.pretrain_rounds} if args.sites > 1 else {}
+        ),
         "train_cases": len(split.train),
         "test_cases": len(split.test),
         "delta": cfg.privacy.delta,
         "max_grad_norm": cfg.privacy.max_grad_norm,
         "batch_size": cfg.train.batch_size,
-        "finetune_steps": args.finetune_steps,
+        **({"finetune_steps": args.finetune_steps} if args.sites == 1 else {}),
         "pretrain_epochs": args.pretrain_epochs,
         "pretrain_share": args.pretrain_share,
         "overrides": args.set,
@@ -236,7 +326,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 for recipe, sets in named.items() if budget != NONE else [(NO_RECIPE, {})]:
                     if (init, recipe, budget, seed) in done:
                         continue
-                    rows.append(_row(cfg, init, recipe, sets, budget, seed, args, split, runs))
+                    if args.sites > 1:
+                        rows.append(_federated_row(flat, init, recipe, sets, budget, seed, args, runs))
+                    else:
+                        rows.append(_row(cfg, init, recipe, sets, budget, seed, args, split, runs))
                     log.info(
                         "%s (%s) at epsilon %s, seed %d: Dice %.4f", init, recipe, budget, seed, rows[-1]["dice_mean"]
                     )

@@ -80,3 +80,33 @@ def test_private_recipes_are_rows_of_their_own_paired_within_a_recipe(tmp_path):
     assert cell["share_of_no_dp"] == pytest.approx(bitfit["dice_mean"] / plain["dice_mean"])
     with pytest.raises(SystemExit, match="a recipe may set privacy"):
         privacy.main([*args, "--recipe", "lr=train.finetune_lr=0.1"])
+
+
+@pytest.mark.slow
+def test_federated_rows_are_real_federations_sharing_one_pretraining(tmp_path):
+    """--sites 2: each row a real simulated federation under site DP; the amlp rows pretrain once (the
+    non-private row) and the private row fine-tunes from that encoder; epsilon is the sites' accountants'."""
+    from tests.benchmarks.test_compare import TINY as FED_TINY
+
+    out = tmp_path / "privacy_fed.json"
+    sets = [a for s in FED_TINY for a in ("--set", s)]
+    argv = [
+        *("--data", "synthetic", "--out", str(out), "--runs", str(tmp_path / "runs")),
+        *("--sites", "2", "--budgets", "none,8", "--seeds", "0", "--inits", "amlp"),
+        *("--pretrain-rounds", "1", "--finetune-rounds", "2", "--set", "federation.local_epochs=1"),
+        *sets,
+    ]
+    payload = privacy.main(argv)
+    assert payload["sites"] == 2 and payload["finetune_rounds"] == 2
+    plain, private = payload["rows"]
+    assert (plain["budget"], private["budget"]) == ("none", "8")
+    assert plain["epsilon"] is None and 8 * 0.5 <= private["epsilon"] <= 8.0  # a site's accountant, within budget
+    for row in (plain, private):
+        assert [p["round"] for p in row["curve"]] == [1, 2] and 0 <= row["dice_mean"] <= 1
+        assert row["dice_mean"] == pytest.approx(row["curve"][-1]["test_dice_mean"])
+    runs = tmp_path / "runs"
+    assert (runs / "federated_amlp_encoder" / "checkpoint.pt").exists()
+    config = (runs / "federated_amlp_eps8_s0" / "config.yaml").read_text()
+    assert "federated_amlp_encoder" in config and "pretrain_rounds: 0" in config and "site_dp: true" in config
+    with pytest.raises(SystemExit, match="rows of 2 site"):
+        privacy.main([*argv[: argv.index("--sites")], *argv[argv.index("--sites") + 2 :]])
