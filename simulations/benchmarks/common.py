@@ -69,6 +69,20 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
+def seed_differences(
+    rows: Sequence[dict[str, Any]], field: str, ours: str, theirs: str, fraction: float, metric: str = "dice_mean"
+) -> dict[int, float]:
+    """``metric`` of the rows whose ``field`` is ``ours`` minus that of ``theirs``, at label ``fraction``, seed by
+    seed (only the seeds both have, in order). Pairing by seed compares runs with the same labelled subset and the
+    same fine-tuning sampling, so the seed-to-seed spread they share cancels out."""
+
+    def by_seed(name: str) -> dict[int, float]:
+        return {r["seed"]: r[metric] for r in rows if r[field] == name and r["label_fraction"] == fraction}
+
+    a, b = by_seed(ours), by_seed(theirs)
+    return {s: a[s] - b[s] for s in sorted(a) if s in b}
+
+
 def paired_test(differences: Sequence[float], alpha: float = 0.05) -> dict[str, Any]:
     """What paired differences (one per seed) say: their mean and spread, a two-sided one-sample t-test of
     a zero mean (scipy), and the verdict it supports: ``gain`` or ``loss`` below ``alpha``, else ``tie``

@@ -48,6 +48,7 @@ from simulations.benchmarks.common import (
     machine,
     mean_std,
     paired_test,
+    seed_differences,
     set_overrides,
     table,
     write_json,
@@ -123,17 +124,12 @@ def paired(
     rows: list[dict], fraction: float, init: str, baseline: str, metric: str = "dice_mean"
 ) -> dict[str, Any] | None:
     """``init`` minus ``baseline`` in ``metric`` at ``fraction``, seed by seed (only seeds both have)."""
-
-    def by_seed(name: str) -> dict[int, float]:
-        return {r["seed"]: r[metric] for r in rows if r["label_fraction"] == fraction and r["init"] == name}
-
-    a, b = by_seed(init), by_seed(baseline)
-    seeds = sorted(set(a) & set(b))
-    if not seeds:
+    by_seed = seed_differences(rows, "init", init, baseline, fraction, metric)
+    if not by_seed:
         return None
-    diffs = [a[s] - b[s] for s in seeds]
+    diffs = list(by_seed.values())
     test = paired_test(diffs)
-    return {"mean": test["mean"], "std": test["std"], "seeds": seeds, "per_seed": diffs, **test}
+    return {"mean": test["mean"], "std": test["std"], "seeds": list(by_seed), "per_seed": diffs, **test}
 
 
 def summary(rows: list[dict], fractions: list[float], metric: str = "dice_mean") -> tuple[list[dict], str]:

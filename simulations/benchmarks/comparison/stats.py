@@ -12,6 +12,7 @@ from simulations.benchmarks.common import (
     SEMI_JOIN,
     mean_std,
     paired_test,
+    seed_differences,
 )
 from simulations.benchmarks.comparison.plan import SCRATCH, SUPERVISED, split_semi
 
@@ -36,17 +37,8 @@ def paired_differences(
     rows: Sequence[dict[str, Any]], method: str, fraction: float, metric: str = "dice_mean", reference: str = SCRATCH
 ) -> list[float]:
     """``metric`` of ``method`` minus that of ``reference`` (scratch by default), one value per seed that has
-    both runs.
-
-    Pairing by seed compares runs with the same labelled subset and the same fine-tuning sampling, so
-    the seed-to-seed spread they share cancels out.
-    """
-
-    def by_seed(m: str) -> dict[int, float]:
-        return {r["seed"]: r[metric] for r in rows if r["method"] == m and r["label_fraction"] == fraction}
-
-    ours, theirs = by_seed(method), by_seed(reference)
-    return [ours[s] - theirs[s] for s in sorted(ours) if s in theirs]
+    both runs (:func:`~simulations.benchmarks.common.seed_differences`)."""
+    return list(seed_differences(rows, "method", method, reference, fraction, metric).values())
 
 
 def _references(method: str) -> list[tuple[str, str]]:
