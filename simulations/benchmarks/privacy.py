@@ -158,20 +158,23 @@ def _row(
         (run / LEDGER_FILE).write_text(json.dumps({**ledger, "history": spent, "rounds": [], "epsilon": 0.0}))
     result = finetune(ft, run, init=folder, split=split)
     ledger = json.loads((run / LEDGER_FILE).read_text()) if private else {}
-    return {
-        "init": init,
-        "recipe": recipe,
-        "recipe_sets": sets,
-        "budget": budget,
-        "seed": seed,
-        "epsilon": epsilon_of([tuple(h) for h in ledger["history"]], ft.privacy.delta) if private else None,
-        "noise_multiplier": ledger.get("noise_multiplier"),
-        "steps": result["steps"],
-        "train_seconds": result["train_seconds"],
-        "dice_mean": result["dice_mean"],
-        "caveat": CAVEAT[init],
-        "curve": curve(run),
-    }
+    return _record(
+        (init, recipe, sets, budget, seed),
+        epsilon=epsilon_of([tuple(h) for h in ledger["history"]], ft.privacy.delta) if private else None,
+        noise_multiplier=ledger.get("noise_multiplier"),
+        steps=result["steps"],
+        train_seconds=result["train_seconds"],
+        dice_mean=result["dice_mean"],
+        curve=curve(run),
+    )
+
+
+def _record(cell: tuple[str, str, dict[str, str], str, int], **measured: Any) -> dict[str, Any]:
+    """A row of the JSON: its cell ``(init, recipe, recipe's settings, budget, seed)``, what was measured, and
+    the caveat of its start."""
+    init, recipe, sets, budget, seed = cell
+    out = {"init": init, "recipe": recipe, "recipe_sets": sets, "budget": budget, "seed": seed, **measured}
+    return {**out, "caveat": CAVEAT[init]}
 
 
 FEDERATED_ENCODER = "federated_amlp_encoder"  # under --runs: the amlp rows' shared federated pretraining
@@ -215,21 +218,16 @@ def _federated_row(
         shutil.copytree(run / ENCODER_DIR, encoder)
     record = RunRecord.read(run)
     rounds = record.select(phase=P.FINETUNE, kind=P.EVALUATE, aggregate=True)
-    return {
-        "init": init,
-        "recipe": recipe,
-        "recipe_sets": sets,
-        "budget": budget,
-        "seed": seed,
-        "epsilon": result.get("epsilon"),
-        "noise_multiplier": None,
-        "steps": None,
-        "rounds": args.finetune_rounds,
-        "train_seconds": result["finetune_seconds"],
-        "dice_mean": result[P.DICE_MEAN],
-        "caveat": CAVEAT[init],
-        "curve": [{"round": r.round, "test_dice_mean": r.number(P.DICE_MEAN)} for r in rounds],
-    }
+    return _record(
+        (init, recipe, sets, budget, seed),
+        epsilon=result.get("epsilon"),
+        noise_multiplier=None,
+        steps=None,
+        rounds=args.finetune_rounds,
+        train_seconds=result["finetune_seconds"],
+        dice_mean=result[P.DICE_MEAN],
+        curve=[{"round": r.round, "test_dice_mean": r.number(P.DICE_MEAN)} for r in rounds],
+    )
 
 
 def summary(rows: list[dict]) -> tuple[list[dict], str]:
