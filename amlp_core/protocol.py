@@ -96,6 +96,15 @@ def semi_settings(cfg) -> str:
     return json.dumps({k: v for k, v in sorted(train.items()) if k.startswith("semi_")}, separators=(",", ":"))
 
 
+def declared_for(cfg) -> dict[str, str]:
+    """The declared count that bounds each kind of reply's ``num-examples`` (:data:`DECLARED_FOR`); fine-tuning's
+    is every training case when a site is weighted by its labelled cases and its unlabelled pool
+    (``train.semi_site_weight=all`` with a semi-supervised loss): a :class:`amlp_core.config.Config`."""
+    if cfg.train.semi_supervised != "none" and cfg.train.semi_site_weight == "all":
+        return {**DECLARED_FOR, FINETUNE: DECLARED_TRAIN}
+    return DECLARED_FOR
+
+
 def config_digest(cfg) -> str:
     """What the server and every site must agree on: the model and the method (a
     :class:`amlp_core.config.Config`)."""

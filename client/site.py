@@ -109,7 +109,10 @@ def site_config(run_config: Mapping[str, Any], node_config: Mapping[str, Any]) -
     index, count = int(node_config.get(PARTITION_ID, 0)), int(node_config.get(NUM_PARTITIONS, 1))
     name = f"site{index}"
     state_dir = str(Path(cfg.federation.run_dir) / "sites" / name)
-    return cfg.replace(site={"name": name, "state_dir": state_dir}), index, count
+    cfg = cfg.replace(site={"name": name, "state_dir": state_dir})
+    if fractions := cfg.federation.label_fractions():  # simulated hospitals that labelled different shares
+        cfg = cfg.replace(train={"label_fraction": fractions[index]})
+    return cfg, index, count
 
 
 _SITES: dict[tuple[int, int, str], Site] = {}

@@ -247,11 +247,12 @@ def finetune_round(
         raise RoundRefused(str(e)) from None
     site.state.save(P.FINETUNE, ins.round, kept)
     site.board.scalars("finetune", metrics, ins.round)
+    pool = metrics["semi_unlabelled"]  # the unlabelled cases the round learnt from (0: supervised)
     return weights, {
-        P.NUM_EXAMPLES: len(subset),
+        P.NUM_EXAMPLES: len(subset) + (pool if site.cfg.train.semi_site_weight == "all" else 0),
         P.UNIT_WEIGHT: 1,
         P.LOSS: metrics.get("loss", float("nan")),
-        P.SEMI_UNLABELLED: metrics["semi_unlabelled"],
+        P.SEMI_UNLABELLED: pool,
         **_privacy_reply(metrics),
     }
 

@@ -178,7 +178,9 @@ class Federation:
         self.class_names: dict[str, str] = {}
         self.accountant = server_accountant(self.fed, cfg.privacy)  # server DP: one for the whole run
         # What each site holds (bounds num-examples); a first answer may wait for the site to start.
-        self.declared = Declarations(timeout=self.fed.connect_timeout + self.fed.round_timeout)
+        self.declared = Declarations(
+            timeout=self.fed.connect_timeout + self.fed.round_timeout, declared_for=P.declared_for(cfg)
+        )
         self.norms = NormHistory()  # each phase's last reference update norm (server/validation.py)
         self.board: Board | None = None  # RUN_DIR/tensorboard, opened at the first recorded round
         self.plan = cfg.plan  # decided at the start of the run (decide_plan)
@@ -447,7 +449,9 @@ class Federation:
             "pretrain rounds": f.pretrain_rounds,
             "finetune rounds": f.finetune_rounds,
             "local epochs": f.local_epochs,
-            "label fraction": cfg.train.label_fraction,
+            "label fraction": f"per site {f.site_label_fractions}"
+            if f.site_label_fractions
+            else cfg.train.label_fraction,
             "finetune local steps": f.finetune_local_steps or "local epochs, all labelled cases",
             **({"initial encoder": f.init_encoder} if f.init_encoder else {}),
             **privacy_info(cfg),

@@ -56,6 +56,8 @@ class Declarations:
     """
 
     timeout: float
+    # The declared count that bounds each kind of reply (protocol.declared_for: the run's semi-supervised weighting).
+    declared_for: dict[str, str] = field(default_factory=lambda: dict(P.DECLARED_FOR))
     counts: dict[int, dict[str, int]] = field(default_factory=dict)
     problems: dict[int, str] = field(default_factory=dict)
     names: dict[int, str] = field(default_factory=dict)  # the site names they gave (to name a missing site)
@@ -142,17 +144,17 @@ class Declarations:
         """The most ``num-examples`` node ``node`` is weighted by in a reply of ``kind``: ``ratio`` times the
         median of what the *other* sites declared (a figure it cannot inflate); None with no other site or
         ``ratio`` 0."""
-        others = [c[P.DECLARED_FOR[kind]] for n, c in self.counts.items() if n != node]
+        others = [c[self.declared_for[kind]] for n, c in self.counts.items() if n != node]
         if ratio <= 0 or not others:
             return None
         return max(1.0, ratio * float(np.median(others)))
 
     def bound(self, node: int, kind: str) -> int:
         """The largest ``num-examples`` node ``node`` may report in a reply of ``kind``
-        (:data:`~amlp_core.protocol.DECLARED_FOR`); ValueError when it declared none."""
+        (:attr:`declared_for`); ValueError when it declared none."""
         if node not in self.counts:
             raise ValueError(self.problems.get(node, "did not declare its data at the start of the run"))
-        return self.counts[node][P.DECLARED_FOR[kind]]
+        return self.counts[node][self.declared_for[kind]]
 
 
 def _declaration(reply: Message) -> dict[str, int]:

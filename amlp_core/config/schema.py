@@ -393,6 +393,9 @@ SEMI_METHODS = ("none", "mean_teacher", "fixmatch", "copy_paste")
 #: ``train.semi_teacher_start`` values: at each federated round the teacher restarts from the global model,
 #: or keeps the site's running average.
 TEACHER_STARTS = ("global", "keep")
+#: ``train.semi_site_weight`` values: a site's weight in fine-tuning's average (its ``num-examples``) is its
+#: labelled cases, or its labelled cases and its unlabelled pool.
+SITE_WEIGHTS = ("labelled", "all")
 
 
 @dataclass(frozen=True)
@@ -444,6 +447,9 @@ class TrainConfig:
     semi_batch: int = opt(0, ge=0, note="0: train.batch_size")  # unlabelled cases per step
     # Federated: each round's teacher starts as the global model, or keeps the site's running average.
     semi_teacher_start: str = opt("global", choices=TEACHER_STARTS)
+    # Federated: a site's weight in the average of the students (its num-examples) is its labelled cases, or with
+    # `all` those and the unlabelled cases it learnt from (docs/federation.md says which was measured better).
+    semi_site_weight: str = opt("labelled", choices=SITE_WEIGHTS)
 
     def __post_init__(self) -> None:
         check_fields(self, "train")
@@ -502,6 +508,9 @@ class FederationConfig:
     # honest sites late in training measured down to -0.39, sign-flipped updates -0.35 to -0.87).
     update_min_cosine: float = opt(-0.5, ge=-1, lt=1, note="-1 turns the direction check off")
     inject: str = ""  # simulation only: faults of simulated sites, e.g. "site1:crash@finetune:2" (amlp_core/faults.py)
+    # Simulation only: each simulated site's train.label_fraction, comma-separated, one per site (site0 first), for
+    # hospitals that labelled different shares of their cases ("": train.label_fraction at every site).
+    site_label_fractions: str = ""
     # Simulation: iid | dirichlet (quantity skew) | category (class skew, by sub-folder).
     partition: str = opt("iid", choices=PARTITIONS)
     dirichlet_alpha: float = opt(0.5, gt=0)
@@ -520,6 +529,27 @@ class FederationConfig:
     # 2**26 levels over [-clipping, clipping]; sites * this < 2**32.
     secagg_quantization_range: int = opt(67108864, ge=1, lt=SECAGG_MODULUS // 2)
     secagg_max_weight: float = opt(1000.0, gt=0)  # >= every site's weight (training examples); a site above refuses
+
+    def label_fractions(self) -> tuple[float, ...]:
+        """``site_label_fractions`` as numbers (empty: none given).
+
+        Raises:
+            ConfigError: an entry that is not a number in (0, 1].
+        """
+        out = []
+        for item in _names(self.site_label_fractions):
+            try:
+                value = float(item)
+            except ValueError:
+                value = math.nan
+            _check(
+                0 < value <= 1,
+                "federation.site_label_fractions",
+                self.site_label_fractions,
+                f"entry {item!r} is not a label fraction in (0, 1]",
+            )
+            out.append(value)
+        return tuple(out)
 
     @property
     def encoder_pretrained(self) -> bool:
@@ -547,6 +577,13 @@ class FederationConfig:
             "federation.max_weight_ratio",
             self.max_weight_ratio,
             "must be at least 1 (times the other sites' median declaration), or 0 for no cap",
+        )
+        fractions = self.label_fractions()
+        _check(
+            not fractions or len(fractions) == self.sites,
+            "federation.site_label_fractions",
+            self.site_label_fractions,
+            f"gives {len(fractions)} label fractions for {self.sites} sites (one per site, site0 first)",
         )
         for fault in parse_faults(self.inject):  # (simulated sites are site0 .. site{sites-1})
             number = fault.site.removeprefix("site")

@@ -256,3 +256,22 @@ def test_a_first_round_message_brings_the_site_onto_the_planned_input_size(tmp_p
     reply = app(_train_message(cfg, _encoder_state(planned), _instructions(planned), ctx.node_id), ctx)
     assert not reply.has_error(), reply.error.reason
     assert reply.content[P.METRICS][P.NUM_EXAMPLES] > 0
+
+
+def test_simulated_sites_take_their_own_label_fraction(tmp_path):
+    """``federation.site_label_fractions``: each simulated site fine-tunes on its own share of its labelled
+    cases, and declares it; a list that does not fit the sites, or a value outside (0, 1], is refused."""
+    from client.site import get_site
+    from client.tasks import declaration
+
+    cfg = _cfg(tmp_path, **{"data.synthetic_cases": 20, "federation.site_label_fractions": "0.25,1"})
+    sites = [get_site(11, 1 + i, flat_dict(cfg), {"partition-id": i, "num-partitions": 2}) for i in (0, 1)]
+    for site in sites:
+        site.use_plan(phantom_plan(cfg))
+    assert [s.cfg.train.label_fraction for s in sites] == [0.25, 1.0]
+    counts = [declaration(s) for s in sites]
+    assert counts[0][P.DECLARED_LABELLED] < counts[0][P.DECLARED_TRAIN] == counts[0][P.DECLARED_LABELLED] * 4
+    assert counts[1][P.DECLARED_LABELLED] == counts[1][P.DECLARED_TRAIN]
+    for bad, why in (("0.5", "gives 1 label fractions for 2 sites"), ("0.5,0", "entry '0' is not a label fraction")):
+        with pytest.raises(ConfigError, match=why):
+            _cfg(tmp_path, **{"federation.site_label_fractions": bad})

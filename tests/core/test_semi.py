@@ -32,6 +32,7 @@ from amlp_core.models import SegmentationNet
 from amlp_core.privacy.ledger import LEDGER_FILE
 from client.app import app
 from client.state import SiteState
+from server.validation import Declarations
 from tests.client.helpers import cfg as site_cfg
 from tests.client.helpers import context, instructions, train_message
 from tests.conftest import tiny_config
@@ -379,3 +380,34 @@ def test_the_pool_never_holds_a_test_case(tmp_path, monkeypatch):
     test = {s.name for s in split.test}
     assert seen["pool"] and test and not seen["pool"] & test and not seen["pool"] & seen["subset"]
     assert {s.name for s in split.train} == seen["pool"] | seen["subset"]  # every other training case is in it
+
+
+def test_a_site_weighted_by_all_its_cases_counts_its_pool_and_the_server_bounds_it_so(tmp_path):
+    """``train.semi_site_weight=all``: num-examples is the labelled cases and the pool learnt from; the server
+    bounds it by the training cases the site declared (with ``labelled``, or without a semi-supervised loss, by
+    the labelled ones)."""
+    cfg = site_cfg(
+        tmp_path,
+        **{
+            "data.synthetic_cases": 20,
+            "train.label_fraction": 0.25,
+            "federation.finetune_local_steps": 1,
+            "train.semi_supervised": "mean_teacher",
+            "train.semi_site_weight": "all",
+        },
+    )
+    ctx = context(cfg, 0)
+    reply = app(_finetune_message(cfg, SegmentationNet(cfg.model).state_dict(), ctx), ctx)
+    assert not reply.has_error(), reply.error.reason
+    metrics = dict(reply.content[P.METRICS])
+    assert metrics[P.NUM_EXAMPLES] == 16 and metrics[P.SEMI_UNLABELLED] == 12  # 4 labelled + 12 unlabelled
+    declared = Declarations(timeout=1.0, declared_for=P.declared_for(cfg))
+    declared.counts[7] = {P.DECLARED_TRAIN: 16, P.DECLARED_LABELLED: 4, P.DECLARED_TEST: 4}
+    assert declared.bound(7, P.FINETUNE) == 16 and declared.bound(7, P.PRETRAIN) == 16
+    for other in ({"semi_site_weight": "labelled"}, {"semi_supervised": "none"}):
+        assert P.declared_for(cfg.replace(train=other))[P.FINETUNE] == P.DECLARED_LABELLED
+    # The weighting is one of the semi-supervised settings the server sends: a site weighted otherwise refuses.
+    server = cfg.replace(train={"semi_site_weight": "labelled"})
+    message = _finetune_message(cfg, SegmentationNet(cfg.model).state_dict(), ctx, **{P.SEMI: P.semi_settings(server)})
+    refused = app(message, ctx)
+    assert refused.has_error() and '"semi_site_weight":"labelled"' in refused.error.reason
