@@ -17,8 +17,9 @@
 #      fine-tuned supervised and with each semi-supervised method ($OUT/pretrain_gain_gpu.json / .md).
 #   3. privacy (issue 29; only with PRIVACY_S > 0): the privacy-utility curve at one site, every budget,
 #      scratch / AMLP pretrained without DP / AMLP pretrained under DP, Poisson batches of 32, the
-#      private recipes compared (PRIVACY_RECIPES: --recipe flags, by default all parameters with AdamW,
-#      the decoder with SGD at 0.5, the norms and biases with SGD at 2) and any PRIVACY_SET (--set flags), resumable in
+#      private recipes compared (PRIVACY_RECIPES: --recipe flags, by default the norms, biases and output layer
+#      with SGD at 0.05, the CPU's best, and the decoder with SGD at 0.5) from AMLP with SparK's decoder, the
+#      segmentation decoder started from it (PRIVACY_SET: --set flags, by default those two), resumable in
 #      $OUT/privacy_gpu.json: a session lent a GPU for issue 29 runs GAIN_S=0 PRIVACY_S=380.
 # Each stage has its own time box (CHECK_S, GAIN_S, PRIVACY_S seconds; 0 skips it) so that what finished comes back.
 set -uo pipefail
@@ -58,8 +59,8 @@ run)
     timeout "$PRIVACY_S" python3 -m simulations.benchmarks.privacy --data shared/data/msd_hippocampus \
       --budgets none,8,3,16,1,32 --seeds 0 --seeds-at 8=0,1,2 --inits scratch,amlp,amlp_private \
       --finetune-steps 300 --curve-every 100 --pretrain-epochs "${EPOCHS:-300}" --set train.batch_size=32 \
-      ${PRIVACY_RECIPES:---recipe default= --recipe decoder_sgd=privacy.trainable=decoder;privacy.optimizer=sgd;privacy.lr=0.5 --recipe bitfit_sgd=privacy.trainable=norms_biases;privacy.optimizer=sgd;privacy.lr=2} \
-      ${PRIVACY_SET:-} --runs /tmp/privacy_runs --out "$OUT/privacy_gpu.json" >"$OUT/privacy.log" 2>&1
+      ${PRIVACY_RECIPES:---recipe nbo_sgd=privacy.trainable=norms_biases_output;privacy.optimizer=sgd;privacy.lr=0.05 --recipe decoder_sgd=privacy.trainable=decoder;privacy.optimizer=sgd;privacy.lr=0.5} \
+      ${PRIVACY_SET:---set model.pretrain_decoder=unet --set train.init_decoder=true} --runs /tmp/privacy_runs --out "$OUT/privacy_gpu.json" >"$OUT/privacy.log" 2>&1
     echo "privacy exit $?"
     tail -30 "$OUT/privacy.log"
   fi
