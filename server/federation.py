@@ -29,7 +29,7 @@ from amlp_core.engine.artefacts import (
     ServerCheckpoint,
     export_encoder,
     export_segmentation,
-    load_pretrained_encoder,
+    load_pretrained_shared,
     pretraining_method,
     segmentation_meta,
 )
@@ -388,18 +388,23 @@ class Federation:
         return ArrayRecord(initial_shared_state(self.planned_config()))
 
     def pretrained_encoder(self) -> ArrayRecord:
-        """The encoder of the pretraining checkpoint ``federation.init_encoder``, keys under ``encoder.``.
+        """The encoder of the pretraining checkpoint ``federation.init_encoder``, keys under ``encoder.``, and with
+        ``train.init_decoder`` its U-Net decoder (under ``decoder.unet.``).
 
         Raises:
-            CheckpointError: not a pretraining checkpoint, or one for another model configuration
-                (the message names the file).
+            CheckpointError: not a pretraining checkpoint, one for another model configuration, or one without
+                the decoder asked for (the message names the file).
         """
-        path = self.fed.init_encoder
-        encoder, meta = load_pretrained_encoder(path, self.planned_config().model)
+        path, cfg = self.fed.init_encoder, self.planned_config()
+        shared, meta = load_pretrained_shared(path, cfg.model, decoder=cfg.train.init_decoder)
         log.info(
-            "fine-tuning from the pretrained encoder in %s (%s, %s epochs)", path, meta.get("method"), meta.get("epoch")
+            "fine-tuning from the pretrained %s in %s (%s, %s epochs)",
+            "encoder and decoder" if cfg.train.init_decoder else "encoder",
+            path,
+            meta.get("method"),
+            meta.get("epoch"),
         )
-        return ArrayRecord({f"encoder.{k}": v for k, v in encoder.items()})
+        return ArrayRecord(shared)
 
     def initial_segmentation(self, encoder_arrays: ArrayRecord | None) -> ArrayRecord:
         """The first global segmentation network (:func:`~amlp_core.engine.weights.initial_segmentation_state`)."""

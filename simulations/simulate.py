@@ -29,7 +29,7 @@ import tomli_w
 from amlp_core.config import Config, flat_dict
 from amlp_core.data import check_dataset, discover
 from amlp_core.data.validate import refuse_or_skip
-from amlp_core.engine.artefacts import load_pretrained_encoder
+from amlp_core.engine.artefacts import load_pretrained_shared
 from amlp_core.engine.split import near_duplicate_groups, site_case_names
 from amlp_core.errors import ConfigError
 from amlp_core.runfolder import check_new_run, clear_run, hold
@@ -154,7 +154,7 @@ def _check_simulation(cfg: Config) -> None:
             "(no round could ever succeed)"
         )
     if f.init_encoder:
-        load_pretrained_encoder(f.init_encoder, cfg.model)  # the server would refuse it after connecting
+        load_pretrained_shared(f.init_encoder, cfg.model, cfg.train.init_decoder)  # the server would refuse it later
 
 
 def check_data(cfg: Config) -> None:

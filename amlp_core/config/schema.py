@@ -828,13 +828,6 @@ class Config:
                 "must be 0 with model.seg_arch=unet: a plain U-Net has no encoder to pretrain "
                 "(set federation.pretrain_rounds=0, or use model.seg_arch=vit)",
             )
-        _check(
-            not self.train.init_decoder,
-            "train.init_decoder",
-            True,
-            "is for single-site fine-tuning (fedamlp finetune --init): federated pretraining aggregates the "
-            "encoder only, so there is no federated decoder to start from",
-        )
         return self
 
     def to_dict(self) -> dict[str, Any]:

@@ -25,6 +25,7 @@ from amlp_core.engine.checkpoint import load_checkpoint, require_meta, save_chec
 from amlp_core.errors import CheckpointError, ConfigError
 from amlp_core.methods import PretrainMethod
 from amlp_core.models import (
+    PRETRAIN_UNET_PREFIX,
     SegmentationNet,
     build_segmentation_model,
     encoder_state,
@@ -303,6 +304,27 @@ def load_pretrained_encoder(run: str | Path, model_cfg: ModelConfig) -> tuple[di
     """
     path, method_state, meta = _read_pretraining(run, model_cfg)
     return _encoder_of(path, method_state), meta
+
+
+def load_pretrained_shared(
+    run: str | Path, model_cfg: ModelConfig, decoder: bool = False
+) -> tuple[dict[str, torch.Tensor], dict]:
+    """What a federation starts fine-tuning from in a pretraining run (folder or checkpoint file), under the
+    method's keys: the encoder (``encoder.``), and with ``decoder`` (``train.init_decoder``) SparK's U-Net decoder;
+    and the run's metadata.
+
+    Raises:
+        CheckpointError: not a pretraining checkpoint, made for another model configuration, or (``decoder``)
+            one without a U-Net decoder.
+    """
+    path, method_state, meta = _read_pretraining(run, model_cfg)
+    shared = {f"encoder.{k}": v for k, v in _encoder_of(path, method_state).items()}
+    if decoder:
+        unet = {k: v for k, v in method_state.items() if k.startswith(PRETRAIN_UNET_PREFIX)}
+        if not unet:
+            raise CheckpointError(f"checkpoint {path} holds no U-Net pretraining decoder to start the decoder from")
+        shared.update(unet)
+    return shared, meta
 
 
 def load_pretrained(run: str | Path, model: SegmentationNet, decoder: bool = False) -> dict:

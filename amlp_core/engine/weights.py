@@ -11,7 +11,13 @@ from amlp_core.config import Config
 from amlp_core.engine.device import seed_everything
 from amlp_core.errors import CheckpointError, ConfigError
 from amlp_core.methods import build_method
-from amlp_core.models import SegmentationNet, build_segmentation_model, encoder_state, has_encoder
+from amlp_core.models import (
+    SegmentationNet,
+    build_segmentation_model,
+    encoder_state,
+    has_encoder,
+    pretrained_decoder_state,
+)
 
 
 def initial_shared_state(cfg: Config) -> dict[str, torch.Tensor]:
@@ -27,7 +33,8 @@ def initial_segmentation_state(
     """The first fine-tuning round's network (``model.seg_arch``), seeded with ``train.seed + 1``.
 
     ``vit``: the encoder from ``shared`` (a method's shared weights, keys under ``encoder.``; strict load)
-    and a fresh decoder. ``unet``: a fresh plain U-Net; it has no encoder, so ``shared`` must be None.
+    and a fresh decoder, or with ``train.init_decoder`` one started from the SparK U-Net decoder in ``shared``
+    (every level but the output). ``unet``: a fresh plain U-Net; it has no encoder, so ``shared`` must be None.
 
     Raises:
         CheckpointError: the encoder (from ``where``) does not fit the configured model.
@@ -43,6 +50,8 @@ def initial_segmentation_state(
     assert isinstance(model, SegmentationNet)  # has_encoder: the ViT network
     try:
         model.encoder.load_state_dict(encoder_state(shared), strict=True)
-    except RuntimeError as e:
-        raise CheckpointError(f"encoder from {where} does not fit model {cfg.model}: {e}") from None
+        if cfg.train.init_decoder:
+            model.load_pretrained_decoder(pretrained_decoder_state(shared))
+    except (RuntimeError, ValueError) as e:
+        raise CheckpointError(f"the pretrained weights from {where} do not fit model {cfg.model}: {e}") from None
     return model.state_dict()

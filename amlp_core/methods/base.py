@@ -18,7 +18,7 @@ from amlp_core.config import METHOD_NAMES, MethodConfig, ModelConfig
 from amlp_core.errors import ConfigError
 from amlp_core.losses import masked_losses, normalize_patches, patch_losses
 from amlp_core.masking import Mask
-from amlp_core.models import HybridEncoder, build_pretrain_decoder, patchify
+from amlp_core.models import PRETRAIN_UNET_PREFIX, HybridEncoder, build_pretrain_decoder, patchify
 from amlp_core.schedules import amr_ratio
 
 
@@ -95,8 +95,13 @@ class PretrainMethod(nn.Module):
         return [{"params": list(self.parameters()), "lr_scale": 1.0}]
 
     def shared_state_dict(self) -> dict[str, torch.Tensor]:
-        """The weights a federation aggregates (encoder, plus what a method must share)."""
-        return {k: v for k, v in self.state_dict().items() if k.startswith(self.shared_prefixes)}
+        """The weights a federation aggregates: the encoder, what the method must share, and SparK's U-Net
+        decoder (``model.pretrain_decoder=unet``), the one a segmentation decoder can start from
+        (``train.init_decoder``); the transformer decoder stays at the site."""
+        prefixes = self.shared_prefixes
+        if self.decoder is not None and self.model_cfg.pretrain_decoder == "unet":
+            prefixes = (*prefixes, PRETRAIN_UNET_PREFIX)
+        return {k: v for k, v in self.state_dict().items() if k.startswith(prefixes)}
 
     def patchify(self, images: torch.Tensor) -> torch.Tensor:
         return patchify(images, self.model_cfg.patch_size)  # [B, N, P]

@@ -3,6 +3,7 @@
 from amlp_core.models.encoder import EncoderOutput, HybridEncoder, masked_instance_norm, visible_map
 from amlp_core.models.mae import DenseDecoder, MAEDecoder, build_pretrain_decoder
 from amlp_core.models.segmentation import (
+    PRETRAIN_UNET_PREFIX,
     SEG_ARCH_CLASSES,
     SegmentationNet,
     UNetDecoder,
@@ -18,6 +19,7 @@ __all__ = [
     "EncoderOutput",
     "HybridEncoder",
     "MAEDecoder",
+    "PRETRAIN_UNET_PREFIX",
     "SEG_ARCH_CLASSES",
     "SegmentationNet",
     "UNetDecoder",

@@ -85,7 +85,8 @@ def test_private_recipes_are_rows_of_their_own_paired_within_a_recipe(tmp_path):
 @pytest.mark.slow
 def test_federated_rows_are_real_federations_sharing_one_pretraining(tmp_path):
     """--sites 2: each row a real simulated federation under site DP; the amlp rows pretrain once (the
-    non-private row) and the private row fine-tunes from that encoder; epsilon is the sites' accountants'."""
+    non-private row) and the private row fine-tunes from that encoder (and its SparK decoder); epsilon is the
+    sites' accountants'."""
     from tests.benchmarks.test_compare import TINY as FED_TINY
 
     out = tmp_path / "privacy_fed.json"
@@ -94,6 +95,8 @@ def test_federated_rows_are_real_federations_sharing_one_pretraining(tmp_path):
         *("--data", "synthetic", "--out", str(out), "--runs", str(tmp_path / "runs")),
         *("--sites", "2", "--budgets", "none,8", "--seeds", "0", "--inits", "amlp"),
         *("--pretrain-rounds", "1", "--finetune-rounds", "2", "--set", "federation.local_epochs=1"),
+        *("--set", "model.pretrain_decoder=unet", "--set", "train.init_decoder=true"),
+        *("--recipe", "nbo=privacy.trainable=norms_biases_output;privacy.optimizer=sgd;privacy.lr=0.05"),
         *sets,
     ]
     payload = privacy.main(argv)
@@ -106,7 +109,10 @@ def test_federated_rows_are_real_federations_sharing_one_pretraining(tmp_path):
         assert row["dice_mean"] == pytest.approx(row["curve"][-1]["test_dice_mean"])
     runs = tmp_path / "runs"
     assert (runs / "federated_amlp_encoder" / "checkpoint.pt").exists()
-    config = (runs / "federated_amlp_eps8_s0" / "config.yaml").read_text()
+    config = (runs / "federated_amlp_eps8_s0_nbo" / "config.yaml").read_text()
     assert "federated_amlp_encoder" in config and "pretrain_rounds: 0" in config and "site_dp: true" in config
+    # The recipe of the CPU's best private point, federated: SparK's decoder pretrained and shared, the
+    # segmentation decoder started from it, only the norms, biases and output layer trained under DP.
+    assert "init_decoder: true" in config and "trainable: norms_biases_output" in config
     with pytest.raises(SystemExit, match="rows of 2 site"):
         privacy.main([*argv[: argv.index("--sites")], *argv[argv.index("--sites") + 2 :]])

@@ -96,3 +96,39 @@ def test_summary_names_what_made_the_encoder(tmp_path, overrides, label):
     """The run's summary says which pretraining the model had, not just the config's method name."""
     server = Federation(None, _cfg(tmp_path, **{"method.name": "amlp", **overrides}))
     assert server.pretraining_label().startswith(label)
+
+
+def test_with_sparks_decoder_the_federation_shares_it_and_fine_tuning_can_start_from_it(tmp_path):
+    """``model.pretrain_decoder=unet``: the U-Net pretraining decoder travels with the encoder (the transformer
+    decoder does not), it is saved in RUN_DIR/encoder, and with ``train.init_decoder`` the first global
+    segmentation network takes it (all levels but the output), from this run's pretraining or from
+    ``federation.init_encoder``; a checkpoint without it (a federation that shared the encoder only) is refused,
+    naming the file."""
+    from amlp_core.models import PRETRAIN_UNET_PREFIX, pretrained_decoder_state
+
+    plain = build_method(_cfg(tmp_path).model, _cfg(tmp_path).method).shared_state_dict()
+    assert not any(k.startswith("decoder.") for k in plain)
+    cfg = _cfg(tmp_path, **{"model.pretrain_decoder": "unet", "train.init_decoder": True})
+    arrays = _trained_encoder(cfg)
+    sent = arrays.to_torch_state_dict()
+    assert any(k.startswith(PRETRAIN_UNET_PREFIX) for k in sent)
+    expected = pretrained_decoder_state(sent)
+    folder = Federation(None, cfg).save_encoder(arrays)
+    given = cfg.replace(federation={"pretrain_rounds": 0, "init_encoder": str(folder), "run_dir": str(tmp_path / "b")})
+    for start in (Federation(None, cfg).initial_segmentation(arrays), _from(given)):
+        model = start.to_torch_state_dict()
+        assert all(torch.equal(model[f"decoder.{k}"], v) for k, v in expected.items())
+    # Without init_decoder the decoder starts fresh; a checkpoint with no U-Net decoder is refused.
+    fresh = Federation(None, cfg.replace(train={"init_decoder": False})).initial_segmentation(arrays)
+    assert not all(torch.equal(fresh.to_torch_state_dict()[f"decoder.{k}"], v) for k, v in expected.items())
+    old = cfg.replace(federation={"run_dir": str(tmp_path / "old")})  # a federation that shared the encoder only
+    no_unet = Federation(None, old).save_encoder(
+        ArrayRecord({k: v for k, v in sent.items() if k.startswith("encoder.")})
+    )
+    with pytest.raises(CheckpointError, match="old/encoder/checkpoint.pt holds no U-Net pretraining decoder"):
+        _from(given.replace(federation={"init_encoder": str(no_unet)}))
+
+
+def _from(cfg) -> ArrayRecord:
+    server = Federation(None, cfg)
+    return server.initial_segmentation(server.pretrained_encoder())
