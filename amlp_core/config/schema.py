@@ -382,7 +382,7 @@ class PlanConfig:
 MAX_LR = 1.0
 
 #: ``privacy.trainable`` values: what trains under site DP (amlp_core/engine/optim.py select_trainable).
-PRIVATE_TRAINABLE = ("all", "decoder", "norms_biases", "norms_biases_output")
+PRIVATE_TRAINABLE = ("auto", "all", "decoder", "norms_biases", "norms_biases_output")
 
 #: ``train.augment`` values: nnU-Net-style strong augmentation then flips (amlp_core/data/transforms.py
 #: strong_augment), or the crop and flips only.
@@ -661,15 +661,18 @@ class PrivacyConfig:
     server_budget: float = opt(0.0, ge=0)  # 0 = report epsilon without a cap
     # Site DP fine-tuning recipe: which parameters train (all | decoder | norms_biases | norms_biases_output, the
     # latter with the decoder's output layer, the one level a pretrained decoder leaves fresh: fewer parameters take
-    # less of the noise) and the optimiser (adamw | sgd, momentum 0.9; its rate is privacy.lr, or train.finetune_lr).
-    trainable: str = opt("all", choices=PRIVATE_TRAINABLE)
+    # less of the noise) and the optimiser (adamw | sgd, momentum 0.9). auto: the measured best for the start
+    # (amlp_core/engine/optim.py private_recipe): a decoder that starts pretrained trains its norms, biases and
+    # output layer with SGD, an encoder alone the decoder with SGD, nothing pretrained everything with AdamW.
+    trainable: str = opt("auto", choices=PRIVATE_TRAINABLE)
     # Augmentation multiplicity (De et al. 2022): each sampled case trains as this many augmentations, their
     # gradients averaged before clipping (the noise does not grow; the step costs this many times more).
     augmult: int = opt(1, ge=1, le=32)
-    optimizer: str = opt("adamw", choices=("adamw", "sgd"))
-    # Private fine-tuning's peak learning rate (0: train.finetune_lr). DP-SGD steps on averaged clipped gradients of
-    # norm at most max_grad_norm, so SGD wants a rate far above AdamW's (De et al. 2022 use 2-4).
-    lr: float = opt(0.0, ge=0, le=16.0, note="0: train.finetune_lr")
+    optimizer: str = opt("auto", choices=("auto", "adamw", "sgd"))
+    # Private fine-tuning's peak learning rate (0: the measured rate of the recipe's SGD where there is one, else
+    # train.finetune_lr). DP-SGD steps on averaged clipped gradients of norm at most max_grad_norm, so SGD wants a
+    # rate far above AdamW's.
+    lr: float = opt(0.0, ge=0, le=16.0, note="0: the recipe's measured rate, or train.finetune_lr")
 
     def __post_init__(self) -> None:
         check_fields(self, "privacy")

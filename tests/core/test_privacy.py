@@ -356,6 +356,30 @@ def test_private_fine_tuning_has_its_own_learning_rate():
         build_config({"privacy.lr": -1})
 
 
+def test_the_default_private_recipe_is_the_measured_best_for_the_start():
+    """privacy.trainable / optimizer / lr left at auto: a decoder that starts pretrained trains its norms, biases
+    and output layer with SGD at 0.05, an encoder alone the decoder with SGD at 0.5, nothing pretrained everything
+    with AdamW at train.finetune_lr; what is set explicitly is kept, and a private optimiser follows it."""
+    from amlp_core.engine.optim import finetune_optimizer, private_recipe, select_trainable
+
+    cfg = tiny_config(2, **{"privacy.site_dp": True, "train.finetune_lr": 0.002})
+    spark = cfg.replace(model={"pretrain_decoder": "unet"}, train={"init_decoder": True})
+    assert private_recipe(cfg.privacy, cfg.train, pretrained=False) == ("all", "adamw", 0.002)
+    assert private_recipe(cfg.privacy, cfg.train, pretrained=True) == ("decoder", "sgd", 0.5)
+    assert private_recipe(spark.privacy, spark.train, pretrained=True) == ("norms_biases_output", "sgd", 0.05)
+    assert private_recipe(spark.privacy, spark.train, pretrained=False) == ("all", "adamw", 0.002)  # nothing loaded
+    bitfit = cfg.replace(privacy={"trainable": "norms_biases", "optimizer": "sgd"}).privacy
+    assert private_recipe(bitfit, cfg.train, pretrained=True) == ("norms_biases", "sgd", 0.002)  # no measured rate
+    assert private_recipe(cfg.replace(privacy={"lr": 1.0}).privacy, cfg.train, True) == ("decoder", "sgd", 1.0)
+    adam = cfg.replace(privacy={"optimizer": "adamw"}).privacy
+    assert private_recipe(adam, spark.train, pretrained=True) == ("norms_biases_output", "adamw", 0.002)
+    net = SegmentationNet(spark.model)
+    optimizer = finetune_optimizer(net, spark.train, pretrained=True, privacy=spark.privacy)
+    assert type(optimizer).__name__ == "SGD" and {g["peak_lr"] for g in optimizer.param_groups} == {0.05}
+    trained = sum(p.numel() for g in optimizer.param_groups for p in g["params"])
+    assert trained == select_trainable(SegmentationNet(spark.model), "norms_biases_output")
+
+
 def test_a_private_run_draws_its_test_curve_without_changing_its_training(tmp_path):
     """Under site DP the test-Dice curve is drawn too (the privacy benchmark's curves), and drawing it changes
     neither the weights nor the epsilon spent: evaluation is a forward pass in eval mode, without gradients."""
