@@ -45,6 +45,7 @@ from typing import Any
 
 from amlp_core import protocol as P
 from amlp_core.config import Config, build_config
+from amlp_core.engine.optim import private_recipe
 from amlp_core.engine.pipeline import finetune
 from amlp_core.engine.split import data_defaults, load_split
 from amlp_core.privacy import epsilon_of
@@ -160,6 +161,7 @@ def _row(
     ledger = json.loads((run / LEDGER_FILE).read_text()) if private else {}
     return _record(
         (init, recipe, sets, budget, seed),
+        trained=_trained(ft, folder is not None),
         epsilon=epsilon_of([tuple(h) for h in ledger["history"]], ft.privacy.delta) if private else None,
         noise_multiplier=ledger.get("noise_multiplier"),
         steps=result["steps"],
@@ -167,6 +169,14 @@ def _row(
         dice_mean=result["dice_mean"],
         curve=curve(run),
     )
+
+
+def _trained(cfg: Config, pretrained: bool) -> str:
+    """What a row trained, with what, at which peak rate, in words: under DP its recipe resolved for its start."""
+    if not cfg.privacy.site_dp:
+        return f"all, adamw {cfg.train.finetune_lr:g}"
+    trainable, optimizer, rate = private_recipe(cfg.privacy, cfg.train, pretrained)
+    return f"{trainable}, {optimizer} {rate:g}"
 
 
 def _record(cell: tuple[str, str, dict[str, str], str, int], **measured: Any) -> dict[str, Any]:
@@ -220,6 +230,7 @@ def _federated_row(
     rounds = record.select(phase=P.FINETUNE, kind=P.EVALUATE, aggregate=True)
     return _record(
         (init, recipe, sets, budget, seed),
+        trained=_trained(cfg, init != "scratch"),
         epsilon=result.get("epsilon"),
         noise_multiplier=None,
         steps=None,
@@ -246,6 +257,7 @@ def summary(rows: list[dict]) -> tuple[list[dict], str]:
             entry = {
                 "init": init,
                 "recipe": recipe,
+                "trained": mine[0].get("trained", ""),
                 "budget": budget,
                 "seeds": len(mine),
                 "epsilon": max((r["epsilon"] or 0.0) for r in mine) if budget != NONE else None,
@@ -269,7 +281,8 @@ def summary(rows: list[dict]) -> tuple[list[dict], str]:
 
     lines = [
         {
-            **{k: fmt(e[k]) for k in ("init", "recipe", "budget", "seeds", "epsilon", "dice_mean", "share_of_no_dp")},
+            **{k: fmt(e[k]) for k in ("init", "recipe", "trained", "budget", "seeds", "epsilon", "dice_mean")},
+            "share_of_no_dp": fmt(e["share_of_no_dp"]),
             "minus scratch (paired)": fmt(e.get("minus_scratch", {}).get("mean"))
             + (f" ({e['minus_scratch']['verdict']})" if "minus_scratch" in e else ""),
             "caveat": e["caveat"],
@@ -277,7 +290,7 @@ def summary(rows: list[dict]) -> tuple[list[dict], str]:
         for e in out
     ]
     columns = [
-        *("init", "recipe", "budget", "seeds", "epsilon", "dice_mean", "share_of_no_dp"),
+        *("init", "recipe", "trained", "budget", "seeds", "epsilon", "dice_mean", "share_of_no_dp"),
         *("minus scratch (paired)", "caveat"),
     ]
     return out, table(lines, columns)

@@ -73,6 +73,12 @@ def test_private_recipes_are_rows_of_their_own_paired_within_a_recipe(tmp_path):
     saved = (tmp_path / "runs" / "finetune_amlp_eps8_s0_bitfit" / "config.yaml").read_text()
     assert "trainable: norms_biases" in saved and "optimizer: sgd" in saved
     assert bitfit["recipe_sets"] == {"privacy.trainable": "norms_biases", "privacy.optimizer": "sgd"}
+    # Each row says what it trained: the default recipe resolved for its start (auto: the decoder after AMLP's
+    # transformer-decoder pretraining, everything from scratch), a named one as set.
+    trained = {(r["init"], r["recipe"]): r["trained"] for r in rows if r["budget"] == "8"}
+    assert trained["amlp", "default"] == "decoder, sgd 0.5" and trained["scratch", "default"].startswith("all, adamw")
+    assert trained["amlp", "bitfit"].startswith("norms_biases, sgd")
+    assert "decoder, sgd 0.5" in (tmp_path / "privacy.md").read_text()
     cell = next(c for c in payload["summary"] if (c["init"], c["recipe"], c["budget"]) == ("amlp", "bitfit", "8"))
     scratch = next(r for r in rows if (r["init"], r["recipe"], r["budget"]) == ("scratch", "bitfit", "8"))
     assert cell["minus_scratch"]["mean"] == pytest.approx(bitfit["dice_mean"] - scratch["dice_mean"])
@@ -104,6 +110,7 @@ def test_federated_rows_are_real_federations_sharing_one_pretraining(tmp_path):
     plain, private = payload["rows"]
     assert (plain["budget"], private["budget"]) == ("none", "8")
     assert plain["epsilon"] is None and 8 * 0.5 <= private["epsilon"] <= 8.0  # a site's accountant, within budget
+    assert private["trained"] == "norms_biases_output, sgd 0.05" and plain["trained"].startswith("all, adamw")
     for row in (plain, private):
         assert [p["round"] for p in row["curve"]] == [1, 2] and 0 <= row["dice_mean"] <= 1
         assert row["dice_mean"] == pytest.approx(row["curve"][-1]["test_dice_mean"])
