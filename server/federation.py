@@ -35,6 +35,7 @@ from amlp_core.engine.artefacts import (
 )
 from amlp_core.engine.board import BOARD_DIR, Board
 from amlp_core.engine.lesions import EMPTY_CASES, EMPTY_HITS, LESION_DICE
+from amlp_core.engine.optim import private_recipe
 from amlp_core.engine.weights import initial_segmentation_state, initial_shared_state
 from amlp_core.errors import CheckpointError
 from amlp_core.methods import mask_ratio_at
@@ -115,6 +116,8 @@ def privacy_info(cfg: Config) -> dict[str, str]:
             f"DP-SGD ({p.phases}), budget epsilon {p.budget:g} per site at delta {p.delta:g}, "
             f"clip {p.max_grad_norm:g}, {noise}"
         )
+        trainable, optimizer, rate = private_recipe(p, cfg.train, f.encoder_pretrained)
+        info["private fine-tuning"] = f"trains {trainable}, {optimizer} at {rate:g} (privacy.trainable={p.trainable})"
         info[BUDGET] = p.budget
         info[COVERS] = coverage(cfg)
     if p.server_dp:

@@ -328,6 +328,8 @@ def test_private_federation_reports_the_epsilon_of_every_site_and_the_server(tmp
     summary = (run / "results" / "summary.md").read_text()
     assert "Privacy spent" in summary and "site DP" in summary and "server DP" in summary
     assert "What the sites' epsilon covers: pretraining and fine-tuning: one noise level" in summary
+    # The private recipe the sites ran, resolved for the start (auto, after a pretraining phase: the decoder).
+    assert "trains decoder, sgd at 0.5 (privacy.trainable=auto)" in summary
 
 
 def test_lesion_images_federation_reports_lesion_metrics(tmp_path):
