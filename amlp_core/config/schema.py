@@ -390,6 +390,10 @@ AUGMENTATIONS = ("strong", "flip")
 
 #: ``train.semi_supervised`` values (amlp_core/engine/semi.py).
 SEMI_METHODS = ("none", "mean_teacher", "fixmatch", "copy_paste")
+#: ``train.semi_view`` values: what the mean teacher's student sees of an unlabelled image: its own gaussian
+#: noise (the teacher sees other noise), or the fixmatch strong view (intensities, and CutMix) of the image
+#: the teacher sees clean.
+SEMI_VIEWS = ("noise", "strong")
 #: ``train.semi_teacher_start`` values: at each federated round the teacher restarts from the global model,
 #: or keeps the site's running average.
 TEACHER_STARTS = ("global", "keep")
@@ -439,9 +443,10 @@ class TrainConfig:
     semi_rampup: float = opt(0.1, ge=0, le=1)  # share of the run over which that weight ramps up (sigmoid; 0: none)
     semi_ema: float = opt(0.99, ge=0, lt=1)  # the teacher's EMA momentum per step (0: the teacher is the student)
     semi_threshold: float = opt(0.95, gt=0, le=1)  # fixmatch: a pixel's pseudo-label counts from this probability
-    semi_cutmix: float = opt(0.5, ge=0, le=1)  # fixmatch: probability that a strong view takes another case's box
+    semi_cutmix: float = opt(0.5, ge=0, le=1)  # strong views: probability that one takes another case's box
     semi_loss: str = opt("ce_dice", choices=("ce_dice", "ce"))  # fixmatch: the pseudo-labels' loss (ce: CE alone)
     semi_noise: float = opt(0.1, ge=0)  # mean_teacher: std of each view's gaussian noise (clipped at 2 std)
+    semi_view: str = opt("noise", choices=SEMI_VIEWS)  # mean_teacher: the student's view (noise | strong)
     semi_paste: float = opt(0.667, gt=0, lt=1)  # copy_paste: the pasted box's share of each side (BCP: 2/3)
     semi_paste_weight: float = opt(0.5, ge=0)  # copy_paste: the pseudo-labelled pixels' weight (labelled ones: 1)
     semi_batch: int = opt(0, ge=0, note="0: train.batch_size")  # unlabelled cases per step
@@ -458,6 +463,14 @@ class TrainConfig:
             "train.device",
             self.device,
             "must be auto, cpu, cuda or cuda:N",
+        )
+
+    @property
+    def strong_views(self) -> bool:
+        """Whether the semi-supervised student sees fixmatch's strong view (which ``semi_cutmix`` may mix with
+        another case's): fixmatch, and the mean teacher with ``semi_view=strong``."""
+        return self.semi_supervised == "fixmatch" or (
+            self.semi_supervised == "mean_teacher" and self.semi_view == "strong"
         )
 
 
@@ -775,7 +788,7 @@ class Config:
                 "cannot combine with privacy.site_dp: the proximal term's gradient is not per case, so DP-SGD "
                 "would drop it (use fedavg)",
             )
-        if self.privacy.site_dp and self.train.semi_supervised == "fixmatch" and self.train.semi_cutmix > 0:
+        if self.privacy.site_dp and self.train.semi_cutmix > 0 and self.train.strong_views:
             raise ConfigError(
                 f"invalid train.semi_cutmix={self.train.semi_cutmix!r} with privacy.site_dp=True: a CutMix view "
                 "mixes two patients' images in one sample, so clipping each case's gradient no longer bounds "

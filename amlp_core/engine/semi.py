@@ -6,7 +6,10 @@ A teacher, the exponential moving average of the student (:class:`Teacher`), loo
 batch; the student learns to agree with it under perturbation. The methods:
 
 - ``mean_teacher`` (Tarvainen & Valpola 2017; SSL4MIS's form): each network sees the batch with its own
-  gaussian noise; the loss is the mean squared difference of their class probabilities.
+  gaussian noise; the loss is the mean squared difference of their class probabilities. With
+  ``train.semi_view=strong`` the teacher sees the batch as it comes and the student fixmatch's strong view
+  of it (CutMix included, the teacher's probabilities moved with the boxes): UniMatch's perturbation with
+  the mean teacher's soft target.
 - ``fixmatch`` (Sohn et al. 2020, in UniMatch's segmentation form): the teacher's argmax on the weak view
   (the loader's crop and flips) is a pseudo-label where its probability reaches ``train.semi_threshold``;
   the student sees a strong view (contrast, brightness, noise, blur, and with probability
@@ -248,7 +251,7 @@ class SemiObjective:
             if labelled is None:
                 raise ValueError("copy_paste mixes each unlabelled image with a labelled one: give the labelled batch")
             return self._copy_paste(images, *labelled)
-        if self.method == "mean_teacher":
+        if self.method == "mean_teacher" and self.train.semi_view == "noise":
             sigma = self.train.semi_noise
 
             def noisy(x: torch.Tensor) -> torch.Tensor:
@@ -257,14 +260,15 @@ class SemiObjective:
 
             return Unlabelled(noisy(images), soft=self.teacher.probs(noisy(images)))
         probs = self.teacher.probs(images)  # [B, K, *S] on the weak view
+        strong = strong_view(images, g)  # [B, C, *S]
+        if self.train.semi_cutmix > 0:
+            partner, box = cutmix_boxes(images.shape, self.train.semi_cutmix, g)  # [B], [B, 1, *S]
+            strong = torch.where(box, strong[partner], strong)
+            probs = torch.where(box, probs[partner], probs)  # the teacher's view moves with the boxes
+        if self.method == "mean_teacher":  # semi_view=strong: the teacher's probabilities as the target
+            return Unlabelled(strong, soft=probs)
         confidence, pseudo = probs.max(dim=1)  # [B, *S]
         keep = (confidence >= self.train.semi_threshold).float()
-        strong = strong_view(images, g)
-        if self.train.semi_cutmix > 0:
-            partner, box = cutmix_boxes(images.shape, self.train.semi_cutmix, g)
-            strong = torch.where(box, strong[partner], strong)
-            pseudo = torch.where(box[:, 0], pseudo[partner], pseudo)
-            keep = torch.where(box[:, 0], keep[partner], keep)
         return Unlabelled(strong, pseudo=pseudo, keep=keep)
 
     def _copy_paste(self, images: torch.Tensor, images_l: torch.Tensor, labels_l: torch.Tensor) -> Unlabelled:

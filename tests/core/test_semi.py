@@ -164,6 +164,27 @@ def test_mean_teacher_matches_the_teachers_probabilities():
     assert 0 < loss.item() < 0.1  # the same weights on two noisy views: nearly agree
 
 
+def test_the_mean_teachers_strong_view_moves_the_teachers_probabilities_with_its_boxes():
+    cfg = tiny_config(
+        2, **{"train.semi_supervised": "mean_teacher", "train.semi_view": "strong", "train.semi_cutmix": 1.0}
+    )
+    model = SegmentationNet(cfg.model)
+    objective = SemiObjective(cfg.train, model, torch.Generator().manual_seed(0))
+    images = torch.randn(4, 1, *cfg.model.img_size)
+    u = objective.views(images)
+    teacher = objective.teacher.probs(images)  # [4, K, *S] on the images as they came
+    assert u.soft is not None and u.pseudo is None and u.images.shape == images.shape
+    assert not torch.allclose(u.images, images)  # the student sees another view
+    for i in range(4):  # every pixel's target is its own image's teacher probabilities or its partner's
+        own = (u.soft[i] == teacher[i]).all(0)  # [*S]
+        other = torch.stack([(u.soft[i] == teacher[j]).all(0) for j in range(4) if j != i]).any(0)
+        assert (own | other).all() and own.any()
+    loss, figures = objective.loss(model(u.images), u)
+    assert loss.requires_grad and set(figures) == {"semi_loss"}
+    plain = SemiObjective(dataclasses.replace(cfg.train, semi_cutmix=0.0), model, torch.Generator())
+    assert torch.equal(plain.views(images).soft, teacher)  # without CutMix: exactly the teacher's probabilities
+
+
 def test_paste_boxes_take_their_share_of_each_side_anywhere():
     g = torch.Generator().manual_seed(0)
     box = paste_boxes((16, 1, 12, 30), 2 / 3, g)
@@ -214,9 +235,10 @@ def _run_cfg(tmp_path, dims: int, method: str, **extra):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["fixmatch", "mean_teacher", "copy_paste"])
+@pytest.mark.parametrize("method", ["fixmatch", "mean_teacher", "mean_teacher strong", "copy_paste"])
 def test_a_semi_supervised_finetuning_run_learns_from_the_pool(tmp_path, dims, method):
-    cfg = _run_cfg(tmp_path, dims, method, **{"train.semi_rampup": 0.0})
+    method, _, view = method.partition(" ")
+    cfg = _run_cfg(tmp_path, dims, method, **{"train.semi_rampup": 0.0, "train.semi_view": view or "noise"})
     result = finetune(cfg, tmp_path / "semi")
     lines = [json.loads(line) for line in (tmp_path / "semi" / "metrics.jsonl").read_text().splitlines()]
     assert all(line["semi_weight"] == 1.0 and line["semi_loss"] > 0 for line in lines)
@@ -259,11 +281,19 @@ def test_semi_settings_are_checked():
         with pytest.raises(ConfigError, match=f"train.{key}"):
             build_config({f"train.{key}": value})
     build_config({"train.semi_supervised": "mean_teacher", "privacy.site_dp": True})
+    strong = {"train.semi_supervised": "mean_teacher", "train.semi_view": "strong", "privacy.site_dp": True}
+    with pytest.raises(ConfigError, match=r"train.semi_cutmix=0.5 with privacy.site_dp=True"):
+        build_config(strong)  # the mean teacher's strong view mixes cases too
+    build_config({**strong, "train.semi_cutmix": 0})
+    with pytest.raises(ConfigError, match="train.semi_view='mixup'"):
+        build_config({"train.semi_view": "mixup"})
 
 
-@pytest.mark.parametrize("method", ["fixmatch", "mean_teacher"])
+@pytest.mark.parametrize("method", ["fixmatch", "mean_teacher", "mean_teacher strong"])
 def test_a_per_case_loss_depends_on_that_case_alone(method):
-    cfg = tiny_config(2, **{"train.semi_supervised": method, "train.semi_cutmix": 0.0, "train.semi_threshold": 0.5})
+    method, _, view = method.partition(" ")
+    sets = {"train.semi_supervised": method, "train.semi_cutmix": 0.0, "train.semi_threshold": 0.5}
+    cfg = tiny_config(2, **sets, **{"train.semi_view": view or "noise"})
     model = SegmentationNet(cfg.model)
     objective = SemiObjective(cfg.train, model, torch.Generator().manual_seed(0))
     u = objective.views(torch.randn(3, 1, *cfg.model.img_size))
