@@ -251,7 +251,7 @@ class SemiObjective:
             if labelled is None:
                 raise ValueError("copy_paste mixes each unlabelled image with a labelled one: give the labelled batch")
             return self._copy_paste(images, *labelled)
-        if self.method == "mean_teacher" and self.train.semi_view == "noise":
+        if not self.train.strong_views:  # the mean teacher with its noise view
             sigma = self.train.semi_noise
 
             def noisy(x: torch.Tensor) -> torch.Tensor:
