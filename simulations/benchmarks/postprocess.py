@@ -1,0 +1,170 @@
+"""The lesion post-processing, chosen on a development split and then scored once on the test split.
+
+A few-label model of lesion images (BUSI) leaves false blobs on most normal images; the post-processing
+(:func:`amlp_core.engine.lesions.postprocess`: drop components under ``min_share`` of the image or under
+``min_confidence`` mean lesion probability, keep the largest) is the per-image decision that clears them.
+Its constants are a preset (:data:`amlp_core.presets.LESION_IMAGES`), one value for every model, so this
+benchmark chooses them the way a preset must be chosen: on images that are neither the models' training
+images nor their test images.
+
+- The development split: a fine-tuned run's *unused* labelled training images, those outside its
+  ``train.label_fraction`` subset (near-duplicates of a labelled image are never among them). Only runs
+  fine-tuned without ``train.semi_supervised`` qualify: a semi-supervised run trained on those images.
+- Every run's class probabilities are computed once per image; each setting of the grid is applied to
+  them, and the lesion metrics (lesion Dice, normal images predicted empty) pooled over the runs.
+- The chosen setting: the highest development lesion Dice among the settings whose development share of
+  normal images predicted empty reaches ``--target-empty`` (0.9: issue 26's floor); none reaching it, the
+  highest share. Then the test split is scored with the preset in force and with the chosen setting.
+
+    python -m simulations.benchmarks.postprocess runs/busi/methods/finetune_*_f0.1_s* \\
+        --out results/busi_postprocess.json
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from amlp_core.config import Config
+from amlp_core.data.dataset import label_subset
+from amlp_core.engine.artefacts import load_segmentation, saved_config
+from amlp_core.engine.device import resolve_device
+from amlp_core.engine.lesions import EMPTY_SHARE, LESION_DICE, LesionTally, post_args, postprocess
+from amlp_core.engine.loops import predict_volume
+from amlp_core.engine.split import load_split
+from amlp_core.errors import ConfigError
+from simulations.benchmarks.common import benchmark_parser, machine, table, write_json
+
+log = logging.getLogger(__name__)
+
+CONFIDENCES = (0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.93, 0.95, 0.97, 0.98)
+SHARES = (0.002, 0.005, 0.01, 0.02, 0.04)
+
+Setting = tuple[float, float]  # (min_share, min_confidence); the largest component is always kept
+Scored = list[tuple[np.ndarray, np.ndarray]]  # per image: probabilities [K, *S], truth [*S]
+
+
+def _probabilities(model, cfg: Config, samples: Sequence, device, desc: str) -> Scored:
+    """Every sample's class probabilities ``[K, *S]`` (as the model's evaluation computes them) and label."""
+    m = cfg.model
+    out = []
+    for s in tqdm(samples, desc=desc, leave=False, disable=None):
+        p = predict_volume(
+            model, s.image, m.img_size, device, cfg.train.amp, slice_axis=cfg.data.slice_axis, flips=m.tta_flips
+        )
+        out.append((p.numpy(), np.asarray(s.label)))
+    return out
+
+
+def score(scored: Scored, num_classes: int, post: dict[str, Any]) -> LesionTally:
+    """The lesion tally of ``scored`` images after the post-processing ``post`` (:func:`postprocess`'s
+    keyword arguments)."""
+    tally = LesionTally()
+    for p, truth in scored:
+        tally.add(postprocess(p.argmax(0), num_classes, probabilities=p, **post), truth)
+    return tally
+
+
+def _setting_args(setting: Setting) -> dict[str, Any]:
+    share, confidence = setting
+    return {"keep_largest": True, "min_share": share, "min_confidence": confidence}
+
+
+def pooled(tallies: Sequence[LesionTally]) -> dict[str, float]:
+    """Lesion metrics of several runs' tallies: the mean over runs of each run's lesion Dice and share of
+    normal images predicted empty (every run weighs alike)."""
+    metrics = [t.metrics() for t in tallies]
+    return {key: float(np.mean([m[key] for m in metrics if key in m])) for key in (LESION_DICE, EMPTY_SHARE)}
+
+
+def choose(grid: dict[Setting, dict[str, float]], target: float) -> Setting:
+    """The setting with the highest lesion Dice among those whose empty share reaches ``target``; if none
+    does, the one with the highest empty share (ties: the higher Dice)."""
+    reaching = [s for s, m in grid.items() if m[EMPTY_SHARE] >= target]
+    if reaching:
+        return max(reaching, key=lambda s: grid[s][LESION_DICE])
+    return max(grid, key=lambda s: (grid[s][EMPTY_SHARE], grid[s][LESION_DICE]))
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    p = benchmark_parser(__doc__, "results/postprocess.json")
+    p.add_argument("runs", nargs="+", help="fine-tuning run folders (their checkpoint.pt), trained without semi")
+    p.add_argument("--target-empty", type=float, default=0.9, help="normal images predicted empty to reach")
+    args = p.parse_args(argv)
+    device = resolve_device("cpu")
+    dev_sets: list[Scored] = []
+    test_sets: list[Scored] = []
+    runs_meta: list[dict[str, Any]] = []
+    current: dict[str, Any] | None = None
+    num_classes = 2
+    for run in args.runs:
+        model, meta = load_segmentation(run, device)
+        cfg = saved_config(meta, run)
+        if cfg.train.semi_supervised != "none":
+            raise ConfigError(
+                f"{run}: fine-tuned with train.semi_supervised={cfg.train.semi_supervised}, so its unused "
+                "labelled images were training images: not a development split"
+            )
+        split = load_split(cfg)
+        labelled = [s for s in split.train if s.label is not None]
+        used = {s.name for s in label_subset(labelled, cfg.train.label_fraction, cfg.train.seed)}
+        dev = [s for s in labelled if s.name not in used]
+        if not dev:
+            raise ConfigError(f"{run}: train.label_fraction={cfg.train.label_fraction} leaves no development images")
+        num_classes = cfg.model.num_classes
+        current = current or {k: v for k, v in post_args(cfg.model).items()}
+        dev_sets.append(_probabilities(model, cfg, dev, device, f"{Path(run).name} development"))
+        test_sets.append(_probabilities(model, cfg, split.test, device, f"{Path(run).name} test"))
+        runs_meta.append({"run": str(run), "development_images": len(dev), "test_images": len(split.test)})
+    settings: list[Setting] = list(itertools.product(SHARES, CONFIDENCES))
+    grid = {
+        s: pooled([score(d, num_classes, _setting_args(s)) for d in dev_sets])
+        for s in tqdm(settings, desc="grid", disable=None)
+    }
+    chosen = choose(grid, args.target_empty)
+    assert current is not None
+    candidates = {"in force": current, "chosen": _setting_args(chosen), "none": {}}
+    test = {}
+    for name, post in candidates.items():
+        tallies = [score(t, num_classes, post) for t in test_sets]
+        test[name] = {"post": post, **pooled(tallies), "per_run": [t.metrics() for t in tallies]}
+        if name == "in force":
+            test[name]["development"] = pooled([score(d, num_classes, post) for d in dev_sets])
+    test["chosen"]["development"] = grid[chosen]
+    rows = [
+        {
+            "post-processing": name,
+            "min_share": v["post"].get("min_share", 0),
+            "min_confidence": v["post"].get("min_confidence", 0),
+            "dev lesion Dice": f"{v['development'][LESION_DICE]:.3f}" if "development" in v else "",
+            "dev normals empty": f"{v['development'][EMPTY_SHARE]:.3f}" if "development" in v else "",
+            "test lesion Dice": f"{v[LESION_DICE]:.3f}",
+            "test normals empty": f"{v[EMPTY_SHARE]:.3f}",
+        }
+        for name, v in test.items()
+    ]
+    markdown = table(rows, list(rows[0]))
+    payload = {
+        "benchmark": "postprocess",
+        "machine": machine(),
+        "target_empty": args.target_empty,
+        "runs": runs_meta,
+        "grid": [{"min_share": s[0], "min_confidence": s[1], **m} for s, m in grid.items()],
+        "chosen": {"min_share": chosen[0], "min_confidence": chosen[1]},
+        "test": test,
+    }
+    out = write_json(args.out, payload)
+    out.with_suffix(".md").write_text(markdown + "\n")
+    print(markdown)
+    print(f"wrote {out} and {out.with_suffix('.md')}")
+    return payload
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,79 @@
+"""The post-processing benchmark: the rule that picks a setting, the scoring, and a real run on BUSI-like images
+(a fine-tuned model, its unused labelled images as the development split)."""
+
+import json
+
+import numpy as np
+import pytest
+
+from amlp_core.config import build_config
+from amlp_core.engine.lesions import EMPTY_SHARE, LESION_DICE
+from amlp_core.engine.pipeline import finetune
+from amlp_core.engine.split import data_defaults
+from amlp_core.errors import ConfigError
+from simulations.benchmarks import postprocess
+from simulations.benchmarks.postprocess import CONFIDENCES, SHARES, choose, score
+from tests.conftest import tiny_model
+
+
+def test_choose_takes_the_best_dice_that_reaches_the_target_else_the_highest_share():
+    grid = {
+        (0.002, 0.5): {LESION_DICE: 0.70, EMPTY_SHARE: 0.40},
+        (0.002, 0.9): {LESION_DICE: 0.60, EMPTY_SHARE: 0.90},
+        (0.01, 0.9): {LESION_DICE: 0.55, EMPTY_SHARE: 0.95},
+    }
+    assert choose(grid, 0.9) == (0.002, 0.9)
+    assert choose(grid, 0.99) == (0.01, 0.9)  # none reaches it: the most normal images cleared
+
+
+def test_a_faint_blob_is_cleared_and_a_confident_lesion_kept():
+    def image(confidence):  # probabilities [2, 16, 16] with one 4x4 blob at `confidence`
+        p = np.zeros((2, 16, 16), np.float32)
+        p[1, 4:8, 4:8] = confidence
+        p[0] = 1 - p[1]
+        return p
+
+    truth_lesion = np.zeros((16, 16), np.int64)
+    truth_lesion[4:8, 4:8] = 1
+    scored = [(image(0.97), truth_lesion), (image(0.7), np.zeros((16, 16), np.int64))]
+    keep_all = score(scored, 2, {}).metrics()
+    assert keep_all[LESION_DICE] == 1.0 and keep_all[EMPTY_SHARE] == 0.0
+    decided = score(scored, 2, {"keep_largest": True, "min_share": 0.002, "min_confidence": 0.9}).metrics()
+    assert decided[LESION_DICE] == 1.0 and decided[EMPTY_SHARE] == 1.0
+    too_strict = score(scored, 2, {"min_confidence": 0.98}).metrics()
+    assert too_strict[LESION_DICE] == 0.0  # the lesion image predicted empty scores 0
+
+
+@pytest.mark.slow
+def test_the_benchmark_chooses_on_unused_labelled_images_and_scores_the_test_split(tmp_path):
+    from tests.data.test_lesion_data import write_busi
+
+    root = write_busi(tmp_path / "Dataset_BUSI_with_GT", n_per_class=5)
+    m = tiny_model(2)
+    model = {f"model.{k}": getattr(m, k) for k in ("img_size", "patch_size", "embed_dim", "depth", "num_heads")}
+    model |= {f"model.{k}": getattr(m, k) for k in ("decoder_dim", "decoder_depth", "decoder_heads", "conv_channels")}
+    base = {**data_defaults(str(root)), **model, "data.test_fraction": 0.3, "train.device": "cpu"}
+    base |= {"train.label_fraction": 0.5, "train.finetune_steps": 3, "train.batch_size": 4}
+    run = tmp_path / "fine"
+    finetune(build_config(base), run)
+    out = tmp_path / "post.json"
+    payload = postprocess.main([str(run), "--out", str(out)])
+    assert json.loads(out.read_text()) == payload and (tmp_path / "post.md").exists()
+    (meta,) = payload["runs"]
+    train_images = 15 - meta["test_images"]
+    assert 0 < meta["development_images"] < train_images  # the unused half of the labelled training images
+    assert len(payload["grid"]) == len(SHARES) * len(CONFIDENCES)
+    chosen = payload["chosen"]
+    assert {"min_share": chosen["min_share"], "min_confidence": chosen["min_confidence"]} in [
+        {k: g[k] for k in ("min_share", "min_confidence")} for g in payload["grid"]
+    ]
+    assert payload["test"]["in force"]["post"]["min_confidence"] == 0.8  # BUSI's preset
+    assert payload["test"]["chosen"]["post"]["min_share"] == chosen["min_share"]
+    for name in ("in force", "chosen", "none"):
+        assert 0 <= payload["test"][name][EMPTY_SHARE] <= 1 and len(payload["test"][name]["per_run"]) == 1
+    # A semi-supervised run trained on those images: it is refused, naming the run.
+    semi = tmp_path / "semi"
+    finetune(build_config({**base, "train.semi_supervised": "mean_teacher"}), semi)
+    with pytest.raises(ConfigError, match="semi"):
+        postprocess.main([str(semi), "--out", str(tmp_path / "refused.json")])
+    assert not (tmp_path / "refused.json").exists()
