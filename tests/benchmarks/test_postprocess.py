@@ -12,18 +12,31 @@ from amlp_core.engine.pipeline import finetune
 from amlp_core.engine.split import data_defaults
 from amlp_core.errors import ConfigError
 from simulations.benchmarks import postprocess
-from simulations.benchmarks.postprocess import CONFIDENCES, SHARES, choose, score
+from simulations.benchmarks.postprocess import CONFIDENCES, IMAGE_DICE, SHARES, best_image_dice, pooled, reaching, score
 from tests.conftest import tiny_model
 
 
-def test_choose_takes_the_best_dice_that_reaches_the_target_else_the_highest_share():
+def test_the_two_rules_pick_from_the_grid():
     grid = {
-        (0.002, 0.5): {LESION_DICE: 0.70, EMPTY_SHARE: 0.40},
-        (0.002, 0.9): {LESION_DICE: 0.60, EMPTY_SHARE: 0.90},
-        (0.01, 0.9): {LESION_DICE: 0.55, EMPTY_SHARE: 0.95},
+        (True, 0.002, 0.5): {LESION_DICE: 0.70, EMPTY_SHARE: 0.40, IMAGE_DICE: 0.65},
+        (True, 0.002, 0.9): {LESION_DICE: 0.60, EMPTY_SHARE: 0.90, IMAGE_DICE: 0.66},
+        (False, 0.01, 0.9): {LESION_DICE: 0.55, EMPTY_SHARE: 0.95, IMAGE_DICE: 0.62},
     }
-    assert choose(grid, 0.9) == (0.002, 0.9)
-    assert choose(grid, 0.99) == (0.01, 0.9)  # none reaches it: the most normal images cleared
+    assert reaching(grid, 0.9) == (True, 0.002, 0.9)  # the best lesion Dice of those reaching it
+    assert reaching(grid, 0.99) == (False, 0.01, 0.9)  # none reaches it: the most normal images cleared
+    assert best_image_dice(grid) == (True, 0.002, 0.9)
+
+
+def test_image_dice_counts_a_normal_image_as_one_when_empty():
+    lesion = np.zeros((8, 8), np.int64)
+    lesion[:4] = 1
+    normal = np.zeros((8, 8), np.int64)
+    p = np.zeros((2, 8, 8), np.float32)
+    p[1, :2] = 0.9  # half the lesion found: Dice 2/3; nothing on the normal image
+    p[0] = 1 - p[1]
+    figures = pooled([score([(p, lesion), (p * 0 + np.array([1, 0])[:, None, None], normal)], 2, {})])
+    assert figures[LESION_DICE] == pytest.approx(2 / 3) and figures[EMPTY_SHARE] == 1.0
+    assert figures[IMAGE_DICE] == pytest.approx((2 / 3 + 1) / 2)
 
 
 def test_a_faint_blob_is_cleared_and_a_confident_lesion_kept():
@@ -62,15 +75,16 @@ def test_the_benchmark_chooses_on_unused_labelled_images_and_scores_the_test_spl
     (meta,) = payload["runs"]
     train_images = 15 - meta["test_images"]
     assert 0 < meta["development_images"] < train_images  # the unused half of the labelled training images
-    assert len(payload["grid"]) == len(SHARES) * len(CONFIDENCES)
-    chosen = payload["chosen"]
-    assert {"min_share": chosen["min_share"], "min_confidence": chosen["min_confidence"]} in [
-        {k: g[k] for k in ("min_share", "min_confidence")} for g in payload["grid"]
-    ]
+    assert len(payload["grid"]) == 2 * len(SHARES) * len(CONFIDENCES)
+    settings = [{k: g[k] for k in ("keep_largest", "min_share", "min_confidence")} for g in payload["grid"]]
+    assert payload["chosen"] in settings and payload["reaching_target"] in settings
+    best = max(payload["grid"], key=lambda g: (g[IMAGE_DICE], g[LESION_DICE]))
+    assert payload["test"]["chosen"]["development"][IMAGE_DICE] == pytest.approx(best[IMAGE_DICE])
     assert payload["test"]["in force"]["post"]["min_confidence"] == 0.8  # BUSI's preset
-    assert payload["test"]["chosen"]["post"]["min_share"] == chosen["min_share"]
-    for name in ("in force", "chosen", "none"):
-        assert 0 <= payload["test"][name][EMPTY_SHARE] <= 1 and len(payload["test"][name]["per_run"]) == 1
+    assert payload["test"]["chosen"]["post"] == payload["chosen"]
+    assert set(payload["test"]) == {"in force", "chosen", "normals empty >= 0.9", "none"}
+    for figures in payload["test"].values():
+        assert 0 <= figures[EMPTY_SHARE] <= 1 and len(figures["per_run"]) == 1
     # A semi-supervised run trained on those images: it is refused, naming the run.
     semi = tmp_path / "semi"
     finetune(build_config({**base, "train.semi_supervised": "mean_teacher"}), semi)
