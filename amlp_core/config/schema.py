@@ -677,6 +677,8 @@ class PrivacyConfig:
     # less of the noise) and the optimiser (adamw | sgd, momentum 0.9). auto: the measured best for the start
     # (amlp_core/engine/optim.py private_recipe): a decoder that starts pretrained trains its norms, biases and
     # output layer with SGD, an encoder alone the decoder with SGD, nothing pretrained everything with AdamW.
+    # Set (not auto) without site DP, the recipe applies as it is, unclipped and without noise: the reference
+    # that measures what the noise costs.
     trainable: str = opt("auto", choices=PRIVATE_TRAINABLE)
     # Augmentation multiplicity (De et al. 2022): each sampled case trains as this many augmentations, their
     # gradients averaged before clipping (the noise does not grow; the step costs this many times more).

@@ -79,15 +79,17 @@ def finetune_optimizer(
     (so its first, random gradients do not wash out the pretrained features); an encoder from
     scratch is just the network's down path and learns like the rest. Under site DP (``privacy``
     with ``site_dp``): the private recipe (:func:`private_recipe`): only what it names trains
-    (:func:`select_trainable`), with its optimiser (AdamW, or SGD with momentum 0.9) at its rate.
+    (:func:`select_trainable`), with its optimiser (AdamW, or SGD with momentum 0.9) at its rate. Without DP
+    the recipe applies where ``privacy.trainable`` is set (not ``auto``): the same recipe without clipping or
+    noise, the reference a private run's utility is measured against.
     """
     private = privacy is not None and privacy.site_dp
     rate, optimizer = train.finetune_lr, "adamw"
-    if private:
-        assert privacy is not None
+    if privacy is not None and (private or privacy.trainable != "auto"):
         trainable, optimizer, rate = private_recipe(privacy, train, pretrained)
         count = select_trainable(model, trainable)
-        log.info("private fine-tuning: %s (%d parameters), %s at %g", trainable, count, optimizer, rate)
+        what = "private fine-tuning" if private else "the private recipe without DP"
+        log.info("%s: %s (%d parameters), %s at %g", what, trainable, count, optimizer, rate)
     # The plain U-Net (model.seg_arch=unet) has no encoder: one group, at the fresh rate.
     names = model.pretrained_names(pretrained and train.init_decoder) if isinstance(model, SegmentationNet) else set()
     trained = [(n, p) for n, p in model.named_parameters() if p.requires_grad]

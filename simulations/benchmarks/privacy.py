@@ -23,7 +23,9 @@ ledger composes both phases.
 Private rows run once per recipe (``--recipe NAME=K=V;K=V``: the private fine-tuning settings under
 comparison, e.g. ``decoder_sgd=privacy.trainable=decoder;privacy.optimizer=sgd``; none given: the
 defaults, named ``default``); a recipe's settings are all ``privacy.*`` and change nothing without DP, so
-the non-private rows run once (recipe ``-``). Every row records the accountant's epsilon after the run, the
+the non-private rows run once (recipe ``-``): they train everything with AdamW. The budget ``recipe`` runs
+each recipe without DP as it stands, resolved for its start (only what it trains, its optimiser and
+rate, no clipping, no noise): each private row's share of it says what the noise alone costs. Every row records the accountant's epsilon after the run, the
 noise, the steps and the test-Dice curve (``--curve-every`` steps; federated: every round, or
 ``federation.eval_every``), and its share of the non-private Dice of the
 same start; the summary pairs AMLP with scratch under DP seed by seed, within a recipe. Resumable: rows
@@ -37,6 +39,7 @@ already in ``--out`` are kept. ::
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import shutil
@@ -68,6 +71,9 @@ from simulations.benchmarks.pretrain_gain import curve, pretrained
 log = logging.getLogger(__name__)
 INITS = ("scratch", "amlp", "amlp_private")
 NONE = "none"  # the budget of the non-private row
+#: The budget of a recipe's row without DP: what the private recipe trains, with its optimiser and rate, unclipped
+#: and without noise (the reference for "the non-private Dice of the same recipe").
+RECIPE = "recipe"
 CAVEAT = {
     "scratch": "",
     "amlp": "encoder pretrained on the sites' scans without DP: not covered by the epsilon",
@@ -77,7 +83,11 @@ CAVEAT = {
 
 def _parser():
     p = benchmark_parser(__doc__, "results/privacy.json")
-    p.add_argument("--budgets", default="none,1,3,8,16,32", help="epsilons ('none': without DP)")
+    p.add_argument(
+        "--budgets",
+        default="none,1,3,8,16,32",
+        help=f"epsilons ('{NONE}': without DP; '{RECIPE}': each recipe without DP, unclipped and without noise)",
+    )
     p.add_argument("--inits", default=",".join(INITS), help=f"rows among {', '.join(INITS)}")
     p.add_argument("--seeds", default="0", help="fine-tuning seeds at every budget")
     p.add_argument("--seeds-at", action="append", default=[], metavar="EPS=SEEDS", help="more seeds at a budget")
@@ -139,18 +149,20 @@ def _private_pretraining(cfg: Config, args, budget: float, runs: Path, split) ->
 def _row(
     cfg: Config, init: str, recipe: str, sets: dict[str, str], budget: str, seed: int, args, split, runs: Path
 ) -> dict[str, Any]:
-    private = budget != NONE
+    private = budget not in (NONE, RECIPE)
     run = runs / f"finetune_{init}_eps{budget}_s{seed}{'' if recipe in ('default', NO_RECIPE) else '_' + recipe}"
     folder, spent = None, []
     if init == "amlp" or (init == "amlp_private" and not private):
         folder = pretrained(cfg, args.method, args.pretrain_epochs, 0, runs, split)["folder"]
     elif init == "amlp_private":
         folder, spent = _private_pretraining(cfg, args, float(budget), runs, split)
-    ft = build_config(sets, base=cfg) if private else cfg
+    ft = build_config(sets, base=cfg) if budget != NONE else cfg
     ft = ft.replace(
         train={"seed": seed, "finetune_steps": args.finetune_steps, "eval_every": args.curve_every},
         privacy={"site_dp": private, **({"budget": float(budget)} if private else {})},
     )
+    if budget == RECIPE:
+        ft = ft.replace(privacy=resolved_recipe(ft, folder is not None))
     if run.exists():
         shutil.rmtree(run)  # a row not in the JSON is redone from its start, with a fresh ledger
     if spent:  # fine-tuning's accountant goes on from the pretraining's stretches (its own noise, calibrated)
@@ -171,9 +183,17 @@ def _row(
     )
 
 
+def resolved_recipe(cfg: Config, pretrained: bool) -> dict[str, Any]:
+    """``cfg``'s private recipe resolved for its start, as explicit ``privacy`` values: set without DP, fine-tuning
+    trains it as it stands (:func:`~amlp_core.engine.optim.finetune_optimizer`)."""
+    trainable, optimizer, rate = private_recipe(dataclasses.replace(cfg.privacy, site_dp=True), cfg.train, pretrained)
+    return {"trainable": trainable, "optimizer": optimizer, "lr": rate}
+
+
 def _trained(cfg: Config, pretrained: bool) -> str:
-    """What a row trained, with what, at which peak rate, in words: under DP its recipe resolved for its start."""
-    if not cfg.privacy.site_dp:
+    """What a row trained, with what, at which peak rate, in words: its recipe resolved for its start (under DP,
+    or set without it), else everything with AdamW."""
+    if not cfg.privacy.site_dp and cfg.privacy.trainable == "auto":
         return f"all, adamw {cfg.train.finetune_lr:g}"
     trainable, optimizer, rate = private_recipe(cfg.privacy, cfg.train, pretrained)
     return f"{trainable}, {optimizer} {rate:g}"
@@ -195,7 +215,7 @@ def _federated_row(
 ) -> dict[str, Any]:
     """One row as a federation of ``--sites`` simulated sites (:func:`run_once`): its final federated test Dice,
     the largest epsilon a site's accountant spent, and the Dice of every evaluated round."""
-    private = budget != NONE
+    private = budget not in (NONE, RECIPE)
     run = runs / f"federated_{init}_eps{budget}_s{seed}{'' if recipe in ('default', NO_RECIPE) else '_' + recipe}"
     encoder = runs / FEDERATED_ENCODER
     start: dict[str, Any] = {"federation.pretrain_rounds": 0, "federation.init_encoder": ""}
@@ -209,7 +229,7 @@ def _federated_row(
     cfg = build_config(
         {
             **flat,
-            **(sets if private else {}),
+            **(sets if budget != NONE else {}),
             **start,
             "method.name": args.method,
             "train.seed": seed,
@@ -222,6 +242,8 @@ def _federated_row(
             **({"privacy.budget": float(budget)} if private else {}),
         }
     )
+    if budget == RECIPE:
+        cfg = cfg.replace(privacy=resolved_recipe(cfg, init != "scratch"))
     result, _ = run_once(cfg, args, f"{init} ({recipe}) at epsilon {budget}, seed {seed}, {args.sites} sites")
     if init == "amlp" and start["federation.pretrain_rounds"]:
         shutil.rmtree(encoder, ignore_errors=True)
@@ -242,8 +264,9 @@ def _federated_row(
 
 
 def summary(rows: list[dict]) -> tuple[list[dict], str]:
-    """Per start and budget: mean Dice over seeds and its share of the same start's non-private Dice; per
-    budget, AMLP minus scratch paired by seed (with its test)."""
+    """Per start and budget: mean Dice over seeds, its share of the same start's non-private Dice and (where the
+    budget ``recipe`` ran) of the same recipe's Dice without DP; per budget, AMLP minus scratch paired by seed
+    (with its test)."""
     out = []
     cells = dict.fromkeys((_recipe_of(r), r["budget"]) for r in rows)
     for init in INITS:
@@ -254,15 +277,17 @@ def summary(rows: list[dict]) -> tuple[list[dict], str]:
             if not mine:
                 continue
             dice = sum(r["dice_mean"] for r in mine) / len(mine)
+            same = [r["dice_mean"] for r in rows if (r["init"], _recipe_of(r), r["budget"]) == (init, recipe, RECIPE)]
             entry = {
                 "init": init,
                 "recipe": recipe,
                 "trained": mine[0].get("trained", ""),
                 "budget": budget,
                 "seeds": len(mine),
-                "epsilon": max((r["epsilon"] or 0.0) for r in mine) if budget != NONE else None,
+                "epsilon": max((r["epsilon"] or 0.0) for r in mine) if budget not in (NONE, RECIPE) else None,
                 "dice_mean": dice,
                 "share_of_no_dp": dice / reference if reference else None,
+                "share_of_recipe": dice / (sum(same) / len(same)) if same and budget != RECIPE else None,
                 "caveat": CAVEAT[init],
             }
             if init != "scratch":
@@ -283,6 +308,7 @@ def summary(rows: list[dict]) -> tuple[list[dict], str]:
         {
             **{k: fmt(e[k]) for k in ("init", "recipe", "trained", "budget", "seeds", "epsilon", "dice_mean")},
             "share_of_no_dp": fmt(e["share_of_no_dp"]),
+            "share of the recipe without DP": fmt(e["share_of_recipe"]),
             "minus scratch (paired)": fmt(e.get("minus_scratch", {}).get("mean"))
             + (f" ({e['minus_scratch']['verdict']})" if "minus_scratch" in e else ""),
             "caveat": e["caveat"],
@@ -291,7 +317,7 @@ def summary(rows: list[dict]) -> tuple[list[dict], str]:
     ]
     columns = [
         *("init", "recipe", "trained", "budget", "seeds", "epsilon", "dice_mean", "share_of_no_dp"),
-        *("minus scratch (paired)", "caveat"),
+        *("share of the recipe without DP", "minus scratch (paired)", "caveat"),
     ]
     return out, table(lines, columns)
 

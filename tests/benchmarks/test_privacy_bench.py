@@ -84,6 +84,17 @@ def test_private_recipes_are_rows_of_their_own_paired_within_a_recipe(tmp_path):
     assert cell["minus_scratch"]["mean"] == pytest.approx(bitfit["dice_mean"] - scratch["dice_mean"])
     plain = next(r for r in rows if (r["init"], r["budget"]) == ("amlp", "none"))
     assert cell["share_of_no_dp"] == pytest.approx(bitfit["dice_mean"] / plain["dice_mean"])
+    # The budget "recipe": each recipe without DP, resolved for its start, as its private rows' reference.
+    args[args.index("--budgets") + 1] = "none,recipe,8"
+    again = privacy.main([*args, *recipes])
+    same = {(r["init"], r["recipe"]): r for r in again["rows"] if r["budget"] == "recipe"}
+    assert set(same) == {(i, n) for i in ("scratch", "amlp") for n in ("default", "bitfit")}
+    assert same["amlp", "default"]["trained"] == "decoder, sgd 0.5" and same["amlp", "default"]["epsilon"] is None
+    saved = (tmp_path / "runs" / "finetune_amlp_epsrecipe_s0" / "config.yaml").read_text()
+    assert "site_dp: false" in saved and "trainable: decoder" in saved and "lr: 0.5" in saved
+    cell = next(c for c in again["summary"] if (c["init"], c["recipe"], c["budget"]) == ("amlp", "bitfit", "8"))
+    assert cell["share_of_recipe"] == pytest.approx(bitfit["dice_mean"] / same["amlp", "bitfit"]["dice_mean"])
+    assert "share of the recipe without DP" in (tmp_path / "privacy.md").read_text()
     with pytest.raises(SystemExit, match="a recipe may set privacy"):
         privacy.main([*args, "--recipe", "lr=train.finetune_lr=0.1"])
 

@@ -356,6 +356,28 @@ def test_private_fine_tuning_has_its_own_learning_rate():
         build_config({"privacy.lr": -1})
 
 
+def test_a_recipe_set_without_dp_trains_as_it_stands(tmp_path):
+    """privacy.trainable set (not auto) without site DP: the recipe's parameters, optimiser and rate, unclipped and
+    without noise (the privacy benchmark's reference); left at auto, everything trains with AdamW."""
+    from amlp_core.engine.checkpoint import load_checkpoint
+    from amlp_core.engine.optim import finetune_optimizer
+    from amlp_core.engine.pipeline import finetune
+
+    sets = {"privacy.trainable": "decoder", "privacy.optimizer": "sgd", "privacy.lr": 0.5}
+    cfg = tiny_config(2, **sets, **{"train.finetune_steps": 2})
+    optimizer = finetune_optimizer(SegmentationNet(cfg.model), cfg.train, pretrained=False, privacy=cfg.privacy)
+    assert type(optimizer).__name__ == "SGD" and {g["peak_lr"] for g in optimizer.param_groups} == {0.5}
+    plain = tiny_config(2)
+    assert type(finetune_optimizer(SegmentationNet(plain.model), plain.train, False, plain.privacy)).__name__ == "AdamW"
+    torch.manual_seed(0)
+    before = SegmentationNet(cfg.model).state_dict()
+    result = finetune(cfg, tmp_path / "run")
+    after = load_checkpoint(tmp_path / "run" / "checkpoint.pt")[0]["model"]
+    changed = {k for k in before if before[k].is_floating_point() and not torch.equal(before[k], after[k])}
+    assert changed and not any(k.startswith("encoder.") for k in changed)  # the decoder trained, the encoder froze
+    assert "epsilon" not in result and not (tmp_path / "run" / "privacy_ledger.json").exists()
+
+
 def test_the_default_private_recipe_is_the_measured_best_for_the_start():
     """privacy.trainable / optimizer / lr left at auto: a decoder that starts pretrained trains its norms, biases
     and output layer with SGD at 0.05, an encoder alone the decoder with SGD at 0.5, nothing pretrained everything
