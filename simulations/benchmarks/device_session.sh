@@ -57,7 +57,7 @@ run)
   if [ "${PRIVACY_S:-0}" -gt 0 ]; then
     # shellcheck disable=SC2086
     timeout "$PRIVACY_S" python3 -m simulations.benchmarks.privacy --data shared/data/msd_hippocampus \
-      --budgets none,8,3,16,1,32 --seeds 0 --seeds-at 8=0,1,2 --inits scratch,amlp,amlp_private \
+      --budgets none,recipe,8,3,16,1,32 --seeds 0 --seeds-at 8=0,1,2 --inits scratch,amlp,amlp_private \
       --finetune-steps 300 --curve-every 100 --pretrain-epochs "${EPOCHS:-300}" --set train.batch_size=32 \
       ${PRIVACY_RECIPES:---recipe nbo_sgd=privacy.trainable=norms_biases_output;privacy.optimizer=sgd;privacy.lr=0.05 --recipe decoder_sgd=privacy.trainable=decoder;privacy.optimizer=sgd;privacy.lr=0.5} \
       ${PRIVACY_SET:---set model.pretrain_decoder=unet --set train.init_decoder=true} --runs /tmp/privacy_runs --out "$OUT/privacy_gpu.json" >"$OUT/privacy.log" 2>&1
