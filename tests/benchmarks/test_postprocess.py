@@ -11,6 +11,7 @@ from amlp_core.engine.lesions import EMPTY_SHARE, LESION_DICE
 from amlp_core.engine.pipeline import finetune
 from amlp_core.engine.split import data_defaults
 from amlp_core.errors import ConfigError
+from amlp_core.presets import LESION_IMAGES
 from simulations.benchmarks import postprocess
 from simulations.benchmarks.postprocess import CONFIDENCES, IMAGE_DICE, SHARES, best_image_dice, pooled, reaching, score
 from tests.conftest import tiny_model
@@ -80,7 +81,7 @@ def test_the_benchmark_chooses_on_unused_labelled_images_and_scores_the_test_spl
     assert payload["chosen"] in settings and payload["reaching_target"] in settings
     best = max(payload["grid"], key=lambda g: (g[IMAGE_DICE], g[LESION_DICE]))
     assert payload["test"]["chosen"]["development"][IMAGE_DICE] == pytest.approx(best[IMAGE_DICE])
-    assert payload["test"]["in force"]["post"]["min_confidence"] == 0.8  # BUSI's preset
+    assert payload["test"]["in force"]["post"]["min_confidence"] == LESION_IMAGES["model.post_min_confidence"]
     assert payload["test"]["chosen"]["post"] == payload["chosen"]
     assert set(payload["test"]) == {"in force", "chosen", "normals empty >= 0.9", "none"}
     for figures in payload["test"].values():
