@@ -82,8 +82,8 @@ def test_lesion_images_get_their_presets(tmp_path):
     root = write_busi(tmp_path / "busi")
     defaults = data_defaults(str(root))
     assert defaults["model.spatial_dims"] == 2 and defaults["model.img_size"] == (128, 128)
-    assert defaults["model.post_keep_largest"] is True and defaults["model.post_min_share"] == 0.002
-    assert defaults["model.post_min_confidence"] == 0.8
+    assert defaults["model.post_keep_largest"] is False and defaults["model.post_min_share"] == 0.005
+    assert defaults["model.post_min_confidence"] == 0.9
     assert "model.tta_flips" not in defaults  # (an ultrasound image's top is the skin: no mirrored inference)
 
 
