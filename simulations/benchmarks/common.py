@@ -64,6 +64,15 @@ def write_json(path: str | Path, payload: dict[str, Any]) -> Path:
     return path
 
 
+def write_results(path: str | Path, payload: dict[str, Any], markdown: str) -> Path:
+    """A benchmark's output: ``payload`` as JSON at ``path``, ``markdown`` beside it (``.md``) and on stdout."""
+    out = write_json(path, payload)
+    out.with_suffix(".md").write_text(markdown + "\n")
+    print(markdown)
+    print(f"wrote {out} and {out.with_suffix('.md')}")
+    return out
+
+
 def mean_std(values: Sequence[float]) -> tuple[float, float]:
     """Mean and sample standard deviation (0 for a single value), e.g. over seeds."""
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0

@@ -26,7 +26,7 @@ from typing import Any
 from amlp_core.engine.lesions import EMPTY_CASES, EMPTY_HITS, LESION_DICE, LESION_KEYS
 from amlp_core.protocol import ALL_SITES, DICE_MEAN, DICE_PREFIX
 from server.results import RunResults
-from simulations.benchmarks.common import benchmark_parser, machine, table, write_json
+from simulations.benchmarks.common import benchmark_parser, machine, table, write_json, write_results
 
 log = logging.getLogger(__name__)
 
@@ -142,9 +142,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     columns += ["minutes", "timed", "meets_dice", "meets_time"]
     shown = [{**r, "sets": " ".join(r["sets"]) or "(defaults)", EMPTY_COLUMN: _empty(r)} for r in rows]
     markdown = table(shown, columns)
-    write_json(out, {**header, "rows": rows})
-    out.with_suffix(".md").write_text(markdown + "\n")
-    print(markdown)
+    write_results(out, {**header, "rows": rows}, markdown)
     return {**header, "rows": rows}
 
 

@@ -42,7 +42,7 @@ from amlp_core.engine.lesions import EMPTY_SHARE, LESION_DICE, LesionTally, post
 from amlp_core.engine.loops import predict_volume
 from amlp_core.engine.split import load_split
 from amlp_core.errors import ConfigError
-from simulations.benchmarks.common import benchmark_parser, machine, table, write_json
+from simulations.benchmarks.common import benchmark_parser, machine, table, write_results
 
 log = logging.getLogger(__name__)
 
@@ -175,10 +175,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "reaching_target": _setting_args(target),
         "test": test,
     }
-    out = write_json(args.out, payload)
-    out.with_suffix(".md").write_text(markdown + "\n")
-    print(markdown)
-    print(f"wrote {out} and {out.with_suffix('.md')}")
+    write_results(args.out, payload, markdown)
     return payload
 
 

@@ -52,6 +52,7 @@ from simulations.benchmarks.common import (
     set_overrides,
     table,
     write_json,
+    write_results,
 )
 
 log = logging.getLogger(__name__)
@@ -328,10 +329,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 write_json(out, {**header, "rows": rows, "summary": stats})
     stats, markdown = summary(rows, sorted({r["label_fraction"] for r in rows}), metric)  # every fraction so far
     payload = {**header, "rows": rows, "summary": stats}
-    write_json(out, payload)
-    out.with_suffix(".md").write_text(markdown + "\n")
-    print(markdown)
-    print(f"wrote {out} and {out.with_suffix('.md')}")
+    write_results(out, payload, markdown)
     return payload
 
 

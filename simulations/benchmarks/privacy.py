@@ -64,6 +64,7 @@ from simulations.benchmarks.common import (
     set_overrides,
     table,
     write_json,
+    write_results,
 )
 from simulations.benchmarks.comparison.plan import run_once
 from simulations.benchmarks.pretrain_gain import curve, pretrained
@@ -372,9 +373,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     )
                     write_json(out, {**header, "rows": rows, "summary": summary(rows)[0]})
     stats, markdown = summary(rows)
-    write_json(out, {**header, "rows": rows, "summary": stats})
-    out.with_suffix(".md").write_text(markdown + "\n")
-    print(markdown)
+    write_results(out, {**header, "rows": rows, "summary": stats}, markdown)
     return {**header, "rows": rows, "summary": stats}
 
 
