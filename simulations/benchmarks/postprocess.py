@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if not dev:
             raise ConfigError(f"{run}: train.label_fraction={cfg.train.label_fraction} leaves no development images")
         num_classes = cfg.model.num_classes
-        current = current or {k: v for k, v in post_args(cfg.model).items()}
+        current = current or post_args(cfg.model)
         dev_sets.append(_probabilities(model, cfg, dev, device, f"{Path(run).name} development"))
         test_sets.append(_probabilities(model, cfg, split.test, device, f"{Path(run).name} test"))
         runs_meta.append({"run": str(run), "development_images": len(dev), "test_images": len(split.test)})

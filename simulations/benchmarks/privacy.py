@@ -75,6 +75,7 @@ NONE = "none"  # the budget of the non-private row
 #: The budget of a recipe's row without DP: what the private recipe trains, with its optimiser and rate, unclipped
 #: and without noise (the reference for "the non-private Dice of the same recipe").
 RECIPE = "recipe"
+WITHOUT_DP = (NONE, RECIPE)  # the budgets that train without DP
 CAVEAT = {
     "scratch": "",
     "amlp": "encoder pretrained on the sites' scans without DP: not covered by the epsilon",
@@ -150,7 +151,7 @@ def _private_pretraining(cfg: Config, args, budget: float, runs: Path, split) ->
 def _row(
     cfg: Config, init: str, recipe: str, sets: dict[str, str], budget: str, seed: int, args, split, runs: Path
 ) -> dict[str, Any]:
-    private = budget not in (NONE, RECIPE)
+    private = budget not in WITHOUT_DP
     run = runs / f"finetune_{init}_eps{budget}_s{seed}{'' if recipe in ('default', NO_RECIPE) else '_' + recipe}"
     folder, spent = None, []
     if init == "amlp" or (init == "amlp_private" and not private):
@@ -216,7 +217,7 @@ def _federated_row(
 ) -> dict[str, Any]:
     """One row as a federation of ``--sites`` simulated sites (:func:`run_once`): its final federated test Dice,
     the largest epsilon a site's accountant spent, and the Dice of every evaluated round."""
-    private = budget not in (NONE, RECIPE)
+    private = budget not in WITHOUT_DP
     run = runs / f"federated_{init}_eps{budget}_s{seed}{'' if recipe in ('default', NO_RECIPE) else '_' + recipe}"
     encoder = runs / FEDERATED_ENCODER
     start: dict[str, Any] = {"federation.pretrain_rounds": 0, "federation.init_encoder": ""}
@@ -285,7 +286,7 @@ def summary(rows: list[dict]) -> tuple[list[dict], str]:
                 "trained": mine[0].get("trained", ""),
                 "budget": budget,
                 "seeds": len(mine),
-                "epsilon": max((r["epsilon"] or 0.0) for r in mine) if budget not in (NONE, RECIPE) else None,
+                "epsilon": max((r["epsilon"] or 0.0) for r in mine) if budget not in WITHOUT_DP else None,
                 "dice_mean": dice,
                 "share_of_no_dp": dice / reference if reference else None,
                 "share_of_recipe": dice / (sum(same) / len(same)) if same and budget != RECIPE else None,
