@@ -116,10 +116,14 @@ def privacy_info(cfg: Config) -> dict[str, str]:
             f"DP-SGD ({p.phases}), budget epsilon {p.budget:g} per site at delta {p.delta:g}, "
             f"clip {p.max_grad_norm:g}, {noise}"
         )
-        trainable, optimizer, rate = private_recipe(p, cfg.train, f.encoder_pretrained)
-        info["private fine-tuning"] = f"trains {trainable}, {optimizer} at {rate:g} (privacy.trainable={p.trainable})"
         info[BUDGET] = p.budget
         info[COVERS] = coverage(cfg)
+    if p.site_dp or p.trainable != "auto":
+        # Without site DP a set recipe still trains alone (unclipped, no noise): the reference a private run is
+        # measured against, which the summary must name as such.
+        trainable, optimizer, rate = private_recipe(p, cfg.train, f.encoder_pretrained)
+        key = "private fine-tuning" if p.site_dp else "the private recipe without DP"
+        info[key] = f"trains {trainable}, {optimizer} at {rate:g} (privacy.trainable={p.trainable})"
     if p.server_dp:
         cap = f", cap epsilon {p.server_budget:g}" if p.server_budget else ""
         info["server DP"] = (

@@ -9,7 +9,7 @@ from flwr.supercore.privacy_accounting import GaussianPrivacyEvent
 
 from amlp_core import protocol as P
 from amlp_core.config import build_config
-from server.federation import Federation, Progress
+from server.federation import Federation, Progress, privacy_info
 from server.strategies import build_strategy, server_accountant
 
 
@@ -36,3 +36,19 @@ def test_the_server_accountant_survives_a_checkpoint(tmp_path):
     resumed._load()
     assert resumed.accountant.get_privacy_spent().epsilon == pytest.approx(spent)
     assert resumed.accountant.num_releases == 3
+
+
+def test_the_summary_names_the_recipe_with_and_without_site_dp():
+    # The private recipe is what trains under site DP; set without DP it trains alone, as the reference a
+    # private run's utility is measured against, and the summary must say which of the two a run was.
+    private = privacy_info(build_config({"privacy.site_dp": True, "privacy.budget": 8.0}))
+    assert "private fine-tuning" in private and "the private recipe without DP" not in private
+    assert "privacy.trainable=auto" in private["private fine-tuning"]
+    reference = privacy_info(
+        build_config({"privacy.trainable": "norms_biases_output", "privacy.optimizer": "sgd", "privacy.lr": 0.05})
+    )
+    assert reference == {
+        "the private recipe without DP": "trains norms_biases_output, sgd at 0.05 "
+        "(privacy.trainable=norms_biases_output)"
+    }
+    assert privacy_info(build_config({})) == {}
