@@ -21,6 +21,10 @@
 #      with SGD at 0.05, the CPU's best, and the decoder with SGD at 0.5) from AMLP with SparK's decoder, the
 #      segmentation decoder started from it (PRIVACY_SET: --set flags, by default those two), resumable in
 #      $OUT/privacy_gpu.json: a session lent a GPU for issue 29 runs GAIN_S=0 PRIVACY_S=380.
+#   4. BUSI (issue 26; only with BUSI_S > 0): the floor (our network from scratch and MONAI's plain U-Net with
+#      every label, at BUSI_SIZE, default 256 x 256, BUSI_STEPS steps, default 6000), then the methods at 10 %
+#      labels, seeds 0-2, resumable in $OUT/busi_gpu.json: a session lent a GPU for issue 26 runs GAIN_S=0
+#      BUSI_S=380 (prepare copies BUSI into shared/ too).
 # Each stage has its own time box (CHECK_S, GAIN_S, PRIVACY_S seconds; 0 skips it) so that what finished comes back.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -36,7 +40,9 @@ prepare)
   python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp $platforms \
     -d .whl $WHEELS || exit 2
   mkdir -p shared/data
-  [ -d shared/data/msd_hippocampus ] || cp -r ../shared/data/msd_hippocampus shared/data/ || exit 2
+  for data in msd_hippocampus busi; do
+    [ -d "shared/data/$data" ] || cp -r "../shared/data/$data" shared/data/ || exit 2
+  done
   du -sh .whl shared
   ;;
 run)
@@ -63,6 +69,15 @@ run)
       ${PRIVACY_SET:---set model.pretrain_decoder=unet --set train.init_decoder=true} --runs /tmp/privacy_runs --out "$OUT/privacy_gpu.json" >"$OUT/privacy.log" 2>&1
     echo "privacy exit $?"
     tail -30 "$OUT/privacy.log"
+  fi
+  if [ "${BUSI_S:-0}" -gt 0 ]; then
+    size="${BUSI_SIZE:-256}"
+    timeout "$BUSI_S" python3 -m simulations.benchmarks.pretrain_gain --data shared/data/busi/Dataset_BUSI_with_GT \
+      --fractions 1.0,0.1 --methods scratch,unet,amlp,mae,mps_ams --semi none --seeds 0,1,2 \
+      --finetune-steps "${BUSI_STEPS:-6000}" --curve-every 1000 --set "model.img_size=$size,$size" \
+      --runs /tmp/busi_runs --out "$OUT/busi_gpu.json" >"$OUT/busi.log" 2>&1
+    echo "busi exit $?"
+    tail -30 "$OUT/busi.log"
   fi
   ;;
 *)
