@@ -25,6 +25,7 @@ images nor their test images.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 from collections.abc import Sequence
@@ -32,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from tqdm.auto import tqdm
 
 from amlp_core.config import Config
@@ -65,6 +67,41 @@ def _probabilities(model, cfg: Config, samples: Sequence, device, desc: str) -> 
         )
         out.append((p.numpy(), np.asarray(s.label)))
     return out
+
+
+@dataclasses.dataclass
+class DevelopmentRun:
+    """A fine-tuned run read for a lesion benchmark: its network and config, the images it trained on
+    (``labelled``), its unused labelled training images (``development``) and its test split."""
+
+    model: torch.nn.Module
+    cfg: Config
+    labelled: list
+    development: list
+    test: list
+
+
+def development_run(run: str | Path, device: torch.device) -> DevelopmentRun:
+    """Load a fine-tuned run and split its labelled training images into those it used and the rest.
+
+    Raises:
+        ConfigError: the run was semi-supervised (its unused labelled images were training images), or it used
+            every labelled image (no development split).
+    """
+    model, meta = load_segmentation(run, device)
+    cfg = saved_config(meta, run)
+    if cfg.train.semi_supervised != "none":
+        raise ConfigError(
+            f"{run}: fine-tuned with train.semi_supervised={cfg.train.semi_supervised}, so its unused "
+            "labelled images were training images: not a development split"
+        )
+    split = load_split(cfg)
+    labelled = [s for s in split.train if s.label is not None]
+    used = {s.name for s in label_subset(labelled, cfg.train.label_fraction, cfg.train.seed)}
+    dev = [s for s in labelled if s.name not in used]
+    if not dev:
+        raise ConfigError(f"{run}: train.label_fraction={cfg.train.label_fraction} leaves no development images")
+    return DevelopmentRun(model, cfg, [s for s in labelled if s.name in used], dev, list(split.test))
 
 
 def score(scored: Scored, num_classes: int, post: dict[str, Any]) -> LesionTally:
@@ -116,24 +153,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     current: dict[str, Any] | None = None
     num_classes = 2
     for run in args.runs:
-        model, meta = load_segmentation(run, device)
-        cfg = saved_config(meta, run)
-        if cfg.train.semi_supervised != "none":
-            raise ConfigError(
-                f"{run}: fine-tuned with train.semi_supervised={cfg.train.semi_supervised}, so its unused "
-                "labelled images were training images: not a development split"
-            )
-        split = load_split(cfg)
-        labelled = [s for s in split.train if s.label is not None]
-        used = {s.name for s in label_subset(labelled, cfg.train.label_fraction, cfg.train.seed)}
-        dev = [s for s in labelled if s.name not in used]
-        if not dev:
-            raise ConfigError(f"{run}: train.label_fraction={cfg.train.label_fraction} leaves no development images")
-        num_classes = cfg.model.num_classes
-        current = current or post_args(cfg.model)
-        dev_sets.append(_probabilities(model, cfg, dev, device, f"{Path(run).name} development"))
-        test_sets.append(_probabilities(model, cfg, split.test, device, f"{Path(run).name} test"))
-        runs_meta.append({"run": str(run), "development_images": len(dev), "test_images": len(split.test)})
+        r = development_run(run, device)
+        num_classes = r.cfg.model.num_classes
+        current = current or post_args(r.cfg.model)
+        dev_sets.append(_probabilities(r.model, r.cfg, r.development, device, f"{Path(run).name} development"))
+        test_sets.append(_probabilities(r.model, r.cfg, r.test, device, f"{Path(run).name} test"))
+        runs_meta.append({"run": str(run), "development_images": len(r.development), "test_images": len(r.test)})
     settings: list[Setting] = list(itertools.product((True, False), SHARES, CONFIDENCES))
     grid = {
         s: pooled([score(d, num_classes, _setting_args(s)) for d in dev_sets])

@@ -37,14 +37,12 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 from tqdm.auto import tqdm
 
-from amlp_core.data.dataset import label_subset
-from amlp_core.engine.artefacts import load_segmentation, saved_config
 from amlp_core.engine.device import resolve_device
 from amlp_core.engine.loops import predict_volume
-from amlp_core.engine.split import load_split
 from amlp_core.errors import ConfigError
 from amlp_core.models.segmentation import SegmentationNet
 from simulations.benchmarks.common import benchmark_parser, machine, mean_std, table, write_results
+from simulations.benchmarks.postprocess import development_run
 
 log = logging.getLogger(__name__)
 
@@ -109,28 +107,22 @@ def probe(train: dict[str, np.ndarray], test: dict[str, np.ndarray], pool: str) 
 
 def run_scores(run: str, device) -> dict[str, Any]:
     """One run's test AUC and lesions kept at :data:`CLEARED`, for every score."""
-    model, meta = load_segmentation(run, device)
-    cfg = saved_config(meta, run)
-    if not isinstance(model, SegmentationNet):
-        raise ConfigError(f"{run}: model.seg_arch={cfg.model.seg_arch} has no encoder to probe")
-    if cfg.train.semi_supervised != "none":
-        raise ConfigError(f"{run}: semi-supervised, so its unused labelled images were training images")
-    split = load_split(cfg)
-    labelled = [s for s in split.train if s.label is not None]
-    used = {s.name for s in label_subset(labelled, cfg.train.label_fraction, cfg.train.seed)}
+    r = development_run(run, device)
+    if not isinstance(r.model, SegmentationNet):
+        raise ConfigError(f"{run}: model.seg_arch={r.cfg.model.seg_arch} has no encoder to probe")
+    if len({bool(np.asarray(s.label).any()) for s in r.test}) < 2:
+        raise ConfigError(f"{run}: the test split needs both normal and lesion images to score a per-image decision")
     name = Path(run).name
     sets = {
-        "labelled": _images(model, cfg, [s for s in labelled if s.name in used], device, f"{name} labelled"),
-        "development": _images(model, cfg, [s for s in labelled if s.name not in used], device, f"{name} dev"),
+        "labelled": _images(r.model, r.cfg, r.labelled, device, f"{name} labelled"),
+        "development": _images(r.model, r.cfg, r.development, device, f"{name} dev"),
     }
-    test = _images(model, cfg, split.test, device, f"{name} test")
+    test = _images(r.model, r.cfg, r.test, device, f"{name} test")
     scores: dict[str, np.ndarray | None] = {SEGMENTATION: test[SEGMENTATION]}
     for pool in POOLS:
         for train_set in TRAIN_SETS:
             scores[f"probe, {pool} pooled, trained on {train_set}"] = probe(sets[train_set], test, pool)
     present = test["present"]
-    if present.all() or not present.any():
-        raise ConfigError(f"{run}: the test split needs both normal and lesion images to score a per-image decision")
     return {
         "run": str(run),
         "images": {k: len(v["present"]) for k, v in {**sets, "test": test}.items()},

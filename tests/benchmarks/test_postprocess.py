@@ -6,15 +6,12 @@ import json
 import numpy as np
 import pytest
 
-from amlp_core.config import build_config
 from amlp_core.engine.lesions import EMPTY_SHARE, LESION_DICE
-from amlp_core.engine.pipeline import finetune
-from amlp_core.engine.split import data_defaults
 from amlp_core.errors import ConfigError
 from amlp_core.presets import LESION_IMAGES
 from simulations.benchmarks import postprocess
 from simulations.benchmarks.postprocess import CONFIDENCES, IMAGE_DICE, SHARES, best_image_dice, pooled, reaching, score
-from tests.conftest import tiny_model
+from tests.benchmarks.lesion_runs import busi_settings, finetuned
 
 
 def test_the_two_rules_pick_from_the_grid():
@@ -60,16 +57,8 @@ def test_a_faint_blob_is_cleared_and_a_confident_lesion_kept():
 
 @pytest.mark.slow
 def test_the_benchmark_chooses_on_unused_labelled_images_and_scores_the_test_split(tmp_path):
-    from tests.data.test_lesion_data import write_busi
-
-    root = write_busi(tmp_path / "Dataset_BUSI_with_GT", n_per_class=5)
-    m = tiny_model(2)
-    model = {f"model.{k}": getattr(m, k) for k in ("img_size", "patch_size", "embed_dim", "depth", "num_heads")}
-    model |= {f"model.{k}": getattr(m, k) for k in ("decoder_dim", "decoder_depth", "decoder_heads", "conv_channels")}
-    base = {**data_defaults(str(root)), **model, "data.test_fraction": 0.3, "train.device": "cpu"}
-    base |= {"train.label_fraction": 0.5, "train.finetune_steps": 3, "train.batch_size": 4}
-    run = tmp_path / "fine"
-    finetune(build_config(base), run)
+    base = busi_settings(tmp_path, n_per_class=5, test_fraction=0.3)
+    run = finetuned(base, tmp_path / "fine")
     out = tmp_path / "post.json"
     payload = postprocess.main([str(run), "--out", str(out)])
     assert json.loads(out.read_text()) == payload and (tmp_path / "post.md").exists()
@@ -87,8 +76,7 @@ def test_the_benchmark_chooses_on_unused_labelled_images_and_scores_the_test_spl
     for figures in payload["test"].values():
         assert 0 <= figures[EMPTY_SHARE] <= 1 and len(figures["per_run"]) == 1
     # A semi-supervised run trained on those images: it is refused, naming the run.
-    semi = tmp_path / "semi"
-    finetune(build_config({**base, "train.semi_supervised": "mean_teacher"}), semi)
+    semi = finetuned(base, tmp_path / "semi", **{"train.semi_supervised": "mean_teacher"})
     with pytest.raises(ConfigError, match="semi"):
         postprocess.main([str(semi), "--out", str(tmp_path / "refused.json")])
     assert not (tmp_path / "refused.json").exists()

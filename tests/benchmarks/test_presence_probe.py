@@ -5,13 +5,10 @@ import json
 import numpy as np
 import pytest
 
-from amlp_core.config import build_config
-from amlp_core.engine.pipeline import finetune
-from amlp_core.engine.split import data_defaults
 from amlp_core.errors import ConfigError
 from simulations.benchmarks import presence_probe
 from simulations.benchmarks.presence_probe import SEGMENTATION, kept_at_cleared, segmentation_score
-from tests.conftest import tiny_model
+from tests.benchmarks.lesion_runs import busi_settings, finetuned
 
 
 def test_the_segmentation_score_is_the_mean_probability_over_the_predicted_lesion():
@@ -33,16 +30,8 @@ def test_lesions_kept_where_nine_in_ten_normals_are_cleared():
 
 @pytest.mark.slow
 def test_the_probe_scores_a_fine_tuned_run_and_refuses_a_network_without_encoder(tmp_path):
-    from tests.data.test_lesion_data import write_busi
-
-    root = write_busi(tmp_path / "Dataset_BUSI_with_GT", n_per_class=6)
-    m = tiny_model(2)
-    model = {f"model.{k}": getattr(m, k) for k in ("img_size", "patch_size", "embed_dim", "depth", "num_heads")}
-    model |= {f"model.{k}": getattr(m, k) for k in ("decoder_dim", "decoder_depth", "decoder_heads", "conv_channels")}
-    base = {**data_defaults(str(root)), **model, "data.test_fraction": 0.34, "train.device": "cpu"}
-    base |= {"train.label_fraction": 0.5, "train.finetune_steps": 3, "train.batch_size": 4}
-    run = tmp_path / "fine"
-    finetune(build_config(base), run)
+    base = busi_settings(tmp_path, n_per_class=6, test_fraction=0.34)
+    run = finetuned(base, tmp_path / "fine")
     out = tmp_path / "probe.json"
     payload = presence_probe.main([str(run), "--out", str(out)])
     assert json.loads(out.read_text()) == payload and (tmp_path / "probe.md").exists()
@@ -55,8 +44,7 @@ def test_the_probe_scores_a_fine_tuned_run_and_refuses_a_network_without_encoder
     for figures in result["scores"].values():
         assert 0 <= figures["auc"] <= 1 and 0 <= figures["lesions_kept"] <= 1
     assert [row["score"] for row in payload["summary"]] == list(result["scores"])
-    unet = tmp_path / "unet"
-    finetune(build_config({**base, "model.seg_arch": "unet"}), unet)
+    unet = finetuned(base, tmp_path / "unet", **{"model.seg_arch": "unet"})
     with pytest.raises(ConfigError, match="no encoder"):
         presence_probe.main([str(unet), "--out", str(tmp_path / "refused.json")])
     assert not (tmp_path / "refused.json").exists()
