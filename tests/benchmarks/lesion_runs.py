@@ -27,3 +27,16 @@ def finetuned(settings: dict[str, Any], run: Path, **more: Any) -> Path:
     """``run``, fine-tuned with ``settings`` and ``more`` on top."""
     finetune(build_config({**settings, **more}), run)
     return run
+
+
+def benchmark_on_a_run(main, tmp_path: Path, stem: str, n_per_class: int, test_fraction: float):
+    """Run a lesion benchmark's ``main`` on one fine-tuned run; check it wrote its JSON (the payload it returns)
+    and its Markdown. Returns ``(settings, payload)``."""
+    import json
+
+    settings = busi_settings(tmp_path, n_per_class=n_per_class, test_fraction=test_fraction)
+    run = finetuned(settings, tmp_path / "fine")
+    out = tmp_path / f"{stem}.json"
+    payload = main([str(run), "--out", str(out)])
+    assert json.loads(out.read_text()) == payload and out.with_suffix(".md").exists()
+    return settings, payload

@@ -1,8 +1,6 @@
 """The post-processing benchmark: the rule that picks a setting, the scoring, and a real run on BUSI-like images
 (a fine-tuned model, its unused labelled images as the development split)."""
 
-import json
-
 import numpy as np
 import pytest
 
@@ -11,7 +9,7 @@ from amlp_core.errors import ConfigError
 from amlp_core.presets import LESION_IMAGES
 from simulations.benchmarks import postprocess
 from simulations.benchmarks.postprocess import CONFIDENCES, IMAGE_DICE, SHARES, best_image_dice, pooled, reaching, score
-from tests.benchmarks.lesion_runs import busi_settings, finetuned
+from tests.benchmarks.lesion_runs import benchmark_on_a_run, finetuned
 
 
 def test_the_two_rules_pick_from_the_grid():
@@ -57,11 +55,7 @@ def test_a_faint_blob_is_cleared_and_a_confident_lesion_kept():
 
 @pytest.mark.slow
 def test_the_benchmark_chooses_on_unused_labelled_images_and_scores_the_test_split(tmp_path):
-    base = busi_settings(tmp_path, n_per_class=5, test_fraction=0.3)
-    run = finetuned(base, tmp_path / "fine")
-    out = tmp_path / "post.json"
-    payload = postprocess.main([str(run), "--out", str(out)])
-    assert json.loads(out.read_text()) == payload and (tmp_path / "post.md").exists()
+    base, payload = benchmark_on_a_run(postprocess.main, tmp_path, "post", n_per_class=5, test_fraction=0.3)
     (meta,) = payload["runs"]
     train_images = 15 - meta["test_images"]
     assert 0 < meta["development_images"] < train_images  # the unused half of the labelled training images

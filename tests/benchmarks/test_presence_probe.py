@@ -1,14 +1,12 @@
 """The "lesion present" probe: its scores, its operating point, and a real run on BUSI-like images."""
 
-import json
-
 import numpy as np
 import pytest
 
 from amlp_core.errors import ConfigError
 from simulations.benchmarks import presence_probe
 from simulations.benchmarks.presence_probe import SEGMENTATION, kept_at_cleared, segmentation_score
-from tests.benchmarks.lesion_runs import busi_settings, finetuned
+from tests.benchmarks.lesion_runs import benchmark_on_a_run, finetuned
 
 
 def test_the_segmentation_score_is_the_mean_probability_over_the_predicted_lesion():
@@ -30,11 +28,7 @@ def test_lesions_kept_where_nine_in_ten_normals_are_cleared():
 
 @pytest.mark.slow
 def test_the_probe_scores_a_fine_tuned_run_and_refuses_a_network_without_encoder(tmp_path):
-    base = busi_settings(tmp_path, n_per_class=6, test_fraction=0.34)
-    run = finetuned(base, tmp_path / "fine")
-    out = tmp_path / "probe.json"
-    payload = presence_probe.main([str(run), "--out", str(out)])
-    assert json.loads(out.read_text()) == payload and (tmp_path / "probe.md").exists()
+    base, payload = benchmark_on_a_run(presence_probe.main, tmp_path, "probe", n_per_class=6, test_fraction=0.34)
     (result,) = payload["runs"]
     images = result["images"]
     assert images["labelled"] + images["development"] + images["test"] == 18
