@@ -355,7 +355,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "pretrain_epochs": args.pretrain_epochs,
         "pretrain_share": args.pretrain_share,
         "overrides": args.set,
-        "recipes": named,
+        "recipes": {**previous.get("recipes", {}), **named},  # every invocation's, as the rows hold them
     }
     for budget, seeds in _seeds(args).items():
         for seed in seeds:

@@ -95,6 +95,10 @@ def test_private_recipes_are_rows_of_their_own_paired_within_a_recipe(tmp_path):
     cell = next(c for c in again["summary"] if (c["init"], c["recipe"], c["budget"]) == ("amlp", "bitfit", "8"))
     assert cell["share_of_recipe"] == pytest.approx(bitfit["dice_mean"] / same["amlp", "bitfit"]["dice_mean"])
     assert "share of the recipe without DP" in (tmp_path / "privacy.md").read_text()
+    # A later invocation with other recipes keeps the earlier ones in the header, as its rows keep them.
+    args[args.index("--budgets") + 1] = "none"  # rows done already: nothing trains
+    later = privacy.main([*args, "--recipe", "sgd=privacy.optimizer=sgd"])
+    assert set(later["recipes"]) == {"default", "bitfit", "sgd"} and len(later["rows"]) == len(again["rows"])
     with pytest.raises(SystemExit, match="a recipe may set privacy"):
         privacy.main([*args, "--recipe", "lr=train.finetune_lr=0.1"])
 
