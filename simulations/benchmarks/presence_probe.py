@@ -80,15 +80,18 @@ def kept_at_cleared(scores: np.ndarray, present: np.ndarray, cleared: float = CL
     return float((scores[present] > threshold).mean())
 
 
-def _images(model, cfg, samples: Sequence, device, desc: str) -> dict[str, np.ndarray]:
+def _images(model, cfg, samples: Sequence, device, desc: str, segment: bool = False) -> dict[str, np.ndarray]:
+    """Each sample's presence, pooled features and, with ``segment`` (the test split: the only one scored by
+    it), its :func:`segmentation_score` as the model's evaluation computes the probabilities."""
     size = tuple(cfg.model.img_size)
-    out: dict[str, list] = {"present": [], SEGMENTATION: [], **{p: [] for p in POOLS}}
+    out: dict[str, list] = {"present": [], **({SEGMENTATION: []} if segment else {}), **{p: [] for p in POOLS}}
     for s in tqdm(samples, desc=desc, leave=False, disable=None):
         if tuple(np.shape(s.image)[1:]) != size:
             raise ConfigError(f"{s.name}: image {np.shape(s.image)[1:]} is not the model's {size} (plan.image_fit)")
-        p = predict_volume(model, s.image, size, device, cfg.train.amp, flips=cfg.model.tta_flips).numpy()
         out["present"].append(bool(np.asarray(s.label).any()))
-        out[SEGMENTATION].append(segmentation_score(p))
+        if segment:
+            p = predict_volume(model, s.image, size, device, cfg.train.amp, flips=cfg.model.tta_flips).numpy()
+            out[SEGMENTATION].append(segmentation_score(p))
         for pool, features in image_features(model, s.image).items():
             out[pool].append(features)
     return {k: np.asarray(v) for k, v in out.items()}
@@ -117,7 +120,7 @@ def run_scores(run: str, device) -> dict[str, Any]:
         "labelled": _images(r.model, r.cfg, r.labelled, device, f"{name} labelled"),
         "development": _images(r.model, r.cfg, r.development, device, f"{name} dev"),
     }
-    test = _images(r.model, r.cfg, r.test, device, f"{name} test")
+    test = _images(r.model, r.cfg, r.test, device, f"{name} test", segment=True)
     scores: dict[str, np.ndarray | None] = {SEGMENTATION: test[SEGMENTATION]}
     for pool in POOLS:
         for train_set in TRAIN_SETS:

@@ -1,6 +1,7 @@
 """A fine-tuned run on a small BUSI-like folder, the real input of the lesion benchmarks (post-processing,
 presence probe): its unused labelled images are the development split."""
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -32,8 +33,6 @@ def finetuned(settings: dict[str, Any], run: Path, **more: Any) -> Path:
 def benchmark_on_a_run(main, tmp_path: Path, stem: str, n_per_class: int, test_fraction: float):
     """Run a lesion benchmark's ``main`` on one fine-tuned run; check it wrote its JSON (the payload it returns)
     and its Markdown. Returns ``(settings, payload)``."""
-    import json
-
     settings = busi_settings(tmp_path, n_per_class=n_per_class, test_fraction=test_fraction)
     run = finetuned(settings, tmp_path / "fine")
     out = tmp_path / f"{stem}.json"
