@@ -35,6 +35,8 @@ import numpy as np
 import torch
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
 from tqdm.auto import tqdm
 
 from amlp_core.engine.device import resolve_device
@@ -103,9 +105,8 @@ def probe(train: dict[str, np.ndarray], test: dict[str, np.ndarray], pool: str) 
     x, y = train[pool], train["present"]
     if len(set(y.tolist())) < 2:
         return None
-    mu, sd = x.mean(0), x.std(0) + 1e-6
-    fit = LogisticRegression(C=PROBE_C, max_iter=5000, class_weight="balanced").fit((x - mu) / sd, y)
-    return fit.predict_proba((test[pool] - mu) / sd)[:, 1]
+    fit = make_pipeline(StandardScaler(), LogisticRegression(C=PROBE_C, max_iter=5000, class_weight="balanced"))
+    return fit.fit(x, y).predict_proba(test[pool])[:, 1]
 
 
 def run_scores(run: str, device) -> dict[str, Any]:
