@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from amlp_core.atomic import atomic_write_text
 from amlp_core.logs import setup_logging
 
 REPO = Path(__file__).resolve().parents[2]
@@ -58,10 +59,10 @@ def machine() -> dict[str, Any]:
 
 
 def write_json(path: str | Path, payload: dict[str, Any]) -> Path:
+    """``payload`` as JSON at ``path``, written atomically (a benchmark stopped mid-write keeps its last file)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(payload, indent=2))
-    return path
+    return atomic_write_text(path, json.dumps(payload, indent=2))
 
 
 def write_results(path: str | Path, payload: dict[str, Any], markdown: str) -> Path:

@@ -265,6 +265,13 @@ def _federated_row(
     )
 
 
+def share(dice: float, reference: list[float]) -> float | None:
+    """``dice`` as a share of the mean of ``reference`` (the same start's Dice without DP, seed by seed); None
+    when there is no reference or it is 0 (a reference that never segments measures nothing)."""
+    mean = sum(reference) / len(reference) if reference else 0.0
+    return dice / mean if mean > 0 else None
+
+
 def summary(rows: list[dict]) -> tuple[list[dict], str]:
     """Per start and budget: mean Dice over seeds, its share of the same start's non-private Dice and (where the
     budget ``recipe`` ran) of the same recipe's Dice without DP; per budget, AMLP minus scratch paired by seed
@@ -273,7 +280,6 @@ def summary(rows: list[dict]) -> tuple[list[dict], str]:
     cells = dict.fromkeys((_recipe_of(r), r["budget"]) for r in rows)
     for init in INITS:
         plain = [r["dice_mean"] for r in rows if r["init"] == init and r["budget"] == NONE]
-        reference = sum(plain) / len(plain) if plain else None
         for recipe, budget in cells:
             mine = [r for r in rows if (r["init"], _recipe_of(r), r["budget"]) == (init, recipe, budget)]
             if not mine:
@@ -288,8 +294,8 @@ def summary(rows: list[dict]) -> tuple[list[dict], str]:
                 "seeds": len(mine),
                 "epsilon": max((r["epsilon"] or 0.0) for r in mine) if budget not in WITHOUT_DP else None,
                 "dice_mean": dice,
-                "share_of_no_dp": dice / reference if reference else None,
-                "share_of_recipe": dice / (sum(same) / len(same)) if same and budget != RECIPE else None,
+                "share_of_no_dp": share(dice, plain),
+                "share_of_recipe": share(dice, same) if budget != RECIPE else None,
                 "caveat": CAVEAT[init],
             }
             if init != "scratch":
@@ -372,6 +378,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     log.info(
                         "%s (%s) at epsilon %s, seed %d: Dice %.4f", init, recipe, budget, seed, rows[-1]["dice_mean"]
                     )
+                    write_json(out, {**header, "rows": rows})  # the row is kept before anything reads it
                     write_json(out, {**header, "rows": rows, "summary": summary(rows)[0]})
     stats, markdown = summary(rows)
     write_results(out, {**header, "rows": rows, "summary": stats}, markdown)

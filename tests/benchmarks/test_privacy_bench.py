@@ -138,3 +138,18 @@ def test_federated_rows_are_real_federations_sharing_one_pretraining(tmp_path):
     assert "init_decoder: true" in config and "trainable: norms_biases_output" in config
     with pytest.raises(SystemExit, match="rows of 2 site"):
         privacy.main([*argv[: argv.index("--sites")], *argv[argv.index("--sites") + 2 :]])
+
+
+def test_a_share_of_a_reference_that_never_segments_is_none_not_a_crash():
+    # A recipe whose non-private run ends at Dice 0 (measured: SGD at 0.2) once stopped the benchmark after a
+    # private row had trained 12 minutes; its share is undefined, the row stays.
+    assert privacy.share(0.125, [0.0]) is None and privacy.share(0.125, []) is None
+    assert privacy.share(0.1, [0.2, 0.3]) == pytest.approx(0.4)
+    rows = [
+        {"init": "amlp", "recipe": "r", "recipe_sets": {}, "budget": b, "seed": 0, "dice_mean": d, "epsilon": e}
+        for b, d, e in (("recipe", 0.0, None), ("8", 0.125, 7.99))
+    ]
+    stats, markdown = privacy.summary(rows)
+    cell = next(c for c in stats if c["budget"] == "8")
+    assert cell["share_of_recipe"] is None and cell["dice_mean"] == pytest.approx(0.125)
+    assert "0.125" in markdown
